@@ -1,0 +1,31 @@
+# The README's commands. Each target sets itself up on a fresh clone.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: install test test-fast prepare-data bench-data clean
+
+install: $(VENV_STAMP)
+
+# torch first: the CPU build that lies on this disk; an unpinned torch pulls a multi-GB CUDA build.
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(VENV_STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+# Unit tests only: no Ray cluster, no S3 server.
+test-fast: install
+	$(PY) -m pytest tests -m "not integration and not e2e"
+
+prepare-data: install
+	$(PY) jobs/prepare_data.py
+
+bench-data: install
+	$(PY) benchmarks/data_prep.py
+
+clean:
+	rm -rf .venv .generalmodel .pytest_cache

@@ -1,0 +1,406 @@
+"""Corpus → tokenized, packed Parquet shards + manifest, with Ray Data.
+
+The driver lists the source's files, trains (or loads) the tokenizer on a deterministic sample,
+and groups the files into work units. Ray Data runs one task per unit on any node: read →
+normalize → tokenize (EOS after each document) → split train/val by document hash → pack into
+rows of seq_len+1 tokens → write one Parquet shard per split straight to the output store, and
+return the shard's row count and sha256. The driver publishes the manifest last.
+
+Output layout (every path in the manifest is relative to the dataset root):
+    <output>/manifest.json                       written last: the dataset exists once it does
+    <output>/<version>/tokenizer.json
+    <output>/<version>/{train,val}/part-00000.parquet   column `tokens`: fixed_size_list<uint16|uint32>
+A rerun with --data.overwrite writes a new <version> and swaps the manifest, then deletes the old
+version: a crash at any point leaves the previous dataset (or none) readable, never half of one.
+Shards are a function of the config and the input alone, so the same config gives the same
+shards and checksums on any cluster.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import generalmodel
+from generalmodel import UserError
+from generalmodel.config import Config, DataConfig, StorageConfig, dump_config
+from generalmodel.data.sources import (
+    SOTU_PREFIX,
+    Piece,
+    SourceError,
+    list_pieces,
+    read_documents,
+    source_name,
+)
+from generalmodel.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_bpe
+from generalmodel.storage import (
+    MANIFEST,
+    Location,
+    check_bucket,
+    publish_manifest,
+    resolve,
+    sha256_hex,
+    under_root,
+)
+
+log = logging.getLogger(__name__)
+
+DATASET_KIND = "token-dataset"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+# Small corpora are cut into about this many units so that every CPU gets work; large ones
+# into units of data.shard_input_mb.
+TARGET_UNITS = 64
+MIN_UNIT_BYTES = 256 * 1024
+
+
+class DatasetExistsError(UserError):
+    pass
+
+
+def output_uri(cfg: Config) -> str:
+    return under_root(cfg.data.output or f"datasets/{source_name(cfg.data.source)}", cfg.storage)
+
+
+@dataclass
+class Plan:
+    """Everything decided on the driver before any Ray task runs."""
+
+    cfg: Config
+    storage: StorageConfig  # with env-var credentials resolved, for tasks on other nodes
+    out: Location
+    pieces: list[Piece]
+    units: list[list[Piece]]
+    tokenizer_json: str
+    vocab_size: int
+    started: float
+
+
+def plan_dataset(cfg: Config) -> Plan:
+    """Check the output, list the source, train or load the tokenizer, group files into units.
+    Needs no Ray; every bad input that can be found without reading the whole corpus fails here."""
+    started = time.time()
+    data, storage = cfg.data, cfg.storage.resolved()
+    out = resolve(output_uri(cfg), storage)
+    check_bucket(out)
+    if out.join(MANIFEST).exists() and not data.overwrite:
+        raise DatasetExistsError(
+            f"{out.uri} already holds a dataset ({MANIFEST} exists); pass --data.overwrite=true to replace it"
+        )
+    pieces = list_pieces(data, storage)
+    log.info("source %s: %d files, %.1f MB", data.source, len(pieces), sum(p.size for p in pieces) / 1e6)
+    tok_text, tok_origin = _tokenizer(data, storage, pieces)
+    vocab = load_tokenizer(tok_text, tok_origin).get_vocab_size()
+    if data.tokenizer is None and vocab != data.vocab_size:
+        log.warning("the corpus supports only %d tokens (asked data.vocab_size=%d)", vocab, data.vocab_size)
+    units = plan_units(pieces, data.shard_input_mb)
+    return Plan(cfg, storage, out, pieces, units, tok_text, vocab, started)
+
+
+def build_dataset(plan: Plan) -> dict[str, Any]:
+    """Run the units as Ray Data tasks and publish the manifest; returns it. Needs a Ray session
+    (see generalmodel.cluster.ray_session). On any failure the new version is deleted."""
+    import ray
+
+    from generalmodel.cluster import alive_node_count
+
+    data, storage, out = plan.cfg.data, plan.storage, plan.out
+    if alive_node_count() > 1:
+        _refuse_node_local(plan.pieces, out)
+    version = f"v-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    version_loc = out.join(version)
+    log.info("tokenizing %d units into %s", len(plan.units), version_loc.uri)
+    try:
+        version_loc.join("tokenizer.json").write_bytes(plan.tokenizer_json.encode())
+        tok_ref = ray.put(plan.tokenizer_json)
+        items = [{"unit": i, "pieces": json.dumps([asdict(p) for p in u])} for i, u in enumerate(plan.units)]
+
+        def run_unit(batch: dict[str, Any]) -> dict[str, Any]:
+            results = []
+            for unit, pieces_json in zip(batch["unit"], batch["pieces"]):
+                unit_pieces = [Piece(**p) for p in json.loads(pieces_json)]
+                meta = process_unit(int(unit), unit_pieces, ray.get(tok_ref), data, storage, version_loc.uri)
+                results.append(json.dumps(meta))
+            return {"meta": results}
+
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        rows = ds.map_batches(run_unit, batch_size=1, num_cpus=1).take_all()
+        metas = sorted((json.loads(r["meta"]) for r in rows), key=lambda m: m["unit"])
+        manifest = _manifest(plan, version, metas)
+        publish_manifest(out, manifest)
+    except BaseException as e:
+        _cleanup(version_loc)
+        raise _user_error(e) from None
+    _delete_other_versions(out, keep=version)
+    return manifest
+
+
+def _refuse_node_local(pieces: list[Piece], out: Location) -> None:
+    local_input = any(not p.uri.startswith((SOTU_PREFIX, "s3://", "hf://")) for p in pieces)
+    if out.is_local or local_input:
+        what = "data.output" if out.is_local else "data.source"
+        raise UserError(
+            f"{what} is a local path but the Ray cluster has several nodes, which do not share a "
+            "disk: use s3:// for corpora and datasets on a multi-node cluster"
+        )
+
+
+def _tokenizer(data: DataConfig, storage: StorageConfig, pieces: list[Piece]) -> tuple[str, str]:
+    """The tokenizer JSON and where it came from: a given file, or trained on a sample."""
+    if data.tokenizer is not None:
+        loc = resolve(data.tokenizer, storage)
+        if not loc.exists():
+            raise UserError(f"data.tokenizer {data.tokenizer!r}: no such file")
+        return loc.read_bytes().decode(), loc.uri
+    sample = sample_texts(pieces, data, storage)
+    if not sample:
+        raise SourceError(f"data.source {data.source!r}: only empty or unreadable documents in {len(pieces)} files")
+    t0 = time.time()
+    tokenizer = train_bpe(sample, data.vocab_size)
+    log.info("trained a %d-token BPE on %d documents in %.1fs", tokenizer.get_vocab_size(), len(sample), time.time() - t0)
+    return tokenizer.to_str(), "trained tokenizer"
+
+
+def sample_texts(pieces: list[Piece], data: DataConfig, storage: StorageConfig) -> list[str]:
+    """Documents from files taken in hash order (spread over the corpus, same every run) until
+    data.tokenizer_sample_mb of text is in hand."""
+    budget = data.tokenizer_sample_mb * 1e6
+    texts: list[str] = []
+    taken = 0
+    for piece in sorted(pieces, key=lambda p: hashlib.sha1(p.uri.encode()).hexdigest()):
+        for text in read_documents(piece, data, storage).texts:
+            texts.append(text)
+            taken += len(text)
+        if taken >= budget:
+            break
+    return texts
+
+
+def plan_units(pieces: list[Piece], shard_input_mb: float) -> list[list[Piece]]:
+    """Consecutive files grouped up to a byte target that depends only on the input."""
+    total = sum(p.size for p in pieces)
+    target = min(shard_input_mb * 1e6, max(MIN_UNIT_BYTES, total / TARGET_UNITS))
+    units: list[list[Piece]] = [[]]
+    size = 0
+    for piece in pieces:
+        if units[-1] and size + piece.size > target:
+            units.append([])
+            size = 0
+        units[-1].append(piece)
+        size += piece.size
+    return units
+
+
+# ---------------------------------------------------------------------------------------------
+# One unit of work (a Ray task)
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _worker_tokenizer(text: str):
+    key = tokenizer_hash(text)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = load_tokenizer(text, "tokenizer")
+    return _TOKENIZERS[key]
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """The split of a document: a function of its normalized text alone."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+def process_unit(
+    unit: int,
+    pieces: list[Piece],
+    tok_text: str,
+    data: DataConfig,
+    storage: StorageConfig,
+    version_uri: str,
+) -> dict[str, Any]:
+    """Read, tokenize, pack and write one unit; returns what the manifest needs of it."""
+    # One tokenizer thread per task: Ray runs one task per CPU. (Read when rayon starts.)
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    tokenizer = _worker_tokenizer(tok_text)
+    eos = tokenizer.token_to_id(EOS)
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    row_len = data.seq_len + 1
+
+    docs: dict[str, list[str]] = {s: [] for s in SPLITS}
+    skipped: list[tuple[str, str]] = []
+    for piece in pieces:
+        read = read_documents(piece, data, storage)
+        skipped += read.skipped
+        for text in read.texts:
+            docs["val" if is_val(text, data.val_fraction) else "train"].append(text)
+
+    meta: dict[str, Any] = {"unit": unit, "skipped": skipped, "splits": {}}
+    version = resolve(version_uri, storage)
+    for split in SPLITS:
+        encodings = tokenizer.encode_batch_fast(docs[split], add_special_tokens=False) if docs[split] else []
+        rows, dropped = pack([e.ids for e in encodings], eos, row_len, dtype)
+        entry: dict[str, Any] = {"documents": len(docs[split]), "dropped_tail_tokens": dropped, "shard": None}
+        if len(rows):
+            payload = shard_bytes(rows)
+            path = f"{split}/part-{unit:05d}.parquet"
+            version.join(path).write_bytes(payload)
+            entry["shard"] = {
+                "path": f"{version.path.rsplit('/', 1)[-1]}/{path}",
+                "rows": len(rows),
+                "bytes": len(payload),
+                "sha256": sha256_hex(payload),
+            }
+        meta["splits"][split] = entry
+    return meta
+
+
+def pack(docs: list[list[int]], eos: int, row_len: int, dtype) -> tuple[np.ndarray, int]:
+    """Concatenate documents with EOS after each, cut into rows of `row_len`; the tail that
+    does not fill a row is dropped (returned as a count)."""
+    total = sum(len(d) + 1 for d in docs)
+    flat = np.empty(total, dtype=dtype)
+    pos = 0
+    for ids in docs:
+        flat[pos : pos + len(ids)] = ids
+        flat[pos + len(ids)] = eos
+        pos += len(ids) + 1
+    num_rows = total // row_len
+    return flat[: num_rows * row_len].reshape(num_rows, row_len), total - num_rows * row_len
+
+
+def shard_bytes(rows: np.ndarray) -> bytes:
+    """A Parquet file with one `tokens` column of fixed-size lists (rows × row_len)."""
+    values = pa.array(rows.reshape(-1), type=pa.from_numpy_dtype(rows.dtype))
+    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, rows.shape[1])})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", use_dictionary=False, write_statistics=False)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+
+
+def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg, pieces, tok_text, vocab = plan.cfg, plan.pieces, plan.tokenizer_json, plan.vocab_size
+    data = cfg.data
+    skipped = [{"uri": uri, "reason": reason} for m in metas for uri, reason in m["skipped"]]
+    readable = len(pieces) - len(skipped)
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        entries = [m["splits"][split] for m in metas]
+        shards = [e["shard"] for e in entries if e["shard"]]
+        rows = sum(s["rows"] for s in shards)
+        splits[split] = {
+            "documents": sum(e["documents"] for e in entries),
+            "rows": rows,
+            "tokens": rows * (data.seq_len + 1),
+            "dropped_tail_tokens": sum(e["dropped_tail_tokens"] for e in entries),
+            "shards": shards,
+        }
+    documents = sum(s["documents"] for s in splits.values())
+    if readable == 0:
+        raise SourceError(
+            f"data.source {data.source!r}: none of its {len(pieces)} files is UTF-8 text "
+            f"(e.g. {skipped[0]['uri']}: {skipped[0]['reason']})"
+        )
+    if documents == 0:
+        raise SourceError(f"data.source {data.source!r}: all documents are empty or whitespace")
+    for split in SPLITS:
+        if split == "val" and data.val_fraction == 0:
+            continue
+        if splits[split]["rows"] == 0:
+            raise SourceError(
+                f"the {split} split is empty: {splits[split]['documents']} documents gave no full row of "
+                f"seq_len+1={data.seq_len + 1} tokens (lower data.seq_len, change data.val_fraction="
+                f"{data.val_fraction}, or add text)"
+            )
+    return {
+        "kind": DATASET_KIND,
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "version": version,
+        "seq_len": data.seq_len,
+        "row_len": data.seq_len + 1,
+        "dtype": "uint16" if vocab <= 2**16 else "uint32",
+        "column": "tokens",
+        "tokenizer": {
+            "path": f"{version}/tokenizer.json",
+            "sha256": tokenizer_hash(tok_text),
+            "vocab_size": vocab,
+            "special_tokens": _special_ids(tok_text),
+        },
+        "splits": splits,
+        "source": {
+            "spec": data.source,
+            "files": len(pieces),
+            "bytes": sum(p.size for p in pieces),
+            "skipped_files": skipped,
+        },
+        "config": dump_config(cfg),
+        "code_version": code_version(),
+        "build_seconds": round(time.time() - plan.started, 2),
+    }
+
+
+def _special_ids(tok_text: str) -> dict[str, int]:
+    from generalmodel.config import SPECIAL_TOKENS
+
+    tokenizer = _worker_tokenizer(tok_text)
+    return {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+
+
+def code_version() -> dict[str, str]:
+    version = {"generalmodel": generalmodel.__version__}
+    repo = Path(generalmodel.__file__).resolve().parent.parent
+    try:
+        git = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return version
+    if git.returncode == 0:
+        version["git_sha"] = git.stdout.strip()
+    return version
+
+
+def _cleanup(version_loc: Location) -> None:
+    try:
+        version_loc.delete_dir()
+    except Exception as e:  # the original error matters more; say what is left behind
+        log.warning("could not delete the unpublished %s: %s", version_loc.uri, e)
+
+
+def _delete_other_versions(out: Location, keep: str) -> None:
+    """Old versions (replaced by --overwrite) and leftovers of crashed runs."""
+    from pyarrow.fs import FileSelector, FileType
+
+    for info in out.fs.get_file_info(FileSelector(out.path, allow_not_found=True)):
+        name = info.path.rsplit("/", 1)[-1]
+        if info.type == FileType.Directory and name.startswith("v-") and name != keep:
+            out.join(name).delete_dir()
+
+
+def _user_error(e: BaseException) -> BaseException:
+    """The UserError inside a Ray task failure, so the job prints its message, not a trace."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return type(seen)(str(seen)) if not hasattr(seen, "cause") else seen
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    return e

