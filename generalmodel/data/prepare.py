@@ -133,18 +133,25 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
             results = []
             for unit, pieces_json in zip(batch["unit"], batch["pieces"]):
                 unit_pieces = [Piece(**p) for p in json.loads(pieces_json)]
-                meta = process_unit(int(unit), unit_pieces, ray.get(tok_ref), data, storage, version_loc.uri)
+                try:
+                    meta = process_unit(int(unit), unit_pieces, ray.get(tok_ref), data, storage, version_loc.uri)
+                except UserError as e:
+                    # Ray keeps only the text of a task's exception; carry the user's message as data.
+                    meta = {"unit": int(unit), "error": str(e)}
                 results.append(json.dumps(meta))
             return {"meta": results}
 
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         rows = ds.map_batches(run_unit, batch_size=1, num_cpus=1).take_all()
         metas = sorted((json.loads(r["meta"]) for r in rows), key=lambda m: m["unit"])
+        errors = [m["error"] for m in metas if "error" in m]
+        if errors:
+            raise UserError(errors[0] + (f" (and {len(errors) - 1} more failed units)" if len(errors) > 1 else ""))
         manifest = _manifest(plan, version, metas)
         publish_manifest(out, manifest)
-    except BaseException as e:
+    except BaseException:
         _cleanup(version_loc)
-        raise _user_error(e) from None
+        raise
     _delete_other_versions(out, keep=version)
     return manifest
 
@@ -395,12 +402,3 @@ def _delete_other_versions(out: Location, keep: str) -> None:
         if info.type == FileType.Directory and name.startswith("v-") and name != keep:
             out.join(name).delete_dir()
 
-
-def _user_error(e: BaseException) -> BaseException:
-    """The UserError inside a Ray task failure, so the job prints its message, not a trace."""
-    seen = e
-    while seen is not None:
-        if isinstance(seen, UserError):
-            return type(seen)(str(seen)) if not hasattr(seen, "cause") else seen
-        seen = seen.__cause__ or getattr(seen, "cause", None)
-    return e

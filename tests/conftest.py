@@ -1,0 +1,133 @@
+"""Shared fixtures: one local Ray cluster and one real S3 server (Ceph RADOS Gateway) per test
+session, plus small corpora written into tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+S3_KEY, S3_SECRET = "gm-test-key", "gm-test-secret"
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A 2-CPU local Ray cluster shared by the whole session (starting one costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    key: str
+    secret: str
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+            region_name="us-east-1",
+        )
+
+    def new_bucket(self) -> str:
+        name = f"gm-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def storage_overrides(self) -> dict[str, str]:
+        return {
+            "storage.endpoint_url": self.endpoint,
+            "storage.access_key_id": self.key,
+            "storage.secret_access_key": self.secret,
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint on 127.0.0.1: single-node Ceph (mon + memstore OSD + radosgw)."""
+    if shutil.which("radosgw") is None:
+        message = "radosgw is not installed (apt-get install ceph-mon ceph-osd radosgw; .ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    workdir = tmp_path_factory.mktemp("ceph")
+    port, mon_port = _free_port(), _free_port()
+    env = dict(os.environ, S3_KEY=S3_KEY, S3_SECRET=S3_SECRET)
+    started = subprocess.run(
+        ["bash", str(REPO / "tests/services/ceph-rgw-start.sh"), str(workdir), str(port), str(mon_port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"Ceph RGW did not start:\n{started.stdout}\n{started.stderr}")
+        yield S3Server(f"http://127.0.0.1:{port}", S3_KEY, S3_SECRET)
+    finally:
+        for pidfile in (workdir / "run").glob("*.pid"):
+            try:
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+# -- corpora -----------------------------------------------------------------------------------
+
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there been one all we their has would when if so no will "
+    "river mountain engine letter garden window quiet bright ancient market winter signal"
+).split()
+
+
+def make_documents(count: int, seed: int = 0, words_per_doc: int = 300) -> list[str]:
+    """Deterministic English-like documents (no downloads in tests)."""
+    import random
+
+    rng = random.Random(seed)
+    docs = []
+    for i in range(count):
+        sentences = []
+        for _ in range(words_per_doc // 12):
+            words = [rng.choice(WORDS) for _ in range(12)]
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(f"Document {i}. " + " ".join(sentences))
+    return docs
+
+
+@pytest.fixture
+def txt_corpus(tmp_path) -> Path:
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i, doc in enumerate(make_documents(60)):
+        (root / ("sub" if i % 2 else "") / f"doc{i:03d}.txt").write_text(doc)
+    return root

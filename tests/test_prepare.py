@@ -1,0 +1,175 @@
+"""The Ray Data preparation job on a real local Ray cluster: sources, manifest, determinism,
+overwrite, and bad input (clear error, non-zero exit, nothing published)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, make_documents
+from generalmodel import UserError
+from generalmodel.config import load_config
+from generalmodel.data.loader import TokenDataset, TokenLoader
+from generalmodel.data.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.integration
+
+sys.path.insert(0, str(REPO / "jobs"))
+import prepare_data  # noqa: E402
+
+
+def config(source, output, **data):
+    overrides = {"data.source": str(source), "data.output": str(output), "data.vocab_size": 400, "data.seq_len": 32}
+    overrides.update({f"data.{k}": v for k, v in data.items()})
+    return load_config(overrides=overrides)
+
+
+def shard_checksums(manifest):
+    return [s["sha256"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+
+
+def test_txt_corpus_end_to_end(ray_cluster, txt_corpus, tmp_path):
+    out = tmp_path / "ds"
+    manifest = prepare_data.main(config(txt_corpus, out, val_fraction=0.1))
+
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["source"]["files"] == 60
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["documents"] + val["documents"] == 60 and val["documents"] > 0
+    assert train["tokens"] == train["rows"] * 33 and manifest["dtype"] == "uint16"
+    assert manifest["tokenizer"]["vocab_size"] == 400
+    assert manifest["config"]["data"]["seq_len"] == 32
+
+    # Every token of every kept document is in a shard, EOS after each document, in order
+    # within a unit; only the tails that do not fill a row are dropped.
+    ds = TokenDataset.open(str(out))
+    tokenizer = load_tokenizer(ds.tokenizer_json(), "tokenizer")
+    eos = manifest["tokenizer"]["special_tokens"]["<|eos|>"]
+    total = sum(len(tokenizer.encode(d).ids) + 1 for d in make_documents(60))
+    kept = sum(manifest["splits"][s]["tokens"] + manifest["splits"][s]["dropped_tail_tokens"] for s in ("train", "val"))
+    assert kept == total
+    first = ds.read_shard(ds.shards["train"][0]).reshape(-1)
+    assert (first == eos).sum() >= 1
+    decoded = tokenizer.decode(first[: list(first).index(eos)].tolist())
+    assert decoded.startswith("Document ")
+
+    batch_x, batch_y = next(TokenLoader(ds, "train", batch_size=4))
+    assert batch_x.shape == (4, 32) and (batch_x[:, 1:] == batch_y[:, :-1]).all()
+
+
+def test_same_config_same_shards_and_rerun_refuses(ray_cluster, txt_corpus, tmp_path):
+    first = prepare_data.main(config(txt_corpus, tmp_path / "a"))
+    second = prepare_data.main(config(txt_corpus, tmp_path / "b"))
+    assert shard_checksums(first) == shard_checksums(second)
+    assert first["tokenizer"]["sha256"] == second["tokenizer"]["sha256"]
+
+    with pytest.raises(UserError, match="already holds a dataset.*--data.overwrite"):
+        prepare_data.main(config(txt_corpus, tmp_path / "a"))
+
+    # Overwrite publishes a new version and removes the old one; readers never see a mix.
+    third = prepare_data.main(config(txt_corpus, tmp_path / "a", overwrite=True, seq_len=16))
+    versions = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("v-"))
+    assert versions == [third["version"]] and third["version"] != first["version"]
+    assert TokenDataset.open(str(tmp_path / "a")).seq_len == 16
+
+
+def test_jsonl_parquet_and_saved_hf_sources(ray_cluster, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    docs = make_documents(40, seed=3)
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[:15]))
+    pq.write_table(pa.table({"text": docs[15:30]}), src / "b.parquet")
+    datasets.Dataset.from_dict({"text": docs[30:]}).save_to_disk(str(tmp_path / "hf"))
+
+    mixed = prepare_data.main(config(src, tmp_path / "out1", val_fraction=0.1))
+    assert mixed["splits"]["train"]["documents"] + mixed["splits"]["val"]["documents"] == 30
+    hf = prepare_data.main(config(tmp_path / "hf", tmp_path / "out2", val_fraction=0.2))
+    assert hf["splits"]["train"]["documents"] + hf["splits"]["val"]["documents"] == 10
+
+
+def test_skipped_files_are_counted_in_the_manifest(ray_cluster, txt_corpus, tmp_path):
+    (txt_corpus / "blob.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    manifest = prepare_data.main(config(txt_corpus, tmp_path / "ds"))
+    assert manifest["source"]["skipped_files"] == [
+        {"uri": str(txt_corpus / "blob.txt"), "reason": "binary (contains NUL bytes)"}
+    ]
+
+
+def test_reused_tokenizer(ray_cluster, txt_corpus, tmp_path):
+    first = prepare_data.main(config(txt_corpus, tmp_path / "a"))
+    tok = tmp_path / "a" / first["tokenizer"]["path"]
+    second = prepare_data.main(config(txt_corpus, tmp_path / "b", tokenizer=str(tok), seq_len=64))
+    assert second["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
+
+
+def assert_nothing_published(out):
+    assert not (out / "manifest.json").exists()
+    assert not any(p.name.startswith("v-") for p in out.iterdir()) if out.exists() else True
+
+
+def test_failure_inside_a_ray_task_publishes_nothing(ray_cluster, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, d in enumerate(make_documents(30)):
+        (src / f"d{i:02d}.jsonl").write_text(json.dumps({"text": d}))
+    # Broken JSON in a file the tokenizer sample does not reach is found by a Ray task.
+    (src / "z.jsonl").write_text('{"text": "ok"}\n{"text": ')
+    cfg = config(src, tmp_path / "ds", tokenizer_sample_mb=0.001)
+    with pytest.raises(UserError, match=r"z.jsonl: not valid JSON lines"):
+        prepare_data.main(cfg)
+    assert_nothing_published(tmp_path / "ds")
+
+
+def test_whitespace_only_corpus_with_given_tokenizer(ray_cluster, txt_corpus, tmp_path):
+    first = prepare_data.main(config(txt_corpus, tmp_path / "a"))
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(3):
+        (blank / f"{i}.txt").write_text(" \n\t \n")
+    tok = str(tmp_path / "a" / first["tokenizer"]["path"])
+    with pytest.raises(UserError, match="all documents are empty or whitespace"):
+        prepare_data.main(config(blank, tmp_path / "ds", tokenizer=tok))
+    assert_nothing_published(tmp_path / "ds")
+
+
+def run_job(*args):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs/prepare_data.py"), *args],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
+    )
+
+
+def test_bad_input_exits_non_zero_with_a_clear_message(tmp_path):
+    out = tmp_path / "ds"
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("   \n")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "a.docx").write_text("x")
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "manifest.json").write_text("{}")
+    cases = [
+        ([f"--data.source={tmp_path}/nope"], "no such file or directory"),
+        ([f"--data.source={tmp_path}/odd"], "unknown file type '.docx'"),
+        ([f"--data.source={blank}"], "only empty or unreadable documents"),
+        (["--data.seq_len=0"], "data.seq_len = 0"),
+        (["--data.vocab_size=258"], "data.vocab_size = 258"),
+        ([f"--data.output={tmp_path}/existing"], "already holds a dataset"),
+        (["--data.tokenizer=/nonexistent/tokenizer.json"], "data.tokenizer '/nonexistent/tokenizer.json': no such file"),
+    ]
+    for args, message in cases:
+        if not any(a.startswith("--data.output") for a in args):
+            args = [*args, f"--data.output={out}"]
+        result = run_job(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        assert not out.exists()
