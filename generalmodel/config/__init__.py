@@ -8,17 +8,20 @@ Unknown keys and invalid values raise `ConfigError` naming the key, the value an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from generalmodel import UserError
+from models import REGISTRY
+from models.llama import LlamaConfig
 
 
 class ConfigError(UserError):
@@ -60,8 +63,12 @@ class StorageConfig(Section):
         """A copy with env-var defaults filled in, so that Ray tasks on other nodes (which do
         not share the driver's environment) see the same endpoint and credentials."""
         env = os.environ
+        root = self.root
+        if "://" not in root:  # processes with another cwd (Ray workers) must see the same path
+            root = os.path.abspath(root)
         return self.model_copy(
             update={
+                "root": root,
                 "endpoint_url": self.endpoint_url
                 or env.get("AWS_ENDPOINT_URL_S3")
                 or env.get("AWS_ENDPOINT_URL"),
@@ -133,7 +140,7 @@ class DataConfig(Section):
 
 
 class RayConfig(Section):
-    """How jobs reach Ray."""
+    """How jobs reach Ray, and the training worker group."""
 
     address: str | None = Field(
         None,
@@ -143,14 +150,87 @@ class RayConfig(Section):
     num_cpus: int | None = Field(
         None, gt=0, description="CPUs of the local cluster started when no address is given."
     )
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each train worker reserves.")
+    use_gpu: bool = Field(False, description="One GPU per train worker (NCCL); else CPU and gloo.")
+    max_failures: int = Field(
+        2, ge=-1, description="Restarts of the worker group from the last checkpoint after a failure (-1: no limit)."
+    )
+
+
+class OptimConfig(Section):
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay for matrices (not norms, biases).")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global grad norm to this (0: off).")
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = Field(
+        "cosine", description="After warmup: cosine or linear decay, WSD (stable, then decay), or constant."
+    )
+    warmup_steps: int = Field(20, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: fraction of the steps spent decaying.")
+
+
+class TrainConfig(Section):
+    """The training loop."""
+
+    dataset: str | None = Field(
+        None, description="Dataset URI (default: the data section's output, prepared if missing)."
+    )
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(16, gt=0, description="Sequences per worker per micro-step.")
+    grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    seed: int = Field(0, description="Seeds the model init and the data order.")
+    eval_every: int = Field(50, gt=0, description="Evaluate on the val split every N steps (and at the end).")
+    eval_batches: int = Field(8, gt=0, description="Val batches per evaluation (per worker).")
+    log_every: int = Field(10, gt=0, description="Report metrics every N steps.")
+    checkpoint_every: int = Field(100, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    checkpoint_dir: str | None = Field(
+        None, description="Checkpoint URI (default: <storage.root>/checkpoints/<train.run_name>)."
+    )
+    run_name: str = Field("pretrain", description="Names the run, its checkpoints and its MLflow run.")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: continue from the newest complete checkpoint in checkpoint_dir."
+    )
+    max_bad_steps: int = Field(5, gt=0, description="Stop after this many NaN/inf losses in a row.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    compile: bool = Field(False, description="torch.compile each block.")
+    activation_checkpointing: bool = Field(False, description="Recompute each block in backward.")
+    fail_at_step: int | None = Field(
+        None, description="Testing aid: rank 0 raises once at this step (a run that did not resume)."
+    )
+
+
+class TrackingConfig(Section):
+    """MLflow."""
+
+    uri: str | None = Field(
+        None, description="MLflow tracking URI: http://host:port, or default sqlite under .generalmodel/."
+    )
+    experiment: str = Field("generalmodel", description="MLflow experiment name.")
+    registered_model: str = Field("generalmodel", description="Registry name the final model is registered under.")
+
+
+_DEFAULT_MODEL = LlamaConfig
+ModelConfig = Annotated[Union[tuple(spec.config_cls for spec in REGISTRY.values())], Field(discriminator="name")]
 
 
 class Config(Section):
     """The whole run config."""
 
     data: DataConfig = DataConfig()
+    model: ModelConfig = Field(
+        default_factory=lambda: _DEFAULT_MODEL(), description="The model: a registered name and its fields."
+    )
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +248,8 @@ def load_config(
         tree = _read_preset(Path(preset))
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value, cls)
+    if isinstance(tree.get("model"), dict):
+        tree["model"].setdefault("name", _DEFAULT_MODEL().name)  # the union's discriminator
     _check_keys(tree, cls, prefix="")
     try:
         return cls.model_validate(tree)
@@ -189,52 +271,76 @@ def _read_preset(path: Path) -> dict[str, Any]:
     return tree
 
 
-def _section_class(annotation: Any) -> type[BaseModel] | None:
-    """The BaseModel class behind a field annotation (through Optional), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+def _is_section(cls: Any) -> bool:
+    return isinstance(cls, type) and (issubclass(cls, BaseModel) or dataclasses.is_dataclass(cls))
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name → annotation, for pydantic models and dataclasses (the model configs)."""
+    if issubclass(cls, BaseModel):
+        return {name: f.annotation for name, f in cls.model_fields.items()}
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _section_class(annotation: Any, node: Any = None) -> type | None:
+    """The section class behind a field annotation, if any: through Optional, and through a
+    discriminated union of model configs, picking the member named by `node["name"]`."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if _is_section(annotation):
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            found = _section_class(arg)
-            if found is not None:
-                return found
+        members = [a for a in typing.get_args(annotation) if _is_section(a)]
+        if len(members) > 1:  # the model union: members differ by their `name` default
+            by_name = {m.__dataclass_fields__["name"].default: m for m in members}
+            name = node.get("name") if isinstance(node, dict) else None
+            if name is None:
+                return _DEFAULT_MODEL
+            if name not in by_name:
+                raise ConfigError(f"unknown model {name!r} (model.name); registered models: {', '.join(sorted(by_name))}")
+            return by_name[name]
+        return members[0] if members else None
     return None
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any, cls: type[BaseModel]) -> None:
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, cls: type) -> None:
     parts = key.split(".")
     node, model = tree, cls
     for i, part in enumerate(parts):
-        if part not in model.model_fields:
+        fields = field_types(model)
+        if part not in fields:
             where = ".".join(parts[:i]) or "the config"
             raise ConfigError(
                 f"unknown key {key!r}: {where} has no {part!r}; valid keys: "
-                + ", ".join(".".join(parts[:i] + [f]) for f in model.model_fields)
+                + ", ".join(".".join(parts[:i] + [f]) for f in fields)
             )
         if i == len(parts) - 1:
             node[part] = value
             return
-        sub = _section_class(model.model_fields[part].annotation)
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} must be a mapping")
+        sub = _section_class(fields[part], child)
         if sub is None:
             raise ConfigError(f"unknown key {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])} must be a mapping")
-        model = sub
+        node, model = child, sub
 
 
-def _check_keys(tree: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
+def _check_keys(tree: dict[str, Any], model: type, prefix: str) -> None:
     """Unknown keys in a preset, reported with the valid names (pydantic only says 'extra')."""
+    fields = field_types(model)
     for key, value in tree.items():
-        if key not in model.model_fields:
+        if key not in fields:
             where = prefix.rstrip(".") or "the config"
             raise ConfigError(
                 f"unknown key {prefix + key!r} ({where} has no {key!r}); valid keys: "
-                + ", ".join(prefix + f for f in model.model_fields)
+                + ", ".join(prefix + f for f in fields)
             )
-        sub = _section_class(model.model_fields[key].annotation)
-        if sub is not None and isinstance(value, dict):
-            _check_keys(value, sub, prefix + key + ".")
+        if isinstance(value, dict):
+            sub = _section_class(fields[key], value)
+            if sub is not None:
+                _check_keys(value, sub, prefix + key + ".")
 
 
 def _explain(error: ValidationError, source: str | None) -> str:
@@ -300,20 +406,27 @@ def help_text(cls: type[BaseModel], description: str = "") -> str:
         "  --config PATH   a YAML preset (see configs/); overrides below apply on top of it",
     ]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            sub = _section_class(field.annotation)
+    def walk(model: type, prefix: str) -> None:
+        defaults = model() if dataclasses.is_dataclass(model) else None
+        for name, annotation in field_types(model).items():
+            sub = _section_class(annotation)
             if sub is not None:
+                doc = (sub.__doc__ or "").strip().splitlines()[0]
+                if dataclasses.is_dataclass(sub):
+                    doc = f"model.name picks one of: {', '.join(sorted(REGISTRY))}; the fields of {sub().name!r}:"
                 lines.append("")
-                lines.append(f"{prefix}{name}: {(sub.__doc__ or '').strip()}")
+                lines.append(f"{prefix}{name}: {doc}")
                 walk(sub, f"{prefix}{name}.")
                 continue
-            default = field.default
+            if defaults is not None:
+                default, description = getattr(defaults, name), None
+            else:
+                field = model.model_fields[name]
+                default, description = field.default, field.description
             shown = "***" if isinstance(default, SecretStr) else repr(default)
-            kind = _type_name(field.annotation)
-            lines.append(f"  --{prefix}{name} ({kind}, default {shown})")
-            if field.description:
-                lines.append(f"      {field.description}")
+            lines.append(f"  --{prefix}{name} ({_type_name(annotation)}, default {shown})")
+            if description:
+                lines.append(f"      {description}")
 
     walk(cls, "")
     return "\n".join(lines)
@@ -327,6 +440,17 @@ def _type_name(annotation: Any) -> str:
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}: the dotted names the command line uses."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def dump_config(cfg: BaseModel) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""MLflow: one run per training job — params (the resolved config), tags (git SHA, package
+versions, dataset manifest hash), metrics per step, system metrics, artifacts (config YAML,
+loss/LR plot, the exported model), and a registered model version."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from typing import Any
+
+import yaml
+
+from generalmodel import UserError
+from generalmodel.config import Config, dump_config, flatten
+
+log = logging.getLogger(__name__)
+
+LOCAL_DB = ".generalmodel/mlflow.db"
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or f"sqlite:///{os.path.abspath(LOCAL_DB)}"
+
+
+def check_reachable(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"cannot reach the MLflow server at {uri} (tracking.uri): {e}") from None
+    raise UserError(f"the MLflow server at {uri} (tracking.uri) is not healthy")
+
+
+def start_run(cfg: Config, dataset_manifest_hash: str, code_version: dict[str, str]) -> str:
+    """Create the run, log config/tags; returns its id. The run stays open for the job."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    os.makedirs(os.path.dirname(LOCAL_DB), exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
+    mlflow.log_params({k: str(v)[:500] for k, v in flatten(dump_config(cfg)).items()})
+    versions = {f"version.{p}": _version(p) for p in ("torch", "ray", "pyarrow", "tokenizers", "mlflow")}
+    mlflow.set_tags({"git_sha": code_version.get("git_sha", "unknown"), "dataset_manifest_sha256": dataset_manifest_hash,
+                     "generalmodel": code_version["generalmodel"], **versions})
+    mlflow.log_text(yaml.safe_dump(dump_config(cfg), sort_keys=False), "config.yaml")
+    return run.info.run_id
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+class MetricLogger:
+    """Logs a worker's metrics to an existing run (used on rank 0 of the train workers)."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(uri), run_id
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        step = int(metrics["step"])
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "step" and isinstance(v, int | float)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def finish_run(cfg: Config, run_id: str, export_dir: str) -> str:
+    """Plot, log the exported model, register it; returns the `models:/` URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
+        history = client.get_metric_history(run_id, key)
+        ax_loss.plot([m.step for m in history], [m.value for m in history], marker="o" if key == "val_loss" else None, label=label)
+    lr = client.get_metric_history(run_id, "lr")
+    ax_lr.plot([m.step for m in lr], [m.value for m in lr])
+    ax_loss.set(xlabel="step", ylabel="loss", title=cfg.train.run_name)
+    ax_loss.legend()
+    ax_lr.set(xlabel="step", ylabel="learning rate")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "loss_lr.png")
+    plt.close(fig)
+
+    mlflow.log_artifacts(export_dir, "model")
+    name = cfg.tracking.registered_model
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name)
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    mlflow.end_run()
+    return f"models:/{name}/{version.version}"
+
+
+def download_export(cfg: Config, export_uri: str) -> str:
+    """A local copy of the export directory (which may be on s3://) for logging as artifacts."""
+    from generalmodel.storage import resolve
+
+    loc = resolve(export_uri, cfg.storage.resolved())
+    local = tempfile.mkdtemp(prefix="gm-export-")
+    for name in ("model.safetensors", "model_config.json", "tokenizer.json"):
+        with open(os.path.join(local, name), "wb") as f:
+            f.write(loc.join(name).read_bytes())
+    return local

@@ -1,0 +1,298 @@
+"""The per-worker training loop: a plain function of the config.
+
+It runs unchanged in one process, under `torchrun` (it reads RANK/WORLD_SIZE and starts the
+process group) and under Ray Train's TorchTrainer (which starts the process group for it).
+Ray appears only through the `report` callback the caller passes.
+
+    build model → FSDP2 (world > 1) → compile / activation checkpointing → AdamW + LR schedule →
+    [resume from the newest checkpoint] → steps: grad accumulation, bf16 autocast on GPU, clip,
+    NaN/inf skip → periodic eval, metrics, async checkpoints → final checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from generalmodel import UserError
+from generalmodel.config import Config, dump_config, flatten
+from generalmodel.data.loader import TokenDataset, TokenLoader
+from generalmodel.optim import build_optimizer, lr_multiplier
+from generalmodel.storage import under_root
+from generalmodel.train.checkpoint import Checkpointer
+from models import build_model, get_spec
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any]], None]
+
+# Keys whose change makes a checkpoint's continuation a different run.
+RESUME_KEYS = ("model", "train.seed", "train.batch_size", "train.grad_accum", "ray.num_workers", "optim")
+
+
+class TrainingError(UserError):
+    pass
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: Config) -> Dist:
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():  # torchrun; Ray Train has done this already
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if want_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank, world, device)
+
+
+def dataset_uri(cfg: Config) -> str:
+    from generalmodel.data.prepare import output_uri
+
+    return under_root(cfg.train.dataset, cfg.storage) if cfg.train.dataset else output_uri(cfg)
+
+
+def checkpoint_uri(cfg: Config) -> str:
+    return under_root(cfg.train.checkpoint_dir or f"checkpoints/{cfg.train.run_name}", cfg.storage)
+
+
+def check_compatible(cfg: Config, ds: TokenDataset) -> None:
+    if ds.vocab_size != cfg.model.vocab_size:
+        raise TrainingError(
+            f"dataset {ds.loc.uri} has vocab_size {ds.vocab_size}, model.vocab_size is {cfg.model.vocab_size}: "
+            f"set --model.vocab_size={ds.vocab_size}"
+        )
+    if ds.seq_len > cfg.model.max_seq_len:
+        raise TrainingError(
+            f"dataset {ds.loc.uri} has seq_len {ds.seq_len}, above model.max_seq_len={cfg.model.max_seq_len}"
+        )
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys (dotted) under RESUME_KEYS whose values differ between two config dumps."""
+    old, new = flatten(saved), flatten(current)
+    keys = sorted(k for k in old.keys() | new.keys() if k.startswith(RESUME_KEYS) and old.get(k) != new.get(k))
+    return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in keys]
+
+
+def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str | None = None) -> dict[str, Any]:
+    """Train per cfg; returns the last metrics. `report(metrics)` is called every
+    train.log_every steps and after each eval, on every rank (the caller decides what to do)."""
+    report = report or (lambda metrics: None)
+    env = setup_distributed(cfg)
+    torch.manual_seed(cfg.train.seed)
+    ds = TokenDataset.open(dataset_uri(cfg), cfg.storage.resolved())
+    check_compatible(cfg, ds)
+
+    model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
+    flops_per_token = model.flops_per_token(ds.seq_len)
+    num_params = model.num_params()
+    if cfg.train.activation_checkpointing:
+        _checkpoint_blocks(model)
+    model.to(env.device)
+    if env.world_size > 1:
+        mp = None
+        if env.device.type == "cuda":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        get_spec(cfg.model.name).parallelize(model, mp_policy=mp)
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()
+    optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda")
+
+    loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
+    ckpt = Checkpointer(checkpoint_uri(cfg), cfg.storage.resolved(), env.rank, env.world_size)
+    config_dump = dump_config(cfg)
+    start_step = 0
+    latest = ckpt.latest() if cfg.train.resume == "auto" else None
+    if latest is not None:
+        loc, manifest = latest
+        conflicts = resume_conflicts(manifest["config"], config_dump)
+        if manifest.get("dataset") != ds.manifest_sha256:
+            conflicts.append(f"dataset: checkpoint {manifest.get('dataset')}, now {ds.manifest_sha256}")
+        if conflicts:
+            raise TrainingError(
+                f"cannot resume from {loc.uri}: the config differs in " + "; ".join(conflicts)
+                + " (use another train.run_name / train.checkpoint_dir, or --train.resume=never)"
+            )
+        ckpt.load(loc, model, optimizer)
+        loader.load_state_dict(manifest["loader"])
+        start_step = manifest["step"]
+        if env.is_main:
+            log.info("resumed from %s at step %d", loc.uri, start_step)
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else contextlib.nullcontext()
+    )
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len
+    steps = cfg.train.steps
+    bad_in_a_row = skipped = 0
+    last: dict[str, Any] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    run_started = time.perf_counter()
+
+    def save(step: int) -> float:
+        return ckpt.save(step, model, optimizer, {"step": step, "loader": loader.state_dict(),
+                                                  "config": config_dump, "dataset": ds.manifest_sha256})
+
+    for step in range(start_step, steps):
+        if cfg.train.fail_at_step == step and start_step == 0 and env.is_main:
+            raise RuntimeError(f"train.fail_at_step: injected failure at step {step}")
+        lr = cfg.optim.lr * lr_multiplier(step, steps, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=env.device)
+        for _ in range(cfg.train.grad_accum):
+            x, y = (t.to(env.device, non_blocking=True) for t in next(loader))
+            with autocast:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            (loss / cfg.train.grad_accum).backward()
+            loss_sum += loss.detach()
+        loss_value = _mean_across_ranks(loss_sum / cfg.train.grad_accum)
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            skipped += 1
+            log.warning("step %d: loss is %s, step skipped (%d in a row)", step, loss_value, bad_in_a_row)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) "
+                    f"at step {step}; lower optim.lr or check the data"
+                )
+            continue
+        bad_in_a_row = 0
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the sharded norms
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+        done = step + 1
+
+        metrics: dict[str, Any] = {}
+        if done % cfg.train.log_every == 0 or done == steps:
+            elapsed = time.perf_counter() - window_start
+            tok_s = tokens_per_step * window_steps / elapsed
+            metrics.update(
+                step=done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s,
+                tokens=done * tokens_per_step, skipped_steps=skipped,
+                eta_s=(steps - done) * elapsed / window_steps,
+                elapsed_s=time.perf_counter() - run_started,
+            )
+            if env.device.type == "cuda":
+                metrics["mfu"] = tok_s * flops_per_token / env.world_size / _peak_flops(env.device)
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+            window_start, window_steps = time.perf_counter(), 0
+        if done % cfg.train.eval_every == 0 or done == steps:
+            metrics.update(step=done, val_loss=evaluate(model, ds, cfg, env, autocast))
+        if done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+            metrics.update(step=done, checkpoint_stall_s=save(done))
+        if metrics:
+            metrics.setdefault("loss", loss_value)
+            metrics["num_params"] = num_params
+            last.update(metrics)
+            report(metrics)
+    ckpt.wait()
+    loader.close()
+    export(model, cfg, ds, env)
+    return last
+
+
+def export_uri(cfg: Config) -> str:
+    return checkpoint_uri(cfg).rstrip("/") + "/export"
+
+
+def export(model, cfg: Config, ds: TokenDataset, env: Dist) -> None:
+    """The final model as safetensors + model config + tokenizer, written by rank 0."""
+    import json
+
+    from safetensors.torch import save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return
+    if cfg.model.tie_embeddings:
+        state.pop("head.weight", None)  # the same tensor as embed.weight; rebuilt by the model
+    state = {k: v.contiguous() for k, v in state.items()}
+    from generalmodel.storage import resolve
+
+    out = resolve(export_uri(cfg), cfg.storage.resolved())
+    out.join("model.safetensors").write_bytes(save(state))
+    out.join("tokenizer.json").write_bytes(ds.tokenizer_json().encode())
+    model_cfg = dump_config(cfg)["model"]
+    out.join("model_config.json").write_bytes(json.dumps(model_cfg, indent=2).encode())
+
+
+def _checkpoint_blocks(model) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
+
+
+def _mean_across_ranks(value: torch.Tensor) -> float:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
+        if value.device.type != "cuda":  # gloo has no AVG
+            value /= dist.get_world_size()
+    return value.item()
+
+
+@torch.no_grad()
+def evaluate(model, ds: TokenDataset, cfg: Config, env: Dist, autocast) -> float:
+    """Mean loss over the first train.eval_batches batches of the val split (the same ones
+    every time), across ranks."""
+    model.eval()
+    loader = TokenLoader(ds, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False, epochs=None)
+    total = torch.zeros((), device=env.device)
+    for _ in range(cfg.train.eval_batches):
+        x, y = (t.to(env.device) for t in next(loader))
+        with autocast:
+            logits = model(x)
+        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    loader.close()
+    model.train()
+    return _mean_across_ranks(total / cfg.train.eval_batches)
+
+
+def _peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak of the card, for MFU."""
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12)):
+        if key in name:
+            return flops
+    return 989e12

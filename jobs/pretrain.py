@@ -1,0 +1,49 @@
+"""Pretrain a model on a prepared dataset with Ray Train, tracked and registered in MLflow.
+
+    python jobs/pretrain.py --config configs/llama-tiny.yaml
+    ray job submit --working-dir . -- python jobs/pretrain.py --config configs/llama-tiny.yaml
+    python jobs/pretrain.py --help
+Prepares the data section's dataset first when train.dataset is not given and it is missing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from generalmodel import UserError  # noqa: E402
+from generalmodel.cli import run_job  # noqa: E402
+from generalmodel.cluster import ray_session  # noqa: E402
+from generalmodel.config import Config  # noqa: E402
+from generalmodel.data.loader import TokenDataset  # noqa: E402
+from generalmodel.data.prepare import build_dataset, code_version, plan_dataset  # noqa: E402
+from generalmodel.storage import MANIFEST, resolve  # noqa: E402
+from generalmodel.tracking import check_reachable, download_export, finish_run, start_run, tracking_uri  # noqa: E402
+from generalmodel.train.loop import check_compatible, dataset_uri, export_uri  # noqa: E402
+from generalmodel.train.ray_trainer import fit  # noqa: E402
+
+
+def main(cfg: Config) -> dict:
+    check_reachable(tracking_uri(cfg))
+    uri = dataset_uri(cfg)
+    storage = cfg.storage.resolved()
+    with ray_session(cfg.ray):
+        if not resolve(uri, storage).join(MANIFEST).exists():
+            if cfg.train.dataset:
+                raise UserError(f"train.dataset {uri} is not a published dataset (no {MANIFEST})")
+            print(f"dataset {uri} is missing: preparing it")
+            build_dataset(plan_dataset(cfg))
+        ds = TokenDataset.open(uri, storage)
+        check_compatible(cfg, ds)
+        run_id = start_run(cfg, ds.manifest_sha256, code_version())
+        print(f"MLflow run {run_id} ({tracking_uri(cfg)}, experiment {cfg.tracking.experiment!r})")
+        metrics = fit(cfg, run_id, tracking_uri(cfg))
+    model_uri = finish_run(cfg, run_id, download_export(cfg, export_uri(cfg)))
+    print(f"registered {model_uri} (run {run_id}); final val loss {metrics.get('val_loss', float('nan')):.4f}")
+    return {"run_id": run_id, "model_uri": model_uri, "metrics": metrics}
+
+
+if __name__ == "__main__":
+    run_job(main, Config, __doc__)
