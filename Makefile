@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install test test-fast prepare-data bench-data clean
+.PHONY: install test test-fast prepare-data pretrain bench-data clean
 
 install: $(VENV_STAMP)
 
@@ -23,6 +23,12 @@ test-fast: install
 
 prepare-data: install
 	$(PY) jobs/prepare_data.py
+
+# The main job on the embedded default: prepare sotu if missing, train a small llama with 2 Ray
+# Train workers (FSDP2 on CPU), register it in MLflow (sqlite under .generalmodel/), print samples.
+PRETRAIN_ARGS ?=
+pretrain: install
+	$(PY) jobs/pretrain.py --config configs/llama-tiny.yaml $(PRETRAIN_ARGS)
 
 bench-data: install
 	$(PY) benchmarks/data_prep.py

@@ -24,7 +24,9 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         ray.init(
             address=address,
             num_cpus=None if address else cfg.num_cpus,
-            include_dashboard=False if not address else None,
+            # Ray Train V2's controller queries the state API, which the dashboard serves.
+            include_dashboard=None if address else True,
+            dashboard_host="127.0.0.1",
             log_to_driver=True,
             configure_logging=False,
         )

@@ -19,6 +19,7 @@ from generalmodel.cluster import ray_session  # noqa: E402
 from generalmodel.config import Config  # noqa: E402
 from generalmodel.data.loader import TokenDataset  # noqa: E402
 from generalmodel.data.prepare import build_dataset, code_version, plan_dataset  # noqa: E402
+from generalmodel.infer import SamplingParams, load_model, sample_text  # noqa: E402
 from generalmodel.storage import MANIFEST, resolve  # noqa: E402
 from generalmodel.tracking import check_reachable, download_export, finish_run, start_run, tracking_uri  # noqa: E402
 from generalmodel.train.loop import check_compatible, dataset_uri, export_uri  # noqa: E402
@@ -40,9 +41,28 @@ def main(cfg: Config) -> dict:
         run_id = start_run(cfg, ds.manifest_sha256, code_version())
         print(f"MLflow run {run_id} ({tracking_uri(cfg)}, experiment {cfg.tracking.experiment!r})")
         metrics = fit(cfg, run_id, tracking_uri(cfg))
-    model_uri = finish_run(cfg, run_id, download_export(cfg, export_uri(cfg)))
-    print(f"registered {model_uri} (run {run_id}); final val loss {metrics.get('val_loss', float('nan')):.4f}")
-    return {"run_id": run_id, "model_uri": model_uri, "metrics": metrics}
+    export_dir = download_export(cfg, export_uri(cfg))
+    model_uri = finish_run(cfg, run_id, export_dir)
+    val = val_history(cfg, run_id)
+    print(f"registered {model_uri} (run {run_id})")
+    if val:
+        print(f"val loss: first eval (step {val[0][0]}) {val[0][1]:.4f} -> last (step {val[-1][0]}) {val[-1][1]:.4f}")
+    model, tokenizer = load_model(export_dir)
+    for prompt in cfg_prompts():
+        text = "".join(sample_text(model, tokenizer, prompt, SamplingParams(max_new_tokens=60, top_p=0.95)))
+        print(f"sample: {prompt}{text}")
+    return {"run_id": run_id, "model_uri": model_uri, "metrics": metrics, "val_loss": val}
+
+
+def cfg_prompts() -> list[str]:
+    return ["Fellow citizens,", "The state of the Union"]
+
+
+def val_history(cfg: Config, run_id: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri(cfg)).get_metric_history(run_id, "val_loss")
+    return sorted((m.step, m.value) for m in history)
 
 
 if __name__ == "__main__":

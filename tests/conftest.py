@@ -131,3 +131,56 @@ def txt_corpus(tmp_path) -> Path:
     for i, doc in enumerate(make_documents(60)):
         (root / ("sub" if i % 2 else "") / f"doc{i:03d}.txt").write_text(doc)
     return root
+
+
+# -- MLflow ------------------------------------------------------------------------------------
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    artifacts: str
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1: sqlite backend, artifacts on the real S3 server."""
+    import time
+    import urllib.request
+
+    bucket = s3_server.new_bucket()
+    workdir = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    env = dict(
+        os.environ,
+        MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint,
+        AWS_ACCESS_KEY_ID=s3_server.key,
+        AWS_SECRET_ACCESS_KEY=s3_server.secret,
+        AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
+        AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
+    )
+    log = open(workdir / "server.log", "w")
+    server = subprocess.Popen(
+        [str(Path(os.sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
+         "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(workdir / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield MlflowServer(uri, f"s3://{bucket}/mlflow")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()

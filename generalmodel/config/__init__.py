@@ -200,6 +200,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     compile: bool = Field(False, description="torch.compile each block.")
     activation_checkpointing: bool = Field(False, description="Recompute each block in backward.")
+    metrics_log: str | None = Field(
+        None, description="Also append every report as a JSON line to this local file (rank 0)."
+    )
     fail_at_step: int | None = Field(
         None, description="Testing aid: rank 0 raises once at this step (a run that did not resume)."
     )

@@ -104,8 +104,8 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str | None = None) -> dict[str, Any]:
     """Train per cfg; returns the last metrics. `report(metrics)` is called every
     train.log_every steps and after each eval, on every rank (the caller decides what to do)."""
-    report = report or (lambda metrics: None)
     env = setup_distributed(cfg)
+    report = _with_metrics_log(report or (lambda metrics: None), cfg.train.metrics_log if env.is_main else None)
     torch.manual_seed(cfg.train.seed)
     ds = TokenDataset.open(dataset_uri(cfg), cfg.storage.resolved())
     check_compatible(cfg, ds)
@@ -253,6 +253,20 @@ def export(model, cfg: Config, ds: TokenDataset, env: Dist) -> None:
     out.join("tokenizer.json").write_bytes(ds.tokenizer_json().encode())
     model_cfg = dump_config(cfg)["model"]
     out.join("model_config.json").write_bytes(json.dumps(model_cfg, indent=2).encode())
+
+
+def _with_metrics_log(report: Report, path: str | None) -> Report:
+    if path is None:
+        return report
+
+    def report_and_log(metrics: dict[str, Any]) -> None:
+        import json
+
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        report(metrics)
+
+    return report_and_log
 
 
 def _checkpoint_blocks(model) -> None:

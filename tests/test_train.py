@@ -1,0 +1,145 @@
+"""The per-worker training loop without Ray: loss goes down, 2-process FSDP2 == one process,
+exact resume, NaN handling, incompatible resume; LR schedules; sampling parameters."""
+
+import math
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import REPO, make_documents
+from generalmodel import UserError
+from generalmodel.config import OptimConfig, load_config
+from generalmodel.infer import SamplingParams, filter_logits
+from generalmodel.optim import lr_multiplier
+from generalmodel.train.loop import TrainingError, train
+
+pytestmark = pytest.mark.integration  # the dataset is prepared once with the real Ray Data job
+
+
+@pytest.fixture(scope="session")
+def train_dataset(ray_cluster, tmp_path_factory):
+    sys.path.insert(0, str(REPO / "jobs"))
+    import prepare_data
+
+    root = tmp_path_factory.mktemp("train-data")
+    (root / "src").mkdir()
+    for i, doc in enumerate(make_documents(80, seed=11)):
+        (root / "src" / f"{i:03d}.txt").write_text(doc)
+    prepare_data.main(load_config(overrides={
+        "data.source": str(root / "src"), "data.output": str(root / "ds"),
+        "data.vocab_size": 320, "data.seq_len": 32, "data.val_fraction": 0.1}))
+    return str(root / "ds")
+
+
+def tiny(dataset, root, **overrides):
+    base = {
+        "train.dataset": dataset, "storage.root": str(root), "model.vocab_size": 320, "model.max_seq_len": 32,
+        "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32, "train.steps": 12, "train.batch_size": 4,
+        "train.log_every": 1, "train.eval_every": 6, "train.eval_batches": 2, "train.checkpoint_every": 3,
+        "optim.warmup_steps": 2, "optim.lr": 1e-2,
+    }
+    base.update(overrides)
+    return load_config(overrides=base)
+
+
+def run(cfg):
+    losses = {}
+    last = train(cfg, lambda m: losses.__setitem__(m["step"], m["loss"]))
+    return losses, last
+
+
+def test_loss_goes_down_and_checkpoints_are_published(train_dataset, tmp_path):
+    losses, last = run(tiny(train_dataset, tmp_path, **{"train.steps": 30, "train.eval_every": 10}))
+    assert losses[30] < losses[1] - 0.5
+    steps = sorted(p.name for p in (tmp_path / "checkpoints/pretrain").iterdir() if p.name.startswith("step-"))
+    assert steps[-1] == "step-00000030"
+    assert (tmp_path / "checkpoints/pretrain/step-00000030/manifest.json").exists()
+    assert (tmp_path / "checkpoints/pretrain/export/model.safetensors").exists()
+    assert "checkpoint_stall_s" in last and "val_loss" in last
+
+
+def test_resume_is_exact(train_dataset, tmp_path):
+    reference, _ = run(tiny(train_dataset, tmp_path / "a"))
+    with pytest.raises(RuntimeError, match="injected failure at step 8"):
+        run(tiny(train_dataset, tmp_path / "b", **{"train.fail_at_step": 8}))
+    resumed, _ = run(tiny(train_dataset, tmp_path / "b", **{"train.fail_at_step": 8}))
+    assert min(resumed) in (4, 7)  # continued from a published checkpoint (step 3 or 6)
+    for step, loss in resumed.items():
+        assert loss == reference[step], step  # bit-identical on CPU
+
+
+def test_incompatible_resume_names_the_keys(train_dataset, tmp_path):
+    run(tiny(train_dataset, tmp_path, **{"train.steps": 3}))
+    with pytest.raises(TrainingError, match=r"config differs in model.n_layers: checkpoint 2, now 3"):
+        run(tiny(train_dataset, tmp_path, **{"train.steps": 6, "model.n_layers": 3}))
+
+
+def test_dataset_and_model_must_agree(train_dataset, tmp_path):
+    with pytest.raises(TrainingError, match="vocab_size 320, model.vocab_size is 512"):
+        run(tiny(train_dataset, tmp_path, **{"model.vocab_size": 512}))
+    with pytest.raises(TrainingError, match="seq_len 32, above model.max_seq_len=16"):
+        run(tiny(train_dataset, tmp_path, **{"model.max_seq_len": 16}))
+
+
+def test_non_finite_losses_stop_training(train_dataset, tmp_path):
+    cfg = tiny(train_dataset, tmp_path, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": 0,
+                                            "train.max_bad_steps": 2, "train.checkpoint_every": 0})
+    with pytest.raises(TrainingError, match="2 non-finite losses in a row"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # never checkpointed
+
+
+def _worker(rank, port, cfg, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    losses, _ = run(cfg)
+    if rank == 0:
+        out.update(losses)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_fsdp_matches_one_process(train_dataset, tmp_path):
+    """The same global batch (2 × 4 sequences vs 1 × 8) gives the same losses."""
+    torch.set_num_threads(1)
+    single, _ = run(tiny(train_dataset, tmp_path / "one", **{"train.batch_size": 8, "train.steps": 8}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    cfg = tiny(train_dataset, tmp_path / "two", **{"train.batch_size": 4, "train.steps": 8, "ray.num_workers": 2})
+    mp.spawn(_worker, args=(port, cfg, out), nprocs=2, join=True)
+    for step, loss in single.items():
+        assert math.isclose(out[step], loss, rel_tol=1e-5), (step, out[step], loss)
+
+
+def test_lr_schedules():
+    cosine = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_multiplier(0, 100, cosine) == pytest.approx(0.1)
+    assert lr_multiplier(9, 100, cosine) == 1.0
+    assert lr_multiplier(99, 100, cosine) == pytest.approx(0.1)
+    wsd = OptimConfig(warmup_steps=0, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_multiplier(79, 100, wsd) == 1.0
+    assert lr_multiplier(99, 100, wsd) == pytest.approx(0.0)
+    linear = OptimConfig(warmup_steps=0, schedule="linear", min_lr_ratio=0.5)
+    assert lr_multiplier(49, 100, linear) == pytest.approx(0.75)
+
+
+def test_sampling_parameters_are_validated():
+    for kwargs, message in [({"top_p": 0}, "top_p must be in"), ({"top_p": 1.5}, "top_p must be in"),
+                            ({"temperature": -1}, "temperature must be >= 0"), ({"top_k": 0}, "top_k")]:
+        with pytest.raises(UserError, match=message):
+            SamplingParams(**kwargs)
+
+
+def test_logit_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, **kw)))[0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.8) == [True, True, False, False]
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(min_p=0.5) == [True, True, False, False]
