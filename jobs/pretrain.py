@@ -40,10 +40,11 @@ def main(cfg: Config) -> dict:
         check_compatible(cfg, ds)
         run_id = start_run(cfg, ds.manifest_sha256, code_version())
         print(f"MLflow run {run_id} ({tracking_uri(cfg)}, experiment {cfg.tracking.experiment!r})")
-        metrics = fit(cfg, run_id, tracking_uri(cfg))
+        fit(cfg, run_id, tracking_uri(cfg))
     export_dir = download_export(cfg, export_uri(cfg))
     model_uri = finish_run(cfg, run_id, export_dir)
     val = val_history(cfg, run_id)
+    metrics = final_metrics(cfg, run_id)
     print(f"registered {model_uri} (run {run_id})")
     if val:
         print(f"val loss: first eval (step {val[0][0]}) {val[0][1]:.4f} -> last (step {val[-1][0]}) {val[-1][1]:.4f}")
@@ -56,6 +57,12 @@ def main(cfg: Config) -> dict:
 
 def cfg_prompts() -> list[str]:
     return ["Fellow citizens,", "The state of the Union"]
+
+
+def final_metrics(cfg: Config, run_id: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(tracking_uri(cfg)).get_run(run_id).data.metrics)
 
 
 def val_history(cfg: Config, run_id: str) -> list[tuple[int, float]]:

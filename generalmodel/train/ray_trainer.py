@@ -26,9 +26,13 @@ def _worker(config: dict[str, Any]) -> None:
 
         logger = MetricLogger(config["tracking_uri"], config["run_id"])
 
+    # Ray Train streams worker logging to the driver once; print()s would arrive twice.
+    progress = logging.getLogger("generalmodel.progress")
+    progress.setLevel(logging.INFO)
+
     def report(metrics: dict[str, Any]) -> None:
         if rank == 0:
-            print(progress_line(metrics, cfg.train.steps), flush=True)
+            progress.info(progress_line(metrics, cfg.train.steps))
             if logger is not None:
                 logger.log(metrics)
         ray.train.report(metrics)
@@ -49,8 +53,8 @@ def progress_line(m: dict[str, Any], steps: int) -> str:
     return " | ".join(parts)
 
 
-def fit(cfg: Config, run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
-    """Run training on the connected Ray cluster; returns the last reported metrics."""
+def fit(cfg: Config, run_id: str | None, tracking_uri: str | None) -> None:
+    """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the log."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -78,7 +82,6 @@ def fit(cfg: Config, run_id: str | None, tracking_uri: str | None) -> dict[str, 
         raise UserError(f"training failed: {_root_message(e)}") from None
     if result.error is not None:
         raise UserError(f"training failed: {_root_message(result.error)}")
-    return result.metrics or {}
 
 
 def _root_message(e: BaseException) -> str:
