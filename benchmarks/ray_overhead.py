@@ -60,7 +60,7 @@ def main() -> None:
     def cfg(run: str):
         return load_config(REPO / "configs/llama-tiny.yaml", {
             "model.vocab_size": 512, "model.max_seq_len": 64, "train.dataset": os.path.abspath(dataset),
-            "train.steps": args.steps, "train.log_every": 10, "train.eval_every": 10**6,
+            "train.steps": args.steps, "train.log_every": 10, "train.eval_every": 40,
             "train.checkpoint_every": args.checkpoint_every, "train.run_name": run, "storage.root": store,
             "ray.num_workers": 1, "ray.cpus_per_worker": args.cpus, "train.batch_size": 16,
             "train.metrics_log": os.path.join(store, f"{run}.jsonl"),

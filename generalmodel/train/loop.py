@@ -213,6 +213,10 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
             if env.device.type == "cuda":
                 metrics["mfu"] = tok_s * flops_per_token / env.world_size / _peak_flops(env.device)
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+            else:
+                import resource
+
+                metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             window_start, window_steps = time.perf_counter(), 0
         if done % cfg.train.eval_every == 0 or done == steps:
             metrics.update(step=done, val_loss=evaluate(model, ds, cfg, env, autocast))
