@@ -152,6 +152,8 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else contextlib.nullcontext()
     )
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len
     steps = cfg.train.steps
     bad_in_a_row = skipped = 0
