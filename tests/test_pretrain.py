@@ -98,6 +98,11 @@ def test_worker_failure_restarts_from_the_last_checkpoint(ray_cluster, corpus, t
 def test_bad_input_is_a_clear_error(corpus, tmp_path):
     with pytest.raises(UserError, match="cannot reach the MLflow server at http://127.0.0.1:9"):
         pretrain.main(load_config(overrides=tiny_overrides(corpus, **{"tracking.uri": "http://127.0.0.1:9"})))
+    with pytest.raises(UserError, match="cannot reach the S3 endpoint"):
+        pretrain.main(load_config(overrides=tiny_overrides(
+            corpus, **{"storage.root": "s3://bucket/store", "storage.endpoint_url": "http://127.0.0.1:9",
+                       "storage.access_key_id": "k", "storage.secret_access_key": "s",
+                       "tracking.uri": f"sqlite:///{tmp_path}/m.db"})))
     with pytest.raises(UserError, match="is not a published dataset"):
         pretrain.main(load_config(overrides=tiny_overrides(
             corpus, **{"train.dataset": str(tmp_path / "nothing"), "storage.root": str(tmp_path),

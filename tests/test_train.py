@@ -72,6 +72,18 @@ def test_resume_is_exact(train_dataset, tmp_path):
         assert loss == reference[step], step  # bit-identical on CPU
 
 
+def test_grad_accumulation_and_activation_checkpointing_keep_the_losses(train_dataset, tmp_path):
+    """4 × 2 micro-batches == 8 in one batch; recomputing blocks in backward changes nothing."""
+    whole, _ = run(tiny(train_dataset, tmp_path / "a", **{"train.batch_size": 8, "train.steps": 6}))
+    accumulated, _ = run(tiny(train_dataset, tmp_path / "b", **{"train.batch_size": 4, "train.grad_accum": 2,
+                                                                   "train.steps": 6}))
+    recomputed, _ = run(tiny(train_dataset, tmp_path / "c", **{"train.batch_size": 8, "train.steps": 6,
+                                                                  "train.activation_checkpointing": True}))
+    for step in whole:
+        assert math.isclose(accumulated[step], whole[step], rel_tol=1e-5), step
+        assert recomputed[step] == whole[step], step
+
+
 def test_incompatible_resume_names_the_keys(train_dataset, tmp_path):
     run(tiny(train_dataset, tmp_path, **{"train.steps": 3}))
     with pytest.raises(TrainingError, match=r"config differs in model.n_layers: checkpoint 2, now 3"):
