@@ -28,28 +28,19 @@ import torch.nn.functional as F  # noqa: E402
 from generalmodel.config import OptimConfig, load_config  # noqa: E402
 from generalmodel.optim import build_optimizer  # noqa: E402
 from generalmodel.train.loop import _peak_flops  # noqa: E402
-from models import build_model  # noqa: E402
-from models.gpt2 import GPT2Config  # noqa: E402
-from models.llama import LlamaConfig  # noqa: E402
+from models import PRESETS, build_model  # noqa: E402
 
-GPU_PRESETS = {
-    "gpt2-124m": GPT2Config(vocab_size=50304, max_seq_len=1024, n_layers=12, n_heads=12, d_model=768),
-    "llama-124m": LlamaConfig(vocab_size=50304, max_seq_len=1024, n_layers=12, n_heads=12, d_model=768,
-                              tie_embeddings=True),
-    "llama-124m-gqa": LlamaConfig(vocab_size=50304, max_seq_len=1024, n_layers=12, n_heads=12, n_kv_heads=4,
-                                  d_model=768, tie_embeddings=True),
-    "llama-350m": LlamaConfig(vocab_size=50304, max_seq_len=1024, n_layers=24, n_heads=16, n_kv_heads=4,
-                              d_model=1024, tie_embeddings=True),
-}
+DEFAULT_PRESETS = "gpt2-124m,llama-124m,llama-350m,deepseek-124m"
 REFERENCE = "gpt2-124m"
 
 
 def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss: bool = False) -> dict:
-    cfg = GPU_PRESETS[name]
+    cfg = PRESETS[name]
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
-    flops_per_token = model.flops_per_token(seq)
+    flops_per_token = model.flops_per_token(seq)  # active parameters (MoE: top-k experts)
     optimizer = build_optimizer(model, OptimConfig(lr=6e-4), fused=True)
+
     def forward_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(inputs)
@@ -87,13 +78,26 @@ def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss
     seconds = time.perf_counter() - t0
     tok_s = batch * seq * steps / seconds
     result = {
-        "name": name, "params_m": model.num_params() / 1e6, "tok_s": tok_s,
+        "name": name, "params_m": model.num_params() / 1e6, "active_m": model.num_params(active=True) / 1e6,
+        "tok_s": tok_s,
         "mfu": tok_s * flops_per_token / _peak_flops(torch.device("cuda")),
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "compile_s": compile_s, "loss": loss.item(),
     }
-    del model, compiled, optimizer
-    torch.cuda.empty_cache()
     return result
+
+
+def check_moe() -> None:
+    """The grouped path (torch._grouped_mm in bf16) against the per-expert reference loop."""
+    from models.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(d_model=768, hidden=768, n_experts=16, top_k=2, n_shared=1).cuda()
+    x = torch.randn(4, 512, 768, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        grouped, reference = moe(x).float(), moe.forward_reference(x).float()
+    error = (grouped - reference).abs().max().item() / reference.abs().max().item()
+    print(f"MoE grouped (torch._grouped_mm: {hasattr(torch, '_grouped_mm')}) vs reference, bf16: "
+          f"max relative difference {error:.2e}", flush=True)
 
 
 def run_loop(dataset: str, steps: int) -> None:
@@ -125,8 +129,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--presets", default=",".join(GPU_PRESETS))
+    parser.add_argument("--presets", default=DEFAULT_PRESETS, help=f"from models.PRESETS (default {DEFAULT_PRESETS})")
     parser.add_argument("--compile-loss", action="store_true", help="compile the loss with the model")
+    parser.add_argument("--check-moe", action="store_true", help="first compare the grouped MoE path with the reference")
     parser.add_argument("--loop-dataset", default=None, help="a prepared dataset dir for the platform-loop check")
     parser.add_argument("--loop-steps", type=int, default=200)
     args = parser.parse_args()
@@ -134,15 +139,23 @@ def main() -> None:
         raise SystemExit("benchmarks/gpu_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | compile loss: {args.compile_loss} | peak bf16 {_peak_flops(torch.device('cuda')) / 1e12:.0f} TFLOP/s")
+    if args.check_moe:
+        check_moe()
     names = [REFERENCE] + [n for n in args.presets.split(",") if n != REFERENCE]
     results = []
     for name in names:
-        r = bench(name, args.steps, args.warmup, args.batch, args.seq, args.compile_loss)
+        try:
+            r = bench(name, args.steps, args.warmup, args.batch, args.seq, args.compile_loss)
+        except Exception as e:  # one preset's failure should not hide the others' figures
+            print(f"{name:>16}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        torch.cuda.empty_cache()  # the preset's model and optimizer are gone with bench()'s frame
         results.append(r)
         ratio = r["mfu"] / results[0]["mfu"]
-        print(f"{name:>16}: {r['params_m']:6.1f}M params {r['tok_s'] / 1e3:8.1f}K tok/s  MFU {r['mfu']:6.1%}  "
-              f"peak {r['peak_gb']:5.1f} GB  MFU vs {REFERENCE} {ratio:.2f}x  (compile+warmup {r['compile_s']:.0f}s, "
-              f"loss {r['loss']:.2f})", flush=True)
+        print(f"{name:>16}: {r['params_m']:6.1f}M params ({r['active_m']:.1f}M active) {r['tok_s'] / 1e3:8.1f}K tok/s  "
+              f"MFU {r['mfu']:6.1%}  peak {r['peak_gb']:5.1f} GB  MFU vs {results[0]['name']} {ratio:.2f}x  "
+              f"(compile+warmup {r['compile_s']:.0f}s, loss {r['loss']:.2f})", flush=True)
     if args.loop_dataset:
         run_loop(args.loop_dataset, args.loop_steps)
 

@@ -1,4 +1,4 @@
-"""Blocks shared by the decoder models: norms, RoPE, causal self-attention with a KV cache.
+"""Pieces shared by the decoder models: RMSNorm, RoPE, the KV cache, the FLOP count.
 
 Single-device PyTorch; parallelism (FSDP2) is applied from outside (see models/__init__.py).
 """
@@ -51,43 +51,6 @@ class KVCache:
             v = torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head attention with grouped KV heads (n_kv_heads = n_heads: MHA, 1: MQA) and an
-    optional rotary embedding; SDPA does the math."""
-
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, layer: int):
-        super().__init__()
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.layer = layer
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=bias)
-        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, H_kv, past + T, hd)
-        past = k.shape[2] - T
-        gqa = self.n_kv_heads != self.n_heads  # SDPA shares each KV head among n_heads/n_kv_heads queries
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            # New queries sit at positions past..past+T-1 and see every key up to their own.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 def matmul_flops_per_token(n_params_matmul: int, n_layers: int, d_model: int, seq_len: int) -> int:

@@ -1,7 +1,9 @@
 """A decoder-only transformer assembled from parts chosen in its config: positions (learned or
-RoPE), norm (LayerNorm without bias or RMSNorm), MLP (GELU 4× or SwiGLU), grouped KV heads,
-tied or separate embeddings. `gpt2` and `llama` (models/gpt2.py, models/llama.py) are presets
-of it. Single-device PyTorch.
+RoPE), norm (LayerNorm without bias or RMSNorm), MLP (GELU 4×, SwiGLU, or a DeepSeek MoE after
+`moe_first_dense` dense layers), attention (grouped KV heads, or MLA), sliding-window layers
+with a global layer every `global_every`, cross-layer KV sharing in groups of `kv_share_group`,
+tied or separate embeddings. `gpt2`, `llama` and `deepseek` (models/gpt2.py, llama.py,
+deepseek.py) are defaults of it. Single-device PyTorch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import CausalSelfAttention, KVCache, RMSNorm, matmul_flops_per_token, rope_tables
+from models.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from models.common import KVCache, RMSNorm, matmul_flops_per_token, rope_tables
+from models.moe import MoE
 
 
 @dataclass
@@ -34,6 +38,25 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # attention
+    attention: Literal["gqa", "mla"] = "gqa"  # gqa covers MHA (n_kv_heads = n_heads) and MQA (1)
+    window: int | None = None  # sliding window of local layers; None: every layer is global
+    global_every: int = 0  # with a window: every N-th layer (N, 2N, …) is global; 0: none
+    kv_share_group: int = 1  # adjacent layers per group reusing the first one's K/V
+    kv_lora_rank: int = 64  # MLA: latent size (what the cache stores)
+    q_lora_rank: int | None = None  # MLA: query bottleneck; None: a full query projection
+    qk_rope_head_dim: int = 16  # MLA: the decoupled RoPE part of each head's query/key
+    qk_nope_head_dim: int | None = None  # MLA: default head_dim
+    v_head_dim: int | None = None  # MLA: default head_dim
+    # mixture of experts (0 experts: dense MLP everywhere)
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_shared_experts: int = 1
+    moe_hidden: int | None = None  # per expert; default hidden / 4 rounded to 64 (fine-grained)
+    moe_first_dense: int = 1  # the first K layers keep a dense MLP
+    moe_score: Literal["softmax", "sigmoid"] = "sigmoid"
+    moe_bias_update_rate: float = 1e-3
+    moe_aux_loss_weight: float = 0.0
 
     # pydantic (the platform's config tree) validates this dataclass; unknown keys are errors.
     __pydantic_config__ = {"extra": "forbid"}
@@ -49,6 +72,24 @@ class DecoderConfig:
             raise ValueError(f"n_kv_heads={kv} must divide n_heads={self.n_heads}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got d_model/n_heads={self.head_dim}")
+        if self.window is not None and self.window <= 0:
+            raise ValueError(f"window must be positive, got {self.window}")
+        if self.global_every < 0 or (self.global_every and self.window is None):
+            raise ValueError(f"global_every={self.global_every} needs a window and must be >= 0")
+        if self.kv_share_group <= 0 or self.n_layers % self.kv_share_group:
+            raise ValueError(f"kv_share_group={self.kv_share_group} must divide n_layers={self.n_layers}")
+        if self.attention == "mla":
+            if self.positions != "rope":
+                raise ValueError("attention='mla' needs positions='rope' (its decoupled RoPE key)")
+            if self.kv_share_group != 1:
+                raise ValueError("attention='mla' does not share K/V across layers (kv_share_group must be 1)")
+            if self.kv_lora_rank <= 0 or self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+                raise ValueError("MLA needs kv_lora_rank > 0 and an even qk_rope_head_dim > 0")
+        if self.moe_experts:
+            if self.moe_experts < 2 or not 0 < self.moe_top_k <= self.moe_experts:
+                raise ValueError(f"moe_top_k={self.moe_top_k} must be in 1..moe_experts={self.moe_experts}")
+            if not 0 <= self.moe_first_dense <= self.n_layers:
+                raise ValueError(f"moe_first_dense={self.moe_first_dense} must be in 0..n_layers={self.n_layers}")
 
     @property
     def kv_heads(self) -> int:
@@ -65,6 +106,16 @@ class DecoderConfig:
         if self.mlp == "gelu":
             return 4 * self.d_model
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_hidden or max(64, 64 * round(self.hidden / 4 / 64))
+
+    def is_global(self, layer: int) -> bool:
+        return self.window is None or (self.global_every > 0 and (layer + 1) % self.global_every == 0)
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe_experts > 0 and layer >= self.moe_first_dense
 
 
 class MLP(nn.Module):
@@ -88,17 +139,36 @@ def make_norm(cfg: DecoderConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
 
 
+def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
+    window = None if cfg.is_global(layer) else cfg.window
+    if cfg.attention == "mla":
+        return MultiHeadLatentAttention(
+            cfg.d_model, cfg.n_heads, layer, cfg.kv_lora_rank, cfg.q_lora_rank,
+            cfg.qk_nope_head_dim or cfg.head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim or cfg.head_dim,
+            cfg.norm_eps, window,
+        )
+    owns_kv = layer % cfg.kv_share_group == 0
+    return GroupedQueryAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, layer, window, owns_kv)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias=False, layer=layer)
+        self.attn = make_attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg, bias=False)
+        if cfg.is_moe(layer):
+            self.mlp = MoE(cfg.d_model, cfg.expert_hidden, cfg.moe_experts, cfg.moe_top_k, cfg.moe_shared_experts,
+                           cfg.moe_score, cfg.moe_bias_update_rate, cfg.moe_aux_loss_weight, cfg.init_std)
+        else:
+            self.mlp = MLP(cfg, bias=False)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), rope, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, rope=None, cache=None, shared_kv=None):
+        """Returns (x, kv): the K/V this block's attention used, for the next layers of its
+        KV-sharing group."""
+        h, kv = self.attn(self.attn_norm(x), rope, cache, shared_kv)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Decoder(nn.Module):
@@ -113,7 +183,8 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         if cfg.positions == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+            cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -139,12 +210,30 @@ class Decoder(nn.Module):
         rope = None
         if self.cfg.positions == "rope":
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        kv = None  # a block that reuses K/V returns the ones it was given
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x, kv = block(x, rope, cache, kv)
         return self.head(self.final_norm(x))
 
-    def num_params(self, embeddings: bool = True) -> int:
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The MoE layers' sequence-wise balance losses of the last forward (None if off)."""
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return sum(losses) if losses else None
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """Nudge the MoE routing biases toward balance; returns the worst layer's load imbalance."""
+        stats = [m.update_bias()["max_over_mean_load"] for m in self.moe_layers()]
+        return {"moe_max_over_mean_load": max(stats)} if stats else {}
+
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
+        """Parameters; `active`: those one token uses (top-k of the routed experts)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            for moe in self.moe_layers():
+                n -= (moe.n_experts - moe.top_k) * (moe.w_up[0].numel() + moe.w_down[0].numel())
         if not embeddings:
             n -= self.embed.weight.numel() + (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
             if self.cfg.tie_embeddings:  # the tied head is a matmul: count it back
@@ -152,4 +241,6 @@ class Decoder(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
-        return matmul_flops_per_token(self.num_params(embeddings=False), self.cfg.n_layers, self.cfg.d_model, seq_len)
+        """Training FLOPs per token over the active parameters (MFU stays honest for MoE)."""
+        active = self.num_params(embeddings=False, active=True)
+        return matmul_flops_per_token(active, self.cfg.n_layers, self.cfg.d_model, seq_len)

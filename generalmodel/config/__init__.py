@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from generalmodel import UserError
-from models import REGISTRY
+from models import PRESETS, REGISTRY
 from models.llama import LlamaConfig
 
 
@@ -250,14 +250,32 @@ def load_config(
     if preset is not None:
         tree = _read_preset(Path(preset))
     for key, value in (overrides or {}).items():
+        if key == "model.preset":  # not a field: expands into fields below
+            tree.setdefault("model", {})["preset"] = value
+            continue
         _set_dotted(tree, key, value, cls)
     if isinstance(tree.get("model"), dict):
+        _expand_preset(tree["model"])
         tree["model"].setdefault("name", _DEFAULT_MODEL().name)  # the union's discriminator
     _check_keys(tree, cls, prefix="")
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_explain(e, source=str(preset) if preset else None)) from None
+
+
+def _expand_preset(model: dict[str, Any]) -> None:
+    """`model.preset: NAME` → the registered preset's fields, under the ones given beside it."""
+    if "preset" not in model:
+        return
+    name = model.pop("preset")
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r} (model.preset); presets: {', '.join(PRESETS)}")
+    fields = dataclasses.asdict(PRESETS[name])
+    if "name" in model and model["name"] != fields["name"]:
+        raise ConfigError(f"model.preset {name!r} is a {fields['name']!r} model, but model.name is {model['name']!r}")
+    for key, value in fields.items():
+        model.setdefault(key, value)
 
 
 def _read_preset(path: Path) -> dict[str, Any]:
@@ -351,6 +369,9 @@ def _explain(error: ValidationError, source: str | None) -> str:
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
+        if isinstance(value, dict):  # a whole section (a model config's own check): name it only
+            lines.append(f"{key}: {err['msg']}")
+            continue
         shown = "<missing>" if err["type"] == "missing" else repr(value)
         lines.append(f"{key} = {shown}: {err['msg']}")
     where = f" (preset {source})" if source else ""

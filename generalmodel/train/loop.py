@@ -111,7 +111,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
     check_compatible(cfg, ds)
 
     model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
-    flops_per_token = model.flops_per_token(ds.seq_len)
+    flops_per_token = model.flops_per_token(ds.seq_len)  # active parameters: honest MFU for MoE
     num_params = model.num_params()
     if cfg.train.activation_checkpointing:
         _checkpoint_blocks(model)
@@ -177,7 +177,8 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
             with autocast:
                 logits = model(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-            (loss / cfg.train.grad_accum).backward()
+            aux = model.aux_loss()  # MoE balance loss, None unless configured
+            ((loss if aux is None else loss + aux) / cfg.train.grad_accum).backward()
             loss_sum += loss.detach()
         loss_value = _mean_across_ranks(loss_sum / cfg.train.grad_accum)
         if not math.isfinite(loss_value):
@@ -199,6 +200,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
         grad_norm = float(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        routing = model.after_optimizer_step()  # MoE: bias toward balance; load statistics
         window_steps += 1
         done = step + 1
 
@@ -208,7 +210,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
             tok_s = tokens_per_step * window_steps / elapsed
             metrics.update(
                 step=done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s,
-                tokens=done * tokens_per_step, skipped_steps=skipped,
+                tokens=done * tokens_per_step, skipped_steps=skipped, **routing,
                 eta_s=(steps - done) * elapsed / window_steps,
                 elapsed_s=time.perf_counter() - run_started,
             )

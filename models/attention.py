@@ -1,0 +1,111 @@
+"""Attention kinds, all causal, all with a KV cache for generation:
+
+- `GroupedQueryAttention`: multi-head / grouped-query / multi-query (`n_kv_heads`), optional RoPE,
+  optional sliding window (a local layer sees the last `window` positions), optional KV reuse
+  (a layer of a cross-layer KV-sharing group takes the K/V of the group's first layer);
+- `MultiHeadLatentAttention`: DeepSeek-V2/V3 MLA — K/V come from a low-rank latent `c_kv`
+  (kv_lora_rank) plus one decoupled RoPE key shared by all heads; queries optionally through
+  their own low-rank bottleneck (q_lora_rank). The cache stores only `c_kv` and the RoPE key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import KVCache, RMSNorm, apply_rope
+
+
+def causal_mask(T: int, past: int, window: int | None, device) -> torch.Tensor | None:
+    """(T, past+T) bool: query i (absolute position past+i) sees key j iff j ≤ past+i and, with a
+    window, j > past+i-window. None means plain causal (SDPA's is_causal)."""
+    if window is None and past == 0:
+        return None
+    q = torch.arange(past, past + T, device=device)[:, None]
+    k = torch.arange(past + T, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def sdpa(q, k, v, mask: torch.Tensor | None, gqa: bool) -> torch.Tensor:
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, layer: int,
+                 window: int | None = None, owns_kv: bool = True, bias: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.layer, self.window, self.owns_kv = layer, window, owns_kv
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        # A layer that reuses another layer's K/V has no K/V projection at all.
+        self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=bias) if owns_kv else None
+        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None):
+        """x: (B, T, d). Returns (output (B, T, d), (k, v)) — the K/V it used, full length, for
+        the layers that share them."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        if self.owns_kv:
+            k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            if rope is not None:
+                k = apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)  # (B, H_kv, past + T, hd)
+        else:
+            k, v = shared_kv
+        past = k.shape[2] - T
+        y = sdpa(q, k, v, causal_mask(T, past, self.window, x.device), self.n_kv_heads != self.n_heads)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, layer: int, kv_lora_rank: int, q_lora_rank: int | None,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float,
+                 window: int | None = None):
+        super().__init__()
+        self.n_heads, self.layer, self.window = n_heads, layer, window
+        self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.kv_lora_rank = kv_lora_rank
+        q_dim = n_heads * (qk_nope_head_dim + qk_rope_head_dim)
+        if q_lora_rank:
+            self.q_down = nn.Linear(d_model, q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(q_lora_rank, norm_eps)
+            self.q_up = nn.Linear(q_lora_rank, q_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(d_model, q_dim, bias=False)
+        # One projection gives the KV latent and the shared RoPE key.
+        self.kv_down = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(kv_lora_rank, norm_eps)
+        self.kv_up = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.out_proj = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
+
+    def forward(self, x, rope, cache: KVCache | None = None, shared_kv=None):
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_up(self.q_norm(self.q_down(x))) if hasattr(self, "q_up") else self.q_proj(x)
+        q = q.view(B, T, H, self.nope + self.rope_dim).transpose(1, 2)  # (B, H, T, nope + rope)
+        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, *rope)
+
+        latent, k_rope = self.kv_down(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope[:, None], *rope)  # (B, 1, T, rope): one key for all heads
+        latent = latent[:, None]  # (B, 1, T, kv_lora_rank)
+        if cache is not None:  # the cache holds the latent and the RoPE key, nothing per head
+            latent, k_rope = cache.update(self.layer, latent, k_rope)
+        S = latent.shape[2]
+        kv = self.kv_up(self.kv_norm(latent[:, 0])).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, S, ·)
+        k = torch.cat([k_nope, k_rope.expand(B, H, S, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        y = sdpa(q, k, v, causal_mask(T, S - T, self.window, x.device), gqa=False)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim)), None

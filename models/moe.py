@@ -1,0 +1,142 @@
+"""DeepSeekMoE-style feed-forward: fine-grained routed experts plus always-on shared experts.
+
+Routing: scores = softmax or sigmoid(router(x)); each token takes the top-k experts by
+score + bias, where the per-expert bias only affects the selection and is nudged toward balance
+after each optimizer step from the tokens-per-expert counts (auxiliary-loss-free balancing,
+DeepSeek-V3); the gates are the chosen scores, normalized to sum to 1. An optional small
+sequence-wise auxiliary loss is kept in `aux_loss` for the training loop to add.
+
+Experts are SwiGLU MLPs stored as stacked weights, so that the routed tokens, sorted by expert,
+go through one grouped matmul on GPU (`torch._grouped_mm`); `forward_reference` is the plain
+per-expert loop in token order, the definition the grouped path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class MoE(nn.Module):
+    def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int, n_shared: int,
+                 score: str = "sigmoid", bias_update_rate: float = 1e-3, aux_loss_weight: float = 0.0,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.n_experts, self.top_k, self.hidden = n_experts, top_k, hidden
+        self.score, self.bias_update_rate, self.aux_loss_weight = score, bias_update_rate, aux_loss_weight
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden).normal_(0, init_std))  # gate|value
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model).normal_(0, init_std))
+        self.shared = SharedExperts(d_model, hidden * n_shared) if n_shared else None
+        self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
+        self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, d) → expert ids (N, k), gates (N, k), scores (N, E); counts tokens per expert."""
+        logits = self.router(x).float()
+        scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
+        idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices  # bias: selection only
+        gates = scores.gather(-1, idx)
+        gates = gates / gates.sum(-1, keepdim=True)
+        if self.training:  # the balancing statistics count training tokens only
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.n_experts).float()
+        return idx, gates.type_as(x), scores
+
+    def _aux(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor | None:
+        """Sequence-wise balance loss: E · Σ_i f_i · P_i per sequence, averaged (DeepSeek-V3)."""
+        if not (self.training and self.aux_loss_weight > 0):
+            return None
+        probs = (scores / scores.sum(-1, keepdim=True)).view(B, T, -1).mean(1)  # (B, E)
+        chosen = F.one_hot(idx, self.n_experts).sum(1).float().view(B, T, -1)
+        load = chosen.mean(1) * self.n_experts / self.top_k  # (B, E)
+        return self.aux_loss_weight * (load * probs).sum(-1).mean()
+
+    # -- experts ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        idx, gates, scores = self.route(flat)
+        self.aux_loss = self._aux(scores, idx, B, T)
+        routed = self._grouped(flat, idx, gates)
+        out = routed if self.shared is None else routed + self.shared(flat)
+        return out.view(B, T, d)
+
+    def _grouped(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Sort the (token, expert) pairs by expert, run every expert's contiguous slice, scatter back."""
+        N, k = idx.shape
+        order = idx.flatten().argsort(stable=True)
+        token_of = order // k  # which token each sorted row came from
+        rows = x[token_of]  # (N·k, d), grouped by expert
+        counts = torch.bincount(idx.flatten(), minlength=self.n_experts)
+        h = _grouped_matmul(rows, self.w_up, counts)
+        gate, value = h.chunk(2, dim=-1)
+        y = _grouped_matmul(F.silu(gate) * value, self.w_down, counts)  # (N·k, d)
+        y = y * gates.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, y.type_as(x))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition: for every token, Σ over its chosen experts of gate · expert(token)."""
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        idx, gates, _ = self.route(flat)
+        out = torch.zeros_like(flat)
+        for e in range(self.n_experts):
+            token, slot = (idx == e).nonzero(as_tuple=True)
+            if len(token):
+                gate, value = (flat[token] @ self.w_up[e]).chunk(2, dim=-1)
+                out.index_add_(0, token, (F.silu(gate) * value) @ self.w_down[e] * gates[token, slot, None])
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(B, T, d)
+
+    # -- balancing -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_bias(self) -> dict[str, float]:
+        """After an optimizer step: move each expert's bias toward balance by a fixed step
+        (sign of mean load − load), using the counts of every rank; reset the counts.
+        Returns load statistics for the training metrics."""
+        counts = self.tokens_per_expert.clone()
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        mean = counts.mean()
+        if mean > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(mean - counts)
+        self.tokens_per_expert.zero_()
+        return {"max_over_mean_load": float(counts.max() / mean) if mean > 0 else 0.0}
+
+
+class SharedExperts(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * value)
+
+
+def _grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """rows (M, K) grouped by expert (counts[e] rows each) @ weights[e] (K, N) → (M, N).
+
+    One `torch._grouped_mm` call on CUDA in bf16 (Hopper); elsewhere a loop over the groups."""
+    if rows.is_cuda and torch.is_autocast_enabled("cuda"):
+        rows = rows.to(torch.get_autocast_dtype("cuda"))
+    if rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(rows, weights.to(rows.dtype), offs=offsets)
+    out = rows.new_empty(rows.shape[0], weights.shape[-1])
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out[start : start + n] = rows[start : start + n] @ weights[e].to(rows.dtype)
+        start += n
+    return out
