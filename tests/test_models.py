@@ -32,9 +32,9 @@ def test_kv_cache_decoding_reproduces_full_forward_logits(name):
 
 
 def test_registry_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown model 'gpt3'; registered models: gpt2, llama"):
+    with pytest.raises(ValueError, match="unknown model 'gpt3'; registered models: deepseek, gpt2, llama"):
         get_spec("gpt3")
-    with pytest.raises(ConfigError, match="unknown model 'gpt3'.*gpt2, llama"):
+    with pytest.raises(ConfigError, match="unknown model 'gpt3'.*deepseek, gpt2, llama"):
         parse_args(["--model.name=gpt3"])
 
 

@@ -149,11 +149,15 @@ def test_ray_job_submit(corpus, tmp_path):
         overrides = tiny_overrides(corpus, **{"storage.root": str(tmp_path / "store"),
                                               "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
         args = [f"--{k}={v}" for k, v in overrides.items()]
-        job = subprocess.run(
-            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", ".generalmodel"]}),
-             "--", "python", "jobs/pretrain.py", *args],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(20):  # the head answers HTTP before its job agent is ready
+            job = subprocess.run(
+                [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                 "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", ".generalmodel", ".whl"]}),
+                 "--", "python", "jobs/pretrain.py", *args],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-3000:]
         assert "MLflow run " in job.stdout and "registered models:/tiny-test/" in job.stdout
     finally:
