@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install test test-fast prepare-data pretrain bench-data clean
+.PHONY: install test test-fast prepare-data pretrain cluster-up cluster-down bench-data clean
 
 install: $(VENV_STAMP)
 
@@ -29,6 +29,13 @@ prepare-data: install
 PRETRAIN_ARGS ?=
 pretrain: install
 	$(PY) jobs/pretrain.py --config configs/llama-tiny.yaml $(PRETRAIN_ARGS)
+
+# A head and one worker node on this machine (token auth on); see the printed submit command.
+cluster-up: install
+	$(PY) -m generalmodel.cluster up --workers 1 --cpus-per-node 1
+
+cluster-down:
+	$(PY) -m generalmodel.cluster down
 
 bench-data: install
 	$(PY) benchmarks/data_prep.py

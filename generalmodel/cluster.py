@@ -1,10 +1,18 @@
-"""Connecting a job's driver to Ray: the cluster named by config/env, else a local one."""
+"""Connecting a job's driver to Ray (the cluster named by config/env, else a local one), and a
+local multi-node cluster for development (`python -m generalmodel.cluster up|down`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import ray
 
@@ -40,3 +48,162 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
 
 def alive_node_count() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A local multi-node cluster: `make cluster-up` / `make cluster-down`
+#
+# One head and N worker nodes on this machine, each a `ray start --block` in its own process
+# group (so that stopping one node, or the whole cluster, never touches another Ray cluster on
+# the machine, which `ray stop` would). Token authentication stays on: the token is in
+# ~/.ray/auth_token and every client needs RAY_AUTH_MODE=token.
+
+STATE_FILE = ".generalmodel/cluster/state.json"
+
+
+@dataclass
+class LocalCluster:
+    gcs_port: int
+    dashboard_port: int
+    head_pgid: int
+    worker_pgids: list[int]
+    temp_dir: str
+    cpus_per_node: int
+    env: dict[str, str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def add_worker(self) -> int:
+        """Start one more worker node; returns its process group id."""
+        proc = subprocess.Popen(
+            [_ray_bin(), "start", "--block", f"--address={self.address}", f"--num-cpus={self.cpus_per_node}",
+             "--disable-usage-stats", *_agent_ports()],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.worker_pgids.append(proc.pid)
+        return proc.pid
+
+    def kill_node(self, pgid: int) -> None:
+        """Stop a node at once (raylet and its workers), as a machine failure would."""
+        _kill_group(pgid, signal.SIGKILL)
+        if pgid in self.worker_pgids:
+            self.worker_pgids.remove(pgid)
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
+        import json
+
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            out = subprocess.run(
+                [sys.executable, "-c", "import ray, json; ray.init(address='auto', logging_level='ERROR');"
+                 "print(json.dumps(sum(1 for n in ray.nodes() if n['Alive'])))"],
+                env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True, text=True, timeout=60,
+            )
+            if out.returncode == 0 and out.stdout.strip() and json.loads(out.stdout.strip().splitlines()[-1]) >= count:
+                return
+            time.sleep(1)
+        raise UserError(f"the local cluster at {self.address} did not reach {count} nodes in {timeout_s:.0f}s")
+
+    def down(self) -> None:
+        for pgid in [*self.worker_pgids, self.head_pgid]:
+            _kill_group(pgid, signal.SIGTERM)
+        time.sleep(2)
+        for pgid in [*self.worker_pgids, self.head_pgid]:
+            _kill_group(pgid, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _ray_bin() -> str:
+    candidate = os.path.join(os.path.dirname(sys.executable), "ray")
+    return candidate if os.path.exists(candidate) else "ray"
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _agent_ports() -> list[str]:
+    """Every node on one machine needs its own dashboard-agent port (default 52365): a node
+    whose agent cannot bind has no job agent, and `ray job submit` then fails."""
+    return [f"--dashboard-agent-listen-port={_free_port()}"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_up(workers: int = 1, cpus_per_node: int = 1, env: dict[str, str] | None = None) -> LocalCluster:
+    """Start a head and `workers` worker nodes, each with `cpus_per_node` CPUs. `env` (e.g. S3
+    settings) is the nodes' environment, which jobs and workers inherit."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}"  # jobs' `python` is ours
+    token = subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
+    if token.returncode != 0:
+        raise UserError(f"cannot create the Ray auth token: {token.stderr.strip()[-500:]}")
+    temp_dir = tempfile.mkdtemp(prefix="gmray-", dir="/tmp")  # Ray's socket paths must be short
+    gcs, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [_ray_bin(), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}", *_agent_ports()],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    cluster = LocalCluster(gcs, dash, head.pid, [], temp_dir, cpus_per_node, env)
+    try:
+        cluster.wait_for_nodes(1)
+        for _ in range(workers):
+            cluster.add_worker()
+        cluster.wait_for_nodes(1 + workers)
+    except BaseException:
+        cluster.down()
+        raise
+    return cluster
+
+
+def _main(argv: list[str]) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m generalmodel.cluster", description="A local multi-node Ray cluster.")
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--workers", type=int, default=1, help="worker nodes beside the head")
+    parser.add_argument("--cpus-per-node", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        if os.path.exists(STATE_FILE):
+            raise SystemExit(f"a cluster is already up ({STATE_FILE}); run `make cluster-down` first")
+        cluster = cluster_up(args.workers, args.cpus_per_node)
+        os.makedirs(os.path.dirname(STATE_FILE), exist_ok=True)
+        state = {k: v for k, v in cluster.__dict__.items() if k != "env"}
+        with open(STATE_FILE, "w") as f:
+            json.dump(state, f)
+        print(f"Ray cluster up: head + {args.workers} worker node(s), {args.cpus_per_node} CPU(s) each.\n"
+              f"  export RAY_AUTH_MODE=token   # the token is in ~/.ray/auth_token\n"
+              f"  ray job submit --address {cluster.dashboard} --working-dir . "
+              f"--runtime-env-json '{{\"excludes\": [\".venv\", \".git\", \".generalmodel\"]}}' -- python jobs/pretrain.py ...\n"
+              f"Nodes see this shell's AWS_* settings; keep datasets and checkpoints on s3:// (no shared disk).")
+    else:
+        if not os.path.exists(STATE_FILE):
+            raise SystemExit("no local cluster is up (nothing in .generalmodel/cluster/)")
+        with open(STATE_FILE) as f:
+            LocalCluster(**json.load(f), env={}).down()
+        os.remove(STATE_FILE)
+        print("Ray cluster down")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -13,8 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generalmodel import UserError  # noqa: E402
-from generalmodel.cli import EXIT_USER_ERROR  # noqa: E402
+from generalmodel.cli import user_errors_exit  # noqa: E402
 from generalmodel.config import StorageConfig  # noqa: E402
 from generalmodel.infer import SamplingParams, fetch, load_model, sample_text  # noqa: E402
 from generalmodel.tracking import LOCAL_DB  # noqa: E402
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
+    with user_errors_exit():
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.max_new_tokens, args.seed)
         tracking = args.tracking_uri or f"sqlite:///{Path(LOCAL_DB).resolve()}"
         model, tokenizer = load_model(fetch(args.model, tracking, StorageConfig().resolved()))
@@ -47,9 +46,6 @@ def main(argv: list[str] | None = None) -> list[str]:
             print(flush=True)
             outputs.append(prompt + "".join(pieces))
         return outputs
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 
 from generalmodel import UserError  # noqa: E402
-from generalmodel.cli import EXIT_USER_ERROR  # noqa: E402
+from generalmodel.cli import user_errors_exit  # noqa: E402
 from generalmodel.config import parse_args  # noqa: E402
 
 IMAGE_ROOT = "/app"
@@ -98,16 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cluster", default="generalmodel", help="the RayCluster to run on (ray.io/cluster)")
     parser.add_argument("--name", default=None, help="RayJob name (default: from run_name and the args)")
     ours, config_args = parser.parse_known_args(argv)
-    try:
+    with user_errors_exit():
         manifest = render(config_args, ours.name, ours.cluster)
         if ours.dry_run:
             print(yaml.safe_dump(manifest, sort_keys=False), end="")
         else:
             print(f"submitted RayJob {submit(manifest, ours.namespace)} to namespace {ours.namespace}")
         return manifest
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 if __name__ == "__main__":

@@ -200,6 +200,10 @@ def test_each_tiny_preset_wraps_with_fsdp2_on_two_processes():
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--model.d_model=30", "--model.n_heads=4"], "n_heads=4 does not divide d_model=30"),
+        (["--model.n_kv_heads=3"], "n_kv_heads=3 must divide n_heads=4"),
+        (["--model.n_layers=0"], "n_layers must be positive"),
+        (["--model.name=gpt2", "--model.mlp=relu"], "model.gpt2.mlp = 'relu'"),
         (["--model.window=0"], "window must be positive"),
         (["--model.kv_share_group=3"], "kv_share_group=3 must divide n_layers=4"),
         (["--model.moe_experts=4", "--model.moe_top_k=5"], "moe_top_k=5 must be in 1..moe_experts=4"),
@@ -210,7 +214,7 @@ def test_each_tiny_preset_wraps_with_fsdp2_on_two_processes():
         (["--model.preset=deepseek-tiny", "--model.name=gpt2"], "is a 'deepseek' model, but model.name is 'gpt2'"),
     ],
 )
-def test_bad_zoo_configs_are_clear_errors(args, message):
+def test_bad_model_configs_are_clear_errors(args, message):
     with pytest.raises(ConfigError) as e:
         parse_args(args)
     assert message in str(e.value)

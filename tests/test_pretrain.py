@@ -133,7 +133,8 @@ def test_ray_job_submit(corpus, tmp_path):
     # the test session's own Ray cluster (`ray stop` would stop every cluster on the machine).
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}",
+         f"--dashboard-agent-listen-port={_free_port()}"],  # not the default 52365: another cluster may hold it
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120

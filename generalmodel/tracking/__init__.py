@@ -44,7 +44,8 @@ def start_run(cfg: Config, dataset_manifest_hash: str, code_version: dict[str, s
 
     uri = tracking_uri(cfg)
     check_reachable(uri)
-    os.makedirs(os.path.dirname(LOCAL_DB), exist_ok=True)
+    if cfg.tracking.uri is None:  # the default local store
+        os.makedirs(os.path.dirname(os.path.abspath(LOCAL_DB)), exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)

@@ -26,9 +26,11 @@ def _worker(config: dict[str, Any]) -> None:
 
         logger = MetricLogger(config["tracking_uri"], config["run_id"])
 
-    # Ray Train streams worker logging to the driver once; print()s would arrive twice.
+    # Ray Train streams worker logging to the driver once (print()s would arrive twice); our
+    # INFO lines (progress, resume) must pass the worker's default WARNING level.
+    logging.getLogger("generalmodel").setLevel(logging.INFO)
     progress = logging.getLogger("generalmodel.progress")
-    progress.setLevel(logging.INFO)
+    progress.info("train worker rank %d on node %s", rank, ray.get_runtime_context().get_node_id())
 
     def report(metrics: dict[str, Any]) -> None:
         if rank == 0:

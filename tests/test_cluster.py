@@ -1,0 +1,125 @@
+"""A 2-node Ray cluster on this machine (`make cluster-up`'s code): `ray job submit` puts the
+train workers on both nodes with checkpoints on the real S3 server; killing the worker node
+mid-run and bringing a node back lets Ray Train resume from the last checkpoint and finish
+with the same final loss as the uninterrupted run."""
+
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, make_documents
+from generalmodel.cluster import cluster_up
+
+pytestmark = pytest.mark.cluster
+
+EXCLUDES = json.dumps({"excludes": [".venv", ".git", ".generalmodel", ".whl"]})
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": s3_server.key,
+           "AWS_SECRET_ACCESS_KEY": s3_server.secret}
+    c = cluster_up(workers=1, cpus_per_node=1, env=env)
+    yield c
+    c.down()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    name = s3_server.new_bucket()
+    client = s3_server.client()
+    for i, doc in enumerate(make_documents(80, seed=31)):
+        client.put_object(Bucket=name, Key=f"corpus/{i:03d}.txt", Body=doc.encode())
+    return name
+
+
+def job_args(bucket, mlflow_uri, run_name, **extra):
+    args = {
+        "data.source": f"s3://{bucket}/corpus", "data.output": "datasets/tiny", "data.vocab_size": 320,
+        "data.seq_len": 32, "data.val_fraction": 0.1, "model.vocab_size": 320, "model.max_seq_len": 32,
+        "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32, "train.steps": 400, "train.batch_size": 4,
+        "train.log_every": 10, "train.eval_every": 400, "train.eval_batches": 2, "train.checkpoint_every": 50,
+        "storage.root": f"s3://{bucket}/store", "tracking.uri": mlflow_uri, "train.run_name": run_name,
+        "tracking.registered_model": "cluster-test", **extra,
+    }
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def ray_job(cluster, *args, timeout=600):
+    return subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "ray"), "job", *args],
+                          env=cluster.env, capture_output=True, text=True, timeout=timeout)
+
+
+def submit(cluster, args, wait=True):
+    for _ in range(20):  # the head answers HTTP before its job agent is ready
+        extra = [] if wait else ["--no-wait"]
+        out = ray_job(cluster, "submit", f"--address={cluster.dashboard}", "--working-dir", str(REPO),
+                      "--runtime-env-json", EXCLUDES, *extra, "--", "python", "jobs/pretrain.py", *args)
+        if "No available agent to submit job" not in out.stderr:
+            return out
+        time.sleep(3)
+    return out
+
+
+def final_loss(mlflow_uri, run_name):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs(client.get_experiment_by_name("generalmodel").experiment_id,
+                              f"attributes.run_name = '{run_name}'")
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    return {m.step: m.value for m in history}
+
+
+def test_workers_on_both_nodes_with_s3_checkpoints(cluster, bucket, mlflow_server, s3_server):
+    out = submit(cluster, job_args(bucket, mlflow_server.uri, "two-nodes"))
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]
+    nodes = set(re.findall(r"train worker rank \d on node (\w+)", out.stdout))
+    assert len(nodes) == 2, out.stdout[-3000:]
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/two-nodes/")["Contents"]]
+    assert "store/checkpoints/two-nodes/step-00000400/manifest.json" in keys
+    assert any(k.endswith("__1_0.distcp") for k in keys)  # rank 1's shard, written from the other node
+
+
+def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, bucket, mlflow_server, s3_server):
+    out = submit(cluster, job_args(bucket, mlflow_server.uri, "node-failure"), wait=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job_id = re.search(r"(raysubmit_\w+)", out.stdout + out.stderr).group(1)
+
+    def logs():
+        return ray_job(cluster, "logs", f"--address={cluster.dashboard}", job_id).stdout
+
+    deadline = time.time() + 300
+    def give_up(what):
+        (REPO / ".generalmodel").mkdir(exist_ok=True)
+        (REPO / ".generalmodel/node-failure-job.log").write_text(logs())
+        pytest.fail(f"{what}; the job's log is in .generalmodel/node-failure-job.log")
+
+    while "step    80/400" not in logs():  # the step-50 checkpoint is published by now
+        if time.time() > deadline:
+            give_up("the job never reached step 80")
+        time.sleep(1)
+    cluster.kill_node(cluster.worker_pgids[0])
+    time.sleep(5)
+    cluster.add_worker()  # the node comes back
+
+    deadline = time.time() + 240
+    while True:
+        out = ray_job(cluster, "status", f"--address={cluster.dashboard}", job_id)
+        status = (out.stdout + out.stderr).lower()  # "Job '…' succeeded"
+        if any(word in status for word in ("succeeded", "failed", "stopped")):
+            break
+        if time.time() > deadline:
+            give_up(f"the job did not finish after the node came back ({status.strip()[-200:]})")
+        time.sleep(3)
+    text = logs()
+    assert "succeeded" in status, text[-5000:]
+    resumed = re.search(r"resumed from s3://\S+/step-(\d{8}) at step", text)
+    assert resumed and 50 <= int(resumed.group(1)) < 400, text[-5000:]  # mid-run, not from scratch
+
+    reference, recovered = final_loss(mlflow_server.uri, "two-nodes"), final_loss(mlflow_server.uri, "node-failure")
+    assert recovered[400] == reference[400]  # CPU, same config and data: bit-identical after resume
