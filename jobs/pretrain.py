@@ -21,9 +21,18 @@ from generalmodel.data.loader import TokenDataset  # noqa: E402
 from generalmodel.data.prepare import build_dataset, code_version, plan_dataset  # noqa: E402
 from generalmodel.infer import SamplingParams, load_model, sample_text  # noqa: E402
 from generalmodel.storage import MANIFEST, resolve  # noqa: E402
-from generalmodel.tracking import check_reachable, download_export, finish_run, start_run, tracking_uri  # noqa: E402
+from generalmodel.tracking import (  # noqa: E402
+    check_reachable,
+    download_export,
+    end_failed_run,
+    finish_run,
+    start_run,
+    tracking_uri,
+)
 from generalmodel.train.loop import check_compatible, dataset_uri, export_uri  # noqa: E402
 from generalmodel.train.ray_trainer import fit  # noqa: E402
+
+SAMPLE_PROMPTS = ["Fellow citizens,", "The state of the Union"]
 
 
 def main(cfg: Config) -> dict:
@@ -40,7 +49,11 @@ def main(cfg: Config) -> dict:
         check_compatible(cfg, ds)
         run_id = start_run(cfg, ds.manifest_sha256, code_version())
         print(f"MLflow run {run_id} ({tracking_uri(cfg)}, experiment {cfg.tracking.experiment!r})")
-        fit(cfg, run_id, tracking_uri(cfg))
+        try:
+            fit(cfg, run_id, tracking_uri(cfg))
+        except BaseException:
+            end_failed_run()  # the MLflow run says FAILED instead of staying RUNNING
+            raise
     export_dir = download_export(cfg, export_uri(cfg))
     model_uri = finish_run(cfg, run_id, export_dir)
     val = val_history(cfg, run_id)
@@ -49,14 +62,11 @@ def main(cfg: Config) -> dict:
     if val:
         print(f"val loss: first eval (step {val[0][0]}) {val[0][1]:.4f} -> last (step {val[-1][0]}) {val[-1][1]:.4f}")
     model, tokenizer = load_model(export_dir)
-    for prompt in cfg_prompts():
+    for prompt in SAMPLE_PROMPTS:
         text = "".join(sample_text(model, tokenizer, prompt, SamplingParams(max_new_tokens=60, top_p=0.95)))
         print(f"sample: {prompt}{text}")
     return {"run_id": run_id, "model_uri": model_uri, "metrics": metrics, "val_loss": val}
 
-
-def cfg_prompts() -> list[str]:
-    return ["Fellow citizens,", "The state of the Union"]
 
 
 def final_metrics(cfg: Config, run_id: str) -> dict[str, float]:

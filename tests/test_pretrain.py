@@ -95,6 +95,19 @@ def test_worker_failure_restarts_from_the_last_checkpoint(ray_cluster, corpus, t
     assert failed["metrics"]["loss"] == clean["metrics"]["loss"]  # CPU: bit-identical final loss
 
 
+def test_a_run_that_fails_for_good_is_marked_failed(ray_cluster, corpus, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(overrides=tiny_overrides(corpus, **{
+        "storage.root": str(tmp_path), "tracking.uri": uri, "train.fail_at_step": 3, "ray.max_failures": 0}))
+    with pytest.raises(UserError, match="training failed: .*injected failure at step 3"):
+        pretrain.main(cfg)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("generalmodel").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def test_bad_input_is_a_clear_error(corpus, tmp_path):
     with pytest.raises(UserError, match="cannot reach the MLflow server at http://127.0.0.1:9"):
         pretrain.main(load_config(overrides=tiny_overrides(corpus, **{"tracking.uri": "http://127.0.0.1:9"})))

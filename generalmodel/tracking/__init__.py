@@ -118,6 +118,12 @@ def finish_run(cfg: Config, run_id: str, export_dir: str) -> str:
     return f"models:/{name}/{version.version}"
 
 
+def end_failed_run() -> None:
+    import mlflow
+
+    mlflow.end_run(status="FAILED")
+
+
 def download_export(cfg: Config, export_uri: str) -> str:
     """A local copy of the export directory (which may be on s3://) for logging as artifacts."""
     from generalmodel.storage import resolve

@@ -90,12 +90,17 @@ def fit(cfg: Config, run_id: str | None, tracking_uri: str | None) -> None:
 
 
 def _root_message(e: BaseException) -> str:
-    """The last line a worker's traceback ends with (Ray passes worker errors on as text)."""
+    """The exception a worker's traceback ends with (Ray passes worker errors on as text):
+    ours by preference, else the last `SomeError: message` line, else the last line."""
     import re
 
     text = str(e)
     ours = re.findall(r"generalmodel\.[\w.]+?(\w+Error): (.+)", text)
     if ours:
         return f"{ours[-1][0]}: {ours[-1][1].strip()}"
+    raised = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
+    raised = [r for r in raised if not r[0].startswith(("WorkerGroupError", "TrainingFailedError"))]
+    if raised:
+        return f"{raised[-1][0]}: {raised[-1][1].strip()}"
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(e).__name__
