@@ -26,10 +26,15 @@ def small(name, **changes):
     return replace(PRESETS[name], vocab_size=256, **changes)
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_kv_cache_decoding_reproduces_full_forward(name):
+ATTENTION_VARIANTS = {**{name: {} for name in TINY}, "llama-mha": {"n_kv_heads": None},
+                      "llama-mqa": {"n_kv_heads": 1}}
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_kv_cache_decoding_reproduces_full_forward(variant):
     torch.manual_seed(0)
-    model = build_model(small(name)).eval()
+    name = variant if variant in PRESETS else "llama-tiny"
+    model = build_model(small(name, **ATTENTION_VARIANTS[variant])).eval()
     idx = torch.randint(0, 256, (2, 90))
     with torch.no_grad():
         full = model(idx)
