@@ -47,6 +47,7 @@ def start_run(cfg: Config, dataset_manifest_hash: str, code_version: dict[str, s
     if cfg.tracking.uri is None:  # the default local store
         os.makedirs(os.path.dirname(os.path.abspath(LOCAL_DB)), exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    _ensure_experiment(uri, cfg.tracking.experiment)
     mlflow.set_experiment(cfg.tracking.experiment)
     run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
     mlflow.log_params({k: str(v)[:500] for k, v in flatten(dump_config(cfg)).items()})
@@ -55,6 +56,20 @@ def start_run(cfg: Config, dataset_manifest_hash: str, code_version: dict[str, s
                      "generalmodel": code_version["generalmodel"], **versions})
     mlflow.log_text(yaml.safe_dump(dump_config(cfg), sort_keys=False), "config.yaml")
     return run.info.run_id
+
+
+def _ensure_experiment(uri: str, name: str) -> None:
+    """With a sqlite store, artifacts go next to the database, not to ./mlruns of whatever
+    directory the job runs in (MLflow's default)."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if not uri.startswith("sqlite:///") or client.get_experiment_by_name(name) is not None:
+        return
+    artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+    client.create_experiment(name, artifact_location=artifacts.as_uri())
 
 
 def _version(package: str) -> str:
