@@ -28,6 +28,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         yield
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
     try:
         ray.init(
             address=address,
@@ -39,11 +41,38 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             configure_logging=False,
         )
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot connect to the Ray cluster at {address!r} (ray.address): {e}") from None
+        raise UserError(f"cannot connect to the Ray cluster at {address!r} (ray.address): {e}{_token_hint()}") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _token_hint() -> str:
+    """Ray 2.60 clusters use token authentication by default; say so when this client has none."""
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(
+        os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token"))
+    if os.environ.get("RAY_AUTH_MODE") == "token" and has_token:
+        return ""
+    return ("; the cluster may require its auth token: set RAY_AUTH_MODE=token and provide the token "
+            "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)")
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds where ray.init would retry for minutes: is anything listening there?"""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise UserError(f"ray.address {address!r} must look like host:port, ray://host:port or 'auto'")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=5):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address} (ray.address / RAY_ADDRESS): {e}") from None
 
 
 def alive_node_count() -> int:

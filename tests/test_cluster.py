@@ -123,3 +123,20 @@ def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, bucket
 
     reference, recovered = final_loss(mlflow_server.uri, "two-nodes"), final_loss(mlflow_server.uri, "node-failure")
     assert recovered[400] == reference[400]  # CPU, same config and data: bit-identical after resume
+
+
+def test_bad_cluster_address_and_missing_token_are_clear_errors(cluster, tmp_path):
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token here
+    job = [sys.executable, str(REPO / "jobs/prepare_data.py"), f"--data.output={tmp_path}/ds", "--data.vocab_size=300"]
+    unreachable = subprocess.run([*job, "--ray.address=127.0.0.1:1"], env=env, capture_output=True, text=True,
+                                 timeout=120, cwd=REPO)
+    assert unreachable.returncode == 2
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in unreachable.stderr
+    no_token = subprocess.run([*job, f"--ray.address={cluster.address}"], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=REPO)
+    assert no_token.returncode == 2
+    assert "cannot connect to the Ray cluster" in no_token.stderr and "RAY_AUTH_MODE=token" in no_token.stderr
+    assert not (tmp_path / "ds").exists()
