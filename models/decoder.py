@@ -216,7 +216,10 @@ class Decoder(nn.Module):
         return self.head(self.final_norm(x))
 
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        # Looked up once: the training step calls aux_loss and after_optimizer_step every step.
+        if not hasattr(self, "_moe_layers"):
+            self._moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
+        return self._moe_layers
 
     def aux_loss(self) -> torch.Tensor | None:
         """The MoE layers' sequence-wise balance losses of the last forward (None if off)."""
