@@ -181,3 +181,10 @@ def test_a_manifest_of_another_kind_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"kind": "checkpoint"}))
     with pytest.raises(StorageError, match="describes a 'checkpoint', expected a 'token-dataset'"):
         TokenDataset.open(str(tmp_path))
+
+
+def test_rewind_repeats_the_same_batches(dataset):
+    loader = TokenLoader(dataset, "val", batch_size=2, shuffle=False)
+    first = take(loader, 3)
+    loader.rewind()
+    assert all(torch.equal(p, q) for p, q in zip(take(loader, 3), first))

@@ -190,6 +190,14 @@ class TokenLoader:
         self.rows_consumed = state["rows_consumed"]
         self._windows.clear()
 
+    def rewind(self) -> None:
+        """Back to the start of epoch 0, keeping what is already read (evaluation reuses one
+        loader, so the val shards are read and checked once, not at every eval)."""
+        if self.epoch != 0:
+            self._windows.clear()
+        self.epoch = 0
+        self.rows_consumed = 0
+
     # -- iteration -----------------------------------------------------------------------------
 
     def __iter__(self) -> TokenLoader:

@@ -129,6 +129,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
     optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda")
 
     loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
+    val_loader = TokenLoader(ds, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
     ckpt = Checkpointer(checkpoint_uri(cfg), cfg.storage.resolved(), env.rank, env.world_size)
     config_dump = dump_config(cfg)
     start_step = 0
@@ -223,7 +224,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
                 metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             window_start, window_steps = time.perf_counter(), 0
         if done % cfg.train.eval_every == 0 or done == steps:
-            metrics.update(step=done, val_loss=evaluate(model, ds, cfg, env, autocast))
+            metrics.update(step=done, val_loss=evaluate(model, val_loader, cfg, env, autocast))
         if done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
             metrics.update(step=done, checkpoint_stall_s=save(done))
         if metrics:
@@ -233,6 +234,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
             report(metrics)
     ckpt.wait()
     loader.close()
+    val_loader.close()
     export(model, cfg, ds, env)
     return last
 
@@ -295,18 +297,17 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, ds: TokenDataset, cfg: Config, env: Dist, autocast) -> float:
+def evaluate(model, loader: TokenLoader, cfg: Config, env: Dist, autocast) -> float:
     """Mean loss over the first train.eval_batches batches of the val split (the same ones
     every time), across ranks."""
     model.eval()
-    loader = TokenLoader(ds, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False, epochs=None)
+    loader.rewind()
     total = torch.zeros((), device=env.device)
     for _ in range(cfg.train.eval_batches):
         x, y = (t.to(env.device) for t in next(loader))
         with autocast:
             logits = model(x)
         total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-    loader.close()
     model.train()
     return _mean_across_ranks(total / cfg.train.eval_batches)
 
