@@ -13,14 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generalmodel import UserError  # noqa: E402
 from generalmodel.cli import run_job  # noqa: E402
 from generalmodel.cluster import ray_session  # noqa: E402
 from generalmodel.config import Config  # noqa: E402
-from generalmodel.data.loader import TokenDataset  # noqa: E402
-from generalmodel.data.prepare import build_dataset, code_version, plan_dataset  # noqa: E402
+from generalmodel.data.prepare import code_version  # noqa: E402
 from generalmodel.infer import SamplingParams, load_model, sample_text  # noqa: E402
-from generalmodel.storage import MANIFEST, resolve  # noqa: E402
 from generalmodel.tracking import (  # noqa: E402
     check_reachable,
     download_export,
@@ -29,24 +26,16 @@ from generalmodel.tracking import (  # noqa: E402
     start_run,
     tracking_uri,
 )
-from generalmodel.train.loop import check_compatible, dataset_uri, export_uri  # noqa: E402
-from generalmodel.train.ray_trainer import fit  # noqa: E402
+from generalmodel.train.loop import export_uri  # noqa: E402
+from generalmodel.train.ray_trainer import ensure_dataset, fit  # noqa: E402
 
 SAMPLE_PROMPTS = ["Fellow citizens,", "The state of the Union"]
 
 
 def main(cfg: Config) -> dict:
     check_reachable(tracking_uri(cfg))
-    uri = dataset_uri(cfg)
-    storage = cfg.storage.resolved()
     with ray_session(cfg.ray):
-        if not resolve(uri, storage).join(MANIFEST).exists():
-            if cfg.train.dataset:
-                raise UserError(f"train.dataset {uri} is not a published dataset (no {MANIFEST})")
-            print(f"dataset {uri} is missing: preparing it")
-            build_dataset(plan_dataset(cfg))
-        ds = TokenDataset.open(uri, storage)
-        check_compatible(cfg, ds)
+        ds = ensure_dataset(cfg)
         run_id = start_run(cfg, ds.manifest_sha256, code_version())
         print(f"MLflow run {run_id} ({tracking_uri(cfg)}, experiment {cfg.tracking.experiment!r})")
         try:

@@ -248,7 +248,7 @@ def load_config(
     """Build a config from an optional YAML preset plus {dotted.key: value} overrides."""
     tree: dict[str, Any] = {}
     if preset is not None:
-        tree = _read_preset(Path(preset))
+        tree = read_preset(Path(preset))
     for key, value in (overrides or {}).items():
         if key == "model.preset":  # not a field: expands into fields below
             tree.setdefault("model", {})["preset"] = value
@@ -278,7 +278,7 @@ def _expand_preset(model: dict[str, Any]) -> None:
         model.setdefault(key, value)
 
 
-def _read_preset(path: Path) -> dict[str, Any]:
+def read_preset(path: Path) -> dict[str, Any]:
     if not path.is_file():
         presets = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
         hint = f"; presets in configs/: {', '.join(presets)}" if presets else ""

@@ -42,34 +42,53 @@ def start_run(cfg: Config, dataset_manifest_hash: str, code_version: dict[str, s
     """Create the run, log config/tags; returns its id. The run stays open for the job."""
     import mlflow
 
+    uri = prepare_store(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
+    log_config(run.info.run_id, cfg, dataset_manifest_hash, code_version)
+    return run.info.run_id
+
+
+def prepare_store(cfg: Config) -> str:
+    """The tracking URI, checked reachable, with the run's experiment in it."""
     uri = tracking_uri(cfg)
     check_reachable(uri)
     if cfg.tracking.uri is None:  # the default local store
         os.makedirs(os.path.dirname(os.path.abspath(LOCAL_DB)), exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    _ensure_experiment(uri, cfg.tracking.experiment)
-    mlflow.set_experiment(cfg.tracking.experiment)
-    run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
-    mlflow.log_params({k: str(v)[:500] for k, v in flatten(dump_config(cfg)).items()})
+    ensure_experiment(uri, cfg.tracking.experiment)
+    return uri
+
+
+def log_config(run_id: str, cfg: Config, dataset_manifest_hash: str, code_version: dict[str, str]) -> None:
+    """The resolved config as params and config.yaml (secrets masked), versions as tags."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in flatten(dump_config(cfg)).items()])
     versions = {f"version.{p}": _version(p) for p in ("torch", "ray", "pyarrow", "tokenizers", "mlflow")}
-    mlflow.set_tags({"git_sha": code_version.get("git_sha", "unknown"), "dataset_manifest_sha256": dataset_manifest_hash,
-                     "generalmodel": code_version["generalmodel"], **versions})
-    mlflow.log_text(yaml.safe_dump(dump_config(cfg), sort_keys=False), "config.yaml")
-    return run.info.run_id
+    tags = {"git_sha": code_version.get("git_sha", "unknown"), "dataset_manifest_sha256": dataset_manifest_hash,
+            "generalmodel": code_version["generalmodel"], **versions}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_text(run_id, yaml.safe_dump(dump_config(cfg), sort_keys=False), "config.yaml")
 
 
-def _ensure_experiment(uri: str, name: str) -> None:
-    """With a sqlite store, artifacts go next to the database, not to ./mlruns of whatever
-    directory the job runs in (MLflow's default)."""
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed. With a sqlite store, artifacts go next to the
+    database, not to ./mlruns of whatever directory the job runs in (MLflow's default)."""
     from pathlib import Path
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    if not uri.startswith("sqlite:///") or client.get_experiment_by_name(name) is not None:
-        return
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    if not uri.startswith("sqlite:///"):
+        return client.create_experiment(name)
     artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
-    client.create_experiment(name, artifact_location=artifacts.as_uri())
+    return client.create_experiment(name, artifact_location=artifacts.as_uri())
 
 
 def _version(package: str) -> str:
@@ -100,14 +119,23 @@ class MetricLogger:
 
 def finish_run(cfg: Config, run_id: str, export_dir: str) -> str:
     """Plot, log the exported model, register it; returns the `models:/` URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
+    log_results(client, run_id, cfg, export_dir)
+    model_uri = register(client, cfg.tracking.registered_model, run_id)
+    mlflow.end_run()
+    return model_uri
+
+
+def log_results(client, run_id: str, cfg: Config, export_dir: str) -> None:
+    """The loss/LR plot of a finished run and its exported model (under `model/`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
         history = client.get_metric_history(run_id, key)
@@ -118,18 +146,19 @@ def finish_run(cfg: Config, run_id: str, export_dir: str) -> str:
     ax_loss.legend()
     ax_lr.set(xlabel="step", ylabel="learning rate")
     fig.tight_layout()
-    mlflow.log_figure(fig, "loss_lr.png")
+    client.log_figure(run_id, fig, "loss_lr.png")
     plt.close(fig)
+    client.log_artifacts(run_id, export_dir, "model")
 
-    mlflow.log_artifacts(export_dir, "model")
-    name = cfg.tracking.registered_model
+
+def register(client, name: str, run_id: str) -> str:
+    """A new version of registered model `name` from the run's `model/` artifacts."""
     try:
         client.get_registered_model(name)
     except Exception:
         client.create_registered_model(name)
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
     version = client.create_model_version(name, source=source, run_id=run_id)
-    mlflow.end_run()
     return f"models:/{name}/{version.version}"
 
 

@@ -166,6 +166,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
         return ckpt.save(step, model, optimizer, {"step": step, "loader": loader.state_dict(),
                                                   "config": config_dump, "dataset": ds.manifest_sha256})
 
+    done = start_step
     for step in range(start_step, steps):
         if cfg.train.fail_at_step == step and start_step == 0 and env.is_main:
             raise RuntimeError(f"train.fail_at_step: injected failure at step {step}")
@@ -227,6 +228,10 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
             metrics.update(step=done, val_loss=evaluate(model, val_loader, cfg, env, autocast))
         if done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
             metrics.update(step=done, checkpoint_stall_s=save(done))
+        if done == steps:
+            # Before the last report: whoever hears it (a Tune scheduler) may end the run at once.
+            ckpt.wait()
+            export(model, cfg, ds, env)
         if metrics:
             metrics.setdefault("loss", loss_value)
             metrics["num_params"] = num_params
@@ -235,7 +240,8 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
     ckpt.wait()
     loader.close()
     val_loader.close()
-    export(model, cfg, ds, env)
+    if done == start_step or done < steps:  # resumed at the end, or the last step was skipped
+        export(model, cfg, ds, env)
     return last
 
 

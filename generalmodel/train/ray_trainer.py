@@ -58,8 +58,28 @@ def progress_line(m: dict[str, Any], steps: int) -> str:
     return " | ".join(parts)
 
 
-def fit(cfg: Config, run_id: str | None, tracking_uri: str | None) -> None:
-    """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the log."""
+def ensure_dataset(cfg: Config):
+    """The run's dataset (a TokenDataset), prepared with Ray Data first when train.dataset is not
+    given and the data section's output is missing. Needs a Ray session."""
+    from generalmodel.data.loader import TokenDataset
+    from generalmodel.data.prepare import build_dataset, plan_dataset
+    from generalmodel.storage import MANIFEST
+    from generalmodel.train.loop import check_compatible, dataset_uri
+
+    uri, storage = dataset_uri(cfg), cfg.storage.resolved()
+    if not resolve(uri, storage).join(MANIFEST).exists():
+        if cfg.train.dataset:
+            raise UserError(f"train.dataset {uri} is not a published dataset (no {MANIFEST})")
+        print(f"dataset {uri} is missing: preparing it")
+        build_dataset(plan_dataset(cfg))
+    ds = TokenDataset.open(uri, storage)
+    check_compatible(cfg, ds)
+    return ds
+
+
+def fit(cfg: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> None:
+    """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the log.
+    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when this runs in a trial."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -79,17 +99,18 @@ def fit(cfg: Config, run_id: str | None, tracking_uri: str | None) -> None:
             storage_path=results.path,
             storage_filesystem=results.fs,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=callbacks,
         ),
     )
     try:
         result = trainer.fit()
     except Exception as e:
-        raise UserError(f"training failed: {_root_message(e)}") from None
+        raise UserError(f"training failed: {root_message(e)}") from None
     if result.error is not None:
-        raise UserError(f"training failed: {_root_message(result.error)}")
+        raise UserError(f"training failed: {root_message(result.error)}")
 
 
-def _root_message(e: BaseException) -> str:
+def root_message(e: BaseException) -> str:
     """The exception a worker's traceback ends with (Ray passes worker errors on as text):
     ours by preference, else the last `SomeError: message` line, else the last line."""
     import re
