@@ -74,7 +74,7 @@ class Resources(Section):
 class Sweep(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the sweep, its storage and its MLflow parent run.")
     base: Base = Base()
-    search: dict[str, dict[str, Any]] = Field(..., description="Dotted config key -> {kind: args}.")
+    search: dict[str, Any] = Field(..., description="Dotted config key -> {kind: args}.")
     searcher: Literal["random", "grid", "optuna"] = "random"
     num_samples: int = Field(1, gt=0, description="Trials (random/optuna), or repeats of the whole grid (grid).")
     max_concurrent_trials: int | None = Field(None, gt=0)
@@ -96,7 +96,7 @@ class Sweep(Section):
 
     @field_validator("search")
     @classmethod
-    def _distributions(cls, search: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _distributions(cls, search: dict[str, Any]) -> dict[str, Any]:
         if not search:
             raise ValueError("is empty: give at least one key to search over")
         for key, dist in search.items():
@@ -169,6 +169,8 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
     for key, value in (overrides or {}).items():
         if key.split(".")[0] in Config.model_fields:
             base_overrides[key] = value
+        elif key.startswith("search."):  # search keys are dotted config keys themselves
+            tree.setdefault("search", {})[key[len("search."):]] = value
         else:
             _set(tree, key, value)
     try:
@@ -177,7 +179,10 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
         raise SweepError(_explain(e, path)) from None
     # The trials get the base as dotted keys, not a path: a trial's working directory (and node)
     # is not the driver's.
-    preset = flatten(read_preset(Path(sweep.base.config))) if sweep.base.config else {}
+    try:
+        preset = flatten(read_preset(Path(sweep.base.config))) if sweep.base.config else {}
+    except ConfigError as e:
+        raise SweepError(f"sweep {str(path)!r}, base config: {e}") from None
     sweep.base.overrides = {**preset, **sweep.base.overrides, **base_overrides}
     return sweep, check_against_config(sweep, path)
 

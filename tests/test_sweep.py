@@ -1,0 +1,191 @@
+"""`jobs/sweep.py` on a real local Ray cluster (`ray start`, dashboard on), with a real MLflow
+server and trial checkpoints on the real S3 server: parent and child runs, ASHA stopping trials,
+the comparison artifacts, the best model registered; a sweep whose driver is killed continues
+with Tuner.restore; bad input fails before any trial starts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, make_documents
+from generalmodel.cluster import cluster_up
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    c = cluster_up(workers=0, cpus_per_node=2)
+    yield c
+    c.down()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-corpus")
+    for i, doc in enumerate(make_documents(80, seed=41)):
+        (root / f"{i:03d}.txt").write_text(doc)
+    return root
+
+
+SWEEP = """
+base:
+  overrides:
+    data.vocab_size: 320
+    data.seq_len: 32
+    data.val_fraction: 0.1
+    model.vocab_size: 320
+    model.max_seq_len: 32
+    model.n_layers: 2
+    model.n_heads: 2
+    model.d_model: 32
+    train.batch_size: 4
+    train.log_every: 2
+    train.eval_batches: 2
+    optim.warmup_steps: 2
+    tracking.experiment: sweeps
+search:
+  optim.lr: {grid: [0.01, 0.00001]}
+  model.attention: {grid: [gqa, mla]}
+searcher: random
+scheduler: {kind: asha, grace_period: 4, reduction_factor: 2}
+max_concurrent_trials: 2
+resources: {num_workers: 1, cpus_per_worker: 0.99}
+"""
+
+
+def sweep_args(bucket, s3_server, mlflow_server, corpus, **extra):
+    args = {"data.source": str(corpus), "storage.root": f"s3://{bucket}/store", "tracking.uri": mlflow_server.uri,
+            **s3_server.storage_overrides(), **extra}
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_sweep(cluster, path, args, timeout=600, **popen):
+    cmd = [sys.executable, str(REPO / "jobs/sweep.py"), str(path), f"--ray.address={cluster.address}", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **popen)
+
+
+def finish(proc, timeout=600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def children(client, parent):
+    return client.search_runs([client.get_run(parent.info.run_id).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+
+def parent_run(client, name):
+    experiment = client.get_experiment_by_name("sweeps")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'")
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+
+
+def test_sweep_tracks_stops_compares_and_registers(cluster, s3_server, mlflow_server, corpus, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    bucket = s3_server.new_bucket()
+    path = tmp_path / "tiny-sweep.yaml"
+    path.write_text(SWEEP)
+    proc = run_sweep(cluster, path, sweep_args(bucket, s3_server, mlflow_server, corpus, **{
+        "train.steps": 16, "train.eval_every": 4, "train.checkpoint_every": 8,
+        "tracking.registered_model": "sweep-test"}))
+    out = finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    assert "trials ranked by val_loss" in out and "best model: models:/sweep-test/" in out
+
+    client = MlflowClient(mlflow_server.uri)
+    (parent,) = parent_run(client, "tiny-sweep")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.optim.lr"] == "grid[0.01, 1e-05]"
+    assert parent.data.params["scheduler.kind"] == "asha"
+    kids = children(client, parent)
+    assert len(kids) == 4  # one child per trial of the 2x2 grid
+    for kid in kids:
+        assert kid.data.params["train.steps"] == "16" and kid.data.params["model.attention"] in ("gqa", "mla")
+        assert kid.data.tags["stop_reason"]
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "loss")]
+        assert steps[:2] == [2, 4]  # per-step metrics from the trial's rank 0
+    reasons = {k.data.tags["stop_reason"] for k in kids}
+    stopped = [k for k in kids if k.data.tags["stop_reason"].startswith("stopped by ASHA at step")]
+    assert stopped, reasons  # the 1e-5 trials cannot keep up with 1e-2 at the first rung
+    assert all(k.info.status == "KILLED" for k in stopped)
+    completed = [k for k in kids if k.data.tags["stop_reason"] == "completed"]
+    assert completed and all(k.info.status == "FINISHED" for k in completed)
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"val_loss_curves.png", "trials.csv", "trials.md", "sweep.yaml", "best_config.yaml"} <= artifacts
+    csv_text = client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))
+    rows = open(csv_text).read().strip().splitlines()
+    assert len(rows) == 5 and rows[1].split(",")[2] == "completed"
+
+    best = parent.data.tags["best_run_id"]
+    assert best in {k.info.run_id for k in completed}
+    final = {k.info.run_id: client.get_metric_history(k.info.run_id, "val_loss")[-1].value for k in completed}
+    assert best == min(final, key=final.get)
+    version = parent.data.tags["best_model"].rsplit("/", 1)[1]
+    assert client.get_model_version("sweep-test", version).run_id == best
+    assert {a.path for a in client.list_artifacts(best, "model")} >= {"model/model.safetensors"}
+
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/sweeps/tiny-sweep/")["Contents"]]
+    assert any("/checkpoints/" in k and k.endswith("manifest.json") for k in keys)  # trial checkpoints on S3
+    assert any(os.path.basename(k).startswith("experiment_state") for k in keys)  # Tune's state, for restore
+
+
+def test_killed_sweep_driver_is_restored(cluster, s3_server, mlflow_server, corpus, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    bucket = s3_server.new_bucket()
+    path = tmp_path / "restored.yaml"
+    path.write_text(SWEEP.replace("optim.lr: {grid: [0.01, 0.00001]}", "optim.lr: {grid: [0.01]}")
+                    .replace("model.attention: {grid: [gqa, mla]}", "model.attention: {grid: [gqa]}"))
+    args = sweep_args(bucket, s3_server, mlflow_server, corpus, **{
+        "train.steps": 600, "train.log_every": 10, "train.eval_every": 50, "train.checkpoint_every": 50,
+        "scheduler.kind": "fifo",
+        "tracking.registered_model": "sweep-restore-test"})
+    client = MlflowClient(mlflow_server.uri)
+    proc = run_sweep(cluster, path, args)
+    deadline = time.time() + 300
+    progressed = False
+    while time.time() < deadline and proc.poll() is None and not progressed:
+        time.sleep(2)
+        parents = parent_run(client, "restored")
+        kids = children(client, parents[0]) if parents else []
+        progressed = bool(kids) and any(m.step >= 100 for m in client.get_metric_history(kids[0].info.run_id, "loss"))
+    assert progressed and proc.poll() is None, "the sweep should still be running at step 100"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; Ray takes its trials down with it
+    proc.wait()
+
+    proc = run_sweep(cluster, path, args)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    assert "restoring the interrupted sweep" in out and "[continuing]" in out
+    assert "resumed from" in out, out[-6000:]  # the trial continued from its checkpoint on S3
+    (parent,) = parent_run(client, "restored")
+    (kid,) = children(client, parent)  # the same child run, not a second one
+    assert kid.info.status == "FINISHED" and kid.data.tags["stop_reason"] == "completed"
+    steps = sorted({m.step for m in client.get_metric_history(kid.info.run_id, "loss")})
+    assert steps == list(range(10, 601, 10))
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_run_id"] == kid.info.run_id
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"resources.num_workers": 3}, "a trial needs 2.98 CPUs (resources: 3 workers x 0.99 CPU + 0.01 for its driver) "
+                                   "but the Ray cluster has 2"),
+    ({"metric": "val_acc"}, "'val_acc' is never reported by a trial"),
+    ({"search.optim.lrate": "{uniform: [0.1, 0.2]}"}, "optim has no 'lrate'"),
+])
+def test_bad_sweeps_fail_before_any_trial(cluster, s3_server, mlflow_server, corpus, tmp_path, extra, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(SWEEP)
+    args = sweep_args(s3_server.new_bucket(), s3_server, mlflow_server, corpus, **{"train.steps": 16, **extra})
+    proc = run_sweep(cluster, path, args)
+    out = finish(proc, timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert message in out, out[-3000:]
+    assert "Traceback" not in out
