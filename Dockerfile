@@ -10,6 +10,7 @@ COPY generalmodel generalmodel
 COPY models models
 COPY jobs jobs
 COPY configs configs
+COPY sweeps sweeps
 RUN pip install --no-cache-dir "torch==2.9.1" \
  && pip install --no-cache-dir ".[gpu,hf]" "ray[default,data,train,tune]==2.60.0" \
  && chown -R 1000:1000 /app

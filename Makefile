@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install test test-fast prepare-data pretrain cluster-up cluster-down bench-data clean
+.PHONY: install test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data clean
 
 install: $(VENV_STAMP)
 
@@ -21,6 +21,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest tests -m "not integration and not e2e"
 
+# Opt-in: the MLflow UI in headless Chromium shows a sweep's parent, children and comparison.
+test-ui: install
+	GM_UI_TEST=1 $(PY) -m pytest tests/test_mlflow_ui.py -s
+
 prepare-data: install
 	$(PY) jobs/prepare_data.py
 
@@ -29,6 +33,13 @@ prepare-data: install
 PRETRAIN_ARGS ?=
 pretrain: install
 	$(PY) jobs/pretrain.py --config configs/llama-tiny.yaml $(PRETRAIN_ARGS)
+
+# A Ray Tune sweep (sweeps/*.yaml): one Ray Train run per trial, ASHA, MLflow parent/child runs,
+# the best trial's model registered. Run it again after an interruption: it continues.
+SWEEP ?= sweeps/lr-attention.yaml
+SWEEP_ARGS ?=
+sweep: install
+	$(PY) jobs/sweep.py $(SWEEP) $(SWEEP_ARGS)
 
 # A head and one worker node on this machine (token auth on); see the printed submit command.
 cluster-up: install

@@ -9,6 +9,12 @@ platform's own training loop on the GPU path.
    peak), peak memory, and the MFU ratio to the reference run in the same invocation.
 2. With --loop-dataset: `generalmodel.train.loop.train` (the loop Ray Train runs) in this process
    on CUDA with per-block compile, on a prepared dataset: its reported tokens/s, MFU and losses.
+3. With --fp8: for each of --fp8-presets, bf16 and each torchao recipe (tensorwise, rowwise,
+   rowwise_with_gw_hp) through the platform's filter (generalmodel.train.fp8: head, routers and
+   linears below --fp8-min-dim stay bf16), compiled: tokens/s, MFU against the bf16 peak, peak
+   memory, the fp8/bf16 tokens/s ratio; then loss parity: a short run on the same data and seed in
+   bf16 and in tensorwise fp8, and the largest loss difference against a stated tolerance.
+       python benchmarks/gpu_train.py --fp8            (~6-8 minutes on one H100/H200)
 Record the output with the card in benchmarks/RESULTS.md.
 """
 
@@ -27,18 +33,25 @@ import torch.nn.functional as F  # noqa: E402
 
 from generalmodel.config import OptimConfig, load_config  # noqa: E402
 from generalmodel.optim import build_optimizer  # noqa: E402
+from generalmodel.train.fp8 import RECIPES, check_supported  # noqa: E402
+from generalmodel.train.fp8 import convert as fp8_convert  # noqa: E402
 from generalmodel.train.loop import _peak_flops  # noqa: E402
 from models import PRESETS, build_model  # noqa: E402
 
 DEFAULT_PRESETS = "gpt2-124m,llama-124m,llama-350m,deepseek-124m"
+FP8_PRESETS = "gpt2-124m,llama-1.3b,llama-d4096"
+PARITY_TOLERANCE = 0.05  # largest |loss_fp8 - loss_bf16| accepted over the parity run
 REFERENCE = "gpt2-124m"
 
 
-def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss: bool = False) -> dict:
+def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss: bool = False,
+          fp8: str = "none", fp8_min_dim: int = 2048) -> dict:
     cfg = PRESETS[name]
     torch.manual_seed(0)
-    model = build_model(cfg).cuda()
+    model = build_model(cfg)
     flops_per_token = model.flops_per_token(seq)  # active parameters (MoE: top-k experts)
+    converted = fp8_convert(model, fp8, fp8_min_dim, fsdp=False) if fp8 != "none" else []
+    model = model.cuda()
     optimizer = build_optimizer(model, OptimConfig(lr=6e-4), fused=True)
 
     def forward_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,6 +95,7 @@ def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss
         "tok_s": tok_s,
         "mfu": tok_s * flops_per_token / _peak_flops(torch.device("cuda")),
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "compile_s": compile_s, "loss": loss.item(),
+        "fp8_linears": len(converted),
     }
     return result
 
@@ -100,12 +114,68 @@ def check_moe() -> None:
           f"max relative difference {error:.2e}", flush=True)
 
 
+def fp8_table(presets: list[str], args) -> None:
+    """Each preset in bf16 and in each fp8 recipe, in this process; fp8/bf16 ratios."""
+    check_supported("tensorwise", torch.device("cuda"))
+    print(f"\nfp8 (torchao, min dim {args.fp8_min_dim}; head/routers/experts bf16), compiled, B={args.batch} T={args.seq}:")
+    for name in presets:
+        base = None
+        for recipe in ("none", *RECIPES):
+            try:
+                r = bench(name, args.steps, args.warmup, args.batch, args.seq, True, recipe, args.fp8_min_dim)
+            except Exception as e:
+                print(f"{name:>14} {recipe:>18}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            torch.cuda.empty_cache()
+            base = r if recipe == "none" else base
+            ratio = f"{r['tok_s'] / base['tok_s']:.2f}x bf16" if base and recipe != "none" else "reference"
+            print(f"{name:>14} {('bf16' if recipe == 'none' else recipe):>18}: {r['tok_s'] / 1e3:8.1f}K tok/s  "
+                  f"MFU {r['mfu']:6.1%}  peak {r['peak_gb']:5.1f} GB  {ratio}  ({r['fp8_linears']} fp8 linears, "
+                  f"compile+warmup {r['compile_s']:.0f}s)", flush=True)
+
+
+def loss_parity(name: str, recipe: str, steps: int, min_dim: int) -> None:
+    """Same seed, same data (a small learnable token stream): bf16 vs fp8 loss curves."""
+    curves = {}
+    for mode in ("none", recipe):
+        torch.manual_seed(0)
+        model = build_model(PRESETS[name])
+        if mode != "none":
+            fp8_convert(model, mode, min_dim, fsdp=False)
+        model = model.cuda()
+        optimizer = build_optimizer(model, OptimConfig(lr=3e-4), fused=True)
+        compiled = torch.compile(model)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        data = torch.randint(0, 2048, (32, 513), device="cuda", generator=g)  # 4 batches, revisited: loss falls
+        losses = []
+        for step in range(steps):
+            x = data[(step % 4) * 8:(step % 4 + 1) * 8]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = compiled(x[:, :-1])
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves[mode] = losses
+        del model, optimizer, compiled
+        torch.cuda.empty_cache()
+    diffs = [abs(a - b) for a, b in zip(curves["none"], curves[recipe], strict=True)]
+    worst = max(range(steps), key=diffs.__getitem__)
+    verdict = "within" if diffs[worst] <= PARITY_TOLERANCE else "OUTSIDE"
+    print(f"\nloss parity {name}, bf16 vs {recipe}, {steps} steps: bf16 {curves['none'][0]:.3f} -> {curves['none'][-1]:.3f}, "
+          f"fp8 {curves[recipe][0]:.3f} -> {curves[recipe][-1]:.3f}; largest |difference| {diffs[worst]:.4f} at step "
+          f"{worst} ({verdict} the tolerance {PARITY_TOLERANCE})", flush=True)
+
+
 def run_loop(dataset: str, steps: int) -> None:
     from generalmodel.train.loop import train
 
     store = tempfile.mkdtemp(prefix="gm-gpu-loop-")
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs/llama-tiny.yaml", {
-        "train.dataset": str(Path(dataset).resolve()), "storage.root": store, "train.device": "cuda", "train.compile": True,
+        "train.dataset": str(Path(dataset).resolve()), "storage.root": store, "train.device": "cuda", "train.compile": "regional",
         "train.steps": steps, "train.log_every": 25, "train.eval_every": steps, "train.batch_size": 64,
         "train.checkpoint_every": steps, "train.run_name": "gpu-loop",
     })
@@ -134,11 +204,21 @@ def main() -> None:
     parser.add_argument("--check-moe", action="store_true", help="first compare the grouped MoE path with the reference")
     parser.add_argument("--loop-dataset", default=None, help="a prepared dataset dir for the platform-loop check")
     parser.add_argument("--loop-steps", type=int, default=200)
+    parser.add_argument("--fp8", action="store_true", help="only the fp8 table and the loss parity check")
+    parser.add_argument("--fp8-presets", default=FP8_PRESETS, help=f"presets of the fp8 table (default {FP8_PRESETS})")
+    parser.add_argument("--fp8-min-dim", type=int, default=2048, help="linears with a smaller dim stay bf16")
+    parser.add_argument("--parity-steps", type=int, default=60)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | compile loss: {args.compile_loss} | peak bf16 {_peak_flops(torch.device('cuda')) / 1e12:.0f} TFLOP/s")
+    if args.fp8:
+        if args.steps == 30 and args.warmup == 8:  # 12 compiled runs must fit in ~8 minutes
+            args.steps, args.warmup = 15, 4
+        fp8_table(args.fp8_presets.split(","), args)
+        loss_parity("llama-350m", "tensorwise", args.parity_steps, min_dim=1024)
+        return
     if args.check_moe:
         check_moe()
     names = [REFERENCE] + [n for n in args.presets.split(",") if n != REFERENCE]

@@ -58,6 +58,9 @@ PRESETS: dict[str, DecoderConfig] = {
     "llama-350m": LlamaConfig(**{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 1024}, n_kv_heads=4),
     "llama-1.3b": LlamaConfig(**{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 2048, "max_seq_len": 2048},
                               n_kv_heads=4),
+    # fp8's home ground on one card: 4 layers at d=4096 (the GEMMs fp8 speeds up dominate).
+    "llama-d4096": LlamaConfig(**{**_124M, "n_layers": 4, "n_heads": 32, "d_model": 4096, "max_seq_len": 2048},
+                               n_kv_heads=8),
     # ~124M active of ~0.4B total: MLA + 16 fine-grained experts, top-2, one shared.
     "deepseek-124m": DeepSeekConfig(**_124M, kv_lora_rank=256, q_lora_rank=None, qk_rope_head_dim=32,
                                     moe_experts=16, moe_top_k=2, moe_shared_experts=1, moe_hidden=768),

@@ -77,11 +77,39 @@ def test_grad_accumulation_and_activation_checkpointing_keep_the_losses(train_da
     whole, _ = run(tiny(train_dataset, tmp_path / "a", **{"train.batch_size": 8, "train.steps": 6}))
     accumulated, _ = run(tiny(train_dataset, tmp_path / "b", **{"train.batch_size": 4, "train.grad_accum": 2,
                                                                    "train.steps": 6}))
-    recomputed, _ = run(tiny(train_dataset, tmp_path / "c", **{"train.batch_size": 8, "train.steps": 6,
-                                                                  "train.activation_checkpointing": True}))
+    full, _ = run(tiny(train_dataset, tmp_path / "c", **{"train.batch_size": 8, "train.steps": 6,
+                                                            "train.activation_checkpointing": "full"}))
+    selective, _ = run(tiny(train_dataset, tmp_path / "d", **{"train.batch_size": 8, "train.steps": 6,
+                                                                 "train.activation_checkpointing": "selective",
+                                                                 "train.ac_every": 2}))
     for step in whole:
         assert math.isclose(accumulated[step], whole[step], rel_tol=1e-5), step
-        assert recomputed[step] == whole[step], step
+        assert full[step] == whole[step], step
+        assert selective[step] == whole[step], step
+
+
+def test_activation_checkpointing_choices():
+    from generalmodel.train.loop import checkpoint_blocks
+    from models import build_model
+    from models.llama import LlamaConfig
+
+    def wrapped(mode, every=2):
+        model = build_model(LlamaConfig(vocab_size=300, max_seq_len=16, n_layers=5, n_heads=2, d_model=32))
+        return checkpoint_blocks(model, mode, every)
+
+    assert wrapped("none") == []
+    assert wrapped("full") == [0, 1, 2, 3, 4]
+    assert wrapped("selective", 2) == [0, 2, 4]
+    assert wrapped("selective", 3) == [0, 3]
+
+
+def test_compile_modes_keep_the_losses(train_dataset, tmp_path):
+    """Regional (per block) and whole-model torch.compile train to the same losses as eager."""
+    eager, _ = run(tiny(train_dataset, tmp_path / "a", **{"train.steps": 3}))
+    for mode in ("regional", "full"):
+        compiled, _ = run(tiny(train_dataset, tmp_path / mode, **{"train.steps": 3, "train.compile": mode}))
+        for step in eager:
+            assert math.isclose(compiled[step], eager[step], rel_tol=1e-4), (mode, step)
 
 
 def test_incompatible_resume_names_the_keys(train_dataset, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from generalmodel import UserError
 from models import PRESETS, REGISTRY
@@ -198,14 +198,39 @@ class TrainConfig(Section):
     )
     max_bad_steps: int = Field(5, gt=0, description="Stop after this many NaN/inf losses in a row.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
-    compile: bool = Field(False, description="torch.compile each block.")
-    activation_checkpointing: bool = Field(False, description="Recompute each block in backward.")
+    compile: Literal["none", "regional", "full"] = Field(
+        "none", description="torch.compile: regional (each block; fast to compile) or full (the whole model)."
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="Recompute activations in backward: every block (full) or every ac_every-th (selective)."
+    )
+    ac_every: int = Field(2, gt=0, description="Selective activation checkpointing: blocks 0, k, 2k, ... recompute.")
+    fp8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
+        "none", description="fp8 linears via torchao (CUDA, compute capability >= 8.9; the 'gpu' extra)."
+    )
+    fp8_min_dim: int = Field(
+        2048, gt=0, description="fp8: linears with in or out features below this stay bf16 (too small to gain)."
+    )
     metrics_log: str | None = Field(
         None, description="Also append every report as a JSON line to this local file (rank 0)."
     )
     fail_at_step: int | None = Field(
         None, description="Testing aid: rank 0 raises once at this step (a run that did not resume)."
     )
+
+    @field_validator("compile", "activation_checkpointing", mode="before")
+    @classmethod
+    def _booleans(cls, v: Any, info) -> Any:
+        """The earlier boolean forms: true = per block (regional compile, full checkpointing)."""
+        if isinstance(v, bool):
+            return ("regional" if info.field_name == "compile" else "full") if v else "none"
+        return v
+
+    @model_validator(mode="after")
+    def _fp8_needs_cuda(self) -> TrainConfig:
+        if self.fp8 != "none" and self.device == "cpu":
+            raise ValueError(f"fp8={self.fp8!r} needs a CUDA GPU with fp8 tensor cores; device is 'cpu' (use fp8: none)")
+        return self
 
 
 class TrackingConfig(Section):

@@ -66,7 +66,11 @@ def log_config(run_id: str, cfg: Config, dataset_manifest_hash: str, code_versio
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
-    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in flatten(dump_config(cfg)).items()])
+    params = flatten(dump_config(cfg))
+    if cfg.train.fp8 != "none":  # what fp8 does not cover, stated with the run
+        params["fp8.experts"] = "bf16 (grouped GEMM)" if getattr(cfg.model, "moe_experts", 0) else "no experts"
+        params["fp8.kept_bf16"] = f"head, routers, linears with a dim < {cfg.train.fp8_min_dim} or not divisible by 16"
+    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
     versions = {f"version.{p}": _version(p) for p in ("torch", "ray", "pyarrow", "tokenizers", "mlflow")}
     tags = {"git_sha": code_version.get("git_sha", "unknown"), "dataset_manifest_sha256": dataset_manifest_hash,
             "generalmodel": code_version["generalmodel"], **versions}

@@ -29,6 +29,7 @@ from generalmodel.config import Config, dump_config, flatten
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.optim import build_optimizer, lr_multiplier
 from generalmodel.storage import under_root
+from generalmodel.train import fp8
 from generalmodel.train.checkpoint import Checkpointer
 from models import build_model, get_spec
 
@@ -105,6 +106,8 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
     """Train per cfg; returns the last metrics. `report(metrics)` is called every
     train.log_every steps and after each eval, on every rank (the caller decides what to do)."""
     env = setup_distributed(cfg)
+    if cfg.train.fp8 != "none":  # a clear error, not a silent bf16 run
+        fp8.check_supported(cfg.train.fp8, env.device)
     report = _with_metrics_log(report or (lambda metrics: None), cfg.train.metrics_log if env.is_main else None)
     torch.manual_seed(cfg.train.seed)
     ds = TokenDataset.open(dataset_uri(cfg), cfg.storage.resolved())
@@ -113,19 +116,28 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
     model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
     flops_per_token = model.flops_per_token(ds.seq_len)  # active parameters: honest MFU for MoE
     num_params = model.num_params()
-    if cfg.train.activation_checkpointing:
-        _checkpoint_blocks(model)
+    fsdp = env.world_size > 1
+    after_step = lambda: None  # noqa: E731
+    if cfg.train.fp8 != "none":  # before FSDP2 and compile, as torchao requires
+        converted = fp8.convert(model, cfg.train.fp8, cfg.train.fp8_min_dim, fsdp)
+        after_step = fp8.scale_precompute(model, cfg.train.fp8, fsdp)
+        if env.is_main:
+            log.info("fp8 %s: %d linears converted (min dim %d); head, routers and MoE experts stay bf16",
+                     cfg.train.fp8, len(converted), cfg.train.fp8_min_dim)
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     model.to(env.device)
-    if env.world_size > 1:
+    if fsdp:
         mp = None
         if env.device.type == "cuda":
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         get_spec(cfg.model.name).parallelize(model, mp_policy=mp)
-    if cfg.train.compile:
+    if cfg.train.compile == "regional":  # each block: one graph compiled once, reused by every layer
         for block in model.blocks:
             block.compile()
+    elif cfg.train.compile == "full":
+        model.compile()
     optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda")
 
     loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
@@ -202,6 +214,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
         grad_norm = float(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
         routing = model.after_optimizer_step()  # MoE: bias toward balance; load statistics
         window_steps += 1
         done = step + 1
@@ -285,12 +298,19 @@ def _with_metrics_log(report: Report, path: str | None) -> Report:
     return report_and_log
 
 
-def _checkpoint_blocks(model) -> None:
+def checkpoint_blocks(model, mode: str, every: int) -> list[int]:
+    """Activation checkpointing: `full` recomputes every block in backward, `selective` blocks
+    0, k, 2k, ... (memory for speed in between); returns the indices of the wrapped blocks."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.blocks:
+    if mode == "none":
+        return []
+    chosen = [i for i in range(len(model.blocks)) if mode == "full" or i % every == 0]
+    for i in chosen:
+        block = model.blocks[i]
         forward = block.forward
         block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
+    return chosen
 
 
 def _mean_across_ranks(value: torch.Tensor) -> float:
