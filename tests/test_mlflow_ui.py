@@ -29,7 +29,7 @@ base:
 search:
   optim.lr: {grid: [0.01, 0.00001]}
 scheduler: {kind: asha, grace_period: 4}
-resources: {num_workers: 1, cpus_per_worker: 0.99}
+resources: {num_workers: 1, cpus_per_worker: 0.9}
 """
 
 

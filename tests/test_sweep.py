@@ -54,7 +54,7 @@ search:
 searcher: random
 scheduler: {kind: asha, grace_period: 4, reduction_factor: 2}
 max_concurrent_trials: 2
-resources: {num_workers: 1, cpus_per_worker: 0.99}
+resources: {num_workers: 1, cpus_per_worker: 0.9}
 """
 
 
@@ -175,7 +175,7 @@ def test_killed_sweep_driver_is_restored(cluster, s3_server, mlflow_server, corp
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"resources.num_workers": 3}, "a trial needs 2.98 CPUs (resources: 3 workers x 0.99 CPU + 0.01 for its driver) "
+    ({"resources.num_workers": 3}, "a trial needs 2.71 CPUs (resources: 3 workers x 0.9 CPU + 0.01 for its driver) "
                                    "but the Ray cluster has 2"),
     ({"metric": "val_acc"}, "'val_acc' is never reported by a trial"),
     ({"search.optim.lrate": "{uniform: [0.1, 0.2]}"}, "optim has no 'lrate'"),

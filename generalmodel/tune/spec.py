@@ -63,7 +63,9 @@ class Resources(Section):
     """One trial: a Ray Train run of num_workers workers, plus its Tune driver."""
 
     num_workers: int = Field(1, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="Leave slack on small clusters (0.9 of 1 CPU): a trial stopped by ASHA holds its "
+        "resources while it shuts down, and a new trial's driver may take the rest first.")
     use_gpu: bool = False
     driver_cpus: float = Field(
         0.01, ge=0, description="CPUs the trial's driver reserves: it only waits on its Ray Train run "
