@@ -185,6 +185,10 @@ def cluster_up(workers: int = 1, cpus_per_node: int = 1, env: dict[str, str] | N
         raise UserError(f"cannot create the Ray auth token: {token.stderr.strip()[-500:]}")
     temp_dir = tempfile.mkdtemp(prefix="gmray-", dir="/tmp")  # Ray's socket paths must be short
     gcs, dash = _free_port(), _free_port()
+    # Processes on this cluster that find "the" cluster by themselves (Ray Train's placement-group
+    # cleaner calls the state API without an address) must find this one, not fail with "multiple
+    # active Ray instances" when another Ray runs on the machine (and leak placement groups).
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
     head = subprocess.Popen(
         [_ray_bin(), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generalmodel.cli import user_errors_exit  # noqa: E402
 from generalmodel.cluster import ray_session  # noqa: E402
-from generalmodel.config import ConfigError, _parse_value  # noqa: E402
+from generalmodel.config import ConfigError, parse_value  # noqa: E402
 from generalmodel.tracking import check_reachable, tracking_uri  # noqa: E402
 from generalmodel.tune import SweepResult, run_sweep  # noqa: E402
 from generalmodel.tune.spec import load_sweep  # noqa: E402
@@ -58,7 +58,7 @@ def parse(argv: list[str]) -> tuple[str, dict]:
                 value, i = rest[i + 1], i + 1
             else:
                 value = "true"
-        overrides[key] = _parse_value(value)
+        overrides[key] = parse_value(value)
         i += 1
     return path, overrides
 

@@ -432,12 +432,12 @@ def parse_args(
         if key == "config":
             preset = value
         else:
-            overrides[key] = _parse_value(value)
+            overrides[key] = parse_value(value)
         i += 1
     return load_config(preset, overrides, cls)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """YAML scalars (`3e-4`, `true`, `null`, `[1, 2]`); anything unparsable stays a string."""
     try:
         value = yaml.safe_load(text)

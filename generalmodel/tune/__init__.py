@@ -255,8 +255,13 @@ def summarize(sweep: Sweep, base: Config, grid, parent: str, uri: str, experimen
         client.set_tag(parent, "best_trial", best.trial_id)
         client.set_tag(parent, "best_run_id", best.run_id)
         client.set_tag(parent, f"best_{sweep.metric}", f"{best.metric_last:.6g}")
-        model_uri = register(client, base.tracking.registered_model, best.run_id)
-        client.set_tag(parent, "best_model", model_uri)
+        tags = client.get_run(parent).data.tags
+        if tags.get("best_model") and tags.get("best_trial_registered") == best.trial_id:
+            model_uri = tags["best_model"]  # a finished sweep run again: already registered
+        else:
+            model_uri = register(client, base.tracking.registered_model, best.run_id)
+            client.set_tag(parent, "best_model", model_uri)
+            client.set_tag(parent, "best_trial_registered", best.trial_id)
     stopped = sum(r.status == "early-stopped" for r in rows)
     failed = sum(r.status == "failed" for r in rows)
     close_run(uri, parent, "FINISHED" if best else "FAILED",
