@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from generalmodel import UserError
 from models import PRESETS, REGISTRY
@@ -244,7 +252,7 @@ class TrackingConfig(Section):
 
 
 _DEFAULT_MODEL = LlamaConfig
-ModelConfig = Annotated[Union[tuple(spec.config_cls for spec in REGISTRY.values())], Field(discriminator="name")]
+ModelConfig = Annotated[Union[tuple(spec.config_cls for spec in REGISTRY.values())], Field(discriminator="name")]  # noqa: UP007
 
 
 class Config(Section):

@@ -198,6 +198,7 @@ def summarize(sweep: Sweep, base: Config, grid, parent: str, uri: str, experimen
 
     from generalmodel.tracking import download_export, log_results, register
     from generalmodel.tracking.sweep import (
+        STOP_TAG,
         TRIAL_TAG,
         TrialRow,
         close_run,
@@ -230,11 +231,15 @@ def summarize(sweep: Sweep, base: Config, grid, parent: str, uri: str, experimen
         else:
             status, mlflow_status = "early-stopped", "KILLED"
             reason = f"stopped by {sweep.scheduler.kind.upper()} at step {step} of {steps} ({sweep.metric} {value:.4f})"
-        if child is not None and child.info.status == "RUNNING":
+        # Tune's view is authoritative: a trial stopped by the scheduler may have been interrupted
+        # anywhere (even marked failed by its own driver while being stopped after its last step).
+        current = (child.info.status, child.data.tags.get(STOP_TAG)) if child is not None else None
+        if child is not None and current != (mlflow_status, reason):
             if status == "completed":  # its plot and exported model, for comparison and registry
                 cfg = trial_config(sweep, params, trial_keys(sweep, trial_id))
                 log_results(client, child.info.run_id, cfg, download_export(cfg, export_uri(cfg)))
-            close_run(uri, child.info.run_id, mlflow_status, reason)
+            if status != "failed" or child.info.status == "RUNNING":  # a failed trial said why itself
+                close_run(uri, child.info.run_id, mlflow_status, reason)
         rows.append(TrialRow(trial_id, child.info.run_id if child else None, params, status, reason, step, value))
     if not any(r.metric_last is not None for r in rows):
         close_run(uri, parent, "FAILED", f"no trial reported {sweep.metric}")
