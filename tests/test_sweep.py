@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, make_documents
+
 from generalmodel.cluster import cluster_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
@@ -82,6 +82,8 @@ def children(client, parent):
 
 def parent_run(client, name):
     experiment = client.get_experiment_by_name("sweeps")
+    if experiment is None:  # the sweep has not started tracking yet
+        return []
     runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'")
     return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
@@ -172,6 +174,10 @@ def test_killed_sweep_driver_is_restored(cluster, s3_server, mlflow_server, corp
     steps = sorted({m.step for m in client.get_metric_history(kid.info.run_id, "loss")})
     assert steps == list(range(10, 601, 10))
     assert parent.info.status == "FINISHED" and parent.data.tags["best_run_id"] == kid.info.run_id
+
+    proc = run_sweep(cluster, path, [*args, "--optim.lr=0.5"])  # not the sweep it continues
+    out = finish(proc, timeout=300)
+    assert proc.returncode == 2 and "was started with another base config" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -158,8 +158,17 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
               "base.config": sweep.base.config, "resources": sweep.resources.model_dump(),
               **{f"scheduler.{k}": v for k, v in sweep.scheduler.model_dump().items()},
               **{f"search.{k}": _describe(d) for k, d in sweep.search.items()}}
+    params["trials_sha256"] = trials_fingerprint(sweep)
     experiment_id = ensure_experiment(uri, base.tracking.experiment)
     parent, found = open_parent_run(uri, experiment_id, sweep.name, experiment.uri, params, spec_yaml, base)
+    if found:
+        from mlflow.tracking import MlflowClient
+
+        before = MlflowClient(uri).get_run(parent).data.params.get("trials_sha256")
+        if before and before != params["trials_sha256"]:
+            raise SweepError(f"sweep {sweep.name!r} at {experiment.uri} was started with another base config, search "
+                             f"space, scheduler or trial resources (MLflow run {parent}); continuing it would mix "
+                             f"trials of two sweeps: restore the original options or pick another name (--name)")
     print(f"MLflow parent run {parent} ({uri}, experiment {base.tracking.experiment!r})"
           + (" [continuing]" if found else ""))
 
@@ -185,6 +194,21 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
         )
     grid = tuner.fit()
     return summarize(sweep, base, grid, parent, uri, experiment.uri)
+
+
+def trials_fingerprint(sweep: Sweep) -> str:
+    """What makes two runs of a sweep the same sweep: the base config trials start from (where
+    runs go and how they reach Ray and MLflow aside), the search space, scheduler and resources."""
+    import hashlib
+    import json
+
+    from generalmodel.tune.spec import SEARCHABLE_SECTIONS
+
+    base = {k: str(v) for k, v in sweep.base.overrides.items() if k.split(".")[0] in (*SEARCHABLE_SECTIONS, "data")}
+    what = {"base": base, "search": sweep.search, "searcher": sweep.searcher, "num_samples": sweep.num_samples,
+            "scheduler": sweep.scheduler.model_dump(), "metric": sweep.metric, "mode": sweep.mode,
+            "resources": sweep.resources.model_dump()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _describe(dist: dict[str, Any]) -> str:
