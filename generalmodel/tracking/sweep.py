@@ -35,12 +35,13 @@ def _find(client, experiment_id: str, filter_string: str) -> str | None:
 
 
 def open_parent_run(uri: str, experiment_id: str, name: str, sweep_dir: str, params: dict[str, Any],
-                    spec_yaml: str, base: Config) -> tuple[str, bool]:
-    """The sweep's parent run: (run id, whether an earlier run of this sweep was found)."""
+                    spec_yaml: str, base: Config, restoring: bool) -> tuple[str, bool]:
+    """The sweep's parent run: (run id, whether it is the earlier run of a sweep being restored)."""
     from mlflow.entities import Param
 
     client = _client(uri)
-    found = _find(client, experiment_id, f"tags.`{SWEEP_DIR_TAG}` = '{sweep_dir}' and tags.`mlflow.parentRunId` IS NULL")
+    found = restoring and _find(
+        client, experiment_id, f"tags.`{SWEEP_DIR_TAG}` = '{sweep_dir}' and tags.`mlflow.parentRunId` IS NULL")
     if found:
         client.update_run(found, status="RUNNING")
         return found, True

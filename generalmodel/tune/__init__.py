@@ -160,7 +160,8 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
               **{f"search.{k}": _describe(d) for k, d in sweep.search.items()}}
     params["trials_sha256"] = trials_fingerprint(sweep)
     experiment_id = ensure_experiment(uri, base.tracking.experiment)
-    parent, found = open_parent_run(uri, experiment_id, sweep.name, experiment.uri, params, spec_yaml, base)
+    parent, found = open_parent_run(uri, experiment_id, sweep.name, experiment.uri, params, spec_yaml, base,
+                                    restoring)
     if found:
         from mlflow.tracking import MlflowClient
 
