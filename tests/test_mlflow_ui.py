@@ -83,7 +83,13 @@ def test_mlflow_ui_shows_parent_children_and_comparison(mlflow_ui, tmp_path):
     kids = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     shots = Path(os.environ.get("GM_UI_OUT") or tmp_path)
     runs_page = f"{mlflow_ui}/#/experiments/{experiment.experiment_id}"
-    # MLflow 3.17 opens an experiment on its GenAI overview; the run list is a screenshot for a person.
+    # MLflow 3.17 opens an experiment on its GenAI overview; the run list is under /runs, where the
+    # parent has an expander over its children.
+    dom = chromium(f"{runs_page}/runs")
+    import re
+
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert "ui-sweep" in text and re.search(rf"{1 + len(kids)}\s+matching runs", text), text[-3000:]
     chromium(f"{runs_page}/runs", screenshot=shots / "mlflow-runs.png")
     parent_page = f"{runs_page}/runs/{parent.info.run_id}"
     dom = chromium(parent_page)
