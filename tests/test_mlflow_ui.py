@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, _free_port, make_documents
 
 pytestmark = pytest.mark.skipif(
