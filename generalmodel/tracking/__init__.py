@@ -70,7 +70,9 @@ def log_config(run_id: str, cfg: Config, dataset_manifest_hash: str, code_versio
     if cfg.train.fp8 != "none":  # what fp8 does not cover, stated with the run
         params["fp8.experts"] = "bf16 (grouped GEMM)" if getattr(cfg.model, "moe_experts", 0) else "no experts"
         params["fp8.kept_bf16"] = f"head, routers, linears with a dim < {cfg.train.fp8_min_dim} or not divisible by 16"
-    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    batch = [Param(k, str(v)[:500]) for k, v in params.items()]
+    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=batch[i:i + 100])
     versions = {f"version.{p}": _version(p) for p in ("torch", "ray", "pyarrow", "tokenizers", "mlflow")}
     tags = {"git_sha": code_version.get("git_sha", "unknown"), "dataset_manifest_sha256": dataset_manifest_hash,
             "generalmodel": code_version["generalmodel"], **versions}
