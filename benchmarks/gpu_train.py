@@ -47,6 +47,9 @@ REFERENCE = "gpt2-124m"
 def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss: bool = False,
           fp8: str = "none", fp8_min_dim: int = 2048) -> dict:
     cfg = PRESETS[name]
+    # Every run compiles the same code objects again: without a reset, dynamo's recompile limit (8)
+    # is reached within the fp8 table and later runs fall back to eager without a word.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(cfg)
     flops_per_token = model.flops_per_token(seq)  # active parameters (MoE: top-k experts)
@@ -139,6 +142,7 @@ def loss_parity(name: str, recipe: str, steps: int, min_dim: int) -> None:
     """Same seed, same data (a small learnable token stream): bf16 vs fp8 loss curves."""
     curves = {}
     for mode in ("none", recipe):
+        torch._dynamo.reset()
         torch.manual_seed(0)
         model = build_model(PRESETS[name])
         if mode != "none":
