@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generalmodel.cli import user_errors_exit  # noqa: E402
 from generalmodel.cluster import ray_session  # noqa: E402
-from generalmodel.config import ConfigError, parse_value  # noqa: E402
+from generalmodel.config import parse_options  # noqa: E402
 from generalmodel.tracking import check_reachable, tracking_uri  # noqa: E402
 from generalmodel.tune import SweepResult, run_sweep  # noqa: E402
 from generalmodel.tune.spec import load_sweep  # noqa: E402
@@ -46,20 +46,8 @@ def parse(argv: list[str]) -> tuple[str, dict]:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)
-    path, rest, overrides = argv[0], argv[1:], {}
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: use --option=value after the sweep file")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-                value, i = rest[i + 1], i + 1
-            else:
-                value = "true"
-        overrides[key] = parse_value(value)
-        i += 1
+    path = argv[0]
+    overrides = parse_options(argv[1:], "use --option=value after the sweep file")
     return path, overrides
 
 

@@ -124,6 +124,14 @@ def make_documents(count: int, seed: int = 0, words_per_doc: int = 300) -> list[
     return docs
 
 
+def write_corpus(root: Path, count: int, seed: int) -> Path:
+    """`count` documents as <root>/NNN.txt (a local corpus for the jobs)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(make_documents(count, seed=seed)):
+        (root / f"{i:03d}.txt").write_text(doc)
+    return root
+
+
 @pytest.fixture
 def txt_corpus(tmp_path) -> Path:
     root = tmp_path / "corpus"

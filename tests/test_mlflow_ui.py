@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, _free_port, make_documents
+from conftest import REPO, _free_port, write_corpus
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("GM_UI_TEST") or shutil.which("chromium") is None,
@@ -65,10 +65,7 @@ def mlflow_ui(tmp_path):
 def test_mlflow_ui_shows_parent_children_and_comparison(mlflow_ui, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, doc in enumerate(make_documents(60, seed=5)):
-        (corpus / f"{i}.txt").write_text(doc)
+    corpus = write_corpus(tmp_path / "corpus", 60, seed=5)
     sweep = tmp_path / "ui-sweep.yaml"
     sweep.write_text(SWEEP)
     out = subprocess.run([sys.executable, str(REPO / "jobs/sweep.py"), str(sweep), f"--data.source={corpus}",

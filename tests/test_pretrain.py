@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from conftest import REPO, make_documents
+from conftest import REPO, write_corpus
 from generalmodel import UserError
 from generalmodel.config import load_config
 
@@ -26,10 +26,7 @@ import sample  # noqa: E402
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain-corpus")
-    for i, doc in enumerate(make_documents(80, seed=21)):
-        (root / f"{i:03d}.txt").write_text(doc)
-    return root
+    return write_corpus(tmp_path_factory.mktemp("pretrain-corpus"), 80, seed=21)
 
 
 def tiny_overrides(corpus, **extra):

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_documents
+from conftest import REPO, write_corpus
 
 from generalmodel.cluster import cluster_up
 
@@ -26,10 +26,7 @@ def cluster(s3_server):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep-corpus")
-    for i, doc in enumerate(make_documents(80, seed=41)):
-        (root / f"{i:03d}.txt").write_text(doc)
-    return root
+    return write_corpus(tmp_path_factory.mktemp("sweep-corpus"), 80, seed=41)
 
 
 SWEEP = """

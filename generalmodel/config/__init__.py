@@ -312,16 +312,21 @@ def _expand_preset(model: dict[str, Any]) -> None:
 
 
 def read_preset(path: Path) -> dict[str, Any]:
+    presets = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+    hint = f"; presets in configs/: {', '.join(presets)}" if presets else ""
+    return read_mapping(path, "config preset", ConfigError, hint)
+
+
+def read_mapping(path: Path, what: str, error: type[ConfigError], hint: str = "") -> dict[str, Any]:
+    """A YAML file holding a mapping; `error` names the file and what is wrong with it."""
     if not path.is_file():
-        presets = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
-        hint = f"; presets in configs/: {', '.join(presets)}" if presets else ""
-        raise ConfigError(f"config preset {str(path)!r} does not exist{hint}")
+        raise error(f"{what} {str(path)!r} does not exist{hint}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config preset {str(path)!r} is not valid YAML: {e}") from None
+        raise error(f"{what} {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"config preset {str(path)!r} must be a mapping of sections, got {type(tree).__name__}")
+        raise error(f"{what} {str(path)!r} must be a mapping, got {type(tree).__name__}")
     return tree
 
 
@@ -420,16 +425,22 @@ def parse_args(
 ) -> BaseModel:
     """`--config PRESET.yaml` plus `--a.b=value` overrides; `--help` lists every field."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    preset: str | None = None
-    overrides: dict[str, Any] = {}
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, description))
+        raise SystemExit(0)
+    overrides = parse_options(argv, "use --config PRESET.yaml and --section.key=value")
+    preset = overrides.pop("config", None)
+    return load_config(None if preset is None else str(preset), overrides, cls)
+
+
+def parse_options(argv: list[str], usage: str) -> dict[str, Any]:
+    """`--a.b=value`, `--a.b value`, or a bare `--a.b` (true) → {"a.b": YAML-parsed value}."""
+    options: dict[str, Any] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(help_text(cls, description))
-            raise SystemExit(0)
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: use --config PRESET.yaml and --section.key=value")
+            raise ConfigError(f"unexpected argument {arg!r}: {usage}")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             # `--key value`, or a bare boolean flag when the next token is another option.
@@ -437,12 +448,9 @@ def parse_args(
                 value, i = argv[i + 1], i + 1
             else:
                 value = "true"
-        if key == "config":
-            preset = value
-        else:
-            overrides[key] = parse_value(value)
+        options[key] = parse_value(value)
         i += 1
-    return load_config(preset, overrides, cls)
+    return options
 
 
 def parse_value(text: str) -> Any:

@@ -273,8 +273,7 @@ def summarize(sweep: Sweep, base: Config, grid, parent: str, uri: str, experimen
     curves(uri, rows, sweep.metric)
     for row in rows:
         if row.curve:
-            best = min if sweep.mode == "min" else max
-            row.metric_best = best(v for _, v in row.curve)
+            row.metric_best = (min if sweep.mode == "min" else max)(v for _, v in row.curve)
     rows = rank(rows, sweep.mode)
     log_comparison(uri, parent, rows, sweep.metric, sweep.name)
     best = next((r for r in rows if r.status == "completed"), None)

@@ -28,10 +28,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from generalmodel.config import Config, ConfigError, Section, flatten, load_config, read_preset
+from generalmodel.config import Config, ConfigError, Section, flatten, load_config, read_mapping, read_preset
 
 # What each evaluation reports to Ray (see generalmodel.train.ray_trainer): what a sweep can rank on.
 TUNE_METRICS = ("val_loss", "loss")
@@ -157,15 +156,8 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
     """The sweep at `path` and its base config. `overrides` are dotted keys: those under a config
     section (train.steps, tracking.uri, ...) go over the base config, the rest over the sweep."""
     path = Path(path)
-    if not path.is_file():
-        known = sorted(str(p) for p in Path("sweeps").glob("*.yaml")) if Path("sweeps").is_dir() else []
-        raise SweepError(f"sweep file {str(path)!r} does not exist" + (f"; sweeps: {', '.join(known)}" if known else ""))
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise SweepError(f"sweep file {str(path)!r} must be a mapping, got {type(tree).__name__}")
+    known = sorted(str(p) for p in Path("sweeps").glob("*.yaml")) if Path("sweeps").is_dir() else []
+    tree = read_mapping(path, "sweep file", SweepError, f"; sweeps: {', '.join(known)}" if known else "")
     tree.setdefault("name", path.stem)
     base_overrides: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
