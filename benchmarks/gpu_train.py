@@ -1,7 +1,7 @@
 """Single-GPU training throughput, no Ray: the model zoo against the nanoGPT reference, and the
 platform's own training loop on the GPU path.
 
-    python benchmarks/gpu_train.py [--steps 30] [--presets gpt2-124m,llama-124m] [--loop-dataset DIR]
+    python -m benchmarks.gpu_train [--steps 30] [--presets gpt2-124m,llama-124m] [--loop-dataset DIR]
 
 1. For each preset: torch.compile(model), bf16 autocast, fused AdamW, random tokens, B=16,
    T=1024 (the nanoGPT recipe for the reference `gpt2-124m`: 12 layers, 12 heads, d=768, vocab
@@ -14,29 +14,26 @@ platform's own training loop on the GPU path.
    linears below --fp8-min-dim stay bf16), compiled: tokens/s, MFU against the bf16 peak, peak
    memory, the fp8/bf16 tokens/s ratio; then loss parity: a short run on the same data and seed in
    bf16 and in tensorwise fp8, and the largest loss difference against a stated tolerance.
-       python benchmarks/gpu_train.py --fp8            (~6-8 minutes on one H100/H200)
+       python -m benchmarks.gpu_train --fp8            (~6-8 minutes on one H100/H200)
 Record the output with the card in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from generalmodel.config import OptimConfig, load_config  # noqa: E402
-from generalmodel.optim import build_optimizer  # noqa: E402
-from generalmodel.train.fp8 import RECIPES, check_supported  # noqa: E402
-from generalmodel.train.fp8 import convert as fp8_convert  # noqa: E402
-from generalmodel.train.loop import _peak_flops  # noqa: E402
-from models import PRESETS, build_model  # noqa: E402
+from generalmodel.config import OptimConfig, load_config
+from generalmodel.optim import build_optimizer
+from generalmodel.train.fp8 import RECIPES, check_supported
+from generalmodel.train.fp8 import convert as fp8_convert
+from generalmodel.train.mfu import device_peak_flops
+from models import PRESETS, build_model
 
 DEFAULT_PRESETS = "gpt2-124m,llama-124m,llama-350m,deepseek-124m"
 FP8_PRESETS = "gpt2-124m,llama-1.3b,llama-d4096"
@@ -44,8 +41,16 @@ PARITY_TOLERANCE = 0.05  # largest |loss_fp8 - loss_bf16| accepted over the pari
 REFERENCE = "gpt2-124m"
 
 
-def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss: bool = False,
-          fp8: str = "none", fp8_min_dim: int = 2048) -> dict:
+def bench(
+    name: str,
+    steps: int,
+    warmup: int,
+    batch: int,
+    seq: int,
+    compile_loss: bool = False,
+    fp8: str = "none",
+    fp8_min_dim: int = 2048,
+) -> dict:
     cfg = PRESETS[name]
     # Every run compiles the same code objects again: without a reset, dynamo's recompile limit (8)
     # is reached within the fp8 table and later runs fall back to eager without a word.
@@ -53,6 +58,7 @@ def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss
     torch.manual_seed(0)
     model = build_model(cfg)
     flops_per_token = model.flops_per_token(seq)  # active parameters (MoE: top-k experts)
+    peak = device_peak_flops(torch.device("cuda"))  # None (no MFU) on a card not in the table
     converted = fp8_convert(model, fp8, fp8_min_dim, fsdp=False) if fp8 != "none" else []
     model = model.cuda()
     optimizer = build_optimizer(model, OptimConfig(lr=6e-4), fused=True)
@@ -94,10 +100,14 @@ def bench(name: str, steps: int, warmup: int, batch: int, seq: int, compile_loss
     seconds = time.perf_counter() - t0
     tok_s = batch * seq * steps / seconds
     result = {
-        "name": name, "params_m": model.num_params() / 1e6, "active_m": model.num_params(active=True) / 1e6,
+        "name": name,
+        "params_m": model.num_params() / 1e6,
+        "active_m": model.num_params(active=True) / 1e6,
         "tok_s": tok_s,
-        "mfu": tok_s * flops_per_token / _peak_flops(torch.device("cuda")),
-        "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "compile_s": compile_s, "loss": loss.item(),
+        "mfu": tok_s * flops_per_token / peak if peak else float("nan"),
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "compile_s": compile_s,
+        "loss": loss.item(),
         "fp8_linears": len(converted),
     }
     return result
@@ -113,14 +123,20 @@ def check_moe() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
         grouped, reference = moe(x).float(), moe.forward_reference(x).float()
     error = (grouped - reference).abs().max().item() / reference.abs().max().item()
-    print(f"MoE grouped (torch._grouped_mm: {hasattr(torch, '_grouped_mm')}) vs reference, bf16: "
-          f"max relative difference {error:.2e}", flush=True)
+    print(
+        f"MoE grouped (torch._grouped_mm: {hasattr(torch, '_grouped_mm')}) vs reference, bf16: "
+        f"max relative difference {error:.2e}",
+        flush=True,
+    )
 
 
 def fp8_table(presets: list[str], args) -> None:
     """Each preset in bf16 and in each fp8 recipe, in this process; fp8/bf16 ratios."""
     check_supported("tensorwise", torch.device("cuda"))
-    print(f"\nfp8 (torchao, min dim {args.fp8_min_dim}; head/routers/experts bf16), compiled, B={args.batch} T={args.seq}:")
+    print(
+        f"\nfp8 (torchao, min dim {args.fp8_min_dim}; head/routers/experts bf16), compiled, "
+        f"B={args.batch} T={args.seq}:"
+    )
     for name in presets:
         base = None
         for recipe in ("none", *RECIPES):
@@ -133,9 +149,12 @@ def fp8_table(presets: list[str], args) -> None:
             torch.cuda.empty_cache()
             base = r if recipe == "none" else base
             ratio = f"{r['tok_s'] / base['tok_s']:.2f}x bf16" if base and recipe != "none" else "reference"
-            print(f"{name:>14} {('bf16' if recipe == 'none' else recipe):>18}: {r['tok_s'] / 1e3:8.1f}K tok/s  "
-                  f"MFU {r['mfu']:6.1%}  peak {r['peak_gb']:5.1f} GB  {ratio}  ({r['fp8_linears']} fp8 linears, "
-                  f"compile+warmup {r['compile_s']:.0f}s)", flush=True)
+            print(
+                f"{name:>14} {('bf16' if recipe == 'none' else recipe):>18}: {r['tok_s'] / 1e3:8.1f}K tok/s  "
+                f"MFU {r['mfu']:6.1%}  peak {r['peak_gb']:5.1f} GB  {ratio}  ({r['fp8_linears']} fp8 linears, "
+                f"compile+warmup {r['compile_s']:.0f}s)",
+                flush=True,
+            )
 
 
 def loss_parity(name: str, recipe: str, steps: int, min_dim: int) -> None:
@@ -154,7 +173,7 @@ def loss_parity(name: str, recipe: str, steps: int, min_dim: int) -> None:
         data = torch.randint(0, 2048, (32, 513), device="cuda", generator=g)  # 4 batches, revisited: loss falls
         losses = []
         for step in range(steps):
-            x = data[(step % 4) * 8:(step % 4 + 1) * 8]
+            x = data[(step % 4) * 8 : (step % 4 + 1) * 8]
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = compiled(x[:, :-1])
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), x[:, 1:].reshape(-1))
@@ -169,20 +188,34 @@ def loss_parity(name: str, recipe: str, steps: int, min_dim: int) -> None:
     diffs = [abs(a - b) for a, b in zip(curves["none"], curves[recipe], strict=True)]
     worst = max(range(steps), key=diffs.__getitem__)
     verdict = "within" if diffs[worst] <= PARITY_TOLERANCE else "OUTSIDE"
-    print(f"\nloss parity {name}, bf16 vs {recipe}, {steps} steps: bf16 {curves['none'][0]:.3f} -> {curves['none'][-1]:.3f}, "
-          f"fp8 {curves[recipe][0]:.3f} -> {curves[recipe][-1]:.3f}; largest |difference| {diffs[worst]:.4f} at step "
-          f"{worst} ({verdict} the tolerance {PARITY_TOLERANCE})", flush=True)
+    print(
+        f"\nloss parity {name}, bf16 vs {recipe}, {steps} steps: "
+        f"bf16 {curves['none'][0]:.3f} -> {curves['none'][-1]:.3f}, "
+        f"fp8 {curves[recipe][0]:.3f} -> {curves[recipe][-1]:.3f}; largest |difference| {diffs[worst]:.4f} at step "
+        f"{worst} ({verdict} the tolerance {PARITY_TOLERANCE})",
+        flush=True,
+    )
 
 
 def run_loop(dataset: str, steps: int) -> None:
     from generalmodel.train.loop import train
 
     store = tempfile.mkdtemp(prefix="gm-gpu-loop-")
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs/llama-tiny.yaml", {
-        "train.dataset": str(Path(dataset).resolve()), "storage.root": store, "train.device": "cuda", "train.compile": "regional",
-        "train.steps": steps, "train.log_every": 25, "train.eval_every": steps, "train.batch_size": 64,
-        "train.checkpoint_every": steps, "train.run_name": "gpu-loop",
-    })
+    cfg = load_config(
+        Path(__file__).resolve().parent.parent / "configs/llama-tiny.yaml",
+        {
+            "train.dataset": str(Path(dataset).resolve()),
+            "storage.root": store,
+            "train.device": "cuda",
+            "train.compile": "regional",
+            "train.steps": steps,
+            "train.log_every": 25,
+            "train.eval_every": steps,
+            "train.batch_size": 64,
+            "train.checkpoint_every": steps,
+            "train.run_name": "gpu-loop",
+        },
+    )
     print(f"\nplatform loop (generalmodel.train.loop.train), llama-tiny, batch 64, compile per block, {steps} steps:")
     t0 = time.perf_counter()
 
@@ -190,8 +223,11 @@ def run_loop(dataset: str, steps: int) -> None:
         extra = f" val {m['val_loss']:.3f}" if "val_loss" in m else ""
         mfu = f" MFU {m['mfu']:.1%}" if "mfu" in m else ""
         stall = f" ckpt stall {m['checkpoint_stall_s']:.2f}s" if "checkpoint_stall_s" in m else ""
-        print(f"  step {m['step']:>4} loss {m['loss']:.3f}{extra} {m.get('tokens_per_s', 0) / 1e3:8.1f}K tok/s{mfu}"
-              f" peak {m.get('peak_memory_gb', 0):.2f} GB{stall}", flush=True)
+        print(
+            f"  step {m['step']:>4} loss {m['loss']:.3f}{extra} {m.get('tokens_per_s', 0) / 1e3:8.1f}K tok/s{mfu}"
+            f" peak {m.get('peak_memory_gb', 0):.2f} GB{stall}",
+            flush=True,
+        )
 
     train(cfg, report)
     print(f"  loop total {time.perf_counter() - t0:.1f}s (compile included)")
@@ -205,7 +241,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--presets", default=DEFAULT_PRESETS, help=f"from models.PRESETS (default {DEFAULT_PRESETS})")
     parser.add_argument("--compile-loss", action="store_true", help="compile the loss with the model")
-    parser.add_argument("--check-moe", action="store_true", help="first compare the grouped MoE path with the reference")
+    parser.add_argument(
+        "--check-moe", action="store_true", help="first compare the grouped MoE path with the reference"
+    )
     parser.add_argument("--loop-dataset", default=None, help="a prepared dataset dir for the platform-loop check")
     parser.add_argument("--loop-steps", type=int, default=200)
     parser.add_argument("--fp8", action="store_true", help="only the fp8 table and the loss parity check")
@@ -216,7 +254,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | compile loss: {args.compile_loss} | peak bf16 {_peak_flops(torch.device('cuda')) / 1e12:.0f} TFLOP/s")
+    peak = device_peak_flops(torch.device("cuda"))
+    shown = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU)"
+    print(
+        f"{torch.cuda.get_device_name()} | torch {torch.__version__} | compile loss: {args.compile_loss} | "
+        f"peak bf16 {shown}"
+    )
     if args.fp8:
         if args.steps == 30 and args.warmup == 8:  # 12 compiled runs must fit in ~8 minutes
             args.steps, args.warmup = 15, 4
@@ -237,9 +280,12 @@ def main() -> None:
         torch.cuda.empty_cache()  # the preset's model and optimizer are gone with bench()'s frame
         results.append(r)
         ratio = r["mfu"] / results[0]["mfu"]
-        print(f"{name:>16}: {r['params_m']:6.1f}M params ({r['active_m']:.1f}M active) {r['tok_s'] / 1e3:8.1f}K tok/s  "
-              f"MFU {r['mfu']:6.1%}  peak {r['peak_gb']:5.1f} GB  MFU vs {results[0]['name']} {ratio:.2f}x  "
-              f"(compile+warmup {r['compile_s']:.0f}s, loss {r['loss']:.2f})", flush=True)
+        print(
+            f"{name:>16}: {r['params_m']:6.1f}M params ({r['active_m']:.1f}M active) {r['tok_s'] / 1e3:8.1f}K tok/s  "
+            f"MFU {r['mfu']:6.1%}  peak {r['peak_gb']:5.1f} GB  MFU vs {results[0]['name']} {ratio:.2f}x  "
+            f"(compile+warmup {r['compile_s']:.0f}s, loss {r['loss']:.2f})",
+            flush=True,
+        )
     if args.loop_dataset:
         run_loop(args.loop_dataset, args.loop_steps)
 

@@ -1,5 +1,5 @@
 """Connecting a job's driver to Ray (the cluster named by config/env, else a local one), and a
-local multi-node cluster for development (`python -m generalmodel.cluster up|down`)."""
+local multi-node cluster for development (`make cluster-up` / `python -m jobs.cluster up|down`)."""
 
 from __future__ import annotations
 
@@ -51,11 +51,14 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
 def _token_hint() -> str:
     """Ray 2.60 clusters use token authentication by default; say so when this client has none."""
     has_token = os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(
-        os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token"))
+        os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    )
     if os.environ.get("RAY_AUTH_MODE") == "token" and has_token:
         return ""
-    return ("; the cluster may require its auth token: set RAY_AUTH_MODE=token and provide the token "
-            "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)")
+    return (
+        "; the cluster may require its auth token: set RAY_AUTH_MODE=token and provide the token "
+        "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
+    )
 
 
 def _check_reachable(address: str) -> None:
@@ -111,9 +114,19 @@ class LocalCluster:
     def add_worker(self) -> int:
         """Start one more worker node; returns its process group id."""
         proc = subprocess.Popen(
-            [_ray_bin(), "start", "--block", f"--address={self.address}", f"--num-cpus={self.cpus_per_node}",
-             "--disable-usage-stats", *_agent_ports()],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                _ray_bin(),
+                "start",
+                "--block",
+                f"--address={self.address}",
+                f"--num-cpus={self.cpus_per_node}",
+                "--disable-usage-stats",
+                *_agent_ports(),
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self.worker_pgids.append(proc.pid)
         return proc.pid
@@ -130,9 +143,16 @@ class LocalCluster:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             out = subprocess.run(
-                [sys.executable, "-c", "import ray, json; ray.init(address='auto', logging_level='ERROR');"
-                 "print(json.dumps(sum(1 for n in ray.nodes() if n['Alive'])))"],
-                env={**self.env, "RAY_ADDRESS": self.address}, capture_output=True, text=True, timeout=60,
+                [
+                    sys.executable,
+                    "-c",
+                    "import ray, json; ray.init(address='auto', logging_level='ERROR');"
+                    "print(json.dumps(sum(1 for n in ray.nodes() if n['Alive'])))",
+                ],
+                env={**self.env, "RAY_ADDRESS": self.address},
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             if out.returncode == 0 and out.stdout.strip() and json.loads(out.stdout.strip().splitlines()[-1]) >= count:
                 return
@@ -163,10 +183,11 @@ def _kill_group(pgid: int, sig: int) -> None:
 def _agent_ports() -> list[str]:
     """Every node on one machine needs its own dashboard-agent port (default 52365): a node
     whose agent cannot bind has no job agent, and `ray job submit` then fails."""
-    return [f"--dashboard-agent-listen-port={_free_port()}"]
+    return [f"--dashboard-agent-listen-port={free_port()}"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket
 
     with socket.socket() as s:
@@ -184,16 +205,29 @@ def cluster_up(workers: int = 1, cpus_per_node: int = 1, env: dict[str, str] | N
     if token.returncode != 0:
         raise UserError(f"cannot create the Ray auth token: {token.stderr.strip()[-500:]}")
     temp_dir = tempfile.mkdtemp(prefix="gmray-", dir="/tmp")  # Ray's socket paths must be short
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # Processes on this cluster that find "the" cluster by themselves (Ray Train's placement-group
     # cleaner calls the state API without an address) must find this one, not fail with "multiple
     # active Ray instances" when another Ray runs on the machine (and leak placement groups).
     env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
     head = subprocess.Popen(
-        [_ray_bin(), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}", *_agent_ports()],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            _ray_bin(),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            f"--num-cpus={cpus_per_node}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+            *_agent_ports(),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     cluster = LocalCluster(gcs, dash, head.pid, [], temp_dir, cpus_per_node, env)
     try:
@@ -205,38 +239,3 @@ def cluster_up(workers: int = 1, cpus_per_node: int = 1, env: dict[str, str] | N
         cluster.down()
         raise
     return cluster
-
-
-def _main(argv: list[str]) -> None:
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="python -m generalmodel.cluster", description="A local multi-node Ray cluster.")
-    parser.add_argument("command", choices=["up", "down"])
-    parser.add_argument("--workers", type=int, default=1, help="worker nodes beside the head")
-    parser.add_argument("--cpus-per-node", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.command == "up":
-        if os.path.exists(STATE_FILE):
-            raise SystemExit(f"a cluster is already up ({STATE_FILE}); run `make cluster-down` first")
-        cluster = cluster_up(args.workers, args.cpus_per_node)
-        os.makedirs(os.path.dirname(STATE_FILE), exist_ok=True)
-        state = {k: v for k, v in cluster.__dict__.items() if k != "env"}
-        with open(STATE_FILE, "w") as f:
-            json.dump(state, f)
-        print(f"Ray cluster up: head + {args.workers} worker node(s), {args.cpus_per_node} CPU(s) each.\n"
-              f"  export RAY_AUTH_MODE=token   # the token is in ~/.ray/auth_token\n"
-              f"  ray job submit --address {cluster.dashboard} --working-dir . "
-              f"--runtime-env-json '{{\"excludes\": [\".venv\", \".git\", \".generalmodel\"]}}' -- python jobs/pretrain.py ...\n"
-              f"Nodes see this shell's AWS_* settings; keep datasets and checkpoints on s3:// (no shared disk).")
-    else:
-        if not os.path.exists(STATE_FILE):
-            raise SystemExit("no local cluster is up (nothing in .generalmodel/cluster/)")
-        with open(STATE_FILE) as f:
-            LocalCluster(**json.load(f), env={}).down()
-        os.remove(STATE_FILE)
-        print("Ray cluster down")
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

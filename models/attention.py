@@ -17,6 +17,12 @@ from torch import nn
 from models.common import KVCache, RMSNorm, apply_rope
 
 
+def init_linear(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
 def causal_mask(T: int, past: int, window: int | None, device) -> torch.Tensor | None:
     """(T, past+T) bool: query i (absolute position past+i) sees key j iff j ≤ past+i and, with a
     window, j > past+i-window. None means plain causal (SDPA's is_causal)."""
@@ -37,8 +43,16 @@ def sdpa(q, k, v, mask: torch.Tensor | None, gqa: bool) -> torch.Tensor:
 
 
 class GroupedQueryAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, layer: int,
-                 window: int | None = None, owns_kv: bool = True, bias: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        layer: int,
+        window: int | None = None,
+        owns_kv: bool = True,
+        bias: bool = False,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
@@ -47,6 +61,13 @@ class GroupedQueryAttention(nn.Module):
         # A layer that reuses another layer's K/V has no K/V projection at all.
         self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=bias) if owns_kv else None
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Input projections N(0, std); the output projection, which writes into the residual
+        stream, N(0, residual_std); biases zero."""
+        for linear, s in ((self.q_proj, std), (self.kv_proj, std), (self.out_proj, residual_std)):
+            if linear is not None:
+                init_linear(linear, s)
 
     def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None):
         """x: (B, T, d). Returns (output (B, T, d), (k, v)) — the K/V it used, full length, for
@@ -69,9 +90,19 @@ class GroupedQueryAttention(nn.Module):
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, layer: int, kv_lora_rank: int, q_lora_rank: int | None,
-                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float,
-                 window: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        layer: int,
+        kv_lora_rank: int,
+        q_lora_rank: int | None,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        norm_eps: float,
+        window: int | None = None,
+    ):
         super().__init__()
         self.n_heads, self.layer, self.window = n_heads, layer, window
         self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -88,6 +119,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(kv_lora_rank, norm_eps)
         self.kv_up = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.out_proj = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Every down/up projection N(0, std) (they stay inside the block); the output projection
+        N(0, residual_std); the latent norms one."""
+        inputs = [self.q_down, self.q_up] if hasattr(self, "q_up") else [self.q_proj]
+        for linear in (*inputs, self.kv_down, self.kv_up):
+            init_linear(linear, std)
+        init_linear(self.out_proj, residual_std)
+        for norm in (getattr(self, "q_norm", None), self.kv_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
     def forward(self, x, rope, cache: KVCache | None = None, shared_kv=None):
         B, T, _ = x.shape

@@ -9,62 +9,73 @@ deepseek.py) are defaults of it. Single-device PyTorch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from models.attention import GroupedQueryAttention, MultiHeadLatentAttention, init_linear
 from models.common import KVCache, RMSNorm, matmul_flops_per_token, rope_tables
 from models.moe import MoE
 
 
+def _opt(default, help: str):
+    """A config field with its description (shown by every job's --help)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DecoderConfig:
-    name: str = "decoder"
-    vocab_size: int = 8192
-    max_seq_len: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA
-    d_model: int = 256
-    ffn_hidden: int | None = None  # None: 4·d (GELU) or the SwiGLU size 8/3·d rounded to 64
-    positions: Literal["learned", "rope"] = "rope"
-    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
-    mlp: Literal["gelu", "swiglu"] = "swiglu"
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    name: str = _opt("decoder", "The registered model (models/__init__.py REGISTRY).")
+    vocab_size: int = _opt(8192, "Vocabulary size (the dataset's tokenizer decides it).")
+    max_seq_len: int = _opt(256, "Longest sequence the model takes (positions, RoPE tables).")
+    n_layers: int = _opt(4, "Transformer blocks.")
+    n_heads: int = _opt(4, "Query heads; must divide d_model.")
+    n_kv_heads: int | None = _opt(None, "Key/value heads (GQA): null = n_heads (MHA), 1 = MQA; must divide n_heads.")
+    d_model: int = _opt(256, "Residual stream width.")
+    ffn_hidden: int | None = _opt(
+        None, "MLP hidden size; null: 4·d_model (GELU) or 8/3·d_model rounded to 64 (SwiGLU)."
+    )
+    positions: Literal["learned", "rope"] = _opt("rope", "Learned absolute positions or rotary embeddings.")
+    norm: Literal["layernorm", "rmsnorm"] = _opt("rmsnorm", "LayerNorm (no bias) or RMSNorm.")
+    mlp: Literal["gelu", "swiglu"] = _opt("swiglu", "Dense MLP kind.")
+    tie_embeddings: bool = _opt(False, "Share the input embedding with the output head.")
+    rope_theta: float = _opt(10000.0, "RoPE base frequency.")
+    norm_eps: float = _opt(1e-5, "Norm epsilon.")
+    init_std: float = _opt(0.02, "Std of the normal init; residual output projections get std/sqrt(2·n_layers).")
     # attention
-    attention: Literal["gqa", "mla"] = "gqa"  # gqa covers MHA (n_kv_heads = n_heads) and MQA (1)
-    window: int | None = None  # sliding window of local layers; None: every layer is global
-    global_every: int = 0  # with a window: every N-th layer (N, 2N, …) is global; 0: none
-    kv_share_group: int = 1  # adjacent layers per group reusing the first one's K/V
-    kv_lora_rank: int = 64  # MLA: latent size (what the cache stores)
-    q_lora_rank: int | None = None  # MLA: query bottleneck; None: a full query projection
-    qk_rope_head_dim: int = 16  # MLA: the decoupled RoPE part of each head's query/key
-    qk_nope_head_dim: int | None = None  # MLA: default head_dim
-    v_head_dim: int | None = None  # MLA: default head_dim
+    attention: Literal["gqa", "mla"] = _opt(
+        "gqa", "gqa: MHA/GQA/MQA by n_kv_heads; mla: DeepSeek multi-head latent attention."
+    )
+    window: int | None = _opt(None, "Sliding window of local layers; null: every layer is global.")
+    global_every: int = _opt(0, "With a window: every N-th layer (N, 2N, ...) is global; 0: none.")
+    kv_share_group: int = _opt(1, "Adjacent layers per group reusing the first one's K/V (cross-layer KV sharing).")
+    kv_lora_rank: int = _opt(64, "MLA: KV latent size (what the cache stores).")
+    q_lora_rank: int | None = _opt(None, "MLA: query bottleneck; null: a full query projection.")
+    qk_rope_head_dim: int = _opt(16, "MLA: the decoupled RoPE part of each head's query/key.")
+    qk_nope_head_dim: int | None = _opt(None, "MLA: the non-RoPE part of each query/key head; null: head_dim.")
+    v_head_dim: int | None = _opt(None, "MLA: value head size; null: head_dim.")
     # mixture of experts (0 experts: dense MLP everywhere)
-    moe_experts: int = 0
-    moe_top_k: int = 2
-    moe_shared_experts: int = 1
-    moe_hidden: int | None = None  # per expert; default hidden / 4 rounded to 64 (fine-grained)
-    moe_first_dense: int = 1  # the first K layers keep a dense MLP
-    moe_score: Literal["softmax", "sigmoid"] = "sigmoid"
-    moe_bias_update_rate: float = 1e-3
-    moe_aux_loss_weight: float = 0.0
+    moe_experts: int = _opt(0, "Routed experts per MoE layer; 0: dense MLP everywhere.")
+    moe_top_k: int = _opt(2, "Experts each token is routed to.")
+    moe_shared_experts: int = _opt(1, "Always-on shared experts.")
+    moe_hidden: int | None = _opt(
+        None, "Hidden size per expert; null: the dense hidden / 4 rounded to 64 (fine-grained)."
+    )
+    moe_first_dense: int = _opt(1, "The first K layers keep a dense MLP.")
+    moe_score: Literal["softmax", "sigmoid"] = _opt("sigmoid", "Router score function.")
+    moe_bias_update_rate: float = _opt(1e-3, "Aux-loss-free balancing: routing-bias step per optimizer step.")
+    moe_aux_loss_weight: float = _opt(0.0, "Weight of the sequence-wise balance loss; 0: off.")
 
     # pydantic (the platform's config tree) validates this dataclass; unknown keys are errors.
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self):
-        for field in ("vocab_size", "max_seq_len", "n_layers", "n_heads", "d_model"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        for name in ("vocab_size", "max_seq_len", "n_layers", "n_heads", "d_model"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         kv = self.kv_heads
@@ -125,6 +136,10 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.hidden, bias=bias)
         self.down = nn.Linear(cfg.hidden, cfg.d_model, bias=bias)
 
+    def init_weights(self, std: float, residual_std: float) -> None:
+        init_linear(self.up, std)
+        init_linear(self.down, residual_std)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         if self.swiglu:
@@ -143,9 +158,16 @@ def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
     window = None if cfg.is_global(layer) else cfg.window
     if cfg.attention == "mla":
         return MultiHeadLatentAttention(
-            cfg.d_model, cfg.n_heads, layer, cfg.kv_lora_rank, cfg.q_lora_rank,
-            cfg.qk_nope_head_dim or cfg.head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim or cfg.head_dim,
-            cfg.norm_eps, window,
+            cfg.d_model,
+            cfg.n_heads,
+            layer,
+            cfg.kv_lora_rank,
+            cfg.q_lora_rank,
+            cfg.qk_nope_head_dim or cfg.head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim or cfg.head_dim,
+            cfg.norm_eps,
+            window,
         )
     owns_kv = layer % cfg.kv_share_group == 0
     return GroupedQueryAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, layer, window, owns_kv)
@@ -158,10 +180,24 @@ class Block(nn.Module):
         self.attn = make_attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         if cfg.is_moe(layer):
-            self.mlp = MoE(cfg.d_model, cfg.expert_hidden, cfg.moe_experts, cfg.moe_top_k, cfg.moe_shared_experts,
-                           cfg.moe_score, cfg.moe_bias_update_rate, cfg.moe_aux_loss_weight, cfg.init_std)
+            self.mlp = MoE(
+                cfg.d_model,
+                cfg.expert_hidden,
+                cfg.moe_experts,
+                cfg.moe_top_k,
+                cfg.moe_shared_experts,
+                cfg.moe_score,
+                cfg.moe_bias_update_rate,
+                cfg.moe_aux_loss_weight,
+            )
         else:
             self.mlp = MLP(cfg, bias=False)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.attn.init_weights(std, residual_std)
+        self.mlp_norm.reset_parameters()
+        self.mlp.init_weights(std, residual_std)
 
     def forward(self, x, rope=None, cache=None, shared_kv=None):
         """Returns (x, kv): the K/V this block's attention used, for the next layers of its
@@ -187,16 +223,23 @@ class Decoder(nn.Module):
             cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.init_weights()
 
-    def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2·layers)."""
+    def init_weights(self) -> None:
+        """GPT-2 init, module by module: weights N(0, init_std); the projections that write into
+        the residual stream (attention output, MLP and expert down projections) N(0, init_std /
+        sqrt(2·n_layers)), so the stream's variance does not grow with depth; norms one.
+        (Parameters are drawn in registration order: the same seed gives the same weights.)"""
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue
-            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("out_proj.weight", "down.weight")) else 1
-            nn.init.normal_(p, mean=0.0, std=std * scale)
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            block.init_weights(std, residual_std)
+        self.final_norm.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            init_linear(self.head, std)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab). With a cache, idx continues it."""

@@ -20,19 +20,37 @@ from torch import nn
 
 
 class MoE(nn.Module):
-    def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int, n_shared: int,
-                 score: str = "sigmoid", bias_update_rate: float = 1e-3, aux_loss_weight: float = 0.0,
-                 init_std: float = 0.02):
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        n_experts: int,
+        top_k: int,
+        n_shared: int,
+        score: str = "sigmoid",
+        bias_update_rate: float = 1e-3,
+        aux_loss_weight: float = 0.0,
+    ):
         super().__init__()
         self.n_experts, self.top_k, self.hidden = n_experts, top_k, hidden
         self.score, self.bias_update_rate, self.aux_loss_weight = score, bias_update_rate, aux_loss_weight
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden).normal_(0, init_std))  # gate|value
-        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model).normal_(0, init_std))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))  # gate|value
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.shared = SharedExperts(d_model, hidden * n_shared) if n_shared else None
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Router and expert input weights N(0, std); expert (and shared expert) output weights,
+        which write into the residual stream, N(0, residual_std); routing biases zero."""
+        nn.init.normal_(self.router.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w_up, mean=0.0, std=std)
+        nn.init.normal_(self.w_down, mean=0.0, std=residual_std)
+        if self.shared is not None:
+            self.shared.init_weights(std, residual_std)
+        self.expert_bias.zero_()
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -118,6 +136,10 @@ class SharedExperts(nn.Module):
         super().__init__()
         self.up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        nn.init.normal_(self.up.weight, mean=0.0, std=std)
+        nn.init.normal_(self.down.weight, mean=0.0, std=residual_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.up(x).chunk(2, dim=-1)

@@ -3,19 +3,34 @@ session, plus small corpora written into tmp dirs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from generalmodel.cluster import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 S3_KEY, S3_SECRET = "gm-test-key", "gm-test-secret"
+# Fixtures that start a service; a test that needs one (even through another fixture) is an
+# integration test, whatever its module says, so `make test-fast` never starts one.
+SERVICE_FIXTURES = ("ray_cluster", "s3_server", "mlflow_server")
+SERVICE_MARKERS = ("integration", "e2e", "cluster")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(f in item.fixturenames for f in SERVICE_FIXTURES) and not any(
+            item.get_closest_marker(m) for m in SERVICE_MARKERS
+        ):
+            item.add_marker(pytest.mark.integration)
 
 
 # -- Ray ---------------------------------------------------------------------------------------
@@ -64,12 +79,6 @@ class S3Server:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint on 127.0.0.1: single-node Ceph (mon + memstore OSD + radosgw)."""
@@ -79,7 +88,7 @@ def s3_server(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     workdir = tmp_path_factory.mktemp("ceph")
-    port, mon_port = _free_port(), _free_port()
+    port, mon_port = free_port(), free_port()
     env = dict(os.environ, S3_KEY=S3_KEY, S3_SECRET=S3_SECRET)
     started = subprocess.run(
         ["bash", str(REPO / "tests/services/ceph-rgw-start.sh"), str(workdir), str(port), str(mon_port)],
@@ -158,7 +167,7 @@ def mlflow_server(s3_server, tmp_path_factory):
 
     bucket = s3_server.new_bucket()
     workdir = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint,
@@ -169,10 +178,24 @@ def mlflow_server(s3_server, tmp_path_factory):
     )
     log = open(workdir / "server.log", "w")
     server = subprocess.Popen(
-        [str(Path(os.sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
-         "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(os.sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{workdir}/mlflow.db",
+            "--artifacts-destination",
+            f"s3://{bucket}/mlflow",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -192,3 +215,63 @@ def mlflow_server(s3_server, tmp_path_factory):
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
+
+
+# -- ray job submit ----------------------------------------------------------------------------
+
+EXCLUDES = json.dumps({"excludes": [".venv", ".git", ".generalmodel", ".whl"]})
+
+
+def ray_job(cluster, *args, timeout=600) -> subprocess.CompletedProcess:
+    """`ray job ARGS...` against a LocalCluster (its env holds RAY_AUTH_MODE=token)."""
+    return subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "job", *args],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def submit_job(cluster, entrypoint: list[str], wait: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir REPO -- ENTRYPOINT`, as the README shows it."""
+    import time
+
+    for _ in range(20):  # the head answers HTTP before its job agent is ready: poll until it is
+        extra = [] if wait else ["--no-wait"]
+        out = ray_job(
+            cluster,
+            "submit",
+            f"--address={cluster.dashboard}",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            EXCLUDES,
+            *extra,
+            "--",
+            *entrypoint,
+        )
+        if "No available agent to submit job" not in out.stderr:
+            return out
+        time.sleep(3)
+    return out
+
+
+# -- a loud banner for what could not run here -------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    no_s3 = [r.nodeid for r in skipped if "radosgw is not installed" in str(r.longrepr)]
+    if no_s3:
+        bar = "!" * 100
+        terminalreporter.write_line(bar, yellow=True, bold=True)
+        terminalreporter.write_line(
+            f"{len(no_s3)} tests did NOT run: they need the S3 server (Ceph RADOS Gateway), which is not installed.",
+            yellow=True,
+            bold=True,
+        )
+        terminalreporter.write_line("  enable them: sudo apt-get install ceph-mon ceph-osd radosgw   (then make test)")
+        for nodeid in no_s3:
+            terminalreporter.write_line(f"  skipped: {nodeid}")
+        terminalreporter.write_line(bar, yellow=True, bold=True)

@@ -3,26 +3,26 @@ train workers on both nodes with checkpoints on the real S3 server; killing the 
 mid-run and bringing a node back lets Ray Train resume from the last checkpoint and finish
 with the same final loss as the uninterrupted run."""
 
-import json
 import os
 import re
 import subprocess
 import time
 
 import pytest
+from conftest import REPO, make_documents, ray_job, submit_job
 
-from conftest import REPO, make_documents
 from generalmodel.cluster import cluster_up
 
 pytestmark = pytest.mark.cluster
 
-EXCLUDES = json.dumps({"excludes": [".venv", ".git", ".generalmodel", ".whl"]})
-
 
 @pytest.fixture(scope="module")
 def cluster(s3_server):
-    env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": s3_server.key,
-           "AWS_SECRET_ACCESS_KEY": s3_server.secret}
+    env = {
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_ACCESS_KEY_ID": s3_server.key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret,
+    }
     c = cluster_up(workers=1, cpus_per_node=1, env=env)
     yield c
     c.down()
@@ -39,38 +39,42 @@ def bucket(s3_server):
 
 def job_args(bucket, mlflow_uri, run_name, **extra):
     args = {
-        "data.source": f"s3://{bucket}/corpus", "data.output": "datasets/tiny", "data.vocab_size": 320,
-        "data.seq_len": 32, "data.val_fraction": 0.1, "model.vocab_size": 320, "model.max_seq_len": 32,
-        "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32, "train.steps": 400, "train.batch_size": 4,
-        "train.log_every": 10, "train.eval_every": 400, "train.eval_batches": 2, "train.checkpoint_every": 50,
-        "storage.root": f"s3://{bucket}/store", "tracking.uri": mlflow_uri, "train.run_name": run_name,
-        "tracking.registered_model": "cluster-test", **extra,
+        "data.source": f"s3://{bucket}/corpus",
+        "data.output": "datasets/tiny",
+        "data.vocab_size": 320,
+        "data.seq_len": 32,
+        "data.val_fraction": 0.1,
+        "model.vocab_size": 320,
+        "model.max_seq_len": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.d_model": 32,
+        "train.steps": 400,
+        "train.batch_size": 4,
+        "train.log_every": 10,
+        "train.eval_every": 400,
+        "train.eval_batches": 2,
+        "train.checkpoint_every": 50,
+        "storage.root": f"s3://{bucket}/store",
+        "tracking.uri": mlflow_uri,
+        "train.run_name": run_name,
+        "tracking.registered_model": "cluster-test",
+        **extra,
     }
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def ray_job(cluster, *args, timeout=600):
-    return subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "ray"), "job", *args],
-                          env=cluster.env, capture_output=True, text=True, timeout=timeout)
-
-
 def submit(cluster, args, wait=True):
-    for _ in range(20):  # the head answers HTTP before its job agent is ready
-        extra = [] if wait else ["--no-wait"]
-        out = ray_job(cluster, "submit", f"--address={cluster.dashboard}", "--working-dir", str(REPO),
-                      "--runtime-env-json", EXCLUDES, *extra, "--", "python", "jobs/pretrain.py", *args)
-        if "No available agent to submit job" not in out.stderr:
-            return out
-        time.sleep(3)
-    return out
+    return submit_job(cluster, ["python", "jobs/pretrain.py", *args], wait)
 
 
 def final_loss(mlflow_uri, run_name):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
-    runs = client.search_runs(client.get_experiment_by_name("generalmodel").experiment_id,
-                              f"attributes.run_name = '{run_name}'")
+    runs = client.search_runs(
+        client.get_experiment_by_name("generalmodel").experiment_id, f"attributes.run_name = '{run_name}'"
+    )
     history = client.get_metric_history(runs[0].info.run_id, "loss")
     return {m.step: m.value for m in history}
 
@@ -80,7 +84,10 @@ def test_workers_on_both_nodes_with_s3_checkpoints(cluster, bucket, mlflow_serve
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]
     nodes = set(re.findall(r"train worker rank \d on node (\w+)", out.stdout))
     assert len(nodes) == 2, out.stdout[-3000:]
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/two-nodes/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/two-nodes/")["Contents"]
+    ]
     assert "store/checkpoints/two-nodes/step-00000400/manifest.json" in keys
     assert any(k.endswith("__1_0.distcp") for k in keys)  # rank 1's shard, written from the other node
 
@@ -94,6 +101,7 @@ def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, bucket
         return ray_job(cluster, "logs", f"--address={cluster.dashboard}", job_id).stdout
 
     deadline = time.time() + 300
+
     def give_up(what):
         (REPO / ".generalmodel").mkdir(exist_ok=True)
         (REPO / ".generalmodel/node-failure-job.log").write_text(logs())
@@ -131,12 +139,14 @@ def test_bad_cluster_address_and_missing_token_are_clear_errors(cluster, tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token here
     job = [sys.executable, str(REPO / "jobs/prepare_data.py"), f"--data.output={tmp_path}/ds", "--data.vocab_size=300"]
-    unreachable = subprocess.run([*job, "--ray.address=127.0.0.1:1"], env=env, capture_output=True, text=True,
-                                 timeout=120, cwd=REPO)
+    unreachable = subprocess.run(
+        [*job, "--ray.address=127.0.0.1:1"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert unreachable.returncode == 2
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in unreachable.stderr
-    no_token = subprocess.run([*job, f"--ray.address={cluster.address}"], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=REPO)
+    no_token = subprocess.run(
+        [*job, f"--ray.address={cluster.address}"], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert no_token.returncode == 2
     assert "cannot connect to the Ray cluster" in no_token.stderr and "RAY_AUTH_MODE=token" in no_token.stderr
     assert not (tmp_path / "ds").exists()

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from generalmodel.config import Config, ConfigError, _section_class, field_types, help_text, load_config, parse_args
+from generalmodel.cli import help_text, parse_args
+from generalmodel.config import Config, ConfigError, field_types, load_config, section_class
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,9 @@ def test_unknown_override_names_the_key_and_the_valid_ones():
     with pytest.raises(ConfigError) as e:
         parse_args(["--data.seqlen=5"])
     assert "'data.seqlen'" in str(e.value) and "data.seq_len" in str(e.value)
-    with pytest.raises(ConfigError, match="'dta.seq_len'.*valid keys: data, model, optim, train, storage, ray, tracking"):
+    with pytest.raises(
+        ConfigError, match="'dta.seq_len'.*valid keys: data, model, optim, train, storage, ray, tracking"
+    ):
         parse_args(["--dta.seq_len=5"])
 
 
@@ -72,7 +75,7 @@ def test_help_documents_every_field(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for section, annotation in field_types(Config).items():
-        for name in field_types(_section_class(annotation)):
+        for name in field_types(section_class(annotation)):
             assert f"--{section}.{name} " in out
     assert out == help_text(Config) + "\n"
 

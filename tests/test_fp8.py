@@ -14,15 +14,18 @@ from models import build_model
 from models.llama import LlamaConfig
 
 
-@pytest.mark.parametrize("shape, min_dim, expected", [
-    ((4096, 4096), 2048, True),
-    ((4096, 11008), 2048, True),
-    ((768, 3072), 2048, False),  # a 124M model's linears: too small to gain
-    ((768, 3072), 512, True),
-    ((4096, 4100), 2048, False),  # not a multiple of 16
-    ((4104, 4096), 2048, False),
-    ((2048, 2048), 2048, True),
-])
+@pytest.mark.parametrize(
+    "shape, min_dim, expected",
+    [
+        ((4096, 4096), 2048, True),
+        ((4096, 11008), 2048, True),
+        ((768, 3072), 2048, False),  # a 124M model's linears: too small to gain
+        ((768, 3072), 512, True),
+        ((4096, 4100), 2048, False),  # not a multiple of 16
+        ((4104, 4096), 2048, False),
+        ((2048, 2048), 2048, True),
+    ],
+)
 def test_filter_on_shapes(shape, min_dim, expected):
     assert module_filter(min_dim)(nn.Linear(*shape, bias=False), "blocks.0.mlp.up") is expected
 
@@ -36,8 +39,20 @@ def test_filter_never_converts_head_routers_or_non_linears():
 
 
 def small_moe():
-    return build_model(LlamaConfig(vocab_size=512, max_seq_len=32, n_layers=2, n_heads=4, n_kv_heads=2, d_model=256,
-                                   moe_experts=4, moe_top_k=2, moe_first_dense=1, tie_embeddings=False))
+    return build_model(
+        LlamaConfig(
+            vocab_size=512,
+            max_seq_len=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_model=256,
+            moe_experts=4,
+            moe_top_k=2,
+            moe_first_dense=1,
+            tie_embeddings=False,
+        )
+    )
 
 
 def test_filter_on_a_model():
@@ -79,8 +94,9 @@ def test_the_loop_refuses_fp8_on_cpu(tmp_path):
     """device=auto on a machine without CUDA: the loop says so before building anything."""
     from generalmodel.train.loop import train
 
-    cfg = load_config(overrides={"train.fp8": "tensorwise", "storage.root": str(tmp_path),
-                                 "train.dataset": str(tmp_path / "none")})
+    cfg = load_config(
+        overrides={"train.fp8": "tensorwise", "storage.root": str(tmp_path), "train.dataset": str(tmp_path / "none")}
+    )
     with pytest.raises(Fp8Error, match="needs a CUDA GPU"):
         train(cfg)
 

@@ -9,17 +9,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "jobs"))
-import submit_k8s  # noqa: E402
+from jobs import submit_k8s
 
 K8S_VERSION = "1.33.0"
 SCHEMA = json.loads((REPO / "k8s/schemas/kuberay.schema.json").read_text())
@@ -42,7 +39,9 @@ def validate(obj):
         for i, template in enumerate(pod_templates(obj)):
             kubernetes_validate.validate(
                 {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": template},
-                K8S_VERSION, strict=True)
+                K8S_VERSION,
+                strict=True,
+            )
     else:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -70,16 +69,19 @@ def kubectl():
 
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (REPO / "k8s/overlays").iterdir()))
 def test_rendered_overlays_are_valid(overlay):
-    out = subprocess.run([kubectl(), "kustomize", str(REPO / "k8s/overlays" / overlay)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(REPO / "k8s/overlays" / overlay)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     objs = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert {o["kind"] for o in objs} >= {"RayCluster", "RayJob", "Deployment", "Service", "ConfigMap"}
     for obj in objs:
         validate(obj)
     cluster = next(o for o in objs if o["kind"] == "RayCluster")
-    gpus = [g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
-            for g in cluster["spec"]["workerGroupSpecs"]]
+    gpus = [
+        g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+        for g in cluster["spec"]["workerGroupSpecs"]
+    ]
     assert gpus == (["1"] if overlay == "gpu" else [None])
 
 
@@ -88,8 +90,11 @@ def test_secrets_only_by_reference_and_hardened_pods():
     assert "kind: Secret" not in text  # credentials are created out of band, never committed
     assert not re.search(r"(SECRET|PASSWORD|TOKEN)\w*\s*[:=]\s*\S", text.replace("secretKeyRef", ""))
     for _, obj in base_manifests():
-        templates = list(pod_templates(obj)) if obj["apiVersion"] == "ray.io/v1" else (
-            [obj["spec"]["template"]] if obj["kind"] == "Deployment" else [])
+        templates = (
+            list(pod_templates(obj))
+            if obj["apiVersion"] == "ray.io/v1"
+            else ([obj["spec"]["template"]] if obj["kind"] == "Deployment" else [])
+        )
         for template in templates:
             assert template["spec"]["securityContext"]["runAsNonRoot"] is True
             for c in template["spec"]["containers"]:
@@ -99,7 +104,7 @@ def test_secrets_only_by_reference_and_hardened_pods():
 
 def test_ray_version_is_pinned_to_the_image():
     dockerfile = (REPO / "Dockerfile").read_text()
-    image_ray = re.search(r'ray\[[^\]]*\]==([0-9.]+)', dockerfile).group(1)
+    image_ray = re.search(r"ray\[[^\]]*\]==([0-9.]+)", dockerfile).group(1)
     cluster = yaml.safe_load((REPO / "k8s/base/raycluster.yaml").read_text())
     assert cluster["spec"]["rayVersion"] == image_ray
     shm = [v for v in cluster["spec"]["headGroupSpec"]["template"]["spec"]["volumes"] if v["name"] == "shm"]
@@ -137,7 +142,7 @@ def test_broken_core_object_fails():
 
 
 def test_submit_renders_a_valid_rayjob(capsys):
-    manifest = submit_k8s.main(["--config", "configs/llama-tiny.yaml", "--train.steps", "2000", "--dry-run"])
+    manifest = submit_k8s.main(["--config", "configs/llama-tiny.yaml", "--train.steps", "2000", "--k8s.dry_run"])
     validate(manifest)
     assert yaml.safe_load(capsys.readouterr().out) == manifest
     entry = manifest["spec"]["entrypoint"]
@@ -147,8 +152,8 @@ def test_submit_renders_a_valid_rayjob(capsys):
 
 def test_submit_refuses_bad_config_and_credentials_and_says_when_no_cluster(tmp_path, monkeypatch, capsys):
     for args, message in [
-        (["--train.stepz=5", "--dry-run"], "unknown key 'train.stepz'"),
-        (["--storage.secret_access_key=abc", "--dry-run"], "would put a credential in the RayJob"),
+        (["--train.stepz=5", "--k8s.dry_run"], "unknown key 'train.stepz'"),
+        (["--storage.secret_access_key=abc", "--k8s.dry_run"], "would put a credential in the RayJob"),
         ([], "no usable kube-context"),
     ]:
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))

@@ -8,22 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from generalmodel.config import load_config
 from generalmodel.data.loader import DatasetError, TokenDataset, TokenLoader
 from generalmodel.storage import StorageError
 
-pytestmark = pytest.mark.integration  # the dataset is built once with the real Ray Data job
-
 
 @pytest.fixture(scope="session")
 def dataset_dir(ray_cluster, tmp_path_factory):
-    import sys
 
     from conftest import make_documents
 
-    sys.path.insert(0, str(REPO / "jobs"))
-    import prepare_data
+    from jobs import prepare_data
 
     root = tmp_path_factory.mktemp("loader")
     src = root / "src"
@@ -68,8 +63,8 @@ def test_same_seed_same_stream_other_seed_other_stream(dataset):
     a = take(TokenLoader(dataset, "train", batch_size=4, seed=1), 20)
     b = take(TokenLoader(dataset, "train", batch_size=4, seed=1), 20)
     c = take(TokenLoader(dataset, "train", batch_size=4, seed=2), 20)
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
-    assert not all(torch.equal(p, q) for p, q in zip(a, c))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=False))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=False))
 
 
 def test_an_epoch_visits_every_row_once(dataset):
@@ -99,7 +94,7 @@ def test_resume_is_exact(dataset, stop_at):
     resumed = TokenLoader(dataset, "train", batch_size=4, seed=5)
     resumed.load_state_dict(state)
     after = take(resumed, 15)
-    assert all(torch.equal(p, q) for p, q in zip(after, reference[stop_at:]))
+    assert all(torch.equal(p, q) for p, q in zip(after, reference[stop_at:], strict=False))
 
 
 def test_ranks_split_the_global_batch(dataset):
@@ -116,7 +111,7 @@ def test_resume_at_another_world_size_continues_the_same_stream(dataset):
         take(loader, 5)
     one = TokenLoader(dataset, "train", batch_size=4, seed=11)
     one.load_state_dict(two[0].state_dict())
-    assert all(torch.equal(p, q) for p, q in zip(take(one, 7), whole[5:]))
+    assert all(torch.equal(p, q) for p, q in zip(take(one, 7), whole[5:], strict=False))
 
 
 def test_resume_refuses_another_stream(dataset):
@@ -187,4 +182,4 @@ def test_rewind_repeats_the_same_batches(dataset):
     loader = TokenLoader(dataset, "val", batch_size=2, shuffle=False)
     first = take(loader, 3)
     loader.rewind()
-    assert all(torch.equal(p, q) for p, q in zip(take(loader, 3), first))
+    assert all(torch.equal(p, q) for p, q in zip(take(loader, 3), first, strict=False))

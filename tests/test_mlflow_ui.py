@@ -13,11 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, _free_port, write_corpus
+from conftest import REPO, write_corpus
+
+from generalmodel.cluster import free_port
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("GM_UI_TEST") or shutil.which("chromium") is None,
-    reason="opt-in: GM_UI_TEST=1 and Debian's chromium (make test-ui)")
+    reason="opt-in: GM_UI_TEST=1 and Debian's chromium (make test-ui)",
+)
 
 SWEEP = """
 base:
@@ -33,10 +36,20 @@ resources: {num_workers: 1, cpus_per_worker: 0.9}
 
 
 def chromium(url: str, *, screenshot: Path | None = None) -> str:
-    args = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--no-first-run", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tempfile.mkdtemp()}", "--run-all-compositor-stages-before-draw",
-            "--virtual-time-budget=60000", "--window-size=1600,1000"]
+    args = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+        "--run-all-compositor-stages-before-draw",
+        "--virtual-time-budget=60000",
+        "--window-size=1600,1000",
+    ]
     args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
     out = subprocess.run([*args, url], capture_output=True, text=True, timeout=180)
     return out.stdout
@@ -44,11 +57,26 @@ def chromium(url: str, *, screenshot: Path | None = None) -> str:
 
 @pytest.fixture
 def mlflow_ui(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/db.sqlite",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/db.sqlite",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -68,9 +96,21 @@ def test_mlflow_ui_shows_parent_children_and_comparison(mlflow_ui, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", 60, seed=5)
     sweep = tmp_path / "ui-sweep.yaml"
     sweep.write_text(SWEEP)
-    out = subprocess.run([sys.executable, str(REPO / "jobs/sweep.py"), str(sweep), f"--data.source={corpus}",
-                          f"--storage.root={tmp_path / 'store'}", f"--tracking.uri={mlflow_ui}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.sweep",
+            str(sweep),
+            f"--data.source={corpus}",
+            f"--storage.root={tmp_path / 'store'}",
+            f"--tracking.uri={mlflow_ui}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     client = MlflowClient(mlflow_ui)

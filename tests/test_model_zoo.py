@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from generalmodel.config import ConfigError, parse_args
+from generalmodel.cli import parse_args
+from generalmodel.config import ConfigError
 from models import PRESETS, build_model, get_spec
 from models.attention import causal_mask
 from models.common import KVCache
@@ -26,8 +27,7 @@ def small(name, **changes):
     return replace(PRESETS[name], vocab_size=256, **changes)
 
 
-ATTENTION_VARIANTS = {**{name: {} for name in TINY}, "llama-mha": {"n_kv_heads": None},
-                      "llama-mqa": {"n_kv_heads": 1}}
+ATTENTION_VARIANTS = {**{name: {} for name in TINY}, "llama-mha": {"n_kv_heads": None}, "llama-mqa": {"n_kv_heads": 1}}
 
 
 @pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
@@ -45,11 +45,14 @@ def test_kv_cache_decoding_reproduces_full_forward(variant):
 
 def test_window_mask_pattern():
     mask = causal_mask(T=3, past=4, window=3, device="cpu")  # queries at positions 4, 5, 6
-    expected = torch.tensor([
-        [0, 0, 1, 1, 1, 0, 0],
-        [0, 0, 0, 1, 1, 1, 0],
-        [0, 0, 0, 0, 1, 1, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 0, 0],
+            [0, 0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask, expected)
     assert causal_mask(T=5, past=0, window=None, device="cpu") is None  # plain causal: SDPA is_causal
 
@@ -177,7 +180,7 @@ def _fsdp_worker(rank, port, names, out):
     for name in names:
         torch.manual_seed(0)
         cfg = small(name, n_layers=2, max_seq_len=64)
-        model = get_spec(cfg.name).parallelize(build_model(cfg))
+        model = get_spec(cfg.name).shard(build_model(cfg))
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         torch.manual_seed(1 + rank)
         batch = torch.randint(0, 256, (2, 33))

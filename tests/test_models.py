@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from generalmodel.config import ConfigError, parse_args
+from generalmodel.cli import parse_args
+from generalmodel.config import ConfigError
 from models import build_model, get_spec
 from models.gpt2 import GPT2Config
+
 
 def test_registry_lists_valid_names():
     with pytest.raises(ValueError, match="unknown model 'gpt3'; registered models: deepseek, gpt2, llama"):

@@ -9,17 +9,13 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, make_documents
+
 from generalmodel import UserError
 from generalmodel.config import load_config
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.data.tokenizer import load_tokenizer
-
-pytestmark = pytest.mark.integration
-
-sys.path.insert(0, str(REPO / "jobs"))
-import prepare_data  # noqa: E402
+from jobs import prepare_data
 
 
 def config(source, output, **data):
@@ -142,7 +138,11 @@ def run_job(*args):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
         [sys.executable, str(REPO / "jobs/prepare_data.py"), *args],
-        capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
     )
 
 
@@ -163,7 +163,10 @@ def test_bad_input_exits_non_zero_with_a_clear_message(tmp_path):
         (["--data.seq_len=0"], "data.seq_len = 0"),
         (["--data.vocab_size=258"], "data.vocab_size = 258"),
         ([f"--data.output={tmp_path}/existing"], "already holds a dataset"),
-        (["--data.tokenizer=/nonexistent/tokenizer.json"], "data.tokenizer '/nonexistent/tokenizer.json': no such file"),
+        (
+            ["--data.tokenizer=/nonexistent/tokenizer.json"],
+            "data.tokenizer '/nonexistent/tokenizer.json': no such file",
+        ),
     ]
     for args, message in cases:
         if not any(a.startswith("--data.output") for a in args):

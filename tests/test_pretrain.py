@@ -2,26 +2,16 @@
 real S3 server) and checkpoints on s3://; a worker failure recovered by Ray Train; `ray job
 submit` against a `ray start` cluster."""
 
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-
 import pytest
+from conftest import submit_job, write_corpus
 
-from conftest import REPO, write_corpus
 from generalmodel import UserError
+from generalmodel.cli import parse_args
+from generalmodel.cluster import cluster_up
 from generalmodel.config import load_config
+from jobs import pretrain, sample
 
 pytestmark = pytest.mark.e2e
-
-sys.path.insert(0, str(REPO / "jobs"))
-import pretrain  # noqa: E402
-import sample  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +21,23 @@ def corpus(tmp_path_factory):
 
 def tiny_overrides(corpus, **extra):
     base = {
-        "data.source": str(corpus), "data.output": "datasets/tiny", "data.vocab_size": 320, "data.seq_len": 32,
-        "data.val_fraction": 0.1, "model.vocab_size": 320, "model.max_seq_len": 32, "model.n_layers": 2,
-        "model.n_heads": 2, "model.d_model": 32, "train.steps": 8, "train.batch_size": 4, "train.log_every": 2,
-        "train.eval_every": 4, "train.eval_batches": 2, "train.checkpoint_every": 2, "optim.warmup_steps": 2,
+        "data.source": str(corpus),
+        "data.output": "datasets/tiny",
+        "data.vocab_size": 320,
+        "data.seq_len": 32,
+        "data.val_fraction": 0.1,
+        "model.vocab_size": 320,
+        "model.max_seq_len": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.d_model": 32,
+        "train.steps": 8,
+        "train.batch_size": 4,
+        "train.log_every": 2,
+        "train.eval_every": 4,
+        "train.eval_batches": 2,
+        "train.checkpoint_every": 2,
+        "optim.warmup_steps": 2,
         "tracking.registered_model": "tiny-test",
     }
     base.update(extra)
@@ -45,9 +48,16 @@ def test_pretrain_tracks_registers_and_samples(ray_cluster, s3_server, mlflow_se
     from mlflow.tracking import MlflowClient
 
     bucket = s3_server.new_bucket()
-    cfg = load_config(overrides=tiny_overrides(
-        corpus, **{"storage.root": f"s3://{bucket}/store", "tracking.uri": mlflow_server.uri,
-                   **s3_server.storage_overrides()}))
+    cfg = load_config(
+        overrides=tiny_overrides(
+            corpus,
+            **{
+                "storage.root": f"s3://{bucket}/store",
+                "tracking.uri": mlflow_server.uri,
+                **s3_server.storage_overrides(),
+            },
+        )
+    )
     result = pretrain.main(cfg)
 
     client = MlflowClient(mlflow_server.uri)
@@ -62,26 +72,48 @@ def test_pretrain_tracks_registers_and_samples(ray_cluster, s3_server, mlflow_se
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "loss_lr.png", "model"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
-        "model/model.safetensors", "model/model_config.json", "model/tokenizer.json"}
+        "model/model.safetensors",
+        "model/model_config.json",
+        "model/tokenizer.json",
+    }
     assert result["model_uri"].startswith("models:/tiny-test/")
     assert client.get_model_version("tiny-test", result["model_uri"].rsplit("/", 1)[1]).run_id == run.info.run_id
 
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/")["Contents"]]
+    keys = [
+        o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/")["Contents"]
+    ]
     assert "store/checkpoints/pretrain/step-00000008/manifest.json" in keys
     assert any(k.endswith(".distcp") for k in keys)
 
     capsys.readouterr()
-    texts = sample.main(["--model", result["model_uri"], "--tracking-uri", mlflow_server.uri, "--prompt", "Document",
-                         "--max-new-tokens", "8", "--top-k", "20"])
+    texts = sample.main(
+        parse_args(
+            [
+                "--model",
+                result["model_uri"],
+                f"--tracking.uri={mlflow_server.uri}",
+                "--prompt",
+                "Document",
+                "--sampling.max_new_tokens=8",
+                "--sampling.top_k=20",
+            ],
+            sample.SampleConfig,
+        )
+    )
     assert texts[0].startswith("Document") and len(texts[0]) > len("Document")
 
 
 def test_worker_failure_restarts_from_the_last_checkpoint(ray_cluster, corpus, tmp_path):
-    common = {"storage.root": str(tmp_path), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
-              "train.log_every": 1, "train.eval_every": 100}
+    common = {
+        "storage.root": str(tmp_path),
+        "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "train.log_every": 1,
+        "train.eval_every": 100,
+    }
     clean = pretrain.main(load_config(overrides=tiny_overrides(corpus, **common, **{"train.run_name": "clean"})))
-    failed = pretrain.main(load_config(overrides=tiny_overrides(
-        corpus, **common, **{"train.run_name": "flaky", "train.fail_at_step": 5})))
+    failed = pretrain.main(
+        load_config(overrides=tiny_overrides(corpus, **common, **{"train.run_name": "flaky", "train.fail_at_step": 5}))
+    )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -96,8 +128,12 @@ def test_a_run_that_fails_for_good_is_marked_failed(ray_cluster, corpus, tmp_pat
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = load_config(overrides=tiny_overrides(corpus, **{
-        "storage.root": str(tmp_path), "tracking.uri": uri, "train.fail_at_step": 3, "ray.max_failures": 0}))
+    cfg = load_config(
+        overrides=tiny_overrides(
+            corpus,
+            **{"storage.root": str(tmp_path), "tracking.uri": uri, "train.fail_at_step": 3, "ray.max_failures": 0},
+        )
+    )
     with pytest.raises(UserError, match="training failed: .*injected failure at step 3"):
         pretrain.main(cfg)
     client = MlflowClient(uri)
@@ -109,72 +145,45 @@ def test_bad_input_is_a_clear_error(corpus, tmp_path):
     with pytest.raises(UserError, match="cannot reach the MLflow server at http://127.0.0.1:9"):
         pretrain.main(load_config(overrides=tiny_overrides(corpus, **{"tracking.uri": "http://127.0.0.1:9"})))
     with pytest.raises(UserError, match="cannot reach the S3 endpoint"):
-        pretrain.main(load_config(overrides=tiny_overrides(
-            corpus, **{"storage.root": "s3://bucket/store", "storage.endpoint_url": "http://127.0.0.1:9",
-                       "storage.access_key_id": "k", "storage.secret_access_key": "s",
-                       "tracking.uri": f"sqlite:///{tmp_path}/m.db"})))
+        pretrain.main(
+            load_config(
+                overrides=tiny_overrides(
+                    corpus,
+                    **{
+                        "storage.root": "s3://bucket/store",
+                        "storage.endpoint_url": "http://127.0.0.1:9",
+                        "storage.access_key_id": "k",
+                        "storage.secret_access_key": "s",
+                        "tracking.uri": f"sqlite:///{tmp_path}/m.db",
+                    },
+                )
+            )
+        )
     with pytest.raises(UserError, match="is not a published dataset"):
-        pretrain.main(load_config(overrides=tiny_overrides(
-            corpus, **{"train.dataset": str(tmp_path / "nothing"), "storage.root": str(tmp_path),
-                       "tracking.uri": f"sqlite:///{tmp_path}/m.db"})))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        pretrain.main(
+            load_config(
+                overrides=tiny_overrides(
+                    corpus,
+                    **{
+                        "train.dataset": str(tmp_path / "nothing"),
+                        "storage.root": str(tmp_path),
+                        "tracking.uri": f"sqlite:///{tmp_path}/m.db",
+                    },
+                )
+            )
+        )
 
 
 def test_ray_job_submit(corpus, tmp_path):
-    """`ray job submit --working-dir . -- python jobs/pretrain.py ...` on a `ray start` cluster."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    bin_dir = os.path.dirname(sys.executable)  # `python` in the entrypoint is this venv's
-    ray_bin = os.path.join(bin_dir, "ray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", HOME=str(tmp_path), PATH=f"{bin_dir}:{env['PATH']}")  # token in $HOME/.ray
-    token = subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=60)
-    assert token.returncode == 0, token.stderr[-2000:]
-    port, dash = _free_port(), _free_port()
-    temp = tempfile.mkdtemp(prefix="gmray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    # --block keeps the head's processes in one process group, so that stopping it cannot touch
-    # the test session's own Ray cluster (`ray stop` would stop every cluster on the machine).
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}",
-         f"--dashboard-agent-listen-port={_free_port()}"],  # not the default 52365: another cluster may hold it
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    """`ray job submit --working-dir . -- python jobs/pretrain.py ...` on a `ray start` cluster: the
+    job runs as a script from the unpacked working directory, with no install of this repo."""
+    cluster = cluster_up(workers=0, cpus_per_node=2, env={"HOME": str(tmp_path)})  # its token in $HOME/.ray
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # 401 without the token: the server is up
-                break
-            except OSError:
-                assert head.poll() is None and time.time() < deadline, "the Ray head did not start"
-                time.sleep(1)
-        overrides = tiny_overrides(corpus, **{"storage.root": str(tmp_path / "store"),
-                                              "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"})
-        args = [f"--{k}={v}" for k, v in overrides.items()]
-        for _ in range(20):  # the head answers HTTP before its job agent is ready
-            job = subprocess.run(
-                [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-                 "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", ".generalmodel", ".whl"]}),
-                 "--", "python", "jobs/pretrain.py", *args],
-                env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent to submit job" not in job.stderr:
-                break
-            time.sleep(3)
+        overrides = tiny_overrides(
+            corpus, **{"storage.root": str(tmp_path / "store"), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"}
+        )
+        job = submit_job(cluster, ["python", "jobs/pretrain.py", *(f"--{k}={v}" for k, v in overrides.items())])
         assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-3000:]
         assert "MLflow run " in job.stdout and "registered models:/tiny-test/" in job.stdout
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+        cluster.down()

@@ -5,16 +5,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, make_documents
+
 from generalmodel.config import StorageConfig, load_config
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.storage import StorageError, resolve
-
-pytestmark = pytest.mark.integration
-
-sys.path.insert(0, str(REPO / "jobs"))
-import prepare_data  # noqa: E402
+from jobs import prepare_data
 
 
 def storage(s3, **kw):
@@ -74,14 +70,21 @@ def run_job(args, env_overrides):
     env.update(env_overrides)
     return subprocess.run(
         [sys.executable, str(REPO / "jobs/prepare_data.py"), *args],
-        capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
     )
 
 
 def test_bad_storage_is_a_clear_error_and_secrets_stay_out(s3_server):
     bucket = s3_server.new_bucket()
-    good = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": s3_server.key,
-            "AWS_SECRET_ACCESS_KEY": s3_server.secret}
+    good = {
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_ACCESS_KEY_ID": s3_server.key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret,
+    }
     cases = [
         ({**good, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, f"s3://{bucket}/ds", "cannot reach the S3 endpoint"),
         (good, "s3://no-such-bucket-here/ds", "bucket 'no-such-bucket-here' does not exist"),
@@ -100,12 +103,16 @@ def test_bad_storage_is_a_clear_error_and_secrets_stay_out(s3_server):
 def test_the_default_job_writes_to_s3_with_env_credentials(s3_server):
     """`python jobs/prepare_data.py` on the built-in corpus, pointed at S3 by the AWS env vars."""
     bucket = s3_server.new_bucket()
-    env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": s3_server.key,
-           "AWS_SECRET_ACCESS_KEY": s3_server.secret}
-    result = run_job([f"--storage.root=s3://{bucket}/store", "--config", "configs/tiny.yaml",
-                      "--ray.num_cpus=2"], env)
+    env = {
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_ACCESS_KEY_ID": s3_server.key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret,
+    }
+    result = run_job([f"--storage.root=s3://{bucket}/store", "--config", "configs/tiny.yaml", "--ray.num_cpus=2"], env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"published s3://{bucket}/store/datasets/sotu-tiny" in result.stdout
-    cfg = StorageConfig(endpoint_url=s3_server.endpoint, access_key_id=s3_server.key, secret_access_key=s3_server.secret)
+    cfg = StorageConfig(
+        endpoint_url=s3_server.endpoint, access_key_id=s3_server.key, secret_access_key=s3_server.secret
+    )
     ds = TokenDataset.open(f"s3://{bucket}/store/datasets/sotu-tiny", cfg)
     assert ds.vocab_size == 512 and ds.rows("train") > 1000

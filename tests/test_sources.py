@@ -5,8 +5,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_documents
+
 from generalmodel.config import DataConfig, StorageConfig
 from generalmodel.data.sources import SourceError, list_pieces, normalize, read_documents
 

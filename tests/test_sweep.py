@@ -56,15 +56,28 @@ resources: {num_workers: 1, cpus_per_worker: 0.9}
 
 
 def sweep_args(bucket, s3_server, mlflow_server, corpus, **extra):
-    args = {"data.source": str(corpus), "storage.root": f"s3://{bucket}/store", "tracking.uri": mlflow_server.uri,
-            **s3_server.storage_overrides(), **extra}
+    args = {
+        "data.source": str(corpus),
+        "storage.root": f"s3://{bucket}/store",
+        "tracking.uri": mlflow_server.uri,
+        **s3_server.storage_overrides(),
+        **extra,
+    }
     return [f"--{k}={v}" for k, v in args.items()]
 
 
 def run_sweep(cluster, path, args, timeout=600, **popen):
     cmd = [sys.executable, str(REPO / "jobs/sweep.py"), str(path), f"--ray.address={cluster.address}", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **popen)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
 
 
 def finish(proc, timeout=600) -> str:
@@ -73,8 +86,9 @@ def finish(proc, timeout=600) -> str:
 
 
 def children(client, parent):
-    return client.search_runs([client.get_run(parent.info.run_id).info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return client.search_runs(
+        [client.get_run(parent.info.run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
 
 
 def parent_run(client, name):
@@ -91,9 +105,22 @@ def test_sweep_tracks_stops_compares_and_registers(cluster, s3_server, mlflow_se
     bucket = s3_server.new_bucket()
     path = tmp_path / "tiny-sweep.yaml"
     path.write_text(SWEEP)
-    proc = run_sweep(cluster, path, sweep_args(bucket, s3_server, mlflow_server, corpus, **{
-        "train.steps": 16, "train.eval_every": 4, "train.checkpoint_every": 8,
-        "tracking.registered_model": "sweep-test"}))
+    proc = run_sweep(
+        cluster,
+        path,
+        sweep_args(
+            bucket,
+            s3_server,
+            mlflow_server,
+            corpus,
+            **{
+                "train.steps": 16,
+                "train.eval_every": 4,
+                "train.checkpoint_every": 8,
+                "tracking.registered_model": "sweep-test",
+            },
+        ),
+    )
     out = finish(proc)
     assert proc.returncode == 0, out[-6000:]
     assert "trials ranked by val_loss" in out and "best model: models:/sweep-test/" in out
@@ -131,7 +158,10 @@ def test_sweep_tracks_stops_compares_and_registers(cluster, s3_server, mlflow_se
     assert client.get_model_version("sweep-test", version).run_id == best
     assert {a.path for a in client.list_artifacts(best, "model")} >= {"model/model.safetensors"}
 
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/sweeps/tiny-sweep/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/sweeps/tiny-sweep/")["Contents"]
+    ]
     assert any("/checkpoints/" in k and k.endswith("manifest.json") for k in keys)  # trial checkpoints on S3
     assert any(os.path.basename(k).startswith("experiment_state") for k in keys)  # Tune's state, for restore
 
@@ -141,12 +171,25 @@ def test_killed_sweep_driver_is_restored(cluster, s3_server, mlflow_server, corp
 
     bucket = s3_server.new_bucket()
     path = tmp_path / "restored.yaml"
-    path.write_text(SWEEP.replace("optim.lr: {grid: [0.01, 0.00001]}", "optim.lr: {grid: [0.01]}")
-                    .replace("model.attention: {grid: [gqa, mla]}", "model.attention: {grid: [gqa]}"))
-    args = sweep_args(bucket, s3_server, mlflow_server, corpus, **{
-        "train.steps": 600, "train.log_every": 10, "train.eval_every": 50, "train.checkpoint_every": 50,
-        "scheduler.kind": "fifo",
-        "tracking.registered_model": "sweep-restore-test"})
+    path.write_text(
+        SWEEP.replace("optim.lr: {grid: [0.01, 0.00001]}", "optim.lr: {grid: [0.01]}").replace(
+            "model.attention: {grid: [gqa, mla]}", "model.attention: {grid: [gqa]}"
+        )
+    )
+    args = sweep_args(
+        bucket,
+        s3_server,
+        mlflow_server,
+        corpus,
+        **{
+            "train.steps": 600,
+            "train.log_every": 10,
+            "train.eval_every": 50,
+            "train.checkpoint_every": 50,
+            "scheduler.kind": "fifo",
+            "tracking.registered_model": "sweep-restore-test",
+        },
+    )
     client = MlflowClient(mlflow_server.uri)
     proc = run_sweep(cluster, path, args)
     deadline = time.time() + 300
@@ -177,12 +220,17 @@ def test_killed_sweep_driver_is_restored(cluster, s3_server, mlflow_server, corp
     assert proc.returncode == 2 and "was started with another base config" in out, out[-3000:]
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"resources.num_workers": 3}, "a trial needs 2.71 CPUs (resources: 3 workers x 0.9 CPU + 0.01 for its driver) "
-                                   "but the Ray cluster has 2"),
-    ({"metric": "val_acc"}, "'val_acc' is never reported by a trial"),
-    ({"search.optim.lrate": "{uniform: [0.1, 0.2]}"}, "optim has no 'lrate'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"resources.num_workers": 3},
+            "a trial needs 2.71 CPUs (resources: 3 workers x 0.9 CPU + 0.01 for its driver) but the Ray cluster has 2",
+        ),
+        ({"metric": "val_acc"}, "'val_acc' is never reported by a trial"),
+        ({"search.optim.lrate": "{uniform: [0.1, 0.2]}"}, "optim has no 'lrate'"),
+    ],
+)
 def test_bad_sweeps_fail_before_any_trial(cluster, s3_server, mlflow_server, corpus, tmp_path, extra, message):
     path = tmp_path / "bad.yaml"
     path.write_text(SWEEP)

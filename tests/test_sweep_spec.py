@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from generalmodel.tune.spec import SweepError, end_values, load_sweep, trial_config
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -22,7 +22,7 @@ def test_there_are_sweeps():
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_sweep_file_validates(path):
-    from generalmodel.tune import param_space, search_algorithm
+    from generalmodel.tune.runner import param_space, search_algorithm
 
     sweep, base = load_sweep(path)
     assert sweep.name == path.stem
@@ -55,8 +55,9 @@ scheduler: {grace_period: 10}
 
 def test_overrides_split_between_sweep_and_base(tmp_path):
     path = write(tmp_path, BASE + "search:\n  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
-    sweep, base = load_sweep(path, {"num_samples": 3, "scheduler.grace_period": 20, "train.steps": 50,
-                                    "tracking.experiment": "x"})
+    sweep, base = load_sweep(
+        path, {"num_samples": 3, "scheduler.grace_period": 20, "train.steps": 50, "tracking.experiment": "x"}
+    )
     assert sweep.num_samples == 3 and sweep.scheduler.grace_period == 20
     assert base.train.steps == 50 and base.tracking.experiment == "x"
     assert base.data.vocab_size == 512  # from the preset file: trials get it as keys, not as a path
@@ -64,24 +65,27 @@ def test_overrides_split_between_sweep_and_base(tmp_path):
     assert cfg.optim.lr == 0.002 and cfg.train.run_name == "t1" and cfg.train.steps == 50
 
 
-@pytest.mark.parametrize("search, message", [
-    ("optim.lrr: {uniform: [0.1, 0.2]}", "optim has no 'lrr'"),
-    ("modle.n_layers: {choice: [2]}", "the config has no 'modle'"),
-    ("optim.lr: {choice: []}", "choice needs a non-empty list"),
-    ("optim.lr: {grid: []}", "grid needs a non-empty list"),
-    ("optim.lr: {uniform: [0.01, 0.001]}", "lower bound 0.01 must be below the upper bound 0.001"),
-    ("optim.lr: {loguniform: [0.01, 0.01]}", "lower bound 0.01 must be below"),
-    ("optim.lr: {loguniform: [0.0, 0.01]}", "positive lower bound"),
-    ("optim.lr: {normal: [0.0, 0.01]}", "unknown distribution 'normal'"),
-    ("optim.lr: 0.01", "must be one {kind: args}"),
-    ("optim.lr: {uniform: [0.0, 0.01]}", "search.optim.lr = 0.0 is not a valid value"),
-    ("model.attention: {choice: [gqa, flash]}", "search.model.attention = 'flash' is not a valid value"),
-    ("optim.schedule: {choice: [cosine, step]}", "search.optim.schedule = 'step'"),
-    ("data.seq_len: {choice: [32, 64]}", "search.data.seq_len cannot be searched"),
-    ("train.run_name: {choice: [a, b]}", "search.train.run_name cannot be searched"),
-    ("model.preset: {choice: [llama-tiny, mla-tiny]}", "would be overridden by the base config's model."),
-    ("model.n_layers: {randint: [2.5, 4]}", "randint needs integer bounds"),
-])
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ("optim.lrr: {uniform: [0.1, 0.2]}", "optim has no 'lrr'"),
+        ("modle.n_layers: {choice: [2]}", "the config has no 'modle'"),
+        ("optim.lr: {choice: []}", "choice needs a non-empty list"),
+        ("optim.lr: {grid: []}", "grid needs a non-empty list"),
+        ("optim.lr: {uniform: [0.01, 0.001]}", "lower bound 0.01 must be below the upper bound 0.001"),
+        ("optim.lr: {loguniform: [0.01, 0.01]}", "lower bound 0.01 must be below"),
+        ("optim.lr: {loguniform: [0.0, 0.01]}", "positive lower bound"),
+        ("optim.lr: {normal: [0.0, 0.01]}", "unknown distribution 'normal'"),
+        ("optim.lr: 0.01", "must be one {kind: args}"),
+        ("optim.lr: {uniform: [0.0, 0.01]}", "search.optim.lr = 0.0 is not a valid value"),
+        ("model.attention: {choice: [gqa, flash]}", "search.model.attention = 'flash' is not a valid value"),
+        ("optim.schedule: {choice: [cosine, step]}", "search.optim.schedule = 'step'"),
+        ("data.seq_len: {choice: [32, 64]}", "search.data.seq_len cannot be searched"),
+        ("train.run_name: {choice: [a, b]}", "search.train.run_name cannot be searched"),
+        ("model.preset: {choice: [llama-tiny, mla-tiny]}", "would be overridden by the base config's model."),
+        ("model.n_layers: {randint: [2.5, 4]}", "randint needs integer bounds"),
+    ],
+)
 def test_bad_search_space_is_an_error_naming_it(tmp_path, search, message):
     path = write(tmp_path, BASE + "search:\n  " + search + "\n")
     with pytest.raises(SweepError, match=None) as e:
@@ -89,14 +93,17 @@ def test_bad_search_space_is_an_error_naming_it(tmp_path, search, message):
     assert message in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("metric: val_accuracy", "'val_accuracy' is never reported by a trial; trials report val_loss, loss"),
-    ("searcher: bayes", "searcher"),
-    ("scheduler: {kind: asha, grace_period: 100}", "grace_period 100 must be below max_t 100"),
-    ("num_samples: 0", "num_samples"),
-    ("bogus: 1", "bogus: unknown option"),
-    ("searcher: grid", "searcher 'grid' enumerates lists only; search.optim.lr is loguniform"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("metric: val_accuracy", "'val_accuracy' is never reported by a trial; trials report val_loss, loss"),
+        ("searcher: bayes", "searcher"),
+        ("scheduler: {kind: asha, grace_period: 100}", "grace_period 100 must be below max_t 100"),
+        ("num_samples: 0", "num_samples"),
+        ("bogus: 1", "bogus: unknown option"),
+        ("searcher: grid", "searcher 'grid' enumerates lists only; search.optim.lr is loguniform"),
+    ],
+)
 def test_bad_sweep_options(tmp_path, extra, message):
     text = BASE.replace("scheduler: {grace_period: 10}\n", "") + "search:\n  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
     if not extra.startswith("scheduler"):
@@ -119,10 +126,13 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_grid_searcher_turns_choices_into_grids(tmp_path):
-    from generalmodel.tune import param_space
+    from generalmodel.tune.runner import param_space
 
-    path = write(tmp_path, BASE + "searcher: grid\nsearch:\n  optim.lr: {choice: [0.001, 0.01]}\n"
-                 "  optim.schedule: {grid: [cosine, wsd]}\n")
+    path = write(
+        tmp_path,
+        BASE + "searcher: grid\nsearch:\n  optim.lr: {choice: [0.001, 0.01]}\n"
+        "  optim.schedule: {grid: [cosine, wsd]}\n",
+    )
     sweep, _ = load_sweep(path)
     space = param_space(sweep)
     assert space["optim.lr"] == {"grid_search": [0.001, 0.01]}

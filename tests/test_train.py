@@ -4,43 +4,60 @@ exact resume, NaN handling, incompatible resume; LR schedules; sampling paramete
 import math
 import os
 import socket
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import make_documents
 
-from conftest import REPO, make_documents
-from generalmodel import UserError
-from generalmodel.config import OptimConfig, load_config
+from generalmodel.config import ConfigError, OptimConfig, load_config
 from generalmodel.infer import SamplingParams, filter_logits
 from generalmodel.optim import lr_multiplier
 from generalmodel.train.loop import TrainingError, train
 
-pytestmark = pytest.mark.integration  # the dataset is prepared once with the real Ray Data job
+# Tests on `train_dataset` (prepared once with the real Ray Data job) are marked integration by
+# conftest; the rest are unit tests.
 
 
 @pytest.fixture(scope="session")
 def train_dataset(ray_cluster, tmp_path_factory):
-    sys.path.insert(0, str(REPO / "jobs"))
-    import prepare_data
+    from jobs import prepare_data
 
     root = tmp_path_factory.mktemp("train-data")
     (root / "src").mkdir()
     for i, doc in enumerate(make_documents(80, seed=11)):
         (root / "src" / f"{i:03d}.txt").write_text(doc)
-    prepare_data.main(load_config(overrides={
-        "data.source": str(root / "src"), "data.output": str(root / "ds"),
-        "data.vocab_size": 320, "data.seq_len": 32, "data.val_fraction": 0.1}))
+    prepare_data.main(
+        load_config(
+            overrides={
+                "data.source": str(root / "src"),
+                "data.output": str(root / "ds"),
+                "data.vocab_size": 320,
+                "data.seq_len": 32,
+                "data.val_fraction": 0.1,
+            }
+        )
+    )
     return str(root / "ds")
 
 
 def tiny(dataset, root, **overrides):
     base = {
-        "train.dataset": dataset, "storage.root": str(root), "model.vocab_size": 320, "model.max_seq_len": 32,
-        "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32, "train.steps": 12, "train.batch_size": 4,
-        "train.log_every": 1, "train.eval_every": 6, "train.eval_batches": 2, "train.checkpoint_every": 3,
-        "optim.warmup_steps": 2, "optim.lr": 1e-2,
+        "train.dataset": dataset,
+        "storage.root": str(root),
+        "model.vocab_size": 320,
+        "model.max_seq_len": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.d_model": 32,
+        "train.steps": 12,
+        "train.batch_size": 4,
+        "train.log_every": 1,
+        "train.eval_every": 6,
+        "train.eval_batches": 2,
+        "train.checkpoint_every": 3,
+        "optim.warmup_steps": 2,
+        "optim.lr": 1e-2,
     }
     base.update(overrides)
     return load_config(overrides=base)
@@ -75,13 +92,28 @@ def test_resume_is_exact(train_dataset, tmp_path):
 def test_grad_accumulation_and_activation_checkpointing_keep_the_losses(train_dataset, tmp_path):
     """4 × 2 micro-batches == 8 in one batch; recomputing blocks in backward changes nothing."""
     whole, _ = run(tiny(train_dataset, tmp_path / "a", **{"train.batch_size": 8, "train.steps": 6}))
-    accumulated, _ = run(tiny(train_dataset, tmp_path / "b", **{"train.batch_size": 4, "train.grad_accum": 2,
-                                                                   "train.steps": 6}))
-    full, _ = run(tiny(train_dataset, tmp_path / "c", **{"train.batch_size": 8, "train.steps": 6,
-                                                            "train.activation_checkpointing": "full"}))
-    selective, _ = run(tiny(train_dataset, tmp_path / "d", **{"train.batch_size": 8, "train.steps": 6,
-                                                                 "train.activation_checkpointing": "selective",
-                                                                 "train.ac_every": 2}))
+    accumulated, _ = run(
+        tiny(train_dataset, tmp_path / "b", **{"train.batch_size": 4, "train.grad_accum": 2, "train.steps": 6})
+    )
+    full, _ = run(
+        tiny(
+            train_dataset,
+            tmp_path / "c",
+            **{"train.batch_size": 8, "train.steps": 6, "train.activation_checkpointing": "full"},
+        )
+    )
+    selective, _ = run(
+        tiny(
+            train_dataset,
+            tmp_path / "d",
+            **{
+                "train.batch_size": 8,
+                "train.steps": 6,
+                "train.activation_checkpointing": "selective",
+                "train.ac_every": 2,
+            },
+        )
+    )
     for step in whole:
         assert math.isclose(accumulated[step], whole[step], rel_tol=1e-5), step
         assert full[step] == whole[step], step
@@ -89,7 +121,7 @@ def test_grad_accumulation_and_activation_checkpointing_keep_the_losses(train_da
 
 
 def test_activation_checkpointing_choices():
-    from generalmodel.train.loop import checkpoint_blocks
+    from generalmodel.train.parallelize import checkpoint_blocks
     from models import build_model
     from models.llama import LlamaConfig
 
@@ -126,8 +158,17 @@ def test_dataset_and_model_must_agree(train_dataset, tmp_path):
 
 
 def test_non_finite_losses_stop_training(train_dataset, tmp_path):
-    cfg = tiny(train_dataset, tmp_path, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": 0,
-                                            "train.max_bad_steps": 2, "train.checkpoint_every": 0})
+    cfg = tiny(
+        train_dataset,
+        tmp_path,
+        **{
+            "optim.lr": 1e30,
+            "optim.warmup_steps": 0,
+            "optim.grad_clip": 0,
+            "train.max_bad_steps": 2,
+            "train.checkpoint_every": 0,
+        },
+    )
     with pytest.raises(TrainingError, match="2 non-finite losses in a row"):
         run(cfg)
     assert not (tmp_path / "checkpoints").exists()  # never checkpointed
@@ -170,10 +211,14 @@ def test_lr_schedules():
 
 
 def test_sampling_parameters_are_validated():
-    for kwargs, message in [({"top_p": 0}, "top_p must be in"), ({"top_p": 1.5}, "top_p must be in"),
-                            ({"temperature": -1}, "temperature must be >= 0"), ({"top_k": 0}, "top_k")]:
-        with pytest.raises(UserError, match=message):
-            SamplingParams(**kwargs)
+    for key, value, message in [
+        ("top_p", 0, "top_p = 0: Input should be greater than 0"),
+        ("top_p", 1.5, "top_p = 1.5: Input should be less than or equal to 1"),
+        ("temperature", -1, "temperature = -1: Input should be greater than or equal to 0"),
+        ("top_k", 0, "top_k = 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, {key: value}, SamplingParams)
 
 
 def test_logit_filters():

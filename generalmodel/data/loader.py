@@ -53,9 +53,7 @@ class TokenDataset:
         self.row_len: int = manifest["row_len"]
         self.seq_len: int = manifest["seq_len"]
         self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
-        self.shards = {
-            split: [Shard(**s) for s in info["shards"]] for split, info in manifest["splits"].items()
-        }
+        self.shards = {split: [Shard(**s) for s in info["shards"]] for split, info in manifest["splits"].items()}
 
     @classmethod
     def open(cls, uri: str, storage: StorageConfig | None = None) -> TokenDataset:
@@ -66,14 +64,15 @@ class TokenDataset:
         manifest, digest = read_manifest(loc, DATASET_KIND)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(
-                f"{loc.uri}: dataset format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+                f"{loc.uri}: dataset format_version {manifest.get('format_version')!r}, "
+                f"this code reads {FORMAT_VERSION}"
             )
         try:
             ds = cls(loc, manifest, digest)
         except (KeyError, TypeError) as e:
             raise DatasetError(f"{loc.uri}/manifest.json: malformed, missing or bad field {e}") from None
         infos = loc.fs.get_file_info([loc.join(s.path).path for shards in ds.shards.values() for s in shards])
-        for shard, info in zip([s for shards in ds.shards.values() for s in shards], infos):
+        for shard, info in zip([s for shards in ds.shards.values() for s in shards], infos, strict=True):
             if info.size is None:
                 raise DatasetError(f"{loc.uri}: shard {shard.path} listed in the manifest is missing")
             if info.size != shard.bytes:
@@ -104,7 +103,9 @@ class TokenDataset:
         column = pq.read_table(io.BytesIO(data)).column("tokens").combine_chunks()
         rows = column.flatten().to_numpy().reshape(-1, self.row_len)
         if len(rows) != shard.rows:
-            raise DatasetError(f"{self.loc.uri}: shard {shard.path} has {len(rows)} rows, the manifest says {shard.rows}")
+            raise DatasetError(
+                f"{self.loc.uri}: shard {shard.path} has {len(rows)} rows, the manifest says {shard.rows}"
+            )
         return rows
 
     def verify(self) -> None:
@@ -263,4 +264,3 @@ class TokenLoader:
         if self.shuffle:
             rows = rows[np.random.default_rng([self.seed, epoch, w]).permutation(len(rows))]
         return rows
-

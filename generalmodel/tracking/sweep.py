@@ -34,14 +34,23 @@ def _find(client, experiment_id: str, filter_string: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def open_parent_run(uri: str, experiment_id: str, name: str, sweep_dir: str, params: dict[str, Any],
-                    spec_yaml: str, base: Config, restoring: bool) -> tuple[str, bool]:
+def open_parent_run(
+    uri: str,
+    experiment_id: str,
+    name: str,
+    sweep_dir: str,
+    params: dict[str, Any],
+    spec_yaml: str,
+    base: Config,
+    restoring: bool,
+) -> tuple[str, bool]:
     """The sweep's parent run: (run id, whether it is the earlier run of a sweep being restored)."""
     from mlflow.entities import Param
 
     client = _client(uri)
     found = restoring and _find(
-        client, experiment_id, f"tags.`{SWEEP_DIR_TAG}` = '{sweep_dir}' and tags.`mlflow.parentRunId` IS NULL")
+        client, experiment_id, f"tags.`{SWEEP_DIR_TAG}` = '{sweep_dir}' and tags.`mlflow.parentRunId` IS NULL"
+    )
     if found:
         client.update_run(found, status="RUNNING")
         return found, True
@@ -57,13 +66,17 @@ def open_child_run(uri: str, parent_run_id: str, trial_id: str, trial_name: str)
     """A trial's run, nested under the parent: (run id, whether it existed: a resumed trial)."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
-    found = _find(client, parent.info.experiment_id,
-                  f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'")
+    found = _find(
+        client,
+        parent.info.experiment_id,
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+    )
     if found:
         client.update_run(found, status="RUNNING")
         return found, True
-    run = client.create_run(parent.info.experiment_id, run_name=trial_name,
-                            tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id})
+    run = client.create_run(
+        parent.info.experiment_id, run_name=trial_name, tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id}
+    )
     return run.info.run_id, False
 
 
@@ -104,12 +117,32 @@ def rank(rows: list[TrialRow], mode: str) -> list[TrialRow]:
 def table(rows: list[TrialRow], metric: str) -> tuple[str, str]:
     """The ranked trials as (CSV, markdown)."""
     keys = sorted({k for row in rows for k in row.params})
-    header = ["rank", "trial", "status", "steps", f"{metric} (last)", f"{metric} (best)", *keys, "stop_reason", "mlflow_run"]
+    header = [
+        "rank",
+        "trial",
+        "status",
+        "steps",
+        f"{metric} (last)",
+        f"{metric} (best)",
+        *keys,
+        "stop_reason",
+        "mlflow_run",
+    ]
     lines = []
     for i, row in enumerate(rows, 1):
-        lines.append([i, row.trial_id, row.status, row.last_step if row.last_step is not None else "",
-                      _fmt(row.metric_last), _fmt(row.metric_best), *[_fmt(row.params.get(k)) for k in keys],
-                      row.stop_reason, row.run_id or ""])
+        lines.append(
+            [
+                i,
+                row.trial_id,
+                row.status,
+                row.last_step if row.last_step is not None else "",
+                _fmt(row.metric_last),
+                _fmt(row.metric_best),
+                *[_fmt(row.params.get(k)) for k in keys],
+                row.stop_reason,
+                row.run_id or "",
+            ]
+        )
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
@@ -148,7 +181,9 @@ def log_comparison(uri: str, parent_run_id: str, rows: list[TrialRow], metric: s
         if not row.curve:
             continue
         style = {"completed": "-", "early-stopped": "--"}.get(row.status, ":")
-        label = f"{row.trial_id} ({row.status}) " + ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in row.params.items())
+        label = f"{row.trial_id} ({row.status}) " + ", ".join(
+            f"{k.split('.')[-1]}={_fmt(v)}" for k, v in row.params.items()
+        )
         ax.plot([s for s, _ in row.curve], [v for _, v in row.curve], style, marker="o", markersize=3, label=label)
     ax.set(xlabel="step", ylabel=metric, title=f"{title}: {metric} per trial (dashed: stopped early)")
     ax.legend(fontsize=7)

@@ -85,8 +85,10 @@ class Checkpointer:
         torch.save({"torch_rng": torch.get_rng_state()}, os.path.join(local, f"rank-{self.rank}.pt"))
         target = self.root.join(step_dir(step))
         thread = threading.Thread(
-            target=self._upload, args=(local, target, {**manifest, "kind": CHECKPOINT_KIND, "step": step}),
-            name=f"checkpoint-upload-{step}", daemon=True,
+            target=self._upload,
+            args=(local, target, {**manifest, "kind": CHECKPOINT_KIND, "step": step}),
+            name=f"checkpoint-upload-{step}",
+            daemon=True,
         )
         thread.start()
         self._uploads.append(thread)

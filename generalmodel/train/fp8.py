@@ -54,12 +54,16 @@ def check_supported(recipe: str, device: torch.device) -> None:
     except ImportError:
         raise Fp8Error(f"train.fp8={recipe!r} needs torchao: pip install -e '.[gpu]'") from None
     if device.type != "cuda":
-        raise Fp8Error(f"train.fp8={recipe!r} needs a CUDA GPU with fp8 tensor cores (H100/H200/L4/...); "
-                       f"this run is on {device.type} (use --train.fp8=none)")
+        raise Fp8Error(
+            f"train.fp8={recipe!r} needs a CUDA GPU with fp8 tensor cores (H100/H200/L4/...); "
+            f"this run is on {device.type} (use --train.fp8=none)"
+        )
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise Fp8Error(f"train.fp8={recipe!r}: {torch.cuda.get_device_name(device)} (compute capability "
-                       f"{major}.{minor}) has no fp8 tensor cores; they start at 8.9 (L4, H100)")
+        raise Fp8Error(
+            f"train.fp8={recipe!r}: {torch.cuda.get_device_name(device)} (compute capability "
+            f"{major}.{minor}) has no fp8 tensor cores; they start at 8.9 (L4, H100)"
+        )
 
 
 def convert(model: nn.Module, recipe: str, min_dim: int, fsdp: bool) -> list[str]:

@@ -28,10 +28,12 @@ from generalmodel import UserError
 from generalmodel.config import Config, dump_config, flatten
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.optim import build_optimizer, lr_multiplier
-from generalmodel.storage import under_root
+from generalmodel.storage import RunLayout, resolve
 from generalmodel.train import fp8
 from generalmodel.train.checkpoint import Checkpointer
-from models import build_model, get_spec
+from generalmodel.train.mfu import device_peak_flops
+from generalmodel.train.parallelize import parallelize
+from models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +75,6 @@ def setup_distributed(cfg: Config) -> Dist:
     return Dist(rank, world, device)
 
 
-def dataset_uri(cfg: Config) -> str:
-    from generalmodel.data.prepare import output_uri
-
-    return under_root(cfg.train.dataset, cfg.storage) if cfg.train.dataset else output_uri(cfg)
-
-
-def checkpoint_uri(cfg: Config) -> str:
-    return under_root(cfg.train.checkpoint_dir or f"checkpoints/{cfg.train.run_name}", cfg.storage)
-
-
 def check_compatible(cfg: Config, ds: TokenDataset) -> None:
     if ds.vocab_size != cfg.model.vocab_size:
         raise TrainingError(
@@ -102,47 +94,29 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in keys]
 
 
-def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str | None = None) -> dict[str, Any]:
+def train(cfg: Config, report: Report | None = None, layout: RunLayout | None = None) -> dict[str, Any]:
     """Train per cfg; returns the last metrics. `report(metrics)` is called every
-    train.log_every steps and after each eval, on every rank (the caller decides what to do)."""
+    train.log_every steps and after each eval, on every rank (the caller decides what to do).
+    `layout`: where the dataset, checkpoints and export are (default: computed from cfg)."""
+    layout = layout or RunLayout.of(cfg)
     env = setup_distributed(cfg)
     if cfg.train.fp8 != "none":  # a clear error, not a silent bf16 run
         fp8.check_supported(cfg.train.fp8, env.device)
     report = _with_metrics_log(report or (lambda metrics: None), cfg.train.metrics_log if env.is_main else None)
     torch.manual_seed(cfg.train.seed)
-    ds = TokenDataset.open(dataset_uri(cfg), cfg.storage.resolved())
+    ds = TokenDataset.open(layout.dataset, layout.storage)
     check_compatible(cfg, ds)
 
     model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
     flops_per_token = model.flops_per_token(ds.seq_len)  # active parameters: honest MFU for MoE
     num_params = model.num_params()
-    fsdp = env.world_size > 1
-    after_step = lambda: None  # noqa: E731
-    if cfg.train.fp8 != "none":  # before FSDP2 and compile, as torchao requires
-        converted = fp8.convert(model, cfg.train.fp8, cfg.train.fp8_min_dim, fsdp)
-        after_step = fp8.scale_precompute(model, cfg.train.fp8, fsdp)
-        if env.is_main:
-            log.info("fp8 %s: %d linears converted (min dim %d); head, routers and MoE experts stay bf16",
-                     cfg.train.fp8, len(converted), cfg.train.fp8_min_dim)
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
-    model.to(env.device)
-    if fsdp:
-        mp = None
-        if env.device.type == "cuda":
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        get_spec(cfg.model.name).parallelize(model, mp_policy=mp)
-    if cfg.train.compile == "regional":  # each block: one graph compiled once, reused by every layer
-        for block in model.blocks:
-            block.compile()
-    elif cfg.train.compile == "full":
-        model.compile()
+    peak_flops = device_peak_flops(env.device) if env.is_main else None
+    after_step = parallelize(model, cfg.train, env.device, env.world_size, log_info=env.is_main)
     optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda")
 
     loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
     val_loader = TokenLoader(ds, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
-    ckpt = Checkpointer(checkpoint_uri(cfg), cfg.storage.resolved(), env.rank, env.world_size)
+    ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size)
     config_dump = dump_config(cfg)
     start_step = 0
     latest = ckpt.latest() if cfg.train.resume == "auto" else None
@@ -153,7 +127,8 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
             conflicts.append(f"dataset: checkpoint {manifest.get('dataset')}, now {ds.manifest_sha256}")
         if conflicts:
             raise TrainingError(
-                f"cannot resume from {loc.uri}: the config differs in " + "; ".join(conflicts)
+                f"cannot resume from {loc.uri}: the config differs in "
+                + "; ".join(conflicts)
                 + " (use another train.run_name / train.checkpoint_dir, or --train.resume=never)"
             )
         ckpt.load(loc, model, optimizer)
@@ -162,9 +137,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
         if env.is_main:
             log.info("resumed from %s at step %d", loc.uri, start_step)
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else contextlib.nullcontext()
-    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else contextlib.nullcontext()
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len
@@ -175,8 +148,12 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
     run_started = time.perf_counter()
 
     def save(step: int) -> float:
-        return ckpt.save(step, model, optimizer, {"step": step, "loader": loader.state_dict(),
-                                                  "config": config_dump, "dataset": ds.manifest_sha256})
+        return ckpt.save(
+            step,
+            model,
+            optimizer,
+            {"step": step, "loader": loader.state_dict(), "config": config_dump, "dataset": ds.manifest_sha256},
+        )
 
     done = start_step
     for step in range(start_step, steps):
@@ -224,13 +201,20 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
             elapsed = time.perf_counter() - window_start
             tok_s = tokens_per_step * window_steps / elapsed
             metrics.update(
-                step=done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s,
-                tokens=done * tokens_per_step, skipped_steps=skipped, **routing,
+                step=done,
+                loss=loss_value,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens_per_s=tok_s,
+                tokens=done * tokens_per_step,
+                skipped_steps=skipped,
+                **routing,
                 eta_s=(steps - done) * elapsed / window_steps,
                 elapsed_s=time.perf_counter() - run_started,
             )
+            if peak_flops:
+                metrics["mfu"] = tok_s * flops_per_token / env.world_size / peak_flops
             if env.device.type == "cuda":
-                metrics["mfu"] = tok_s * flops_per_token / env.world_size / _peak_flops(env.device)
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             else:
                 import resource
@@ -244,7 +228,7 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
         if done == steps:
             # Before the last report: whoever hears it (a Tune scheduler) may end the run at once.
             ckpt.wait()
-            export(model, cfg, ds, env)
+            export(model, cfg, ds, env, layout)
         if metrics:
             metrics.setdefault("loss", loss_value)
             metrics["num_params"] = num_params
@@ -254,15 +238,11 @@ def train(cfg: Config, report: Report | None = None, dataset_manifest_hash: str 
     loader.close()
     val_loader.close()
     if done == start_step or done < steps:  # resumed at the end, or the last step was skipped
-        export(model, cfg, ds, env)
+        export(model, cfg, ds, env, layout)
     return last
 
 
-def export_uri(cfg: Config) -> str:
-    return checkpoint_uri(cfg).rstrip("/") + "/export"
-
-
-def export(model, cfg: Config, ds: TokenDataset, env: Dist) -> None:
+def export(model, cfg: Config, ds: TokenDataset, env: Dist, layout: RunLayout) -> None:
     """The final model as safetensors + model config + tokenizer, written by rank 0."""
     import json
 
@@ -275,9 +255,7 @@ def export(model, cfg: Config, ds: TokenDataset, env: Dist) -> None:
     if cfg.model.tie_embeddings:
         state.pop("head.weight", None)  # the same tensor as embed.weight; rebuilt by the model
     state = {k: v.contiguous() for k, v in state.items()}
-    from generalmodel.storage import resolve
-
-    out = resolve(export_uri(cfg), cfg.storage.resolved())
+    out = resolve(layout.export, layout.storage)
     out.join("model.safetensors").write_bytes(save(state))
     out.join("tokenizer.json").write_bytes(ds.tokenizer_json().encode())
     model_cfg = dump_config(cfg)["model"]
@@ -296,21 +274,6 @@ def _with_metrics_log(report: Report, path: str | None) -> Report:
         report(metrics)
 
     return report_and_log
-
-
-def checkpoint_blocks(model, mode: str, every: int) -> list[int]:
-    """Activation checkpointing: `full` recomputes every block in backward, `selective` blocks
-    0, k, 2k, ... (memory for speed in between); returns the indices of the wrapped blocks."""
-    from torch.utils.checkpoint import checkpoint
-
-    if mode == "none":
-        return []
-    chosen = [i for i in range(len(model.blocks)) if mode == "full" or i % every == 0]
-    for i in chosen:
-        block = model.blocks[i]
-        forward = block.forward
-        block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
-    return chosen
 
 
 def _mean_across_ranks(value: torch.Tensor) -> float:
@@ -336,12 +299,3 @@ def evaluate(model, loader: TokenLoader, cfg: Config, env: Dist, autocast) -> fl
         total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
     model.train()
     return _mean_across_ranks(total / cfg.train.eval_batches)
-
-
-def _peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak of the card, for MFU."""
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12)):
-        if key in name:
-            return flops
-    return 989e12

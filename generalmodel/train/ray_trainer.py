@@ -1,16 +1,24 @@
 """The per-worker loop under Ray Train: a TorchTrainer with one worker per data-parallel rank,
-restarted from the last checkpoint by FailureConfig(max_failures) when a worker dies."""
+restarted from the last checkpoint by FailureConfig(max_failures) when a worker dies.
+
+Rank 0 sends its metrics to MLflow (asynchronously) and to the driver through a Ray queue; the
+driver shows them as a live progress bar on a terminal, or as plain log lines otherwise. Ray
+Train's own per-report INFO lines stay in the worker logs.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from typing import Any
 
 from generalmodel import UserError
 from generalmodel.config import Config
-from generalmodel.storage import resolve, under_root
+from generalmodel.storage import MANIFEST, RunLayout, resolve
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("generalmodel.progress")
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -20,33 +28,91 @@ def _worker(config: dict[str, Any]) -> None:
 
     cfg: Config = config["cfg"]
     rank = ray.train.get_context().get_world_rank()
+    _quiet_ray_train()
+    logging.getLogger("generalmodel").setLevel(logging.INFO)  # the worker's default level is WARNING
+    log.info("train worker rank %d on node %s", rank, ray.get_runtime_context().get_node_id())
     logger = None
     if rank == 0 and config.get("run_id"):
         from generalmodel.tracking import MetricLogger
 
         logger = MetricLogger(config["tracking_uri"], config["run_id"])
-
-    # Ray Train streams worker logging to the driver once (print()s would arrive twice); our
-    # INFO lines (progress, resume) must pass the worker's default WARNING level.
-    logging.getLogger("generalmodel").setLevel(logging.INFO)
-    progress = logging.getLogger("generalmodel.progress")
-    progress.info("train worker rank %d on node %s", rank, ray.get_runtime_context().get_node_id())
+    queue = config.get("progress") if rank == 0 else None
 
     def report(metrics: dict[str, Any]) -> None:
-        if rank == 0:
-            progress.info(progress_line(metrics, cfg.train.steps))
-            if logger is not None:
-                logger.log(metrics)
+        if logger is not None:
+            logger.log(metrics)
+        if queue is not None:
+            try:
+                queue.put_nowait(metrics)
+            except Exception:  # a full or vanished queue only costs the driver a progress line
+                pass
         # Ray gets the evaluations (what Tune schedulers act on), not every log line: each
         # ray.train.report is a synchronization with the controller that costs up to ~1 s.
         if "val_loss" in metrics:
             ray.train.report(metrics)
 
-    train(cfg, report)
+    try:
+        train(cfg, report, config["layout"])
+    finally:
+        if logger is not None:
+            logger.flush()
 
 
-def progress_line(m: dict[str, Any], steps: int) -> str:
-    parts = [f"step {m['step']:>5}/{steps}", f"loss {m['loss']:.4f}"]
+def _quiet_ray_train() -> None:
+    """Ray Train logs every report at INFO ('Reporting training result ...') through loggers named
+    by file path; keep those in the worker's log file, off the user's console."""
+    for name in list(logging.root.manager.loggerDict):
+        if "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Progress:
+    """The driver's view of training: rank 0's metrics from a Ray queue, shown as a tqdm bar on a
+    terminal (step, loss, val loss, tokens/s, MFU, ETA) or as one log line per report otherwise."""
+
+    def __init__(self, steps: int, name: str):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        self.steps, self.name = steps, name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._show, name="training-progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.queue.shutdown()
+
+    def _show(self) -> None:
+        from ray.util.queue import Empty
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.steps, desc=self.name, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
+        while True:
+            try:
+                m = self.queue.get(timeout=0.5)
+            except Empty:
+                if self._stop.is_set():
+                    break
+                continue
+            except Exception:  # the queue actor is gone (cluster shutting down)
+                break
+            if bar is None:
+                progress_log.info(progress_line(m, self.steps))
+                continue
+            bar.n = m["step"]
+            bar.set_postfix_str(progress_line(m, self.steps, with_step=False), refresh=True)
+        if bar is not None:
+            bar.close()
+
+
+def progress_line(m: dict[str, Any], steps: int, with_step: bool = True) -> str:
+    parts = [f"step {m['step']:>5}/{steps}"] if with_step else []
+    parts.append(f"loss {m['loss']:.4f}")
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
     if "tokens_per_s" in m:
@@ -58,37 +124,43 @@ def progress_line(m: dict[str, Any], steps: int) -> str:
     return " | ".join(parts)
 
 
-def ensure_dataset(cfg: Config):
+def ensure_dataset(cfg: Config, layout: RunLayout):
     """The run's dataset (a TokenDataset), prepared with Ray Data first when train.dataset is not
     given and the data section's output is missing. Needs a Ray session."""
     from generalmodel.data.loader import TokenDataset
     from generalmodel.data.prepare import build_dataset, plan_dataset
-    from generalmodel.storage import MANIFEST
-    from generalmodel.train.loop import check_compatible, dataset_uri
+    from generalmodel.train.loop import check_compatible
 
-    uri, storage = dataset_uri(cfg), cfg.storage.resolved()
+    uri, storage = layout.dataset, layout.storage
     if not resolve(uri, storage).join(MANIFEST).exists():
         if cfg.train.dataset:
             raise UserError(f"train.dataset {uri} is not a published dataset (no {MANIFEST})")
         print(f"dataset {uri} is missing: preparing it")
-        build_dataset(plan_dataset(cfg))
+        build_dataset(plan_dataset(cfg, layout))
     ds = TokenDataset.open(uri, storage)
     check_compatible(cfg, ds)
     return ds
 
 
-def fit(cfg: Config, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None) -> None:
-    """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the log.
-    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when this runs in a trial."""
+def fit(
+    cfg: Config, layout: RunLayout, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None
+) -> None:
+    """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the driver's
+    console. `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = cfg.storage.resolved()
-    results = resolve(under_root("ray-results", storage), storage)
+    results = resolve(layout.ray_results, layout.storage)
+    progress = Progress(cfg.train.steps, cfg.train.run_name)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.model_copy(update={"storage": storage}), "run_id": run_id,
-                           "tracking_uri": tracking_uri},
+        train_loop_config={
+            "cfg": cfg.model_copy(update={"storage": layout.storage}),
+            "layout": layout,
+            "run_id": run_id,
+            "tracking_uri": tracking_uri,
+            "progress": progress.queue,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
@@ -103,7 +175,8 @@ def fit(cfg: Config, run_id: str | None, tracking_uri: str | None, callbacks: li
         ),
     )
     try:
-        result = trainer.fit()
+        with progress:
+            result = trainer.fit()
     except Exception as e:
         raise UserError(f"training failed: {root_message(e)}") from None
     if result.error is not None:
@@ -111,17 +184,19 @@ def fit(cfg: Config, run_id: str | None, tracking_uri: str | None, callbacks: li
 
 
 def root_message(e: BaseException) -> str:
-    """The exception a worker's traceback ends with (Ray passes worker errors on as text):
-    ours by preference, else the last `SomeError: message` line, else the last line."""
-    import re
-
-    text = str(e)
-    ours = re.findall(r"generalmodel\.[\w.]+?(\w+Error): (.+)", text)
-    if ours:
-        return f"{ours[-1][0]}: {ours[-1][1].strip()}"
-    raised = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
-    raised = [r for r in raised if not r[0].startswith(("WorkerGroupError", "TrainingFailedError"))]
-    if raised:
-        return f"{raised[-1][0]}: {raised[-1][1].strip()}"
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
+    """One line for the console: the first failed worker's exception (Ray Train's structured
+    `WorkerGroupError.worker_failures`), unwrapped from Ray's task/controller wrappers."""
+    for _ in range(10):  # wrappers nest: TrainingFailedError → worker exception → RayTaskError cause
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            rank, e = min(failures.items())
+            continue
+        inner = getattr(e, "controller_failure", None) or getattr(e, "cause", None)
+        if isinstance(inner, BaseException) and inner is not e:
+            e = inner
+            continue
+        break
+    text = str(e).strip()
+    if not isinstance(e, UserError):  # a crash: its last line (Ray's text keeps the traceback)
+        text = text.splitlines()[-1].strip() if text else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -63,17 +63,26 @@ class Resources(Section):
 
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(
-        1.0, gt=0, description="Leave slack on small clusters (0.9 of 1 CPU): a trial stopped by ASHA holds its "
-        "resources while it shuts down, and a new trial's driver may take the rest first.")
+        1.0,
+        gt=0,
+        description="Leave slack on small clusters (0.9 of 1 CPU): a trial stopped by ASHA holds its "
+        "resources while it shuts down, and a new trial's driver may take the rest first.",
+    )
     use_gpu: bool = False
     driver_cpus: float = Field(
-        0.01, ge=0, description="CPUs the trial's driver reserves: it only waits on its Ray Train run "
-        "(a whole CPU would starve the workers on a small machine)."
+        0.01,
+        ge=0,
+        description="CPUs the trial's driver reserves: it only waits on its Ray Train run "
+        "(a whole CPU would starve the workers on a small machine).",
     )
 
 
 class Sweep(Section):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Names the sweep, its storage and its MLflow parent run.")
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Names the sweep, its storage and its MLflow parent run.",
+    )
     base: Base = Base()
     search: dict[str, Any] = Field(..., description="Dotted config key -> {kind: args}.")
     searcher: Literal["random", "grid", "optuna"] = "random"
@@ -92,7 +101,9 @@ class Sweep(Section):
     @classmethod
     def _reported(cls, v: str) -> str:
         if v not in TUNE_METRICS:
-            raise ValueError(f"{v!r} is never reported by a trial; trials report {', '.join(TUNE_METRICS)} at each evaluation")
+            raise ValueError(
+                f"{v!r} is never reported by a trial; trials report {', '.join(TUNE_METRICS)} at each evaluation"
+            )
         return v
 
     @field_validator("search")
@@ -110,8 +121,10 @@ class Sweep(Section):
         if self.searcher == "grid":
             continuous = [k for k, kind in kinds.items() if kind not in ("choice", "grid")]
             if continuous:
-                raise ValueError(f"searcher 'grid' enumerates lists only; search.{continuous[0]} is "
-                                 f"{kinds[continuous[0]]} (use choice/grid, or searcher: random)")
+                raise ValueError(
+                    f"searcher 'grid' enumerates lists only; search.{continuous[0]} is "
+                    f"{kinds[continuous[0]]} (use choice/grid, or searcher: random)"
+                )
         if self.searcher == "optuna":
             grids = [k for k, kind in kinds.items() if kind == "grid"]
             if grids:
@@ -123,14 +136,18 @@ def check_distribution(key: str, dist: Any) -> None:
     where = f"search.{key}"
     if not isinstance(dist, dict) or len(dist) != 1:
         raise ValueError(f"{where} must be one {{kind: args}} with kind one of {', '.join(KINDS)}; got {dist!r}")
-    (kind, args), = dist.items()
+    ((kind, args),) = dist.items()
     if kind not in KINDS:
         raise ValueError(f"{where}: unknown distribution {kind!r}; kinds: {', '.join(KINDS)}")
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ValueError(f"{where}: {kind} needs a non-empty list of values, got {args!r}")
         return
-    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)):
+    if not (
+        isinstance(args, list)
+        and len(args) == 2
+        and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)
+    ):
         raise ValueError(f"{where}: {kind} needs [lower, upper] numbers, got {args!r}")
     low, high = args
     if low >= high:
@@ -144,7 +161,7 @@ def check_distribution(key: str, dist: Any) -> None:
 def end_values(dist: dict[str, Any]) -> list[Any]:
     """The values a distribution can produce that are worth validating: every choice, or both
     ends of a range (randint's upper bound is excluded)."""
-    (kind, args), = dist.items()
+    ((kind, args),) = dist.items()
     if kind in ("choice", "grid"):
         return list(args)
     if kind == "randint":
@@ -164,7 +181,7 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
         if key.split(".")[0] in Config.model_fields:
             base_overrides[key] = value
         elif key.startswith("search."):  # search keys are dotted config keys themselves
-            tree.setdefault("search", {})[key[len("search."):]] = value
+            tree.setdefault("search", {})[key[len("search.") :]] = value
         else:
             _set(tree, key, value)
     try:
@@ -204,6 +221,7 @@ def _explain(error: ValidationError, path: Path) -> str:
 def check_against_config(sweep: Sweep, path: Path) -> Config:
     """The base config, after checking that every search key is a searchable key of it and that
     every end value of its distribution is valid there."""
+
     def build(extra: dict[str, Any]) -> Config:
         return load_config(None, {**sweep.base.overrides, **extra})
 
@@ -214,13 +232,19 @@ def check_against_config(sweep: Sweep, path: Path) -> Config:
     for key, dist in sweep.search.items():
         section = key.split(".")[0]
         if key in RESERVED_KEYS or (section in Config.model_fields and section not in SEARCHABLE_SECTIONS):
-            raise SweepError(f"sweep {str(path)!r}: search.{key} cannot be searched (the sweep sets it, or it is not "
-                             f"per trial); searchable sections: {', '.join(SEARCHABLE_SECTIONS)}")
+            raise SweepError(
+                f"sweep {str(path)!r}: search.{key} cannot be searched (the sweep sets it, or it is not "
+                f"per trial); searchable sections: {', '.join(SEARCHABLE_SECTIONS)}"
+            )
         if key == "model.preset":
-            fixed = sorted(k for k in sweep.base.overrides if k.startswith("model.") and k not in ("model.preset", "model.name"))
+            fixed = sorted(
+                k for k in sweep.base.overrides if k.startswith("model.") and k not in ("model.preset", "model.name")
+            )
             if fixed:
-                raise SweepError(f"sweep {str(path)!r}: search.model.preset would be overridden by the base config's "
-                                 f"{', '.join(fixed)}; leave the model section out of the base when searching presets")
+                raise SweepError(
+                    f"sweep {str(path)!r}: search.model.preset would be overridden by the base config's "
+                    f"{', '.join(fixed)}; leave the model section out of the base when searching presets"
+                )
         for value in end_values(dist):
             try:
                 build({key: value})
@@ -229,8 +253,10 @@ def check_against_config(sweep: Sweep, path: Path) -> Config:
     if sweep.scheduler.kind == "asha":
         max_t = sweep.scheduler.max_t or base.train.steps
         if sweep.scheduler.grace_period >= max_t:
-            raise SweepError(f"sweep {str(path)!r}: scheduler.grace_period {sweep.scheduler.grace_period} must be below "
-                             f"max_t {max_t} (train.steps unless scheduler.max_t), else ASHA never stops a trial")
+            raise SweepError(
+                f"sweep {str(path)!r}: scheduler.grace_period {sweep.scheduler.grace_period} must be below "
+                f"max_t {max_t} (train.steps unless scheduler.max_t), else ASHA never stops a trial"
+            )
     return base
 
 

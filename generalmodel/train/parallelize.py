@@ -1,0 +1,71 @@
+"""The one place that decides how a built model is prepared for training, and in which order:
+
+    move to the device → fp8 linears (torchao) → activation checkpointing → compile → FSDP2
+
+torchao converts plain `nn.Linear`s, so fp8 comes first; activation checkpointing wraps whole
+blocks (torch's `checkpoint_wrapper`, whose state-dict hooks keep parameter names unchanged);
+compile then sees the wrapped blocks (regional: each block, one graph reused by every layer; full:
+the whole model); FSDP2 shards each block and then the root, last, as torchtitan's
+`parallelize_llama` does. What to shard is the model's own knowledge (`ModelSpec.shard`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from generalmodel.config import TrainConfig
+from generalmodel.train import fp8
+from models import LanguageModel, get_spec
+
+log = logging.getLogger(__name__)
+
+
+def parallelize(
+    model: LanguageModel, train: TrainConfig, device: torch.device, world_size: int, log_info: bool = True
+) -> Callable[[], None]:
+    """Prepare `model` in place; returns what to call after each optimizer step."""
+    fsdp = world_size > 1
+    after_step: Callable[[], None] = lambda: None  # noqa: E731
+    model.to(device)
+    if train.fp8 != "none":
+        converted = fp8.convert(model, train.fp8, train.fp8_min_dim, fsdp)
+        after_step = fp8.scale_precompute(model, train.fp8, fsdp)
+        if log_info:
+            log.info(
+                "fp8 %s: %d linears converted (min dim %d); head, routers and MoE experts stay bf16",
+                train.fp8,
+                len(converted),
+                train.fp8_min_dim,
+            )
+    checkpoint_blocks(model, train.activation_checkpointing, train.ac_every)
+    if train.compile == "regional":
+        for block in model.blocks:
+            block.compile()
+    elif train.compile == "full":
+        model.compile()
+    if fsdp:
+        mp = None
+        if device.type == "cuda":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        get_spec(model.cfg.name).shard(model, mp_policy=mp)
+    return after_step
+
+
+def checkpoint_blocks(model: LanguageModel, mode: str, every: int) -> list[int]:
+    """Activation checkpointing: `full` recomputes every block in backward, `selective` blocks
+    0, k, 2k, ... (memory for speed in between); returns the indices of the wrapped blocks."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "none":
+        return []
+    chosen = [i for i in range(len(model.blocks)) if mode == "full" or i % every == 0]
+    for i in chosen:
+        block: nn.Module = model.blocks[i]
+        model.blocks[i] = checkpoint_wrapper(block)
+    return chosen

@@ -1,0 +1,120 @@
+"""The model zoo's registry: names → (config class, builder, FSDP2 sharding), the named presets,
+and `LanguageModel`, what the training loop, the sampler and the exporters need of a model.
+
+Pure PyTorch, single-device model code; sharding is applied from outside the model
+(`ModelSpec.shard`), in the order the platform's `generalmodel.train.parallelize` owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from models.decoder import Decoder, DecoderConfig
+from models.deepseek import DeepSeekConfig
+from models.gpt2 import GPT2Config
+from models.llama import LlamaConfig
+
+
+def fsdp_decoder(model: Decoder, mesh=None, mp_policy=None) -> Decoder:
+    """FSDP2: shard each block, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What a registered builder returns. `forward(idx (B, T), cache=None) -> logits (B, T, vocab)`."""
+
+    cfg: DecoderConfig
+    blocks: nn.ModuleList  # the repeated units: activation checkpointing, regional compile, FSDP2
+
+    def __call__(self, idx: torch.Tensor, cache=None) -> torch.Tensor: ...
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """A loss term of the last forward to add to the training loss (MoE balance), or None."""
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """Called after every optimizer step (MoE routing biases); returns metrics to log."""
+
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int: ...
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token over the active parameters (for MFU)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config_cls: type[DecoderConfig]
+    build: Callable[[DecoderConfig], LanguageModel]
+    shard: Callable[..., nn.Module]  # FSDP2: (model, mesh=None, mp_policy=None) -> model
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "gpt2": ModelSpec(GPT2Config, Decoder, fsdp_decoder),
+    "llama": ModelSpec(LlamaConfig, Decoder, fsdp_decoder),
+    "deepseek": ModelSpec(DeepSeekConfig, Decoder, fsdp_decoder),
+}
+
+# Named presets: `--model.preset=NAME` (fields given beside it override the preset's).
+_TINY = dict(vocab_size=8192, max_seq_len=256, n_layers=4, n_heads=4, d_model=192, tie_embeddings=True)
+_124M = dict(vocab_size=50304, max_seq_len=1024, n_layers=12, n_heads=12, d_model=768, tie_embeddings=True)
+PRESETS: dict[str, DecoderConfig] = {
+    "gpt2-tiny": GPT2Config(**_TINY),
+    "llama-tiny": LlamaConfig(**_TINY, n_kv_heads=2),
+    "mla-tiny": LlamaConfig(**_TINY, attention="mla", kv_lora_rank=32, qk_rope_head_dim=16),
+    "moe-tiny": LlamaConfig(**_TINY, n_kv_heads=2, moe_experts=8, moe_top_k=2),
+    "deepseek-tiny": DeepSeekConfig(**_TINY, kv_lora_rank=32, qk_rope_head_dim=16, moe_experts=8, moe_top_k=2),
+    "hybrid-tiny": LlamaConfig(**_TINY, n_kv_heads=2, window=64, global_every=2),
+    "kvshare-tiny": LlamaConfig(**_TINY, n_kv_heads=2, kv_share_group=2),
+    "gpt2-124m": GPT2Config(**_124M),
+    "llama-124m": LlamaConfig(**_124M),
+    "llama-350m": LlamaConfig(**{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 1024}, n_kv_heads=4),
+    "llama-1.3b": LlamaConfig(
+        **{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 2048, "max_seq_len": 2048}, n_kv_heads=4
+    ),
+    # fp8's home ground on one card: 4 layers at d=4096 (the GEMMs fp8 speeds up dominate).
+    "llama-d4096": LlamaConfig(
+        **{**_124M, "n_layers": 4, "n_heads": 32, "d_model": 4096, "max_seq_len": 2048}, n_kv_heads=8
+    ),
+    # ~124M active of ~0.4B total: MLA + 16 fine-grained experts, top-2, one shared.
+    "deepseek-124m": DeepSeekConfig(
+        **_124M,
+        kv_lora_rank=256,
+        q_lora_rank=None,
+        qk_rope_head_dim=32,
+        moe_experts=16,
+        moe_top_k=2,
+        moe_shared_experts=1,
+        moe_hidden=768,
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def get_preset(name: str) -> DecoderConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_model(cfg: DecoderConfig) -> LanguageModel:
+    model = get_spec(cfg.name).build(cfg)
+    assert isinstance(model, LanguageModel), f"the builder of {cfg.name!r} returned a {type(model).__name__}"
+    return model

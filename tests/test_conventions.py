@@ -1,0 +1,154 @@
+"""Unit tests of the conventions every job and model follows: the init of every parameter kind,
+the model protocol, the parallelization order, honest MFU, one run layout, one command line."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from generalmodel.cli import help_text, parse_args, split_args
+from generalmodel.config import Config, ConfigError, load_config
+from generalmodel.storage import RunLayout
+from generalmodel.train.mfu import peak_flops
+from generalmodel.train.parallelize import parallelize
+from models import LanguageModel, build_model
+from models.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from models.decoder import MLP, DecoderConfig
+from models.deepseek import DeepSeekConfig
+from models.llama import LlamaConfig
+from models.moe import MoE, SharedExperts
+
+
+def expected_stds(model, cfg: DecoderConfig) -> dict[str, float]:
+    """Parameter name → intended std, derived from the module each parameter belongs to."""
+    std, residual = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    out = {"embed.weight": std}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, GroupedQueryAttention):
+            out[prefix + "q_proj.weight"] = std
+            if module.kv_proj is not None:
+                out[prefix + "kv_proj.weight"] = std
+            out[prefix + "out_proj.weight"] = residual
+        elif isinstance(module, MultiHeadLatentAttention):
+            for part in ("q_down", "q_up", "q_proj", "kv_down", "kv_up"):
+                if hasattr(module, part):
+                    out[f"{prefix}{part}.weight"] = std
+            out[prefix + "out_proj.weight"] = residual
+        elif isinstance(module, MLP | SharedExperts):
+            out[prefix + "up.weight"], out[prefix + "down.weight"] = std, residual
+        elif isinstance(module, MoE):
+            out[prefix + "router.weight"], out[prefix + "w_up"], out[prefix + "w_down"] = std, std, residual
+    if not cfg.tie_embeddings:
+        out["head.weight"] = std
+    return out
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2),
+        DeepSeekConfig(
+            vocab_size=2048,
+            d_model=256,
+            n_layers=6,
+            n_heads=4,
+            q_lora_rank=128,
+            kv_lora_rank=128,
+            moe_experts=8,
+            moe_hidden=256,
+        ),
+    ],
+    ids=["llama", "deepseek-mla-moe"],
+)
+def test_every_parameter_kind_has_its_intended_std(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    expected = expected_stds(model, cfg)
+    for name, p in model.named_parameters():
+        if p.dim() < 2:  # norms start at one
+            assert torch.all(p == 1), name
+            continue
+        assert name in expected, f"{name}: no intended init for this parameter kind"
+        assert p.std().item() == pytest.approx(expected[name], rel=0.05), name
+        assert abs(p.mean().item()) < 0.1 * expected[name], name
+
+
+def test_registered_models_follow_the_protocol():
+    model = build_model(LlamaConfig(vocab_size=300, max_seq_len=16, n_layers=2, n_heads=2, d_model=32))
+    assert isinstance(model, LanguageModel)
+    assert not isinstance(nn.Linear(2, 2), LanguageModel)
+
+
+def test_activation_checkpointing_keeps_names_and_gradients():
+    cfg = LlamaConfig(vocab_size=300, max_seq_len=16, n_layers=3, n_heads=2, d_model=32)
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    torch.manual_seed(0)
+    wrapped = build_model(cfg)
+    parallelize(
+        wrapped,
+        Config().train.model_copy(update={"activation_checkpointing": "full"}),
+        torch.device("cpu"),
+        world_size=1,
+    )
+    assert type(wrapped.blocks[0]).__name__ == "CheckpointWrapper"
+    assert list(wrapped.state_dict()) == list(plain.state_dict())  # checkpoints and exports unchanged
+    x = torch.randint(0, 300, (2, 16))
+    for model in (plain, wrapped):
+        model(x).float().square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), wrapped.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA H100", None),  # unknown variant: no guess
+    ],
+)
+def test_peak_flops_by_card(name, peak):
+    assert peak_flops(name) == peak
+
+
+def test_run_layout_is_decided_once(tmp_path):
+    cfg = load_config(
+        None, {"storage.root": str(tmp_path), "data.source": "/data/my corpus.txt", "train.run_name": "r1"}
+    )
+    layout = RunLayout.of(cfg)
+    assert layout.data_output == layout.dataset == f"{tmp_path}/datasets/my_corpus"
+    assert layout.checkpoints == f"{tmp_path}/checkpoints/r1"
+    assert layout.export == f"{tmp_path}/checkpoints/r1/export"
+    given = RunLayout.of(
+        load_config(
+            None, {"storage.root": "s3://b/store", "train.dataset": "datasets/x", "train.checkpoint_dir": "s3://c/ckpt"}
+        )
+    )
+    assert given.dataset == "s3://b/store/datasets/x" and given.checkpoints == "s3://c/ckpt"
+
+
+def test_command_line_positional_flags_and_print_config(capsys):
+    line = split_args(["up", "--workers=2", "--cpus_per_node", "3", "--verbose"], positional=("command",))
+    assert line.overrides == {"command": "up", "workers": 2, "cpus_per_node": 3, "verbose": True}
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--train.steps=7", "--storage.secret_access_key=hunter2", "--print-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "hunter2" not in out
+    with pytest.raises(ConfigError, match="unexpected argument 'extra'"):
+        split_args(["--a=1", "extra"])
+
+
+def test_help_describes_every_model_field():
+    text = help_text(Config)
+    for name in DecoderConfig.__dataclass_fields__:
+        line = next(i for i, ln in enumerate(text.splitlines()) if ln.startswith(f"  --model.{name} "))
+        assert text.splitlines()[line + 1].startswith("      "), f"model.{name} has no description"
