@@ -1,6 +1,6 @@
 """GeneralModel: prepare corpora, pretrain, sweep and track language models on Ray.
 
-One subpackage per stage of the flow (see DESIGN.md): config → storage → data → train → …
+One subpackage per stage of the flow (see docs/architecture.md): config → storage → data → train → …
 A stage imports the ones before it, never after.
 """
 
