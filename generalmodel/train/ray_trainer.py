@@ -16,6 +16,11 @@ from typing import Any
 from generalmodel import UserError
 from generalmodel.config import Config
 from generalmodel.storage import MANIFEST, RunLayout, resolve
+from generalmodel.train.loop import check_compatible, train
+
+# Imported here, not inside the functions: a job submitted with --working-dir runs from a package
+# directory that a local multi-node cluster may clean up under the running driver (seen when the
+# dataset is prepared inside the job); modules imported at start-up are safe from that.
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("generalmodel.progress")
@@ -23,8 +28,6 @@ progress_log = logging.getLogger("generalmodel.progress")
 
 def _worker(config: dict[str, Any]) -> None:
     import ray.train
-
-    from generalmodel.train.loop import train
 
     cfg: Config = config["cfg"]
     rank = ray.train.get_context().get_world_rank()
@@ -129,7 +132,6 @@ def ensure_dataset(cfg: Config, layout: RunLayout):
     given and the data section's output is missing. Needs a Ray session."""
     from generalmodel.data.loader import TokenDataset
     from generalmodel.data.prepare import build_dataset, plan_dataset
-    from generalmodel.train.loop import check_compatible
 
     uri, storage = layout.dataset, layout.storage
     if not resolve(uri, storage).join(MANIFEST).exists():
