@@ -23,12 +23,17 @@ SCHEMA = json.loads((REPO / "k8s/schemas/kuberay.schema.json").read_text())
 
 
 def pod_templates(obj):
-    spec = obj["spec"]
-    if obj["kind"] == "RayCluster":
-        yield spec["headGroupSpec"]["template"]
-        for group in spec.get("workerGroupSpecs", []):
+    """Every pod template of a manifest: Deployments, Jobs, RayCluster groups, a RayJob's own
+    cluster (rayClusterSpec) and its submitter pod."""
+    spec = obj.get("spec", {})
+    if obj["kind"] in ("Deployment", "Job"):
+        yield spec["template"]
+    cluster = spec if obj["kind"] == "RayCluster" else spec.get("rayClusterSpec")
+    if cluster:
+        yield cluster["headGroupSpec"]["template"]
+        for group in cluster.get("workerGroupSpecs", []):
             yield group["template"]
-    elif obj["kind"] == "RayJob" and "submitterPodTemplate" in spec:
+    if obj["kind"] == "RayJob" and "submitterPodTemplate" in spec:
         yield spec["submitterPodTemplate"]
 
 
@@ -69,11 +74,7 @@ def kubectl():
 
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (REPO / "k8s/overlays").iterdir()))
 def test_rendered_overlays_are_valid(overlay):
-    out = subprocess.run(
-        [kubectl(), "kustomize", str(REPO / "k8s/overlays" / overlay)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    objs = rendered(overlay)
     assert {o["kind"] for o in objs} >= {"RayCluster", "RayJob", "Deployment", "Service", "ConfigMap"}
     for obj in objs:
         validate(obj)
@@ -85,21 +86,85 @@ def test_rendered_overlays_are_valid(overlay):
     assert gpus == (["1"] if overlay == "gpu" else [None])
 
 
-def test_secrets_only_by_reference_and_hardened_pods():
+def rendered(overlay):
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(REPO / "k8s/overlays" / overlay)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def assert_restricted(template, where):
+    """The restricted Pod Security Standard, and resource requests/limits on every container."""
+    pod = template["spec"]["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["seccompProfile"]["type"] == "RuntimeDefault", where
+    for c in template["spec"]["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["capabilities"]["drop"] == ["ALL"], where
+        assert sc["readOnlyRootFilesystem"] is True, where
+        assert c["resources"]["requests"] and c["resources"]["limits"], where
+        mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
+
+
+def test_secrets_only_by_reference_and_pods_meet_the_restricted_standard():
     text = "\n".join(p.read_text() for p in (REPO / "k8s").rglob("*.yaml"))
     assert "kind: Secret" not in text  # credentials are created out of band, never committed
     assert not re.search(r"(SECRET|PASSWORD|TOKEN)\w*\s*[:=]\s*\S", text.replace("secretKeyRef", ""))
-    for _, obj in base_manifests():
-        templates = (
-            list(pod_templates(obj))
-            if obj["apiVersion"] == "ray.io/v1"
-            else ([obj["spec"]["template"]] if obj["kind"] == "Deployment" else [])
-        )
-        for template in templates:
-            assert template["spec"]["securityContext"]["runAsNonRoot"] is True
-            for c in template["spec"]["containers"]:
-                assert c["securityContext"]["allowPrivilegeEscalation"] is False
-                assert c["resources"]["requests"] and c["resources"]["limits"]
+    objs = [("base/" + name, o) for name, o in base_manifests()]
+    objs += (
+        [(f"overlays/{o}", obj) for o in ("gpu", "local-cpu") for obj in rendered(o)] if shutil.which("kubectl") else []
+    )
+    checked = 0
+    for name, obj in objs:
+        for template in pod_templates(obj):
+            assert_restricted(template, f"{name} {obj['kind']} {obj['metadata']['name']}")
+            checked += 1
+    assert checked >= 8
+
+
+def test_jobs_get_a_bucket_user_not_the_store_admin():
+    """Only MinIO and its setup Job see the admin Secret; everything else gets the bucket user."""
+    for name, obj in base_manifests():
+        for template in pod_templates(obj):
+            refs = json.dumps(template)
+            owner = obj["metadata"]["name"]
+            if "generalmodel-s3-admin" in refs:
+                assert owner in ("generalmodel-s3", "generalmodel-s3-setup"), f"{name}: {owner} sees the admin"
+    setup = next(o for _, o in base_manifests() if o["metadata"]["name"] == "generalmodel-s3-policy")
+    policy = json.loads(setup["data"]["bucket-policy.json"])
+    resources = {r for st in policy["Statement"] for r in st["Resource"]}
+    assert resources == {"arn:aws:s3:::generalmodel", "arn:aws:s3:::generalmodel/*"}
+
+
+def test_mlflow_and_the_store_stay_inside_the_cluster():
+    objs = {(o["kind"], o["metadata"]["name"]): o for _, o in base_manifests()}
+    for name in ("generalmodel-mlflow", "generalmodel-s3"):
+        assert objs[("Service", name)]["spec"].get("type", "ClusterIP") == "ClusterIP"
+        policy = objs[("NetworkPolicy", name)]["spec"]
+        assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+        assert policy["ingress"][0]["from"] == [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "generalmodel"}}}
+        ]
+    if shutil.which("kubectl"):  # the pods the policies admit carry the label
+        for obj in rendered("gpu"):
+            for template in pod_templates(obj):
+                assert template["metadata"]["labels"]["app.kubernetes.io/part-of"] == "generalmodel", obj["kind"]
+
+
+def test_the_standalone_rayjob_brings_its_own_cluster_and_shuts_it_down():
+    job = yaml.safe_load((REPO / "k8s/base/rayjob-standalone.yaml").read_text())
+    cluster = yaml.safe_load((REPO / "k8s/base/raycluster.yaml").read_text())
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and "clusterSelector" not in job["spec"]
+    own = job["spec"]["rayClusterSpec"]
+    assert own["rayVersion"] == cluster["spec"]["rayVersion"]
+    assert own["headGroupSpec"] == cluster["spec"]["headGroupSpec"]
+    assert [g["template"] for g in own["workerGroupSpecs"]] == [
+        g["template"] for g in cluster["spec"]["workerGroupSpecs"]
+    ]
+    kustomization = yaml.safe_load((REPO / "k8s/base/kustomization.yaml").read_text())
+    assert "rayjob-standalone.yaml" not in kustomization["resources"]  # applying the base starts no run
 
 
 def test_ray_version_is_pinned_to_the_image():
