@@ -34,7 +34,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
 
 from generalmodel import UserError
-from generalmodel.config import ConfigError, dump_config, field_types, load_config, section_class
+from generalmodel.config import Config, ConfigError, dump_config, field_types, load_config, section_class
 
 EXIT_USER_ERROR = 2
 USAGE = "[--config PRESET.yaml] [--section.key=value ...] [--print-config] [--help]"
@@ -95,8 +95,6 @@ def parse_args(
     positional: tuple[str, ...] = (),
 ) -> BaseModel:
     """The config `cls` (default: the run `Config`) from argv; handles --help and --print-config."""
-    from generalmodel.config import Config
-
     cls = cls or Config
     argv = list(sys.argv[1:] if argv is None else argv)
     exit_on_help(argv, cls, description, positional)

@@ -137,7 +137,8 @@ class LocalCluster:
         if pgid in self.worker_pgids:
             self.worker_pgids.remove(pgid)
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
+    def wait_for_nodes(self, count: int, timeout_s: float = 120, exactly: bool = False) -> None:
+        """Wait until at least `count` nodes (exactly `count` with `exactly`) are alive."""
         import json
 
         deadline = time.time() + timeout_s
@@ -154,7 +155,10 @@ class LocalCluster:
                 text=True,
                 timeout=60,
             )
-            if out.returncode == 0 and out.stdout.strip() and json.loads(out.stdout.strip().splitlines()[-1]) >= count:
+            alive = (
+                json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else -1
+            )
+            if alive == count or (alive > count and not exactly):
                 return
             time.sleep(1)
         raise UserError(f"the local cluster at {self.address} did not reach {count} nodes in {timeout_s:.0f}s")

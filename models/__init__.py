@@ -12,8 +12,7 @@ from models.registry import (
     ModelSpec,
     build_model,
     fsdp_decoder,
-    get_preset,
     get_spec,
 )
 
-__all__ = ["PRESETS", "REGISTRY", "LanguageModel", "ModelSpec", "build_model", "fsdp_decoder", "get_preset", "get_spec"]
+__all__ = ["PRESETS", "REGISTRY", "LanguageModel", "ModelSpec", "build_model", "fsdp_decoder", "get_spec"]

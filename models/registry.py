@@ -108,12 +108,6 @@ def get_spec(name: str) -> ModelSpec:
     return REGISTRY[name]
 
 
-def get_preset(name: str) -> DecoderConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
 def build_model(cfg: DecoderConfig) -> LanguageModel:
     model = get_spec(cfg.name).build(cfg)
     assert isinstance(model, LanguageModel), f"the builder of {cfg.name!r} returned a {type(model).__name__}"

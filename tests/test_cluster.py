@@ -112,7 +112,7 @@ def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, bucket
             give_up("the job never reached step 80")
         time.sleep(1)
     cluster.kill_node(cluster.worker_pgids[0])
-    time.sleep(5)
+    cluster.wait_for_nodes(1, exactly=True)  # the head has noticed the loss
     cluster.add_worker()  # the node comes back
 
     deadline = time.time() + 240

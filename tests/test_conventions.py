@@ -152,3 +152,45 @@ def test_help_describes_every_model_field():
     for name in DecoderConfig.__dataclass_fields__:
         line = next(i for i, ln in enumerate(text.splitlines()) if ln.startswith(f"  --model.{name} "))
         assert text.splitlines()[line + 1].startswith("      "), f"model.{name} has no description"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "jobs.pretrain", "--print-config", "--train.steps=3"],
+        ["-m", "jobs", "pretrain", "--print-config", "--train.steps=3"],
+        ["jobs/pretrain.py", "--print-config", "--train.steps=3"],  # as `ray job submit -- python jobs/...` runs it
+    ],
+    ids=["module", "gm", "script"],
+)
+def test_every_way_to_start_a_job(argv):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "steps: 3" in out.stdout
+
+
+def test_a_user_error_is_a_message_and_exit_code_2():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.sample", "--sampling.top_p=2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.startswith("error: ")
+        and "model: Field required" in out.stderr
+        and "top_p = 2" in out.stderr
+        and "Traceback" not in out.stderr
+    )

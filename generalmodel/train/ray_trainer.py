@@ -54,11 +54,9 @@ def _worker(config: dict[str, Any]) -> None:
         if "val_loss" in metrics:
             ray.train.report(metrics)
 
-    try:
-        train(cfg, report, config["layout"])
-    finally:
-        if logger is not None:
-            logger.flush()
+    train(cfg, report, config["layout"])
+    if logger is not None:
+        logger.flush()  # every metric is on the server before the driver plots and closes the run
 
 
 def _quiet_ray_train() -> None:
