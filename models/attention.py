@@ -52,11 +52,13 @@ class GroupedQueryAttention(nn.Module):
         window: int | None = None,
         owns_kv: bool = True,
         bias: bool = False,
+        shares_kv: bool = False,
     ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.layer, self.window, self.owns_kv = layer, window, owns_kv
+        self.shares_kv = shares_kv  # later layers of its group reuse its K/V: return them
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         # A layer that reuses another layer's K/V has no K/V projection at all.
         self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=bias) if owns_kv else None
@@ -86,7 +88,8 @@ class GroupedQueryAttention(nn.Module):
             k, v = shared_kv
         past = k.shape[2] - T
         y = sdpa(q, k, v, causal_mask(T, past, self.window, x.device), self.n_kv_heads != self.n_heads)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
+        # Only a group that shares K/V passes them on (FSDP2 warns about view outputs otherwise).
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v) if self.shares_kv else None
 
 
 class MultiHeadLatentAttention(nn.Module):

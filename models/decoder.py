@@ -170,7 +170,9 @@ def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
             window,
         )
     owns_kv = layer % cfg.kv_share_group == 0
-    return GroupedQueryAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, layer, window, owns_kv)
+    return GroupedQueryAttention(
+        cfg.d_model, cfg.n_heads, cfg.kv_heads, layer, window, owns_kv, shares_kv=cfg.kv_share_group > 1
+    )
 
 
 class Block(nn.Module):

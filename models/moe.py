@@ -41,6 +41,8 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        # Usable on its own (like nn.Linear); a Decoder re-initializes it with its residual scale.
+        self.init_weights(0.02, 0.02)
 
     def init_weights(self, std: float, residual_std: float) -> None:
         """Router and expert input weights N(0, std); expert (and shared expert) output weights,

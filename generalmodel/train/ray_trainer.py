@@ -100,7 +100,8 @@ class Progress:
                 if self._stop.is_set():
                     break
                 continue
-            except Exception:  # the queue actor is gone (cluster shutting down)
+            except Exception as e:  # the queue actor is gone (cluster shutting down)
+                log.debug("progress display stopped: %s", e)
                 break
             if bar is None:
                 progress_log.info(progress_line(m, self.steps))
@@ -147,7 +148,7 @@ def fit(
 ) -> None:
     """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the driver's
     console. `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     results = resolve(layout.ray_results, layout.storage)
@@ -172,6 +173,9 @@ def fit(
             storage_filesystem=results.fs,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=callbacks,
+            # Ray Train's INFO chatter (resource requests, worker group start-up) stays in its log
+            # files under the session's logs/train/; the console shows our progress and warnings.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:
