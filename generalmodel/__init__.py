@@ -7,6 +7,13 @@ A stage imports the ones before it, never after.
 __version__ = "0.1.0"
 
 
+class RunFailed(RuntimeError):
+    """A run that started and then failed for good: diverged, retries exhausted, storage outage.
+
+    Jobs print its one-line message and exit 1 (a UserError exits 2); the MLflow run is FAILED.
+    """
+
+
 class UserError(ValueError):
     """A mistake in the user's input (config, paths, credentials, data).
 

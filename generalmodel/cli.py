@@ -6,8 +6,8 @@
     -h, --help           every field with its type, default and description
 
 A job declares its config class (a pydantic model: `Config` for the run jobs, a small class of its
-own for the others) and calls `run_job(main, cls, __doc__)`: user errors become one line on stderr
-and exit code 2.
+own for the others) and calls `run_job(main, cls, __doc__)`: a user error becomes one line on
+stderr and exit code 2, a run that failed for good one line and exit code 1.
 
 Why our own thin layer and not a CLI library: the run config's `model` section is a union of
 dataclasses discriminated by `model.name`, expanded from `model.preset`, and checked key by key
@@ -33,10 +33,11 @@ import yaml
 from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
 
-from generalmodel import UserError
+from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, ConfigError, dump_config, field_types, load_config, section_class
 
-EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1  # the run started and failed for good (generalmodel.RunFailed)
+EXIT_USER_ERROR = 2  # bad config or input (generalmodel.UserError), found before or while running
 USAGE = "[--config PRESET.yaml] [--section.key=value ...] [--print-config] [--help]"
 
 
@@ -187,13 +188,16 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 @contextlib.contextmanager
-def user_errors_exit() -> Iterator[None]:
-    """A UserError becomes `error: <message>` on stderr and exit code 2, without a traceback."""
+def clean_exit() -> Iterator[None]:
+    """`error: <message>` on stderr without a traceback: exit 2 for a UserError, 1 for RunFailed."""
     try:
         yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_RUN_FAILED) from None
 
 
 def run_job(
@@ -201,5 +205,5 @@ def run_job(
 ) -> None:
     """A job's `__main__`: logging, its config from argv, `main(cfg)`, user errors as exit code 2."""
     setup_logging()
-    with user_errors_exit():
+    with clean_exit():
         main(parse_args(sys.argv[1:], cls, description, positional))

@@ -8,6 +8,7 @@ Prepares the data section's dataset first when train.dataset is not given and it
 
 from __future__ import annotations
 
+from generalmodel import RunFailed
 from generalmodel.cli import run_job
 from generalmodel.cluster import ray_session
 from generalmodel.config import Config
@@ -15,6 +16,7 @@ from generalmodel.data.prepare import code_version
 from generalmodel.infer import SamplingParams, load_model, sample_text
 from generalmodel.storage import RunLayout, download_export
 from generalmodel.tracking import check_reachable, end_failed_run, finish_run, start_run, tracking_uri
+from generalmodel.train.loop import refuse_finished
 from generalmodel.train.ray_trainer import ensure_dataset, fit
 
 SAMPLE_PROMPTS = ["Fellow citizens,", "The state of the Union"]
@@ -24,6 +26,7 @@ def main(cfg: Config) -> dict:
     uri = tracking_uri(cfg)
     check_reachable(uri)
     layout = RunLayout.of(cfg)
+    refuse_finished(cfg, layout)
     with ray_session(cfg.ray):
         ds = ensure_dataset(cfg, layout)
         run_id = start_run(cfg, ds.manifest_sha256, code_version())
@@ -33,6 +36,9 @@ def main(cfg: Config) -> dict:
         except BaseException:
             end_failed_run()  # the MLflow run says FAILED instead of staying RUNNING
             raise
+    if "loss" not in final_metrics(uri, run_id):  # never register a model that trained no step
+        end_failed_run()
+        raise RunFailed(f"run {cfg.train.run_name!r} trained no step; no model was registered")
     export_dir = download_export(layout.export, layout.storage)
     model_uri = finish_run(cfg, run_id, export_dir)
     val = val_history(uri, run_id)

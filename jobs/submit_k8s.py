@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field
 
 from generalmodel import UserError
-from generalmodel.cli import exit_on_help, print_config, setup_logging, split_args, user_errors_exit
+from generalmodel.cli import clean_exit, exit_on_help, print_config, setup_logging, split_args
 from generalmodel.config import Config, Section, load_config
 
 IMAGE_ROOT = "/app"
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     the RayJob, print or submit it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     exit_on_help(argv, SubmitConfig, __doc__)
-    with user_errors_exit():
+    with clean_exit():
         line = split_args(argv)
         cfg = load_config(line.preset, line.overrides, SubmitConfig)
         if line.print_config:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from generalmodel.cli import exit_on_help, setup_logging, split_args, user_errors_exit
+from generalmodel.cli import clean_exit, exit_on_help, setup_logging, split_args
 from generalmodel.cluster import ray_session
 from generalmodel.config import dump_config
 from generalmodel.tracking import check_reachable, tracking_uri
@@ -51,7 +51,7 @@ def cli(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     exit_on_help(argv, Sweep, __doc__, POSITIONAL)
-    with user_errors_exit():
+    with clean_exit():
         line = split_args(argv, POSITIONAL)
         if line.preset is None:
             raise SweepError("name the sweep file: python -m jobs.sweep sweeps/NAME.yaml [--option=value ...]")

@@ -3,17 +3,18 @@ exact resume, NaN handling, incompatible resume; LR schedules; sampling paramete
 
 import math
 import os
-import socket
+import shutil
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import make_documents
 
+from generalmodel.cluster import free_port
 from generalmodel.config import ConfigError, OptimConfig, load_config
 from generalmodel.infer import SamplingParams, filter_logits
 from generalmodel.optim import lr_multiplier
-from generalmodel.train.loop import TrainingError, train
+from generalmodel.train.loop import TrainingDiverged, TrainingError, train
 
 # Tests on `train_dataset` (prepared once with the real Ray Data job) are marked integration by
 # conftest; the rest are unit tests.
@@ -72,9 +73,10 @@ def run(cfg):
 def test_loss_goes_down_and_checkpoints_are_published(train_dataset, tmp_path):
     losses, last = run(tiny(train_dataset, tmp_path, **{"train.steps": 30, "train.eval_every": 10}))
     assert losses[30] < losses[1] - 0.5
-    steps = sorted(p.name for p in (tmp_path / "checkpoints/pretrain").iterdir() if p.name.startswith("step-"))
-    assert steps[-1] == "step-00000030"
-    assert (tmp_path / "checkpoints/pretrain/step-00000030/manifest.json").exists()
+    saves = sorted(p for p in (tmp_path / "checkpoints/pretrain").iterdir() if p.name.startswith("step-"))
+    # 10 saves (every 3 steps), the newest train.keep_last=3 kept, each complete with its manifest
+    assert [p.name[:13] for p in saves] == ["step-00000024", "step-00000027", "step-00000030"]
+    assert all((p / "manifest.json").exists() for p in saves)
     assert (tmp_path / "checkpoints/pretrain/export/model.safetensors").exists()
     assert "checkpoint_stall_s" in last and "val_loss" in last
 
@@ -169,9 +171,87 @@ def test_non_finite_losses_stop_training(train_dataset, tmp_path):
             "train.checkpoint_every": 0,
         },
     )
-    with pytest.raises(TrainingError, match="2 non-finite losses in a row"):
+    with pytest.raises(TrainingDiverged, match="2 steps in a row with a non-finite loss or gradient"):
         run(cfg)
     assert not (tmp_path / "checkpoints").exists()  # never checkpointed
+
+
+def checkpoint_dirs(root):
+    return sorted(p for p in (root / "checkpoints/pretrain").iterdir() if p.name.startswith("step-"))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(train_dataset, tmp_path, caplog):
+    reference, _ = run(tiny(train_dataset, tmp_path / "a"))
+    with pytest.raises(RuntimeError, match="injected failure at step 8"):
+        run(tiny(train_dataset, tmp_path / "b", **{"train.fail_at_step": 8}))
+    step3, step6 = checkpoint_dirs(tmp_path / "b")
+    shard = next(step6.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped: only the sha256 tells
+    shard.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        resumed, _ = run(tiny(train_dataset, tmp_path / "b", **{"train.fail_at_step": 8}))
+    assert min(resumed) == 4  # from step 3, not the damaged step 6
+    assert f"{step6.name}: {shard.name} does not match its sha256" in caplog.text
+    for step, loss in resumed.items():
+        assert loss == reference[step], step
+
+
+def test_a_crashed_save_never_looks_complete(train_dataset, tmp_path, caplog):
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        run(tiny(train_dataset, tmp_path, **{"train.fail_at_step": 4}))
+    (good,) = checkpoint_dirs(tmp_path)
+    # A save that crashed after every rank's upload marker but before its manifest, and one whose
+    # manifest names a file that never arrived.
+    crashed = good.with_name("step-00000006-" + "f" * 18)
+    shutil.copytree(good, crashed)
+    (crashed / "manifest.json").unlink()
+    broken = good.with_name("step-00000005-" + "e" * 18)
+    shutil.copytree(good, broken)
+    next(broken.glob("*.distcp")).unlink()
+    with caplog.at_level("WARNING"):
+        resumed, _ = run(tiny(train_dataset, tmp_path, **{"train.fail_at_step": 4}))
+    assert min(resumed) == 4  # from the step-3 checkpoint
+    assert f"{broken.name}: " in caplog.text and "is missing" in caplog.text
+    names = [p.name for p in checkpoint_dirs(tmp_path)]
+    assert crashed.name not in names and broken.name not in names  # pruned once newer ones exist
+    assert good.name in names or len(names) == 3
+
+
+def test_a_finished_run_is_refused_and_never_does_not_mix_runs(train_dataset, tmp_path):
+    from generalmodel.storage import RunLayout
+    from generalmodel.train.loop import refuse_finished
+
+    cfg = tiny(train_dataset, tmp_path, **{"train.steps": 3})
+    refuse_finished(cfg, RunLayout.of(cfg))  # nothing there yet
+    run(cfg)
+    with pytest.raises(TrainingError, match=r"has already finished: .*\(step 3 of train.steps=3\)"):
+        refuse_finished(cfg, RunLayout.of(cfg))
+    with pytest.raises(TrainingError, match=r"train.steps: checkpoint 3, now 6 \(the LR schedule"):
+        run(tiny(train_dataset, tmp_path, **{"train.steps": 6}))
+    with pytest.raises(TrainingError, match="train.resume=never, but .* already holds checkpoints"):
+        run(tiny(train_dataset, tmp_path, **{"train.steps": 3, "train.resume": "never"}))
+
+
+def test_resume_keeps_the_global_batch_or_names_it(train_dataset, tmp_path):
+    reference, _ = run(tiny(train_dataset, tmp_path / "a", **{"train.batch_size": 8}))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(tiny(train_dataset, tmp_path / "b", **{"train.batch_size": 8, "train.fail_at_step": 5}))
+    with pytest.raises(TrainingError, match=r"from 8 x 1 x 1 workers = 8 to 4 x 1 x 1 = 4 sequences per step"):
+        run(tiny(train_dataset, tmp_path / "b", **{"train.batch_size": 4}))
+    # Same global batch, split differently (4 x 2 micro-steps): continues the same data stream.
+    resumed, _ = run(tiny(train_dataset, tmp_path / "b", **{"train.batch_size": 4, "train.grad_accum": 2}))
+    assert min(resumed) == 4
+    for step, loss in resumed.items():
+        assert math.isclose(loss, reference[step], rel_tol=1e-4), step
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_training_recovers(train_dataset, tmp_path):
+    reference, _ = run(tiny(train_dataset, tmp_path / "a"))
+    losses, last = run(tiny(train_dataset, tmp_path / "b", **{"train.nan_grad_at_step": 4}))
+    assert last["skipped_steps"] == 1 and 5 not in losses  # step index 4 is the 5th step: skipped
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[12] < reference[1] - 0.3  # it went on learning from unpoisoned weights
 
 
 def _worker(rank, port, cfg, out):
@@ -183,19 +263,33 @@ def _worker(rank, port, cfg, out):
     torch.distributed.destroy_process_group()
 
 
+def two_processes(cfg) -> dict:
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(free_port(), cfg, out), nprocs=2, join=True)
+    return dict(out)
+
+
 def test_two_process_fsdp_matches_one_process(train_dataset, tmp_path):
     """The same global batch (2 × 4 sequences vs 1 × 8) gives the same losses."""
     torch.set_num_threads(1)
     single, _ = run(tiny(train_dataset, tmp_path / "one", **{"train.batch_size": 8, "train.steps": 8}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    cfg = tiny(train_dataset, tmp_path / "two", **{"train.batch_size": 4, "train.steps": 8, "ray.num_workers": 2})
-    mp.spawn(_worker, args=(port, cfg, out), nprocs=2, join=True)
+    out = two_processes(tiny(train_dataset, tmp_path / "two", **{"train.batch_size": 4, "train.steps": 8}))
     for step, loss in single.items():
         assert math.isclose(out[step], loss, rel_tol=1e-5), (step, out[step], loss)
+    # Elastic: a 1-worker run that died resumes on 2 workers (4 each: the same global batch of 8).
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(
+            tiny(
+                train_dataset,
+                tmp_path / "elastic",
+                **{"train.batch_size": 8, "train.steps": 8, "train.fail_at_step": 5},
+            )
+        )
+    resumed = two_processes(tiny(train_dataset, tmp_path / "elastic", **{"train.batch_size": 4, "train.steps": 8}))
+    assert min(resumed) == 4
+    for step, loss in resumed.items():
+        assert math.isclose(loss, single[step], rel_tol=1e-4), (step, loss, single[step])
 
 
 def test_lr_schedules():

@@ -171,9 +171,16 @@ class TrainConfig(Section):
     )
     run_name: str = Field("pretrain", description="Names the run, its checkpoints and its MLflow run.")
     resume: Literal["auto", "never"] = Field(
-        "auto", description="auto: continue from the newest complete checkpoint in checkpoint_dir."
+        "auto",
+        description="auto: continue an unfinished run from its newest complete checkpoint (a finished run is "
+        "refused); never: start fresh (refused where checkpoint_dir already holds checkpoints).",
     )
-    max_bad_steps: int = Field(5, gt=0, description="Stop after this many NaN/inf losses in a row.")
+    keep_last: int = Field(
+        3, ge=1, description="Complete checkpoints kept; older ones are deleted after a newer one is published."
+    )
+    max_bad_steps: int = Field(
+        5, gt=0, description="Stop after this many steps in a row with a NaN/inf loss or gradient (each is skipped)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile: regional (each block; fast to compile) or full (the whole model)."
@@ -193,6 +200,9 @@ class TrainConfig(Section):
     )
     fail_at_step: int | None = Field(
         None, description="Testing aid: rank 0 raises once at this step (a run that did not resume)."
+    )
+    nan_grad_at_step: int | None = Field(
+        None, description="Testing aid: rank 0 writes NaN into a gradient at this step (the step must be skipped)."
     )
 
     @field_validator("compile", "activation_checkpointing", mode="before")

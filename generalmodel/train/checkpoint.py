@@ -1,26 +1,40 @@
-"""Sharded checkpoints (torch Distributed Checkpoint) on the storage layer, saved without
-stalling training and published atomically.
+"""Sharded checkpoints (torch Distributed Checkpoint) on the storage layer: saved without stalling
+training, published atomically, verified before they are trusted, pruned after newer ones exist.
 
-Layout: <checkpoint_dir>/step-00000100/ holds the DCP files of every rank (`.metadata`,
-`__<rank>_0.distcp`), `rank-<r>.pt` (each rank's RNG state), and `manifest.json`, written last
-by rank 0 once every rank's upload is done (each rank leaves a `.uploaded-<r>` marker), holding
-the step, loader state, resolved config and world size. A step directory without a manifest is
-an incomplete checkpoint and is never resumed from.
+Layout: every save gets a fresh directory <checkpoint_dir>/step-00000100-<save id>/ (the id is
+rank 0's, broadcast to all ranks; it grows with time, so it also orders saves of one step). It
+holds the DCP files of every rank (`.metadata`, `__<rank>_0.distcp`), `rank-<r>.pt` (each rank's
+RNG state), `.uploaded-<r>` (rank r's files with size and sha256, written after its upload), and
+`manifest.json`, written last by rank 0 once every rank's marker is there: step, loader state,
+resolved config, world size and every file with its size and sha256. A directory without a
+manifest is never resumed from, and since a save never reuses a directory, neither a crashed
+save's files nor its upload markers can make another save look complete.
 
-A save: every rank writes its DCP shard to a local temp dir (a collective, fast: local disk);
-the upload to the store and the publication run in a background thread, so training continues.
-The foreground time is the stall, returned to the caller to log.
+Reading: `checkpoints()` lists the complete ones newest first; `check()` compares a checkpoint's
+files with its manifest (presence and size); `load()` also checks every file's sha256 before the
+model is touched and raises `CheckpointDamaged` otherwise, so the caller falls back to the
+previous checkpoint with a warning naming the damaged one.
+
+Retention: after publishing, rank 0 deletes complete checkpoints beyond `keep_last`, never the
+one this run resumed from, and the leftovers of crashed saves older than the newest complete one.
+
+Trust: DCP's `.metadata` file is a pickle, so loading a checkpoint can run code from whoever could
+write the checkpoint directory. Only resume from storage you control; the RNG files are read with
+`torch.load(weights_only=True)`, and exported models (safetensors) carry no such risk.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import posixpath
+import re
 import shutil
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -31,59 +45,108 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from generalmodel import UserError
 from generalmodel.config import StorageConfig
-from generalmodel.storage import Location, publish_manifest, read_manifest, resolve
+from generalmodel.storage import MANIFEST, Location, publish_manifest, read_manifest, resolve, sha256_hex
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "checkpoint"
+STEP_DIR = re.compile(r"^step-(\d{8})-([0-9a-f]+)$")
+MARKER = ".uploaded-{rank}"
 
 
 class CheckpointError(UserError):
     pass
 
 
-def step_dir(step: int) -> str:
-    return f"step-{step:08d}"
+class CheckpointDamaged(CheckpointError):
+    """A published checkpoint whose files do not match its manifest."""
+
+
+def step_dir(step: int, save_id: str) -> str:
+    return f"step-{step:08d}-{save_id}"
+
+
+def _file_entry(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        data = f.read()
+    return {"bytes": len(data), "sha256": sha256_hex(data)}
 
 
 class Checkpointer:
-    def __init__(self, uri: str, storage: StorageConfig, rank: int, world_size: int):
+    def __init__(self, uri: str, storage: StorageConfig, rank: int, world_size: int, keep_last: int = 3):
         self.root = resolve(uri, storage)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self._uploads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
+        self._protected: set[str] = set()  # the checkpoint this run resumed from
 
     # -- finding ---------------------------------------------------------------------------------
 
-    def latest(self) -> tuple[Location, dict[str, Any]] | None:
-        """The newest complete checkpoint (one with a manifest) and its manifest."""
+    def _step_dirs(self) -> list[tuple[int, str, str]]:
+        """(step, save id, name) of every save directory, newest first."""
         if not self.root.exists():
-            return None
+            return []
         infos = self.root.fs.get_file_info(pafs.FileSelector(self.root.path, allow_not_found=True))
-        steps = sorted(
-            (i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.Directory),
-            reverse=True,
-        )
-        for name in steps:
-            if not name.startswith("step-"):
-                continue
+        found = []
+        for info in infos:
+            name = info.path.rsplit("/", 1)[-1]
+            match = STEP_DIR.match(name)
+            if info.type == pafs.FileType.Directory and match:
+                found.append((int(match.group(1)), match.group(2), name))
+        return sorted(found, reverse=True)
+
+    def checkpoints(self) -> Iterator[tuple[Location, dict[str, Any]]]:
+        """The published checkpoints (those with a manifest), newest first, with their manifests."""
+        for _, _, name in self._step_dirs():
             loc = self.root.join(name)
-            if loc.join("manifest.json").exists():
+            if loc.join(MANIFEST).exists():
                 manifest, _ = read_manifest(loc, CHECKPOINT_KIND)
-                return loc, manifest
+                yield loc, manifest
+
+    def check(self, loc: Location, manifest: dict[str, Any]) -> None:
+        """Every file the manifest lists is there with its size; raises CheckpointDamaged."""
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise CheckpointDamaged(f"{loc.uri}: its manifest lists no files (written by an older version?)")
+        infos = {i.path.rsplit("/", 1)[-1]: i for i in loc.list_files()}
+        for name, entry in sorted(files.items()):
+            info = infos.get(name)
+            if info is None:
+                raise CheckpointDamaged(f"{loc.uri}: {name} is missing")
+            if info.size != entry["bytes"]:
+                raise CheckpointDamaged(f"{loc.uri}: {name} has {info.size} bytes, the manifest says {entry['bytes']}")
+
+    def latest(self) -> tuple[Location, dict[str, Any]] | None:
+        """The newest complete checkpoint whose files match its manifest; damaged ones are skipped
+        with a warning that names them."""
+        for loc, manifest in self.checkpoints():
+            try:
+                self.check(loc, manifest)
+            except CheckpointDamaged as e:
+                log.warning("skipping a damaged checkpoint: %s", e)
+                continue
+            return loc, manifest
         return None
+
+    def protect(self, loc: Location) -> None:
+        """Never delete `loc` (the checkpoint a resume is reading) in this run's retention."""
+        self._protected.add(loc.path.rsplit("/", 1)[-1])
 
     # -- saving ----------------------------------------------------------------------------------
 
     def save(self, step: int, model, optimizer, manifest: dict[str, Any]) -> float:
-        """Checkpoint `step`; returns the seconds training was stalled."""
-        self.raise_upload_errors()
+        """Checkpoint `step` into a fresh directory; returns the seconds training was stalled
+        (the local DCP write, plus waiting for the previous save's upload if it is still running)."""
         started = time.perf_counter()
+        self.wait()  # one upload at a time: retention never races an older save's upload
+        save_id = [f"{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:6]}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(save_id, src=0)
         local = tempfile.mkdtemp(prefix=f"gm-ckpt-{step}-")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
         torch.save({"torch_rng": torch.get_rng_state()}, os.path.join(local, f"rank-{self.rank}.pt"))
-        target = self.root.join(step_dir(step))
+        target = self.root.join(step_dir(step, save_id[0]))
         thread = threading.Thread(
             target=self._upload,
             args=(local, target, {**manifest, "kind": CHECKPOINT_KIND, "step": step}),
@@ -96,23 +159,51 @@ class Checkpointer:
 
     def _upload(self, local: str, target: Location, manifest: dict[str, Any]) -> None:
         try:
+            mine = {}
             for name in sorted(os.listdir(local)):
-                with open(os.path.join(local, name), "rb") as f:
+                path = os.path.join(local, name)
+                mine[name] = _file_entry(path)
+                with open(path, "rb") as f:
                     target.join(name).write_bytes(f.read())
-            target.join(f".uploaded-{self.rank}").write_bytes(b"")
+            # Several ranks write the same shared files (.metadata): each lists what it wrote.
+            target.join(MARKER.format(rank=self.rank)).write_bytes(json.dumps(mine).encode())
             if self.rank == 0:
-                # Publish once every rank's files are there; markers, not collectives, because
-                # collectives from this thread would interleave with training's.
-                deadline = time.time() + 3600
-                while not all(target.join(f".uploaded-{r}").exists() for r in range(self.world_size)):
-                    if time.time() > deadline:
-                        raise CheckpointError(f"{target.uri}: other ranks' uploads never finished")
-                    time.sleep(0.2)
-                publish_manifest(target, {**manifest, "world_size": self.world_size})
+                self._publish(target, manifest)
+                self._prune()
         except BaseException as e:  # surfaced on the training thread at the next save / wait
             self._errors.append(e)
         finally:
             shutil.rmtree(local, ignore_errors=True)
+
+    def _publish(self, target: Location, manifest: dict[str, Any]) -> None:
+        """Once every rank's marker is in `target`, write the manifest (files, sizes, sha256s).
+        Markers, not collectives: collectives from this thread would interleave with training's."""
+        deadline = time.time() + 3600
+        markers = [target.join(MARKER.format(rank=r)) for r in range(self.world_size)]
+        while not all(m.exists() for m in markers):
+            if time.time() > deadline:
+                raise CheckpointError(f"{target.uri}: other ranks' uploads never finished")
+            time.sleep(0.2)
+        files: dict[str, Any] = {}
+        for marker in markers:
+            files.update(json.loads(marker.read_bytes()))
+        publish_manifest(target, {**manifest, "world_size": self.world_size, "files": files})
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints (and the protected one); delete the
+        rest, and crashed saves older than the newest complete checkpoint."""
+        complete = [loc.path.rsplit("/", 1)[-1] for loc, _ in self.checkpoints()]
+        if not complete:
+            return
+        keep = set(complete[: self.keep_last]) | self._protected
+        newest_step = int(STEP_DIR.match(complete[0]).group(1))
+        for step, _, name in self._step_dirs():
+            stale = name not in complete and step < newest_step
+            if name not in keep and (name in complete or stale):
+                try:
+                    self.root.join(name).delete_dir()
+                except Exception as e:  # retention must never fail a run
+                    log.warning("could not delete the old checkpoint %s: %s", self.root.join(name).uri, e)
 
     def wait(self) -> None:
         """Block until every background upload is done (and published, on rank 0)."""
@@ -121,32 +212,45 @@ class Checkpointer:
         self._uploads.clear()
         self.raise_upload_errors()
 
+    def finish_uploads(self, timeout_s: float = 120) -> None:
+        """For a run that is failing anyway: give the uploads in flight a bounded time to publish
+        (another rank may be gone, and rank 0 would wait for its marker); errors are logged."""
+        deadline = time.time() + timeout_s
+        for thread in self._uploads:
+            thread.join(max(0.0, deadline - time.time()))
+        if any(t.is_alive() for t in self._uploads):
+            log.warning("a checkpoint upload did not finish within %.0fs of the failure: left unpublished", timeout_s)
+        for e in self._errors:
+            log.warning("a checkpoint upload failed too: %s", e)
+
     def raise_upload_errors(self) -> None:
         if self._errors:
             raise self._errors[0]
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def load(self, loc: Location, model, optimizer) -> dict[str, Any]:
-        """Restore model and optimizer (resharding to this world size as DCP does) and this
-        rank's RNG; returns the manifest."""
-        manifest, _ = read_manifest(loc, CHECKPOINT_KIND)
+    def load(self, loc: Location, manifest: dict[str, Any], model, optimizer) -> None:
+        """Download the checkpoint, check every file against the manifest (CheckpointDamaged
+        before anything is restored), then restore model and optimizer (resharded to this world
+        size by DCP) and this rank's RNG."""
         local = tempfile.mkdtemp(prefix="gm-ckpt-load-")
         try:
-            for info in loc.list_files():
-                name = posixpath.basename(info.path)
-                if name.endswith((".distcp", ".pt")) or name == ".metadata":
-                    with open(os.path.join(local, name), "wb") as f:
-                        f.write(loc.join(name).read_bytes())
+            for name, entry in sorted(manifest["files"].items()):
+                if name.startswith(".uploaded-"):
+                    continue
+                data = loc.join(name).read_bytes()
+                if len(data) != entry["bytes"] or sha256_hex(data) != entry["sha256"]:
+                    raise CheckpointDamaged(f"{loc.uri}: {name} does not match its sha256 in the manifest")
+                with open(os.path.join(local, name), "wb") as f:
+                    f.write(data)
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             dcp.load(state, checkpoint_id=local)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             rng_file = os.path.join(local, f"rank-{self.rank}.pt")
             if os.path.exists(rng_file):
-                torch.set_rng_state(torch.load(rng_file)["torch_rng"])
+                torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch_rng"])
         finally:
             shutil.rmtree(local, ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()
-        return manifest

@@ -24,13 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from generalmodel import UserError
+from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, dump_config, flatten
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.optim import build_optimizer, lr_multiplier
 from generalmodel.storage import RunLayout, resolve
 from generalmodel.train import fp8
-from generalmodel.train.checkpoint import Checkpointer
+from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer
 from generalmodel.train.mfu import device_peak_flops
 from generalmodel.train.parallelize import parallelize
 from models import build_model
@@ -40,11 +40,17 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict[str, Any]], None]
 
 # Keys whose change makes a checkpoint's continuation a different run.
-RESUME_KEYS = ("model", "train.seed", "train.batch_size", "train.grad_accum", "ray.num_workers", "optim")
+# Keys whose change makes a checkpoint's continuation a different run. The number of workers is not
+# one of them (DCP reshards, the loader resumes at another world size), but the global batch is.
+RESUME_KEYS = ("model", "optim", "train.seed", "train.steps")
 
 
 class TrainingError(UserError):
     pass
+
+
+class TrainingDiverged(RunFailed):
+    """Too many non-finite steps in a row."""
 
 
 @dataclass
@@ -91,7 +97,83 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """Keys (dotted) under RESUME_KEYS whose values differ between two config dumps."""
     old, new = flatten(saved), flatten(current)
     keys = sorted(k for k in old.keys() | new.keys() if k.startswith(RESUME_KEYS) and old.get(k) != new.get(k))
-    return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in keys]
+    why = {"train.steps": " (the LR schedule is laid over train.steps: it would jump)"}
+    return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}{why.get(k, '')}" for k in keys]
+
+
+def check_resumable(
+    loc, manifest: dict[str, Any], cfg: Config, config_dump: dict[str, Any], dataset_sha: str, world_size: int
+) -> None:
+    """A TrainingError unless continuing `manifest`'s run with `cfg` is the same run: same model,
+    optimizer, seed, steps and dataset, the same global batch, and not already finished."""
+    hint = " (start a new run: another --train.run_name or --train.checkpoint_dir)"
+    conflicts = resume_conflicts(manifest["config"], config_dump)
+    if manifest.get("dataset") != dataset_sha:
+        conflicts.append(f"dataset: checkpoint {manifest.get('dataset')}, now {dataset_sha}")
+    if conflicts:
+        raise TrainingError(f"cannot resume from {loc.uri}: the config differs in " + "; ".join(conflicts) + hint)
+    saved = manifest["config"]["train"]
+    before = (saved["batch_size"], saved["grad_accum"], manifest["world_size"])
+    now = (cfg.train.batch_size, cfg.train.grad_accum, world_size)
+    if math.prod(before) != math.prod(now):
+        raise TrainingError(
+            f"cannot resume from {loc.uri} on {world_size} workers: the global batch would change from "
+            f"{before[0]} x {before[1]} x {before[2]} workers = {math.prod(before)} to "
+            f"{now[0]} x {now[1]} x {now[2]} = {math.prod(now)} sequences per step; keep train.batch_size x "
+            f"train.grad_accum x workers = {math.prod(before)} (e.g. raise train.grad_accum on fewer workers)"
+        )
+
+
+def refuse_finished(cfg: Config, layout: RunLayout) -> None:
+    """A job must not silently "train" a run that has already finished (and register its model
+    again): a TrainingError naming the final checkpoint, before anything starts."""
+    if cfg.train.resume != "auto":
+        return
+    latest = Checkpointer(layout.checkpoints, layout.storage, 0, 1).latest()
+    if latest is not None and latest[1]["step"] >= cfg.train.steps:
+        raise TrainingError(
+            f"run {cfg.train.run_name!r} has already finished: {latest[0].uri} is its final checkpoint (step "
+            f"{latest[1]['step']} of train.steps={cfg.train.steps}), there is nothing left to train (start a new "
+            f"run: another --train.run_name or --train.checkpoint_dir)"
+        )
+
+
+def resume(
+    ckpt: Checkpointer,
+    cfg: Config,
+    config_dump: dict[str, Any],
+    dataset_sha: str,
+    env: Dist,
+    model,
+    optimizer,
+    loader: TokenLoader,
+) -> int:
+    """The step to start from: 0 for a fresh run, else the step of the newest usable checkpoint,
+    restored into model, optimizer, loader and RNG. Damaged checkpoints are skipped with a warning."""
+    if cfg.train.resume == "never":
+        existing = next(ckpt.checkpoints(), None)
+        if existing is not None:
+            raise TrainingError(
+                f"train.resume=never, but {ckpt.root.uri} already holds checkpoints (newest: {existing[0].uri}); "
+                f"a fresh run needs a directory of its own: use another --train.run_name or --train.checkpoint_dir"
+            )
+        return 0
+    for loc, manifest in ckpt.checkpoints():
+        try:
+            ckpt.check(loc, manifest)
+            check_resumable(loc, manifest, cfg, config_dump, dataset_sha, env.world_size)
+            ckpt.load(loc, manifest, model, optimizer)
+        except CheckpointDamaged as e:
+            log.warning("checkpoint damaged, trying the one before it: %s", e)
+            continue
+        ckpt.protect(loc)
+        loader.load_state_dict(manifest["loader"])
+        if env.is_main:
+            log.info("resumed from %s at step %d", loc.uri, manifest["step"])
+            if manifest["step"] >= cfg.train.steps:  # a sweep trial restored after its last step
+                log.warning("%s is the final checkpoint (train.steps=%d): nothing to train", loc.uri, cfg.train.steps)
+        return manifest["step"]
+    return 0
 
 
 def train(cfg: Config, report: Report | None = None, layout: RunLayout | None = None) -> dict[str, Any]:
@@ -116,27 +198,9 @@ def train(cfg: Config, report: Report | None = None, layout: RunLayout | None = 
 
     loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
     val_loader = TokenLoader(ds, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
-    ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size)
+    ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last)
     config_dump = dump_config(cfg)
-    start_step = 0
-    latest = ckpt.latest() if cfg.train.resume == "auto" else None
-    if latest is not None:
-        loc, manifest = latest
-        conflicts = resume_conflicts(manifest["config"], config_dump)
-        if manifest.get("dataset") != ds.manifest_sha256:
-            conflicts.append(f"dataset: checkpoint {manifest.get('dataset')}, now {ds.manifest_sha256}")
-        if conflicts:
-            raise TrainingError(
-                f"cannot resume from {loc.uri}: the config differs in "
-                + "; ".join(conflicts)
-                + " (use another train.run_name / train.checkpoint_dir, or --train.resume=never)"
-            )
-        ckpt.load(loc, model, optimizer)
-        loader.load_state_dict(manifest["loader"])
-        start_step = manifest["step"]
-        if env.is_main:
-            log.info("resumed from %s at step %d", loc.uri, start_step)
-
+    start_step = resume(ckpt, cfg, config_dump, ds.manifest_sha256, env, model, optimizer, loader)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else contextlib.nullcontext()
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
@@ -156,84 +220,97 @@ def train(cfg: Config, report: Report | None = None, layout: RunLayout | None = 
         )
 
     done = start_step
-    for step in range(start_step, steps):
-        if cfg.train.fail_at_step == step and start_step == 0 and env.is_main:
-            raise RuntimeError(f"train.fail_at_step: injected failure at step {step}")
-        lr = cfg.optim.lr * lr_multiplier(step, steps, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=env.device)
-        for _ in range(cfg.train.grad_accum):
-            x, y = (t.to(env.device, non_blocking=True) for t in next(loader))
-            with autocast:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-            aux = model.aux_loss()  # MoE balance loss, None unless configured
-            ((loss if aux is None else loss + aux) / cfg.train.grad_accum).backward()
-            loss_sum += loss.detach()
-        loss_value = _mean_across_ranks(loss_sum / cfg.train.grad_accum)
-        if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_a_row += 1
-            skipped += 1
-            log.warning("step %d: loss is %s, step skipped (%d in a row)", step, loss_value, bad_in_a_row)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise TrainingError(
-                    f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) "
-                    f"at step {step}; lower optim.lr or check the data"
+    try:
+        for step in range(start_step, steps):
+            if cfg.train.fail_at_step == step and start_step == 0 and env.is_main:
+                raise RuntimeError(f"train.fail_at_step: injected failure at step {step}")
+            lr = cfg.optim.lr * lr_multiplier(step, steps, cfg.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=env.device)
+            for _ in range(cfg.train.grad_accum):
+                x, y = (t.to(env.device, non_blocking=True) for t in next(loader))
+                with autocast:
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+                aux = model.aux_loss()  # MoE balance loss, None unless configured
+                ((loss if aux is None else loss + aux) / cfg.train.grad_accum).backward()
+                loss_sum += loss.detach()
+            if cfg.train.nan_grad_at_step == step and env.is_main:  # testing aid: a finite loss, a NaN gradient
+                next(model.parameters()).grad.fill_(float("nan"))
+            loss_value = _mean_across_ranks(loss_sum / cfg.train.grad_accum)  # host sync (one per step)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the sharded norms
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)  # the same on every rank: every rank skips or none does
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                # Never step on a NaN/inf: the weights (and Adam's moments) would be poisoned for good.
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row += 1
+                skipped += 1
+                log.warning(
+                    "step %d: loss %s, grad norm %s: step skipped (%d in a row)",
+                    step,
+                    loss_value,
+                    grad_norm,
+                    bad_in_a_row,
                 )
-            continue
-        bad_in_a_row = 0
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the sharded norms
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
-        routing = model.after_optimizer_step()  # MoE: bias toward balance; load statistics
-        window_steps += 1
-        done = step + 1
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (train.max_bad_steps="
+                        f"{cfg.train.max_bad_steps}) at step {step}; lower optim.lr or check the data"
+                    )
+                continue
+            bad_in_a_row = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
+            routing = model.after_optimizer_step()  # MoE: bias toward balance; load statistics
+            window_steps += 1
+            done = step + 1
 
-        metrics: dict[str, Any] = {}
-        if done % cfg.train.log_every == 0 or done == steps:
-            elapsed = time.perf_counter() - window_start
-            tok_s = tokens_per_step * window_steps / elapsed
-            metrics.update(
-                step=done,
-                loss=loss_value,
-                lr=lr,
-                grad_norm=grad_norm,
-                tokens_per_s=tok_s,
-                tokens=done * tokens_per_step,
-                skipped_steps=skipped,
-                **routing,
-                eta_s=(steps - done) * elapsed / window_steps,
-                elapsed_s=time.perf_counter() - run_started,
-            )
-            if peak_flops:
-                metrics["mfu"] = tok_s * flops_per_token / env.world_size / peak_flops
-            if env.device.type == "cuda":
-                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-            else:
-                import resource
+            metrics: dict[str, Any] = {}
+            if done % cfg.train.log_every == 0 or done == steps:
+                elapsed = time.perf_counter() - window_start
+                tok_s = tokens_per_step * window_steps / elapsed
+                metrics.update(
+                    step=done,
+                    loss=loss_value,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    tokens_per_s=tok_s,
+                    tokens=done * tokens_per_step,
+                    skipped_steps=skipped,
+                    **routing,
+                    eta_s=(steps - done) * elapsed / window_steps,
+                    elapsed_s=time.perf_counter() - run_started,
+                )
+                if peak_flops:
+                    metrics["mfu"] = tok_s * flops_per_token / env.world_size / peak_flops
+                if env.device.type == "cuda":
+                    metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                else:
+                    import resource
 
-                metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            window_start, window_steps = time.perf_counter(), 0
-        if done % cfg.train.eval_every == 0 or done == steps:
-            metrics.update(step=done, val_loss=evaluate(model, val_loader, cfg, env, autocast))
-        if done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
-            metrics.update(step=done, checkpoint_stall_s=save(done))
-        if done == steps:
-            # Before the last report: whoever hears it (a Tune scheduler) may end the run at once.
-            ckpt.wait()
-            export(model, cfg, ds, env, layout)
-        if metrics:
-            metrics.setdefault("loss", loss_value)
-            metrics["num_params"] = num_params
-            last.update(metrics)
-            report(metrics)
+                    metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                window_start, window_steps = time.perf_counter(), 0
+            if done % cfg.train.eval_every == 0 or done == steps:
+                metrics.update(step=done, val_loss=evaluate(model, val_loader, cfg, env, autocast))
+            if done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+                metrics.update(step=done, checkpoint_stall_s=save(done))
+            if done == steps:
+                # Before the last report: whoever hears it (a Tune scheduler) may end the run at once.
+                ckpt.wait()
+                export(model, cfg, ds, env, layout)
+            if metrics:
+                metrics.setdefault("loss", loss_value)
+                metrics["num_params"] = num_params
+                last.update(metrics)
+                report(metrics)
+    except BaseException:
+        ckpt.finish_uploads()  # what was saved before the failure still gets published
+        raise
     ckpt.wait()
     loader.close()
     val_loader.close()

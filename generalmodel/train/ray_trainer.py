@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any
 
-from generalmodel import UserError
+from generalmodel import RunFailed, UserError
 from generalmodel.config import Config
 from generalmodel.storage import MANIFEST, RunLayout, resolve
 from generalmodel.train.loop import check_compatible, train
@@ -182,25 +182,40 @@ def fit(
         with progress:
             result = trainer.fit()
     except Exception as e:
-        raise UserError(f"training failed: {root_message(e)}") from None
+        raise failure(e) from None
     if result.error is not None:
-        raise UserError(f"training failed: {root_message(result.error)}")
+        raise failure(result.error)
 
 
-def root_message(e: BaseException) -> str:
-    """One line for the console: the first failed worker's exception (Ray Train's structured
-    `WorkerGroupError.worker_failures`), unwrapped from Ray's task/controller wrappers."""
+def failure(e: BaseException) -> Exception:
+    """What a failed fit raises: the worker's own UserError (a config or input problem found
+    while running: exit 2), else RunFailed (exit 1), each with one line."""
+    cause = root_cause(e)
+    if isinstance(cause, UserError):
+        return UserError(root_message(cause))
+    return RunFailed(f"training failed: {root_message(cause)}")
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The first failed worker's exception (Ray Train's structured `WorkerGroupError.worker_failures`),
+    unwrapped from Ray's task and controller wrappers."""
     for _ in range(10):  # wrappers nest: TrainingFailedError → worker exception → RayTaskError cause
         failures = getattr(e, "worker_failures", None)
         if failures:
-            rank, e = min(failures.items())
+            _, e = min(failures.items())
             continue
         inner = getattr(e, "controller_failure", None) or getattr(e, "cause", None)
         if isinstance(inner, BaseException) and inner is not e:
             e = inner
             continue
         break
+    return e
+
+
+def root_message(e: BaseException) -> str:
+    """One line for the console: the root cause's type and message (the last line of a crash)."""
+    e = root_cause(e)
     text = str(e).strip()
-    if not isinstance(e, UserError):  # a crash: its last line (Ray's text keeps the traceback)
+    if not isinstance(e, UserError | RunFailed):  # a crash: its last line (Ray's text keeps the traceback)
         text = text.splitlines()[-1].strip() if text else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
