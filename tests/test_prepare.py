@@ -176,3 +176,26 @@ def test_bad_input_exits_non_zero_with_a_clear_message(tmp_path):
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
         assert not out.exists()
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.95])  # the one document in train, or (likely) in val
+def test_a_single_input_txt_prepares_with_val_from_the_token_stream(ray_cluster, tmp_path, val_fraction):
+    """Most people's first try: one file, one document. Split by document, one split is empty; the
+    val split then comes from the end of the token stream, and the manifest says so."""
+    (tmp_path / "input.txt").write_text(" ".join(make_documents(12)))  # one document, ~20K characters
+    manifest = prepare_data.main(config(tmp_path / "input.txt", tmp_path / "ds", val_fraction=val_fraction))
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert manifest["val_split"].startswith("token stream: the last")
+    assert train["documents"] + val["documents"] == 1
+    assert val["rows"] >= 1 and train["rows"] >= 1
+    assert val["rows"] == round(val_fraction * (train["rows"] + val["rows"]))
+    ds = TokenDataset.open(str(tmp_path / "ds"))
+    ds.verify()  # the rewritten shards match the manifest
+    x, _ = next(TokenLoader(ds, "val", batch_size=1, shuffle=False))
+    assert x.shape == (1, 32)
+
+
+def test_without_a_val_split_nothing_is_moved(ray_cluster, tmp_path):
+    (tmp_path / "input.txt").write_text(" ".join(make_documents(12)))
+    manifest = prepare_data.main(config(tmp_path / "input.txt", tmp_path / "ds", val_fraction=0.0))
+    assert manifest["val_split"] == "documents" and manifest["splits"]["val"]["rows"] == 0

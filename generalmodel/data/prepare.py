@@ -144,7 +144,11 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
         errors = [m["error"] for m in metas if "error" in m]
         if errors:
             raise UserError(errors[0] + (f" (and {len(errors) - 1} more failed units)" if len(errors) > 1 else ""))
+        val_split = "documents"
+        if data.val_fraction > 0 and not all(any(m["splits"][s]["shard"] for m in metas) for s in SPLITS):
+            val_split = _split_token_stream(metas, version_loc, data.val_fraction)
         manifest = _manifest(plan, version, metas)
+        manifest["val_split"] = val_split
         publish_manifest(out, manifest)
     except BaseException:
         _cleanup(version_loc)
@@ -287,6 +291,38 @@ def pack(docs: list[list[int]], eos: int, row_len: int, dtype) -> tuple[np.ndarr
         pos += len(ids) + 1
     num_rows = total // row_len
     return flat[: num_rows * row_len].reshape(num_rows, row_len), total - num_rows * row_len
+
+
+def _split_token_stream(metas: list[dict[str, Any]], version_loc: Location, val_fraction: float) -> str:
+    """A corpus of one or a few documents can leave a split empty when split by document (the one
+    document hashed into val, or none did): take the last val_fraction of all rows (at least one)
+    as the val split and the rest as train, from the last shard that has rows, and say so in the
+    manifest. Runs on the driver before publishing; only small corpora get here."""
+    shards = [(m, split) for m in metas for split in SPLITS if m["splits"][split]["shard"]]
+    total = sum(m["splits"][split]["shard"]["rows"] for m, split in shards)
+    if not shards or total < 2:
+        return "documents"  # too little text for both splits: _manifest names the problem
+    meta, source = shards[-1]
+    entry = meta["splits"][source]["shard"]
+    if entry["rows"] < 2:
+        return "documents"
+    n_val = min(max(1, round(val_fraction * total)), entry["rows"] - 1)
+    n_train = entry["rows"] - n_val
+    version_dir = version_loc.path.rsplit("/", 1)[-1]
+    table = pq.read_table(io.BytesIO(version_loc.join(entry["path"][len(version_dir) + 1 :]).read_bytes()))
+    rows = np.asarray(table.column("tokens").combine_chunks().flatten()).reshape(table.num_rows, -1)
+    for split, part in (("train", rows[:n_train]), ("val", rows[n_train:])):  # both paths (re)written
+        payload = shard_bytes(part)
+        path = f"{split}/part-{meta['unit']:05d}.parquet"
+        version_loc.join(path).write_bytes(payload)
+        meta["splits"][split]["shard"] = {
+            "path": f"{version_dir}/{path}",
+            "rows": len(part),
+            "bytes": len(payload),
+            "sha256": sha256_hex(payload),
+        }
+    log.warning("a split had no rows when split by document: the last %d of %d rows are the val split", n_val, total)
+    return f"token stream: the last {n_val} of {total} rows (splitting by document left a split empty)"
 
 
 def shard_bytes(rows: np.ndarray) -> bytes:
