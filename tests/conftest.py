@@ -54,6 +54,35 @@ class S3Server:
     endpoint: str
     key: str
     secret: str
+    workdir: Path
+
+    def stop_gateway(self) -> None:
+        """Kill the RADOS Gateway (the S3 endpoint); the data stays in the OSD."""
+        import time
+
+        pid = int((self.workdir / "run/client.rgw.a.pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while self._answers() and time.time() < deadline:
+            time.sleep(0.2)
+
+    def start_gateway(self) -> None:
+        import time
+
+        subprocess.run(["radosgw", "-c", "ceph.conf", "-n", "client.rgw.a"], cwd=self.workdir, check=True, timeout=60)
+        deadline = time.time() + 60
+        while not self._answers():
+            assert time.time() < deadline, "the RADOS Gateway did not come back"
+            time.sleep(0.2)
+
+    def _answers(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.endpoint, timeout=2):
+                return True
+        except OSError:
+            return False
 
     def client(self):
         import boto3
@@ -100,7 +129,7 @@ def s3_server(tmp_path_factory):
     try:
         if started.returncode != 0:
             pytest.fail(f"Ceph RGW did not start:\n{started.stdout}\n{started.stderr}")
-        yield S3Server(f"http://127.0.0.1:{port}", S3_KEY, S3_SECRET)
+        yield S3Server(f"http://127.0.0.1:{port}", S3_KEY, S3_SECRET, workdir)
     finally:
         for pidfile in (workdir / "run").glob("*.pid"):
             try:

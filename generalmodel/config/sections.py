@@ -47,6 +47,12 @@ class StorageConfig(Section):
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout in seconds.")
     request_timeout_s: float = Field(60.0, gt=0, description="S3 request timeout in seconds.")
+    retry_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="How long a running job's store I/O (checkpoints, shard reads, exports) retries a failing "
+        "S3 endpoint, with backoff, before the run fails.",
+    )
 
     def resolved(self) -> StorageConfig:
         """A copy with env-var defaults filled in, so that Ray tasks on other nodes (which do

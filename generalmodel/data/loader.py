@@ -25,7 +25,7 @@ import torch
 
 from generalmodel import UserError
 from generalmodel.config import StorageConfig
-from generalmodel.storage import Location, read_manifest, resolve, sha256_hex
+from generalmodel.storage import Location, read_manifest, resolve, sha256_hex, with_retries
 
 DATASET_KIND = "token-dataset"
 FORMAT_VERSION = 1
@@ -54,6 +54,7 @@ class TokenDataset:
         self.seq_len: int = manifest["seq_len"]
         self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
         self.shards = {split: [Shard(**s) for s in info["shards"]] for split, info in manifest["splits"].items()}
+        self.retry_timeout_s = StorageConfig().retry_timeout_s  # shard reads ride out a restarting store
 
     @classmethod
     def open(cls, uri: str, storage: StorageConfig | None = None) -> TokenDataset:
@@ -69,6 +70,7 @@ class TokenDataset:
             )
         try:
             ds = cls(loc, manifest, digest)
+            ds.retry_timeout_s = (storage or StorageConfig()).retry_timeout_s
         except (KeyError, TypeError) as e:
             raise DatasetError(f"{loc.uri}/manifest.json: malformed, missing or bad field {e}") from None
         infos = loc.fs.get_file_info([loc.join(s.path).path for shards in ds.shards.values() for s in shards])
@@ -94,7 +96,8 @@ class TokenDataset:
 
     def read_shard(self, shard: Shard) -> np.ndarray:
         """The shard's rows (rows × row_len), after checking its sha256."""
-        data = self.loc.join(shard.path).read_bytes()
+        loc = self.loc.join(shard.path)
+        data = with_retries(f"reading {loc.uri}", self.retry_timeout_s, loc.read_bytes)
         digest = sha256_hex(data)
         if digest != shard.sha256:
             raise DatasetError(

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +22,58 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from generalmodel import UserError
+from generalmodel import RunFailed, UserError
 from generalmodel.config import StorageConfig
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 class StorageError(UserError):
     """A URI that cannot be read or written, with the reason."""
+
+
+class StorageUnavailable(RunFailed):
+    """The store kept failing for longer than storage.retry_timeout_s during a run."""
+
+
+# Errors worth retrying: the endpoint is down or overloaded, a connection broke. A missing bucket,
+# rejected credentials or a full local disk are not (they fail at once).
+TRANSIENT = (
+    "NETWORK_CONNECTION",
+    "curlCode",
+    "Couldn't connect",
+    "Connection refused",
+    "Connection reset",
+    "SERVICE_UNAVAILABLE",
+    "SlowDown",
+    "INTERNAL_FAILURE",
+    "HTTP response code: 5",
+    "timed out",
+    "Timeout",
+)
+
+
+def with_retries(what: str, timeout_s: float, fn, *args):
+    """`fn(*args)`, retried with exponential backoff (0.5 s doubling to 8 s) while it fails with a
+    transient store error, for at most `timeout_s`; then StorageUnavailable (the run fails, exit 1).
+    For the I/O of a running job (checkpoints, shard reads, exports), which must ride out a
+    restarting S3 server; start-up checks fail fast instead."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        try:
+            return fn(*args)
+        except StorageError as e:
+            if not any(marker in str(e) for marker in TRANSIENT):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StorageUnavailable(
+                    f"{what}: the store kept failing for {timeout_s:.0f}s (storage.retry_timeout_s): {e}"
+                ) from None
+            log.warning("%s failed, retrying in %.1fs: %s", what, delay, e)
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)
 
 
 @dataclass(frozen=True)
@@ -78,6 +124,11 @@ class Location:
                     f.write(data)
 
             _call(self, write_s3)
+
+    def list_dir(self) -> list[pafs.FileInfo]:
+        """The entries directly below this location (empty if absent)."""
+        selector = pafs.FileSelector(self.path, allow_not_found=True)
+        return _call(self, lambda: self.fs.get_file_info(selector))
 
     def list_files(self) -> list[pafs.FileInfo]:
         """Every file below this location, recursively, sorted by path (empty if absent)."""

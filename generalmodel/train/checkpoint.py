@@ -45,7 +45,15 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from generalmodel import UserError
 from generalmodel.config import StorageConfig
-from generalmodel.storage import MANIFEST, Location, publish_manifest, read_manifest, resolve, sha256_hex
+from generalmodel.storage import (
+    MANIFEST,
+    Location,
+    publish_manifest,
+    read_manifest,
+    resolve,
+    sha256_hex,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +84,19 @@ class Checkpointer:
     def __init__(self, uri: str, storage: StorageConfig, rank: int, world_size: int, keep_last: int = 3):
         self.root = resolve(uri, storage)
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.retry_timeout_s = storage.retry_timeout_s  # a restarting store is waited for, with backoff
         self._uploads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self._protected: set[str] = set()  # the checkpoint this run resumed from
 
     # -- finding ---------------------------------------------------------------------------------
 
+    def _retry(self, what: str, fn, *args):
+        return with_retries(what, self.retry_timeout_s, fn, *args)
+
     def _step_dirs(self) -> list[tuple[int, str, str]]:
         """(step, save id, name) of every save directory, newest first."""
-        if not self.root.exists():
-            return []
-        infos = self.root.fs.get_file_info(pafs.FileSelector(self.root.path, allow_not_found=True))
+        infos = self._retry(f"listing {self.root.uri}", self.root.list_dir)
         found = []
         for info in infos:
             name = info.path.rsplit("/", 1)[-1]
@@ -99,8 +109,8 @@ class Checkpointer:
         """The published checkpoints (those with a manifest), newest first, with their manifests."""
         for _, _, name in self._step_dirs():
             loc = self.root.join(name)
-            if loc.join(MANIFEST).exists():
-                manifest, _ = read_manifest(loc, CHECKPOINT_KIND)
+            if self._retry(f"reading {loc.uri}", loc.join(MANIFEST).exists):
+                manifest, _ = self._retry(f"reading {loc.uri}", read_manifest, loc, CHECKPOINT_KIND)
                 yield loc, manifest
 
     def check(self, loc: Location, manifest: dict[str, Any]) -> None:
@@ -108,7 +118,7 @@ class Checkpointer:
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
             raise CheckpointDamaged(f"{loc.uri}: its manifest lists no files (written by an older version?)")
-        infos = {i.path.rsplit("/", 1)[-1]: i for i in loc.list_files()}
+        infos = {i.path.rsplit("/", 1)[-1]: i for i in self._retry(f"listing {loc.uri}", loc.list_files)}
         for name, entry in sorted(files.items()):
             info = infos.get(name)
             if info is None:
@@ -164,12 +174,16 @@ class Checkpointer:
                 path = os.path.join(local, name)
                 mine[name] = _file_entry(path)
                 with open(path, "rb") as f:
-                    target.join(name).write_bytes(f.read())
-            # Several ranks write the same shared files (.metadata): each lists what it wrote.
-            target.join(MARKER.format(rank=self.rank)).write_bytes(json.dumps(mine).encode())
+                    data = f.read()
+                self._retry(f"uploading {target.uri}/{name}", target.join(name).write_bytes, data)
+            marker = target.join(MARKER.format(rank=self.rank))
+            self._retry(f"uploading {marker.uri}", marker.write_bytes, json.dumps(mine).encode())
             if self.rank == 0:
                 self._publish(target, manifest)
-                self._prune()
+                try:
+                    self._prune()
+                except Exception as e:  # retention must never fail a run
+                    log.warning("checkpoint retention skipped: %s", e)
         except BaseException as e:  # surfaced on the training thread at the next save / wait
             self._errors.append(e)
         finally:
@@ -180,14 +194,15 @@ class Checkpointer:
         Markers, not collectives: collectives from this thread would interleave with training's."""
         deadline = time.time() + 3600
         markers = [target.join(MARKER.format(rank=r)) for r in range(self.world_size)]
-        while not all(m.exists() for m in markers):
+        while not all(self._retry(f"checking {m.uri}", m.exists) for m in markers):
             if time.time() > deadline:
                 raise CheckpointError(f"{target.uri}: other ranks' uploads never finished")
             time.sleep(0.2)
         files: dict[str, Any] = {}
         for marker in markers:
-            files.update(json.loads(marker.read_bytes()))
-        publish_manifest(target, {**manifest, "world_size": self.world_size, "files": files})
+            files.update(json.loads(self._retry(f"reading {marker.uri}", marker.read_bytes)))
+        manifest = {**manifest, "world_size": self.world_size, "files": files}
+        self._retry(f"publishing {target.uri}", publish_manifest, target, manifest)
 
     def _prune(self) -> None:
         """Keep the newest `keep_last` complete checkpoints (and the protected one); delete the
@@ -238,7 +253,7 @@ class Checkpointer:
             for name, entry in sorted(manifest["files"].items()):
                 if name.startswith(".uploaded-"):
                     continue
-                data = loc.join(name).read_bytes()
+                data = self._retry(f"reading {loc.uri}/{name}", loc.join(name).read_bytes)
                 if len(data) != entry["bytes"] or sha256_hex(data) != entry["sha256"]:
                     raise CheckpointDamaged(f"{loc.uri}: {name} does not match its sha256 in the manifest")
                 with open(os.path.join(local, name), "wb") as f:

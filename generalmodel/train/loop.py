@@ -28,7 +28,7 @@ from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, dump_config, flatten
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.optim import build_optimizer, lr_multiplier
-from generalmodel.storage import RunLayout, resolve
+from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
 from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer
 from generalmodel.train.mfu import device_peak_flops
@@ -333,10 +333,13 @@ def export(model, cfg: Config, ds: TokenDataset, env: Dist, layout: RunLayout) -
         state.pop("head.weight", None)  # the same tensor as embed.weight; rebuilt by the model
     state = {k: v.contiguous() for k, v in state.items()}
     out = resolve(layout.export, layout.storage)
-    out.join("model.safetensors").write_bytes(save(state))
-    out.join("tokenizer.json").write_bytes(ds.tokenizer_json().encode())
-    model_cfg = dump_config(cfg)["model"]
-    out.join("model_config.json").write_bytes(json.dumps(model_cfg, indent=2).encode())
+    files = {
+        "model.safetensors": save(state),
+        "tokenizer.json": ds.tokenizer_json().encode(),
+        "model_config.json": json.dumps(dump_config(cfg)["model"], indent=2).encode(),
+    }
+    for name, data in files.items():
+        with_retries(f"writing {out.uri}/{name}", layout.storage.retry_timeout_s, out.join(name).write_bytes, data)
 
 
 def _with_metrics_log(report: Report, path: str | None) -> Report:
