@@ -67,11 +67,42 @@ def test_same_config_same_shards_and_rerun_refuses(ray_cluster, txt_corpus, tmp_
     with pytest.raises(UserError, match="already holds a dataset.*--data.overwrite"):
         prepare_data.main(config(txt_corpus, tmp_path / "a"))
 
-    # Overwrite publishes a new version and removes the old one; readers never see a mix.
+    # Overwrite publishes a new version; a trainer reading the old one reads on (a whole epoch).
+    old = TokenDataset.open(str(tmp_path / "a"))
+    reader = TokenLoader(old, "train", batch_size=4, seed=3)
+    next(reader)
     third = prepare_data.main(config(txt_corpus, tmp_path / "a", overwrite=True, seq_len=16))
-    versions = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("v-"))
-    assert versions == [third["version"]] and third["version"] != first["version"]
+    assert third["previous_versions"] == [first["version"]]
+    for _ in range(old.rows("train") // 4 + 2):  # past the end of the epoch: every old shard read
+        x, _ = next(reader)
+        assert x.shape == (4, 32)
     assert TokenDataset.open(str(tmp_path / "a")).seq_len == 16
+    # The next overwrite retires the first version: never more than the current and one previous.
+    fourth = prepare_data.main(config(txt_corpus, tmp_path / "a", overwrite=True, seq_len=16))
+    versions = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("v-"))
+    assert versions == sorted([third["version"], fourth["version"]])
+
+
+def test_two_runs_on_one_output_never_corrupt_it(ray_cluster, txt_corpus, tmp_path):
+    import threading
+
+    results, errors = [], []
+
+    def prepare(seq_len):
+        try:
+            results.append(prepare_data.main(config(txt_corpus, tmp_path / "ds", overwrite=True, seq_len=seq_len)))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=prepare, args=(n,)) for n in (16, 24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors and len(results) == 2
+    ds = TokenDataset.open(str(tmp_path / "ds"))
+    ds.verify()  # whichever published last: whole, every shard present and matching
+    assert ds.manifest["version"] in {r["version"] for r in results}
 
 
 def test_jsonl_parquet_and_saved_hf_sources(ray_cluster, tmp_path):

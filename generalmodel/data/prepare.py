@@ -10,8 +10,11 @@ Output layout (every path in the manifest is relative to the dataset root):
     <output>/manifest.json                       written last: the dataset exists once it does
     <output>/<version>/tokenizer.json
     <output>/<version>/{train,val}/part-00000.parquet   column `tokens`: fixed_size_list<uint16|uint32>
-A rerun with --data.overwrite writes a new <version> and swaps the manifest, then deletes the old
-version: a crash at any point leaves the previous dataset (or none) readable, never half of one.
+A rerun with --data.overwrite writes a new <version> and swaps the manifest; the version it replaced
+stays (`previous_versions`, for trainers still reading it) and the one before that is deleted. A
+crash at any point leaves the previous dataset (or none) readable, never half of one; a version is
+deleted only once it has been replaced twice (or, never published, is a day old), so two runs on
+one output never delete each other's work.
 Shards are a function of the config and the input alone, so the same config gives the same
 shards and checksums on any cluster.
 """
@@ -54,6 +57,10 @@ from generalmodel.storage import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+# Versions replaced by --data.overwrite that stay readable (a trainer may still be reading one).
+KEEP_PREVIOUS = 1
+# An unpublished version this old is a killed run's leftover, not a run in progress.
+STALE_VERSION_S = 24 * 3600
 # Small corpora are cut into about this many units so that every CPU gets work; large ones
 # into units of data.shard_input_mb.
 TARGET_UNITS = 32
@@ -149,11 +156,12 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
             val_split = _split_token_stream(metas, version_loc, data.val_fraction)
         manifest = _manifest(plan, version, metas)
         manifest["val_split"] = val_split
+        retired = _record_versions(out, manifest)
         publish_manifest(out, manifest)
     except BaseException:
         _cleanup(version_loc)
         raise
-    _delete_other_versions(out, keep=version)
+    _delete_versions(out, retired, keep={version, *manifest["previous_versions"]})
     return manifest
 
 
@@ -426,11 +434,32 @@ def _cleanup(version_loc: Location) -> None:
         log.warning("could not delete the unpublished %s: %s", version_loc.uri, e)
 
 
-def _delete_other_versions(out: Location, keep: str) -> None:
-    """Old versions (replaced by --overwrite) and leftovers of crashed runs."""
-    from pyarrow.fs import FileSelector, FileType
+def _record_versions(out: Location, manifest: dict[str, Any]) -> list[str]:
+    """Put the versions this publish replaces in the new manifest (`previous_versions`: the last
+    KEEP_PREVIOUS stay readable for trainers still reading them); returns those retired beyond it."""
+    previous: list[str] = []
+    if out.join(MANIFEST).exists():
+        old = json.loads(out.join(MANIFEST).read_bytes())
+        previous = [old["version"], *old.get("previous_versions", [])]
+    manifest["previous_versions"] = previous[:KEEP_PREVIOUS]
+    return previous[KEEP_PREVIOUS:]
 
-    for info in out.fs.get_file_info(FileSelector(out.path, allow_not_found=True)):
+
+def _delete_versions(out: Location, retired: list[str], keep: set[str]) -> None:
+    """Delete published versions that fell out of the history, and leftovers of killed runs (never
+    published, older than STALE_VERSION_S). Never a version another run may be writing right now:
+    versions are only ever deleted once they were published and replaced twice, or are stale."""
+    now = datetime.datetime.now(datetime.UTC)
+    for info in out.list_dir():
         name = info.path.rsplit("/", 1)[-1]
-        if info.type == FileType.Directory and name.startswith("v-") and name != keep:
-            out.join(name).delete_dir()
+        if not name.startswith("v-") or name in keep:
+            continue
+        try:
+            started = datetime.datetime.strptime(name.split("-")[1], "%Y%m%dT%H%M%S").replace(tzinfo=datetime.UTC)
+        except (IndexError, ValueError):
+            continue  # not ours
+        if name in retired or (now - started).total_seconds() > STALE_VERSION_S:
+            try:
+                out.join(name).delete_dir()
+            except Exception as e:  # a dataset published fine; say what is left behind
+                log.warning("could not delete the old dataset version %s: %s", out.join(name).uri, e)
