@@ -102,3 +102,49 @@ def test_a_store_that_stays_down_fails_the_run_with_a_clear_error(s3_dataset, s3
     assert len(errors) == 1 and isinstance(errors[0], StorageUnavailable), errors
     assert "the store kept failing for 3s (storage.retry_timeout_s)" in str(errors[0])
     assert "cannot reach the S3 endpoint" in str(errors[0])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 KiB tmpfs: a disk that fills up (needs root, as in CI; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def leftovers(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_full_disk_while_preparing_publishes_nothing(ray_cluster, small_disk, tmp_path):
+    from generalmodel import RunFailed
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(make_documents(80, seed=61)):
+        (corpus / f"{i:03d}.txt").write_text(doc)
+    cfg = load_config(overrides={"data.source": str(corpus), "data.output": str(small_disk / "ds"),
+                                 "data.vocab_size": 400, "data.seq_len": 32})  # fmt: skip
+    with pytest.raises(RunFailed, match="no space left on the device"):  # exit 1, not a user error
+        prepare_data.main(cfg)
+    assert leftovers(small_disk) in ([], ["ds"])  # no manifest, no version, no temp file
+
+
+def test_a_full_disk_while_checkpointing_fails_the_run_and_leaves_no_half_checkpoint(
+    s3_dataset, s3_server, small_disk, tmp_path
+):
+    from generalmodel.storage import StorageFull
+
+    cfg = config(s3_dataset, s3_server, tmp_path, "full", **{"train.checkpoint_dir": str(small_disk / "ckpt")})
+    with pytest.raises(StorageFull, match="no space left on the device"):
+        train(cfg)
+    assert not list((small_disk / "ckpt").glob("step-*")), leftovers(small_disk)  # the failed save is gone
+    assert not [p for p in leftovers(small_disk) if ".tmp-" in p]

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import generalmodel
-from generalmodel import UserError
+from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, DataConfig, StorageConfig, dump_config
 from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
 from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents
@@ -135,9 +135,9 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
                 unit_pieces = [Piece(**p) for p in json.loads(pieces_json)]
                 try:
                     meta = process_unit(int(unit), unit_pieces, ray.get(tok_ref), data, storage, version_loc.uri)
-                except UserError as e:
-                    # Ray keeps only the text of a task's exception; carry the user's message as data.
-                    meta = {"unit": int(unit), "error": str(e)}
+                except (UserError, RunFailed) as e:
+                    # Ray keeps only the text of a task's exception; carry the message (and its kind) as data.
+                    meta = {"unit": int(unit), "error": str(e), "run_failed": isinstance(e, RunFailed)}
                 results.append(json.dumps(meta))
             return {"meta": results}
 
@@ -148,9 +148,10 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
         ds.context.op_resource_reservation_enabled = False
         rows = ds.take_all()
         metas = sorted((json.loads(r["meta"]) for r in rows), key=lambda m: m["unit"])
-        errors = [m["error"] for m in metas if "error" in m]
-        if errors:
-            raise UserError(errors[0] + (f" (and {len(errors) - 1} more failed units)" if len(errors) > 1 else ""))
+        failed = [m for m in metas if "error" in m]
+        if failed:
+            more = f" (and {len(failed) - 1} more failed units)" if len(failed) > 1 else ""
+            raise (RunFailed if any(m["run_failed"] for m in failed) else UserError)(failed[0]["error"] + more)
         val_split = "documents"
         if data.val_fraction > 0 and not all(any(m["splits"][s]["shard"] for m in metas) for s in SPLITS):
             val_split = _split_token_stream(metas, version_loc, data.val_fraction)

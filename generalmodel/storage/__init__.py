@@ -13,6 +13,7 @@ from generalmodel.storage.location import (
     MANIFEST,
     Location,
     StorageError,
+    StorageFull,
     StorageUnavailable,
     check_bucket,
     publish_manifest,
@@ -24,7 +25,7 @@ from generalmodel.storage.location import (
 )
 
 __all__ = [
-    "EXPORT_FILES", "HF_PREFIX", "MANIFEST", "Location", "RunLayout", "StorageError", "StorageUnavailable",
-    "check_bucket", "download_export", "publish_manifest", "read_manifest", "resolve", "s3_filesystem", "sha256_hex",
-    "source_name", "trial_checkpoint_dir", "under_root", "with_retries",
+    "EXPORT_FILES", "HF_PREFIX", "MANIFEST", "Location", "RunLayout", "StorageError", "StorageFull",
+    "StorageUnavailable", "check_bucket", "download_export", "publish_manifest", "read_manifest", "resolve",
+    "s3_filesystem", "sha256_hex", "source_name", "trial_checkpoint_dir", "under_root", "with_retries",
 ]  # fmt: skip

@@ -9,6 +9,7 @@ endpoint, missing bucket, rejected credentials); credentials never appear in mes
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 
 class StorageError(UserError):
     """A URI that cannot be read or written, with the reason."""
+
+
+class StorageFull(RunFailed):
+    """A write failed for lack of space: a runtime failure (exit 1), nothing half-written published."""
 
 
 class StorageUnavailable(RunFailed):
@@ -112,9 +117,14 @@ class Location:
 
             def write_local() -> None:
                 self.fs.create_dir(parent, recursive=True)
-                with self.fs.open_output_stream(tmp) as f:
-                    f.write(data)
-                self.fs.move(tmp, self.path)  # rename(2): atomic within a filesystem
+                try:
+                    with self.fs.open_output_stream(tmp) as f:
+                        f.write(data)
+                    self.fs.move(tmp, self.path)  # rename(2): atomic within a filesystem
+                except BaseException:  # a full disk: leave no temp file behind
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                    raise
 
             _call(self, write_local)
         else:
@@ -199,6 +209,8 @@ def _call(loc: Location, fn):
     except FileNotFoundError as e:
         raise StorageError(f"{loc.uri}: not found ({e})") from None
     except OSError as e:
+        if e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            raise StorageFull(f"{loc.uri}: no space left on the device ({e})") from None
         raise StorageError(f"{loc.uri}: {_explain_s3(str(e))}") from None
 
 

@@ -186,6 +186,10 @@ class Checkpointer:
                     log.warning("checkpoint retention skipped: %s", e)
         except BaseException as e:  # surfaced on the training thread at the next save / wait
             self._errors.append(e)
+            try:  # what this failed save wrote is useless: never published, free its space
+                target.delete_dir()
+            except Exception as cleanup:
+                log.warning("could not delete the failed save %s: %s", target.uri, cleanup)
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
