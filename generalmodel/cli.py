@@ -38,6 +38,7 @@ from generalmodel.config import Config, ConfigError, dump_config, field_types, l
 
 EXIT_RUN_FAILED = 1  # the run started and failed for good (generalmodel.RunFailed)
 EXIT_USER_ERROR = 2  # bad config or input (generalmodel.UserError), found before or while running
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
 USAGE = "[--config PRESET.yaml] [--section.key=value ...] [--print-config] [--help]"
 
 
@@ -189,7 +190,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 @contextlib.contextmanager
 def clean_exit() -> Iterator[None]:
-    """`error: <message>` on stderr without a traceback: exit 2 for a UserError, 1 for RunFailed."""
+    """`error: <message>` on stderr without a traceback: exit 2 for a UserError, 1 for RunFailed,
+    130 for Ctrl-C."""
     try:
         yield
     except UserError as e:
@@ -198,6 +200,9 @@ def clean_exit() -> Iterator[None]:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_RUN_FAILED) from None
+    except KeyboardInterrupt:  # unpublished work was removed and the local Ray stopped on the way out
+        print("interrupted: nothing unfinished was published", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def run_job(

@@ -33,8 +33,8 @@ def main(cfg: Config) -> dict:
         print(f"MLflow run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
         try:
             fit(cfg, layout, run_id, uri)
-        except BaseException:
-            end_failed_run()  # the MLflow run says FAILED instead of staying RUNNING
+        except BaseException as e:  # the MLflow run says so instead of staying RUNNING
+            end_failed_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
     if "loss" not in final_metrics(uri, run_id):  # never register a model that trained no step
         end_failed_run()

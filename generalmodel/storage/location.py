@@ -62,6 +62,7 @@ TRANSIENT = (
 def with_retries(what: str, timeout_s: float, fn, *args):
     """`fn(*args)`, retried with exponential backoff (0.5 s doubling to 8 s) while it fails with a
     transient store error, for at most `timeout_s`; then StorageUnavailable (the run fails, exit 1).
+    `timeout_s=0`: no retries, the StorageError as it is.
     For the I/O of a running job (checkpoints, shard reads, exports), which must ride out a
     restarting S3 server; start-up checks fail fast instead."""
     deadline = time.monotonic() + timeout_s
@@ -70,7 +71,7 @@ def with_retries(what: str, timeout_s: float, fn, *args):
         try:
             return fn(*args)
         except StorageError as e:
-            if not any(marker in str(e) for marker in TRANSIENT):
+            if timeout_s <= 0 or not any(marker in str(e) for marker in TRANSIENT):
                 raise
             if time.monotonic() + delay > deadline:
                 raise StorageUnavailable(

@@ -187,7 +187,8 @@ def register(client, name: str, run_id: str) -> str:
     return f"models:/{name}/{version.version}"
 
 
-def end_failed_run() -> None:
+def end_failed_run(status: str = "FAILED") -> None:
+    """End the job's active run as FAILED (or KILLED: interrupted by the user)."""
     import mlflow
 
-    mlflow.end_run(status="FAILED")
+    mlflow.end_run(status=status)

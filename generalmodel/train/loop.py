@@ -129,7 +129,8 @@ def refuse_finished(cfg: Config, layout: RunLayout) -> None:
     again): a TrainingError naming the final checkpoint, before anything starts."""
     if cfg.train.resume != "auto":
         return
-    latest = Checkpointer(layout.checkpoints, layout.storage, 0, 1).latest()
+    fail_fast = layout.storage.model_copy(update={"retry_timeout_s": 0})  # a start-up check: no retries
+    latest = Checkpointer(layout.checkpoints, fail_fast, 0, 1).latest()
     if latest is not None and latest[1]["step"] >= cfg.train.steps:
         raise TrainingError(
             f"run {cfg.train.run_name!r} has already finished: {latest[0].uri} is its final checkpoint (step "

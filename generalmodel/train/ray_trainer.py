@@ -180,11 +180,33 @@ def fit(
     )
     try:
         with progress:
-            result = trainer.fit()
+            result = _fit_interruptibly(trainer)
     except Exception as e:
         raise failure(e) from None
     if result.error is not None:
         raise failure(result.error)
+
+
+def _fit_interruptibly(trainer):
+    """trainer.fit() in a helper thread, the calling thread waiting on it. Called from the main
+    thread, TorchTrainer.fit installs its own SIGINT handler, which outlives the run and ends the
+    process with sys.exit; this way Ctrl-C raises KeyboardInterrupt here, the job marks its run
+    KILLED, and shutting Ray down (or the driver exiting) stops the workers."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def failure(e: BaseException) -> Exception:
