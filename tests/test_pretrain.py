@@ -220,3 +220,18 @@ def test_ray_job_submit(corpus, tmp_path):
         assert "MLflow run " in job.stdout and "registered models:/tiny-test/" in job.stdout
     finally:
         cluster.down()
+
+
+def test_a_model_that_cannot_fit_is_refused_before_any_worker_starts(ray_cluster, corpus, tmp_path):
+    import time
+
+    big = {"model.n_layers": 24, "model.d_model": 2048, "model.n_heads": 16}
+    overrides = tiny_overrides(
+        corpus, **{"storage.root": str(tmp_path), "tracking.uri": f"sqlite:///{tmp_path}/m.db"}, **big
+    )
+    started = time.time()
+    with pytest.raises(
+        UserError, match=r"the model does not fit: 1,2\d\d\.\dM parameters: .* GiB per worker, but each"
+    ):
+        pretrain.main(load_config(overrides=overrides))
+    assert time.time() - started < 60

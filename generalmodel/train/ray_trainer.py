@@ -148,9 +148,17 @@ def fit(
 ) -> None:
     """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the driver's
     console. `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
+    import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from generalmodel.data.loader import TokenDataset
+    from generalmodel.train.memory import check_fits
+
+    memory = ray.cluster_resources().get("memory")
+    seq_len = TokenDataset.open(layout.dataset, layout.storage).seq_len
+    estimate = check_fits(cfg, seq_len, memory / cfg.ray.num_workers if memory else None)
+    log.info("memory estimate: %s", estimate.describe())
     results = resolve(layout.ray_results, layout.storage)
     progress = Progress(cfg.train.steps, cfg.train.run_name)
     trainer = TorchTrainer(

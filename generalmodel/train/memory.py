@@ -1,0 +1,75 @@
+"""Will the model fit? An estimate of a training worker's memory, made on the driver before any
+worker starts, so that an impossible size is refused in seconds with the numbers, instead of
+minutes later with Ray's out-of-memory text.
+
+Per worker: fp32 parameters, gradients and AdamW's two moments (16 bytes per parameter, divided
+by the workers under FSDP2), plus activations kept for the backward pass, after Korthikanti et al.
+(2022): at least 34·d bytes per token and layer in 16-bit (twice that in fp32 on CPU; the
+5·n_heads·T attention term is left out, flash attention does not keep it),
+only the block inputs (2·d) with full activation checkpointing, plus the logits and their
+gradient (fp32). It is a floor, not a bound: allocator slack, the compile cache and communication
+buffers come on top, so only a model whose floor exceeds the memory is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from generalmodel.config import Config
+from models import build_model
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: int
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+
+    @property
+    def total(self) -> float:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+
+    def describe(self) -> str:
+        return (
+            f"{self.parameters / 1e6:,.1f}M parameters: weights {self.params_bytes / GIB:.1f} GiB + gradients "
+            f"{self.grads_bytes / GIB:.1f} GiB + AdamW state {self.optimizer_bytes / GIB:.1f} GiB + activations "
+            f"{self.activations_bytes / GIB:.1f} GiB = {self.total / GIB:.1f} GiB per worker"
+        )
+
+
+def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
+    """The memory floor of one training worker (see the module docstring)."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = build_model(cfg.model)
+    n = model.num_params()
+    shard = world_size if world_size > 1 else 1  # FSDP2 shards weights, gradients and optimizer state
+    m, B, T = cfg.model, cfg.train.batch_size, seq_len
+    act_bytes = 2 if cfg.ray.use_gpu else 4  # bf16 autocast on GPU, fp32 on CPU
+    if cfg.train.activation_checkpointing == "full":
+        per_token_layer = 2 * m.d_model * act_bytes / 2
+    else:
+        per_token_layer = 34 * m.d_model * act_bytes / 2
+    activations = B * T * m.n_layers * per_token_layer + 2 * B * T * m.vocab_size * 4
+    return MemoryEstimate(n, 4 * n / shard, 4 * n / shard, 8 * n / shard, activations)
+
+
+def check_fits(cfg: Config, seq_len: int, memory_per_worker: float | None) -> MemoryEstimate:
+    """A UserError when the estimate exceeds the memory a worker has (CPU workers; GPU memory is not
+    known on the driver, so GPU runs are estimated and logged only)."""
+    from generalmodel import UserError
+
+    est = estimate(cfg, seq_len, cfg.ray.num_workers)
+    if memory_per_worker and not cfg.ray.use_gpu and est.total > memory_per_worker:
+        raise UserError(
+            f"the model does not fit: {est.describe()}, but each of the {cfg.ray.num_workers} workers has about "
+            f"{memory_per_worker / GIB:.1f} GiB (the Ray cluster's memory / ray.num_workers). Use a smaller model, "
+            f"a smaller train.batch_size (with train.grad_accum to keep the global batch), "
+            f"--train.activation_checkpointing=full, or more workers/nodes"
+        )
+    return est
