@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import ray
 
 from generalmodel import UserError
-from generalmodel.config import RayConfig
+from generalmodel.config import Config, RayConfig
 
 
 @contextlib.contextmanager
@@ -78,6 +78,25 @@ def _check_reachable(address: str) -> None:
         raise UserError(f"cannot reach the Ray cluster at {address} (ray.address / RAY_ADDRESS): {e}") from None
 
 
+def refuse_ephemeral_paths(cfg: Config, tracks: bool = True) -> None:
+    """A job submitted with `ray job submit --working-dir` runs in a temporary package directory
+    that Ray deletes after the job: a relative storage.root or the default sqlite tracking store
+    would be written there and vanish with it. Refuse them, naming what to pass instead."""
+    if "/runtime_resources/working_dir_files/" not in os.getcwd():
+        return
+    where = "this submitted job's temporary working directory, which Ray deletes after the job"
+    if "://" not in cfg.storage.root and not os.path.isabs(cfg.storage.root):
+        raise UserError(
+            f"storage.root {cfg.storage.root!r} is relative: it would live in {where}; pass "
+            f"--storage.root=s3://BUCKET/PREFIX (or an absolute path on a single-node cluster)"
+        )
+    if tracks and cfg.tracking.uri is None:
+        raise UserError(
+            f"tracking.uri is not set: the default sqlite store would live in {where}; pass "
+            f"--tracking.uri=http://MLFLOW_HOST:PORT (or sqlite:////absolute/path/mlflow.db)"
+        )
+
+
 def alive_node_count() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
@@ -121,6 +140,9 @@ class LocalCluster:
                 f"--address={self.address}",
                 f"--num-cpus={self.cpus_per_node}",
                 "--disable-usage-stats",
+                # A session directory of its own: sharing the head's, this node's runtime-env cleanup
+                # deleted a submitted job's working directory under the driver still running from it.
+                f"--temp-dir={tempfile.mkdtemp(prefix='w', dir=self.temp_dir)}",
                 *_agent_ports(),
             ],
             env=self.env,

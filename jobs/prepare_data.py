@@ -9,13 +9,14 @@ ray job submit --working-dir . -- python jobs/prepare_data.py ...
 from __future__ import annotations
 
 from generalmodel.cli import run_job
-from generalmodel.cluster import ray_session
+from generalmodel.cluster import ray_session, refuse_ephemeral_paths
 from generalmodel.config import Config
 from generalmodel.data.prepare import build_dataset, plan_dataset
 from generalmodel.storage import RunLayout
 
 
 def main(cfg: Config) -> dict:
+    refuse_ephemeral_paths(cfg, tracks=False)
     layout = RunLayout.of(cfg)
     plan = plan_dataset(cfg, layout)  # bad input fails here, before Ray starts
     with ray_session(cfg.ray):

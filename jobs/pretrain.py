@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from generalmodel import RunFailed
 from generalmodel.cli import run_job
-from generalmodel.cluster import ray_session
+from generalmodel.cluster import ray_session, refuse_ephemeral_paths
 from generalmodel.config import Config
 from generalmodel.data.prepare import code_version
 from generalmodel.infer import SamplingParams, load_model, sample_text
@@ -23,6 +23,7 @@ SAMPLE_PROMPTS = ["Fellow citizens,", "The state of the Union"]
 
 
 def main(cfg: Config) -> dict:
+    refuse_ephemeral_paths(cfg)
     uri = tracking_uri(cfg)
     check_reachable(uri)
     layout = RunLayout.of(cfg)

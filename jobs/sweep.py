@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from generalmodel.cli import clean_exit, exit_on_help, setup_logging, split_args
-from generalmodel.cluster import ray_session
+from generalmodel.cluster import ray_session, refuse_ephemeral_paths
 from generalmodel.config import dump_config
 from generalmodel.tracking import check_reachable, tracking_uri
 from generalmodel.tune import SweepResult, run_sweep
@@ -31,6 +31,7 @@ POSITIONAL = ("config",)  # the sweep file
 
 def main(sweep_file: str, overrides: dict[str, Any] | None = None) -> SweepResult:
     sweep, base = load_sweep(sweep_file, overrides)
+    refuse_ephemeral_paths(base)
     check_reachable(tracking_uri(base))
     with ray_session(base.ray):
         result = run_sweep(sweep, base, Path(sweep_file).read_text())

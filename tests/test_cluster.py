@@ -133,6 +133,16 @@ def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, bucket
     assert recovered[400] == reference[400]  # CPU, same config and data: bit-identical after resume
 
 
+def test_a_submitted_job_refuses_stores_that_would_vanish_with_it(cluster, bucket, mlflow_server):
+    args = job_args(bucket, mlflow_server.uri, "ephemeral")
+    no_tracking = submit(cluster, [a for a in args if not a.startswith("--tracking.uri")])
+    assert no_tracking.returncode != 0
+    assert "tracking.uri is not set: the default sqlite store would live in this submitted job's temporary" in (
+        no_tracking.stdout + no_tracking.stderr)  # fmt: skip
+    relative = submit(cluster, [a for a in args if not a.startswith("--storage.root")])
+    assert "storage.root '.generalmodel/store' is relative" in relative.stdout + relative.stderr
+
+
 def test_bad_cluster_address_and_missing_token_are_clear_errors(cluster, tmp_path):
     import sys
 
