@@ -240,3 +240,36 @@ def test_bad_sweeps_fail_before_any_trial(cluster, s3_server, mlflow_server, cor
     assert proc.returncode == 2, out[-3000:]
     assert message in out, out[-3000:]
     assert "Traceback" not in out
+
+
+def test_a_trial_whose_worker_is_killed_continues_from_its_checkpoint(
+    cluster, s3_server, mlflow_server, corpus, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path / "one-trial.yaml"
+    path.write_text(SWEEP.split("search:")[0] + "search:\n  optim.lr: {choice: [0.01]}\nscheduler: {kind: fifo}\n"
+                    "resources: {num_workers: 1, cpus_per_worker: 0.9}\n")  # fmt: skip
+    bucket = s3_server.new_bucket()
+    args = sweep_args(bucket, s3_server, mlflow_server, corpus, **{
+        "train.steps": 40, "train.log_every": 1, "train.eval_every": 20, "train.checkpoint_every": 8,
+        "tracking.registered_model": "sweep-kill"})  # fmt: skip
+    proc = run_sweep(cluster, path, args)
+    client = MlflowClient(mlflow_server.uri)
+    deadline = time.time() + 300
+    while True:  # kill once the trial has published a checkpoint
+        listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/sweeps/one-trial/checkpoints/")
+        if any(o["Key"].endswith("/manifest.json") for o in listed.get("Contents", [])):
+            break
+        assert time.time() < deadline and proc.poll() is None, finish(proc)[-4000:]
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "no Ray Train worker process found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    (kid,) = children(client, parent_run(client, "one-trial")[0])
+    steps = [m.step for m in client.get_metric_history(kid.info.run_id, "loss")]
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    assert repeated and repeated[0] > 8 and steps[-1] == 40, steps  # resumed from a checkpoint, not from scratch
+    assert kid.data.tags["stop_reason"] == "completed"
