@@ -194,3 +194,23 @@ def test_a_user_error_is_a_message_and_exit_code_2():
         and "top_p = 2" in out.stderr
         and "Traceback" not in out.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        ("user", 2),
+        ("run", 1),
+        ("interrupt", 130),
+    ],
+)
+def test_exit_codes(error, code, capsys):
+    from generalmodel import RunFailed, UserError
+    from generalmodel.cli import clean_exit
+
+    raised = {"user": UserError("bad key"), "run": RunFailed("diverged"), "interrupt": KeyboardInterrupt()}[error]
+    with pytest.raises(SystemExit) as e, clean_exit():
+        raise raised
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
