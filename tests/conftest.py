@@ -3,6 +3,7 @@ session, plus small corpora written into tmp dirs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -170,6 +171,14 @@ def write_corpus(root: Path, count: int, seed: int) -> Path:
     return root
 
 
+# A tiny model on a tiny dataset prepared from a few documents: what the job tests train.
+TINY_RUN = {
+    "data.output": "datasets/tiny", "data.vocab_size": 320, "data.seq_len": 32, "data.val_fraction": 0.1,
+    "model.vocab_size": 320, "model.max_seq_len": 32, "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32,
+    "train.batch_size": 4, "train.eval_batches": 2,
+}  # fmt: skip
+
+
 @pytest.fixture
 def txt_corpus(tmp_path) -> Path:
     root = tmp_path / "corpus"
@@ -191,12 +200,8 @@ class MlflowServer:
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server, tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1: sqlite backend, artifacts on the real S3 server."""
-    import time
-    import urllib.request
-
     bucket = s3_server.new_bucket()
     workdir = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
     env = dict(
         os.environ,
         MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint,
@@ -205,28 +210,25 @@ def mlflow_server(s3_server, tmp_path_factory):
         AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
         AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
     )
+    with running_mlflow(workdir, f"s3://{bucket}/mlflow", env) as uri:
+        yield MlflowServer(uri, f"s3://{bucket}/mlflow")
+
+
+@contextlib.contextmanager
+def running_mlflow(workdir: Path, artifacts: str, env: dict | None = None):
+    """`mlflow server` (sqlite in workdir, artifacts at `artifacts`) on a free port of 127.0.0.1:
+    yields its URI once /health answers; stopped (its process group) afterwards."""
+    import time
+    import urllib.request
+
+    uri = f"http://127.0.0.1:{free_port()}"
     log = open(workdir / "server.log", "w")
     server = subprocess.Popen(
-        [
-            str(Path(os.sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{workdir}/mlflow.db",
-            "--artifacts-destination",
-            f"s3://{bucket}/mlflow",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
+         "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+         "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
     try:
         deadline = time.time() + 120
         while True:
@@ -239,7 +241,7 @@ def mlflow_server(s3_server, tmp_path_factory):
             if server.poll() is not None or time.time() > deadline:
                 pytest.fail(f"mlflow server did not start:\n{(workdir / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield MlflowServer(uri, f"s3://{bucket}/mlflow")
+        yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, make_documents, ray_job, submit_job
+from conftest import REPO, TINY_RUN, make_documents, ray_job, submit_job
 
 from generalmodel.cluster import cluster_up
 
@@ -39,21 +39,11 @@ def bucket(s3_server):
 
 def job_args(bucket, mlflow_uri, run_name, **extra):
     args = {
+        **TINY_RUN,
         "data.source": f"s3://{bucket}/corpus",
-        "data.output": "datasets/tiny",
-        "data.vocab_size": 320,
-        "data.seq_len": 32,
-        "data.val_fraction": 0.1,
-        "model.vocab_size": 320,
-        "model.max_seq_len": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 2,
-        "model.d_model": 32,
         "train.steps": 400,
-        "train.batch_size": 4,
         "train.log_every": 10,
         "train.eval_every": 400,
-        "train.eval_batches": 2,
         "train.checkpoint_every": 50,
         "storage.root": f"s3://{bucket}/store",
         "tracking.uri": mlflow_uri,

@@ -4,18 +4,13 @@ artifacts page the comparison; screenshots land in $GM_UI_OUT (default: a tmp di
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_corpus
-
-from generalmodel.cluster import free_port
+from conftest import REPO, running_mlflow, write_corpus
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("GM_UI_TEST") or shutil.which("chromium") is None,
@@ -57,37 +52,8 @@ def chromium(url: str, *, screenshot: Path | None = None) -> str:
 
 @pytest.fixture
 def mlflow_ui(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/db.sqlite",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    with running_mlflow(tmp_path, str(tmp_path / "artifacts")) as uri:
+        yield uri
 
 
 def test_mlflow_ui_shows_parent_children_and_comparison(mlflow_ui, tmp_path):

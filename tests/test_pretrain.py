@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from conftest import submit_job, write_corpus
+from conftest import TINY_RUN, submit_job, write_corpus
 
 from generalmodel import RunFailed, UserError
 from generalmodel.cli import parse_args
@@ -24,21 +24,11 @@ def corpus(tmp_path_factory):
 
 def tiny_overrides(corpus, **extra):
     base = {
+        **TINY_RUN,
         "data.source": str(corpus),
-        "data.output": "datasets/tiny",
-        "data.vocab_size": 320,
-        "data.seq_len": 32,
-        "data.val_fraction": 0.1,
-        "model.vocab_size": 320,
-        "model.max_seq_len": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 2,
-        "model.d_model": 32,
         "train.steps": 8,
-        "train.batch_size": 4,
         "train.log_every": 2,
         "train.eval_every": 4,
-        "train.eval_batches": 2,
         "train.checkpoint_every": 2,
         "optim.warmup_steps": 2,
         "tracking.registered_model": "tiny-test",
