@@ -146,6 +146,10 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
         # One operator: Ray Data's per-operator reservation would hold back CPUs for downstream
         # operators that do not exist (measured: 2 CPUs ran like 1.2). This dataset only.
         ds.context.op_resource_reservation_enabled = False
+        # Our own lines say what runs ("tokenizing N units", "published ..."): Ray Data's progress
+        # report (a block of lines every few seconds on a non-terminal) stays off the console.
+        ds.context.enable_progress_bars = False
+        ds.context.print_on_execution_start = False
         rows = ds.take_all()
         metas = sorted((json.loads(r["meta"]) for r in rows), key=lambda m: m["unit"])
         failed = [m for m in metas if "error" in m]
