@@ -18,10 +18,6 @@ from generalmodel.config import Config
 from generalmodel.storage import MANIFEST, RunLayout, resolve
 from generalmodel.train.loop import check_compatible, train
 
-# Imported here, not inside the functions: a job submitted with --working-dir runs from a package
-# directory that a local multi-node cluster may clean up under the running driver (seen when the
-# dataset is prepared inside the job); modules imported at start-up are safe from that.
-
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("generalmodel.progress")
 
