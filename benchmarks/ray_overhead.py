@@ -84,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.cpus)
     train(cfg("plain"))
     ray_cfg = cfg("ray")
-    fit(ray_cfg, RunLayout.of(ray_cfg), None, None)
+    fit(ray_cfg, RunLayout.of(ray_cfg), data_cfg.data.seq_len, None, None)
     ray.shutdown()
     plain, under_ray = (
         [json.loads(line) for line in open(os.path.join(store, f"{run}.jsonl"))] for run in ("plain", "ray")

@@ -33,7 +33,7 @@ def main(cfg: Config) -> dict:
         run_id = start_run(cfg, ds.manifest_sha256, code_version())
         print(f"MLflow run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
         try:
-            fit(cfg, layout, run_id, uri)
+            fit(cfg, layout, ds.seq_len, run_id, uri)
         except BaseException as e:  # the MLflow run says so instead of staying RUNNING
             end_failed_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise

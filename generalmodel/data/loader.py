@@ -46,7 +46,7 @@ class Shard:
 class TokenDataset:
     """A published dataset: its manifest, verified against the files it lists."""
 
-    def __init__(self, loc: Location, manifest: dict[str, Any], manifest_sha256: str):
+    def __init__(self, loc: Location, manifest: dict[str, Any], manifest_sha256: str, retry_timeout_s: float):
         self.loc = loc
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
@@ -54,7 +54,7 @@ class TokenDataset:
         self.seq_len: int = manifest["seq_len"]
         self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
         self.shards = {split: [Shard(**s) for s in info["shards"]] for split, info in manifest["splits"].items()}
-        self.retry_timeout_s = StorageConfig().retry_timeout_s  # shard reads ride out a restarting store
+        self.retry_timeout_s = retry_timeout_s  # shard reads ride out a restarting store
 
     @classmethod
     def open(cls, uri: str, storage: StorageConfig | None = None) -> TokenDataset:
@@ -69,8 +69,7 @@ class TokenDataset:
                 f"this code reads {FORMAT_VERSION}"
             )
         try:
-            ds = cls(loc, manifest, digest)
-            ds.retry_timeout_s = (storage or StorageConfig()).retry_timeout_s
+            ds = cls(loc, manifest, digest, (storage or StorageConfig()).retry_timeout_s)
         except (KeyError, TypeError) as e:
             raise DatasetError(f"{loc.uri}/manifest.json: malformed, missing or bad field {e}") from None
         infos = loc.fs.get_file_info([loc.join(s.path).path for shards in ds.shards.values() for s in shards])

@@ -140,19 +140,23 @@ def ensure_dataset(cfg: Config, layout: RunLayout):
 
 
 def fit(
-    cfg: Config, layout: RunLayout, run_id: str | None, tracking_uri: str | None, callbacks: list | None = None
+    cfg: Config,
+    layout: RunLayout,
+    seq_len: int,
+    run_id: str | None,
+    tracking_uri: str | None,
+    callbacks: list | None = None,
 ) -> None:
     """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the driver's
-    console. `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
+    console. `seq_len`: the dataset's (from ensure_dataset), for the memory check.
+    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from generalmodel.data.loader import TokenDataset
     from generalmodel.train.memory import check_fits
 
     memory = ray.cluster_resources().get("memory")
-    seq_len = TokenDataset.open(layout.dataset, layout.storage).seq_len
     estimate = check_fits(cfg, seq_len, memory / cfg.ray.num_workers if memory else None)
     log.info("memory estimate: %s", estimate.describe())
     results = resolve(layout.ray_results, layout.storage)

@@ -130,7 +130,7 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
         ds = ensure_dataset(cfg, layout)
         if not resumed:
             log_config(run_id, cfg, ds.manifest_sha256, code_version())
-        fit(cfg, layout, run_id, uri, callbacks=[TuneReportCallback()])
+        fit(cfg, layout, ds.seq_len, run_id, uri, callbacks=[TuneReportCallback()])
     except Exception as e:
         close_run(uri, run_id, "FAILED", f"failed: {root_message(e)}"[:500])
         raise
