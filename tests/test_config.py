@@ -56,6 +56,8 @@ def test_unknown_key_in_a_preset(tmp_path):
         ("--data.vocab_size=200", "data.vocab_size = 200: Value error, must be at least 259"),
         ("--data.val_fraction=1.5", "data.val_fraction = 1.5"),
         ("--data.seq_len=abc", "data.seq_len = 'abc'"),
+        ("--tracking.uri=file:///tmp/mlruns", "MLflow 3 retired the file store"),
+        ("--tracking.uri=mlruns", "give http(s)://HOST:PORT (a tracking server) or sqlite:///"),
     ],
 )
 def test_invalid_values_name_key_value_and_rule(override, fragment):

@@ -139,6 +139,11 @@ class RayConfig(Section):
     max_failures: int = Field(
         2, ge=-1, description="Restarts of the worker group from the last checkpoint after a failure (-1: no limit)."
     )
+    verbose: bool = Field(
+        False,
+        description="Stream every Ray worker's own output (tracebacks, Ray's logs) to this console. Off: "
+        "the workers' log lines are forwarded and a failure's tracebacks go to a log file.",
+    )
 
 
 class OptimConfig(Section):
@@ -228,6 +233,9 @@ class TrainConfig(Section):
         return self
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
 class TrackingConfig(Section):
     """MLflow."""
 
@@ -236,6 +244,18 @@ class TrackingConfig(Section):
     )
     experiment: str = Field("generalmodel", description="MLflow experiment name.")
     registered_model: str = Field("generalmodel", description="Registry name the final model is registered under.")
+
+    @field_validator("uri")
+    @classmethod
+    def _a_store_mlflow_3_serves(cls, uri: str | None) -> str | None:
+        scheme = (uri or "").partition("://")[0].split("+")[0].lower() if uri and "://" in uri else ""
+        if uri is not None and scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"{uri!r} is not an MLflow tracking store this platform uses: give http(s)://HOST:PORT "
+                f"(a tracking server) or sqlite:////ABS/PATH/mlflow.db (MLflow 3 retired the file store "
+                f"of plain paths and file:// URIs); schemes: {', '.join(TRACKING_SCHEMES)}"
+            )
+        return uri
 
 
 _DEFAULT_MODEL = LlamaConfig
