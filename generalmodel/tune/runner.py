@@ -216,7 +216,43 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweeps_dir.path, storage_filesystem=sweeps_dir.fs),
         )
     grid = tuner.fit()
+    unfinished = unfinished_trials(experiment)
+    if unfinished:
+        stop_interrupted(unfinished, parent, uri, experiment.uri)
     return summarize(sweep, base, grid, parent, uri, experiment.uri)
+
+
+def unfinished_trials(experiment) -> int:
+    """Trials a restore would continue, by the experiment state Tune saved. Tune handles Ctrl-C
+    itself: `fit()` returns normally, the trials it stopped shown as terminated, while the saved
+    state keeps them pending so that `Tuner.restore` resumes them."""
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(experiment.path, storage_filesystem=experiment.fs)
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in saved.trials)
+
+
+def stop_interrupted(unfinished: int, parent: str, uri: str, experiment_uri: str) -> None:
+    """An interrupted sweep: mark it and its running trials KILLED (a rerun reopens them) and
+    raise KeyboardInterrupt, instead of summarizing a half-run sweep as if it were done."""
+    from mlflow.tracking import MlflowClient
+
+    from generalmodel.tracking.sweep import STOP_TAG, close_run
+
+    client = MlflowClient(uri)
+    running = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
+    reason = "interrupted: run the same sweep command again to continue"
+    for child in running:
+        if child.data.tags.get(STOP_TAG) is None:
+            close_run(uri, child.info.run_id, "KILLED", reason)
+    close_run(uri, parent, "KILLED", reason)
+    print(f"sweep interrupted with {unfinished} trial(s) unfinished; its state is at {experiment_uri}: run the same "
+          "command again to continue it")  # fmt: skip
+    raise KeyboardInterrupt
 
 
 def trials_fingerprint(sweep: Sweep) -> str:
