@@ -37,7 +37,10 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             # Ray Train V2's controller queries the state API, which the dashboard serves.
             include_dashboard=None if address else True,
             dashboard_host="127.0.0.1",
-            log_to_driver=True,
+            # Off unless asked: our workers forward their log lines through the progress queue
+            # and a failure's tracebacks go to a log file (train.ray_trainer), so the console
+            # shows one line per event instead of every worker's stderr.
+            log_to_driver=cfg.verbose,
             configure_logging=False,
         )
     except (ConnectionError, ValueError, RuntimeError) as e:

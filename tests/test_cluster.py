@@ -1,10 +1,11 @@
 """A 2-node Ray cluster on this machine (`make cluster-up`'s code): `ray job submit` puts the
 train workers on both nodes with checkpoints on the real S3 server; killing the worker node
-mid-run and bringing a node back lets Ray Train resume from the last checkpoint and finish
-with the same final loss as the uninterrupted run."""
+mid-run and bringing a node back, or SIGKILL of one train worker process, lets Ray Train resume
+from the last checkpoint and finish with the same final loss as the uninterrupted run."""
 
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -82,45 +83,67 @@ def test_workers_on_both_nodes_with_s3_checkpoints(cluster, bucket, mlflow_serve
     assert any(k.endswith("__1_0.distcp") for k in keys)  # rank 1's shard, written from the other node
 
 
-def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, bucket, mlflow_server, s3_server):
-    out = submit(cluster, job_args(bucket, mlflow_server.uri, "node-failure"), wait=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    job_id = re.search(r"(raysubmit_\w+)", out.stdout + out.stderr).group(1)
+class Job:
+    """A pretraining job submitted without waiting: its logs, a wait for a line, a wait for its end."""
 
-    def logs():
-        return ray_job(cluster, "logs", f"--address={cluster.dashboard}", job_id).stdout
+    def __init__(self, cluster, args):
+        out = submit(cluster, args, wait=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        self.cluster, self.id = cluster, re.search(r"(raysubmit_\w+)", out.stdout + out.stderr).group(1)
 
-    deadline = time.time() + 300
+    def logs(self) -> str:
+        return ray_job(self.cluster, "logs", f"--address={self.cluster.dashboard}", self.id).stdout
 
-    def give_up(what):
+    def give_up(self, what):
         (REPO / ".generalmodel").mkdir(exist_ok=True)
-        (REPO / ".generalmodel/node-failure-job.log").write_text(logs())
-        pytest.fail(f"{what}; the job's log is in .generalmodel/node-failure-job.log")
+        (REPO / f".generalmodel/{self.id}.log").write_text(self.logs())
+        pytest.fail(f"{what}; the job's log is in .generalmodel/{self.id}.log")
 
-    while "step    80/400" not in logs():  # the step-50 checkpoint is published by now
-        if time.time() > deadline:
-            give_up("the job never reached step 80")
-        time.sleep(1)
+    def wait_for(self, text, timeout_s=300):
+        deadline = time.time() + timeout_s
+        while text not in self.logs():
+            if time.time() > deadline:
+                self.give_up(f"the job never printed {text!r}")
+            time.sleep(1)
+
+    def wait_for_end(self, timeout_s=240) -> str:
+        deadline = time.time() + timeout_s
+        while True:
+            out = ray_job(self.cluster, "status", f"--address={self.cluster.dashboard}", self.id)
+            status = (out.stdout + out.stderr).lower()  # "Job '…' succeeded"
+            if any(word in status for word in ("succeeded", "failed", "stopped")):
+                return status
+            if time.time() > deadline:
+                self.give_up(f"the job did not finish ({status.strip()[-200:]})")
+            time.sleep(3)
+
+    def assert_resumed_to_the_reference(self, status, mlflow_uri, run_name):
+        text = self.logs()
+        assert "succeeded" in status, text[-5000:]
+        resumed = re.search(r"resumed from s3://\S+/step-(\d{8})-[0-9a-f]+ at step", text)
+        assert resumed and 50 <= int(resumed.group(1)) < 400, text[-5000:]  # mid-run, not from scratch
+        reference, recovered = final_loss(mlflow_uri, "two-nodes"), final_loss(mlflow_uri, run_name)
+        assert recovered[400] == reference[400]  # CPU, same config and data: bit-identical after resume
+
+
+def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, bucket, mlflow_server, s3_server):
+    job = Job(cluster, job_args(bucket, mlflow_server.uri, "node-failure"))
+    job.wait_for("step    80/400")  # the step-50 checkpoint is published by now
     cluster.kill_node(cluster.worker_pgids[0])
     cluster.wait_for_nodes(1, exactly=True)  # the head has noticed the loss
     cluster.add_worker()  # the node comes back
+    job.assert_resumed_to_the_reference(job.wait_for_end(), mlflow_server.uri, "node-failure")
 
-    deadline = time.time() + 240
-    while True:
-        out = ray_job(cluster, "status", f"--address={cluster.dashboard}", job_id)
-        status = (out.stdout + out.stderr).lower()  # "Job '…' succeeded"
-        if any(word in status for word in ("succeeded", "failed", "stopped")):
-            break
-        if time.time() > deadline:
-            give_up(f"the job did not finish after the node came back ({status.strip()[-200:]})")
-        time.sleep(3)
-    text = logs()
-    assert "succeeded" in status, text[-5000:]
-    resumed = re.search(r"resumed from s3://\S+/step-(\d{8})-[0-9a-f]+ at step", text)
-    assert resumed and 50 <= int(resumed.group(1)) < 400, text[-5000:]  # mid-run, not from scratch
 
-    reference, recovered = final_loss(mlflow_server.uri, "two-nodes"), final_loss(mlflow_server.uri, "node-failure")
-    assert recovered[400] == reference[400]  # CPU, same config and data: bit-identical after resume
+def test_a_killed_train_worker_process_resumes_in_the_submitted_job(cluster, bucket, mlflow_server, s3_server):
+    """The dataset is prepared (by the first test): SIGKILL one Ray Train worker process; Ray Train
+    restarts the worker group (FailureConfig) and the job resumes from the last checkpoint."""
+    job = Job(cluster, job_args(bucket, mlflow_server.uri, "worker-kill"))
+    job.wait_for("step    80/400")
+    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers  # one per node
+    os.kill(int(workers[0]), signal.SIGKILL)
+    job.assert_resumed_to_the_reference(job.wait_for_end(), mlflow_server.uri, "worker-kill")
 
 
 def test_a_submitted_job_refuses_stores_that_would_vanish_with_it(cluster, bucket, mlflow_server):

@@ -1,5 +1,6 @@
-"""Ctrl-C (SIGINT) stops a job within seconds: exit code 130, one line, nothing unfinished
-published, the local Ray cluster it started stopped. Each job runs as a real subprocess."""
+"""The console of a job, run as a real subprocess with the local Ray cluster it starts: Ctrl-C
+(SIGINT) stops it within seconds (exit code 130, one line, nothing unfinished published, the
+local Ray stopped); an error inside a Ray worker is one line, its traceback in a log file."""
 
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, write_corpus
@@ -14,11 +16,23 @@ from conftest import REPO, write_corpus
 pytestmark = pytest.mark.e2e
 
 
-def start(args, ray_tmp):
+def start(args, ray_tmp, cwd=REPO):
     # RAY_TMPDIR: the local cluster the job starts lives under ray_tmp, so its processes can be found.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def tiny_run(tmp_path, **extra):
+    """Arguments for a tiny pretraining run on a fresh corpus, tracked in sqlite under tmp_path."""
+    corpus = write_corpus(tmp_path / "corpus", 60, seed=71)
+    args = {
+        "data.source": corpus, "data.vocab_size": 320, "data.seq_len": 32, "model.vocab_size": 320,
+        "model.max_seq_len": 32, "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32,
+        "train.batch_size": 4, "train.log_every": 5, "ray.num_workers": 1, "storage.root": tmp_path / "store",
+        "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", **extra,
+    }  # fmt: skip
+    return [f"--{k}={v}" for k, v in args.items()]
 
 
 def interrupt_when(proc, marker, timeout_s=240):
@@ -67,13 +81,8 @@ def test_ctrl_c_stops_prepare_data_and_publishes_nothing(tmp_path, ray_tmp):
 def test_ctrl_c_stops_pretraining_and_marks_the_run_killed(tmp_path, ray_tmp):
     from mlflow.tracking import MlflowClient
 
-    corpus = write_corpus(tmp_path / "corpus", 60, seed=71)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["jobs.pretrain", f"--data.source={corpus}", "--data.vocab_size=320", "--data.seq_len=32",
-            "--model.vocab_size=320", "--model.max_seq_len=32", "--model.n_layers=2", "--model.n_heads=2",
-            "--model.d_model=32", "--train.steps=5000", "--train.batch_size=4", "--train.log_every=5",
-            "--ray.num_workers=1", f"--storage.root={tmp_path}/store", f"--tracking.uri={uri}"]  # fmt: skip
-    proc = start(args, ray_tmp)
+    proc = start(["jobs.pretrain", *tiny_run(tmp_path, **{"train.steps": 5000})], ray_tmp)
     text, seconds = interrupt_when(proc, "generalmodel.progress: step")
     assert proc.returncode == 130, text[-3000:]
     assert seconds < 30, seconds
@@ -82,3 +91,58 @@ def test_ctrl_c_stops_pretraining_and_marks_the_run_killed(tmp_path, ray_tmp):
     assert [r.info.status for r in runs] == ["KILLED"]
     assert not client.search_registered_models()  # nothing registered from an interrupted run
     assert not ray_processes(ray_tmp)
+
+
+SWEEP = """
+search:
+  optim.lr: {grid: [0.01, 0.003]}
+scheduler: {kind: fifo}
+max_concurrent_trials: 1
+resources: {num_workers: 1, cpus_per_worker: 0.5}
+"""
+
+
+def test_ctrl_c_stops_a_sweep_and_marks_it_killed_for_a_rerun(tmp_path, ray_tmp):
+    """Ray Tune catches SIGINT itself and returns from fit() as if the sweep were done: the job must
+    not summarize, rank or register a half-run sweep."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "sweep.yaml").write_text(SWEEP)
+    args = tiny_run(tmp_path, **{"train.steps": 5000, "tracking.registered_model": "interrupted-sweep"})
+    proc = start(["jobs.sweep", str(tmp_path / "sweep.yaml"), *args], ray_tmp)
+    text, seconds = interrupt_when(proc, "started with configuration")
+    assert proc.returncode == 130, text[-3000:]
+    assert seconds < 30, seconds
+    assert "sweep interrupted with 2 trial(s) unfinished" in text and "run the same command again" in text
+    assert "trials ranked by" not in text
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("generalmodel").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}  # the sweep's run and its started trial
+    assert not client.search_registered_models()
+    assert not ray_processes(ray_tmp)
+
+
+def test_a_worker_error_is_one_line_and_its_traceback_goes_to_a_log_file(tmp_path, ray_tmp):
+    from mlflow.tracking import MlflowClient
+
+    args = tiny_run(tmp_path, **{"train.steps": 20, "train.fail_at_step": 3, "ray.max_failures": 0})
+    proc = start(["jobs.pretrain", *args], ray_tmp, cwd=tmp_path)
+    text, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: training failed: RuntimeError: train.fail_at_step: injected failure at step 3")
+    assert "Traceback" not in text and "loop.py" not in text, text[-3000:]  # no worker stderr on the console
+    assert "[rank 0] train worker rank 0 on node" in text  # the workers' own log lines are forwarded
+    (log_file,) = (tmp_path / ".generalmodel/logs").glob("pretrain-*.log")
+    assert str(log_file) in last and "--ray.verbose=true" in last
+    for traceback in (log_file.read_text(), artifact_text(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))):
+        assert "=== worker rank 0: RuntimeError" in traceback and "Traceback (most recent call last)" in traceback
+        assert 'loop.py", line' in traceback and "injected failure at step 3" in traceback
+    assert not ray_processes(ray_tmp)
+
+
+def artifact_text(client) -> str:
+    (run,) = client.search_runs([client.get_experiment_by_name("generalmodel").experiment_id])
+    assert run.info.status == "FAILED"
+    return Path(client.download_artifacts(run.info.run_id, "failure/tracebacks.txt")).read_text()

@@ -207,12 +207,13 @@ def test_killed_sweep_driver_is_restored(cluster, s3_server, mlflow_server, corp
     out = finish(proc)
     assert proc.returncode == 0, out[-6000:]
     assert "restoring the interrupted sweep" in out and "[continuing]" in out
-    assert "resumed from" in out, out[-6000:]  # the trial continued from its checkpoint on S3
     (parent,) = parent_run(client, "restored")
     (kid,) = children(client, parent)  # the same child run, not a second one
     assert kid.info.status == "FINISHED" and kid.data.tags["stop_reason"] == "completed"
-    steps = sorted({m.step for m in client.get_metric_history(kid.info.run_id, "loss")})
-    assert steps == list(range(10, 601, 10))
+    logged = [m.step for m in client.get_metric_history(kid.info.run_id, "loss")]
+    assert sorted(set(logged)) == list(range(10, 601, 10))
+    repeated = {s for s in logged if logged.count(s) > 1}  # the steps after the checkpoint it resumed from
+    assert not repeated or min(repeated) > 50, sorted(repeated)  # from its checkpoint on S3, not from scratch
     assert parent.info.status == "FINISHED" and parent.data.tags["best_run_id"] == kid.info.run_id
 
     proc = run_sweep(cluster, path, [*args, "--optim.lr=0.5"])  # not the sweep it continues

@@ -2,8 +2,11 @@
 restarted from the last checkpoint by FailureConfig(max_failures) when a worker dies.
 
 Rank 0 sends its metrics to MLflow (asynchronously) and to the driver through a Ray queue; the
-driver shows them as a live progress bar on a terminal, or as plain log lines otherwise. Ray
-Train's own per-report INFO lines stay in the worker logs.
+driver shows them as a live progress bar on a terminal, or as plain log lines otherwise. Every
+rank forwards its `generalmodel` log lines through the same queue, so the console shows them
+without streaming the workers' stderr (`ray.verbose` turns that on). Ray Train's own per-report
+INFO lines stay in the worker logs. A failure is one line on the console; the tracebacks of the
+failed workers go to a log file and to the MLflow run (`failure_log`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 from generalmodel import RunFailed, UserError
@@ -28,7 +34,10 @@ def _worker(config: dict[str, Any]) -> None:
     cfg: Config = config["cfg"]
     rank = ray.train.get_context().get_world_rank()
     _quiet_ray_train()
-    logging.getLogger("generalmodel").setLevel(logging.INFO)  # the worker's default level is WARNING
+    root = logging.getLogger("generalmodel")
+    root.setLevel(logging.INFO)  # the worker's default level is WARNING
+    if config.get("progress") is not None:
+        root.addHandler(_ForwardToDriver(config["progress"], rank))
     log.info("train worker rank %d on node %s", rank, ray.get_runtime_context().get_node_id())
     logger = None
     if rank == 0 and config.get("run_id"):
@@ -50,9 +59,29 @@ def _worker(config: dict[str, Any]) -> None:
         if "val_loss" in metrics:
             ray.train.report(metrics)
 
-    train(cfg, report, config["layout"])
+    try:
+        train(cfg, report, config["layout"])
+    except BaseException as e:  # the traceback travels with the exception for the driver's failure log
+        e.add_note(f"traceback on rank {rank}:\n{traceback.format_exc()}")
+        raise
     if logger is not None:
         logger.flush()  # every metric is on the server before the driver plots and closes the run
+
+
+class _ForwardToDriver(logging.Handler):
+    """A worker's `generalmodel` log records, sent to the driver's console through the progress
+    queue (the driver logs them under the worker's logger name, prefixed by the rank)."""
+
+    def __init__(self, queue, rank: int):
+        super().__init__(logging.INFO)
+        self.queue, self.rank = queue, rank
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            self.queue.put_nowait({"log": record.levelno, "logger": record.name, "rank": self.rank, "msg": message})
+        except Exception:  # a full or vanished queue costs a console line; the worker's log file keeps it
+            pass
 
 
 def _quiet_ray_train() -> None:
@@ -68,9 +97,14 @@ class Progress:
     terminal (step, loss, val loss, tokens/s, MFU, ETA) or as one log line per report otherwise."""
 
     def __init__(self, steps: int, name: str):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        # On the driver's node: the queue must outlive the loss of a worker node, whose workers'
+        # restart (and "resumed from" line) the user wants to see.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.steps, self.name = steps, name
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._show, name="training-progress", daemon=True)
@@ -99,6 +133,13 @@ class Progress:
             except Exception as e:  # the queue actor is gone (cluster shutting down)
                 log.debug("progress display stopped: %s", e)
                 break
+            if "log" in m:
+                if bar is not None:
+                    bar.clear()
+                logging.getLogger(m["logger"]).log(m["log"], "[rank %d] %s", m["rank"], m["msg"])
+                if bar is not None:
+                    bar.refresh()
+                continue
             if bar is None:
                 progress_log.info(progress_line(m, self.steps))
                 continue
@@ -189,10 +230,15 @@ def fit(
     try:
         with progress:
             result = _fit_interruptibly(trainer)
+        error = result.error
     except Exception as e:
-        raise failure(e) from None
-    if result.error is not None:
-        raise failure(result.error)
+        error = e
+    if error is not None:
+        where = failure_log(error, cfg.train.run_name, run_id, tracking_uri)
+        e = failure(error)
+        if where:
+            e.args = (f"{e} (tracebacks: {where}; --ray.verbose=true streams them here)",)
+        raise e from None
 
 
 def _fit_interruptibly(trainer):
@@ -224,6 +270,63 @@ def failure(e: BaseException) -> Exception:
     if isinstance(cause, UserError):
         return UserError(root_message(cause))
     return RunFailed(f"training failed: {root_message(cause)}")
+
+
+LOG_DIR = Path(".generalmodel/logs")
+FAILURE_ARTIFACT = "failure/tracebacks.txt"
+
+
+def failure_log(e: BaseException, run_name: str, run_id: str | None, tracking_uri: str | None) -> str | None:
+    """Write the failed workers' tracebacks to LOG_DIR/<run>-<time>.log and, when there is an
+    MLflow run, to its artifact FAILURE_ARTIFACT. Returns where they went (None: nowhere)."""
+    text = failure_report(e)
+    where = []
+    try:
+        path = LOG_DIR / f"{run_name}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        where.append(str(path.resolve()))
+    except OSError as err:
+        log.warning("could not write the failure log under %s: %s", LOG_DIR, err)
+    if run_id and tracking_uri:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri).log_text(run_id, text, FAILURE_ARTIFACT)
+            where.append(f"MLflow run {run_id} artifact {FAILURE_ARTIFACT}")
+        except Exception as err:  # the artifact store may be what failed
+            log.warning("could not log the failure to MLflow run %s: %s", run_id, err)
+    return ", ".join(where) or None
+
+
+def failure_report(e: BaseException) -> str:
+    """Every failed worker's traceback (as Ray carried it), rank by rank, then the driver's."""
+    parts = []
+    failures = _worker_failures(e)
+    for rank, exc in sorted(failures.items()):
+        parts.append(f"=== worker rank {rank}: {type(exc).__name__}\n{_traceback_text(exc)}")
+    parts.append(f"=== driver: {type(e).__name__}\n{_traceback_text(e)}")
+    return "\n".join(parts)
+
+
+def _worker_failures(e: BaseException) -> dict[int, BaseException]:
+    for _ in range(10):
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            return dict(failures)
+        inner = getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException) or inner is e:
+            break
+        e = inner
+    return {}
+
+
+def _traceback_text(e: BaseException) -> str:
+    """A Ray-carried exception's text holds the remote traceback; a local one has its own."""
+    local = "".join(traceback.format_exception(e)) if e.__traceback__ else ""
+    remote = str(e) if "Traceback" in str(e) else ""
+    notes = "".join(getattr(e, "__notes__", []))  # the worker's own traceback (_worker)
+    return "\n".join(t for t in (remote, local or notes) if t) or f"{type(e).__name__}: {e}\n"
 
 
 def root_cause(e: BaseException) -> BaseException:
