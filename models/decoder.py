@@ -42,6 +42,9 @@ class DecoderConfig:
     norm: Literal["layernorm", "rmsnorm"] = _opt("rmsnorm", "LayerNorm (no bias) or RMSNorm.")
     mlp: Literal["gelu", "swiglu"] = _opt("swiglu", "Dense MLP kind.")
     tie_embeddings: bool = _opt(False, "Share the input embedding with the output head.")
+    bias: bool = _opt(
+        False, "Biases in the attention and MLP projections and LayerNorms (GPT-2 checkpoints have them)."
+    )
     rope_theta: float = _opt(10000.0, "RoPE base frequency.")
     norm_eps: float = _opt(1e-5, "Norm epsilon.")
     init_std: float = _opt(0.02, "Std of the normal init; residual output projections get std/sqrt(2·n_layers).")
@@ -89,6 +92,8 @@ class DecoderConfig:
             raise ValueError(f"global_every={self.global_every} needs a window and must be >= 0")
         if self.kv_share_group <= 0 or self.n_layers % self.kv_share_group:
             raise ValueError(f"kv_share_group={self.kv_share_group} must divide n_layers={self.n_layers}")
+        if self.bias and (self.attention == "mla" or self.moe_experts):
+            raise ValueError("bias=true is for dense GQA/MHA models (GPT-2 checkpoints); MLA and MoE have none")
         if self.attention == "mla":
             if self.positions != "rope":
                 raise ValueError("attention='mla' needs positions='rope' (its decoupled RoPE key)")
@@ -151,7 +156,7 @@ class MLP(nn.Module):
 def make_norm(cfg: DecoderConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
@@ -171,7 +176,7 @@ def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
         )
     owns_kv = layer % cfg.kv_share_group == 0
     return GroupedQueryAttention(
-        cfg.d_model, cfg.n_heads, cfg.kv_heads, layer, window, owns_kv, shares_kv=cfg.kv_share_group > 1
+        cfg.d_model, cfg.n_heads, cfg.kv_heads, layer, window, owns_kv, bias=cfg.bias, shares_kv=cfg.kv_share_group > 1
     )
 
 
@@ -193,7 +198,7 @@ class Block(nn.Module):
                 cfg.moe_aux_loss_weight,
             )
         else:
-            self.mlp = MLP(cfg, bias=False)
+            self.mlp = MLP(cfg, bias=cfg.bias)
 
     def init_weights(self, std: float, residual_std: float) -> None:
         self.attn_norm.reset_parameters()

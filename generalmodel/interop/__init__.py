@@ -1,0 +1,1 @@
+"""Our models in other ecosystems' formats: Hugging Face `transformers` directories (`hf`)."""

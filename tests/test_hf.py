@@ -1,0 +1,125 @@
+"""Hugging Face export and import against the real `transformers` (loaded offline from the
+directory we write): logits equal ours in fp32 for MHA, GQA, MQA, tied and GPT-2 variants,
+greedy continuations identical, ours → HF → ours bit-identical; what has no transformers
+class is refused by name."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import make_documents
+
+from generalmodel.data.tokenizer import EOS, train_bpe
+from generalmodel.infer import SamplingParams, generate
+from generalmodel.interop.hf import ExportError, read_hf, write_hf
+from models import build_model
+from models.gpt2 import GPT2Config
+from models.llama import LlamaConfig
+
+transformers = pytest.importorskip("transformers")
+
+SHAPE = {"vocab_size": 384, "max_seq_len": 96, "n_layers": 2, "n_heads": 4, "d_model": 64}
+VARIANTS = {
+    "llama-mha": LlamaConfig(**SHAPE),
+    "llama-gqa": LlamaConfig(**SHAPE, n_kv_heads=2, rope_theta=500000.0, norm_eps=1e-6),
+    "llama-mqa-tied": LlamaConfig(**SHAPE, n_kv_heads=1, tie_embeddings=True),
+    "gpt2": GPT2Config(**SHAPE),
+    "gpt2-bias-untied": GPT2Config(**SHAPE, bias=True, tie_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(make_documents(40, seed=3), SHAPE["vocab_size"])
+
+
+def random_model(cfg, seed=0):
+    """Weights off their init everywhere (norm gains and biases too), so every tensor's mapping matters."""
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def export(model, tokenizer, tmp_path):
+    return write_hf(model.cfg, model.state_dict(), tokenizer.to_str(), str(tmp_path / "hf"))
+
+
+def load_hf(directory):
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_transformers_gives_our_logits_and_greedy_text(name, tokenizer, tmp_path):
+    model = random_model(VARIANTS[name])
+    hf = load_hf(export(model, tokenizer, tmp_path))
+    assert type(hf).__name__ == ("LlamaForCausalLM" if name.startswith("llama") else "GPT2LMHeadModel")
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["max_seq_len"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+    prompt = tokenizer.encode("The state of the Union", add_special_tokens=False).ids
+    eos = tokenizer.token_to_id(EOS)
+    mine = list(generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=64), eos))
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )
+    theirs = [t for t in out[0, len(prompt) :].tolist()]
+    if theirs and theirs[-1] == eos:
+        theirs = theirs[:-1]
+    assert mine == theirs and len(mine) > 0
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_ours_to_hf_and_back_is_bit_identical(name, tokenizer, tmp_path):
+    model = random_model(VARIANTS[name], seed=2)
+    cfg, state, tokenizer_json, tokenizer_config = read_hf(export(model, tokenizer, tmp_path))
+    assert type(cfg) is type(model.cfg)
+    original = dataclasses.asdict(model.cfg) | {"ffn_hidden": model.cfg.hidden}
+    assert dataclasses.asdict(cfg) == original
+    back = build_model(cfg)
+    back.load_state_dict(state)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+    assert tokenizer_json == tokenizer.to_str() and tokenizer_config["eos_token"] == EOS
+
+
+def test_the_hf_tokenizer_encodes_and_decodes_as_ours(tokenizer, tmp_path):
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(
+        export(random_model(VARIANTS["llama-mha"]), tokenizer, tmp_path)
+    )
+    text = "Fellow citizens, the state of the Union is strong.\nÜnïcode too."
+    assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text, add_special_tokens=False).ids
+    assert hf_tokenizer.eos_token == EOS and hf_tokenizer.eos_token_id == tokenizer.token_to_id(EOS)
+    assert hf_tokenizer.decode(hf_tokenizer(text)["input_ids"]) == text
+
+
+def test_bf16_export_is_loadable(tokenizer, tmp_path):
+    model = random_model(VARIANTS["llama-gqa"])
+    directory = write_hf(model.cfg, model.state_dict(), tokenizer.to_str(), str(tmp_path / "bf16"), dtype="bfloat16")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    assert hf.dtype == torch.bfloat16
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        ours, theirs = model.to(torch.bfloat16)(ids).float(), hf(ids).logits.float()
+    assert (ours - theirs).abs().max().item() < 0.1  # bf16 rounding only
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"attention": "mla"}, "attention='mla'"),
+        ({"moe_experts": 4}, "moe_experts=4"),
+        ({"window": 16}, "window=16"),
+        ({"kv_share_group": 2}, "kv_share_group=2"),
+    ],
+)
+def test_models_without_a_transformers_class_are_refused_by_name(overrides, named, tokenizer, tmp_path):
+    model = build_model(LlamaConfig(**SHAPE, **overrides))
+    with pytest.raises(ExportError, match=f"has no transformers equivalent: .*{named}"):
+        export(model, tokenizer, tmp_path)
+    assert not (tmp_path / "hf" / "config.json").exists()
