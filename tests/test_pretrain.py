@@ -64,11 +64,15 @@ def test_pretrain_tracks_registers_and_samples(ray_cluster, s3_server, mlflow_se
     assert len(val) == 2 and val[-1][1] < val[0][1] + 0.5
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "loss_lr.png", "model"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
-        "model/model.safetensors",
-        "model/model_config.json",
-        "model/tokenizer.json",
+    assert {"model/MLmodel", "model/data", "model/hf"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "model")
     }
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model/data/export")} == {
+        "model/data/export/model.safetensors",
+        "model/data/export/model_config.json",
+        "model/data/export/tokenizer.json",
+    }
+    assert run.data.tags["hf_export"] == "model/hf"  # the default llama has a transformers class
     assert result["model_uri"].startswith("models:/tiny-test/")
     assert client.get_model_version("tiny-test", result["model_uri"].rsplit("/", 1)[1]).run_id == run.info.run_id
 

@@ -1,7 +1,8 @@
 """Loading exported models and sampling from them with a KV cache.
 
-A model reference is `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID`, or the URI
-of an export directory (model.safetensors + model_config.json + tokenizer.json), local or s3://.
+A model reference is `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID`, the URI of an
+export directory (model.safetensors + model_config.json + tokenizer.json), local or s3://, or a
+local transformers Llama/GPT-2 directory.
 """
 
 from __future__ import annotations
@@ -32,22 +33,67 @@ class SamplingParams(Section):
 
 
 def fetch(reference: str, tracking_uri: str | None, storage: StorageConfig) -> str:
-    """A local directory holding the export files of `reference`."""
+    """A local directory holding the model of `reference` (see `read_model` for what it holds).
+    From MLflow only the native export is downloaded (not the transformers copy beside it)."""
     if reference.startswith(("models:/", "runs:/")):
         import mlflow
 
+        from generalmodel.infer.pyfunc import EXPORT_SUBDIR
+
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        uri = reference if reference.startswith("models:/") else reference.rstrip("/") + "/model"
+        try:
+            uri = model_artifact_uri(reference, tracking_uri)
+        except Exception as e:
+            raise UserError(f"cannot find {reference} in MLflow ({tracking_uri}): {e}") from None
+        try:
+            return mlflow.artifacts.download_artifacts(f"{uri}/{EXPORT_SUBDIR}")
+        except Exception:  # a model registered before the MLflow flavor: the export files at its root
+            pass
         try:
             return mlflow.artifacts.download_artifacts(uri)
         except Exception as e:
             raise UserError(f"cannot load {reference} from MLflow ({tracking_uri}): {e}") from None
+    if os.path.isdir(reference):
+        from generalmodel.interop.hf import is_hf_directory
+
+        if is_hf_directory(reference):
+            return reference
     return download_export(reference, storage)
 
 
-def load_model(directory: str, device: str = "cpu"):
-    """(model, tokenizer) from an export directory."""
+def model_artifact_uri(reference: str, tracking_uri: str | None) -> str:
+    """The artifact URI of a `models:/NAME/VERSION`, `models:/NAME@ALIAS` or `runs:/ID` model."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if reference.startswith("runs:/"):
+        return reference.rstrip("/") + "/model"
+    name, _, version = reference[len("models:/") :].partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    return client.get_model_version_download_uri(name, version)
+
+
+def export_files(cfg, state: dict[str, torch.Tensor], tokenizer_json: str) -> dict[str, bytes]:
+    """The native export of a model (its config dataclass, full state dict, tokenizer JSON) as
+    file name → bytes: model.safetensors, model_config.json, tokenizer.json."""
+    import dataclasses
+
+    from safetensors.torch import save
+
+    if cfg.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "head.weight"}  # embed.weight; rebuilt by the model
+    return {
+        "model.safetensors": save({k: v.detach().cpu().contiguous() for k, v in state.items()}),
+        "tokenizer.json": tokenizer_json.encode(),
+        "model_config.json": json.dumps(dataclasses.asdict(cfg), indent=2).encode(),
+    }
+
+
+def read_export(directory: str):
+    """(model config, state dict, tokenizer JSON) of a native export directory."""
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, "model_config.json")) as f:
@@ -55,12 +101,32 @@ def load_model(directory: str, device: str = "cpu"):
             cfg = TypeAdapter(ModelConfig).validate_python(json.load(f))
         except ValidationError as e:
             raise UserError(f"{directory}/model_config.json: {e}") from None
-    model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=False)
-    if unexpected or [k for k in missing if not (cfg.tie_embeddings and k == "head.weight")]:
-        raise UserError(f"{directory}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
     with open(os.path.join(directory, "tokenizer.json")) as f:
-        tokenizer = load_tokenizer(f.read(), f"{directory}/tokenizer.json")
+        tokenizer_json = f.read()
+    return cfg, load_file(os.path.join(directory, "model.safetensors")), tokenizer_json
+
+
+def read_model(directory: str):
+    """(model config, state dict, tokenizer JSON, where) of a downloaded model: a native export,
+    an MLflow model saved by this platform (its export/), or a transformers Llama/GPT-2 directory."""
+    from generalmodel.infer.pyfunc import export_dir
+    from generalmodel.interop.hf import is_hf_directory, read_hf
+
+    if is_hf_directory(directory) and not os.path.exists(os.path.join(directory, "model_config.json")):
+        cfg, state, tokenizer_json, _ = read_hf(directory)
+        return cfg, state, tokenizer_json, directory
+    directory = export_dir(directory)
+    return (*read_export(directory), directory)
+
+
+def load_model(directory: str, device: str = "cpu"):
+    """(model, tokenizer) from a model directory (see `read_model`)."""
+    cfg, state, tokenizer_json, where = read_model(directory)
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not (cfg.tie_embeddings and k == "head.weight")]:
+        raise UserError(f"{where}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    tokenizer = load_tokenizer(tokenizer_json, f"{where}/tokenizer.json")
     return model.to(device).eval(), tokenizer
 
 
@@ -107,7 +173,8 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, eos_id: int |
 
 
 def sample_text(model, tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
-    """Yields decoded text pieces as tokens arrive (streaming), stopping at EOS."""
+    """Yields decoded text pieces as tokens arrive (streaming), stopping at EOS; the pieces join
+    to the decoded completion."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     produced: list[int] = []
     shown = ""
@@ -117,3 +184,6 @@ def sample_text(model, tokenizer, prompt: str, params: SamplingParams) -> Iterat
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             yield text[len(shown) :]
             shown = text
+    text = tokenizer.decode(produced)
+    if len(text) > len(shown):  # generation ended inside a multi-byte character: show what there is
+        yield text[len(shown) :]

@@ -37,7 +37,13 @@ def check_reachable(uri: str) -> None:
     raise UserError(f"the MLflow server at {uri} (tracking.uri) is not healthy")
 
 
-def start_run(cfg: Config, dataset_manifest_hash: str, code_version: dict[str, str]) -> str:
+def start_run(
+    cfg: Config,
+    dataset_manifest_hash: str,
+    code_version: dict[str, str],
+    dataset_uri: str | None = None,
+    lineage: dict[str, str] | None = None,
+) -> str:
     """Create the run, log config/tags; returns its id. The run stays open for the job."""
     import mlflow
 
@@ -45,7 +51,7 @@ def start_run(cfg: Config, dataset_manifest_hash: str, code_version: dict[str, s
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
-    log_config(run.info.run_id, cfg, dataset_manifest_hash, code_version)
+    log_config(run.info.run_id, cfg, dataset_manifest_hash, code_version, dataset_uri, lineage)
     return run.info.run_id
 
 
@@ -59,8 +65,16 @@ def prepare_store(cfg: Config) -> str:
     return uri
 
 
-def log_config(run_id: str, cfg: Config, dataset_manifest_hash: str, code_version: dict[str, str]) -> None:
-    """The resolved config as params and config.yaml (secrets masked), versions as tags."""
+def log_config(
+    run_id: str,
+    cfg: Config,
+    dataset_manifest_hash: str,
+    code_version: dict[str, str],
+    dataset_uri: str | None = None,
+    lineage: dict[str, str] | None = None,
+) -> None:
+    """The resolved config as params and config.yaml (secrets masked), versions as tags, the
+    dataset as the run's input, and `lineage` tags (the model it started from)."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -78,9 +92,46 @@ def log_config(run_id: str, cfg: Config, dataset_manifest_hash: str, code_versio
         "dataset_manifest_sha256": dataset_manifest_hash,
         "generalmodel": code_version["generalmodel"],
         **versions,
+        **(lineage or {}),
     }
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    if dataset_uri:
+        log_dataset_input(client, run_id, dataset_uri, dataset_manifest_hash)
     client.log_text(run_id, yaml.safe_dump(dump_config(cfg), sort_keys=False), "config.yaml")
+
+
+def log_dataset_input(client, run_id: str, uri: str, manifest_sha256: str) -> None:
+    """The prepared dataset as the run's MLflow input (Datasets in the UI; digest = its manifest)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        name=uri.rstrip("/").rsplit("/", 1)[-1],
+        digest=manifest_sha256[:36],
+        source_type="s3" if uri.startswith("s3://") else "local",
+        source=json.dumps({"uri": uri}),
+    )
+    client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+
+
+def lineage_tags(reference: str, uri: str | None) -> dict[str, str]:
+    """Tags for a run initialised from `reference`: the reference, and for a registered model its
+    name, version and the run that produced it."""
+    tags = {"init_from": reference}
+    if not reference.startswith("models:/"):
+        if reference.startswith("runs:/"):
+            tags["init_run_id"] = reference[len("runs:/") :].split("/")[0]
+        return tags
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    name, _, version = reference[len("models:/") :].partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    mv = client.get_model_version(name, version)
+    return tags | {"init_model_name": name, "init_model_version": str(mv.version), "init_run_id": mv.run_id or ""}
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -173,7 +224,21 @@ def log_results(client, run_id: str, cfg: Config, export_dir: str) -> None:
     fig.tight_layout()
     client.log_figure(run_id, fig, "loss_lr.png")
     plt.close(fig)
-    client.log_artifacts(run_id, export_dir, "model")
+    log_model(client, run_id, export_dir)
+
+
+def log_model(client, run_id: str, export_dir: str) -> None:
+    """The run's `model/` artifact: an MLflow pyfunc model around the native export (and the
+    transformers directory when the architecture has one; the tag `hf_export` says which)."""
+    import tempfile
+
+    from generalmodel.infer.pyfunc import HF_SUBDIR, save
+
+    with tempfile.TemporaryDirectory(prefix="gm-mlflow-model-") as tmp:
+        path = os.path.join(tmp, "model")
+        no_hf = save(export_dir, path)
+        client.log_artifacts(run_id, path, "model")
+    client.set_tag(run_id, "hf_export", f"model/{HF_SUBDIR}" if no_hf is None else f"none: {no_hf}"[:5000])
 
 
 def register(client, name: str, run_id: str) -> str:

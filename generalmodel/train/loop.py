@@ -31,6 +31,7 @@ from generalmodel.optim import build_optimizer, lr_multiplier
 from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
 from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer
+from generalmodel.train.init import load_weights
 from generalmodel.train.mfu import device_peak_flops
 from generalmodel.train.parallelize import parallelize
 from models import build_model
@@ -177,10 +178,17 @@ def resume(
     return 0
 
 
-def train(cfg: Config, report: Report | None = None, layout: RunLayout | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    report: Report | None = None,
+    layout: RunLayout | None = None,
+    init: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
     """Train per cfg; returns the last metrics. `report(metrics)` is called every
     train.log_every steps and after each eval, on every rank (the caller decides what to do).
-    `layout`: where the dataset, checkpoints and export are (default: computed from cfg)."""
+    `layout`: where the dataset, checkpoints and export are (default: computed from cfg).
+    `init`: gives the full state dict of train.init_from (generalmodel.train.init), loaded
+    before sharding; a checkpoint of the run itself, when there is one, wins."""
     layout = layout or RunLayout.of(cfg)
     env = setup_distributed(cfg)
     if cfg.train.fp8 != "none":  # a clear error, not a silent bf16 run
@@ -191,6 +199,10 @@ def train(cfg: Config, report: Report | None = None, layout: RunLayout | None = 
     check_compatible(cfg, ds)
 
     model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
+    if cfg.train.init_from is not None:
+        if init is None:
+            raise TrainingError(f"train.init_from {cfg.train.init_from!r}: the job did not load it (load_init)")
+        load_weights(model, init(), cfg.train.init_from)
     flops_per_token = model.flops_per_token(ds.seq_len)  # active parameters: honest MFU for MoE
     num_params = model.num_params()
     peak_flops = device_peak_flops(env.device) if env.is_main else None
@@ -322,23 +334,15 @@ def train(cfg: Config, report: Report | None = None, layout: RunLayout | None = 
 
 def export(model, cfg: Config, ds: TokenDataset, env: Dist, layout: RunLayout) -> None:
     """The final model as safetensors + model config + tokenizer, written by rank 0."""
-    import json
-
-    from safetensors.torch import save
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from generalmodel.infer.sampling import export_files
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not env.is_main:
         return
-    if cfg.model.tie_embeddings:
-        state.pop("head.weight", None)  # the same tensor as embed.weight; rebuilt by the model
-    state = {k: v.contiguous() for k, v in state.items()}
     out = resolve(layout.export, layout.storage)
-    files = {
-        "model.safetensors": save(state),
-        "tokenizer.json": ds.tokenizer_json().encode(),
-        "model_config.json": json.dumps(dump_config(cfg)["model"], indent=2).encode(),
-    }
+    files = export_files(cfg.model, state, ds.tokenizer_json())
     for name, data in files.items():
         with_retries(f"writing {out.uri}/{name}", layout.storage.retry_timeout_s, out.join(name).write_bytes, data)
 

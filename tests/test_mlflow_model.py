@@ -1,0 +1,106 @@
+"""Registered versions are real MLflow models: a pyfunc over our sampler (and the transformers
+directory beside it) that `mlflow.pyfunc.load_model` predicts with and `mlflow models serve`
+serves from the registry on 127.0.0.1; our own jobs still load the native export from them."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import make_documents
+
+from generalmodel.cluster import free_port
+from generalmodel.config import StorageConfig
+from generalmodel.data.tokenizer import EOS, train_bpe
+from generalmodel.infer import SamplingParams, fetch, generate, load_model
+from generalmodel.infer.pyfunc import save
+from generalmodel.infer.sampling import export_files
+from generalmodel.tracking.runs import log_model, register
+from models import build_model
+from models.llama import LlamaConfig
+
+CFG = LlamaConfig(vocab_size=320, max_seq_len=64, n_layers=2, n_heads=2, n_kv_heads=1, d_model=32)
+PROMPTS = ["Fellow citizens,", "The state of the Union"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    tokenizer = train_bpe(make_documents(30, seed=5), CFG.vocab_size)
+    directory = tmp_path_factory.mktemp("export")
+    for name, data in export_files(CFG, model.state_dict(), tokenizer.to_str()).items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def greedy(export_dir, prompt, n=12):
+    model, tokenizer = load_model(str(export_dir))
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    out = generate(model, ids, SamplingParams(temperature=0, max_new_tokens=n), tokenizer.token_to_id(EOS))
+    return tokenizer.decode(list(out))
+
+
+def test_the_pyfunc_predicts_what_our_sampler_generates(export_dir, tmp_path):
+    import mlflow
+
+    assert save(str(export_dir), str(tmp_path / "model")) is None  # a llama: hf/ written too
+    assert {"MLmodel", "data", "hf", "code", "requirements.txt"} <= set(os.listdir(tmp_path / "model"))
+    pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    assert pyfunc.metadata.signature.params.to_dict()[0]["name"] == "max_new_tokens"
+    out = pyfunc.predict(pd.DataFrame({"prompt": PROMPTS}), params={"max_new_tokens": 12, "temperature": 0.0})
+    assert list(out) == [greedy(export_dir, p) for p in PROMPTS]
+    assert load_model(str(tmp_path / "model"))[0].cfg == CFG  # our loaders read its export/
+
+
+def test_mlflow_models_serve_answers_from_the_registry(export_dir, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.create_experiment(f"serve-{time.time_ns()}")
+    run = client.create_run(experiment)
+    log_model(client, run.info.run_id, str(export_dir))
+    client.set_terminated(run.info.run_id)
+    model_uri = register(client, "served-tiny", run.info.run_id)
+    assert client.get_run(run.info.run_id).data.tags["hf_export"] == "model/hf"
+    local = fetch(model_uri, mlflow_server.uri, StorageConfig())
+    assert Path(local).name == "export"  # only the native export is downloaded for our jobs
+
+    port = free_port()
+    venv_bin = str(Path(sys.executable).parent)  # mlflow execs `uvicorn` from PATH, as in an activated venv
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server.uri, PATH=f"{venv_bin}:{os.environ['PATH']}")
+    log = open(tmp_path / "serve.log", "w")
+    mlflow_cli = str(Path(venv_bin) / "mlflow")
+    server = subprocess.Popen(
+        [mlflow_cli, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        body = {
+            "dataframe_records": [{"prompt": p} for p in PROMPTS],
+            "params": {"max_new_tokens": 12, "temperature": 0},
+        }
+        answer = post_when_up(f"http://127.0.0.1:{port}/invocations", body, server, tmp_path / "serve.log")
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
+    assert answer == {"predictions": [greedy(export_dir, p) for p in PROMPTS]}
+
+
+def post_when_up(url, body, server, log_path, timeout_s=120):
+    deadline = time.time() + timeout_s
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError) as e:
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow models serve did not answer ({e}):\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
