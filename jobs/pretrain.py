@@ -16,6 +16,7 @@ from generalmodel.data.prepare import code_version
 from generalmodel.infer import SamplingParams, load_model, sample_text
 from generalmodel.storage import RunLayout, download_export
 from generalmodel.tracking import check_reachable, end_failed_run, finish_run, start_run, tracking_uri
+from generalmodel.train.init import load_init
 from generalmodel.train.loop import refuse_finished
 from generalmodel.train.ray_trainer import ensure_dataset, fit
 
@@ -26,14 +27,17 @@ def main(cfg: Config) -> dict:
     refuse_ephemeral_paths(cfg)
     uri = tracking_uri(cfg)
     check_reachable(uri)
+    init = None
+    if cfg.train.init_from:  # the model config and tokenizer come from the source
+        cfg, init = load_init(cfg, uri)
     layout = RunLayout.of(cfg)
     refuse_finished(cfg, layout)
     with ray_session(cfg.ray):
-        ds = ensure_dataset(cfg, layout)
-        run_id = start_run(cfg, ds.manifest_sha256, code_version())
+        ds = ensure_dataset(cfg, layout, init)
+        run_id = start_run(cfg, ds.manifest_sha256, code_version(), layout.dataset, init.tags if init else None)
         print(f"MLflow run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
         try:
-            fit(cfg, layout, ds.seq_len, run_id, uri)
+            fit(cfg, layout, ds.seq_len, run_id, uri, init=init)
         except BaseException as e:  # the MLflow run says so instead of staying RUNNING
             end_failed_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise

@@ -36,14 +36,19 @@ def load_config(
             tree.setdefault("model", {})["preset"] = value
             continue
         _set_dotted(tree, key, value, cls)
+    given: frozenset[str] = frozenset()
     if isinstance(tree.get("model"), dict):
         _expand_preset(tree["model"])
+        given = frozenset(tree["model"])
         tree["model"].setdefault("name", _DEFAULT_MODEL().name)  # the union's discriminator
     _check_keys(tree, cls, prefix="")
     try:
-        return cls.model_validate(tree)
+        cfg = cls.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_explain(e, source=str(preset) if preset else None)) from None
+    if isinstance(cfg, Config):
+        cfg._model_keys = given
+    return cfg
 
 
 def _expand_preset(model: dict[str, Any]) -> None:

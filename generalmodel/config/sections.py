@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from generalmodel import UserError
 from models import REGISTRY
@@ -169,6 +169,12 @@ class TrainConfig(Section):
     dataset: str | None = Field(
         None, description="Dataset URI (default: the data section's output, prepared if missing)."
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from this model instead of a random init: models:/NAME/VERSION, models:/NAME@ALIAS, "
+        "runs:/ID, an export directory, or a transformers Llama/GPT-2 directory. The model config and "
+        "tokenizer come from it.",
+    )
     steps: int = Field(300, gt=0, description="Optimizer steps.")
     batch_size: int = Field(16, gt=0, description="Sequences per worker per micro-step.")
     grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
@@ -274,3 +280,9 @@ class Config(Section):
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    # The model keys the preset and overrides gave (load_config): what train.init_from checks.
+    _model_keys: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @property
+    def explicit_model_keys(self) -> frozenset[str]:
+        return self._model_keys

@@ -22,6 +22,7 @@ from typing import Any
 from generalmodel import RunFailed, UserError
 from generalmodel.config import Config
 from generalmodel.storage import MANIFEST, RunLayout, resolve
+from generalmodel.train.init import InitSource
 from generalmodel.train.loop import check_compatible, train
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ def _worker(config: dict[str, Any]) -> None:
         if "val_loss" in metrics:
             ray.train.report(metrics)
 
+    init = config.get("init")
     try:
-        train(cfg, report, config["layout"])
+        train(cfg, report, config["layout"], (lambda: ray.get(init)) if init is not None else None)
     except BaseException as e:  # the traceback travels with the exception for the driver's failure log
         e.add_note(f"traceback on rank {rank}:\n{traceback.format_exc()}")
         raise
@@ -163,11 +165,13 @@ def progress_line(m: dict[str, Any], steps: int, with_step: bool = True) -> str:
     return " | ".join(parts)
 
 
-def ensure_dataset(cfg: Config, layout: RunLayout):
+def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = None):
     """The run's dataset (a TokenDataset), prepared with Ray Data first when train.dataset is not
-    given and the data section's output is missing. Needs a Ray session."""
+    given and the data section's output is missing. Needs a Ray session. With `init` (the loaded
+    train.init_from), the dataset must be tokenized with its tokenizer."""
     from generalmodel.data.loader import TokenDataset
     from generalmodel.data.prepare import build_dataset, plan_dataset
+    from generalmodel.train.init import check_tokenizer
 
     uri, storage = layout.dataset, layout.storage
     if not resolve(uri, storage).join(MANIFEST).exists():
@@ -176,6 +180,8 @@ def ensure_dataset(cfg: Config, layout: RunLayout):
         print(f"dataset {uri} is missing: preparing it")
         build_dataset(plan_dataset(cfg, layout))
     ds = TokenDataset.open(uri, storage)
+    if init is not None:
+        check_tokenizer(init, ds.tokenizer_json(), uri)
     check_compatible(cfg, ds)
     return ds
 
@@ -187,10 +193,13 @@ def fit(
     run_id: str | None,
     tracking_uri: str | None,
     callbacks: list | None = None,
+    init: InitSource | None = None,
 ) -> None:
     """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the driver's
     console. `seq_len`: the dataset's (from ensure_dataset), for the memory check.
-    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial."""
+    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial.
+    `init`: the loaded train.init_from (load_init); its weights go to the workers through the
+    object store, put once."""
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -210,6 +219,7 @@ def fit(
             "run_id": run_id,
             "tracking_uri": tracking_uri,
             "progress": progress.queue,
+            "init": ray.put(init.state) if init is not None else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,

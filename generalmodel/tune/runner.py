@@ -119,6 +119,7 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
     from generalmodel.storage import RunLayout
     from generalmodel.tracking import log_config
     from generalmodel.tracking.sweep import close_run, open_child_run
+    from generalmodel.train.init import load_init
     from generalmodel.train.ray_trainer import ensure_dataset, fit, root_message
 
     logging.getLogger("generalmodel").setLevel(logging.INFO)
@@ -127,10 +128,13 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
     layout = RunLayout.of(cfg)
     run_id, resumed = open_child_run(uri, parent_run_id, trial_id, cfg.train.run_name)
     try:
-        ds = ensure_dataset(cfg, layout)
+        init = None
+        if cfg.train.init_from:
+            cfg, init = load_init(cfg, uri)
+        ds = ensure_dataset(cfg, layout, init)
         if not resumed:
-            log_config(run_id, cfg, ds.manifest_sha256, code_version())
-        fit(cfg, layout, ds.seq_len, run_id, uri, callbacks=[TuneReportCallback()])
+            log_config(run_id, cfg, ds.manifest_sha256, code_version(), layout.dataset, init.tags if init else None)
+        fit(cfg, layout, ds.seq_len, run_id, uri, callbacks=[TuneReportCallback()], init=init)
     except Exception as e:
         close_run(uri, run_id, "FAILED", f"failed: {root_message(e)}"[:500])
         raise
@@ -156,7 +160,12 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
 
     check_resources(sweep)
     prepare_store(base)
-    ensure_dataset(base, layout)  # once for all trials
+    init = None
+    if base.train.init_from:  # the dataset is tokenized with the source's tokenizer
+        from generalmodel.train.init import load_init
+
+        base, init = load_init(base, uri)
+    ensure_dataset(base, layout, init)  # once for all trials
     restoring = tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs)
     if restoring and sweep.resume == "never":
         raise SweepError(

@@ -1,0 +1,109 @@
+"""`train.init_from`: start a run from an existing model instead of a random init.
+
+The source is any model reference the sampler takes — `models:/NAME/VERSION`, `models:/NAME@ALIAS`,
+`runs:/ID`, an export directory (local or s3://), or a transformers Llama/GPT-2 directory. The run
+takes its model config from the source: a `model.*` key the user gave that disagrees with it is
+an error naming the key (only the training-time knobs in `TRAINING_ONLY` may differ). The source's
+tokenizer is the run's tokenizer: a dataset prepared for the run uses it, and an existing dataset
+tokenized differently is refused (the token ids would mean other things).
+
+The driver loads the source once (`load_init`); the weights reach the workers through the Ray
+object store, and every rank loads them before sharding. A run that resumes from its own
+checkpoint ignores them (the checkpoint is newer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from generalmodel import UserError
+from generalmodel.config import Config
+
+log = logging.getLogger(__name__)
+
+# Model fields that only shape training, not the weights: these may differ from the source.
+TRAINING_ONLY = frozenset({"init_std", "moe_bias_update_rate", "moe_aux_loss_weight"})
+
+
+@dataclass
+class InitSource:
+    reference: str
+    model: Any  # the source's model config (a registered dataclass)
+    state: dict[str, torch.Tensor]
+    tokenizer_json: str
+    tags: dict[str, str] = field(default_factory=dict)  # lineage for the run that starts from it
+
+
+def load_init(cfg: Config, tracking_uri: str | None) -> tuple[Config, InitSource]:
+    """The source of `cfg.train.init_from`, and `cfg` with the source's model config (and its
+    tokenizer for a dataset still to be prepared)."""
+    from generalmodel.infer.sampling import fetch, read_model
+    from generalmodel.tracking import lineage_tags
+
+    reference = cfg.train.init_from
+    directory = fetch(reference, tracking_uri, cfg.storage.resolved())
+    model, state, tokenizer_json, where = read_model(directory)
+    model = merged_model(cfg, model, reference)
+    source = InitSource(reference, model, state, tokenizer_json, lineage_tags(reference, tracking_uri))
+    updates: dict[str, Any] = {"model": model}
+    if cfg.data.tokenizer is None and cfg.train.dataset is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="gm-init-"), "tokenizer.json")
+        with open(path, "w") as f:
+            f.write(tokenizer_json)
+        updates["data"] = cfg.data.model_copy(update={"tokenizer": path})
+    log.info("initialising from %s (%s, %s)", reference, where, type(model).__name__)
+    return cfg.model_copy(update=updates), source
+
+
+def merged_model(cfg: Config, source, reference: str):
+    """The source's model config, with the user's training-only model fields; a model field the
+    user set explicitly to another value than the source's is an error naming it."""
+    user = cfg.model
+    given = cfg.explicit_model_keys
+    conflicts = []
+    if "name" in given and user.name != source.name:
+        conflicts.append(f"model.name={user.name!r} (the source is a {source.name!r} model)")
+    keep = {}
+    for key in sorted(given - {"name"}):
+        if not hasattr(source, key):
+            conflicts.append(f"model.{key} (a {source.name!r} model has no such field)")
+        elif key in TRAINING_ONLY:
+            keep[key] = getattr(user, key)
+        elif getattr(user, key) != getattr(source, key):
+            conflicts.append(f"model.{key}={getattr(user, key)!r} (the source has {getattr(source, key)!r})")
+    if conflicts:
+        raise UserError(
+            f"train.init_from {reference!r} decides the model; these settings disagree with it: "
+            f"{'; '.join(conflicts)}. Drop them (a preset's model section counts too)"
+        )
+    return dataclasses.replace(source, **keep)
+
+
+def check_tokenizer(source: InitSource, dataset_tokenizer_json: str, dataset_uri: str) -> None:
+    """The dataset must be tokenized with the source's tokenizer."""
+    from generalmodel.data.tokenizer import tokenizer_hash
+
+    if tokenizer_hash(dataset_tokenizer_json) != tokenizer_hash(source.tokenizer_json):
+        raise UserError(
+            f"dataset {dataset_uri} was tokenized with another tokenizer than train.init_from "
+            f"{source.reference!r}: prepare the corpus with the source's tokenizer (leave data.tokenizer unset "
+            f"and let this job prepare a dataset of its own, e.g. --data.output=datasets/NAME)"
+        )
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], reference: str) -> None:
+    """The source's weights into a freshly built (unsharded) model."""
+    tied = getattr(model.cfg, "tie_embeddings", False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "head.weight")]
+    if missing or unexpected:
+        raise UserError(
+            f"train.init_from {reference!r}: weights do not fit (missing {missing}, unexpected {unexpected})"
+        )
