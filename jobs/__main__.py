@@ -10,6 +10,7 @@ JOBS = {
     "pretrain": "jobs.pretrain",
     "sweep": "jobs.sweep",
     "sample": "jobs.sample",
+    "export": "jobs.export",
     "cluster": "jobs.cluster",
     "submit-k8s": "jobs.submit_k8s",
 }

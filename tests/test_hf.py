@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_documents
 
+from generalmodel import UserError
 from generalmodel.data.tokenizer import EOS, train_bpe
 from generalmodel.infer import SamplingParams, generate
 from generalmodel.interop.hf import ExportError, read_hf, write_hf
@@ -123,3 +124,21 @@ def test_models_without_a_transformers_class_are_refused_by_name(overrides, name
     with pytest.raises(ExportError, match=f"has no transformers equivalent: .*{named}"):
         export(model, tokenizer, tmp_path)
     assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def test_the_export_job_writes_a_transformers_directory_from_an_export(tokenizer, tmp_path):
+    from generalmodel.infer.sampling import export_files
+    from jobs.export import ExportConfig
+    from jobs.export import main as export_job
+
+    model = random_model(VARIANTS["llama-gqa"])
+    native = tmp_path / "native"
+    native.mkdir()
+    for name, data in export_files(model.cfg, model.state_dict(), tokenizer.to_str()).items():
+        (native / name).write_bytes(data)
+    out = export_job(ExportConfig(model=str(native), out=str(tmp_path / "hf"), dtype="float32"))
+    ids = torch.arange(32)[None]
+    with torch.no_grad():
+        assert (load_hf(out)(ids).logits - model(ids)).abs().max().item() <= 1e-4
+    with pytest.raises(UserError, match="already holds a model"):
+        export_job(ExportConfig(model=str(native), out=out))

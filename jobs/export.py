@@ -1,0 +1,50 @@
+"""Export a trained model as a Hugging Face `transformers` directory (LlamaForCausalLM or
+GPT2LMHeadModel), loadable offline with `AutoModelForCausalLM.from_pretrained(DIR)`.
+
+    python -m jobs.export --model=models:/llama-tiny/1 --out=exports/llama-tiny-hf
+    python -m jobs.export --model=runs:/<run_id> --out=exports/x --dtype=bfloat16
+Registered versions already carry this directory as their `hf/` artifact (when the architecture
+has a transformers class); this job makes one from any model reference, e.g. an export URI.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field
+
+from generalmodel import UserError
+from generalmodel.cli import run_job
+from generalmodel.config import Section, StorageConfig, TrackingConfig
+from generalmodel.infer.sampling import fetch, read_model
+from generalmodel.interop.hf import HF_FILES, write_hf
+from generalmodel.tracking import tracking_uri
+
+
+class ExportConfig(Section):
+    """What to export, and where."""
+
+    model: str = Field(..., description="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID or an export URI.")
+    out: str = Field(..., description="The local directory to write (created; must not hold another model).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype of the safetensors file.")
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def main(cfg: ExportConfig) -> str:
+    if os.path.exists(os.path.join(cfg.out, "config.json")):
+        raise UserError(f"out {cfg.out!r} already holds a model (config.json): pick another directory")
+    model, state, tokenizer_json, _ = read_model(fetch(cfg.model, tracking_uri(cfg), cfg.storage.resolved()))
+    write_hf(model, state, tokenizer_json, cfg.out, cfg.dtype)
+    print(f"exported {cfg.model} to {os.path.abspath(cfg.out)} ({', '.join(HF_FILES)})")
+    print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({os.path.abspath(cfg.out)!r})")
+    return cfg.out
+
+
+def cli() -> None:
+    run_job(main, ExportConfig, __doc__)
+
+
+if __name__ == "__main__":
+    cli()
