@@ -11,6 +11,7 @@ JOBS = {
     "sweep": "jobs.sweep",
     "sample": "jobs.sample",
     "export": "jobs.export",
+    "eval": "jobs.eval",
     "cluster": "jobs.cluster",
     "submit-k8s": "jobs.submit_k8s",
 }

@@ -115,14 +115,13 @@ def log_dataset_input(client, run_id: str, uri: str, manifest_sha256: str) -> No
     client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
 
 
-def lineage_tags(reference: str, uri: str | None) -> dict[str, str]:
-    """Tags for a run initialised from `reference`: the reference, and for a registered model its
-    name, version and the run that produced it."""
-    tags = {"init_from": reference}
+def model_tags(reference: str, uri: str | None) -> dict[str, str]:
+    """What a model reference points at: for a registered model its name, version and the run
+    that produced it (`model_name`, `model_version`, `run_id`); for runs:/ID the run."""
+    if reference.startswith("runs:/"):
+        return {"run_id": reference[len("runs:/") :].split("/")[0]}
     if not reference.startswith("models:/"):
-        if reference.startswith("runs:/"):
-            tags["init_run_id"] = reference[len("runs:/") :].split("/")[0]
-        return tags
+        return {}
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -131,7 +130,13 @@ def lineage_tags(reference: str, uri: str | None) -> dict[str, str]:
         name, alias = name.split("@", 1)
         version = client.get_model_version_by_alias(name, alias).version
     mv = client.get_model_version(name, version)
-    return tags | {"init_model_name": name, "init_model_version": str(mv.version), "init_run_id": mv.run_id or ""}
+    return {"model_name": name, "model_version": str(mv.version), "run_id": mv.run_id or ""}
+
+
+def lineage_tags(reference: str, uri: str | None) -> dict[str, str]:
+    """Tags for a run initialised from `reference`: init_from, and init_model_name,
+    init_model_version, init_run_id when MLflow knows them."""
+    return {"init_from": reference, **{f"init_{k}": v for k, v in model_tags(reference, uri).items()}}
 
 
 def ensure_experiment(uri: str, name: str) -> str:

