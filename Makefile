@@ -2,7 +2,8 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data clean
+.PHONY: install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
+	bench-tinystories eval export serve clean
 
 install: $(VENV_STAMP)
 
@@ -60,6 +61,30 @@ cluster-down:
 
 bench-data: install
 	$(PY) -m benchmarks.data_prep
+
+# TinyStories (online, or --data.source=s3://... a mirror): prepare, train the llama2.c 15M
+# shape, evaluate val loss and bits per byte, register, sample.
+BENCH_ARGS ?=
+bench-tinystories: install
+	$(PY) -m benchmarks.tinystories $(BENCH_ARGS)
+
+# Evaluate registered models side by side (val loss, bits per byte; see python -m jobs.eval --help).
+MODELS ?= models:/llama-tiny/1
+EVAL_ARGS ?= --dataset=.generalmodel/store/datasets/sotu --limit=64
+eval: install
+	$(PY) -m jobs.eval --models='$(MODELS)' $(EVAL_ARGS)
+
+# A transformers directory of a registered model.
+OUT ?= exports/hf
+export: install
+	$(PY) -m jobs.export --model=$(MODELS) --out=$(OUT)
+
+# The registered model behind MLflow's scoring server (POST /invocations); uvicorn from the venv,
+# the registry of MLFLOW_TRACKING_URI (default: the local store `make pretrain` writes).
+PORT ?= 5001
+serve: install
+	PATH="$(CURDIR)/.venv/bin:$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.generalmodel/mlflow.db}" \
+	  .venv/bin/mlflow models serve -m $(MODELS) --env-manager local -h 127.0.0.1 -p $(PORT)
 
 clean:
 	rm -rf .venv .generalmodel .pytest_cache

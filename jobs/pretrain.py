@@ -20,8 +20,6 @@ from generalmodel.train.init import load_init
 from generalmodel.train.loop import refuse_finished
 from generalmodel.train.ray_trainer import ensure_dataset, fit
 
-SAMPLE_PROMPTS = ["Fellow citizens,", "The state of the Union"]
-
 
 def main(cfg: Config) -> dict:
     refuse_ephemeral_paths(cfg)
@@ -33,7 +31,7 @@ def main(cfg: Config) -> dict:
     layout = RunLayout.of(cfg)
     refuse_finished(cfg, layout)
     with ray_session(cfg.ray):
-        ds = ensure_dataset(cfg, layout, init)
+        cfg, ds = ensure_dataset(cfg, layout, init)
         run_id = start_run(cfg, ds.manifest_sha256, code_version(), layout.dataset, init.tags if init else None)
         print(f"MLflow run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
         try:
@@ -51,7 +49,7 @@ def main(cfg: Config) -> dict:
     if val:
         print(f"val loss: first eval (step {val[0][0]}) {val[0][1]:.4f} -> last (step {val[-1][0]}) {val[-1][1]:.4f}")
     model, tokenizer = load_model(export_dir)
-    for prompt in SAMPLE_PROMPTS:
+    for prompt in cfg.train.sample_prompts:
         text = "".join(sample_text(model, tokenizer, prompt, SamplingParams(max_new_tokens=60, top_p=0.95)))
         print(f"sample: {prompt}{text}")
     return {"run_id": run_id, "model_uri": model_uri, "metrics": final_metrics(uri, run_id), "val_loss": val}

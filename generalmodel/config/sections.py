@@ -195,6 +195,10 @@ class TrainConfig(Section):
     keep_last: int = Field(
         3, ge=1, description="Complete checkpoints kept; older ones are deleted after a newer one is published."
     )
+    sample_prompts: list[str] = Field(
+        ["Fellow citizens,", "The state of the Union"],
+        description="Prompts the pretrain job samples from the registered model at the end ([]: none).",
+    )
     max_bad_steps: int = Field(
         5, gt=0, description="Stop after this many steps in a row with a NaN/inf loss or gradient (each is skipped)."
     )

@@ -11,6 +11,7 @@ failed workers go to a log file and to the MLflow run (`failure_log`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -165,9 +166,10 @@ def progress_line(m: dict[str, Any], steps: int, with_step: bool = True) -> str:
     return " | ".join(parts)
 
 
-def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = None):
-    """The run's dataset (a TokenDataset), prepared with Ray Data first when train.dataset is not
-    given and the data section's output is missing. Needs a Ray session. With `init` (the loaded
+def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = None) -> tuple[Config, Any]:
+    """(cfg, the run's TokenDataset): the dataset prepared with Ray Data first when train.dataset
+    is not given and the data section's output is missing; `model.vocab_size` follows the
+    dataset's tokenizer unless the config sets it. Needs a Ray session. With `init` (the loaded
     train.init_from), the dataset must be tokenized with its tokenizer."""
     from generalmodel.data.loader import TokenDataset
     from generalmodel.data.prepare import build_dataset, plan_dataset
@@ -182,8 +184,11 @@ def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = Non
     ds = TokenDataset.open(uri, storage)
     if init is not None:
         check_tokenizer(init, ds.tokenizer_json(), uri)
+    if "vocab_size" not in cfg.explicit_model_keys and cfg.model.vocab_size != ds.vocab_size:
+        model = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size)
+        cfg = cfg.model_copy(update={"model": model})  # keeps the explicit keys (a private attribute)
     check_compatible(cfg, ds)
-    return ds
+    return cfg, ds
 
 
 def fit(

@@ -131,7 +131,7 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
         init = None
         if cfg.train.init_from:
             cfg, init = load_init(cfg, uri)
-        ds = ensure_dataset(cfg, layout, init)
+        cfg, ds = ensure_dataset(cfg, layout, init)
         if not resumed:
             log_config(run_id, cfg, ds.manifest_sha256, code_version(), layout.dataset, init.tags if init else None)
         fit(cfg, layout, ds.seq_len, run_id, uri, callbacks=[TuneReportCallback()], init=init)
