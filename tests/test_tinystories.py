@@ -46,8 +46,9 @@ def test_the_tinystories_benchmark_path_offline(ray_cluster, mlflow_server, tiny
     args = {
         "data.source": tinystories, "data.tokenizer_sample_mb": 1, "data.val_fraction": 0.1,
         "storage.root": tmp_path / "store", "tracking.uri": mlflow_server.uri, "train.steps": 4,
-        "train.batch_size": 2, "train.grad_accum": 1, "train.eval_every": 4, "train.eval_batches": 1, "train.checkpoint_every": 4, "train.log_every": 2,
-        "optim.warmup_steps": 1, "tracking.registered_model": "tinystories-test",
+        "train.batch_size": 2, "train.grad_accum": 1, "train.eval_every": 4, "train.eval_batches": 1,
+        "train.checkpoint_every": 4, "train.log_every": 2, "optim.warmup_steps": 1,
+        "tracking.registered_model": "tinystories-test",
     }  # fmt: skip
     result = main([f"--{k}={v}" for k, v in args.items()])
     out = capsys.readouterr().out
