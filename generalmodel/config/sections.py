@@ -98,7 +98,11 @@ class DataConfig(Section):
         "relative paths live under storage.root.",
     )
     overwrite: bool = Field(False, description="Replace an existing dataset at data.output.")
-    tokenizer: str | None = Field(None, description="Reuse this tokenizer.json (path or URI) instead of training one.")
+    tokenizer: str | None = Field(
+        None,
+        description="Use this tokenizer instead of training one: a tokenizer.json (path or URI) or a directory "
+        "holding one (e.g. a Hugging Face model's); it needs an end-of-sequence token.",
+    )
     vocab_size: int = Field(8192, description="BPE vocabulary size, special tokens included.")
     seq_len: int = Field(256, gt=0, description="Tokens per training example (rows hold seq_len+1).")
     val_fraction: float = Field(

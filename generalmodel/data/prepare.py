@@ -43,7 +43,14 @@ from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, DataConfig, StorageConfig, dump_config
 from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
 from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents
-from generalmodel.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_bpe
+from generalmodel.data.tokenizer import (
+    eos_id,
+    load_tokenizer,
+    read_tokenizer_file,
+    special_ids,
+    tokenizer_hash,
+    train_bpe,
+)
 from generalmodel.storage import (
     MANIFEST,
     Location,
@@ -183,10 +190,7 @@ def _refuse_node_local(pieces: list[Piece], out: Location) -> None:
 def _tokenizer(data: DataConfig, storage: StorageConfig, pieces: list[Piece]) -> tuple[str, str]:
     """The tokenizer JSON and where it came from: a given file, or trained on a sample."""
     if data.tokenizer is not None:
-        loc = resolve(data.tokenizer, storage)
-        if not loc.exists():
-            raise UserError(f"data.tokenizer {data.tokenizer!r}: no such file")
-        return loc.read_bytes().decode(), loc.uri
+        return read_tokenizer_file(resolve(data.tokenizer, storage), "data.tokenizer")
     sample = sample_texts(pieces, data, storage)
     if not sample:
         raise SourceError(f"data.source {data.source!r}: only empty or unreadable documents in {len(pieces)} files")
@@ -260,7 +264,7 @@ def process_unit(
     # One tokenizer thread per task: Ray runs one task per CPU. (Read when rayon starts.)
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     tokenizer = _worker_tokenizer(tok_text)
-    eos = tokenizer.token_to_id(EOS)
+    eos = eos_id(tokenizer)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
     row_len = data.seq_len + 1
 
@@ -414,10 +418,9 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
 
 
 def _special_ids(tok_text: str) -> dict[str, int]:
-    from generalmodel.config import SPECIAL_TOKENS
-
+    """The special tokens by name (the manifest's `special_tokens`: name → id)."""
     tokenizer = _worker_tokenizer(tok_text)
-    return {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    return {tokenizer.id_to_token(i): i for i in special_ids(tokenizer).values() if i is not None}
 
 
 def code_version() -> dict[str, str]:

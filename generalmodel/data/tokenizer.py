@@ -1,8 +1,11 @@
 """Byte-level BPE tokenizers (HF `tokenizers`): train one on a deterministic sample, or load one.
 
-Every tokenizer carries the platform's special tokens (`SPECIAL_TOKENS`: BOS, EOS, PAD at ids
-0, 1, 2 when trained here); any byte string encodes, since the 256 byte symbols are in the base
-alphabet.
+A tokenizer trained here carries the platform's special tokens (`SPECIAL_TOKENS`: BOS, EOS, PAD
+at ids 0, 1, 2); any byte string encodes, since the 256 byte symbols are in the base alphabet.
+Other tokenizers (any Hugging Face `tokenizer.json`) are used as they are: their special tokens
+are found by role (`special_ids`) — from a `tokenizer_config.json` when there is one, else by
+the names common tokenizers use — and only an end-of-sequence token is required (it separates
+documents and stops generation).
 """
 
 from __future__ import annotations
@@ -33,16 +36,59 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+# Special tokens by role: ours first, then the names of common tokenizers (GPT-2, Llama 2 and 3,
+# Gemma, Mistral, BERT-style pads).
+ROLE_NAMES = {
+    "bos": (BOS, "<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"),
+    "eos": (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"),
+    "pad": (PAD, "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>"),
+}
+
+
+def special_ids(tokenizer: Tokenizer, config: dict | None = None) -> dict[str, int | None]:
+    """bos/eos/pad token ids by role: the names a `tokenizer_config.json` gives (`bos_token`, ...),
+    else the first of ROLE_NAMES the vocabulary has; None where there is none."""
+    ids: dict[str, int | None] = {}
+    for role, names in ROLE_NAMES.items():
+        given = (config or {}).get(f"{role}_token")
+        if isinstance(given, dict):  # an AddedToken, serialised
+            given = given.get("content")
+        candidates = ([given] if given else []) + list(names)
+        ids[role] = next((tokenizer.token_to_id(n) for n in candidates if tokenizer.token_to_id(n) is not None), None)
+    return ids
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """The end-of-sequence id (load_tokenizer made sure there is one)."""
+    eos = special_ids(tokenizer)["eos"]
+    if eos is None:
+        raise UserError(f"the tokenizer has no end-of-sequence token (looked for {', '.join(ROLE_NAMES['eos'])})")
+    return eos
+
+
 def load_tokenizer(text: str, where: str) -> Tokenizer:
-    """A tokenizer from its JSON; `where` names the file in errors."""
+    """A tokenizer from its JSON; `where` names the file in errors. It needs an end-of-sequence
+    token (ours or one of the common names)."""
     try:
         tokenizer = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
         raise UserError(f"{where}: not a tokenizers JSON file ({e})") from None
-    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-    if missing:
-        raise UserError(f"{where}: tokenizer lacks the special tokens {missing}; it needs {list(SPECIAL_TOKENS)}")
+    if special_ids(tokenizer)["eos"] is None:
+        raise UserError(
+            f"{where}: the tokenizer has no end-of-sequence token; looked for {', '.join(ROLE_NAMES['eos'])} "
+            f"(add one, e.g. {EOS!r}, as a special token)"
+        )
     return tokenizer
+
+
+def read_tokenizer_file(loc, what: str) -> tuple[str, str]:
+    """(tokenizer JSON, where) of a `tokenizer.json` location, or of a directory holding one (a
+    Hugging Face model or tokenizer directory)."""
+    if not loc.path.rstrip("/").endswith(".json") and loc.join("tokenizer.json").exists():
+        loc = loc.join("tokenizer.json")
+    if not loc.exists():
+        raise UserError(f"{what} {loc.uri!r}: no such file (a tokenizer.json, or a directory holding one)")
+    return loc.read_bytes().decode(), loc.uri
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> str:

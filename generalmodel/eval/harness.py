@@ -27,19 +27,19 @@ def _lm_class():
             return self.scorer.loglikelihoods([tuple(r.args[:2]) for r in requests])
 
         def loglikelihood_rolling(self, requests) -> list[float]:
-            from generalmodel.data.tokenizer import EOS
+            from generalmodel.data.tokenizer import eos_id
             from generalmodel.eval.scoring import corpus_windows
 
             out = []
             for r in requests:
                 windows = corpus_windows(
-                    self.tokenizer, [r.args[0]], self.loaded.cfg.max_seq_len, self.tokenizer.token_to_id(EOS)
+                    self.tokenizer, [r.args[0]], self.loaded.cfg.max_seq_len, eos_id(self.tokenizer)
                 )
                 out.append(-self.scorer.windows(windows).nats)
             return out
 
         def generate_until(self, requests) -> list[str]:
-            from generalmodel.data.tokenizer import EOS
+            from generalmodel.data.tokenizer import eos_id
             from generalmodel.infer import SamplingParams, generate
 
             out = []
@@ -48,7 +48,7 @@ def _lm_class():
                 until = options.get("until") or []
                 params = SamplingParams(temperature=0, max_new_tokens=options.get("max_gen_toks", 128))
                 ids = self.tokenizer.encode(context, add_special_tokens=False).ids
-                text = self.tokenizer.decode(list(generate(self.model, ids, params, self.tokenizer.token_to_id(EOS))))
+                text = self.tokenizer.decode(list(generate(self.model, ids, params, eos_id(self.tokenizer))))
                 cut = min([text.index(s) for s in until if s in text], default=len(text))
                 out.append(text[:cut])
             return out

@@ -56,10 +56,10 @@ def _score_windows_task(loaded: LoadedModel, windows: list[np.ndarray], batch_si
 
 
 def _loglikelihood_task(loaded: LoadedModel, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-    from generalmodel.data.tokenizer import EOS
+    from generalmodel.data.tokenizer import eos_id
 
     model, tokenizer = loaded.build()
-    return loglikelihoods(model, tokenizer, pairs, tokenizer.token_to_id(EOS))
+    return loglikelihoods(model, tokenizer, pairs, eos_id(tokenizer))
 
 
 def chunks(items: list, n: int) -> list[list]:
@@ -130,7 +130,7 @@ def corpus_texts(source: str, storage, limit_docs: int | None) -> list[str]:
 
 def evaluate(loaded: LoadedModel, cfg, storage) -> dict[str, float]:
     """Every metric `cfg` asks for, for one model."""
-    from generalmodel.data.tokenizer import EOS, load_tokenizer
+    from generalmodel.data.tokenizer import eos_id, load_tokenizer
 
     scorer = ClusterScorer(loaded, cfg.parallelism, cfg.batch_size)
     tokenizer = load_tokenizer(loaded.tokenizer_json, loaded.reference)
@@ -140,7 +140,7 @@ def evaluate(loaded: LoadedModel, cfg, storage) -> dict[str, float]:
         metrics |= {"val_loss": score.loss, "val_bpb": score.bits_per_byte, "val_tokens": float(score.tokens)}
     if cfg.corpus:
         texts = corpus_texts(cfg.corpus, storage, cfg.limit)
-        windows = corpus_windows(tokenizer, texts, loaded.cfg.max_seq_len, tokenizer.token_to_id(EOS))
+        windows = corpus_windows(tokenizer, texts, loaded.cfg.max_seq_len, eos_id(tokenizer))
         score = scorer.windows(windows)
         metrics |= {"corpus_loss": score.loss, "corpus_bpb": score.bits_per_byte, "corpus_bytes": float(score.bytes)}
     for path in cfg.tasks:

@@ -16,7 +16,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from generalmodel import UserError
 from generalmodel.config import ModelConfig, Section, StorageConfig
-from generalmodel.data.tokenizer import EOS, load_tokenizer
+from generalmodel.data.tokenizer import eos_id, load_tokenizer
 from generalmodel.storage import download_export
 from models import build_model
 
@@ -178,7 +178,7 @@ def sample_text(model, tokenizer, prompt: str, params: SamplingParams) -> Iterat
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     produced: list[int] = []
     shown = ""
-    for token in generate(model, prompt_ids, params, tokenizer.token_to_id(EOS)):
+    for token in generate(model, prompt_ids, params, eos_id(tokenizer)):
         produced.append(token)
         text = tokenizer.decode(produced)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

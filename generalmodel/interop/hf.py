@@ -312,46 +312,31 @@ def config_from_hf(config: dict[str, Any], where: str):
     raise UserError(f"{where}: model_type={kind!r}; models that can be imported: llama, gpt2")
 
 
-def special_token_ids(tokenizer_json: str, tokenizer_config: dict[str, Any] | None = None) -> dict[str, int | None]:
-    """bos/eos/pad ids by role: from tokenizer_config.json when given, else our reserved names."""
-    from tokenizers import Tokenizer
-
-    from generalmodel.config import SPECIAL_TOKENS
-
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    names = dict(zip(("bos", "eos", "pad"), SPECIAL_TOKENS, strict=True))
-    for role in names:
-        token = (tokenizer_config or {}).get(f"{role}_token")
-        if isinstance(token, dict):  # AddedToken serialised
-            token = token.get("content")
-        if token:
-            names[role] = token
-    return {role: tokenizer.token_to_id(token) if token else None for role, token in names.items()}
-
-
 def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory: str, dtype: str = "float32") -> str:
     """Write a transformers directory for our model (`cfg`, `state`, tokenizer) into `directory`.
     Files are written under temporary names and renamed last: a failure leaves no half directory
     that looks complete."""
     from safetensors.torch import save_file
+    from tokenizers import Tokenizer
 
-    from generalmodel.config import SPECIAL_TOKENS
+    from generalmodel.data.tokenizer import special_ids
 
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     architecture = hf_architecture(cfg)
-    special = special_token_ids(tokenizer_json)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    special = special_ids(tokenizer)
+    names = {role: tokenizer.id_to_token(i) if i is not None else None for role, i in special.items()}
     tensors = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in to_hf_state(cfg, state, architecture).items()}
-    bos, eos, pad = SPECIAL_TOKENS
     files = {
         "config.json": json.dumps(hf_config(cfg, architecture, special, dtype), indent=2),
         "tokenizer.json": tokenizer_json,
         "tokenizer_config.json": json.dumps(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": bos,
-                "eos_token": eos,
-                "pad_token": pad,
+                "bos_token": names["bos"],
+                "eos_token": names["eos"],
+                "pad_token": names["pad"],
                 "add_bos_token": False,
                 "add_eos_token": False,
                 "clean_up_tokenization_spaces": False,
