@@ -164,12 +164,18 @@ def comparison(results: list[ModelResult]) -> tuple[str, str]:
     """The results as a markdown table and a CSV, one row per model."""
     keys = sorted({k for r in results for k in r.metrics})
     header = ["model", *keys]
-    rows = [[r.reference, *(f"{r.metrics[k]:.4f}" if k in r.metrics else "" for k in keys)] for r in results]
+    rows = [[r.reference, *(_cell(r.metrics.get(k)) for k in keys)] for r in results]
     markdown = "\n".join(
         ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in rows)]
     )
     csv = "\n".join(",".join(row) for row in [header, *rows]) + "\n"
     return markdown, csv
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.0f}" if float(value).is_integer() and abs(value) > 1 else f"{value:.4f}"  # counts whole
 
 
 def log_to_mlflow(uri: str, experiment: str, name: str, results: list[ModelResult], config_yaml: str) -> str:

@@ -349,7 +349,6 @@ def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory
                 "bos_token_id": special["bos"],
                 "eos_token_id": special["eos"],
                 "pad_token_id": special["pad"],
-                "max_length": cfg.max_seq_len,
                 "do_sample": True,
                 "temperature": 0.8,
                 "top_p": 0.95,
