@@ -68,7 +68,15 @@ def test_mlflow_models_serve_answers_from_the_registry(export_dir, mlflow_server
     log_model(client, run.info.run_id, str(export_dir))
     client.set_terminated(run.info.run_id)
     model_uri = register(client, "served-tiny", run.info.run_id)
-    assert client.get_run(run.info.run_id).data.tags["hf_export"] == "model/hf"
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["hf_export"] == "model/hf"
+    assert tags["transformers_model"] == f"runs:/{run.info.run_id}/transformers"
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    pipeline = mlflow.transformers.load_model(tags["transformers_model"])  # the transformers flavor
+    out = pipeline(PROMPTS[0], max_new_tokens=12, do_sample=False, return_full_text=False)
+    assert out[0]["generated_text"] == greedy(export_dir, PROMPTS[0])
     local = fetch(model_uri, mlflow_server.uri, StorageConfig())
     assert Path(local).name == "export"  # only the native export is downloaded for our jobs
 

@@ -243,7 +243,40 @@ def log_model(client, run_id: str, export_dir: str) -> None:
         path = os.path.join(tmp, "model")
         no_hf = save(export_dir, path)
         client.log_artifacts(run_id, path, "model")
-    client.set_tag(run_id, "hf_export", f"model/{HF_SUBDIR}" if no_hf is None else f"none: {no_hf}"[:5000])
+        client.set_tag(run_id, "hf_export", f"model/{HF_SUBDIR}" if no_hf is None else f"none: {no_hf}"[:5000])
+        if no_hf is None:
+            log_transformers_model(client, run_id, os.path.join(path, HF_SUBDIR), os.path.join(tmp, "transformers"))
+
+
+TRANSFORMERS_ARTIFACT = "transformers"
+
+
+def log_transformers_model(client, run_id: str, hf_dir: str, path: str) -> None:
+    """The transformers export as an MLflow model of the `transformers` flavor, beside `model/`:
+    `mlflow.transformers.load_model("runs:/ID/transformers")` gives a text-generation pipeline.
+    Skipped, with the reason as the tag `transformers_model`, when transformers is not installed
+    or MLflow cannot save it."""
+    try:
+        import mlflow
+        import torch
+        import transformers
+    except ImportError as e:
+        client.set_tag(run_id, "transformers_model", f"none: {e}")
+        return
+    try:
+        pipe = transformers.pipeline("text-generation", model=hf_dir, dtype=torch.float32)
+        mlflow.transformers.save_model(
+            transformers_model=pipe,
+            path=path,
+            # MLflow's default requirements import torchvision, which a text model does not need.
+            pip_requirements=[f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"],
+        )
+        client.log_artifacts(run_id, path, TRANSFORMERS_ARTIFACT)
+    except Exception as e:  # an MLflow/transformers version pair that disagrees costs this copy only
+        log.warning("the transformers flavor was not logged: %s", e)
+        client.set_tag(run_id, "transformers_model", f"none: {type(e).__name__}: {e}"[:5000])
+        return
+    client.set_tag(run_id, "transformers_model", f"runs:/{run_id}/{TRANSFORMERS_ARTIFACT}")
 
 
 def register(client, name: str, run_id: str) -> str:
