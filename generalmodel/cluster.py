@@ -164,25 +164,23 @@ class LocalCluster:
 
     def wait_for_nodes(self, count: int, timeout_s: float = 120, exactly: bool = False) -> None:
         """Wait until at least `count` nodes (exactly `count` with `exactly`) are alive."""
-        import json
-
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             out = subprocess.run(
                 [
                     sys.executable,
                     "-c",
-                    "import ray, json; ray.init(address='auto', logging_level='ERROR');"
-                    "print(json.dumps(sum(1 for n in ray.nodes() if n['Alive'])))",
+                    "import ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False);"
+                    "print('ALIVE_NODES', sum(1 for n in ray.nodes() if n['Alive']))",
                 ],
                 env={**self.env, "RAY_ADDRESS": self.address},
                 capture_output=True,
                 text=True,
                 timeout=60,
             )
-            alive = (
-                json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else -1
-            )
+            # Ray prints cluster events ("node ... marked dead") on the same stdout: find our line.
+            counts = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ALIVE_NODES ")]
+            alive = int(counts[-1]) if out.returncode == 0 and counts else -1
             if alive == count or (alive > count and not exactly):
                 return
             time.sleep(1)

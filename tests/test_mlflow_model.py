@@ -79,6 +79,9 @@ def test_mlflow_models_serve_answers_from_the_registry(export_dir, mlflow_server
     assert out[0]["generated_text"] == greedy(export_dir, PROMPTS[0])
     local = fetch(model_uri, mlflow_server.uri, StorageConfig())
     assert Path(local).name == "export"  # only the native export is downloaded for our jobs
+    client.set_registered_model_alias("served-tiny", "champion", model_uri.rsplit("/", 1)[1])
+    by_alias = fetch("models:/served-tiny@champion", mlflow_server.uri, StorageConfig())
+    assert (Path(by_alias) / "model.safetensors").read_bytes() == (Path(local) / "model.safetensors").read_bytes()
 
     port = free_port()
     venv_bin = str(Path(sys.executable).parent)  # mlflow execs `uvicorn` from PATH, as in an activated venv
