@@ -47,6 +47,17 @@ def test_bits_per_byte_counts_each_byte_of_the_text_once(tokenizer):
     assert math.isclose(one.nats, score.nats, rel_tol=1e-5)
 
 
+def test_bytes_of_a_sentencepiece_style_tokenizer():
+    """Metaspace tokens ('▁' for a space) and byte-fallback tokens (<0x0A>) count their real bytes."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<unk>": 0, "</s>": 1, "▁the": 2, "é": 3, "<0x0A>": 4}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.add_special_tokens(["</s>"])
+    sizes = token_bytes(tokenizer)
+    assert list(sizes[[1, 2, 3, 4]]) == [0, 4, 2, 1]
+
+
 def test_multiple_choice_reading_and_the_harness_split(tokenizer, tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text(json.dumps({"ctx": "A man", "endings": ["walks.", "runs."], "label": 1}) + "\n\n{broken\n")

@@ -18,42 +18,33 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import decoders
 
 from generalmodel import UserError
 
-
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-ins (GPT-2's byte ↔ unicode table), inverted: the bytes
-    printable as themselves keep their code point, the other 68 are shifted above 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def token_bytes(tokenizer) -> np.ndarray:
     """UTF-8 bytes each token id stands for; 0 for special tokens."""
-    decoder = _byte_decoder()
     special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
     vocab = tokenizer.get_vocab()
     sizes = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
-    byte_level = all(ch in decoder for token in list(vocab)[:1000] if token not in special for ch in token)
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
     for token, i in vocab.items():
         if token in special:
             continue
         if byte_level:
-            sizes[i] = len(token)  # one stand-in character per byte
-        else:  # e.g. SentencePiece-style: the token's text, '▁' for a space
+            sizes[i] = len(token)  # byte-level BPE: one printable stand-in character per byte
+        elif BYTE_FALLBACK.fullmatch(token):  # SentencePiece's byte fallback, e.g. <0x0A>
+            sizes[i] = 1
+        else:  # SentencePiece-style: the token's text, '▁' for a space
             sizes[i] = len(token.replace("▁", " ").encode())
     return sizes
 
