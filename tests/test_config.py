@@ -87,3 +87,14 @@ def test_secrets_are_masked_when_dumped():
     assert "hunter2" not in str(cfg.model_dump(mode="json"))
     assert "hunter2" not in repr(cfg)
     assert cfg.storage.secret_access_key.get_secret_value() == "hunter2"
+
+
+def test_a_check_across_the_whole_config_is_one_plain_line():
+    from jobs.eval import EvalConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides={"models": "models:/x/1"}, cls=EvalConfig)
+    assert (
+        str(e.value).splitlines()[1].strip()
+        == "nothing to evaluate: give --dataset, --corpus, --tasks or --harness_tasks"
+    )

@@ -163,6 +163,9 @@ def _explain(error: ValidationError, source: str | None) -> str:
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
+        if not key:  # a check across the whole config: its message says what is wrong
+            lines.append(err["msg"].removeprefix("Value error, "))
+            continue
         if isinstance(value, dict):  # a whole section (a model config's own check): name it only
             lines.append(f"{key}: {err['msg']}")
             continue
