@@ -65,8 +65,7 @@ def main(cfg: EvalConfig) -> list[ModelResult]:
             model, state, tokenizer_json, _ = read_model(fetch(reference, uri, storage))
             print(f"evaluating {reference} ({type(model).__name__}, {model.n_layers} layers)", flush=True)
             metrics = evaluate(LoadedModel(reference, model, state, tokenizer_json), cfg, storage)
-            tags = model_tags(reference, uri) if reference.startswith(("models:/", "runs:/")) else {}
-            results.append(ModelResult(reference, metrics, tags))
+            results.append(ModelResult(reference, metrics, model_tags(reference, uri)))
     markdown, _ = comparison(results)
     print(f"\n{markdown}\n")
     parent = log_to_mlflow(uri, cfg.tracking.experiment, cfg.name, results, yaml.safe_dump(cfg.model_dump(mode="json")))

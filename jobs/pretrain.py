@@ -25,14 +25,12 @@ def main(cfg: Config) -> dict:
     refuse_ephemeral_paths(cfg)
     uri = tracking_uri(cfg)
     check_reachable(uri)
-    init = None
-    if cfg.train.init_from:  # the model config and tokenizer come from the source
-        cfg, init = load_init(cfg, uri)
+    cfg, init = load_init(cfg, uri)  # train.init_from: the model config and tokenizer come from it
     layout = RunLayout.of(cfg)
     refuse_finished(cfg, layout)
     with ray_session(cfg.ray):
         cfg, ds = ensure_dataset(cfg, layout, init)
-        run_id = start_run(cfg, ds.manifest_sha256, code_version(), layout.dataset, init.tags if init else None)
+        run_id = start_run(cfg, ds, code_version(), init.tags if init else None)
         print(f"MLflow run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
         try:
             fit(cfg, layout, ds.seq_len, run_id, uri, init=init)

@@ -148,3 +148,21 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_leaves_no_half_checkp
         train(cfg)
     assert not list((small_disk / "ckpt").glob("step-*")), leftovers(small_disk)  # the failed save is gone
     assert not [p for p in leftovers(small_disk) if ".tmp-" in p]
+
+
+def test_a_full_disk_while_exporting_to_transformers_leaves_no_files(small_disk):
+    from conftest import make_documents
+
+    from generalmodel.data.tokenizer import train_bpe
+    from generalmodel.interop.hf import write_hf
+    from generalmodel.storage import StorageFull
+    from models import build_model
+    from models.llama import LlamaConfig
+
+    tokenizer = train_bpe(make_documents(30, seed=5), 384)
+    model = build_model(
+        LlamaConfig(vocab_size=384, max_seq_len=32, n_layers=1, n_heads=2, d_model=12, tie_embeddings=True)
+    )
+    with pytest.raises(StorageFull, match="no space left on the device"):  # the weights fit, the rest does not
+        write_hf(model.cfg, model.state_dict(), tokenizer.to_str(), str(small_disk / "hf"))
+    assert leftovers(small_disk) == ["hf"]  # no temporary file, no config.json

@@ -3,9 +3,8 @@
 A tokenizer trained here carries the platform's special tokens (`SPECIAL_TOKENS`: BOS, EOS, PAD
 at ids 0, 1, 2); any byte string encodes, since the 256 byte symbols are in the base alphabet.
 Other tokenizers (any Hugging Face `tokenizer.json`) are used as they are: their special tokens
-are found by role (`special_ids`) — from a `tokenizer_config.json` when there is one, else by
-the names common tokenizers use — and only an end-of-sequence token is required (it separates
-documents and stops generation).
+are found by role (`special_ids`) among the names common tokenizers use, and only an
+end-of-sequence token is required (it separates documents and stops generation).
 """
 
 from __future__ import annotations
@@ -45,16 +44,13 @@ ROLE_NAMES = {
 }
 
 
-def special_ids(tokenizer: Tokenizer, config: dict | None = None) -> dict[str, int | None]:
-    """bos/eos/pad token ids by role: the names a `tokenizer_config.json` gives (`bos_token`, ...),
-    else the first of ROLE_NAMES the vocabulary has; None where there is none."""
+def special_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
+    """bos/eos/pad token ids by role: the first of ROLE_NAMES the vocabulary has; None where there
+    is none. (Only the tokenizer.json travels with datasets and models, so roles are found by the
+    names themselves, not by a tokenizer_config.json.)"""
     ids: dict[str, int | None] = {}
     for role, names in ROLE_NAMES.items():
-        given = (config or {}).get(f"{role}_token")
-        if isinstance(given, dict):  # an AddedToken, serialised
-            given = given.get("content")
-        candidates = ([given] if given else []) + list(names)
-        ids[role] = next((tokenizer.token_to_id(n) for n in candidates if tokenizer.token_to_id(n) is not None), None)
+        ids[role] = next((tokenizer.token_to_id(n) for n in names if tokenizer.token_to_id(n) is not None), None)
     return ids
 
 

@@ -35,12 +35,9 @@ class LoadedModel:
     tokenizer_json: str
 
     def build(self):
-        from generalmodel.data.tokenizer import load_tokenizer
-        from models import build_model
+        from generalmodel.infer.sampling import build_with_state
 
-        model = build_model(self.cfg)
-        model.load_state_dict(self.state, strict=not self.cfg.tie_embeddings)
-        return model.eval(), load_tokenizer(self.tokenizer_json, f"{self.reference} tokenizer.json")
+        return build_with_state(self.cfg, self.state, self.tokenizer_json, self.reference)
 
 
 @dataclass

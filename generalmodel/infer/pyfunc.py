@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Any
 
 from generalmodel import UserError
@@ -55,29 +54,33 @@ def save(export: str, path: str, hf_dtype: str = "float32") -> str | None:
     import generalmodel
     import models
 
+    # MLflow copies data_path to data/<its name>: a link named "export" gives data/export without
+    # a second copy of the weights.
     staged = os.path.join(os.path.dirname(path), os.path.basename(EXPORT_SUBDIR))
-    shutil.copytree(export, staged, dirs_exist_ok=True)
-    example = pd.DataFrame({"prompt": EXAMPLE_PROMPTS})
-    mlflow.pyfunc.save_model(
-        path,
-        loader_module=__name__,
-        data_path=staged,
-        code_paths=[os.path.dirname(generalmodel.__file__), os.path.dirname(models.__file__)],
-        signature=infer_signature(example, ["a completion"], params=PARAMS),
-        input_example=(example, PARAMS),
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            "safetensors",
-            "tokenizers",
-            "pydantic>=2",
-            "pyyaml",
-            "pyarrow",
-            "numpy",
-            "pandas",
-        ],
-    )
-    shutil.rmtree(staged)
+    os.symlink(os.path.abspath(export), staged)
+    try:
+        example = pd.DataFrame({"prompt": EXAMPLE_PROMPTS})
+        mlflow.pyfunc.save_model(
+            path,
+            loader_module=__name__,
+            data_path=staged,
+            code_paths=[os.path.dirname(generalmodel.__file__), os.path.dirname(models.__file__)],
+            signature=infer_signature(example, ["a completion"], params=PARAMS),
+            input_example=(example, PARAMS),
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"mlflow=={mlflow.__version__}",
+                "safetensors",
+                "tokenizers",
+                "pydantic>=2",
+                "pyyaml",
+                "pyarrow",
+                "numpy",
+                "pandas",
+            ],
+        )
+    finally:
+        os.remove(staged)
     return _add_hf(path, hf_dtype)
 
 

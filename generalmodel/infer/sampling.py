@@ -66,14 +66,13 @@ def model_artifact_uri(reference: str, tracking_uri: str | None) -> str:
     """The artifact URI of a `models:/NAME/VERSION`, `models:/NAME@ALIAS` or `runs:/ID` model."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    from generalmodel.tracking.runs import model_version
+
     if reference.startswith("runs:/"):
         return reference.rstrip("/") + "/model"
-    name, _, version = reference[len("models:/") :].partition("/")
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
-    return client.get_model_version_download_uri(name, version)
+    client = MlflowClient(tracking_uri)
+    mv = model_version(client, reference)
+    return client.get_model_version_download_uri(mv.name, mv.version)
 
 
 def export_files(cfg, state: dict[str, torch.Tensor], tokenizer_json: str) -> dict[str, bytes]:
@@ -113,21 +112,32 @@ def read_model(directory: str):
     from generalmodel.interop.hf import is_hf_directory, read_hf
 
     if is_hf_directory(directory) and not os.path.exists(os.path.join(directory, "model_config.json")):
-        cfg, state, tokenizer_json, _ = read_hf(directory)
-        return cfg, state, tokenizer_json, directory
+        return (*read_hf(directory), directory)
     directory = export_dir(directory)
     return (*read_export(directory), directory)
+
+
+def load_state(model, state: dict[str, torch.Tensor], where: str) -> None:
+    """A full state dict into a freshly built (unsharded) model; a tied head may be absent (the
+    export leaves it out: it is embed.weight). A UserError naming `where` when it does not fit."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "head.weight")]
+    if missing or unexpected:
+        raise UserError(f"{where}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+
+
+def build_with_state(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, where: str):
+    """(model in eval mode, tokenizer) from a model config, its weights and its tokenizer JSON."""
+    model = build_model(cfg)
+    load_state(model, state, where)
+    return model.eval(), load_tokenizer(tokenizer_json, f"{where}/tokenizer.json")
 
 
 def load_model(directory: str, device: str = "cpu"):
     """(model, tokenizer) from a model directory (see `read_model`)."""
     cfg, state, tokenizer_json, where = read_model(directory)
-    model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not (cfg.tie_embeddings and k == "head.weight")]:
-        raise UserError(f"{where}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
-    tokenizer = load_tokenizer(tokenizer_json, f"{where}/tokenizer.json")
-    return model.to(device).eval(), tokenizer
+    model, tokenizer = build_with_state(cfg, state, tokenizer_json, where)
+    return model.to(device), tokenizer
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

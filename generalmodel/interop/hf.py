@@ -18,6 +18,7 @@ Writing needs only `safetensors` and `tokenizers`; loading the result needs `tra
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from typing import Any
@@ -314,12 +315,14 @@ def config_from_hf(config: dict[str, Any], where: str):
 
 def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory: str, dtype: str = "float32") -> str:
     """Write a transformers directory for our model (`cfg`, `state`, tokenizer) into `directory`.
-    Files are written under temporary names and renamed last: a failure leaves no half directory
-    that looks complete."""
+    Files are written under temporary names and renamed at the end, config.json last: a failure
+    leaves no temporary files and no directory that looks complete."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
     from generalmodel.data.tokenizer import special_ids
+    from generalmodel.storage import StorageError, StorageFull
 
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -357,21 +360,23 @@ def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory
         ),
     }
     os.makedirs(directory, exist_ok=True)
-    written = []
+    names = ["model.safetensors", *files]
+    tmp = {name: os.path.join(directory, name + ".tmp") for name in names}
     try:
-        save_file(tensors, os.path.join(directory, "model.safetensors.tmp"), metadata={"format": "pt"})
-        written.append("model.safetensors")
+        save_file(tensors, tmp["model.safetensors"], metadata={"format": "pt"})
         for name, text in files.items():
-            with open(os.path.join(directory, name + ".tmp"), "w") as f:
+            with open(tmp[name], "w") as f:
                 f.write(text)
-            written.append(name)
-        for name in written:
-            os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
-    except BaseException:
-        for name in written:
-            for path in (os.path.join(directory, name + ".tmp"),):
-                if os.path.exists(path):
-                    os.remove(path)
+        for name in sorted(names, key=lambda n: n == "config.json"):  # config.json, which marks it, last
+            os.replace(tmp[name], os.path.join(directory, name))
+    except BaseException as e:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if isinstance(e, OSError | SafetensorError):
+            if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+                raise StorageFull(f"{directory}: no space left on the device ({e})") from None
+            raise StorageError(f"{directory}: cannot write the transformers export ({e})") from None
         raise
     return directory
 
@@ -388,7 +393,7 @@ def is_hf_directory(directory: str) -> bool:
 
 
 def read_hf(directory: str):
-    """(our model config, our state dict, tokenizer JSON, tokenizer_config) from a transformers
+    """(our model config, our state dict, tokenizer JSON) from a transformers
     directory of a Llama or GPT-2 model (safetensors weights, one file or sharded)."""
     from safetensors.torch import load_file
 
@@ -422,8 +427,4 @@ def read_hf(directory: str):
         raise UserError(f"{directory}: no tokenizer.json (a fast tokenizer is needed)")
     with open(tokenizer_path) as f:
         tokenizer_json = f.read()
-    tokenizer_config = {}
-    if os.path.exists(os.path.join(directory, "tokenizer_config.json")):
-        with open(os.path.join(directory, "tokenizer_config.json")) as f:
-            tokenizer_config = json.load(f)
-    return cfg, state, tokenizer_json, tokenizer_config
+    return cfg, state, tokenizer_json

@@ -37,13 +37,7 @@ def check_reachable(uri: str) -> None:
     raise UserError(f"the MLflow server at {uri} (tracking.uri) is not healthy")
 
 
-def start_run(
-    cfg: Config,
-    dataset_manifest_hash: str,
-    code_version: dict[str, str],
-    dataset_uri: str | None = None,
-    lineage: dict[str, str] | None = None,
-) -> str:
+def start_run(cfg: Config, dataset, code_version: dict[str, str], lineage: dict[str, str] | None = None) -> str:
     """Create the run, log config/tags; returns its id. The run stays open for the job."""
     import mlflow
 
@@ -51,7 +45,7 @@ def start_run(
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
-    log_config(run.info.run_id, cfg, dataset_manifest_hash, code_version, dataset_uri, lineage)
+    log_config(run.info.run_id, cfg, dataset, code_version, lineage)
     return run.info.run_id
 
 
@@ -66,15 +60,10 @@ def prepare_store(cfg: Config) -> str:
 
 
 def log_config(
-    run_id: str,
-    cfg: Config,
-    dataset_manifest_hash: str,
-    code_version: dict[str, str],
-    dataset_uri: str | None = None,
-    lineage: dict[str, str] | None = None,
+    run_id: str, cfg: Config, dataset, code_version: dict[str, str], lineage: dict[str, str] | None = None
 ) -> None:
     """The resolved config as params and config.yaml (secrets masked), versions as tags, the
-    dataset as the run's input, and `lineage` tags (the model it started from)."""
+    dataset (a TokenDataset) as the run's input, and `lineage` tags (the model it started from)."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -89,14 +78,13 @@ def log_config(
     versions = {f"version.{p}": _version(p) for p in ("torch", "ray", "pyarrow", "tokenizers", "mlflow")}
     tags = {
         "git_sha": code_version.get("git_sha", "unknown"),
-        "dataset_manifest_sha256": dataset_manifest_hash,
+        "dataset_manifest_sha256": dataset.manifest_sha256,
         "generalmodel": code_version["generalmodel"],
         **versions,
         **(lineage or {}),
     }
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    if dataset_uri:
-        log_dataset_input(client, run_id, dataset_uri, dataset_manifest_hash)
+    log_dataset_input(client, run_id, dataset.loc.uri, dataset.manifest_sha256)
     client.log_text(run_id, yaml.safe_dump(dump_config(cfg), sort_keys=False), "config.yaml")
 
 
@@ -115,22 +103,25 @@ def log_dataset_input(client, run_id: str, uri: str, manifest_sha256: str) -> No
     client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
 
 
+def model_version(client, reference: str):
+    """The registry's ModelVersion of `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+    name, _, version = reference[len("models:/") :].partition("/")
+    if "@" in name:
+        return client.get_model_version_by_alias(*name.split("@", 1))
+    return client.get_model_version(name, version)
+
+
 def model_tags(reference: str, uri: str | None) -> dict[str, str]:
     """What a model reference points at: for a registered model its name, version and the run
-    that produced it (`model_name`, `model_version`, `run_id`); for runs:/ID the run."""
+    that produced it (`model_name`, `model_version`, `run_id`); for runs:/ID the run; else nothing."""
     if reference.startswith("runs:/"):
         return {"run_id": reference[len("runs:/") :].split("/")[0]}
     if not reference.startswith("models:/"):
         return {}
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    name, _, version = reference[len("models:/") :].partition("/")
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
-    mv = client.get_model_version(name, version)
-    return {"model_name": name, "model_version": str(mv.version), "run_id": mv.run_id or ""}
+    mv = model_version(MlflowClient(uri), reference)
+    return {"model_name": mv.name, "model_version": str(mv.version), "run_id": mv.run_id or ""}
 
 
 def lineage_tags(reference: str, uri: str | None) -> dict[str, str]:

@@ -41,13 +41,15 @@ class InitSource:
     tags: dict[str, str] = field(default_factory=dict)  # lineage for the run that starts from it
 
 
-def load_init(cfg: Config, tracking_uri: str | None) -> tuple[Config, InitSource]:
-    """The source of `cfg.train.init_from`, and `cfg` with the source's model config (and its
-    tokenizer for a dataset still to be prepared)."""
+def load_init(cfg: Config, tracking_uri: str | None) -> tuple[Config, InitSource | None]:
+    """`cfg` with the source's model config (and its tokenizer for a dataset still to be
+    prepared), and the loaded source of `cfg.train.init_from`; (cfg, None) when it is not set."""
     from generalmodel.infer.sampling import fetch, read_model
     from generalmodel.tracking import lineage_tags
 
     reference = cfg.train.init_from
+    if reference is None:
+        return cfg, None
     directory = fetch(reference, tracking_uri, cfg.storage.resolved())
     model, state, tokenizer_json, where = read_model(directory)
     model = merged_model(cfg, model, reference)
@@ -95,15 +97,4 @@ def check_tokenizer(source: InitSource, dataset_tokenizer_json: str, dataset_uri
             f"dataset {dataset_uri} was tokenized with another tokenizer than train.init_from "
             f"{source.reference!r}: prepare the corpus with the source's tokenizer (leave data.tokenizer unset "
             f"and let this job prepare a dataset of its own, e.g. --data.output=datasets/NAME)"
-        )
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], reference: str) -> None:
-    """The source's weights into a freshly built (unsharded) model."""
-    tied = getattr(model.cfg, "tie_embeddings", False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (tied and k == "head.weight")]
-    if missing or unexpected:
-        raise UserError(
-            f"train.init_from {reference!r}: weights do not fit (missing {missing}, unexpected {unexpected})"
         )

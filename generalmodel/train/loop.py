@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, dump_config, flatten
 from generalmodel.data.loader import TokenDataset, TokenLoader
+from generalmodel.infer.sampling import load_state
 from generalmodel.optim import build_optimizer, lr_multiplier
 from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
 from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer
-from generalmodel.train.init import load_weights
 from generalmodel.train.mfu import device_peak_flops
 from generalmodel.train.parallelize import parallelize
 from models import build_model
@@ -202,7 +202,7 @@ def train(
     if cfg.train.init_from is not None:
         if init is None:
             raise TrainingError(f"train.init_from {cfg.train.init_from!r}: the job did not load it (load_init)")
-        load_weights(model, init(), cfg.train.init_from)
+        load_state(model, init(), f"train.init_from {cfg.train.init_from!r}")
     flops_per_token = model.flops_per_token(ds.seq_len)  # active parameters: honest MFU for MoE
     num_params = model.num_params()
     peak_flops = device_peak_flops(env.device) if env.is_main else None

@@ -249,11 +249,7 @@ def fit(
     except Exception as e:
         error = e
     if error is not None:
-        where = failure_log(error, cfg.train.run_name, run_id, tracking_uri)
-        e = failure(error)
-        if where:
-            e.args = (f"{e} (tracebacks: {where}; --ray.verbose=true streams them here)",)
-        raise e from None
+        raise failure(error, failure_log(error, cfg.train.run_name, run_id, tracking_uri)) from None
 
 
 def _fit_interruptibly(trainer):
@@ -278,13 +274,15 @@ def _fit_interruptibly(trainer):
     return outcome["result"]
 
 
-def failure(e: BaseException) -> Exception:
+def failure(e: BaseException, tracebacks: str | None = None) -> Exception:
     """What a failed fit raises: the worker's own UserError (a config or input problem found
-    while running: exit 2), else RunFailed (exit 1), each with one line."""
+    while running: exit 2), else RunFailed (exit 1), each with one line, which names where the
+    `tracebacks` went (failure_log)."""
     cause = root_cause(e)
+    where = f" (tracebacks: {tracebacks}; --ray.verbose=true streams them here)" if tracebacks else ""
     if isinstance(cause, UserError):
-        return UserError(root_message(cause))
-    return RunFailed(f"training failed: {root_message(cause)}")
+        return UserError(root_message(cause) + where)
+    return RunFailed(f"training failed: {root_message(cause)}{where}")
 
 
 LOG_DIR = Path(".generalmodel/logs")
@@ -317,23 +315,26 @@ def failure_log(e: BaseException, run_name: str, run_id: str | None, tracking_ur
 def failure_report(e: BaseException) -> str:
     """Every failed worker's traceback (as Ray carried it), rank by rank, then the driver's."""
     parts = []
-    failures = _worker_failures(e)
+    failures, _ = _worker_failures(e)
     for rank, exc in sorted(failures.items()):
         parts.append(f"=== worker rank {rank}: {type(exc).__name__}\n{_traceback_text(exc)}")
     parts.append(f"=== driver: {type(e).__name__}\n{_traceback_text(e)}")
     return "\n".join(parts)
 
 
-def _worker_failures(e: BaseException) -> dict[int, BaseException]:
-    for _ in range(10):
+def _worker_failures(e: BaseException) -> tuple[dict[int, BaseException], BaseException]:
+    """(rank → exception, the exception holding them) of Ray Train's structured failure
+    (`WorkerGroupError.worker_failures`), found through Ray's controller and task wrappers;
+    ({}, the innermost exception) when there is none."""
+    for _ in range(10):  # wrappers nest: TrainingFailedError → worker exception → RayTaskError cause
         failures = getattr(e, "worker_failures", None)
         if failures:
-            return dict(failures)
-        inner = getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__
+            return dict(failures), e
+        inner = getattr(e, "controller_failure", None) or getattr(e, "cause", None)
         if not isinstance(inner, BaseException) or inner is e:
             break
         e = inner
-    return {}
+    return {}, e
 
 
 def _traceback_text(e: BaseException) -> str:
@@ -345,18 +346,12 @@ def _traceback_text(e: BaseException) -> str:
 
 
 def root_cause(e: BaseException) -> BaseException:
-    """The first failed worker's exception (Ray Train's structured `WorkerGroupError.worker_failures`),
-    unwrapped from Ray's task and controller wrappers."""
-    for _ in range(10):  # wrappers nest: TrainingFailedError → worker exception → RayTaskError cause
-        failures = getattr(e, "worker_failures", None)
-        if failures:
-            _, e = min(failures.items())
-            continue
-        inner = getattr(e, "controller_failure", None) or getattr(e, "cause", None)
-        if isinstance(inner, BaseException) and inner is not e:
-            e = inner
-            continue
-        break
+    """The first failed worker's exception, unwrapped from Ray's task and controller wrappers."""
+    for _ in range(10):  # a worker's exception may wrap another structured failure
+        failures, e = _worker_failures(e)
+        if not failures:
+            return e
+        _, e = min(failures.items())
     return e
 
 

@@ -128,12 +128,10 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
     layout = RunLayout.of(cfg)
     run_id, resumed = open_child_run(uri, parent_run_id, trial_id, cfg.train.run_name)
     try:
-        init = None
-        if cfg.train.init_from:
-            cfg, init = load_init(cfg, uri)
+        cfg, init = load_init(cfg, uri)
         cfg, ds = ensure_dataset(cfg, layout, init)
         if not resumed:
-            log_config(run_id, cfg, ds.manifest_sha256, code_version(), layout.dataset, init.tags if init else None)
+            log_config(run_id, cfg, ds, code_version(), init.tags if init else None)
         fit(cfg, layout, ds.seq_len, run_id, uri, callbacks=[TuneReportCallback()], init=init)
     except Exception as e:
         close_run(uri, run_id, "FAILED", f"failed: {root_message(e)}"[:500])
@@ -147,6 +145,7 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
     from generalmodel.storage import RunLayout, resolve
     from generalmodel.tracking import ensure_experiment, prepare_store, tracking_uri
     from generalmodel.tracking.sweep import open_parent_run
+    from generalmodel.train.init import load_init
     from generalmodel.train.ray_trainer import ensure_dataset
 
     # Trials run in other processes (another working directory, maybe another node): give them
@@ -160,11 +159,7 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
 
     check_resources(sweep)
     prepare_store(base)
-    init = None
-    if base.train.init_from:  # the dataset is tokenized with the source's tokenizer
-        from generalmodel.train.init import load_init
-
-        base, init = load_init(base, uri)
+    base, init = load_init(base, uri)  # with train.init_from, the dataset gets the source's tokenizer
     ensure_dataset(base, layout, init)  # once for all trials
     restoring = tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs)
     if restoring and sweep.resume == "never":
