@@ -11,11 +11,13 @@ from generalmodel.config.loading import (
     section_class,
 )
 from generalmodel.config.sections import (
+    CHAT_TOKENS,
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
     Config,
     ConfigError,
     DataConfig,
+    DpoConfig,
     ModelConfig,
     OptimConfig,
     RayConfig,
@@ -26,11 +28,13 @@ from generalmodel.config.sections import (
 )
 
 __all__ = [
+    "CHAT_TOKENS",
     "MIN_VOCAB_SIZE",
     "SPECIAL_TOKENS",
     "Config",
     "ConfigError",
     "DataConfig",
+    "DpoConfig",
     "ModelConfig",
     "OptimConfig",
     "RayConfig",

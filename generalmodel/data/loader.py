@@ -10,6 +10,12 @@ the stream (dataset, seed, window) is the same, because the stream does not depe
 
 Each shard is read whole (one GET on S3), checked against the manifest's sha256, and decoded;
 the next window is prefetched in a background thread.
+
+A dataset's rows have the columns its manifest lists (`columns`): `tokens` for pretraining text;
+`tokens`, `mask` for chat; `chosen`, `chosen_mask`, `rejected`, `rejected_mask` for preference
+pairs. Columns computed later for the same rows (a DPO reference's log-probs) are attached from
+shards stored beside the dataset (`attach`). `next_batch()` gives every column of a batch;
+iterating a text dataset gives `(input, target)` pairs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -54,7 +61,11 @@ class TokenDataset:
         self.seq_len: int = manifest["seq_len"]
         self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
         self.shards = {split: [Shard(**s) for s in info["shards"]] for split, info in manifest["splits"].items()}
+        self.format: str = manifest.get("format", "text")
+        self.column: str = manifest["column"]
+        self.columns: list[str] = manifest.get("columns", [self.column])
         self.retry_timeout_s = retry_timeout_s  # shard reads ride out a restarting store
+        self.attached: dict[str, tuple[Location, Shard]] = {}  # dataset shard path → a shard of more columns
 
     @classmethod
     def open(cls, uri: str, storage: StorageConfig | None = None) -> TokenDataset:
@@ -94,21 +105,44 @@ class TokenDataset:
         return self.shards[split]
 
     def read_shard(self, shard: Shard) -> np.ndarray:
-        """The shard's rows (rows × row_len), after checking its sha256."""
-        loc = self.loc.join(shard.path)
+        """The shard's token rows (rows × row_len; the first token column), after checking its sha256."""
+        return self.read_columns(shard)[self.column]
+
+    def read_columns(self, shard: Shard) -> dict[str, np.ndarray]:
+        """Every column of the shard's rows (and of its attached shard), checked against the manifest."""
+        columns = self._read(self.loc, shard, self.row_len)
+        if shard.path in self.attached:
+            loc, extra = self.attached[shard.path]
+            more = self._read(loc, extra, None)
+            if len(next(iter(more.values()))) != shard.rows:
+                raise DatasetError(f"{loc.uri}: shard {extra.path} does not have the {shard.rows} rows of {shard.path}")
+            columns.update(more)
+        return columns
+
+    def _read(self, root: Location, shard: Shard, row_len: int | None) -> dict[str, np.ndarray]:
+        loc = root.join(shard.path)
         data = with_retries(f"reading {loc.uri}", self.retry_timeout_s, loc.read_bytes)
         digest = sha256_hex(data)
         if digest != shard.sha256:
             raise DatasetError(
-                f"{self.loc.uri}: shard {shard.path} has sha256 {digest[:16]}…, the manifest says {shard.sha256[:16]}…"
+                f"{root.uri}: shard {shard.path} has sha256 {digest[:16]}…, the manifest says {shard.sha256[:16]}…"
             )
-        column = pq.read_table(io.BytesIO(data)).column("tokens").combine_chunks()
-        rows = column.flatten().to_numpy().reshape(-1, self.row_len)
-        if len(rows) != shard.rows:
-            raise DatasetError(
-                f"{self.loc.uri}: shard {shard.path} has {len(rows)} rows, the manifest says {shard.rows}"
-            )
-        return rows
+        table = pq.read_table(io.BytesIO(data))
+        columns = {}
+        for name in table.column_names:
+            column = table.column(name).combine_chunks()
+            if pa.types.is_fixed_size_list(column.type):
+                columns[name] = column.flatten().to_numpy().reshape(-1, row_len or column.type.list_size)
+            else:
+                columns[name] = column.to_numpy()
+        rows = len(next(iter(columns.values())))
+        if rows != shard.rows:
+            raise DatasetError(f"{root.uri}: shard {shard.path} has {rows} rows, the manifest says {shard.rows}")
+        return columns
+
+    def attach(self, root: Location, shards: dict[str, Shard]) -> None:
+        """Read more columns for the rows of each dataset shard (by its path) from `root`'s shards."""
+        self.attached.update({path: (root, shard) for path, shard in shards.items()})
 
     def verify(self) -> None:
         """Read every shard and check its checksum and row count."""
@@ -207,6 +241,11 @@ class TokenLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.next_batch()[self.dataset.column]
+        return batch[:, :-1], batch[:, 1:]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's next batch: every column (token ids as int64, masks as bool, floats as they are)."""
         usable = self.rows_per_epoch - self.rows_per_epoch % self.global_batch
         if self.rows_consumed + self.global_batch > usable:
             if self.epochs is not None and self.epoch + 1 >= self.epochs:
@@ -216,8 +255,7 @@ class TokenLoader:
         start = self.rows_consumed + self.rank * self.batch_size
         rows = self._stream_rows(start, start + self.batch_size)
         self.rows_consumed += self.global_batch
-        batch = torch.from_numpy(rows.astype(np.int64))
-        return batch[:, :-1], batch[:, 1:]
+        return {name: _tensor(name, column) for name, column in rows.items()}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -237,8 +275,8 @@ class TokenLoader:
         self._windows.clear()
         self._plan_epoch = self.epoch
 
-    def _stream_rows(self, lo: int, hi: int) -> np.ndarray:
-        """Rows [lo, hi) of the current epoch's stream."""
+    def _stream_rows(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of the current epoch's stream, by column."""
         self._plan()
         parts = []
         w = int(np.searchsorted(self._window_starts, lo, side="right")) - 1
@@ -246,12 +284,12 @@ class TokenLoader:
             rows = self._window(w)
             start, end = self._window_starts[w], self._window_starts[w + 1]
             take = min(hi, end) - lo
-            parts.append(rows[lo - start : lo - start + take])
+            parts.append({name: c[lo - start : lo - start + take] for name, c in rows.items()})
             lo += take
             w += 1
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-    def _window(self, w: int) -> np.ndarray:
+    def _window(self, w: int) -> dict[str, np.ndarray]:
         """Window w's rows in stream order; starts reading window w+1 in the background."""
         for old in [k for k in self._windows if k < w]:
             del self._windows[old]
@@ -260,9 +298,18 @@ class TokenLoader:
                 self._windows[k] = self._pool.submit(self._read_window, self.epoch, k)
         return self._windows[w].result()
 
-    def _read_window(self, epoch: int, w: int) -> np.ndarray:
-        shards = [self.shards[j] for j in self._window_shards[w]]
-        rows = np.concatenate([self.dataset.read_shard(s) for s in shards])
+    def _read_window(self, epoch: int, w: int) -> dict[str, np.ndarray]:
+        parts = [self.dataset.read_columns(self.shards[j]) for j in self._window_shards[w]]
+        rows = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         if self.shuffle:
-            rows = rows[np.random.default_rng([self.seed, epoch, w]).permutation(len(rows))]
+            order = np.random.default_rng([self.seed, epoch, w]).permutation(len(rows[self.dataset.column]))
+            rows = {name: c[order] for name, c in rows.items()}
         return rows
+
+
+def _tensor(name: str, column: np.ndarray) -> torch.Tensor:
+    if name.endswith("mask"):
+        return torch.from_numpy(column.astype(bool))
+    if np.issubdtype(column.dtype, np.floating):
+        return torch.from_numpy(np.ascontiguousarray(column))
+    return torch.from_numpy(column.astype(np.int64))

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import generalmodel
 from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, DataConfig, StorageConfig, dump_config
+from generalmodel.data import conversations
 from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
 from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents
 from generalmodel.data.tokenizer import (
@@ -107,8 +108,20 @@ def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
         )
     pieces = list_pieces(data, storage)
     log.info("source %s: %d files, %.1f MB", data.source, len(pieces), sum(p.size for p in pieces) / 1e6)
+    if data.format != "text" and data.tokenizer is None:
+        raise UserError(
+            f"data.format={data.format!r} needs the model's tokenizer: set data.tokenizer (the SFT and DPO jobs "
+            "take it from train.init_from)"
+        )
     tok_text, tok_origin = _tokenizer(data, storage, pieces)
     vocab = load_tokenizer(tok_text, tok_origin).get_vocab_size()
+    if data.format != "text":
+        from generalmodel.data.chat import ChatFormat, ChatFormatError
+
+        try:
+            ChatFormat.from_json(tok_text)
+        except ChatFormatError as e:
+            raise UserError(f"data.tokenizer {tok_origin}: {e}") from None
     if data.tokenizer is None and vocab != data.vocab_size:
         log.warning("the corpus supports only %d tokens (asked data.vocab_size=%d)", vocab, data.vocab_size)
     units = plan_units(pieces, data.shard_input_mb)
@@ -163,8 +176,12 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
         if failed:
             more = f" (and {len(failed) - 1} more failed units)" if len(failed) > 1 else ""
             raise (RunFailed if any(m["run_failed"] for m in failed) else UserError)(failed[0]["error"] + more)
-        val_split = "documents"
-        if data.val_fraction > 0 and not all(any(m["splits"][s]["shard"] for m in metas) for s in SPLITS):
+        val_split = "documents" if data.format == "text" else "rows"
+        if (
+            data.format == "text"
+            and data.val_fraction > 0
+            and not all(any(m["splits"][s]["shard"] for m in metas) for s in SPLITS)
+        ):
             val_split = _split_token_stream(metas, version_loc, data.val_fraction)
         manifest = _manifest(plan, version, metas)
         manifest["val_split"] = val_split
@@ -263,6 +280,19 @@ def process_unit(
     """Read, tokenize, pack and write one unit; returns what the manifest needs of it."""
     # One tokenizer thread per task: Ray runs one task per CPU. (Read when rayon starts.)
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    version = resolve(version_uri, storage)
+
+    def write(split: str, columns: dict[str, np.ndarray]) -> dict[str, Any]:
+        payload = shard_bytes(columns)
+        path = f"{split}/part-{unit:05d}.parquet"
+        version.join(path).write_bytes(payload)
+        rows = len(next(iter(columns.values())))
+        name = version.path.rsplit("/", 1)[-1]
+        return {"path": f"{name}/{path}", "rows": rows, "bytes": len(payload), "sha256": sha256_hex(payload)}
+
+    if data.format != "text":
+        return {"unit": unit, "skipped": [], **conversations.process_unit(pieces, tok_text, data, storage, write)}
+
     tokenizer = _worker_tokenizer(tok_text)
     eos = eos_id(tokenizer)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
@@ -277,21 +307,12 @@ def process_unit(
             docs["val" if is_val(text, data.val_fraction) else "train"].append(text)
 
     meta: dict[str, Any] = {"unit": unit, "skipped": skipped, "splits": {}}
-    version = resolve(version_uri, storage)
     for split in SPLITS:
         encodings = tokenizer.encode_batch_fast(docs[split], add_special_tokens=False) if docs[split] else []
         rows, dropped = pack([e.ids for e in encodings], eos, row_len, dtype)
         entry: dict[str, Any] = {"documents": len(docs[split]), "dropped_tail_tokens": dropped, "shard": None}
         if len(rows):
-            payload = shard_bytes(rows)
-            path = f"{split}/part-{unit:05d}.parquet"
-            version.join(path).write_bytes(payload)
-            entry["shard"] = {
-                "path": f"{version.path.rsplit('/', 1)[-1]}/{path}",
-                "rows": len(rows),
-                "bytes": len(payload),
-                "sha256": sha256_hex(payload),
-            }
+            entry["shard"] = write(split, {"tokens": rows})
         meta["splits"][split] = entry
     return meta
 
@@ -329,7 +350,7 @@ def _split_token_stream(metas: list[dict[str, Any]], version_loc: Location, val_
     table = pq.read_table(io.BytesIO(version_loc.join(entry["path"][len(version_dir) + 1 :]).read_bytes()))
     rows = np.asarray(table.column("tokens").combine_chunks().flatten()).reshape(table.num_rows, -1)
     for split, part in (("train", rows[:n_train]), ("val", rows[n_train:])):  # both paths (re)written
-        payload = shard_bytes(part)
+        payload = shard_bytes({"tokens": part})
         path = f"{split}/part-{meta['unit']:05d}.parquet"
         version_loc.join(path).write_bytes(payload)
         meta["splits"][split]["shard"] = {
@@ -342,10 +363,19 @@ def _split_token_stream(metas: list[dict[str, Any]], version_loc: Location, val_
     return f"token stream: the last {n_val} of {total} rows (splitting by document left a split empty)"
 
 
-def shard_bytes(rows: np.ndarray) -> bytes:
-    """A Parquet file with one `tokens` column of fixed-size lists (rows × row_len)."""
-    values = pa.array(rows.reshape(-1), type=pa.from_numpy_dtype(rows.dtype))
-    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, rows.shape[1])})
+def shard_bytes(columns: dict[str, np.ndarray]) -> bytes:
+    """A Parquet file with one column per array: fixed-size lists for 2-D arrays (rows × row_len),
+    plain values for 1-D ones."""
+    table = pa.table(
+        {
+            name: pa.FixedSizeListArray.from_arrays(
+                pa.array(a.reshape(-1), type=pa.from_numpy_dtype(a.dtype)), a.shape[1]
+            )
+            if a.ndim == 2
+            else pa.array(a, type=pa.from_numpy_dtype(a.dtype))
+            for name, a in columns.items()
+        }
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", use_dictionary=False, write_statistics=False)
     return buf.getvalue()
@@ -358,6 +388,7 @@ def shard_bytes(rows: np.ndarray) -> bytes:
 def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str, Any]:
     cfg, pieces, tok_text, vocab = plan.cfg, plan.pieces, plan.tokenizer_json, plan.vocab_size
     data = cfg.data
+    items = conversations.ITEMS[data.format]
     skipped = [{"uri": uri, "reason": reason} for m in metas for uri, reason in m["skipped"]]
     readable = len(pieces) - len(skipped)
     splits: dict[str, Any] = {}
@@ -365,39 +396,45 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
         entries = [m["splits"][split] for m in metas]
         shards = [e["shard"] for e in entries if e["shard"]]
         rows = sum(s["rows"] for s in shards)
-        splits[split] = {
-            "documents": sum(e["documents"] for e in entries),
-            "rows": rows,
-            "tokens": rows * (data.seq_len + 1),
-            "dropped_tail_tokens": sum(e["dropped_tail_tokens"] for e in entries),
-            "shards": shards,
-        }
-    documents = sum(s["documents"] for s in splits.values())
+        counts = {k: sum(e[k] for e in entries) for k in entries[0] if k != "shard"}
+        splits[split] = {**counts, "rows": rows, "tokens": rows * (data.seq_len + 1), "shards": shards}
     if readable == 0:
         raise SourceError(
             f"data.source {data.source!r}: none of its {len(pieces)} files is UTF-8 text "
             f"(e.g. {skipped[0]['uri']}: {skipped[0]['reason']})"
         )
-    if documents == 0:
-        raise SourceError(f"data.source {data.source!r}: all documents are empty or whitespace")
+    if sum(s[items] for s in splits.values()) == 0:
+        what = "documents are empty or whitespace" if data.format == "text" else f"rows are malformed (no {items})"
+        raise SourceError(f"data.source {data.source!r}: all {what}")
     for split in SPLITS:
         if split == "val" and data.val_fraction == 0:
             continue
         if splits[split]["rows"] == 0:
+            if splits[split][items] == 0:
+                by = f" by data.split_key={data.split_key!r} (whole groups go to one split)" if data.split_key else ""
+                raise SourceError(
+                    f"the {split} split is empty: none of the {items} landed in it{by}; change data.val_fraction="
+                    f"{data.val_fraction} or add data"
+                )
+            hint = "lower data.seq_len" if data.format == "text" else "raise data.seq_len or data.truncation=right"
             raise SourceError(
-                f"the {split} split is empty: {splits[split]['documents']} documents gave no full row of "
-                f"seq_len+1={data.seq_len + 1} tokens (lower data.seq_len, change data.val_fraction="
-                f"{data.val_fraction}, or add text)"
+                f"the {split} split is empty: its {splits[split][items]} {items} gave no row of "
+                f"seq_len+1={data.seq_len + 1} tokens ({hint}, change data.val_fraction={data.val_fraction}, "
+                f"or add data)"
             )
-    return {
+        if data.format != "text" and splits[split]["supervised_tokens"] == 0:  # never a silent zero loss
+            raise SourceError(f"the {split} split has no supervised token (no assistant answer survived)")
+    manifest = {
         "kind": DATASET_KIND,
         "format_version": FORMAT_VERSION,
+        "format": data.format,
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "version": version,
         "seq_len": data.seq_len,
         "row_len": data.seq_len + 1,
         "dtype": "uint16" if vocab <= 2**16 else "uint32",
-        "column": "tokens",
+        "column": "tokens" if data.format == "text" else conversations.COLUMNS[data.format][0],
+        "columns": ["tokens"] if data.format == "text" else list(conversations.COLUMNS[data.format]),
         "tokenizer": {
             "path": f"{version}/tokenizer.json",
             "sha256": tokenizer_hash(tok_text),
@@ -415,12 +452,26 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
         "code_version": code_version(),
         "build_seconds": round(time.time() - plan.started, 2),
     }
+    if data.format != "text":
+        bad = sum(m["bad_rows"] for m in metas)
+        manifest["rows_policy"] = {"truncation": data.truncation, "packing": data.packing, "bad_rows": data.bad_rows}
+        manifest["source"]["bad_rows"] = bad
+        manifest["source"]["bad_rows_named"] = [r for m in metas for r in m["bad_rows_named"]][
+            : conversations.BAD_ROWS_NAMED
+        ]
+        if bad:
+            log.warning("skipped %d malformed rows (data.bad_rows=skip); the manifest names the first ones", bad)
+    return manifest
 
 
 def _special_ids(tok_text: str) -> dict[str, int]:
     """The special tokens by name (the manifest's `special_tokens`: name → id)."""
+    from generalmodel.config import CHAT_TOKENS
+
     tokenizer = _worker_tokenizer(tok_text)
-    return {tokenizer.id_to_token(i): i for i in special_ids(tokenizer).values() if i is not None}
+    ids = [i for i in special_ids(tokenizer).values() if i is not None]
+    ids += [tokenizer.token_to_id(t) for t in CHAT_TOKENS.values() if tokenizer.token_to_id(t) is not None]
+    return {tokenizer.id_to_token(i): i for i in ids}
 
 
 def code_version() -> dict[str, str]:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from generalmodel import UserError
 from generalmodel.config import SPECIAL_TOKENS
 
-BOS, EOS, PAD = SPECIAL_TOKENS
+BOS, EOS, PAD = SPECIAL_TOKENS[:3]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
