@@ -56,6 +56,7 @@ class RunLayout:
     checkpoints: str
     ray_results: str
     sweeps: str
+    reference: str | None = None  # DPO: the reference's log-probs beside the dataset (post.reference)
 
     @classmethod
     def of(cls, cfg: Config) -> RunLayout:

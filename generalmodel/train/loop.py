@@ -7,6 +7,9 @@ Ray appears only through the `report` callback the caller passes.
     build model → FSDP2 (world > 1) → compile / activation checkpointing → AdamW + LR schedule →
     [resume from the newest checkpoint] → steps: grad accumulation, bf16 autocast on GPU, clip,
     NaN/inf skip → periodic eval, metrics, async checkpoints → final checkpoint.
+
+The loss is the dataset's objective (generalmodel.train.objectives): next-token cross-entropy for
+text, the same under the loss mask for chat (SFT), DPO for preference pairs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, dump_config, flatten
@@ -33,6 +35,7 @@ from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
 from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer
 from generalmodel.train.mfu import device_peak_flops
+from generalmodel.train.objectives import objective_for
 from generalmodel.train.parallelize import parallelize
 from models import build_model
 
@@ -43,7 +46,7 @@ Report = Callable[[dict[str, Any]], None]
 # Keys whose change makes a checkpoint's continuation a different run.
 # Keys whose change makes a checkpoint's continuation a different run. The number of workers is not
 # one of them (DCP reshards, the loader resumes at another world size), but the global batch is.
-RESUME_KEYS = ("model", "optim", "train.seed", "train.steps")
+RESUME_KEYS = ("model", "optim", "train.seed", "train.steps", "dpo")
 
 
 class TrainingError(UserError):
@@ -197,6 +200,10 @@ def train(
     torch.manual_seed(cfg.train.seed)
     ds = TokenDataset.open(layout.dataset, layout.storage)
     check_compatible(cfg, ds)
+    if layout.reference is not None:  # DPO: the reference's log-probs, computed beside the dataset
+        from generalmodel.post.reference import attach_reference
+
+        attach_reference(ds, layout.reference, layout.storage)
 
     model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
     if cfg.train.init_from is not None:
@@ -207,6 +214,7 @@ def train(
     num_params = model.num_params()
     peak_flops = device_peak_flops(env.device) if env.is_main else None
     after_step = parallelize(model, cfg.train, env.device, env.world_size, log_info=env.is_main)
+    objective = objective_for(ds.format, cfg.dpo, _online_reference(cfg, ds, env, init))
     optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda")
 
     loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
@@ -217,7 +225,8 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else contextlib.nullcontext()
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len
+    rows_per_row = 2 if ds.format == "preference" else 1  # a pair is two sequences
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len * rows_per_row
     steps = cfg.train.steps
     bad_in_a_row = skipped = 0
     last: dict[str, Any] = {}
@@ -240,18 +249,21 @@ def train(
             lr = cfg.optim.lr * lr_multiplier(step, steps, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=env.device)
-            for _ in range(cfg.train.grad_accum):
-                x, y = (t.to(env.device, non_blocking=True) for t in next(loader))
-                with autocast:
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            batches = [_to(loader.next_batch(), env.device) for _ in range(cfg.train.grad_accum)]
+            # The step's loss is the mean over all its units (tokens or pairs) on all ranks: each
+            # rank's sums are scaled by world/total, and FSDP averages the gradients over the ranks.
+            total = _sum_across_ranks(torch.stack([objective.count(b) for b in batches]).sum()).clamp(min=1)
+            scale = env.world_size / total
+            sums = torch.zeros(1 + len(objective.stats), device=env.device)
+            for batch in batches:
+                loss, stats = objective.loss(model, batch, autocast)
                 aux = model.aux_loss()  # MoE balance loss, None unless configured
-                ((loss if aux is None else loss + aux) / cfg.train.grad_accum).backward()
-                loss_sum += loss.detach()
+                (loss * scale + (0 if aux is None else aux / cfg.train.grad_accum)).backward()
+                sums += torch.stack([loss.detach(), *(stats[k] for k in objective.stats)])
             if cfg.train.nan_grad_at_step == step and env.is_main:  # testing aid: a finite loss, a NaN gradient
                 next(model.parameters()).grad.fill_(float("nan"))
-            loss_value = _mean_across_ranks(loss_sum / cfg.train.grad_accum)  # host sync (one per step)
+            means = (_sum_across_ranks(sums) / total).tolist()  # host sync (one per step)
+            loss_value, step_stats = means[0], dict(zip(objective.stats, means[1:], strict=True))
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the sharded norms
@@ -290,6 +302,7 @@ def train(
                 metrics.update(
                     step=done,
                     loss=loss_value,
+                    **step_stats,
                     lr=lr,
                     grad_norm=grad_norm,
                     tokens_per_s=tok_s,
@@ -309,7 +322,7 @@ def train(
                     metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 window_start, window_steps = time.perf_counter(), 0
             if done % cfg.train.eval_every == 0 or done == steps:
-                metrics.update(step=done, val_loss=evaluate(model, val_loader, cfg, env, autocast))
+                metrics.update(step=done, **evaluate(model, val_loader, cfg, env, autocast, objective))
             if done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
                 metrics.update(step=done, checkpoint_stall_s=save(done))
             if done == steps:
@@ -361,26 +374,43 @@ def _with_metrics_log(report: Report, path: str | None) -> Report:
     return report_and_log
 
 
-def _mean_across_ranks(value: torch.Tensor) -> float:
+def _sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
-        if value.device.type != "cuda":  # gloo has no AVG
-            value /= dist.get_world_size()
-    return value.item()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+
+
+def _online_reference(cfg: Config, ds: TokenDataset, env: Dist, init):
+    """DPO with dpo.reference=online: a frozen copy of train.init_from on this worker, sharded like
+    the policy (None for every other objective)."""
+    if ds.format != "preference" or cfg.dpo.reference != "online":
+        return None
+    if init is None:
+        raise TrainingError("dpo.reference=online needs train.init_from (the reference is the model it names)")
+    reference = build_model(cfg.model)
+    load_state(reference, init(), f"train.init_from {cfg.train.init_from!r}")
+    reference.requires_grad_(False)
+    frozen = cfg.train.model_copy(update={"activation_checkpointing": "none"})  # no backward through it
+    parallelize(reference, frozen, env.device, env.world_size, log_info=False)
+    return reference.eval()
 
 
 @torch.no_grad()
-def evaluate(model, loader: TokenLoader, cfg: Config, env: Dist, autocast) -> float:
-    """Mean loss over the first train.eval_batches batches of the val split (the same ones
-    every time), across ranks."""
+def evaluate(model, loader: TokenLoader, cfg: Config, env: Dist, autocast, objective) -> dict[str, float]:
+    """The objective's loss and statistics over the first train.eval_batches batches of the val
+    split (the same ones every time), averaged over all their units on all ranks: val_loss, val_*."""
     model.eval()
     loader.rewind()
-    total = torch.zeros((), device=env.device)
+    sums = torch.zeros(2 + len(objective.stats), device=env.device)
     for _ in range(cfg.train.eval_batches):
-        x, y = (t.to(env.device) for t in next(loader))
-        with autocast:
-            logits = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        batch = _to(loader.next_batch(), env.device)
+        loss, stats = objective.loss(model, batch, autocast)
+        sums += torch.stack([objective.count(batch), loss, *(stats[k] for k in objective.stats)])
     model.train()
-    return _mean_across_ranks(total / cfg.train.eval_batches)
+    count, *values = _sum_across_ranks(sums).tolist()
+    return {f"val_{name}": v / max(count, 1) for name, v in zip(("loss", *objective.stats), values, strict=True)}
