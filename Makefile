@@ -3,7 +3,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
 .PHONY: install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
-	bench-tinystories eval export serve clean
+	bench-tinystories eval export serve sotu-qa sft dpo clean
 
 install: $(VENV_STAMP)
 
@@ -51,6 +51,21 @@ SWEEP ?= sweeps/lr-attention.yaml
 SWEEP_ARGS ?=
 sweep: install
 	$(PY) -m jobs.sweep $(SWEEP) $(SWEEP_ARGS)
+
+# Post-training on the offline demo: questions about the built-in speeches (jobs/sotu_qa.py), SFT
+# from the `make pretrain` model (registered llama-tiny-sft), then DPO from it (llama-tiny-dpo).
+# Each prints held-out answer accuracy before -> after; DPO also its held-out preference accuracy.
+QA_DIR := .generalmodel/sotu-qa
+SFT_ARGS ?=
+DPO_ARGS ?=
+sotu-qa: install
+	$(PY) -m jobs.sotu_qa --out=$(QA_DIR)
+
+sft: sotu-qa
+	$(PY) -m jobs.sft --config configs/sft.yaml $(SFT_ARGS)
+
+dpo: sotu-qa
+	$(PY) -m jobs.dpo --config configs/dpo.yaml $(DPO_ARGS)
 
 # A head and one worker node on this machine (token auth on); see the printed submit command.
 cluster-up: install

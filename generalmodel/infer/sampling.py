@@ -1,6 +1,6 @@
 """Loading exported models and sampling from them with a KV cache.
 
-A model reference is `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID`, the URI of an
+A model reference is `models:/NAME/VERSION` (or `/latest`), `models:/NAME@ALIAS`, `runs:/RUN_ID`, the URI of an
 export directory (model.safetensors + model_config.json + tokenizer.json), local or s3://, or a
 local transformers Llama/GPT-2 directory.
 """
@@ -159,15 +159,19 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], params: SamplingParams, eos_id: int | None = None) -> Iterator[int]:
-    """Yields new token ids one at a time: prefill the prompt, then decode with the KV cache."""
+def generate(
+    model, prompt_ids: list[int], params: SamplingParams, eos_id: int | set[int] | None = None
+) -> Iterator[int]:
+    """Yields new token ids one at a time: prefill the prompt, then decode with the KV cache; stops
+    before `eos_id` (one id, or a set: a chat model's end-of-turn and EOS)."""
+    stop = eos_id if isinstance(eos_id, set) else {eos_id} if eos_id is not None else set()
     from models.common import KVCache
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(params.seed)
     cache = KVCache(model.cfg.n_layers)
     limit = model.cfg.max_seq_len
-    ids = torch.tensor([prompt_ids[-limit + 1 :] or [eos_id or 0]], device=device)
+    ids = torch.tensor([prompt_ids[-limit + 1 :] or [min(stop, default=0)]], device=device)
     logits = model(ids, cache)[:, -1]
     for _ in range(min(params.max_new_tokens, limit - ids.size(1))):
         if params.temperature == 0:
@@ -176,7 +180,7 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, eos_id: int |
             probs = filter_logits(logits.float(), params).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator)[:, 0]
         value = int(token)
-        if eos_id is not None and value == eos_id:
+        if value in stop:
             return
         yield value
         logits = model(token[:, None], cache)[:, -1]

@@ -104,10 +104,16 @@ def log_dataset_input(client, run_id: str, uri: str, manifest_sha256: str) -> No
 
 
 def model_version(client, reference: str):
-    """The registry's ModelVersion of `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+    """The registry's ModelVersion of `models:/NAME/VERSION`, `models:/NAME/latest` (the highest
+    version) or `models:/NAME@ALIAS`."""
     name, _, version = reference[len("models:/") :].partition("/")
     if "@" in name:
         return client.get_model_version_by_alias(*name.split("@", 1))
+    if version == "latest":
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise LookupError(f"registered model {name!r} has no version")
+        return max(versions, key=lambda v: int(v.version))
     return client.get_model_version(name, version)
 
 
@@ -184,14 +190,15 @@ class MetricLogger:
                 operation.wait()
 
 
-def finish_run(cfg: Config, run_id: str, export_dir: str) -> str:
-    """Plot, log the exported model, register it; returns the `models:/` URI."""
+def finish_run(cfg: Config, run_id: str, export_dir: str, version_tags: dict[str, str] | None = None) -> str:
+    """Plot, log the exported model, register it (the version tagged with `version_tags`: its
+    lineage); returns the `models:/` URI."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
     log_results(client, run_id, cfg, export_dir)
-    model_uri = register(client, cfg.tracking.registered_model, run_id)
+    model_uri = register(client, cfg.tracking.registered_model, run_id, version_tags)
     mlflow.end_run()
     return model_uri
 
@@ -270,14 +277,14 @@ def log_transformers_model(client, run_id: str, hf_dir: str, path: str) -> None:
     client.set_tag(run_id, "transformers_model", f"runs:/{run_id}/{TRANSFORMERS_ARTIFACT}")
 
 
-def register(client, name: str, run_id: str) -> str:
+def register(client, name: str, run_id: str, tags: dict[str, str] | None = None) -> str:
     """A new version of registered model `name` from the run's `model/` artifacts."""
     try:
         client.get_registered_model(name)
     except Exception:
         client.create_registered_model(name)
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = client.create_model_version(name, source=source, run_id=run_id)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags or None)
     return f"models:/{name}/{version.version}"
 
 

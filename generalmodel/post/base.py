@@ -1,0 +1,98 @@
+"""The job-side set-up of a post-training run (SFT or DPO) from a base model: the chat tokens, the
+dataset's name, the registered name and the run name.
+
+    BASE → BASE-sft → BASE-dpo       (models:/llama-tiny/3 → llama-tiny-sft → llama-tiny-dpo)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+
+from generalmodel import UserError
+from generalmodel.config import Config, TrackingConfig, TrainConfig
+from generalmodel.data.chat import add_chat_tokens, resize_embeddings
+from generalmodel.data.tokenizer import tokenizer_hash
+from generalmodel.storage import source_name
+from generalmodel.train.init import InitSource
+
+log = logging.getLogger(__name__)
+
+STAGE_SUFFIXES = ("-sft", "-dpo", "-rl")
+
+
+def base_name(reference: str, default: str) -> str:
+    """The base model's registered name, without a post-training stage's suffix (`default` for a
+    reference that is not models:/NAME/...)."""
+    if not reference.startswith("models:/"):
+        return default
+    name = reference[len("models:/") :].split("/")[0].split("@")[0]
+    for suffix in STAGE_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def post_training_config(cfg: Config, stage: str, fmt: str) -> Config:
+    """`cfg` for a post-training stage ("sft", "dpo"): train.init_from required; data.format
+    `fmt`; the registered name BASE-<stage> and run name the same, unless set."""
+    if cfg.train.init_from is None:
+        raise UserError(
+            f"the {stage.upper()} job starts from a model: set --train.init_from (e.g. models:/llama-tiny/1, "
+            "the model `make pretrain` registers)"
+        )
+    if cfg.data.tokenizer is not None:
+        raise UserError(
+            f"data.tokenizer is set, but {stage.upper()} data is tokenized with the model's own tokenizer "
+            "(train.init_from's, with its chat tokens): drop data.tokenizer"
+        )
+    if cfg.data.format != fmt:
+        if cfg.data.format != "text":
+            raise UserError(f"data.format={cfg.data.format!r}: the {stage.upper()} job reads {fmt!r} data")
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"format": fmt})})
+    tracking, train = cfg.tracking, cfg.train
+    if tracking.registered_model == TrackingConfig().registered_model:
+        name = f"{base_name(train.init_from, tracking.registered_model)}-{stage}"
+        tracking = tracking.model_copy(update={"registered_model": name})
+    if train.run_name == TrainConfig().run_name:
+        train = train.model_copy(update={"run_name": tracking.registered_model})
+    return cfg.model_copy(update={"tracking": tracking, "train": train})
+
+
+def with_chat_tokens(cfg: Config, init: InitSource) -> tuple[Config, InitSource]:
+    """The base with the chat tokens: a model trained here has them reserved; another one gets
+    them added to its tokenizer and embeddings (mean-initialised rows; tagged chat_tokens_added).
+    The data section then uses that tokenizer, and its dataset is named after it."""
+    tokenizer_json, added = add_chat_tokens(init.tokenizer_json)
+    if added:
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+        log.warning(
+            "%s has no chat tokens: added %s (vocabulary %d -> %d, new embedding rows = the mean embedding)",
+            init.reference,
+            " ".join(added),
+            init.model.vocab_size,
+            vocab,
+        )
+        model = dataclasses.replace(init.model, vocab_size=max(vocab, init.model.vocab_size))
+        init = dataclasses.replace(
+            init,
+            model=model,
+            state=resize_embeddings(init.state, model.vocab_size),
+            tokenizer_json=tokenizer_json,
+            tags={**init.tags, "chat_tokens_added": " ".join(added)},
+        )
+        cfg = cfg.model_copy(update={"model": model})
+    data = cfg.data
+    if cfg.train.dataset is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="gm-chat-"), "tokenizer.json")
+        with open(path, "w") as f:
+            f.write(init.tokenizer_json)
+        output = (
+            data.output
+            or f"datasets/{source_name(data.source)}-{data.format}-{tokenizer_hash(init.tokenizer_json)[:8]}"
+        )
+        cfg = cfg.model_copy(update={"data": data.model_copy(update={"tokenizer": path, "output": output})})
+    return cfg, init

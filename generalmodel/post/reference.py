@@ -1,0 +1,146 @@
+"""DPO's reference log-probs, computed once in a Ray Data batch-inference pass and stored beside the
+dataset, so that the frozen reference never occupies training memory (dpo.reference=precomputed).
+
+    <dataset>/references/<key>/manifest.json            written last (kind dpo-reference)
+    <dataset>/references/<key>/{train,val}/part-NNNNN.parquet   ref_chosen, ref_rejected (float32),
+                                                        one row per row of the dataset shard of that name
+`key` is a hash of the dataset's manifest and the reference's weights: another dataset version or
+another reference model computes its own; the same ones reuse it (a DPO sweep scores once). The
+training loop attaches the columns to the dataset's rows (`attach_reference`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from generalmodel.config import Config
+from generalmodel.data.loader import DatasetError, Shard, TokenDataset
+from generalmodel.storage import MANIFEST, RunLayout, publish_manifest, read_manifest, resolve, sha256_hex
+
+log = logging.getLogger(__name__)
+
+KIND = "dpo-reference"
+SCORE_BATCH = 32  # pairs per forward
+
+
+def reference_key(ds: TokenDataset, state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(ds.manifest_sha256.encode())
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_reference(cfg: Config, layout: RunLayout, ds: TokenDataset, state: dict[str, torch.Tensor]) -> str:
+    """The URI of the reference log-probs of `state` (the reference model, cfg.model) on the
+    preference dataset `ds`, computed now with Ray Data unless already there. Needs a Ray session."""
+    import ray
+
+    key = reference_key(ds, state)
+    root = ds.loc.join("references").join(key)
+    if root.join(MANIFEST).exists():
+        log.info("reference log-probs: reusing %s", root.uri)
+        return root.uri
+    started = time.time()
+    items = [{"split": split, "path": s.path} for split, shards in ds.shards.items() for s in shards]
+    log.info("reference log-probs: scoring %d shards into %s", len(items), root.uri)
+    state_ref = ray.put(state)
+    workers = max(1, min(len(items), int(ray.available_resources().get("CPU", 1))))
+    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ReferenceScorer,
+        batch_size=1,
+        num_cpus=1,
+        num_gpus=1 if cfg.ray.use_gpu else 0,
+        concurrency=workers,
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model,
+            "state_ref": state_ref,
+            "dataset": layout.dataset,
+            "storage": layout.storage,
+            "out": root.uri,
+        },
+    )
+    results.context.enable_progress_bars = False
+    results.context.print_on_execution_start = False
+    metas = [json.loads(r["meta"]) for r in results.take_all()]
+    manifest = {
+        "kind": KIND,
+        "dataset": ds.manifest_sha256,
+        "reference": key,
+        "model": cfg.model.name,
+        "shards": {m["dataset_shard"]: m["shard"] for m in sorted(metas, key=lambda m: m["dataset_shard"])},
+        "seconds": round(time.time() - started, 2),
+    }
+    publish_manifest(root, manifest)
+    log.info("reference log-probs of %d shards in %.1fs", len(metas), manifest["seconds"])
+    return root.uri
+
+
+class ReferenceScorer:
+    """A Ray Data actor: the reference model, scoring whole dataset shards."""
+
+    def __init__(self, model_cfg, state_ref, dataset: str, storage, out: str):
+        import ray
+
+        from generalmodel.infer.sampling import load_state
+        from models import build_model
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_model(model_cfg)
+        load_state(self.model, ray.get(state_ref), "the DPO reference")
+        self.model.to(self.device).eval()
+        self.ds = TokenDataset.open(dataset, storage)
+        self.out = resolve(out, storage)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from generalmodel.data.prepare import shard_bytes
+
+        metas = []
+        for split, path in zip(batch["split"], batch["path"], strict=True):
+            shard = next(s for s in self.ds.split_shards(split) if s.path == path)
+            columns = self.ds.read_columns(shard)
+            scored = score_pairs(self.model, columns, self.device)
+            payload = shard_bytes(scored)
+            name = f"{split}/{path.rsplit('/', 1)[-1]}"
+            self.out.join(name).write_bytes(payload)
+            entry = {"path": name, "rows": shard.rows, "bytes": len(payload), "sha256": sha256_hex(payload)}
+            metas.append(json.dumps({"dataset_shard": path, "shard": entry}))
+        return {"meta": metas}
+
+
+@torch.no_grad()
+def score_pairs(model, columns: dict[str, np.ndarray], device: torch.device) -> dict[str, np.ndarray]:
+    """ref_chosen, ref_rejected: each row's summed log-probs of its response under `model`."""
+    from generalmodel.train.objectives import sequence_logps
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    out: dict[str, list[np.ndarray]] = {"ref_chosen": [], "ref_rejected": []}
+    rows = len(columns["chosen"])
+    for lo in range(0, rows, SCORE_BATCH):
+        for side in ("chosen", "rejected"):
+            tokens = torch.from_numpy(columns[side][lo : lo + SCORE_BATCH].astype(np.int64)).to(device)
+            mask = torch.from_numpy(columns[side + "_mask"][lo : lo + SCORE_BATCH].astype(bool)).to(device)
+            logps, _ = sequence_logps(model, tokens, mask, autocast)
+            out["ref_" + side].append(logps.float().cpu().numpy())
+    return {name: np.concatenate(parts) if parts else np.zeros(0, np.float32) for name, parts in out.items()}
+
+
+def attach_reference(ds: TokenDataset, uri: str, storage) -> None:
+    """Give `ds`'s rows the reference columns stored at `uri` (checked: same dataset, every shard)."""
+    root = resolve(uri, storage)
+    manifest, _ = read_manifest(root, KIND)
+    if manifest["dataset"] != ds.manifest_sha256:
+        raise DatasetError(f"{root.uri}: reference log-probs of another dataset version than {ds.loc.uri}")
+    shards = {path: Shard(**entry) for path, entry in manifest["shards"].items()}
+    missing = [s.path for split in ds.shards.values() for s in split if s.path not in shards]
+    if missing:
+        raise DatasetError(f"{root.uri}: no reference log-probs for the dataset shard {missing[0]}")
+    ds.attach(root, shards)

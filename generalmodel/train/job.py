@@ -1,0 +1,78 @@
+"""One training job, whatever the objective: what `jobs/pretrain.py`, `jobs/sft.py` and
+`jobs/dpo.py` share. The dataset (prepared with Ray Data when missing) → an MLflow run with its
+config, dataset and lineage → Ray Train → the exported model logged and registered, its version
+tagged with its lineage. A failure or Ctrl-C ends the MLflow run FAILED or KILLED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from generalmodel import RunFailed
+from generalmodel.cluster import ray_session
+from generalmodel.config import Config
+from generalmodel.data.prepare import code_version
+from generalmodel.storage import RunLayout, download_export
+from generalmodel.tracking import end_failed_run, finish_run, start_run
+from generalmodel.train.init import InitSource
+from generalmodel.train.loop import refuse_finished
+from generalmodel.train.ray_trainer import ensure_dataset, fit
+
+# Called inside the Ray session once the dataset is open, before training: may return another
+# layout (DPO adds the reference's log-probs).
+BeforeFit = Callable[[Config, RunLayout, Any], RunLayout]
+
+
+@dataclass
+class Trained:
+    run_id: str
+    model_uri: str
+    export_dir: str  # a local copy of the exported model
+    cfg: Config  # as trained (the dataset's vocabulary, the source's model)
+    layout: RunLayout
+    metrics: dict[str, float] = field(default_factory=dict)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+
+
+def train_and_register(cfg: Config, uri: str, init: InitSource | None, before_fit: BeforeFit | None = None) -> Trained:
+    layout = RunLayout.of(cfg)
+    refuse_finished(cfg, layout)
+    with ray_session(cfg.ray):
+        cfg, ds = ensure_dataset(cfg, layout, init)
+        if before_fit is not None:
+            layout = before_fit(cfg, layout, ds)
+        lineage = dict(init.tags) if init else {}
+        run_id = start_run(cfg, ds, code_version(), lineage or None)
+        print(f"MLflow run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
+        try:
+            fit(cfg, layout, ds.seq_len, run_id, uri, init=init)
+        except BaseException as e:  # the MLflow run says so instead of staying RUNNING
+            end_failed_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+    metrics = final_metrics(uri, run_id)
+    if "loss" not in metrics:  # never register a model that trained no step
+        end_failed_run()
+        raise RunFailed(f"run {cfg.train.run_name!r} trained no step; no model was registered")
+    export_dir = download_export(layout.export, layout.storage)
+    lineage.update(dataset=ds.loc.uri, dataset_sha256=ds.manifest_sha256, run_name=cfg.train.run_name)
+    model_uri = finish_run(cfg, run_id, export_dir, lineage)
+    val = val_history(uri, run_id)
+    print(f"registered {model_uri} (run {run_id})")
+    if val:
+        print(f"val loss: first eval (step {val[0][0]}) {val[0][1]:.4f} -> last (step {val[-1][0]}) {val[-1][1]:.4f}")
+    return Trained(run_id, model_uri, export_dir, cfg, layout, final_metrics(uri, run_id), val)
+
+
+def final_metrics(uri: str, run_id: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(uri).get_run(run_id).data.metrics)
+
+
+def val_history(uri: str, run_id: str, key: str = "val_loss") -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)

@@ -1,0 +1,307 @@
+"""Post-training with the real Ray cluster and MLflow server: chat and preference datasets prepared
+by Ray Data (exact masks, counts, malformed rows), the SFT loss on the training loop (2-process FSDP2
+== 1 process, exact resume), DPO's precomputed reference == the online one, and the SFT → DPO jobs
+from a registered base that lacks chat tokens."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import make_documents
+from test_train import run, two_processes
+
+from generalmodel import UserError
+from generalmodel.config import load_config
+from generalmodel.data.chat import ChatFormat
+from generalmodel.data.loader import TokenDataset
+from generalmodel.data.tokenizer import train_bpe
+from generalmodel.post.reference import ensure_reference
+from generalmodel.storage import RunLayout
+from generalmodel.train.loop import train
+from jobs import dpo, prepare_data, sft
+from models import build_model
+
+pytestmark = pytest.mark.integration
+
+SEQ = 48
+
+
+def qa_rows(n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Arithmetic conversations (some with a system prompt, some two turns) and preference pairs."""
+    rng = random.Random(seed)
+    chats, pairs = [], []
+    for i in range(n):
+        a, b = rng.randrange(50), rng.randrange(50)
+        messages = [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "Answer with a number."})
+        if i % 4 == 0:
+            messages += [{"role": "user", "content": "Doubled?"}, {"role": "assistant", "content": str(2 * (a + b))}]
+        chats.append({"messages": messages, "group": i % 20})
+        wrong = a + b + rng.choice([-2, -1, 1, 2])
+        pairs.append(
+            {"prompt": f"What is {a} plus {b}?", "chosen": str(a + b), "rejected": str(wrong), "group": i % 20}
+        )
+    return chats, pairs
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(extra_lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def post_data(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("post")
+    chats, pairs = qa_rows(240, seed=5)
+    texts = make_documents(30, seed=4) + [m["content"] for c in chats for m in c["messages"]]
+    (root / "tokenizer.json").write_text(train_bpe(texts, 320).to_str())
+    common = {
+        "data.tokenizer": str(root / "tokenizer.json"),
+        "data.seq_len": SEQ,
+        "data.split_key": "group",
+        "data.val_fraction": 0.25,
+    }
+    prepare_data.main(
+        load_config(
+            overrides={
+                **common,
+                "data.source": str(write_jsonl(root / "chats.jsonl", chats)),
+                "data.format": "chat",
+                "data.output": str(root / "chat-ds"),
+            }
+        )
+    )
+    prepare_data.main(
+        load_config(
+            overrides={
+                **common,
+                "data.source": str(write_jsonl(root / "pairs.jsonl", pairs)),
+                "data.format": "preference",
+                "data.output": str(root / "pref-ds"),
+            }
+        )
+    )
+    return root, chats, pairs
+
+
+def test_the_chat_dataset_supervises_exactly_the_assistant_tokens(post_data):
+    root, chats, _ = post_data
+    ds = TokenDataset.open(str(root / "chat-ds"))
+    manifest = ds.manifest
+    assert manifest["format"] == "chat" and manifest["columns"] == ["tokens", "mask"]
+    splits = manifest["splits"]
+    assert splits["train"]["conversations"] + splits["val"]["conversations"] == len(chats)
+    assert splits["val"]["conversations"] > 0 and splits["train"]["truncated"] == splits["val"]["truncated"] == 0
+    fmt = ChatFormat.from_json(ds.tokenizer_json())
+    plain = fmt.tokenizer
+    expected = sum(
+        len(plain.encode(m["content"], add_special_tokens=False).ids) + 1
+        for c in chats
+        for m in c["messages"]
+        if m["role"] == "assistant"
+    )
+    supervised = sum(
+        int(ds.read_columns(s)["mask"].sum()) for split in ("train", "val") for s in ds.split_shards(split)
+    )
+    assert supervised == expected == splits["train"]["supervised_tokens"] + splits["val"]["supervised_tokens"]
+    # the split is by `group`: no group in both
+    groups = {"train": set(), "val": set()}
+    owners: dict[tuple, set] = {}  # a conversation that occurs in two groups says nothing
+    for c in chats:
+        owners.setdefault(tuple(fmt.render(c["messages"]).ids), set()).add(c["group"])
+    for split in groups:
+        for s in ds.split_shards(split):
+            for row in ds.read_columns(s)["tokens"].tolist():
+                while row[-1] == manifest["tokenizer"]["special_tokens"]["<|pad|>"]:
+                    row.pop()  # one conversation per row, padded
+                if len(owners.get(tuple(row), ())) == 1:
+                    groups[split] |= owners[tuple(row)]
+    assert groups["train"] and groups["val"] and not groups["train"] & groups["val"]
+
+
+def test_malformed_rows_name_file_and_line_or_are_counted(post_data, tmp_path):
+    root, chats, _ = post_data
+    source = write_jsonl(tmp_path / "bad.jsonl", chats[:40], ['{"messages": [{"role": "user", "content": "hi"}]}\n'])
+    overrides = {
+        "data.source": str(source),
+        "data.format": "chat",
+        "data.tokenizer": str(root / "tokenizer.json"),
+        "data.seq_len": SEQ,
+        "data.val_fraction": 0.25,
+        "data.output": str(tmp_path / "ds"),
+    }
+    with pytest.raises(UserError, match=r"bad.jsonl:41: no assistant message"):
+        prepare_data.main(load_config(overrides=overrides))
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+    prepare_data.main(load_config(overrides={**overrides, "data.bad_rows": "skip"}))
+    manifest = TokenDataset.open(str(tmp_path / "ds")).manifest
+    assert manifest["source"]["bad_rows"] == 1 and manifest["source"]["bad_rows_named"][0][0].endswith("bad.jsonl:41")
+    with pytest.raises(UserError, match="data.format='chat' needs the model's tokenizer"):
+        prepare_data.main(
+            load_config(overrides={**overrides, "data.tokenizer": None, "data.output": str(tmp_path / "x")})
+        )
+
+
+def tiny(dataset, root, **overrides):
+    base = {
+        "train.dataset": dataset,
+        "storage.root": str(root),
+        "model.vocab_size": 320,
+        "model.max_seq_len": SEQ,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.d_model": 32,
+        "train.steps": 8,
+        "train.batch_size": 4,
+        "train.log_every": 1,
+        "train.eval_every": 4,
+        "train.eval_batches": 2,
+        "train.checkpoint_every": 3,
+        "optim.warmup_steps": 2,
+        "optim.lr": 1e-2,
+    }
+    base.update(overrides)
+    return load_config(overrides=base)
+
+
+def test_sft_on_two_fsdp_processes_equals_one_and_resumes_exactly(post_data, tmp_path):
+    root, _, _ = post_data
+    data = str(root / "chat-ds")
+    torch.set_num_threads(1)
+    single, last = run(tiny(data, tmp_path / "one", **{"train.batch_size": 8}))
+    assert "val_loss" in last
+    two = two_processes(tiny(data, tmp_path / "two"))
+    for step, loss in single.items():
+        assert math.isclose(two[step], loss, rel_tol=1e-5), (step, two[step], loss)
+    with pytest.raises(RuntimeError, match="injected failure at step 5"):
+        run(tiny(data, tmp_path / "killed", **{"train.batch_size": 8, "train.fail_at_step": 5}))
+    resumed, _ = run(tiny(data, tmp_path / "killed", **{"train.batch_size": 8, "train.fail_at_step": 5}))
+    assert min(resumed) == 4  # from the step-3 checkpoint
+    for step, loss in resumed.items():
+        assert loss == single[step], step  # bit-identical on CPU
+
+
+def test_dpo_starts_at_log_2_and_the_precomputed_reference_equals_the_online_one(post_data, tmp_path):
+    root, _, _ = post_data
+    data = str(root / "pref-ds")
+    cfg = tiny(data, tmp_path / "online", **{"train.init_from": "a random model", "dpo.reference": "online"})
+    torch.manual_seed(7)
+    state = build_model(cfg.model).state_dict()
+    online = {}
+    train(cfg, lambda m: online.__setitem__(m["step"], m), init=lambda: state)
+    assert abs(online[1]["loss"] - math.log(2)) < 1e-6  # policy == reference before the first update
+    assert online[1]["rewards_chosen"] == 0 and online[8]["val_preference_accuracy"] >= 0
+
+    pre_cfg = tiny(data, tmp_path / "pre", **{"train.init_from": "a random model"})
+    layout = RunLayout.of(pre_cfg)
+    reference = ensure_reference(pre_cfg, layout, TokenDataset.open(data), state)
+    assert reference.startswith(str(root / "pref-ds" / "references"))
+    assert ensure_reference(pre_cfg, layout, TokenDataset.open(data), state) == reference  # reused
+    layout = RunLayout(**{**layout.__dict__, "reference": reference})
+    precomputed = {}
+    train(pre_cfg, lambda m: precomputed.__setitem__(m["step"], m), layout, init=lambda: state)
+    for step, metrics in online.items():
+        for key in ("loss", "reward_margin", "preference_accuracy"):
+            assert math.isclose(precomputed[step][key], metrics[key], rel_tol=1e-5, abs_tol=1e-6), (step, key)
+    with pytest.raises(UserError, match="no reference log-probs attached"):
+        train(tiny(data, tmp_path / "none", **{"train.init_from": "x"}), init=lambda: state)
+
+
+@pytest.mark.e2e
+def test_sft_then_dpo_from_a_registered_base_without_chat_tokens(post_data, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from jobs import pretrain
+
+    root, chats, pairs = post_data
+    plain = Tokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.train_from_iterator(
+        make_documents(40, seed=8) + [m["content"] for c in chats for m in c["messages"]],
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    (tmp_path / "plain.json").write_text(plain.to_str())
+    (tmp_path / "corpus").mkdir()
+    for i, doc in enumerate(make_documents(40, seed=8)):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(doc)
+    common = {
+        "storage.root": str(tmp_path / "store"),
+        "tracking.uri": mlflow_server.uri,
+        "train.log_every": 1,
+        "train.checkpoint_every": 1000,
+        "train.batch_size": 4,
+        "train.eval_batches": 2,
+        "optim.warmup_steps": 2,
+        "train.sample_prompts": [],
+    }
+    model = {"model.max_seq_len": SEQ, "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32}
+    base = pretrain.main(
+        load_config(
+            overrides={
+                **common,
+                **model,
+                "data.source": str(tmp_path / "corpus"),
+                "data.tokenizer": str(tmp_path / "plain.json"),
+                "data.seq_len": 32,
+                "train.steps": 10,
+                "tracking.registered_model": "post-base",
+            }
+        )
+    )
+    post = {
+        **common,
+        "data.seq_len": SEQ,
+        "data.split_key": "group",
+        "data.val_fraction": 0.25,
+        "train.answer_eval": 8,
+        "train.eval_every": 6,
+    }
+    tuned = sft.main(
+        load_config(
+            overrides={
+                **post,
+                "data.source": str(root / "chats.jsonl"),
+                "train.init_from": base["model_uri"],
+                "train.steps": 12,
+            }
+        )
+    )
+    client = MlflowClient(mlflow_server.uri)
+    assert tuned["model_uri"].startswith("models:/post-base-sft/")
+    version = client.get_model_version("post-base-sft", tuned["model_uri"].rsplit("/", 1)[1])
+    assert (
+        version.tags["init_model_name"] == "post-base" and version.tags["init_model_version"] == base["model_uri"][-1]
+    )
+    assert version.tags["chat_tokens_added"] == "<|system|> <|user|> <|assistant|> <|end|>"
+    assert "-chat-" in version.tags["dataset"] and version.tags["dataset_sha256"]
+    run = client.get_run(tuned["run_id"]).data
+    assert {"heldout_exact_match", "heldout_exact_match_base", "val_loss"} <= set(run.metrics)
+
+    preferred = dpo.main(
+        load_config(
+            overrides={
+                **post,
+                "data.source": str(root / "pairs.jsonl"),
+                "train.init_from": "models:/post-base-sft/latest",
+                "train.steps": 6,
+            }
+        )
+    )
+    assert preferred["model_uri"].startswith("models:/post-base-dpo/")
+    run = client.get_run(preferred["run_id"]).data
+    assert run.tags["init_model_name"] == "post-base-sft"
+    assert {
+        "heldout_preference_accuracy",
+        "val_preference_accuracy",
+        "reward_margin",
+        "heldout_exact_match_sft",
+    } <= set(run.metrics)
+    assert 0 <= preferred["preference_accuracy"] <= 1
+    with pytest.raises(UserError, match="the SFT job starts from a model: set --train.init_from"):
+        sft.main(load_config(overrides={**post, "data.source": str(root / "chats.jsonl")}))
