@@ -8,6 +8,9 @@ import sys
 JOBS = {
     "prepare-data": "jobs.prepare_data",
     "pretrain": "jobs.pretrain",
+    "sft": "jobs.sft",
+    "dpo": "jobs.dpo",
+    "sotu-qa": "jobs.sotu_qa",
     "sweep": "jobs.sweep",
     "sample": "jobs.sample",
     "export": "jobs.export",

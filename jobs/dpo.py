@@ -16,25 +16,18 @@ from __future__ import annotations
 import dataclasses
 
 from generalmodel.cli import run_job
-from generalmodel.cluster import refuse_ephemeral_paths
 from generalmodel.config import Config
 from generalmodel.data.loader import TokenDataset
 from generalmodel.infer.sampling import build_with_state, load_model
 from generalmodel.post.answers import preference_accuracy
-from generalmodel.post.base import post_training_config, with_chat_tokens
+from generalmodel.post.base import start
 from generalmodel.post.reference import ensure_reference
 from generalmodel.post.report import answers_before_after
-from generalmodel.tracking import check_reachable, tracking_uri
-from generalmodel.train.init import load_init
 from generalmodel.train.job import train_and_register
 
 
 def main(cfg: Config) -> dict:
-    cfg = post_training_config(cfg, "dpo", "preference")
-    refuse_ephemeral_paths(cfg)
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    cfg, init = with_chat_tokens(*load_init(cfg, uri))
+    cfg, uri, init = start(cfg, "dpo", "preference")
 
     def precompute_reference(cfg, layout, ds):
         if cfg.dpo.reference != "precomputed":

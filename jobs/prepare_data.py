@@ -11,7 +11,7 @@ from __future__ import annotations
 from generalmodel.cli import run_job
 from generalmodel.cluster import ray_session, refuse_ephemeral_paths
 from generalmodel.config import Config
-from generalmodel.data.prepare import build_dataset, plan_dataset
+from generalmodel.data.prepare import build_dataset, describe, plan_dataset
 from generalmodel.storage import RunLayout
 
 
@@ -21,13 +21,7 @@ def main(cfg: Config) -> dict:
     plan = plan_dataset(cfg, layout)  # bad input fails here, before Ray starts
     with ray_session(cfg.ray):
         manifest = build_dataset(plan)
-    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
-    print(
-        f"published {layout.data_output}: train {train['tokens']:,} tokens in {len(train['shards'])} shards, "
-        f"val {val['tokens']:,} tokens; vocab {manifest['tokenizer']['vocab_size']}, "
-        f"seq_len {manifest['seq_len']}, {len(manifest['source']['skipped_files'])} files skipped, "
-        f"{manifest['build_seconds']}s"
-    )
+    print(describe(manifest, layout.data_output))
     return manifest
 
 

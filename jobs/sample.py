@@ -4,6 +4,7 @@ python -m jobs.sample --model=models:/llama-tiny/1 --prompt="Fellow citizens"
 python -m jobs.sample --model=models:/llama-tiny@champion --sampling.temperature=0.7 --sampling.top_p=0.9
 python -m jobs.sample --model=runs:/<run_id> | --model=.generalmodel/store/checkpoints/llama-tiny/export
 python -m jobs.sample --model=... --prompt='["Fellow citizens", "In the year"]'   # several prompts
+python -m jobs.sample --model=models:/llama-tiny-sft/1 --chat --prompt="Which president said: ..."
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pydantic import Field, field_validator
 from generalmodel.cli import run_job
 from generalmodel.config import Section, StorageConfig, TrackingConfig
 from generalmodel.infer import SamplingParams, fetch, load_model, sample_text
+from generalmodel.infer.sampling import sample_chat
 from generalmodel.tracking import tracking_uri
 
 
@@ -21,6 +23,10 @@ class SampleConfig(Section):
 
     model: str = Field(..., description="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID or an export URI.")
     prompt: list[str] = Field([""], description="A prompt, or a YAML list of prompts.")
+    chat: bool = Field(
+        False, description="Each prompt is a user's message, answered in the chat format (an SFT/DPO model)."
+    )
+    system: str | None = Field(None, description="chat: a system message before each prompt.")
     sampling: SamplingParams = SamplingParams()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
@@ -36,13 +42,18 @@ def main(cfg: SampleConfig) -> list[str]:
     outputs = []
     for prompt in cfg.prompt:
         print(f"--- {prompt!r}", flush=True)
-        print(prompt, end="", flush=True)
+        if cfg.chat:
+            messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+            stream = sample_chat(model, tokenizer, [*messages, {"role": "user", "content": prompt}], cfg.sampling)
+        else:
+            print(prompt, end="", flush=True)
+            stream = sample_text(model, tokenizer, prompt, cfg.sampling)
         pieces = []
-        for piece in sample_text(model, tokenizer, prompt, cfg.sampling):
+        for piece in stream:
             print(piece, end="", flush=True)
             pieces.append(piece)
         print(flush=True)
-        outputs.append(prompt + "".join(pieces))
+        outputs.append("".join(pieces) if cfg.chat else prompt + "".join(pieces))
     return outputs
 
 

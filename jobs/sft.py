@@ -12,21 +12,14 @@ match), and the model is registered as BASE-sft with the base version and the da
 from __future__ import annotations
 
 from generalmodel.cli import run_job
-from generalmodel.cluster import refuse_ephemeral_paths
 from generalmodel.config import Config
-from generalmodel.post.base import post_training_config, with_chat_tokens
+from generalmodel.post.base import start
 from generalmodel.post.report import answers_before_after
-from generalmodel.tracking import check_reachable, tracking_uri
-from generalmodel.train.init import load_init
 from generalmodel.train.job import train_and_register
 
 
 def main(cfg: Config) -> dict:
-    cfg = post_training_config(cfg, "sft", "chat")
-    refuse_ephemeral_paths(cfg)
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    cfg, init = with_chat_tokens(*load_init(cfg, uri))
+    cfg, uri, init = start(cfg, "sft", "chat")
     trained = train_and_register(cfg, uri, init)
     answers = answers_before_after(trained, {"base": init}, uri)
     return {"run_id": trained.run_id, "model_uri": trained.model_uri, "metrics": trained.metrics, "answers": answers}

@@ -289,3 +289,32 @@ def test_dpo_at_the_reference_is_log_2_and_metrics_are_sums(fmt):
     assert abs(with_sft.item() - loss.item() - 0.5 * stats["nll_chosen"].item()) < 1e-5
     with pytest.raises(Exception, match="no reference log-probs attached"):
         Dpo(DpoConfig()).loss(policy, {k: v for k, v in batch.items() if not k.startswith("ref_")}, NO_AUTOCAST)
+
+
+def test_post_training_names_follow_the_base_and_answers_compare_loosely():
+    from generalmodel import UserError
+    from generalmodel.post.answers import normalize_answer
+    from generalmodel.post.base import base_name, post_training_config
+
+    assert base_name("models:/llama-tiny/3", "x") == "llama-tiny"
+    assert base_name("models:/llama-tiny-sft@champion", "x") == "llama-tiny"
+    assert base_name("exports/some-dir", "generalmodel") == "generalmodel"
+    cfg = post_training_config(
+        load_config(overrides={"train.init_from": "models:/llama-tiny-sft/2"}), "dpo", "preference"
+    )
+    assert (cfg.tracking.registered_model, cfg.train.run_name, cfg.data.format) == (
+        "llama-tiny-dpo",
+        "llama-tiny-dpo",
+        "preference",
+    )
+    mine = load_config(overrides={"train.init_from": "models:/b/1", "tracking.registered_model": "mine"})
+    assert post_training_config(mine, "sft", "chat").tracking.registered_model == "mine"
+    with pytest.raises(UserError, match="drop data.tokenizer"):
+        post_training_config(
+            load_config(overrides={"train.init_from": "models:/b/1", "data.tokenizer": "t.json"}), "sft", "chat"
+        )
+    with pytest.raises(UserError, match="the SFT job reads 'chat' data"):
+        post_training_config(
+            load_config(overrides={"train.init_from": "models:/b/1", "data.format": "preference"}), "sft", "chat"
+        )
+    assert normalize_answer(" Abraham  Lincoln. ") == normalize_answer("abraham lincoln") != normalize_answer("Lincoln")

@@ -142,3 +142,22 @@ def test_the_export_job_writes_a_transformers_directory_from_an_export(tokenizer
         assert (load_hf(out)(ids).logits - model(ids)).abs().max().item() <= 1e-4
     with pytest.raises(UserError, match="already holds a model"):
         export_job(ExportConfig(model=str(native), out=out))
+
+
+def test_the_export_carries_the_chat_template_and_stops_at_the_end_of_a_turn(tokenizer, tmp_path):
+    from generalmodel.data.chat import END, ChatFormat
+
+    directory = export(random_model(VARIANTS["llama-mha"]), tokenizer, tmp_path)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who spoke in 1790?"},
+        {"role": "assistant", "content": "Washington."},
+    ]
+    fmt = ChatFormat(tokenizer)
+    rendered = hf_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    assert list(rendered) == fmt.render(conversation).ids
+    prompt = hf_tokenizer.apply_chat_template(conversation[:2], add_generation_prompt=True, return_dict=True)
+    assert list(prompt["input_ids"]) == fmt.prompt_ids(conversation[:2])
+    generation = transformers.GenerationConfig.from_pretrained(directory)
+    assert generation.eos_token_id == [tokenizer.token_to_id(EOS), tokenizer.token_to_id(END)]

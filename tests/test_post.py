@@ -64,26 +64,13 @@ def post_data(ray_cluster, tmp_path_factory):
         "data.split_key": "group",
         "data.val_fraction": 0.25,
     }
-    prepare_data.main(
-        load_config(
-            overrides={
-                **common,
-                "data.source": str(write_jsonl(root / "chats.jsonl", chats)),
-                "data.format": "chat",
-                "data.output": str(root / "chat-ds"),
-            }
+    for name, rows, fmt in (("chat", chats, "chat"), ("pref", pairs, "preference")):
+        source = str(write_jsonl(root / f"{name}s.jsonl" if name == "chat" else root / "pairs.jsonl", rows))
+        prepare_data.main(
+            load_config(
+                overrides={**common, "data.source": source, "data.format": fmt, "data.output": str(root / f"{name}-ds")}
+            )
         )
-    )
-    prepare_data.main(
-        load_config(
-            overrides={
-                **common,
-                "data.source": str(write_jsonl(root / "pairs.jsonl", pairs)),
-                "data.format": "preference",
-                "data.output": str(root / "pref-ds"),
-            }
-        )
-    )
     return root, chats, pairs
 
 

@@ -464,6 +464,28 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
     return manifest
 
 
+def describe(manifest: dict[str, Any], uri: str) -> str:
+    """One line on a published dataset: its sizes, and for chat/preference data what became of the rows."""
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    line = (
+        f"published {uri}: train {train['tokens']:,} tokens in {len(train['shards'])} shards, "
+        f"val {val['tokens']:,} tokens; vocab {manifest['tokenizer']['vocab_size']}, "
+        f"seq_len {manifest['seq_len']}, {len(manifest['source']['skipped_files'])} files skipped, "
+        f"{manifest['build_seconds']}s"
+    )
+    fmt = manifest.get("format", "text")
+    if fmt == "text":
+        return line
+    items = conversations.ITEMS[fmt]
+    total = {k: train[k] + val[k] for k in (items, "truncated", "dropped_too_long", "dropped_no_supervised")}
+    return (
+        f"{line}\n  {total[items]:,} {items} ({train[items]:,} train, {val[items]:,} val): {total['truncated']:,} "
+        f"truncated, {total['dropped_too_long'] + total['dropped_no_supervised']:,} dropped (too long or no "
+        f"supervised token left), {manifest['source']['bad_rows']:,} malformed rows skipped; "
+        f"{train['supervised_tokens']:,} supervised train tokens"
+    )
+
+
 def _special_ids(tok_text: str) -> dict[str, int]:
     """The special tokens by name (the manifest's `special_tokens`: name → id)."""
     from generalmodel.config import CHAT_TOKENS

@@ -190,9 +190,23 @@ def sample_text(model, tokenizer, prompt: str, params: SamplingParams) -> Iterat
     """Yields decoded text pieces as tokens arrive (streaming), stopping at EOS; the pieces join
     to the decoded completion."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    return _decoded(tokenizer, generate(model, prompt_ids, params, eos_id(tokenizer)))
+
+
+def sample_chat(model, tokenizer, messages: list[dict[str, str]], params: SamplingParams) -> Iterator[str]:
+    """The assistant's reply to a conversation (the chat format, generalmodel.data.chat), streamed
+    like sample_text; stops at the end of its turn (or EOS)."""
+    from generalmodel.data.chat import ChatFormat
+
+    fmt = ChatFormat.from_json(tokenizer.to_str())
+    stop = {fmt.end_id, eos_id(tokenizer)}
+    return _decoded(tokenizer, generate(model, fmt.prompt_ids(messages), params, stop))
+
+
+def _decoded(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
     produced: list[int] = []
     shown = ""
-    for token in generate(model, prompt_ids, params, eos_id(tokenizer)):
+    for token in tokens:
         produced.append(token)
         text = tokenizer.decode(produced)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

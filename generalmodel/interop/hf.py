@@ -321,6 +321,7 @@ def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
+    from generalmodel.data.chat import CHAT_TEMPLATE, END, has_chat_tokens
     from generalmodel.data.tokenizer import special_ids
     from generalmodel.storage import StorageError, StorageFull
 
@@ -331,6 +332,11 @@ def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory
     special = special_ids(tokenizer)
     names = {role: tokenizer.id_to_token(i) if i is not None else None for role, i in special.items()}
     tensors = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in to_hf_state(cfg, state, architecture).items()}
+    chat: dict[str, Any] = {}
+    stop: int | list[int] | None = special["eos"]
+    if has_chat_tokens(tokenizer):  # the chat format: apply_chat_template renders what render() does
+        chat = {"chat_template": CHAT_TEMPLATE}
+        stop = [special["eos"], tokenizer.token_to_id(END)]  # generate() stops at the end of a turn too
     files = {
         "config.json": json.dumps(hf_config(cfg, architecture, special, dtype), indent=2),
         "tokenizer.json": tokenizer_json,
@@ -344,13 +350,14 @@ def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory
                 "add_eos_token": False,
                 "clean_up_tokenization_spaces": False,
                 "model_max_length": cfg.max_seq_len,
+                **chat,
             },
             indent=2,
         ),
         "generation_config.json": json.dumps(
             {
                 "bos_token_id": special["bos"],
-                "eos_token_id": special["eos"],
+                "eos_token_id": stop,
                 "pad_token_id": special["pad"],
                 "do_sample": True,
                 "temperature": 0.8,

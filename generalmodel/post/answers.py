@@ -21,8 +21,7 @@ from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, ChatFormatError, messages, preference_pair
 from generalmodel.data.conversations import read_rows, split_of
 from generalmodel.data.sources import list_pieces
-from generalmodel.data.tokenizer import eos_id
-from generalmodel.infer.sampling import SamplingParams, generate
+from generalmodel.infer.sampling import SamplingParams, sample_chat
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +69,11 @@ class AnswerScore:
 
 def answer_accuracy(model, tokenizer_json: str, questions: list[Question], max_new_tokens: int = 48) -> AnswerScore:
     """Greedy answers (up to the end-of-turn token) compared with the expected ones."""
-    fmt = ChatFormat.from_json(tokenizer_json)
-    stop = {fmt.end_id, eos_id(fmt.tokenizer)}
+    tokenizer = ChatFormat.from_json(tokenizer_json).tokenizer
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     right, examples = 0, []
     for q in questions:
-        ids = list(generate(model, fmt.prompt_ids(q.prompt), params, stop))
-        got = fmt.tokenizer.decode(ids)
+        got = "".join(sample_chat(model, tokenizer, q.prompt, params))
         right += normalize_answer(got) == normalize_answer(q.answer)
         if len(examples) < 5:
             examples.append((q.prompt[-1]["content"], q.answer, got))

@@ -34,6 +34,21 @@ def base_name(reference: str, default: str) -> str:
     return name
 
 
+def start(cfg: Config, stage: str, fmt: str) -> tuple[Config, str, InitSource]:
+    """A post-training job's start: its config (`post_training_config`), the tracking URI (checked
+    reachable) and the base model loaded, with its chat tokens."""
+    from generalmodel.cluster import refuse_ephemeral_paths
+    from generalmodel.tracking import check_reachable, tracking_uri
+    from generalmodel.train.init import load_init
+
+    cfg = post_training_config(cfg, stage, fmt)
+    refuse_ephemeral_paths(cfg)
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    cfg, init = with_chat_tokens(*load_init(cfg, uri))
+    return cfg, uri, init
+
+
 def post_training_config(cfg: Config, stage: str, fmt: str) -> Config:
     """`cfg` for a post-training stage ("sft", "dpo"): train.init_from required; data.format
     `fmt`; the registered name BASE-<stage> and run name the same, unless set."""
@@ -90,9 +105,8 @@ def with_chat_tokens(cfg: Config, init: InitSource) -> tuple[Config, InitSource]
         path = os.path.join(tempfile.mkdtemp(prefix="gm-chat-"), "tokenizer.json")
         with open(path, "w") as f:
             f.write(init.tokenizer_json)
-        output = (
-            data.output
-            or f"datasets/{source_name(data.source)}-{data.format}-{tokenizer_hash(init.tokenizer_json)[:8]}"
-        )
+        name = source_name(data.source)
+        name += "" if data.format in name else f"-{data.format}"  # sft-chat-…, preference-…
+        output = data.output or f"datasets/{name}-{tokenizer_hash(init.tokenizer_json)[:8]}"
         cfg = cfg.model_copy(update={"data": data.model_copy(update={"tokenizer": path, "output": output})})
     return cfg, init

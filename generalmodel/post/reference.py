@@ -52,7 +52,9 @@ def ensure_reference(cfg: Config, layout: RunLayout, ds: TokenDataset, state: di
     started = time.time()
     items = [{"split": split, "path": s.path} for split, shards in ds.shards.items() for s in shards]
     log.info("reference log-probs: scoring %d shards into %s", len(items), root.uri)
-    state_ref = ray.put(state)
+    state_ref = ray.put(state)  # one put; every actor gets it
+    # Ray 2.60 logs "Actor ... has constructor arguments in the object store" (an error line from
+    # core_worker) for any Ray Data actor: ray-project/ray#57733, not about our arguments.
     workers = max(1, min(len(items), int(ray.available_resources().get("CPU", 1))))
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ReferenceScorer,

@@ -157,6 +157,10 @@ def progress_line(m: dict[str, Any], steps: int, with_step: bool = True) -> str:
     parts.append(f"loss {m['loss']:.4f}")
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
+    if "preference_accuracy" in m:  # DPO
+        parts.append(f"pref acc {m['preference_accuracy']:.0%} margin {m['reward_margin']:.3f}")
+    if "val_preference_accuracy" in m:
+        parts.append(f"val pref acc {m['val_preference_accuracy']:.0%}")
     if "tokens_per_s" in m:
         parts += [f"{m['tokens_per_s'] / 1e3:.1f}K tok/s", f"lr {m['lr']:.2e}", f"ETA {m['eta_s'] / 60:.1f} min"]
     if "mfu" in m:
@@ -172,7 +176,7 @@ def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = Non
     dataset's tokenizer unless the config sets it. Needs a Ray session. With `init` (the loaded
     train.init_from), the dataset must be tokenized with its tokenizer."""
     from generalmodel.data.loader import TokenDataset
-    from generalmodel.data.prepare import build_dataset, plan_dataset
+    from generalmodel.data.prepare import build_dataset, describe, plan_dataset
     from generalmodel.train.init import check_tokenizer
 
     uri, storage = layout.dataset, layout.storage
@@ -180,7 +184,7 @@ def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = Non
         if cfg.train.dataset:
             raise UserError(f"train.dataset {uri} is not a published dataset (no {MANIFEST})")
         print(f"dataset {uri} is missing: preparing it")
-        build_dataset(plan_dataset(cfg, layout))
+        print(describe(build_dataset(plan_dataset(cfg, layout)), uri))
     ds = TokenDataset.open(uri, storage)
     if init is not None:
         check_tokenizer(init, ds.tokenizer_json(), uri)
