@@ -53,7 +53,7 @@ def test_unknown_key_in_a_preset(tmp_path):
     [
         ("--data.seq_len=0", "data.seq_len = 0: Input should be greater than 0"),
         ("--data.seq_len=-3", "data.seq_len = -3"),
-        ("--data.vocab_size=200", "data.vocab_size = 200: Value error, must be at least 259"),
+        ("--data.vocab_size=200", "data.vocab_size = 200: Value error, must be at least 263"),
         ("--data.val_fraction=1.5", "data.val_fraction = 1.5"),
         ("--data.seq_len=abc", "data.seq_len = 'abc'"),
         ("--tracking.uri=file:///tmp/mlruns", "MLflow 3 retired the file store"),

@@ -65,7 +65,7 @@ class TokenDataset:
         self.column: str = manifest["column"]
         self.columns: list[str] = manifest.get("columns", [self.column])
         self.retry_timeout_s = retry_timeout_s  # shard reads ride out a restarting store
-        self.attached: dict[str, tuple[Location, Shard]] = {}  # dataset shard path → a shard of more columns
+        self.attached: dict[str, tuple[Location, list[Shard]]] = {}  # dataset shard path → parts, more columns
 
     @classmethod
     def open(cls, uri: str, storage: StorageConfig | None = None) -> TokenDataset:
@@ -112,10 +112,11 @@ class TokenDataset:
         """Every column of the shard's rows (and of its attached shard), checked against the manifest."""
         columns = self._read(self.loc, shard, self.row_len)
         if shard.path in self.attached:
-            loc, extra = self.attached[shard.path]
-            more = self._read(loc, extra, None)
+            loc, parts = self.attached[shard.path]
+            read = [self._read(loc, part, None) for part in parts]
+            more = {name: np.concatenate([r[name] for r in read]) for name in read[0]}
             if len(next(iter(more.values()))) != shard.rows:
-                raise DatasetError(f"{loc.uri}: shard {extra.path} does not have the {shard.rows} rows of {shard.path}")
+                raise DatasetError(f"{loc.uri}: the parts for {shard.path} do not have its {shard.rows} rows")
             columns.update(more)
         return columns
 
@@ -140,9 +141,10 @@ class TokenDataset:
             raise DatasetError(f"{root.uri}: shard {shard.path} has {rows} rows, the manifest says {shard.rows}")
         return columns
 
-    def attach(self, root: Location, shards: dict[str, Shard]) -> None:
-        """Read more columns for the rows of each dataset shard (by its path) from `root`'s shards."""
-        self.attached.update({path: (root, shard) for path, shard in shards.items()})
+    def attach(self, root: Location, parts: dict[str, list[Shard]]) -> None:
+        """Read more columns for the rows of each dataset shard (by its path) from `root`'s shards:
+        the rows of its parts, in order."""
+        self.attached.update({path: (root, shard_parts) for path, shard_parts in parts.items()})
 
     def verify(self) -> None:
         """Read every shard and check its checksum and row count."""

@@ -2,8 +2,9 @@
 dataset, so that the frozen reference never occupies training memory (dpo.reference=precomputed).
 
     <dataset>/references/<key>/manifest.json            written last (kind dpo-reference)
-    <dataset>/references/<key>/{train,val}/part-NNNNN.parquet   ref_chosen, ref_rejected (float32),
-                                                        one row per row of the dataset shard of that name
+    <dataset>/references/<key>/{train,val}/part-NNNNN.parquet.<first row>   ref_chosen, ref_rejected
+                        (float32) of a run of rows of the dataset shard of that name: shards are
+                        scored in chunks of CHUNK_ROWS rows, so that every actor gets work
 `key` is a hash of the dataset's manifest and the reference's weights: another dataset version or
 another reference model computes its own; the same ones reuse it (a DPO sweep scores once). The
 training loop attaches the columns to the dataset's rows (`attach_reference`).
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 KIND = "dpo-reference"
 SCORE_BATCH = 32  # pairs per forward
+CHUNK_ROWS = 256  # pairs per Ray Data item
 
 
 def reference_key(ds: TokenDataset, state: dict[str, torch.Tensor]) -> str:
@@ -50,8 +52,13 @@ def ensure_reference(cfg: Config, layout: RunLayout, ds: TokenDataset, state: di
         log.info("reference log-probs: reusing %s", root.uri)
         return root.uri
     started = time.time()
-    items = [{"split": split, "path": s.path} for split, shards in ds.shards.items() for s in shards]
-    log.info("reference log-probs: scoring %d shards into %s", len(items), root.uri)
+    items = [
+        {"split": split, "path": s.path, "lo": lo, "hi": min(lo + CHUNK_ROWS, s.rows)}
+        for split, shards in ds.shards.items()
+        for s in shards
+        for lo in range(0, s.rows, CHUNK_ROWS)
+    ]
+    log.info("reference log-probs: scoring %d chunks of %d pairs into %s", len(items), CHUNK_ROWS, root.uri)
     state_ref = ray.put(state)  # one put; every actor gets it
     # Ray 2.60 logs "Actor ... has constructor arguments in the object store" (an error line from
     # core_worker) for any Ray Data actor: ray-project/ray#57733, not about our arguments.
@@ -72,17 +79,24 @@ def ensure_reference(cfg: Config, layout: RunLayout, ds: TokenDataset, state: di
     )
     results.context.enable_progress_bars = False
     results.context.print_on_execution_start = False
-    metas = [json.loads(r["meta"]) for r in results.take_all()]
+    metas = sorted((json.loads(r["meta"]) for r in results.take_all()), key=lambda m: (m["dataset_shard"], m["lo"]))
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for m in metas:
+        parts.setdefault(m["dataset_shard"], []).append(m["shard"])
     manifest = {
         "kind": KIND,
         "dataset": ds.manifest_sha256,
         "reference": key,
         "model": cfg.model.name,
-        "shards": {m["dataset_shard"]: m["shard"] for m in sorted(metas, key=lambda m: m["dataset_shard"])},
+        "shards": parts,
         "seconds": round(time.time() - started, 2),
     }
     publish_manifest(root, manifest)
-    log.info("reference log-probs of %d shards in %.1fs", len(metas), manifest["seconds"])
+    log.info(
+        "reference log-probs of %d pairs in %.1fs",
+        sum(p["rows"] for m in parts.values() for p in m),
+        manifest["seconds"],
+    )
     return root.uri
 
 
@@ -101,20 +115,23 @@ class ReferenceScorer:
         self.model.to(self.device).eval()
         self.ds = TokenDataset.open(dataset, storage)
         self.out = resolve(out, storage)
+        self.shards: dict[str, dict[str, np.ndarray]] = {}  # the last dataset shard read
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from generalmodel.data.prepare import shard_bytes
 
         metas = []
-        for split, path in zip(batch["split"], batch["path"], strict=True):
-            shard = next(s for s in self.ds.split_shards(split) if s.path == path)
-            columns = self.ds.read_columns(shard)
-            scored = score_pairs(self.model, columns, self.device)
-            payload = shard_bytes(scored)
-            name = f"{split}/{path.rsplit('/', 1)[-1]}"
+        for split, path, lo, hi in zip(batch["split"], batch["path"], batch["lo"], batch["hi"], strict=True):
+            lo, hi = int(lo), int(hi)
+            if path not in self.shards:  # a dataset shard is read (and checked) once per actor
+                shard = next(s for s in self.ds.split_shards(split) if s.path == path)
+                self.shards = {path: self.ds.read_columns(shard)}
+            columns = {name: c[lo:hi] for name, c in self.shards[path].items()}
+            payload = shard_bytes(score_pairs(self.model, columns, self.device))
+            name = f"{split}/{path.rsplit('/', 1)[-1]}.{lo:08d}"
             self.out.join(name).write_bytes(payload)
-            entry = {"path": name, "rows": shard.rows, "bytes": len(payload), "sha256": sha256_hex(payload)}
-            metas.append(json.dumps({"dataset_shard": path, "shard": entry}))
+            entry = {"path": name, "rows": hi - lo, "bytes": len(payload), "sha256": sha256_hex(payload)}
+            metas.append(json.dumps({"dataset_shard": path, "lo": lo, "shard": entry}))
         return {"meta": metas}
 
 
@@ -141,8 +158,8 @@ def attach_reference(ds: TokenDataset, uri: str, storage) -> None:
     manifest, _ = read_manifest(root, KIND)
     if manifest["dataset"] != ds.manifest_sha256:
         raise DatasetError(f"{root.uri}: reference log-probs of another dataset version than {ds.loc.uri}")
-    shards = {path: Shard(**entry) for path, entry in manifest["shards"].items()}
-    missing = [s.path for split in ds.shards.values() for s in split if s.path not in shards]
+    parts = {path: [Shard(**entry) for entry in entries] for path, entries in manifest["shards"].items()}
+    missing = [s.path for split in ds.shards.values() for s in split if s.path not in parts]
     if missing:
         raise DatasetError(f"{root.uri}: no reference log-probs for the dataset shard {missing[0]}")
-    ds.attach(root, shards)
+    ds.attach(root, parts)
