@@ -318,3 +318,14 @@ def test_post_training_names_follow_the_base_and_answers_compare_loosely():
             load_config(overrides={"train.init_from": "models:/b/1", "data.format": "preference"}), "sft", "chat"
         )
     assert normalize_answer(" Abraham  Lincoln. ") == normalize_answer("abraham lincoln") != normalize_answer("Lincoln")
+
+
+def test_a_checkpoint_written_before_a_config_section_existed_still_resumes():
+    from generalmodel.config import dump_config
+    from generalmodel.train.loop import resume_conflicts
+
+    current = dump_config(load_config(overrides={"model.name": "gpt2"}))
+    saved = {k: v for k, v in current.items() if k != "dpo"}  # an older checkpoint: no dpo section
+    assert resume_conflicts(saved, current) == []
+    changed = dump_config(load_config(overrides={"model.name": "gpt2", "dpo.beta": 0.5}))
+    assert resume_conflicts(saved, changed) == ["dpo.beta: checkpoint 0.1, now 0.5"]

@@ -98,8 +98,10 @@ def check_compatible(cfg: Config, ds: TokenDataset) -> None:
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys (dotted) under RESUME_KEYS whose values differ between two config dumps."""
-    old, new = flatten(saved), flatten(current)
+    """Keys (dotted) under RESUME_KEYS whose values differ between two config dumps. A key the
+    saved config lacks (a field added since the checkpoint was written) counts as its default."""
+    defaults = {k: v for k, v in flatten(dump_config(Config())).items() if not k.startswith("model.")}
+    old, new = {**defaults, **flatten(saved)}, flatten(current)
     keys = sorted(k for k in old.keys() | new.keys() if k.startswith(RESUME_KEYS) and old.get(k) != new.get(k))
     why = {"train.steps": " (the LR schedule is laid over train.steps: it would jump)"}
     return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}{why.get(k, '')}" for k in keys]
