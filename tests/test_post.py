@@ -266,7 +266,7 @@ def test_sft_then_dpo_from_a_registered_base_without_chat_tokens(post_data, mlfl
         version.tags["init_model_name"] == "post-base" and version.tags["init_model_version"] == base["model_uri"][-1]
     )
     assert version.tags["chat_tokens_added"] == "<|system|> <|user|> <|assistant|> <|end|>"
-    assert "-chat-" in version.tags["dataset"] and version.tags["dataset_sha256"]
+    assert "/datasets/chats-" in version.tags["dataset"] and version.tags["dataset_sha256"]  # + tokenizer hash
     run = client.get_run(tuned["run_id"]).data
     assert {"heldout_exact_match", "heldout_exact_match_base", "val_loss"} <= set(run.metrics)
 
