@@ -20,7 +20,7 @@ from generalmodel.config import StorageConfig
 from generalmodel.data.tokenizer import EOS, train_bpe
 from generalmodel.infer import SamplingParams, fetch, generate, load_model
 from generalmodel.infer.pyfunc import save
-from generalmodel.infer.sampling import export_files
+from generalmodel.infer.sampling import export_files, sample_chat
 from generalmodel.tracking.runs import log_model, register
 from models import build_model
 from models.llama import LlamaConfig
@@ -57,6 +57,15 @@ def test_the_pyfunc_predicts_what_our_sampler_generates(export_dir, tmp_path):
     out = pyfunc.predict(pd.DataFrame({"prompt": PROMPTS}), params={"max_new_tokens": 12, "temperature": 0.0})
     assert list(out) == [greedy(export_dir, p) for p in PROMPTS]
     assert load_model(str(tmp_path / "model"))[0].cfg == CFG  # our loaders read its export/
+    # chat: each prompt is a user's message, the prediction the assistant's reply
+    replies = pyfunc.predict(
+        pd.DataFrame({"prompt": PROMPTS}), params={"max_new_tokens": 12, "temperature": 0.0, "chat": True}
+    )
+    model, tokenizer = load_model(str(export_dir))
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    assert list(replies) == [
+        "".join(sample_chat(model, tokenizer, [{"role": "user", "content": p}], params)) for p in PROMPTS
+    ]
 
 
 def test_mlflow_models_serve_answers_from_the_registry(export_dir, mlflow_server, tmp_path):

@@ -5,6 +5,9 @@
                        "params": {"max_new_tokens": 32, "temperature": 0.0}}
     → {"predictions": ["..."]}    (the completion of each prompt, without the prompt)
 
+With `"params": {"chat": true}` each prompt is a user's message and the prediction the assistant's
+reply in the chat format (generalmodel.data.chat; for SFT/DPO models).
+
 and `mlflow.pyfunc.load_model("models:/NAME/N").predict(["Fellow citizens,"])` does the same in
 Python. The model directory (`save`):
 
@@ -29,7 +32,14 @@ log = logging.getLogger(__name__)
 
 EXPORT_SUBDIR = "data/export"  # where MLflow puts the data_path of a loader_module flavor
 HF_SUBDIR = "hf"
-PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.8, "top_p": 1.0, "top_k": 0, "seed": 0}
+PARAMS: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "temperature": 0.8,
+    "top_p": 1.0,
+    "top_k": 0,
+    "seed": 0,
+    "chat": False,
+}
 EXAMPLE_PROMPTS = ["Fellow citizens,"]
 
 
@@ -106,7 +116,7 @@ class GeneralModelPyfunc:
         self.model, self.tokenizer = load_model(directory)
 
     def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        from generalmodel.infer.sampling import SamplingParams, sample_text
+        from generalmodel.infer.sampling import SamplingParams, sample_chat, sample_text
 
         p = PARAMS | (params or {})
         sampling = SamplingParams(
@@ -116,6 +126,11 @@ class GeneralModelPyfunc:
             top_k=p["top_k"] or None,
             seed=p["seed"],
         )
+        if p["chat"]:
+            return [
+                "".join(sample_chat(self.model, self.tokenizer, [{"role": "user", "content": prompt}], sampling))
+                for prompt in _prompts(model_input)
+            ]
         return ["".join(sample_text(self.model, self.tokenizer, prompt, sampling)) for prompt in _prompts(model_input)]
 
 
