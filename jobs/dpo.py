@@ -17,12 +17,9 @@ import dataclasses
 
 from generalmodel.cli import run_job
 from generalmodel.config import Config
-from generalmodel.data.loader import TokenDataset
-from generalmodel.infer.sampling import build_with_state, load_model
-from generalmodel.post.answers import preference_accuracy
 from generalmodel.post.base import start
 from generalmodel.post.reference import ensure_reference
-from generalmodel.post.report import answers_before_after
+from generalmodel.post.report import answers_before_after, preference_report
 from generalmodel.train.job import train_and_register
 
 
@@ -35,15 +32,8 @@ def main(cfg: Config) -> dict:
         return dataclasses.replace(layout, reference=ensure_reference(cfg, layout, ds, init.state))
 
     trained = train_and_register(cfg, uri, init, precompute_reference)
-    policy, _ = load_model(trained.export_dir)
-    reference, _ = build_with_state(init.model, init.state, init.tokenizer_json, init.reference)
-    ds = TokenDataset.open(trained.layout.dataset, trained.layout.storage)
-    accuracy, pairs = preference_accuracy(policy, reference, ds)
-    print(f"held-out preference accuracy ({pairs} pairs): {accuracy:.1%} (the DPO reward prefers the chosen answer)")
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(uri).log_metric(trained.run_id, "heldout_preference_accuracy", accuracy)
-    answers = answers_before_after(trained, {"sft": init}, uri)
+    accuracy = preference_report(trained, init, uri)
+    answers = answers_before_after(trained, "dpo", {"sft": init}, uri)
     return {
         "run_id": trained.run_id,
         "model_uri": trained.model_uri,

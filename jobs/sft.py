@@ -21,7 +21,7 @@ from generalmodel.train.job import train_and_register
 def main(cfg: Config) -> dict:
     cfg, uri, init = start(cfg, "sft", "chat")
     trained = train_and_register(cfg, uri, init)
-    answers = answers_before_after(trained, {"base": init}, uri)
+    answers = answers_before_after(trained, "sft", {"base": init}, uri)
     return {"run_id": trained.run_id, "model_uri": trained.model_uri, "metrics": trained.metrics, "answers": answers}
 
 

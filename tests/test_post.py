@@ -292,3 +292,43 @@ def test_sft_then_dpo_from_a_registered_base_without_chat_tokens(post_data, mlfl
     assert 0 <= preferred["preference_accuracy"] <= 1
     with pytest.raises(UserError, match="the SFT job starts from a model: set --train.init_from"):
         sft.main(load_config(overrides={**post, "data.source": str(root / "chats.jsonl")}))
+
+
+def test_preference_data_and_its_reference_on_s3(post_data, s3_server, tmp_path):
+    """Source, tokenizer, dataset and the reference's log-probs all on the S3 server."""
+    root, _, pairs = post_data
+    bucket = s3_server.new_bucket()
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="src/pairs.jsonl", Body="".join(json.dumps(p) + "\n" for p in pairs[:80]))
+    client.put_object(Bucket=bucket, Key="tok/tokenizer.json", Body=(root / "tokenizer.json").read_bytes())
+    cfg = load_config(
+        overrides={
+            **s3_server.storage_overrides(),
+            "data.source": f"s3://{bucket}/src",
+            "data.format": "preference",
+            "data.tokenizer": f"s3://{bucket}/tok",
+            "data.seq_len": SEQ,
+            "data.val_fraction": 0.25,
+            "data.output": f"s3://{bucket}/ds",
+            "storage.root": f"s3://{bucket}/store",
+            "model.vocab_size": 320,
+            "model.max_seq_len": SEQ,
+            "model.n_layers": 2,
+            "model.n_heads": 2,
+            "model.d_model": 32,
+        }
+    )
+    manifest = prepare_data.main(cfg)
+    assert manifest["splits"]["train"]["pairs"] + manifest["splits"]["val"]["pairs"] == 80
+    layout = RunLayout.of(cfg)
+    ds = TokenDataset.open(layout.dataset, layout.storage)
+    state = build_model(cfg.model).state_dict()
+    uri = ensure_reference(cfg, layout, ds, state)
+    assert uri.startswith(f"s3://{bucket}/ds/references/")
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="ds/references/")["Contents"]}
+    assert any(k.endswith("manifest.json") for k in keys)
+    from generalmodel.post.reference import attach_reference
+
+    attach_reference(ds, uri, layout.storage)
+    columns = ds.read_columns(ds.split_shards("train")[0])
+    assert columns["ref_chosen"].shape == (columns["chosen"].shape[0],) and (columns["ref_chosen"] < 0).all()

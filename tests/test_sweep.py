@@ -114,7 +114,9 @@ def test_sweep_tracks_stops_compares_and_registers(cluster, s3_server, mlflow_se
             mlflow_server,
             corpus,
             **{
-                "train.steps": 16,
+                # 24 steps: a trial ASHA stops at a rung (4, 8, 16) must not reach its end before
+                # the stop does (a 16-step trial sometimes finished first on 2 busy CPUs)
+                "train.steps": 24,
                 "train.eval_every": 4,
                 "train.checkpoint_every": 8,
                 "tracking.registered_model": "sweep-test",
@@ -133,7 +135,7 @@ def test_sweep_tracks_stops_compares_and_registers(cluster, s3_server, mlflow_se
     kids = children(client, parent)
     assert len(kids) == 4  # one child per trial of the 2x2 grid
     for kid in kids:
-        assert kid.data.params["train.steps"] == "16" and kid.data.params["model.attention"] in ("gqa", "mla")
+        assert kid.data.params["train.steps"] == "24" and kid.data.params["model.attention"] in ("gqa", "mla")
         assert kid.data.tags["stop_reason"]
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "loss")]
         assert steps[:2] == [2, 4]  # per-step metrics from the trial's rank 0

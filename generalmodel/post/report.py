@@ -1,22 +1,23 @@
 """What a post-training job prints and logs at the end: held-out answer accuracy (exact match)
-of the model it started from and of the model it made, on the same questions."""
+of the model it started from and of the model it made, on the same questions; for DPO, the
+held-out preference accuracy."""
 
 from __future__ import annotations
 
 import logging
 
 from generalmodel.infer.sampling import build_with_state, load_model
-from generalmodel.post.answers import answer_accuracy, heldout_questions
+from generalmodel.post.answers import answer_accuracy, heldout_questions, preference_accuracy
 from generalmodel.train.init import InitSource
 from generalmodel.train.job import Trained
 
 log = logging.getLogger(__name__)
 
 
-def answers_before_after(trained: Trained, before: dict[str, InitSource], uri: str) -> dict[str, float]:
-    """Exact-match accuracy of each model in `before` and of the trained one on the held-out
-    questions; printed, and logged to the trained model's MLflow run (heldout_exact_match, and
-    heldout_exact_match_<label> for the others)."""
+def answers_before_after(trained: Trained, stage: str, before: dict[str, InitSource], uri: str) -> dict[str, float]:
+    """Exact-match accuracy of each model in `before` and of the trained one (`stage`: sft, dpo)
+    on the held-out questions; printed, and logged to the trained model's MLflow run
+    (heldout_exact_match, and heldout_exact_match_<label> for the others)."""
     from mlflow.tracking import MlflowClient
 
     cfg = trained.cfg
@@ -26,7 +27,6 @@ def answers_before_after(trained: Trained, before: dict[str, InitSource], uri: s
     if not questions:
         print("held-out answers: the val split has no question (raise data.val_fraction)")
         return {}
-    stage = cfg.tracking.registered_model.rsplit("-", 1)[-1]
     scores = {}
     for label, source in before.items():
         model, _ = build_with_state(source.model, source.state, source.tokenizer_json, source.reference)
@@ -44,3 +44,19 @@ def answers_before_after(trained: Trained, before: dict[str, InitSource], uri: s
     for question, expected, got in result.examples[:3]:
         print(f"  {question[:70]!r}: expected {expected!r}, {stage} answered {got!r}")
     return scores
+
+
+def preference_report(trained: Trained, reference: InitSource, uri: str) -> float:
+    """Held-out preference accuracy of the trained policy against `reference` (the model DPO
+    started from): printed and logged as heldout_preference_accuracy."""
+    from mlflow.tracking import MlflowClient
+
+    from generalmodel.data.loader import TokenDataset
+
+    policy, _ = load_model(trained.export_dir)
+    frozen, _ = build_with_state(reference.model, reference.state, reference.tokenizer_json, reference.reference)
+    ds = TokenDataset.open(trained.layout.dataset, trained.layout.storage)
+    accuracy, pairs = preference_accuracy(policy, frozen, ds)
+    print(f"held-out preference accuracy ({pairs} pairs): {accuracy:.1%} (the DPO reward prefers the chosen answer)")
+    MlflowClient(uri).log_metric(trained.run_id, "heldout_preference_accuracy", accuracy)
+    return accuracy

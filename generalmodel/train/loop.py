@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
 
-# Keys whose change makes a checkpoint's continuation a different run.
 # Keys whose change makes a checkpoint's continuation a different run. The number of workers is not
 # one of them (DCP reshards, the loader resumes at another world size), but the global batch is.
 RESUME_KEYS = ("model", "optim", "train.seed", "train.steps", "dpo")
@@ -227,8 +226,8 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else contextlib.nullcontext()
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    rows_per_row = 2 if ds.format == "preference" else 1  # a pair is two sequences
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len * rows_per_row
+    sequences_per_row = 2 if ds.format == "preference" else 1  # a pair is two sequences
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len * sequences_per_row
     steps = cfg.train.steps
     bad_in_a_row = skipped = 0
     last: dict[str, Any] = {}
