@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from generalmodel.config import DataConfig, StorageConfig
 from generalmodel.data.chat import ChatFormat, ChatFormatError, Rendered, messages, preference_pair
-from generalmodel.data.sources import Piece, SourceError, _not_text, _read_bytes, _read_table
+from generalmodel.data.sources import Piece, SourceError, not_text, piece_bytes, read_table
 
 SPLITS = ("train", "val")
 COLUMNS = {
@@ -42,9 +42,9 @@ BAD_ROWS_NAMED = 20  # the manifest names this many skipped rows (all are counte
 def read_rows(piece: Piece, storage: StorageConfig) -> Iterator[tuple[str, dict[str, Any] | ChatFormatError]]:
     """(where, row) for every row of a file; a row that is not an object is a ChatFormatError in
     place of the row (the caller raises or skips it)."""
-    raw = _read_bytes(piece, storage)
+    raw = piece_bytes(piece, storage)
     if piece.kind == "jsonl":
-        reason = _not_text(raw)
+        reason = not_text(raw)
         if reason:
             raise SourceError(f"{piece.uri}: {reason}")
         for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
@@ -59,9 +59,9 @@ def read_rows(piece: Piece, storage: StorageConfig) -> Iterator[tuple[str, dict[
             yield where, row if isinstance(row, dict) else ChatFormatError(f"{where}: a JSON object was expected")
     elif piece.kind in ("parquet", "arrow"):
         if piece.kind == "parquet":
-            table = _read_table(lambda: pq.read_table(io.BytesIO(raw)), piece.uri)
+            table = read_table(lambda: pq.read_table(io.BytesIO(raw)), piece.uri)
         else:
-            table = _read_table(lambda: paipc.open_stream(io.BytesIO(raw)).read_all(), piece.uri)
+            table = read_table(lambda: paipc.open_stream(io.BytesIO(raw)).read_all(), piece.uri)
         for i, row in enumerate(table.to_pylist()):
             yield f"{piece.uri} row {i}", row
     else:

