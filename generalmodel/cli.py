@@ -83,7 +83,10 @@ def split_args(argv: list[str], positional: tuple[str, ...] = ()) -> CommandLine
 
 def parse_value(text: str) -> Any:
     """YAML scalars and lists (`3e-4`, `true`, `null`, `[1, 2]`); anything unparsable stays a string.
-    (YAML 1.1 reads '3e-4' as a string; pydantic coerces numeric strings for float fields.)"""
+    (YAML 1.1 reads '3e-4' as a string; pydantic coerces numeric strings for float fields.) Text
+    with a line break is a string as typed: YAML would fold its blank lines (a prompt's paragraphs)."""
+    if "\n" in text:
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

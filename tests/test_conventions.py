@@ -145,6 +145,8 @@ def test_command_line_positional_flags_and_print_config(capsys):
     assert "steps: 7" in out and "hunter2" not in out
     with pytest.raises(ConfigError, match="unexpected argument 'extra'"):
         split_args(["--a=1", "extra"])
+    # a multi-line value (a prompt with paragraphs) stays as typed; YAML would fold "\n\n" to "\n"
+    assert split_args(['--prompt=Q?\n\n"A passage."\n']).overrides == {"prompt": 'Q?\n\n"A passage."\n'}
 
 
 def test_help_describes_every_model_field():
