@@ -83,14 +83,16 @@ def answer_accuracy(model, tokenizer_json: str, questions: list[Question], max_n
 @torch.no_grad()
 def preference_accuracy(policy, reference, ds, split: str = "val") -> tuple[float, int]:
     """(fraction of `split`'s pairs whose implicit DPO reward prefers the chosen answer, pairs):
-    log π/π_ref of the chosen response above that of the rejected one."""
+    log π/π_ref of the chosen response above that of the rejected one. The reference's log-probs
+    are the ones attached to `ds` when it has them (the precomputed pass), else `reference` scores."""
     from generalmodel.post.reference import score_pairs
 
     right = total = 0
     device = next(policy.parameters()).device
     for shard in ds.split_shards(split):
         columns = ds.read_columns(shard)
-        p, r = score_pairs(policy, columns, device), score_pairs(reference, columns, device)
+        p = score_pairs(policy, columns, device)
+        r = columns if "ref_chosen" in columns else score_pairs(reference, columns, device)
         margin = (p["ref_chosen"] - r["ref_chosen"]) - (p["ref_rejected"] - r["ref_rejected"])
         right += int(np.sum(margin > 0))
         total += len(margin)

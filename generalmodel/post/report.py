@@ -54,8 +54,14 @@ def preference_report(trained: Trained, reference: InitSource, uri: str) -> floa
     from generalmodel.data.loader import TokenDataset
 
     policy, _ = load_model(trained.export_dir)
-    frozen, _ = build_with_state(reference.model, reference.state, reference.tokenizer_json, reference.reference)
     ds = TokenDataset.open(trained.layout.dataset, trained.layout.storage)
+    frozen = None
+    if trained.layout.reference is not None:  # computed once already: not scored again here
+        from generalmodel.post.reference import attach_reference
+
+        attach_reference(ds, trained.layout.reference, trained.layout.storage)
+    else:
+        frozen, _ = build_with_state(reference.model, reference.state, reference.tokenizer_json, reference.reference)
     accuracy, pairs = preference_accuracy(policy, frozen, ds)
     print(f"held-out preference accuracy ({pairs} pairs): {accuracy:.1%} (the DPO reward prefers the chosen answer)")
     MlflowClient(uri).log_metric(trained.run_id, "heldout_preference_accuracy", accuracy)

@@ -58,8 +58,10 @@ class LanguageModeling:
     stats: tuple[str, ...] = ()
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        _, y = lm_targets(batch)
-        return (y != IGNORE).sum().float()
+        if "mask" in batch:  # the supervised targets: mask[:, 1:]
+            return batch["mask"][:, 1:].sum().float()
+        tokens = batch["tokens"]
+        return torch.tensor(float(tokens.shape[0] * (tokens.shape[1] - 1)), device=tokens.device)
 
     def loss(self, model, batch, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = lm_targets(batch)
