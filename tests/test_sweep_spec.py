@@ -137,3 +137,17 @@ def test_grid_searcher_turns_choices_into_grids(tmp_path):
     space = param_space(sweep)
     assert space["optim.lr"] == {"grid_search": [0.001, 0.01]}
     assert space["optim.schedule"] == {"grid_search": ["cosine", "wsd"]}
+
+
+@pytest.mark.parametrize("searcher", ["random", "grid"])
+def test_max_concurrent_trials_reaches_the_variant_generator(tmp_path, searcher):
+    """Tune ignores max_concurrent_trials for a BasicVariantGenerator passed in: all trials started
+    at once, and ASHA's rungs were filled by whichever trial ran ahead."""
+    from generalmodel.tune.runner import search_algorithm
+
+    path = write(
+        tmp_path,
+        BASE + f"searcher: {searcher}\nmax_concurrent_trials: 2\nsearch:\n  optim.lr: {{choice: [0.001, 0.01]}}\n",
+    )
+    sweep, _ = load_sweep(path)
+    assert search_algorithm(sweep).max_concurrent == 2

@@ -53,7 +53,9 @@ def search_algorithm(sweep: Sweep):
     if sweep.searcher != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=sweep.seed)
+        # Tune applies max_concurrent_trials only to a Searcher (it wraps one in a
+        # ConcurrencyLimiter) and ignores it, with a warning, for a generator passed in: say it here.
+        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials or 0)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
