@@ -26,7 +26,7 @@ test: install
 	  echo "installing the S3 server for the integration tests (apt-get install ceph-mon ceph-osd radosgw)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ceph-mon ceph-osd radosgw ceph-common >/dev/null; \
 	fi
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 # Unit tests only: no Ray cluster, no S3 server, no MLflow server.
 test-fast: install
