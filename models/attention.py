@@ -6,6 +6,9 @@
 - `MultiHeadLatentAttention`: DeepSeek-V2/V3 MLA — K/V come from a low-rank latent `c_kv`
   (kv_lora_rank) plus one decoupled RoPE key shared by all heads; queries optionally through
   their own low-rank bottleneck (q_lora_rank). The cache stores only `c_kv` and the RoPE key.
+
+Each says what it caches (`cache_shapes`, see models/cache.py). With a cache, `pos` (b, T) holds
+the absolute position of every query and the mask comes from the positions of the cached slots.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import KVCache, RMSNorm, apply_rope
+from models.cache import KVCache, attention_mask
+from models.common import RMSNorm, apply_rope
 
 
 def init_linear(linear: nn.Linear, std: float) -> None:
@@ -34,6 +38,14 @@ def causal_mask(T: int, past: int, window: int | None, device) -> torch.Tensor |
     if window is not None:
         mask &= k > q - window
     return mask
+
+
+def layer_mask(T: int, window: int | None, pos, key_pos, device) -> torch.Tensor | None:
+    """The mask of T queries: plain causal without a cache, else from the positions the cached
+    slots hold (`pos` (B, T) of the queries, `key_pos` (B, S) of the keys)."""
+    if key_pos is None:
+        return causal_mask(T, 0, window, device)
+    return attention_mask(pos, key_pos, window)
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, gqa: bool) -> torch.Tensor:
@@ -71,9 +83,13 @@ class GroupedQueryAttention(nn.Module):
             if linear is not None:
                 init_linear(linear, s)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None):
-        """x: (B, T, d). Returns (output (B, T, d), (k, v)) — the K/V it used, full length, for
-        the layers that share them."""
+    def cache_shapes(self) -> list[tuple[int, int]] | None:
+        """K and V, (heads, dim) each; None for a layer that reuses its group's."""
+        return [(self.n_kv_heads, self.head_dim)] * 2 if self.owns_kv else None
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None, pos=None):
+        """x: (B, T, d). Returns (output (B, T, d), (k, v, key positions or None)) — the K/V it
+        used, full length, for the layers that share them."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if rope is not None:
@@ -82,14 +98,15 @@ class GroupedQueryAttention(nn.Module):
             k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             if rope is not None:
                 k = apply_rope(k, *rope)
+            key_pos = None
             if cache is not None:
-                k, v = cache.update(self.layer, k, v)  # (B, H_kv, past + T, hd)
+                (k, v), key_pos = cache.update(self.layer, pos, k, v)  # (B, H_kv, S, hd), (B, S)
         else:
-            k, v = shared_kv
-        past = k.shape[2] - T
-        y = sdpa(q, k, v, causal_mask(T, past, self.window, x.device), self.n_kv_heads != self.n_heads)
+            k, v, key_pos = shared_kv
+        mask = layer_mask(T, self.window, pos, key_pos, x.device)
+        y = sdpa(q, k, v, mask, self.n_kv_heads != self.n_heads)
         # Only a group that shares K/V passes them on (FSDP2 warns about view outputs otherwise).
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v) if self.shares_kv else None
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v, key_pos) if self.shares_kv else None
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -134,7 +151,11 @@ class MultiHeadLatentAttention(nn.Module):
             if norm is not None:
                 norm.reset_parameters()
 
-    def forward(self, x, rope, cache: KVCache | None = None, shared_kv=None):
+    def cache_shapes(self) -> list[tuple[int, int]]:
+        """The latent and the one RoPE key: (1, kv_lora_rank) and (1, qk_rope_head_dim)."""
+        return [(1, self.kv_lora_rank), (1, self.rope_dim)]
+
+    def forward(self, x, rope, cache: KVCache | None = None, shared_kv=None, pos=None):
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_up(self.q_norm(self.q_down(x))) if hasattr(self, "q_up") else self.q_proj(x)
@@ -145,12 +166,14 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_rope = self.kv_down(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope[:, None], *rope)  # (B, 1, T, rope): one key for all heads
         latent = latent[:, None]  # (B, 1, T, kv_lora_rank)
+        key_pos = None
         if cache is not None:  # the cache holds the latent and the RoPE key, nothing per head
-            latent, k_rope = cache.update(self.layer, latent, k_rope)
+            (latent, k_rope), key_pos = cache.update(self.layer, pos, latent, k_rope)
         S = latent.shape[2]
         kv = self.kv_up(self.kv_norm(latent[:, 0])).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, S, ·)
         k = torch.cat([k_nope, k_rope.expand(B, H, S, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        y = sdpa(q, k, v, causal_mask(T, S - T, self.window, x.device), gqa=False)
+        mask = layer_mask(T, self.window, pos, key_pos, x.device)
+        y = sdpa(q, k, v, mask, gqa=False)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim)), None

@@ -1,4 +1,4 @@
-"""Pieces shared by the decoder models: RMSNorm, RoPE, the KV cache, the FLOP count.
+"""Pieces shared by the decoder models: RMSNorm, RoPE, the FLOP count (the KV cache: models/cache.py).
 
 Single-device PyTorch; parallelism (FSDP2) is applied from outside (see models/__init__.py).
 """
@@ -31,29 +31,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, n_heads, T, head_dim); cos/sin: (T, head_dim // 2). Rotates pairs (x1, x2) of halves."""
+    """x: (B, n_heads, T, head_dim); cos/sin: (T, head_dim // 2), or (B, T, head_dim // 2) when each
+    row is at its own position. Rotates pairs (x1, x2) of halves."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-class KVCache:
-    """Per-layer key/value tensors grown during generation. Shapes (B, n_kv_heads, T, head_dim)."""
-
-    def __init__(self, n_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
 
 
 def matmul_flops_per_token(n_params_matmul: int, n_layers: int, d_model: int, seq_len: int) -> int:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import GroupedQueryAttention, MultiHeadLatentAttention, init_linear
-from models.common import KVCache, RMSNorm, matmul_flops_per_token, rope_tables
+from models.cache import KVCache
+from models.common import RMSNorm, matmul_flops_per_token, rope_tables
 from models.moe import MoE
 
 
@@ -206,10 +207,10 @@ class Block(nn.Module):
         self.mlp_norm.reset_parameters()
         self.mlp.init_weights(std, residual_std)
 
-    def forward(self, x, rope=None, cache=None, shared_kv=None):
+    def forward(self, x, rope=None, cache=None, shared_kv=None, pos=None):
         """Returns (x, kv): the K/V this block's attention used, for the next layers of its
         KV-sharing group."""
-        h, kv = self.attn(self.attn_norm(x), rope, cache, shared_kv)
+        h, kv = self.attn(self.attn_norm(x), rope, cache, shared_kv, pos)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -248,21 +249,31 @@ class Decoder(nn.Module):
         if not self.cfg.tie_embeddings:
             init_linear(self.head, std)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids → logits (B, T, vocab). With a cache, idx continues it."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """idx: (B, T) token ids → logits (B, T, vocab), or (B, 1, vocab) for the last position
+        only. With a cache (models/cache.py), idx continues each of its rows at that row's own
+        position; the caller keeps within its capacity (`cache.reserve`)."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, d)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
-        rope = None
-        if self.cfg.positions == "rope":
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+            pos = None
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(torch.arange(T, device=idx.device))
+            rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.positions == "rope" else None
+        else:
+            pos = cache.positions(T)  # (B, T)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(pos)
+            rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.positions == "rope" else None
         kv = None  # a block that reuses K/V returns the ones it was given
         for block in self.blocks:
-            x, kv = block(x, rope, cache, kv)
+            x, kv = block(x, rope, cache, kv, pos)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.final_norm(x))
 
     def moe_layers(self) -> list[MoE]:

@@ -15,7 +15,7 @@ from generalmodel.cli import parse_args
 from generalmodel.config import ConfigError
 from models import PRESETS, build_model, get_spec
 from models.attention import causal_mask
-from models.common import KVCache
+from models.cache import KVCache
 from models.moe import MoE
 
 TINY = [name for name in PRESETS if name.endswith("-tiny")]
@@ -38,7 +38,7 @@ def test_kv_cache_decoding_reproduces_full_forward(variant):
     idx = torch.randint(0, 256, (2, 90))
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache(model.cfg.n_layers)
+        cache = KVCache(model, batch=2)
         steps = [model(idx[:, :25], cache)] + [model(idx[:, t : t + 1], cache) for t in range(25, 90)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
 
@@ -81,12 +81,11 @@ def test_hybrid_layer_pattern():
 def test_mla_cache_holds_only_the_latent_and_rope_key():
     cfg = small("mla-tiny")
     model = build_model(cfg).eval()
-    cache = KVCache(cfg.n_layers)
-    with torch.no_grad():
-        model(torch.randint(0, 256, (3, 10)), cache)
-    assert cache.keys[0].shape == (3, 1, 10, cfg.kv_lora_rank)  # not n_heads × head_dim
-    assert cache.values[0].shape == (3, 1, 10, cfg.qk_rope_head_dim)
-    per_token = sum(t.shape[-1] for t in (cache.keys[0], cache.values[0]))
+    cache = KVCache(model, batch=3, capacity=10)
+    latent, k_rope = cache.layers[0].tensors
+    assert latent.shape == (3, 1, 10, cfg.kv_lora_rank)  # not n_heads × head_dim
+    assert k_rope.shape == (3, 1, 10, cfg.qk_rope_head_dim)
+    per_token = sum(t.shape[-1] for t in (latent, k_rope))
     assert per_token < 2 * cfg.d_model / 4  # vs. MHA's 2·d per token and layer
 
 
@@ -99,13 +98,12 @@ def test_kv_shared_layers_equal_an_explicit_copy():
         out = model(idx)
         x = model.embed(idx)
         rope = (model.rope_cos[:20], model.rope_sin[:20])
-        x, (k, v) = model.blocks[0](x, rope)
-        x, _ = model.blocks[1](x, rope, shared_kv=(k.clone(), v.clone()))
+        x, (k, v, key_pos) = model.blocks[0](x, rope)
+        assert key_pos is None  # no cache: plain causal
+        x, _ = model.blocks[1](x, rope, shared_kv=(k.clone(), v.clone(), None))
         manual = model.head(model.final_norm(x))
         torch.testing.assert_close(out, manual)
-        cache = KVCache(2)
-        model(idx, cache)
-    assert cache.keys[1] is None  # the cache holds one K/V per group
+    assert sorted(KVCache(model, batch=2).layers) == [0]  # the cache holds one K/V per group
 
 
 def make_moe(**kw):

@@ -162,28 +162,21 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def generate(
     model, prompt_ids: list[int], params: SamplingParams, eos_id: int | set[int] | None = None
 ) -> Iterator[int]:
-    """Yields new token ids one at a time: prefill the prompt, then decode with the KV cache; stops
-    before `eos_id` (one id, or a set: a chat model's end-of-turn and EOS)."""
-    stop = eos_id if isinstance(eos_id, set) else {eos_id} if eos_id is not None else set()
-    from models.common import KVCache
+    """Yields new token ids one at a time (a batch of one on `generalmodel.infer.engine`): prefill
+    the prompt, then decode with the static KV cache; stops before `eos_id` (one id, or a set: a
+    chat model's end-of-turn and EOS) or when the sequence reaches the model's max_seq_len. A
+    longer prompt keeps its last max_seq_len - 1 tokens; an empty one starts from the stop id."""
+    from generalmodel.infer.engine import Engine, Request
 
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(params.seed)
-    cache = KVCache(model.cfg.n_layers)
+    stop = eos_id if isinstance(eos_id, set) else {eos_id} if eos_id is not None else set()
     limit = model.cfg.max_seq_len
-    ids = torch.tensor([prompt_ids[-limit + 1 :] or [min(stop, default=0)]], device=device)
-    logits = model(ids, cache)[:, -1]
-    for _ in range(min(params.max_new_tokens, limit - ids.size(1))):
-        if params.temperature == 0:
-            token = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits.float(), params).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        value = int(token)
-        if value in stop:
-            return
-        yield value
-        logits = model(token[:, None], cache)[:, -1]
+    ids = list(prompt_ids[-limit + 1 :]) or [min(stop, default=0)]
+    engine = Engine(model, 1, capacity=min(limit, len(ids) + params.max_new_tokens))
+    request = engine.add(Request(ids, params, frozenset(stop)))
+    while not request.done:
+        for event in engine.step():
+            if event.token is not None:
+                yield event.token
 
 
 def sample_text(model, tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:

@@ -1,0 +1,185 @@
+"""Batched decoding over a static KV cache, with continuous batching.
+
+An `Engine` owns a `models.cache.KVCache` of `slots` rows. Requests join whenever a row is free:
+their prompt is prefilled into that row (one forward each) and from then on every `step()` runs
+one forward over all active rows, each at its own position, and samples one token per row with
+the row's own parameters and random generator — so a request's tokens do not depend on what else
+is in the batch (greedy or seeded sampling alike). A row leaves at its stop token, its token
+budget, the end of the context, or when cancelled, and is reused by the next waiting request.
+
+The context ends at the model's `max_seq_len`: a sequence (prompt + generated) never grows past it
+(finish reason "length"); a prompt that leaves no room for one new token is refused with a
+ValueError. `generate_batch` is the fixed-batch use of it (tests, benchmarks); `compile=True`
+compiles the decode step while every row is active (static shapes; on a card, CUDA graphs too).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from generalmodel.infer.sampling import SamplingParams, filter_logits
+from models.cache import KVCache
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to continue. `tokens` grows as it decodes; `finish_reason` is set when done:
+    "stop" (a stop id, not included), "length" (max_new_tokens or the context), "cancelled"."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: frozenset[int] = frozenset()
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Event:
+    """What one step did to a request: a new token (None when it finished without one)."""
+
+    request: Request
+    token: int | None
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model, slots: int, capacity: int | None = None, compile: bool = False):
+        self.model = model
+        self.cache = KVCache(model, slots, capacity)
+        self.capacity = self.cache.capacity
+        self.device = model.embed.weight.device
+        self.rows: list[Request | None] = [None] * slots
+        self.waiting: deque[Request] = deque()
+        self._generators: dict[int, torch.Generator] = {}
+        self._last: dict[int, int] = {}  # row -> the token it feeds next
+        self._decode_all = torch.compile(self._forward_all, dynamic=False) if compile else self._forward_all
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add(self, request: Request) -> Request:
+        """Queue a request; it joins the batch at the next step with a free row."""
+        if not request.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if len(request.prompt_ids) >= self.capacity:
+            raise ValueError(
+                f"the prompt has {len(request.prompt_ids)} tokens; the model's context is {self.capacity}, "
+                "which leaves no room for a new token"
+            )
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request now (a client went away); its row is free for the next step."""
+        if request.done:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        request.finish_reason = "cancelled"
+        self._release(request)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def idle(self) -> bool:
+        return not self.waiting and not self.active
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Admit waiting requests into free rows (prefill: their first token), then one decode
+        step over the rows that were already running. Returns what happened to each request."""
+        events: list[Event] = []
+        running = [i for i, r in enumerate(self.rows) if r is not None]
+        for row in [i for i, r in enumerate(self.rows) if r is None]:
+            if not self.waiting:
+                break
+            events.extend(self._admit(self.waiting.popleft(), row))
+        if running:
+            tokens = torch.tensor([[self._last[i]] for i in running], device=self.device)
+            if len(running) == len(self.rows):
+                self.cache.reserve(1)
+                logits = self._decode_all(tokens)
+            else:
+                view = self.cache.view(running)
+                view.reserve(1)
+                logits = self.model(tokens, view, last_only=True)
+            events.extend(self._sample(running, logits[:, -1]))
+        return events
+
+    def _forward_all(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, self.cache, last_only=True)
+
+    def _admit(self, request: Request, row: int) -> list[Event]:
+        self.rows[row] = request
+        self._generators[request.id] = torch.Generator(device=self.device).manual_seed(request.params.seed)
+        self.cache.reset([row])
+        view = self.cache.view([row])
+        view.reserve(len(request.prompt_ids))
+        logits = self.model(torch.tensor([request.prompt_ids], device=self.device), view, last_only=True)
+        return self._sample([row], logits[:, -1])
+
+    def _sample(self, rows: list[int], logits: torch.Tensor) -> list[Event]:
+        logits = logits.float()
+        picked = []
+        for i, row in enumerate(rows):
+            request = self.rows[row]
+            p = request.params
+            if p.temperature == 0:
+                picked.append(logits[i].argmax(-1))
+            else:
+                probs = filter_logits(logits[i : i + 1], p).softmax(-1)
+                picked.append(torch.multinomial(probs, 1, generator=self._generators[request.id])[0, 0])
+        events = []
+        for row, token in zip(rows, torch.stack(picked).tolist(), strict=True):
+            request = self.rows[row]
+            if token in request.stop_ids:
+                request.finish_reason = "stop"
+                events.append(Event(request, None, True))
+                self._release(request)
+                continue
+            request.tokens.append(token)
+            used = len(request.prompt_ids) + len(request.tokens)
+            if len(request.tokens) >= request.params.max_new_tokens or used >= self.capacity:
+                request.finish_reason = "length"
+                self._release(request)
+            else:
+                self._last[row] = token
+            events.append(Event(request, token, request.done))
+        return events
+
+    def _release(self, request: Request) -> None:
+        for row, r in enumerate(self.rows):
+            if r is request:
+                self.rows[row] = None
+                self._last.pop(row, None)
+        self._generators.pop(request.id, None)
+
+
+def generate_batch(
+    model,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    stop_ids: set[int] | None = None,
+    compile: bool = False,
+    capacity: int | None = None,
+) -> list[Request]:
+    """Continue every prompt in one batch (one row each) until all are done; the requests, in
+    order, with their tokens and finish reasons."""
+    per_row = params if isinstance(params, list) else [params] * len(prompts)
+    engine = Engine(model, len(prompts), capacity=capacity, compile=compile)
+    stop = frozenset(stop_ids or ())
+    requests = [engine.add(Request(list(p), q, stop)) for p, q in zip(prompts, per_row, strict=True)]
+    while not engine.idle():
+        engine.step()
+    return requests

@@ -1,0 +1,153 @@
+"""The KV cache of generation: preallocated per-layer buffers for a batch of rows, each row at its
+own position.
+
+Each attention part says what it caches (`cache_shapes()`: GQA its K and V heads, MLA only its
+latent and the shared RoPE key); a layer that reuses another layer's K/V (cross-layer sharing)
+caches nothing and reads its group's buffers. A group whose layers all have a sliding window
+keeps a ring buffer of `window` entries (slot = position mod window), so local layers decode in
+memory that does not grow with the sequence; global layers keep `capacity` entries.
+
+Every slot remembers the absolute position it holds (-1: empty), and attention masks are built
+from those positions: rows of one batch can hold prompts of different lengths, and a row can be
+emptied and refilled while the others keep decoding (continuous batching). Buffers are only
+written in place, so a decode step over all rows has static shapes (torch.compile, CUDA graphs).
+
+Capacity is checked on the host by `reserve` before a forward (the model itself never syncs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class LayerCache:
+    """The buffers of one layer (or one KV-sharing group): tensors (B, heads, size, dim) and the
+    position each slot holds, (B, size)."""
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], batch: int, size: int, ring: bool, device, dtype):
+        self.tensors = [torch.zeros(batch, h, size, d, device=device, dtype=dtype) for h, d in shapes]
+        self.pos = torch.full((batch, size), -1, dtype=torch.long, device=device)
+        self.size, self.ring = size, ring
+
+    def write(self, rows: torch.Tensor, pos: torch.Tensor, new: Sequence[torch.Tensor]) -> None:
+        slots = pos % self.size if self.ring else pos  # (b, T)
+        index = rows[:, None]
+        for buffer, value in zip(self.tensors, new, strict=True):
+            buffer[index, :, slots] = value.transpose(1, 2).to(buffer.dtype)  # (b, T, h, d)
+        self.pos[index, slots] = pos
+
+    def read(self, rows: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if rows is None:
+            return list(self.tensors), self.pos
+        return [t[rows] for t in self.tensors], self.pos[rows]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors) + self.pos.numel() * self.pos.element_size()
+
+
+class KVCache:
+    """Buffers for `batch` rows of `model` (a models.decoder.Decoder), each row holding up to
+    `capacity` tokens (default and at most the model's max_seq_len).
+
+    `view(rows)` continues only some rows (the others keep their state); `reset(rows)` empties
+    rows for new sequences; `lengths` holds the tokens each row has."""
+
+    def __init__(self, model, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None):
+        cfg = model.cfg
+        self.capacity = min(capacity or cfg.max_seq_len, cfg.max_seq_len)
+        if self.capacity <= 0 or batch <= 0:
+            raise ValueError(f"a KV cache needs batch > 0 and capacity > 0, got {batch} and {self.capacity}")
+        device = model.embed.weight.device
+        dtype = dtype or model.embed.weight.dtype
+        self.batch = batch
+        self.owner: list[int] = []  # the layer whose buffers each layer reads
+        self.layers: dict[int, LayerCache] = {}
+        attns = [block.attn for block in model.blocks]
+        for layer, attn in enumerate(attns):  # a layer without its own K/V reads the last owner's
+            self.owner.append(layer if attn.cache_shapes() is not None else self.owner[-1])
+        for layer in sorted(set(self.owner)):
+            windows = [attns[j].window for j, owner in enumerate(self.owner) if owner == layer]
+            local = all(w is not None for w in windows) and max(windows) < self.capacity
+            size = max(windows) if local else self.capacity
+            self.layers[layer] = LayerCache(attns[layer].cache_shapes(), batch, size, local, device, dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.host_lengths = [0] * batch  # the same, on the host: capacity checks without a sync
+        self._rows: torch.Tensor | None = None
+        self._host_rows: list[int] = list(range(batch))
+
+    # -- what the generation code calls --------------------------------------------------------
+
+    def view(self, rows: Sequence[int]) -> KVCache:
+        """The same buffers, continuing only `rows` (in that order) in the next forward."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view._host_rows = list(rows)
+        view._rows = torch.tensor(view._host_rows, dtype=torch.long, device=self.lengths.device)
+        return view
+
+    def reset(self, rows: Sequence[int]) -> None:
+        """Empty `rows` for new sequences."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.lengths.device)
+        self.lengths[index] = 0
+        for layer in self.layers.values():
+            layer.pos[index] = -1
+        for r in rows:
+            self.host_lengths[r] = 0
+
+    def reserve(self, T: int) -> None:
+        """Check that the rows of this view can take T more tokens; raise ValueError otherwise.
+        Call before each forward with a cache (the model does not check, to stay sync-free)."""
+        for r in self._host_rows:
+            if self.host_lengths[r] + T > self.capacity:
+                raise ValueError(
+                    f"row {r} would hold {self.host_lengths[r] + T} tokens, over the cache's capacity "
+                    f"{self.capacity} (the model's max_seq_len or less)"
+                )
+            self.host_lengths[r] += T
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers.values())
+
+    # -- what the model calls -------------------------------------------------------------------
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(b, T) absolute positions of the next T tokens of each row of this view."""
+        lengths = self.lengths if self._rows is None else self.lengths[self._rows]
+        return lengths[:, None] + torch.arange(T, device=lengths.device)
+
+    def update(self, layer: int, pos: torch.Tensor, *new: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Store a layer's new entries (each (b, h, T, d)) at positions `pos` (b, T); return
+        what attention reads — every entry of the rows, (b, h, S, d) — and their positions (b, S)."""
+        cache = self.layers[layer]
+        rows = self._rows if self._rows is not None else torch.arange(self.batch, device=pos.device)
+        T = pos.shape[1]
+        if cache.ring and T > 1:
+            # A chunk would overwrite entries its own earlier queries still see: attend over the
+            # ring as it was plus the chunk, then keep the chunk's last `size` entries.
+            past, past_pos = cache.read(self._rows)
+            out = [torch.cat([p, n.to(p.dtype)], dim=2) for p, n in zip(past, new, strict=True)]
+            key_pos = torch.cat([past_pos, pos], dim=1)  # copies: before the write below
+            keep = min(T, cache.size)
+            cache.write(rows, pos[:, -keep:], [n[:, :, -keep:] for n in new])
+            return out, key_pos
+        cache.write(rows, pos, new)
+        return cache.read(self._rows)
+
+    def advance(self, T: int) -> None:
+        """The rows of this view took T tokens (the model calls it at the end of a forward)."""
+        if self._rows is None:
+            self.lengths += T
+        else:
+            self.lengths[self._rows] += T
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(b, 1, T, S) bool for SDPA: a query at position p sees the filled slots at positions ≤ p
+    (and > p - window)."""
+    q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= k > q - window
+    return mask
