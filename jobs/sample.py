@@ -5,6 +5,7 @@ python -m jobs.sample --model=models:/llama-tiny@champion --sampling.temperature
 python -m jobs.sample --model=runs:/<run_id> | --model=.generalmodel/store/checkpoints/llama-tiny/export
 python -m jobs.sample --model=... --prompt='["Fellow citizens", "In the year"]'   # several prompts
 python -m jobs.sample --model=models:/llama-tiny-sft/1 --chat --prompt="Which president said: ..."
+python -m jobs.sample --model=models:/llama-tiny/1 --quant=int8-weight      # torchao (see --help)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import Field, field_validator
 from generalmodel.cli import run_job
 from generalmodel.config import Section, StorageConfig, TrackingConfig
 from generalmodel.infer import SamplingParams, fetch, load_model, sample_text
+from generalmodel.infer.quant import Quant, check_quant
 from generalmodel.infer.sampling import sample_chat
 from generalmodel.tracking import tracking_uri
 
@@ -27,6 +29,10 @@ class SampleConfig(Section):
         False, description="Each prompt is a user's message, answered in the chat format (an SFT/DPO model)."
     )
     system: str | None = Field(None, description="chat: a system message before each prompt.")
+    quant: Quant = Field(
+        "none", description="torchao quantization: int8-weight, int8-dynamic; on a CUDA card also fp8-*, int4-weight."
+    )
+    device: str = Field("cpu", description="cpu or cuda.")
     sampling: SamplingParams = SamplingParams()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
@@ -38,7 +44,8 @@ class SampleConfig(Section):
 
 
 def main(cfg: SampleConfig) -> list[str]:
-    model, tokenizer = load_model(fetch(cfg.model, tracking_uri(cfg), cfg.storage.resolved()))
+    check_quant(cfg.quant, cfg.device)  # before any download
+    model, tokenizer = load_model(fetch(cfg.model, tracking_uri(cfg), cfg.storage.resolved()), cfg.device, cfg.quant)
     outputs = []
     for prompt in cfg.prompt:
         print(f"--- {prompt!r}", flush=True)

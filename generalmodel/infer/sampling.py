@@ -133,11 +133,15 @@ def build_with_state(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, w
     return model.eval(), load_tokenizer(tokenizer_json, f"{where}/tokenizer.json")
 
 
-def load_model(directory: str, device: str = "cpu"):
-    """(model, tokenizer) from a model directory (see `read_model`)."""
+def load_model(directory: str, device: str = "cpu", quant: str = "none"):
+    """(model, tokenizer) from a model directory (see `read_model`), quantized by torchao unless
+    `quant` is "none" (generalmodel.infer.quant)."""
+    from generalmodel.infer.quant import check_quant, quantize
+
+    check_quant(quant, device)  # before the download is read: an impossible combination fails first
     cfg, state, tokenizer_json, where = read_model(directory)
     model, tokenizer = build_with_state(cfg, state, tokenizer_json, where)
-    return model.to(device), tokenizer
+    return quantize(model.to(device), quant), tokenizer
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
