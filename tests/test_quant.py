@@ -43,7 +43,8 @@ def test_int8_on_cpu_is_close_to_the_float_model_and_decodes_batched(kind, name)
     assert 0 < kl < 1e-2, kl
     prompts = [ids[0, :7].tolist(), ids[1].tolist()]
     greedy = SamplingParams(temperature=0, max_new_tokens=8)
-    assert [r.tokens for r in generate_batch(model, prompts, greedy)] == [list(generate(model, p, greedy)) for p in prompts]
+    batched = [r.tokens for r in generate_batch(model, prompts, greedy)]
+    assert batched == [list(generate(model, p, greedy)) for p in prompts]
 
 
 @pytest.mark.parametrize(
