@@ -151,3 +151,13 @@ def test_max_concurrent_trials_reaches_the_variant_generator(tmp_path, searcher)
     )
     sweep, _ = load_sweep(path)
     assert search_algorithm(sweep).max_concurrent == 2
+
+
+def test_planned_trials_count_every_grid_pass(tmp_path):
+    """What an interrupted sweep still owes: trials Tune has not created yet count too."""
+    from generalmodel.tune.runner import planned_trials
+
+    grid = "  optim.lr: {grid: [0.001, 0.01, 0.1]}\n  optim.schedule: {grid: [cosine, wsd]}\n"
+    assert planned_trials(load_sweep(write(tmp_path, BASE + f"num_samples: 2\nsearch:\n{grid}"))[0]) == 12
+    sampled = "search:\n  optim.lr: {loguniform: [0.0001, 0.01]}\n"
+    assert planned_trials(load_sweep(write(tmp_path, BASE + f"num_samples: 5\n{sampled}"))[0]) == 5

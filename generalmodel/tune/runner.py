@@ -222,20 +222,31 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweeps_dir.path, storage_filesystem=sweeps_dir.fs),
         )
     grid = tuner.fit()
-    unfinished = unfinished_trials(experiment)
+    unfinished = unfinished_trials(experiment, planned_trials(sweep))
     if unfinished:
         stop_interrupted(unfinished, parent, uri, experiment.uri)
     return summarize(sweep, base, grid, parent, uri, experiment.uri)
 
 
-def unfinished_trials(experiment) -> int:
-    """Trials a restore would continue, by the experiment state Tune saved. Tune handles Ctrl-C
-    itself: `fit()` returns normally, the trials it stopped shown as terminated, while the saved
-    state keeps them pending so that `Tuner.restore` resumes them."""
+def planned_trials(sweep: Sweep) -> int:
+    """How many trials the sweep runs: num_samples, each a pass over the whole grid if it has one."""
+    n = sweep.num_samples
+    for domain in param_space(sweep).values():
+        if isinstance(domain, dict) and "grid_search" in domain:
+            n *= len(domain["grid_search"])
+    return n
+
+
+def unfinished_trials(experiment, planned: int) -> int:
+    """Trials a restore would run, by the experiment state Tune saved: those it holds that did not
+    end, and those not created yet (with max_concurrent_trials, Tune creates a trial only when a
+    slot frees). Tune handles Ctrl-C itself: `fit()` returns normally, the trials it stopped shown
+    as terminated, while the saved state keeps them pending so that `Tuner.restore` resumes them."""
     from ray.tune import ExperimentAnalysis
 
     saved = ExperimentAnalysis(experiment.path, storage_filesystem=experiment.fs)
-    return sum(t.status not in ("TERMINATED", "ERROR") for t in saved.trials)
+    ended = sum(t.status in ("TERMINATED", "ERROR") for t in saved.trials)
+    return max(planned, len(saved.trials)) - ended
 
 
 def stop_interrupted(unfinished: int, parent: str, uri: str, experiment_uri: str) -> None:
