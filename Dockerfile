@@ -13,7 +13,7 @@ COPY jobs jobs
 COPY configs configs
 COPY sweeps sweeps
 RUN pip install --no-cache-dir "torch==2.13.0" \
- && pip install --no-cache-dir ".[gpu,hf,tune]" "ray[default,data,train,tune]==2.60.0" \
+ && pip install --no-cache-dir ".[gpu,hf,tune]" "ray[default,data,train,tune,serve]==2.60.0" \
  && chown -R 1000:1000 /app
 USER 1000
 ENV PYTHONUNBUFFERED=1

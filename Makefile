@@ -3,7 +3,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
 .PHONY: install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
-	bench-tinystories eval export serve sotu-qa sft dpo clean
+	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo clean
 
 install: $(VENV_STAMP)
 
@@ -94,12 +94,27 @@ OUT ?= exports/hf
 export: install
 	$(PY) -m jobs.export --model=$(MODELS) --out=$(OUT)
 
-# The registered model behind MLflow's scoring server (POST /invocations); uvicorn from the venv,
-# the registry of MLFLOW_TRACKING_URI (default: the local store `make pretrain` writes).
-PORT ?= 5001
+# The OpenAI-compatible API on Ray Serve (jobs/serve.py): /v1/completions, /v1/chat/completions,
+# /v1/models on http://127.0.0.1:$(PORT)/v1, continuous batching; Ctrl-C stops it. MODEL defaults
+# to what `make pretrain` registered; the registry of MLFLOW_TRACKING_URI (default: the local store).
+MODEL ?= models:/llama-tiny/latest
+PORT ?= 8000
+SERVE_ARGS ?=
 serve: install
+	$(PY) -m jobs.serve --model=$(MODEL) --port=$(PORT) $(SERVE_ARGS)
+
+# The registered model behind MLflow's scoring server (POST /invocations); uvicorn from the venv.
+MLFLOW_PORT ?= 5001
+serve-mlflow: install
 	PATH="$(CURDIR)/.venv/bin:$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/.generalmodel/mlflow.db}" \
-	  .venv/bin/mlflow models serve -m $(MODELS) --env-manager local -h 127.0.0.1 -p $(PORT)
+	  .venv/bin/mlflow models serve -m $(MODELS) --env-manager local -h 127.0.0.1 -p $(MLFLOW_PORT)
+
+# Decoding speed and quantization cost; the served API under load (batching on and off).
+bench-decode: install
+	$(PY) -m benchmarks.decode $(BENCH_ARGS)
+
+bench-serve: install
+	$(PY) -m benchmarks.serve_load $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .generalmodel .pytest_cache

@@ -13,6 +13,7 @@ JOBS = {
     "sotu-qa": "jobs.sotu_qa",
     "sweep": "jobs.sweep",
     "sample": "jobs.sample",
+    "serve": "jobs.serve",
     "export": "jobs.export",
     "eval": "jobs.eval",
     "cluster": "jobs.cluster",

@@ -1,6 +1,7 @@
 """Offline validation of the Kubernetes manifests (no API server can run here): core objects and
-every pod template with kubernetes-validate (strict), KubeRay objects against
-k8s/schemas/kuberay.schema.json; overlays rendered with `kubectl kustomize`; RayJobs rendered by
+every pod template with kubernetes-validate (strict), KubeRay objects (RayCluster, RayJob,
+RayService) against k8s/schemas/kuberay.schema.json, a RayService's serveConfigV2 against Ray
+Serve's own schema; overlays rendered with `kubectl kustomize`; RayJobs rendered by
 jobs/submit_k8s.py; broken manifests must fail."""
 
 import copy
@@ -24,11 +25,11 @@ SCHEMA = json.loads((REPO / "k8s/schemas/kuberay.schema.json").read_text())
 
 def pod_templates(obj):
     """Every pod template of a manifest: Deployments, Jobs, RayCluster groups, a RayJob's own
-    cluster (rayClusterSpec) and its submitter pod."""
+    cluster (rayClusterSpec) and its submitter pod, a RayService's cluster (rayClusterConfig)."""
     spec = obj.get("spec", {})
     if obj["kind"] in ("Deployment", "Job"):
         yield spec["template"]
-    cluster = spec if obj["kind"] == "RayCluster" else spec.get("rayClusterSpec")
+    cluster = spec if obj["kind"] == "RayCluster" else spec.get("rayClusterSpec") or spec.get("rayClusterConfig")
     if cluster:
         yield cluster["headGroupSpec"]["template"]
         for group in cluster.get("workerGroupSpecs", []):
@@ -165,6 +166,38 @@ def test_the_standalone_rayjob_brings_its_own_cluster_and_shuts_it_down():
     ]
     kustomization = yaml.safe_load((REPO / "k8s/base/kustomization.yaml").read_text())
     assert "rayjob-standalone.yaml" not in kustomization["resources"]  # applying the base starts no run
+
+
+def test_the_rayservice_deploys_the_openai_app_on_the_clusters_spec():
+    """Its serveConfigV2 is a valid Serve config (Ray's own schema), its import path is our app
+    builder, its args a valid ServeConfig; its cluster is raycluster.yaml's plus Serve's port."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from generalmodel.serve.app import ServeConfig, build_app
+
+    service = yaml.safe_load((REPO / "k8s/base/rayservice-serve.yaml").read_text())
+    validate(service)
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    module, name = app.import_path.split(":")
+    assert getattr(__import__(module, fromlist=[name]), name) is build_app
+    args = ServeConfig.model_validate(app.args)
+    assert args.model.startswith("models:/") and args.device == "cuda" and args.autoscaling is not None
+    assert config.http_options.host == "0.0.0.0"  # inside its pod; the Service in front is a ClusterIP
+    cluster = yaml.safe_load((REPO / "k8s/base/raycluster.yaml").read_text())["spec"]
+    own = copy.deepcopy(service["spec"]["rayClusterConfig"])
+    ports = own["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "serve", "containerPort": 8000} in ports
+    ports.remove({"name": "serve", "containerPort": 8000})
+    assert own == cluster
+    kustomization = yaml.safe_load((REPO / "k8s/base/kustomization.yaml").read_text())
+    assert "rayservice-serve.yaml" not in kustomization["resources"]  # a model must be registered first
+    bad = copy.deepcopy(service)
+    bad["spec"]["serveConfigV2"] = bad["spec"]["serveConfigV2"].replace("max_batch:", "max_bacth:")
+    with pytest.raises(ValueError, match="max_bacth"):
+        ServeConfig.model_validate(
+            ServeDeploySchema.model_validate(yaml.safe_load(bad["spec"]["serveConfigV2"])).applications[0].args
+        )
 
 
 def test_ray_version_is_pinned_to_the_image():

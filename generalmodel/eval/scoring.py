@@ -83,7 +83,8 @@ class WindowScore:
 def score_windows(model, windows: list[np.ndarray], sizes: np.ndarray, batch_size: int = 8) -> WindowScore:
     """NLL of every non-special target token of the windows (input window[:-1], targets window[1:])."""
     total = WindowScore()
-    sizes_t = torch.as_tensor(sizes)
+    device = next(model.parameters()).device
+    sizes_t = torch.as_tensor(sizes).to(device)
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
         width = max(len(w) for w in batch)
@@ -92,6 +93,7 @@ def score_windows(model, windows: list[np.ndarray], sizes: np.ndarray, batch_siz
         for row, w in enumerate(batch):
             ids[row, : len(w)] = torch.as_tensor(w)
             valid[row, : len(w) - 1] = True
+        ids, valid = ids.to(device), valid.to(device)
         targets = ids[:, 1:]
         nll = F.cross_entropy(model(ids[:, :-1]).float().transpose(1, 2), targets, reduction="none")
         counted = valid & (sizes_t[targets] > 0)

@@ -1,0 +1,253 @@
+"""The OpenAI-compatible Ray Serve app (jobs/serve.py, generalmodel/serve) on the session's local Ray
+cluster, the model loaded from the real MLflow registry, talked to with the `openai` client and raw
+HTTP: completions and chat completions equal our sampler's output, streamed or not (SSE ending in
+`data: [DONE]`); stop strings; bad requests are 400s naming the field; concurrent streams share
+decode steps and each still gets its own tokens; a client that goes away frees its row. The text
+side (TextStream: multi-byte characters, stop strings across tokens) is tested without a server."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import make_documents
+
+from generalmodel.cluster import free_port
+from generalmodel.data.chat import ChatFormat
+from generalmodel.data.tokenizer import EOS, train_bpe
+from generalmodel.infer import SamplingParams, generate, load_model
+from generalmodel.infer.sampling import export_files
+from generalmodel.serve.protocol import TextStream
+from generalmodel.tracking.runs import log_model, register
+from models import build_model
+from models.llama import LlamaConfig
+
+# long enough a context that a cancelled stream is cut well before its end
+CFG = LlamaConfig(vocab_size=320, max_seq_len=1024, n_layers=4, n_heads=4, n_kv_heads=2, d_model=256)
+NAME = "served-openai"
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    tokenizer = train_bpe(make_documents(30, seed=5), CFG.vocab_size)  # reserves the chat tokens
+    directory = tmp_path_factory.mktemp("served")
+    for name, data in export_files(CFG, model.state_dict(), tokenizer.to_str()).items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def local(export):
+    return load_model(str(export))
+
+
+@pytest.fixture(scope="module")
+def server(export, mlflow_server, ray_cluster):
+    """The app deployed on the session's Ray cluster from models:/served-openai/1 (MLflow server)."""
+    from mlflow.tracking import MlflowClient
+    from ray import serve
+
+    from jobs.serve import ServeJobConfig, main
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.create_run(client.create_experiment(f"serve-openai-{time.time_ns()}"))
+    log_model(client, run.info.run_id, str(export))
+    client.set_terminated(run.info.run_id)
+    register(client, NAME, run.info.run_id)
+    cfg = ServeJobConfig(
+        model=f"models:/{NAME}/1", port=free_port(), max_batch=8, num_cpus=0.5, tracking={"uri": mlflow_server.uri}
+    )
+    url = main(cfg, block=False)
+    yield url
+    serve.shutdown()
+
+
+def greedy_ids(local, prompt: str, n: int) -> list[int]:
+    model, tokenizer = local
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    return list(generate(model, ids, SamplingParams(temperature=0, max_new_tokens=n), {eos(local)}))
+
+
+def greedy_text(local, prompt: str, n: int) -> str:
+    return local[1].decode(greedy_ids(local, prompt, n))
+
+
+def eos(local) -> int:
+    return local[1].token_to_id(EOS)
+
+
+def openai_client(url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+
+PROMPTS = ["Fellow citizens,", "The state of the Union", "We", "In the year of our Lord"]
+
+
+@pytest.mark.integration
+def test_models_and_health(server):
+    models = openai_client(server).models.list()
+    assert [m.id for m in models.data] == [NAME]
+    base = server.rsplit("/v1", 1)[0]
+    assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": NAME}
+
+
+@pytest.mark.integration
+def test_completions_equal_our_sampler_streamed_or_not(server, local):
+    client = openai_client(server)
+    for prompt in PROMPTS[:2]:
+        expected = greedy_text(local, prompt, 12)
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == 12
+        assert out.usage.prompt_tokens == len(local[1].encode(prompt, add_special_tokens=False).ids)
+        chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 2
+    # the raw event stream ends with [DONE]
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+@pytest.mark.integration
+def test_chat_completions_use_the_chat_template(server, local):
+    model, tokenizer = local
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who spoke in 1862?"}]
+    fmt = ChatFormat.from_json(tokenizer.to_str())
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    expected = tokenizer.decode(list(generate(model, fmt.prompt_ids(messages), params, {fmt.end_id, eos(local)})))
+    client = openai_client(server)
+    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == expected
+    chunks = list(
+        client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.integration
+def test_a_stop_string_ends_the_text_before_it(server, local):
+    full = greedy_text(local, PROMPTS[0], 16)
+    stop = full[5:8]
+    cut = full[: full.index(stop)]
+    client = openai_client(server)
+    out = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop])
+    assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+    chunks = list(
+        client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=stop, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == cut
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens: Input should be greater than 0"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature", "temperature: Input should be less than or equal to 2"),
+        ({"prompt": "x", "top_p": 0}, "top_p", "top_p: Input should be greater than 0"),
+        ({"prompt": "x", "n": 3}, "n", "n: Input should be less than or equal to 1"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "stop takes up to 4 non-empty strings"),
+        ({"max_tokens": 3}, "prompt", "prompt: Field required"),
+        ({"prompt": "x", "model": "gpt-4"}, "model", "unknown model 'gpt-4'; this server serves 'served-openai'"),
+        ({"prompt": "word " * 1100}, "prompt", "this model's context is 1024 tokens"),
+    ],
+)
+def test_bad_requests_are_400s_naming_the_field(server, body, param, message):
+    response = httpx.post(f"{server}/completions", json={"model": NAME, **body}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+@pytest.mark.integration
+def test_chat_with_a_bad_role_is_a_400(server):
+    body = {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}
+    response = httpx.post(f"{server}/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.integration
+def test_concurrent_streams_share_decode_steps_and_keep_their_own_tokens(server, local):
+    base = server.rsplit("/v1", 1)[0]
+    before = httpx.get(f"{base}/stats").json()
+    client = openai_client(server)
+    prompts = [f"{p} {i}" for i in range(2) for p in PROMPTS]  # 8 streams
+    results: dict[str, str] = {}
+
+    def one(prompt):
+        chunks = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        results[prompt] = "".join(c.choices[0].text for c in chunks)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {p: greedy_text(local, p, 24) for p in prompts}
+    after = httpx.get(f"{base}/stats").json()
+    tokens, steps = after["tokens"] - before["tokens"], after["steps"] - before["steps"]
+    assert tokens == sum(len(greedy_ids(local, p, 24)) for p in prompts)  # some end at EOS
+    assert steps < tokens / 2, (steps, tokens)  # several rows per decode step, not one request at a time
+
+
+@pytest.mark.integration
+def test_a_client_that_goes_away_frees_its_row(server):
+    base = server.rsplit("/v1", 1)[0]
+    before = httpx.get(f"{base}/stats").json()
+    body = {"model": NAME, "prompt": "Fellow", "max_tokens": 1000, "temperature": 0.8, "seed": 1, "stream": True}
+    with httpx.stream("POST", f"{server}/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = httpx.get(f"{base}/stats").json()
+        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0, stats
+    assert stats["tokens"] - before["tokens"] < 1000  # stopped before its end
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte: multi-byte characters span tokens."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def stream_text(text: str, stops: list[str]) -> tuple[list[str], bool]:
+    stream = TextStream(ByteTokenizer(), stops)
+    pieces = []
+    for b in text.encode():
+        pieces.append(stream.add(b))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    return pieces, stream.stopped
+
+
+def test_text_stream_waits_for_whole_characters_and_ends_at_stop_strings():
+    pieces, stopped = stream_text("héllo wörld", [])
+    assert "".join(pieces) == "héllo wörld" and not stopped and all("\ufffd" not in p for p in pieces)
+    pieces, stopped = stream_text("one two<|stop|> three", ["<|stop|>"])
+    assert "".join(pieces) == "one two" and stopped
+    assert "<" not in "".join(pieces[:-1])  # a possible stop's start is held back, not shown then retracted
+    pieces, stopped = stream_text("a <b a <c", ["<c"])  # a false start is released
+    assert "".join(pieces) == "a <b a " and stopped
+    pieces, stopped = stream_text("ends with <", ["<c"])  # held back to the end, then shown
+    assert "".join(pieces) == "ends with <" and not stopped
+    pieces, stopped = stream_text("x ü stop", ["ü s", "top"])  # the earliest stop wins
+    assert "".join(pieces) == "x " and stopped
