@@ -52,6 +52,8 @@ def timed_decode(model, prompts, new: int, compile: bool, device: str, repeats: 
     """(tokens/s, tokens of the first row set): a warmup call (compiles), then the best of `repeats`."""
     params = SamplingParams(temperature=0, max_new_tokens=new)
     capacity = len(prompts[0]) + new
+    if compile:  # a fresh compile per configuration: dynamo's recompile limit would fall back to eager
+        torch._dynamo.reset()
     tokens = [r.tokens for r in generate_batch(model, prompts, params, compile=compile, capacity=capacity)]
     best = float("inf")
     for _ in range(repeats):

@@ -12,7 +12,9 @@ from those positions: rows of one batch can hold prompts of different lengths, a
 emptied and refilled while the others keep decoding (continuous batching). Buffers are only
 written in place, so a decode step over all rows has static shapes (torch.compile, CUDA graphs).
 
-Capacity is checked on the host by `reserve` before a forward (the model itself never syncs).
+Capacity is checked on the host by `reserve` before a forward (the model itself never syncs); it
+also tells the next forward how many slots of the full-length buffers are in use, so attention
+reads only those (unless `trim` is off: then every slot, masked, for static shapes under compile).
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ class LayerCache:
             buffer[index, :, slots] = value.transpose(1, 2).to(buffer.dtype)  # (b, T, h, d)
         self.pos[index, slots] = pos
 
-    def read(self, rows: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def read(self, rows: torch.Tensor | None, span: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The rows' entries, the first `span` slots only when given (a full cache's used part)."""
+        tensors, pos = self.tensors, self.pos
+        if span is not None and not self.ring and span < self.size:
+            tensors, pos = [t[:, :, :span] for t in tensors], pos[:, :span]
         if rows is None:
-            return list(self.tensors), self.pos
-        return [t[rows] for t in self.tensors], self.pos[rows]
+            return list(tensors), pos
+        return [t[rows] for t in tensors], pos[rows]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors) + self.pos.numel() * self.pos.element_size()
@@ -76,6 +82,8 @@ class KVCache:
         self.host_lengths = [0] * batch  # the same, on the host: capacity checks without a sync
         self._rows: torch.Tensor | None = None
         self._host_rows: list[int] = list(range(batch))
+        self.trim = True  # attend over the used slots only (False: always all, static shapes for compile)
+        self._span: int | None = None  # set by reserve for the next forward
 
     # -- what the generation code calls --------------------------------------------------------
 
@@ -106,6 +114,8 @@ class KVCache:
                     f"{self.capacity} (the model's max_seq_len or less)"
                 )
             self.host_lengths[r] += T
+        if self.trim:
+            self._span = max(self.host_lengths[r] for r in self._host_rows)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers.values())
@@ -126,14 +136,14 @@ class KVCache:
         if cache.ring and T > 1:
             # A chunk would overwrite entries its own earlier queries still see: attend over the
             # ring as it was plus the chunk, then keep the chunk's last `size` entries.
-            past, past_pos = cache.read(self._rows)
+            past, past_pos = cache.read(self._rows)  # a ring: all of it
             out = [torch.cat([p, n.to(p.dtype)], dim=2) for p, n in zip(past, new, strict=True)]
             key_pos = torch.cat([past_pos, pos], dim=1)  # copies: before the write below
             keep = min(T, cache.size)
             cache.write(rows, pos[:, -keep:], [n[:, :, -keep:] for n in new])
             return out, key_pos
         cache.write(rows, pos, new)
-        return cache.read(self._rows)
+        return cache.read(self._rows, self._span)
 
     def advance(self, T: int) -> None:
         """The rows of this view took T tokens (the model calls it at the end of a forward)."""
@@ -141,6 +151,7 @@ class KVCache:
             self.lengths += T
         else:
             self.lengths[self._rows] += T
+        self._span = None  # the next forward reserves again (or reads every slot)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

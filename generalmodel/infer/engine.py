@@ -55,6 +55,7 @@ class Engine:
     def __init__(self, model, slots: int, capacity: int | None = None, compile: bool = False):
         self.model = model
         self.cache = KVCache(model, slots, capacity)
+        self.cache.trim = not compile  # compiled: every slot, static shapes
         self.capacity = self.cache.capacity
         self.device = model.embed.weight.device
         self.rows: list[Request | None] = [None] * slots
