@@ -4,8 +4,9 @@
     python -m benchmarks.serve_load --model models:/llama-tiny/latest --concurrency 1,4,16,64
 
 Starts a local Ray cluster, deploys the app on 127.0.0.1 (one replica) with `max_batch` =
---max-batch (batching on), drives it with streaming /v1/completions requests from --concurrency
-clients at a time (httpx, asyncio) for a bounded number of requests, then redeploys it with
+--max-batch (batching on), warms it up with a few requests, drives it with streaming
+/v1/completions requests from --concurrency clients at a time (httpx, asyncio) for a bounded
+number of requests, then redeploys it with
 `max_batch: 1` (one request decoded at a time: batching off) and does the same. Prints, per
 setting and concurrency: time to first token p50/p99, inter-token latency p50/p99, aggregate
 generated tokens/s, errors — and the aggregate ratio to a single stream of the same setting.
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stream-interval-ms", type=float, default=None, help="default: the app's")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -125,19 +127,22 @@ def main() -> None:
         model = args.model or random_model(args.preset, Path(tmp))
         ray.init(include_dashboard=False, log_to_driver=False)
         rows = []
+        port = free_port()  # one HTTP proxy for both settings: Serve keeps the options it started with
         try:
             for setting, max_batch in (("batching on", args.max_batch), ("batching off", 1)):
                 cfg = ServeJobConfig(
-                    model=model, name="bench", port=free_port(), max_batch=max_batch, device=args.device,
+                    model=model, name="bench", port=port, max_batch=max_batch, device=args.device,
                     max_ongoing_requests=max(levels) + 8, num_cpus=1,
+                    **({} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}),
                 )  # fmt: skip
                 url = deploy(cfg, block=False)
+                asyncio.run(drive(f"{url}/completions", "bench", 2, 8, args.max_tokens))  # warm up, not counted
                 single = None
                 for c in levels:
                     stats = asyncio.run(drive(f"{url}/completions", "bench", c, max(args.requests, c), args.max_tokens))
                     single = single or stats["tok/s"]
                     row = {"setting": f"{setting} (max_batch {max_batch})", "concurrency": c, **stats}
-                    row["x single stream"] = stats["tok/s"] / single
+                    row["x single stream"] = stats["tok/s"] / single if single else float("nan")
                     rows.append(row)
                     print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
                 serve.delete(cfg.app_name)

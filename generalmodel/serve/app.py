@@ -64,6 +64,12 @@ class ServeConfig(Section):
     device: str = Field("cpu", description="cpu or cuda (one GPU per replica).")
     quant: Quant = Field("none", description="torchao quantization (see python -m jobs.sample --help).")
     compile: bool = Field(False, description="torch.compile the decode step while every row is busy (a card).")
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        description="A stream's chunks go out at most this often, each with the tokens decoded since the last "
+        "(the first at once): fewer messages through Serve's proxy under load; 0: one chunk per token.",
+    )
     max_batch: int = Field(16, gt=0, description="Sequences a replica decodes together; 1: no batching.")
     max_ongoing_requests: int = Field(64, gt=0, description="Requests a replica holds (decoding or waiting).")
     replicas: int = Field(1, gt=0, description="Replicas when autoscaling is off.")
@@ -75,21 +81,26 @@ class ServeConfig(Section):
 
 
 class DecodeLoop:
-    """The engine in its own thread. `submit` queues a request with a callback for its events (called
-    on the engine thread); `cancel` stops one; `close` stops the thread."""
+    """The engine in its own thread, feeding asyncio queues. `submit` (from the event loop) queues a
+    request with the asyncio.Queue its events go to; each decode step's events reach the event loop
+    in one hand-over (one wake-up per step, not per token); `cancel` stops a request; `close` stops
+    the thread. A request the engine refuses gets the exception in its queue; if the loop itself
+    fails, every queue does."""
 
     def __init__(self, engine):
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.callbacks: dict[int, Any] = {}
+        self.sinks: dict[int, asyncio.Queue] = {}
         self.stats = {"requests": 0, "cancelled": 0, "tokens": 0, "steps": 0}
         self.error: BaseException | None = None
+        self.aloop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self.thread.start()
 
-    def submit(self, request, on_event) -> None:
-        self.inbox.put(("add", request, on_event))
+    def submit(self, request, sink: asyncio.Queue) -> None:
+        self.aloop = self.aloop or asyncio.get_running_loop()
+        self.inbox.put(("add", request, sink))
 
     def cancel(self, request) -> None:
         self.inbox.put(("cancel", request, None))
@@ -103,6 +114,10 @@ class DecodeLoop:
     def alive(self) -> bool:
         return self.thread.is_alive() and self.error is None
 
+    def _hand_over(self, items: list[tuple[asyncio.Queue, Any]]) -> None:
+        if items:
+            self.aloop.call_soon_threadsafe(_put_all, items)
+
     def _run(self) -> None:
         try:
             while not self._closing:
@@ -111,34 +126,42 @@ class DecodeLoop:
                     continue
                 events = self.engine.step()
                 self.stats["steps"] += 1
+                out = []
                 for event in events:
                     self.stats["tokens"] += event.token is not None
-                    callback = self.callbacks.get(event.request.id)
-                    if callback is not None:
-                        callback(event)
-                    if event.finished:
-                        self.callbacks.pop(event.request.id, None)
+                    sink = self.sinks.pop(event.request.id) if event.finished else self.sinks.get(event.request.id)
+                    if sink is not None:
+                        out.append((sink, event))
+                self._hand_over(out)
         except BaseException as e:  # the replica is unhealthy from now on: check_health says why
             log.exception("the decode loop failed")
             self.error = e
-            for callback in self.callbacks.values():
-                callback(e)
+            self._hand_over([(sink, e) for sink in self.sinks.values()])
 
     def _drain(self, block: bool) -> None:
         while True:
             try:
-                op, request, callback = self.inbox.get(block=block, timeout=0.5 if block else None)
+                op, request, sink = self.inbox.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
                 return
             block = False
             if op == "add":
                 self.stats["requests"] += 1
-                self.callbacks[request.id] = callback
-                self.engine.add(request)
+                try:
+                    self.engine.add(request)
+                except ValueError as e:
+                    self._hand_over([(sink, e)])
+                    continue
+                self.sinks[request.id] = sink
             elif op == "cancel" and not request.done:
                 self.stats["cancelled"] += 1
                 self.engine.cancel(request)
-                self.callbacks.pop(request.id, None)
+                self.sinks.pop(request.id, None)
+
+
+def _put_all(items) -> None:
+    for sink, item in items:
+        sink.put_nowait(item)
 
 
 def build_app(args: dict[str, Any]):
@@ -247,6 +270,7 @@ def build_app(args: dict[str, Any]):
             return await self._answer(body, ids, {self.chat.end_id, self.eos}, chat=True)
 
         async def _answer(self, body, ids: list[int], stop_ids: set[int], chat: bool):
+            from generalmodel.infer.engine import Event
             from generalmodel.infer.engine import Request as Sequence
             from generalmodel.infer.sampling import SamplingParams
 
@@ -269,26 +293,43 @@ def build_app(args: dict[str, Any]):
             )
             sequence = Sequence(ids, params, frozenset(stop_ids))
             events: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            self.loop.submit(sequence, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+            self.loop.submit(sequence, events)
             text = TextStream(self.tokenizer, body.stops)
             rid = new_id("chatcmpl" if chat else "cmpl")
 
             async def pieces():
-                """(text, finish reason or None) as tokens arrive; cancels the sequence if abandoned."""
+                """(text, finish reason or None) as tokens arrive — the tokens that arrived while the
+                last piece was sent go out as one piece (fewer chunks through Serve's proxy when
+                the batch decodes faster than a stream is sent); cancels the sequence if abandoned."""
+                interval, sent = self.cfg.stream_interval_ms / 1000, float("-inf")
                 try:
                     while True:
-                        event = await events.get()
-                        if isinstance(event, BaseException):
-                            raise RuntimeError(f"the decode loop failed: {event!r}")
-                        piece = text.add(event.token) if event.token is not None else ""
-                        if text.stopped:
-                            self.loop.cancel(sequence)
-                            yield piece, "stop"
-                            return
-                        if event.finished:
-                            yield piece + text.finish(), "length" if sequence.finish_reason == "length" else "stop"
-                            return
+                        batch = [await events.get()]
+                        while True:  # what else arrived, or arrives before the next chunk is due
+                            while not events.empty():
+                                batch.append(events.get_nowait())
+                            wait = sent + interval - time.monotonic()
+                            if wait <= 0 or any(not isinstance(e, Event) or e.finished for e in batch):
+                                break
+                            try:
+                                batch.append(await asyncio.wait_for(events.get(), wait))
+                            except asyncio.TimeoutError:
+                                break
+                        sent = time.monotonic()
+                        piece = ""
+                        for event in batch:
+                            if isinstance(event, ValueError):  # the engine refused the request
+                                raise BadRequest(str(event), "messages" if chat else "prompt")
+                            if isinstance(event, BaseException):
+                                raise RuntimeError(f"the decode loop failed: {event!r}")
+                            piece += text.add(event.token) if event.token is not None else ""
+                            if text.stopped:
+                                self.loop.cancel(sequence)
+                                yield piece, "stop"
+                                return
+                            if event.finished:
+                                yield piece + text.finish(), "length" if sequence.finish_reason == "length" else "stop"
+                                return
                         if piece:
                             yield piece, None
                 finally:
