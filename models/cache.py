@@ -107,12 +107,13 @@ class KVCache:
     def reserve(self, T: int) -> None:
         """Check that the rows of this view can take T more tokens; raise ValueError otherwise.
         Call before each forward with a cache (the model does not check, to stay sync-free)."""
-        for r in self._host_rows:
+        for r in self._host_rows:  # all rows checked before any is counted
             if self.host_lengths[r] + T > self.capacity:
                 raise ValueError(
                     f"row {r} would hold {self.host_lengths[r] + T} tokens, over the cache's capacity "
                     f"{self.capacity} (the model's max_seq_len or less)"
                 )
+        for r in self._host_rows:
             self.host_lengths[r] += T
         if self.trim:
             self._span = max(self.host_lengths[r] for r in self._host_rows)

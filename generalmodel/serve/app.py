@@ -337,7 +337,7 @@ def build_app(args: dict[str, Any]):
                         self.loop.cancel(sequence)
 
             def usage() -> dict[str, int]:
-                n = len(sequence.tokens)
+                n = len(text.tokens)  # what the answer holds (the engine may be a step past a stop string)
                 return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
             if not body.stream:
