@@ -52,19 +52,21 @@ def main(cfg: ServeJobConfig, block: bool = True) -> str:
     with ray_session(cfg.ray):
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         app = build_app(cfg.model_dump(mode="json", exclude={"ray"}))
-        serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
         url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
-        print(f"serving {cfg.model} as {cfg.name or served_name(cfg.model)!r} at {url} (Ctrl-C stops)", flush=True)
-        if not block:
+        if not block:  # the caller (a test, a benchmark) owns the app from here
+            serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
             return url
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: the same clean stop as Ctrl-C
         try:
+            serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
+            print(f"serving {cfg.model} as {cfg.name or served_name(cfg.model)!r} at {url} (Ctrl-C stops)", flush=True)
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
-            print("shutting down (finishing the requests in flight)", flush=True)
+            print("stopping: the requests in flight finish first", flush=True)
         finally:
-            serve.shutdown()
+            # Like `serve run`: the app goes with this command (a RayService keeps one running).
+            serve.delete(cfg.app_name)
     return url
 
 
