@@ -1,6 +1,7 @@
 """The console of a job, run as a real subprocess with the local Ray cluster it starts: Ctrl-C
 (SIGINT) stops it within seconds (exit code 130, one line, nothing unfinished published, the
-local Ray stopped); an error inside a Ray worker is one line, its traceback in a log file."""
+local Ray stopped; the API server exits 0 after removing its app); an error inside a Ray worker
+is one line, its traceback in a log file."""
 
 import os
 import signal
@@ -146,3 +147,46 @@ def artifact_text(client) -> str:
     (run,) = client.search_runs([client.get_experiment_by_name("generalmodel").experiment_id])
     assert run.info.status == "FAILED"
     return Path(client.download_artifacts(run.info.run_id, "failure/tracebacks.txt")).read_text()
+
+
+def test_ctrl_c_stops_the_api_server_and_its_cluster(tmp_path, ray_tmp):
+    """`make serve`'s job in the foreground: it answers, then SIGINT removes the app and the
+    local Ray cluster it started, exit 0."""
+    import json
+    import urllib.request
+
+    import torch
+    from conftest import make_documents
+
+    from generalmodel.cluster import free_port
+    from generalmodel.data.tokenizer import train_bpe
+    from generalmodel.infer.sampling import export_files
+    from models import build_model
+    from models.llama import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=320, max_seq_len=64, n_layers=2, n_heads=2, d_model=32)
+    torch.manual_seed(0)
+    files = export_files(cfg, build_model(cfg).state_dict(), train_bpe(make_documents(20, seed=3), 320).to_str())
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    port = free_port()
+    proc = start(["jobs.serve", f"--model={tmp_path}", "--name=tiny", f"--port={port}", "--num_cpus=0.5"], ray_tmp)
+    lines, deadline = [], time.time() + 180
+    for line in proc.stdout:
+        lines.append(line)
+        if "(Ctrl-C stops)" in line:
+            break
+        assert time.time() < deadline, "".join(lines[-30:])
+    body = json.dumps({"model": "tiny", "prompt": "The", "max_tokens": 4}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert json.loads(response.read())["usage"]["completion_tokens"] <= 4
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-3000:]
+    assert "stopping: the requests in flight finish first" in text and time.time() - sent < 30
+    assert not ray_processes(ray_tmp)
