@@ -9,7 +9,8 @@ Starts a local Ray cluster, deploys the app on 127.0.0.1 (one replica) with `max
 number of requests, then redeploys it with
 `max_batch: 1` (one request decoded at a time: batching off) and does the same. Prints, per
 setting and concurrency: time to first token p50/p99, inter-token latency p50/p99, aggregate
-generated tokens/s, errors — and the aggregate ratio to a single stream of the same setting.
+generated tokens/s, errors, the rows the replica decoded per step on average — and the aggregate
+ratio to a single stream of the same setting.
 Record the output, with the machine or card, in benchmarks/RESULTS.md.
 """
 
@@ -95,6 +96,13 @@ async def drive(url: str, model: str, concurrency: int, requests: int, max_token
     }
 
 
+def replica_stats(url: str) -> dict:
+    """The replica's counters (/stats): decode steps and tokens, for the rows decoded per step."""
+    import httpx
+
+    return httpx.get(url.rsplit("/v1", 1)[0] + "/stats", timeout=30).json()
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -139,7 +147,11 @@ def main() -> None:
                 asyncio.run(drive(f"{url}/completions", "bench", 2, 8, args.max_tokens))  # warm up, not counted
                 single = None
                 for c in levels:
+                    before = replica_stats(url)
                     stats = asyncio.run(drive(f"{url}/completions", "bench", c, max(args.requests, c), args.max_tokens))
+                    after = replica_stats(url)
+                    steps = after["steps"] - before["steps"]
+                    stats["rows/step"] = (after["tokens"] - before["tokens"]) / steps if steps else float("nan")
                     single = single or stats["tok/s"]
                     row = {"setting": f"{setting} (max_batch {max_batch})", "concurrency": c, **stats}
                     row["x single stream"] = stats["tok/s"] / single if single else float("nan")
