@@ -81,7 +81,7 @@ def quality(model, windows, sizes, batch: int = 8):
     return score.loss, score.bits_per_byte
 
 
-def load_trained(reference: str, dataset: str | None, limit: int, device: str):
+def load_trained(reference: str, dataset: str | None, limit: int):
     """(state to rebuild the model from, windows, token byte sizes) of a registered model."""
     import os
 
@@ -131,7 +131,7 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; dtype {dtype}; prompt {args.prompt}, new {args.new}")
 
     if args.model:
-        cfg, state, windows, sizes = load_trained(args.model, args.dataset, args.windows, device)
+        cfg, state, windows, sizes = load_trained(args.model, args.dataset, args.windows)
         models = [(args.model, cfg, state)]
     else:
         models = [(p, PRESETS[p], None) for p in args.presets.split(",")]

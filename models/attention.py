@@ -27,24 +27,20 @@ def init_linear(linear: nn.Linear, std: float) -> None:
         nn.init.zeros_(linear.bias)
 
 
-def causal_mask(T: int, past: int, window: int | None, device) -> torch.Tensor | None:
-    """(T, past+T) bool: query i (absolute position past+i) sees key j iff j ≤ past+i and, with a
-    window, j > past+i-window. None means plain causal (SDPA's is_causal)."""
-    if window is None and past == 0:
+def causal_mask(T: int, window: int | None, device) -> torch.Tensor | None:
+    """(T, T) bool for a whole sequence without a cache: query i sees key j iff j ≤ i and, with a
+    window, j > i - window. None means plain causal (SDPA's is_causal)."""
+    if window is None:
         return None
-    q = torch.arange(past, past + T, device=device)[:, None]
-    k = torch.arange(past + T, device=device)[None, :]
-    mask = k <= q
-    if window is not None:
-        mask &= k > q - window
-    return mask
+    positions = torch.arange(T, device=device)[None]
+    return attention_mask(positions, positions, window)[0, 0]
 
 
 def layer_mask(T: int, window: int | None, pos, key_pos, device) -> torch.Tensor | None:
     """The mask of T queries: plain causal without a cache, else from the positions the cached
     slots hold (`pos` (B, T) of the queries, `key_pos` (B, S) of the keys)."""
     if key_pos is None:
-        return causal_mask(T, 0, window, device)
+        return causal_mask(T, window, device)
     return attention_mask(pos, key_pos, window)
 
 

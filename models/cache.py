@@ -68,19 +68,20 @@ class KVCache:
         device = model.embed.weight.device
         dtype = dtype or model.embed.weight.dtype
         self.batch = batch
-        self.owner: list[int] = []  # the layer whose buffers each layer reads
-        self.layers: dict[int, LayerCache] = {}
+        self.layers: dict[int, LayerCache] = {}  # by the layer that owns them
         attns = [block.attn for block in model.blocks]
-        for layer, attn in enumerate(attns):  # a layer without its own K/V reads the last owner's
-            self.owner.append(layer if attn.cache_shapes() is not None else self.owner[-1])
-        for layer in sorted(set(self.owner)):
-            windows = [attns[j].window for j, owner in enumerate(self.owner) if owner == layer]
+        owner: list[int] = []  # a layer without its own K/V reads the last owner's
+        for layer, attn in enumerate(attns):
+            owner.append(layer if attn.cache_shapes() is not None else owner[-1])
+        for layer in sorted(set(owner)):
+            windows = [attns[j].window for j, o in enumerate(owner) if o == layer]
             local = all(w is not None for w in windows) and max(windows) < self.capacity
             size = max(windows) if local else self.capacity
             self.layers[layer] = LayerCache(attns[layer].cache_shapes(), batch, size, local, device, dtype)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.host_lengths = [0] * batch  # the same, on the host: capacity checks without a sync
         self._rows: torch.Tensor | None = None
+        self._all_rows = torch.arange(batch, device=device)  # what a forward over every row writes
         self._host_rows: list[int] = list(range(batch))
         self.trim = True  # attend over the used slots only (False: always all, static shapes for compile)
         self._span: int | None = None  # set by reserve for the next forward
@@ -132,7 +133,7 @@ class KVCache:
         """Store a layer's new entries (each (b, h, T, d)) at positions `pos` (b, T); return
         what attention reads — every entry of the rows, (b, h, S, d) — and their positions (b, S)."""
         cache = self.layers[layer]
-        rows = self._rows if self._rows is not None else torch.arange(self.batch, device=pos.device)
+        rows = self._rows if self._rows is not None else self._all_rows
         T = pos.shape[1]
         if cache.ring and T > 1:
             # A chunk would overwrite entries its own earlier queries still see: attend over the

@@ -15,7 +15,7 @@ from generalmodel.cli import parse_args
 from generalmodel.config import ConfigError
 from models import PRESETS, build_model, get_spec
 from models.attention import causal_mask
-from models.cache import KVCache
+from models.cache import KVCache, attention_mask
 from models.moe import MoE
 
 TINY = [name for name in PRESETS if name.endswith("-tiny")]
@@ -44,7 +44,8 @@ def test_kv_cache_decoding_reproduces_full_forward(variant):
 
 
 def test_window_mask_pattern():
-    mask = causal_mask(T=3, past=4, window=3, device="cpu")  # queries at positions 4, 5, 6
+    # queries at positions 4, 5, 6 over keys 0..6, as a cache's slots hold them
+    mask = attention_mask(torch.tensor([[4, 5, 6]]), torch.arange(7)[None], window=3)[0, 0]
     expected = torch.tensor(
         [
             [0, 0, 1, 1, 1, 0, 0],
@@ -54,7 +55,8 @@ def test_window_mask_pattern():
         dtype=torch.bool,
     )
     assert torch.equal(mask, expected)
-    assert causal_mask(T=5, past=0, window=None, device="cpu") is None  # plain causal: SDPA is_causal
+    assert torch.equal(causal_mask(T=7, window=3, device="cpu")[4:], expected)  # the same without a cache
+    assert causal_mask(T=5, window=None, device="cpu") is None  # plain causal: SDPA is_causal
 
 
 def test_local_layers_never_see_outside_their_window():

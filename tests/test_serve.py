@@ -160,8 +160,9 @@ def test_a_stop_string_ends_the_text_before_it(server, local):
         ({"prompt": "x", "n": 3}, "n", "n: Input should be less than or equal to 1"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "stop takes up to 4 non-empty strings"),
         ({"max_tokens": 3}, "prompt", "prompt: Field required"),
+        ({"prompt": "x", "logprobs": 2}, "logprobs", "logprobs and echo are not supported"),
         ({"prompt": "x", "model": "gpt-4"}, "model", "unknown model 'gpt-4'; this server serves 'served-openai'"),
-        ({"prompt": "word " * 1100}, "prompt", "this model's context is 1024 tokens"),
+        ({"prompt": "word " * 1100}, "prompt", "the model's context is 1024, which leaves no room"),
     ],
 )
 def test_bad_requests_are_400s_naming_the_field(server, body, param, message):
@@ -251,3 +252,14 @@ def test_text_stream_waits_for_whole_characters_and_ends_at_stop_strings():
     assert "".join(pieces) == "ends with <" and not stopped
     pieces, stopped = stream_text("x ü stop", ["ü s", "top"])  # the earliest stop wins
     assert "".join(pieces) == "x " and stopped
+
+
+def test_the_server_job_refuses_what_cannot_serve_before_deploying(tmp_path):
+    from generalmodel import UserError
+    from jobs.serve import ServeJobConfig, check_model
+
+    db = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    with pytest.raises(UserError, match="cannot find models:/nope/1 in MLflow"):
+        check_model(ServeJobConfig(model="models:/nope/1", tracking=db))
+    with pytest.raises(UserError, match="--quant=int4-weight needs a CUDA card"):
+        check_model(ServeJobConfig(model="models:/nope/1", quant="int4-weight", tracking=db))

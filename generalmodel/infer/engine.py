@@ -66,15 +66,19 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def add(self, request: Request) -> Request:
-        """Queue a request; it joins the batch at the next step with a free row."""
-        if not request.prompt_ids:
+    def check(self, prompt_ids: list[int]) -> None:
+        """A ValueError saying why a prompt cannot be continued (empty, or no room left)."""
+        if not prompt_ids:
             raise ValueError("a request needs at least one prompt token")
-        if len(request.prompt_ids) >= self.capacity:
+        if len(prompt_ids) >= self.capacity:
             raise ValueError(
-                f"the prompt has {len(request.prompt_ids)} tokens; the model's context is {self.capacity}, "
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.capacity}, "
                 "which leaves no room for a new token"
             )
+
+    def add(self, request: Request) -> Request:
+        """Queue a request; it joins the batch at the next step with a free row."""
+        self.check(request.prompt_ids)
         self.waiting.append(request)
         return request
 

@@ -95,7 +95,8 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
         bad = [n for n, m in model.named_modules() if keep(m, n) and m.in_features % INT4_GROUP]
         if bad:
             raise UserError(
-                f"--quant=int4-weight groups input features by {INT4_GROUP}; these layers' do not divide: {bad}"
+                f"--quant=int4-weight groups input features by {INT4_GROUP}; these layers have a number of "
+                f"input features it does not divide: {bad}"
             )
     quantize_(model, _config(kind), filter_fn=quantizable(model))
     return model

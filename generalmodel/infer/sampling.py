@@ -42,10 +42,7 @@ def fetch(reference: str, tracking_uri: str | None, storage: StorageConfig) -> s
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        try:
-            uri = model_artifact_uri(reference, tracking_uri)
-        except Exception as e:
-            raise UserError(f"cannot find {reference} in MLflow ({tracking_uri}): {e}") from None
+        uri = resolve(reference, tracking_uri)
         try:
             return mlflow.artifacts.download_artifacts(f"{uri}/{EXPORT_SUBDIR}")
         except Exception:  # a model registered before the MLflow flavor: the export files at its root
@@ -60,6 +57,14 @@ def fetch(reference: str, tracking_uri: str | None, storage: StorageConfig) -> s
         if is_hf_directory(reference):
             return reference
     return download_export(reference, storage)
+
+
+def resolve(reference: str, tracking_uri: str | None) -> str:
+    """The artifact URI of a `models:/` or `runs:/` reference; a UserError when MLflow has no such model."""
+    try:
+        return model_artifact_uri(reference, tracking_uri)
+    except Exception as e:
+        raise UserError(f"cannot find {reference} in MLflow ({tracking_uri}): {e}") from None
 
 
 def model_artifact_uri(reference: str, tracking_uri: str | None) -> str:

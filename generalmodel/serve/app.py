@@ -129,7 +129,7 @@ class DecodeLoop:
                 out = []
                 for event in events:
                     self.stats["tokens"] += event.token is not None
-                    sink = self.sinks.pop(event.request.id) if event.finished else self.sinks.get(event.request.id)
+                    sink = (self.sinks.pop if event.finished else self.sinks.get)(event.request.id, None)
                     if sink is not None:
                         out.append((sink, event))
                 self._hand_over(out)
@@ -181,13 +181,13 @@ def build_app(args: dict[str, Any]):
         return JSONResponse(error_body(message, param), status_code=400)
 
     class BadRequest(Exception):
-        def __init__(self, message: str, param: str | None = None, status: int = 400):
+        def __init__(self, message: str, param: str | None = None):
             super().__init__(message)
-            self.param, self.status = param, status
+            self.param = param
 
     @api.exception_handler(BadRequest)
     async def _bad(_request, exc: BadRequest):
-        return JSONResponse(error_body(str(exc), exc.param), status_code=exc.status)
+        return JSONResponse(error_body(str(exc), exc.param), status_code=400)
 
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -276,12 +276,10 @@ def build_app(args: dict[str, Any]):
 
             if body.model != self.name:
                 raise BadRequest(f"unknown model {body.model!r}; this server serves {self.name!r}", "model")
-            if len(ids) >= self.context:
-                raise BadRequest(
-                    f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens, "
-                    "which leaves no room for an answer",
-                    "messages" if chat else "prompt",
-                )
+            try:
+                self.loop.engine.check(ids)  # the engine's own rule, as a 400 before any response starts
+            except ValueError as e:
+                raise BadRequest(str(e), "messages" if chat else "prompt") from None
             limit = body.limit if chat else body.max_tokens
             params = SamplingParams(
                 temperature=body.temperature,

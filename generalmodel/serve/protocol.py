@@ -45,7 +45,7 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, gt=0)  # OpenAI's default for completions
-    logprobs: int | None = Field(None, le=0, description="not supported")
+    logprobs: int | None = None  # not supported: refused by the route
     echo: bool = False
 
     @field_validator("prompt")
