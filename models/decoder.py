@@ -249,10 +249,18 @@ class Decoder(nn.Module):
         if not self.cfg.tie_embeddings:
             init_linear(self.head, std)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab), or (B, 1, vocab) for the last position
-        only. With a cache (models/cache.py), idx continues each of its rows at that row's own
-        position; the caller keeps within its capacity (`cache.reserve`)."""
+        only, or (N, vocab) for the N positions a (B, T) boolean `keep` marks (the head, often
+        the costliest matmul of a small model, runs only there). With a cache
+        (models/cache.py), idx continues each of its rows at that row's own position; the caller
+        keeps within its capacity (`cache.reserve`)."""
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, d)
         if cache is None:
@@ -274,6 +282,8 @@ class Decoder(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
+        elif keep is not None:
+            x = x[keep]
         return self.head(self.final_norm(x))
 
     def moe_layers(self) -> list[MoE]:

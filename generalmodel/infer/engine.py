@@ -28,13 +28,18 @@ from models.cache import KVCache
 @dataclass(eq=False)
 class Request:
     """One sequence to continue. `tokens` grows as it decodes; `finish_reason` is set when done:
-    "stop" (a stop id, not included), "length" (max_new_tokens or the context), "cancelled"."""
+    "stop" (a stop id, not in `tokens`: it is `stop_id`), "length" (max_new_tokens or the
+    context), "cancelled". `logprobs` holds the log-probability of every sampled token under the
+    distribution it was drawn from (after temperature and filtering; greedy: the raw softmax),
+    the stop id's last: what an RL learner needs as the behaviour policy's."""
 
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_id: int | None = None
+    logprobs: list[float] = field(default_factory=list)
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -136,20 +141,25 @@ class Engine:
 
     def _sample(self, rows: list[int], logits: torch.Tensor) -> list[Event]:
         logits = logits.float()
-        picked = []
+        picked, logprobs = [], []
         for i, row in enumerate(rows):
             request = self.rows[row]
             p = request.params
             if p.temperature == 0:
-                picked.append(logits[i].argmax(-1))
+                token = logits[i].argmax(-1)
+                logprobs.append(logits[i].log_softmax(-1)[token])
             else:
-                probs = filter_logits(logits[i : i + 1], p).softmax(-1)
-                picked.append(torch.multinomial(probs, 1, generator=self._generators[request.id])[0, 0])
+                logp = filter_logits(logits[i : i + 1], p).log_softmax(-1)
+                token = torch.multinomial(logp.exp(), 1, generator=self._generators[request.id])[0, 0]
+                logprobs.append(logp[0, token])
+            picked.append(token)
         events = []
-        for row, token in zip(rows, torch.stack(picked).tolist(), strict=True):
+        chosen = torch.stack(picked).tolist()
+        for row, token, logprob in zip(rows, chosen, torch.stack(logprobs).tolist(), strict=True):
             request = self.rows[row]
+            request.logprobs.append(logprob)
             if token in request.stop_ids:
-                request.finish_reason = "stop"
+                request.finish_reason, request.stop_id = "stop", token
                 events.append(Event(request, None, True))
                 self._release(request)
                 continue

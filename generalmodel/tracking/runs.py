@@ -117,6 +117,19 @@ def model_version(client, reference: str):
     return client.get_model_version(name, version)
 
 
+def is_registered(reference: str, uri: str | None = None) -> bool:
+    """Whether MLflow (default: the local store) has the `models:/` model `reference`."""
+    from mlflow.tracking import MlflowClient
+
+    from generalmodel.config import Config
+
+    try:
+        model_version(MlflowClient(uri or tracking_uri(Config())), reference)
+    except Exception:
+        return False
+    return True
+
+
 def model_tags(reference: str, uri: str | None) -> dict[str, str]:
     """What a model reference points at: for a registered model its name, version and the run
     that produced it (`model_name`, `model_version`, `run_id`); for runs:/ID the run; else nothing."""

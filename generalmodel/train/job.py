@@ -43,20 +43,40 @@ def train_and_register(cfg: Config, uri: str, init: InitSource | None, before_fi
         cfg, ds = ensure_dataset(cfg, layout, init)
         if before_fit is not None:
             layout = before_fit(cfg, layout, ds)
-        lineage = dict(init.tags) if init else {}
-        run_id = start_run(cfg, ds, code_version(), lineage or None)
-        print(f"MLflow run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
-        try:
-            fit(cfg, layout, ds.seq_len, run_id, uri, init=init)
-        except BaseException as e:  # the MLflow run says so instead of staying RUNNING
-            end_failed_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            raise
+        run_id, lineage = tracked_fit(
+            cfg, uri, ds, init, lambda run_id: fit(cfg, layout, ds.seq_len, run_id, uri, init=init)
+        )
+    return register_trained(cfg, uri, run_id, layout, ds, lineage)
+
+
+def tracked_fit(cfg: Config, uri: str, data, init: InitSource | None, run: Callable[[str], None]):
+    """Start the MLflow run (config, dataset `data`, lineage of `init`), call run(run_id); a
+    failure or Ctrl-C ends the run FAILED or KILLED. Returns (run_id, lineage tags)."""
+    lineage = dict(init.tags) if init else {}
+    run_id = start_run(cfg, data, code_version(), lineage or None)
+    print(f"MLflow run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
+    try:
+        run(run_id)
+    except BaseException as e:  # the MLflow run says so instead of staying RUNNING
+        end_failed_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return run_id, lineage
+
+
+def register_trained(cfg: Config, uri: str, run_id: str, layout: RunLayout, data, lineage: dict[str, str]) -> Trained:
+    """Log the exported model to the run and register it, its version tagged with its lineage
+    and its data (`data.loc.uri`, `data.manifest_sha256`)."""
     metrics = final_metrics(uri, run_id)
     if "loss" not in metrics:  # never register a model that trained no step
         end_failed_run()
         raise RunFailed(f"run {cfg.train.run_name!r} trained no step; no model was registered")
     export_dir = download_export(layout.export, layout.storage)
-    lineage.update(dataset=ds.loc.uri, dataset_sha256=ds.manifest_sha256, run_name=cfg.train.run_name)
+    lineage = {
+        **lineage,
+        "dataset": data.loc.uri,
+        "dataset_sha256": data.manifest_sha256,
+        "run_name": cfg.train.run_name,
+    }
     model_uri = finish_run(cfg, run_id, export_dir, lineage)
     val = val_history(uri, run_id)
     print(f"registered {model_uri} (run {run_id})")

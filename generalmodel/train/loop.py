@@ -45,7 +45,7 @@ Report = Callable[[dict[str, Any]], None]
 
 # Keys whose change makes a checkpoint's continuation a different run. The number of workers is not
 # one of them (DCP reshards, the loader resumes at another world size), but the global batch is.
-RESUME_KEYS = ("model", "optim", "train.seed", "train.steps", "dpo")
+RESUME_KEYS = ("model", "optim", "train.seed", "train.steps", "dpo", "rl")
 
 
 class TrainingError(UserError):
@@ -229,7 +229,7 @@ def train(
     sequences_per_row = 2 if ds.format == "preference" else 1  # a pair is two sequences
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len * sequences_per_row
     steps = cfg.train.steps
-    bad_in_a_row = skipped = 0
+    guard = NonFiniteGuard(cfg.train.max_bad_steps)
     last: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
     run_started = time.perf_counter()
@@ -270,25 +270,9 @@ def train(
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the sharded norms
                 grad_norm = grad_norm.full_tensor()
             grad_norm = float(grad_norm)  # the same on every rank: every rank skips or none does
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                # Never step on a NaN/inf: the weights (and Adam's moments) would be poisoned for good.
+            if not guard.finite(step, loss_value, grad_norm):
                 optimizer.zero_grad(set_to_none=True)
-                bad_in_a_row += 1
-                skipped += 1
-                log.warning(
-                    "step %d: loss %s, grad norm %s: step skipped (%d in a row)",
-                    step,
-                    loss_value,
-                    grad_norm,
-                    bad_in_a_row,
-                )
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (train.max_bad_steps="
-                        f"{cfg.train.max_bad_steps}) at step {step}; lower optim.lr or check the data"
-                    )
                 continue
-            bad_in_a_row = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
@@ -308,7 +292,7 @@ def train(
                     grad_norm=grad_norm,
                     tokens_per_s=tok_s,
                     tokens=done * tokens_per_step,
-                    skipped_steps=skipped,
+                    skipped_steps=guard.skipped,
                     **routing,
                     eta_s=(steps - done) * elapsed / window_steps,
                     elapsed_s=time.perf_counter() - run_started,
@@ -348,17 +332,50 @@ def train(
 
 def export(model, cfg: Config, ds: TokenDataset, env: Dist, layout: RunLayout) -> None:
     """The final model as safetensors + model config + tokenizer, written by rank 0."""
+    export_with_tokenizer(model, cfg, ds.tokenizer_json(), env, layout)
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """The whole model's state on the CPU (a collective under FSDP2: every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_with_tokenizer(model, cfg: Config, tokenizer_json: str, env: Dist, layout: RunLayout) -> None:
     from generalmodel.infer.sampling import export_files
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = full_state(model)
     if not env.is_main:
         return
     out = resolve(layout.export, layout.storage)
-    files = export_files(cfg.model, state, ds.tokenizer_json())
+    files = export_files(cfg.model, state, tokenizer_json)
     for name, data in files.items():
         with_retries(f"writing {out.uri}/{name}", layout.storage.retry_timeout_s, out.join(name).write_bytes, data)
+
+
+class NonFiniteGuard:
+    """Never step on a NaN/inf — the weights (and Adam's moments) would be poisoned for good: a
+    step whose loss or gradient norm is not finite is skipped (the caller drops its gradients),
+    counted, and after train.max_bad_steps in a row the run stops with TrainingDiverged."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.in_a_row = self.skipped = 0
+
+    def finite(self, step: int, loss: float, grad_norm: float) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        log.warning("step %d: loss %s, grad norm %s: step skipped (%d in a row)", step, loss, grad_norm, self.in_a_row)
+        if self.in_a_row >= self.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.in_a_row} steps in a row with a non-finite loss or gradient (train.max_bad_steps="
+                f"{self.max_bad_steps}) at step {step}; lower optim.lr or check the data"
+            )
+        return False
 
 
 def _with_metrics_log(report: Report, path: str | None) -> Report:
@@ -393,6 +410,11 @@ def _online_reference(cfg: Config, ds: TokenDataset, env: Dist, init):
         return None
     if init is None:
         raise TrainingError("dpo.reference=online needs train.init_from (the reference is the model it names)")
+    return frozen_copy(cfg, env, init)
+
+
+def frozen_copy(cfg: Config, env: Dist, init):
+    """A frozen copy of train.init_from on this worker, sharded like the policy (a reference)."""
     reference = build_model(cfg.model)
     load_state(reference, init(), f"train.init_from {cfg.train.init_from!r}")
     reference.requires_grad_(False)

@@ -29,6 +29,8 @@ from generalmodel.train.loop import check_compatible, train
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("generalmodel.progress")
 
+EVALUATIONS = {"val_loss", "heldout_accuracy"}  # the metrics Ray Train hears about (pretraining/SFT/DPO, RL)
+
 
 def _worker(config: dict[str, Any]) -> None:
     import ray.train
@@ -58,12 +60,15 @@ def _worker(config: dict[str, Any]) -> None:
                 pass
         # Ray gets the evaluations (what Tune schedulers act on), not every log line: each
         # ray.train.report is a synchronization with the controller that costs up to ~1 s.
-        if "val_loss" in metrics:
+        if EVALUATIONS & metrics.keys():
             ray.train.report(metrics)
 
     init = config.get("init")
+    loop = config.get("loop") or train
     try:
-        train(cfg, report, config["layout"], (lambda: ray.get(init)) if init is not None else None)
+        loop(
+            cfg, report, config["layout"], (lambda: ray.get(init)) if init is not None else None, **config["loop_args"]
+        )
     except BaseException as e:  # the traceback travels with the exception for the driver's failure log
         e.add_note(f"traceback on rank {rank}:\n{traceback.format_exc()}")
         raise
@@ -154,13 +159,18 @@ class Progress:
 
 def progress_line(m: dict[str, Any], steps: int, with_step: bool = True) -> str:
     parts = [f"step {m['step']:>5}/{steps}"] if with_step else []
-    parts.append(f"loss {m['loss']:.4f}")
+    if "loss" in m:  # absent from RL's step-0 evaluation
+        parts.append(f"loss {m['loss']:.4f}")
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
     if "preference_accuracy" in m:  # DPO
         parts.append(f"pref acc {m['preference_accuracy']:.0%} margin {m['reward_margin']:.3f}")
     if "val_preference_accuracy" in m:
         parts.append(f"val pref acc {m['val_preference_accuracy']:.0%}")
+    if "reward_mean" in m:  # RL
+        parts.append(f"reward {m['reward_mean']:.3f} (zero-var groups {m['zero_variance_groups']:.0%})")
+    if "heldout_accuracy" in m:
+        parts.append(f"held-out acc {m['heldout_accuracy']:.1%}")
     if "tokens_per_s" in m:
         parts += [f"{m['tokens_per_s'] / 1e3:.1f}K tok/s", f"lr {m['lr']:.2e}", f"ETA {m['eta_s'] / 60:.1f} min"]
     if "mfu" in m:
@@ -203,12 +213,15 @@ def fit(
     tracking_uri: str | None,
     callbacks: list | None = None,
     init: InitSource | None = None,
+    loop=None,
+    loop_args: dict[str, Any] | None = None,
 ) -> None:
     """Run training on the connected Ray cluster; metrics go to MLflow (run_id) and the driver's
     console. `seq_len`: the dataset's (from ensure_dataset), for the memory check.
     `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback in a sweep trial.
     `init`: the loaded train.init_from (load_init); its weights go to the workers through the
-    object store, put once."""
+    object store, put once. `loop`: the per-worker loop (default: generalmodel.train.loop.train;
+    RL passes its learner), called as loop(cfg, report, layout, init, **loop_args)."""
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -229,6 +242,8 @@ def fit(
             "tracking_uri": tracking_uri,
             "progress": progress.queue,
             "init": ray.put(init.state) if init is not None else None,
+            "loop": loop,
+            "loop_args": loop_args or {},
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
