@@ -230,3 +230,22 @@ def test_without_a_val_split_nothing_is_moved(ray_cluster, tmp_path):
     (tmp_path / "input.txt").write_text(" ".join(make_documents(12)))
     manifest = prepare_data.main(config(tmp_path / "input.txt", tmp_path / "ds", val_fraction=0.0))
     assert manifest["val_split"] == "documents" and manifest["splits"]["val"]["rows"] == 0
+
+
+def test_a_job_refuses_a_dataset_prepared_from_an_older_source(ray_cluster, txt_corpus, tmp_path):
+    """A training job reuses the dataset its data section names; when the source's files changed
+    since it was prepared, the job stops with the difference (or re-prepares with overwrite)."""
+    from generalmodel.storage import RunLayout
+    from generalmodel.train.ray_trainer import ensure_dataset
+
+    cfg = config(txt_corpus, tmp_path / "ds", val_fraction=0.1)
+    layout = RunLayout.of(cfg)
+    _, first = ensure_dataset(cfg, layout)  # missing: prepared
+    _, again = ensure_dataset(cfg, layout)  # unchanged: reused
+    assert again.manifest_sha256 == first.manifest_sha256
+    (txt_corpus / "new.txt").write_text(make_documents(1, seed=9)[0])
+    with pytest.raises(UserError, match=r"was prepared from .* when it had 60 files .* it now has 61 files"):
+        ensure_dataset(cfg, layout)
+    cfg = config(txt_corpus, tmp_path / "ds", val_fraction=0.1, overwrite=True)
+    _, fresh = ensure_dataset(cfg, layout)
+    assert fresh.manifest["source"]["files"] == 61

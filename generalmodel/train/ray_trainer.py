@@ -190,10 +190,17 @@ def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = Non
     from generalmodel.train.init import check_tokenizer
 
     uri, storage = layout.dataset, layout.storage
-    if not resolve(uri, storage).join(MANIFEST).exists():
+    exists = resolve(uri, storage).join(MANIFEST).exists()
+    changed = exists and not cfg.train.dataset and source_changed(cfg, TokenDataset.open(uri, storage).manifest)
+    if changed and not cfg.data.overwrite:
+        raise UserError(
+            f"dataset {uri} was prepared from {changed}: pass --data.overwrite=true to prepare it again "
+            "(or --data.output=URI for another dataset)"
+        )
+    if not exists or changed:
         if cfg.train.dataset:
             raise UserError(f"train.dataset {uri} is not a published dataset (no {MANIFEST})")
-        print(f"dataset {uri} is missing: preparing it")
+        print(f"dataset {uri} is {'stale' if changed else 'missing'}: preparing it")
         print(describe(build_dataset(plan_dataset(cfg, layout)), uri))
     ds = TokenDataset.open(uri, storage)
     if init is not None:
@@ -203,6 +210,24 @@ def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = Non
         cfg = cfg.model_copy(update={"model": model})  # keeps the explicit keys (a private attribute)
     check_compatible(cfg, ds)
     return cfg, ds
+
+
+def source_changed(cfg: Config, manifest: dict[str, Any]) -> str | None:
+    """How the source differs from the one the dataset was prepared from (its files' count or
+    total size changed), or None: a job must not train on a stale dataset."""
+    from generalmodel.data.sources import list_pieces
+
+    before = manifest.get("source", {})
+    if cfg.data.source == "sotu" or "files" not in before:
+        return None  # the built-in corpus does not change under a user
+    pieces = list_pieces(cfg.data, cfg.storage.resolved())
+    now = (len(pieces), sum(p.size for p in pieces))
+    if now != (before["files"], before["bytes"]):
+        return (
+            f"{cfg.data.source} when it had {before['files']} files of {before['bytes']} bytes; "
+            f"it now has {now[0]} files of {now[1]} bytes"
+        )
+    return None
 
 
 def fit(
