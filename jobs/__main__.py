@@ -10,6 +10,8 @@ JOBS = {
     "pretrain": "jobs.pretrain",
     "sft": "jobs.sft",
     "dpo": "jobs.dpo",
+    "rl": "jobs.rl",
+    "arithmetic": "jobs.arithmetic",
     "sotu-qa": "jobs.sotu_qa",
     "sweep": "jobs.sweep",
     "sample": "jobs.sample",

@@ -39,10 +39,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A 2-CPU local Ray cluster shared by the whole session (starting one costs seconds)."""
+    """A 2-CPU local Ray cluster shared by the whole session (starting one costs seconds). Its
+    workers can import the test modules, as a user's cluster imports the modules they ship with
+    a runtime env (an RL verifier named `module:function`)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    here = str(Path(__file__).resolve().parent)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": here}},
+    )
     yield ray
     ray.shutdown()
 

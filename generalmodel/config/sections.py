@@ -302,6 +302,59 @@ class DpoConfig(Section):
     )
 
 
+class RlConfig(Section):
+    """Reinforcement learning with verifiable rewards (GRPO; jobs/rl.py). The prompts are data.source
+    (rows with `prompt`: a string or a message list, plus the fields the verifiers read, e.g.
+    `answer`); a step samples rl.group_size completions for each of rl.prompts_per_step prompts."""
+
+    prompt_field: str = Field("prompt", description="The column holding a row's prompt (a string or messages).")
+    eval_source: str | None = Field(
+        None,
+        description="Held-out prompts (same format as data.source); default: the val split of data.source "
+        "(data.val_fraction, data.split_key).",
+    )
+    eval_prompts: int = Field(256, ge=0, description="Held-out prompts scored (greedy) at each evaluation (0: none).")
+    eval_every: int = Field(10, gt=0, description="Held-out accuracy every N steps (and at step 0 and the end).")
+    prompts_per_step: int = Field(16, gt=0, description="Prompts per step, over all learner ranks.")
+    group_size: int = Field(8, gt=1, description="Completions sampled per prompt (G): the group advantages compare.")
+    max_new_tokens: int = Field(32, gt=0, description="Completion budget (tokens, the end-of-turn token included).")
+    temperature: float = Field(1.0, gt=0, description="Rollout temperature; the learner's policy is softmax(logits/T).")
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"exact_number": 1.0},
+        description="Verifier -> weight; the reward is the weighted sum. Built in: exact_number (the last number of "
+        "the completion equals the row's `answer`), answer_format (the completion is 'The answer is N.'), "
+        "math_verify (the math-verify extra); or 'module:function' taking (prompt, completion, **fields).",
+    )
+    scale_rewards: bool = Field(
+        True, description="Divide the group-centred rewards by the group's std (GRPO); false: Dr. GRPO's advantages."
+    )
+    loss_type: Literal["token", "sequence", "dr_grpo"] = Field(
+        "token",
+        description="token: mean over every completion token of the step (DAPO); sequence: per-sequence mean, then "
+        "the mean over sequences (the GRPO paper); dr_grpo: the token sum over (sequences x rl.max_new_tokens).",
+    )
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip: [1 - eps, 1 + eps_high].")
+    clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); default clip_eps.")
+    updates_per_batch: int = Field(
+        1, gt=0, description="Optimizer updates on each step's rollouts (>1: PPO-style reuse, the ratio clipped)."
+    )
+    beta: float = Field(
+        0.0, ge=0, description="KL penalty to the frozen starting model (k3 estimator); 0: no reference is kept."
+    )
+    mode: Literal["on_policy", "off_policy"] = Field(
+        "on_policy",
+        description="on_policy: a step's rollouts come from the weights it updates; off_policy: step k+1's are "
+        "generated (by the weights before step k) while step k trains, and the ratio corrects for the lag.",
+    )
+    rollout_workers: int = Field(2, gt=0, description="Rollout actors (each holds a copy of the policy).")
+    rollout_cpus: float = Field(1.0, gt=0, description="CPUs each rollout actor reserves.")
+    rollout_gpus: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (0: CPU rollouts).")
+    rollout_slots: int = Field(64, gt=0, description="Sequences a rollout actor decodes in one batch.")
+    kill_rollout_at_step: int | None = Field(
+        None, description="Testing aid: kill one rollout actor while this step's rollouts run (it is replaced)."
+    )
+
+
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -344,6 +397,7 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
     dpo: DpoConfig = DpoConfig()
+    rl: RlConfig = RlConfig()
     # The model keys the preset and overrides gave (load_config): what train.init_from checks.
     _model_keys: frozenset[str] = PrivateAttr(default=frozenset())
 

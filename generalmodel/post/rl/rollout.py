@@ -1,0 +1,256 @@
+"""Rollouts: groups of sampled completions scored by the verifiers, on Ray actors.
+
+A `RolloutWorker` holds a copy of the policy and decodes many sequences at once on the batched
+KV-cache engine (generalmodel.infer.engine). Every completion has its own seed, a function of
+(train.seed, step, its place in the step), so which actor runs it — or a replacement after an
+actor died — never changes what it samples.
+
+`RayRollouts` (the learner's rank 0 owns it) spreads a step over `rl.rollout_workers` actors.
+New weights go to them through the object store: one `ray.put` per version, one `get` per actor.
+Each rollout says which version produced it. An actor that dies is replaced (the new one loads
+the current version) and its share of the step runs again. `LocalRollouts` is the same in the
+learner's own process, for runs without Ray (tests, the GPU machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from generalmodel.config import Config
+from generalmodel.infer.sampling import SamplingParams, load_state
+from generalmodel.post.rl.rewards import Rewards
+from generalmodel.post.rl.tasks import PromptSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    prompt: int  # index into the prompt set's train (or held-out) prompts
+    completion: list[int]  # sampled ids, the stop id last when the model stopped
+    logprobs: list[float]  # of each completion id, under the distribution it was sampled from
+    reward: float
+    scores: dict[str, float]  # each verifier's
+    stopped: bool  # ended with the end-of-turn (or EOS) token, not at the token budget
+    version: int  # the policy version (learner steps taken) that sampled it
+    text: str = ""
+
+
+@dataclass
+class Batch:
+    """What one request to the rollout workers produced, and what it cost them."""
+
+    rollouts: list[Rollout] = field(default_factory=list)
+    generated_tokens: int = 0
+    generate_s: float = 0.0  # summed over the workers (they run in parallel)
+
+    def extend(self, other: Batch) -> None:
+        self.rollouts += other.rollouts
+        self.generated_tokens += other.generated_tokens
+        self.generate_s += other.generate_s
+
+
+def sample_seed(seed: int, step: int, position: int) -> int:
+    """The seed of the completion at `position` (prompt slot × group size + sample) of `step`."""
+    digest = hashlib.sha256(f"{seed}/{step}/{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+class RolloutWorker:
+    """One copy of the policy that samples, scores and (greedily) evaluates."""
+
+    def __init__(self, cfg: Config, tokenizer_json: str, prompts: PromptSet, device: str = "cpu"):
+        from generalmodel.data.chat import ChatFormat
+        from generalmodel.data.tokenizer import eos_id
+        from models import build_model
+
+        torch.set_num_threads(max(1, int(cfg.rl.rollout_cpus)))
+        self.cfg, self.prompts = cfg, prompts
+        self.device = torch.device(device)
+        self.model = build_model(cfg.model).to(self.device).eval()
+        fmt = ChatFormat.from_json(tokenizer_json)
+        self.tokenizer = fmt.tokenizer
+        self.stop_ids = frozenset({fmt.end_id, eos_id(fmt.tokenizer)})
+        self.rewards = Rewards(cfg.rl.rewards)
+        self.version = -1
+
+    def load(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        load_state(self.model, state, f"policy version {version}")
+        self.version = version
+        return version
+
+    def ready(self) -> bool:
+        return True
+
+    def rollouts(self, step: int, slots: list[tuple[int, int]]) -> Batch:
+        """Sample and score: `slots` are (position in the step, prompt index) pairs, each one
+        completion (the group's samples are consecutive positions of one prompt)."""
+        rl = self.cfg.rl
+        params = [
+            SamplingParams(
+                temperature=rl.temperature,
+                max_new_tokens=rl.max_new_tokens,
+                seed=sample_seed(self.cfg.train.seed, step, pos),
+            )
+            for pos, _ in slots
+        ]
+        return self._run([self.prompts.train[i] for _, i in slots], [i for _, i in slots], params)
+
+    def evaluate(self, indices: list[int]) -> Batch:
+        """Greedy completions of held-out prompts, scored."""
+        params = SamplingParams(temperature=0, max_new_tokens=self.cfg.rl.max_new_tokens)
+        return self._run([self.prompts.heldout[i] for i in indices], indices, [params] * len(indices))
+
+    @torch.no_grad()
+    def _run(self, prompts, indices: list[int], params: list[SamplingParams]) -> Batch:
+        from generalmodel.infer.engine import Engine, Request
+
+        started = time.perf_counter()
+        capacity = min(self.cfg.model.max_seq_len, max(len(p.ids) for p in prompts) + self.cfg.rl.max_new_tokens)
+        engine = Engine(self.model, min(self.cfg.rl.rollout_slots, len(prompts)), capacity=capacity)
+        requests = [engine.add(Request(list(p.ids), q, self.stop_ids)) for p, q in zip(prompts, params, strict=True)]
+        while not engine.idle():
+            engine.step()
+        batch = Batch(generate_s=time.perf_counter() - started)
+        for prompt, index, request in zip(prompts, indices, requests, strict=True):
+            stopped = request.finish_reason == "stop"
+            text = self.tokenizer.decode(request.tokens)
+            reward, scores = self.rewards(prompt.text, text, prompt.fields)
+            completion = request.tokens + ([request.stop_id] if stopped else [])
+            batch.rollouts.append(
+                Rollout(index, completion, list(request.logprobs), reward, scores, stopped, self.version, text)
+            )
+            batch.generated_tokens += len(completion)
+        return batch
+
+
+def shards(items: list, n: int) -> list[list]:
+    """`items` in n contiguous, nearly equal parts (empty parts left out)."""
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        if end > start:
+            out.append(items[start:end])
+        start = end
+    return out
+
+
+class LocalRollouts:
+    """The rollout worker in this process: each request runs when it is made."""
+
+    def __init__(self, cfg: Config, tokenizer_json: str, prompts: PromptSet, device: str = "cpu"):
+        self.worker = RolloutWorker(cfg, tokenizer_json, prompts, device)
+        self.replaced = 0
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        self.worker.load(version, state)
+
+    def submit(self, step: int, slots: list[tuple[int, int]]) -> Batch:
+        return self.worker.rollouts(step, slots)
+
+    def submit_eval(self, indices: list[int]) -> Batch:
+        return self.worker.evaluate(indices)
+
+    def collect(self, handle: Batch) -> Batch:
+        return handle
+
+    def close(self) -> None:
+        pass
+
+
+class RayRollouts:
+    """`rl.rollout_workers` actors; see the module doc."""
+
+    def __init__(self, cfg: Config, tokenizer_json: str, prompts: PromptSet):
+        import ray
+
+        rl = cfg.rl
+        self.cfg = cfg
+        self.cls = ray.remote(num_cpus=rl.rollout_cpus, num_gpus=rl.rollout_gpus, max_restarts=0)(RolloutWorker)
+        self.args = (cfg, tokenizer_json, ray.put(prompts), "cuda" if rl.rollout_gpus > 0 else "cpu")
+        self.actors = [self._spawn() for _ in range(rl.rollout_workers)]
+        self.weights = None  # (version, ObjectRef of the state dict)
+        self.replaced = 0
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def _spawn(self):
+        return self.cls.remote(*self.args)
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        import ray
+
+        self.weights = (version, ray.put(state))  # one put; each actor gets it from the object store
+        for actor in self.actors:
+            actor.load.remote(*self.weights)  # runs before any rollout submitted after it (actor order)
+
+    def submit(self, step: int, slots: list[tuple[int, int]]) -> list:
+        parts = shards(slots, len(self.actors))
+        handle = [
+            (i, self.weights, ("rollouts", step, part), self.actors[i].rollouts.remote(step, part))
+            for i, part in enumerate(parts)
+        ]
+        if self.cfg.rl.kill_rollout_at_step == step:
+            import ray
+
+            log.warning("rl.kill_rollout_at_step: killing rollout actor 0 during step %d", step)
+            ray.kill(self.actors[0], no_restart=True)
+        return handle
+
+    def submit_eval(self, indices: list[int]) -> list:
+        parts = shards(indices, len(self.actors))
+        return [
+            (i, self.weights, ("evaluate", part), self.actors[i].evaluate.remote(part)) for i, part in enumerate(parts)
+        ]
+
+    def collect(self, handle: list) -> Batch:
+        """The request's results; a part whose actor died runs again on its replacement, with the
+        weights the request was made with (so the replacement samples what the actor would have)."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        batch = Batch()
+        for i, weights, call, ref in handle:
+            for attempt in range(3):
+                try:
+                    batch.extend(ray.get(ref))
+                    break
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                    if attempt == 2:
+                        raise
+                    log.warning(
+                        "rollout actor %d died (%s): replacing it and running its part again", i, type(e).__name__
+                    )
+                    ref = self._replace(i, weights, call)
+        return batch
+
+    def _replace(self, i: int, weights, call: tuple):
+        import ray
+
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[i] = self._spawn()
+        self.replaced += 1
+        if weights is not None:
+            self.actors[i].load.remote(*weights)
+        method, *args = call
+        ref = getattr(self.actors[i], method).remote(*args)
+        if self.weights is not None and weights is not self.weights:
+            self.actors[i].load.remote(*self.weights)  # back to the newest for what comes next
+        return ref
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass

@@ -1,0 +1,135 @@
+"""The prompts an RL run learns from and is scored on: rows of `data.source` (.jsonl/.parquet,
+local, s3:// or hf:) holding a prompt (`rl.prompt_field`: a string, the user's message, or a
+message list) and the fields its verifiers read (e.g. `answer`). The held-out prompts are
+`rl.eval_source`, or else the val split of data.source (the SFT/DPO datasets' hash split).
+
+The order is a pure function of (train.seed, step): step k takes the prompts at positions
+k·P … k·P+P−1 of an endless sequence of seeded permutations (one per epoch), so a run resumed at
+step k sees exactly the prompts it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from generalmodel import UserError
+from generalmodel.config import Config
+from generalmodel.data.chat import ChatFormat, ChatFormatError, messages
+from generalmodel.data.conversations import read_rows, split_of
+from generalmodel.data.sources import list_pieces
+
+
+@dataclass
+class Prompt:
+    where: str  # file:line, for messages about it
+    messages: list[dict[str, str]]
+    ids: list[int]  # the rendered conversation and `<|assistant|>`
+    fields: dict[str, Any] = field(default_factory=dict)  # what the verifiers read
+
+    @property
+    def text(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class PromptSet:
+    """The training and held-out prompts of a run, and the digest that names them (a resumed run
+    must see the same prompts)."""
+
+    uri: str
+    train: list[Prompt]
+    heldout: list[Prompt]
+    sha256: str
+
+    # What MLflow's dataset input and the checkpoint manifests read (a TokenDataset's names).
+    @property
+    def manifest_sha256(self) -> str:
+        return self.sha256
+
+    @property
+    def loc(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(uri=self.uri)
+
+    def step_prompts(self, step: int, count: int, seed: int) -> list[int]:
+        """Indices into `train` of step `step`'s `count` prompts."""
+        n = len(self.train)
+        out = []
+        for i in range(step * count, (step + 1) * count):
+            epoch, pos = divmod(i, n)
+            out.append(int(_permutation(n, seed, epoch)[pos]))
+        return out
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (n, seed, epoch)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS.clear()  # one epoch at a time is what a run walks through
+        _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERMUTATIONS[key]
+
+
+def load_prompts(cfg: Config, tokenizer_json: str) -> PromptSet:
+    """The run's prompts, rendered with the chat format of `tokenizer_json`. A UserError names the
+    file and line of a malformed row, or says which split came out empty."""
+    fmt = ChatFormat.from_json(tokenizer_json)
+    storage = cfg.storage.resolved()
+    digest = hashlib.sha256()
+    rows = _read(cfg, cfg.data.source, storage, digest)
+    if cfg.rl.eval_source:
+        train = rows
+        heldout = _read(cfg, cfg.rl.eval_source, storage, digest)
+    else:
+        train, heldout = [], []
+        for where, row in rows:
+            (heldout if split_of(row, cfg.data, where) == "val" else train).append((where, row))
+    limit = cfg.model.max_seq_len - cfg.rl.max_new_tokens
+    train_prompts = [_prompt(cfg, fmt, where, row, limit) for where, row in train]
+    heldout_prompts = [_prompt(cfg, fmt, where, row, limit) for where, row in heldout]
+    if not train_prompts:
+        raise UserError(f"data.source {cfg.data.source!r}: no training prompts (every row is in the val split?)")
+    if cfg.rl.eval_prompts and not heldout_prompts:
+        where = cfg.rl.eval_source or f"the val split of {cfg.data.source!r} (raise data.val_fraction)"
+        raise UserError(f"no held-out prompts in {where}; or set rl.eval_prompts=0")
+    return PromptSet(cfg.data.source, train_prompts, heldout_prompts, digest.hexdigest())
+
+
+def _read(cfg: Config, source: str, storage, digest) -> list[tuple[str, dict[str, Any]]]:
+    data = cfg.data.model_copy(update={"source": source})
+    out = []
+    for piece in list_pieces(data, storage):
+        for where, row in read_rows(piece, storage):
+            if isinstance(row, ChatFormatError):
+                raise row
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+            out.append((where, row))
+    return out
+
+
+def _prompt(cfg: Config, fmt: ChatFormat, where: str, row: dict[str, Any], limit: int) -> Prompt:
+    name = cfg.rl.prompt_field
+    if name not in row:
+        raise UserError(f"{where}: no field {name!r} (rl.prompt_field); the row has {sorted(row)}")
+    value = row[name]
+    if isinstance(value, str):
+        conversation = [{"role": "user", "content": value}]
+    else:
+        conversation = messages(value, where, require_assistant=False)
+        if conversation[-1]["role"] == "assistant":
+            raise UserError(f"{where}: the prompt ends with an assistant message; the model answers after a user's")
+    ids = fmt.prompt_ids(conversation)
+    if len(ids) > limit:
+        raise UserError(
+            f"{where}: the prompt has {len(ids)} tokens; model.max_seq_len {cfg.model.max_seq_len} - "
+            f"rl.max_new_tokens {cfg.rl.max_new_tokens} leaves {limit}"
+        )
+    return Prompt(where, conversation, ids, {k: v for k, v in row.items() if k != name})

@@ -1,0 +1,312 @@
+"""GRPO: the objective's arithmetic, the verifiers, the task data, the sampler's log-probs against
+the learner's, and the learner loop in one process (rollouts in-process) with exact resume. The
+Ray paths (rollout actors, a killed actor, Ray Train's restart) are in test_rl_ray.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from generalmodel import UserError
+from generalmodel.config import load_config
+from generalmodel.data.chat import ChatFormat
+from generalmodel.data.tokenizer import train_bpe
+from generalmodel.infer.engine import generate_batch
+from generalmodel.infer.sampling import SamplingParams
+from generalmodel.post import arithmetic
+from generalmodel.post.rl.grpo import group_advantages, grpo_loss, token_logprobs, token_weights, units
+from generalmodel.post.rl.learner import rl_train, train_in_process
+from generalmodel.post.rl.rewards import Rewards, exact_number
+from generalmodel.post.rl.rollout import sample_seed, shards
+from generalmodel.post.rl.tasks import load_prompts
+from models import build_model
+
+
+def digit_share(prompt: str, completion: str, **fields) -> float:
+    """A verifier a random model scores on (`test_rl:digit_share`): the share of digits in its
+    completion, so every group has a reward signal."""
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def rl_cfg(**overrides):
+    return load_config(overrides={"rl.group_size": 4, "rl.max_new_tokens": 6, **overrides}).rl
+
+
+def test_group_advantages_are_centred_and_scaled_per_group():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [3.0, 1.0, 2.0, 2.0]])
+    grpo = group_advantages(rewards, scale=True)
+    assert torch.allclose(grpo.sum(dim=1), torch.zeros(3), atol=1e-6)
+    assert torch.equal(grpo[1], torch.zeros(4))  # no variance, no gradient
+    assert math.isclose(grpo[0, 0].item(), 0.5 / (rewards[0].std().item() + 1e-4), rel_tol=1e-6)
+    dr = group_advantages(rewards, scale=False)  # Dr. GRPO: centred only
+    assert torch.allclose(dr[2], torch.tensor([1.0, -1.0, 0.0, 0.0]))
+
+
+def test_on_policy_gradient_is_the_policy_gradient_and_the_clip_stops_it():
+    rl = rl_cfg()
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    ones = torch.ones(3)
+    loss, stats = grpo_loss(logp, logp.detach(), adv, ones, torch.zeros(3), None, rl)
+    assert abs(loss.item() + adv.sum().item()) < 1e-6  # ratio 1: the loss is -sum(A)
+    loss.backward()
+    assert torch.allclose(logp.grad, -adv)  # d/dlogp of -ratio*A at ratio 1
+    assert stats["clip_fraction"] == 0 and stats["approx_kl"] == 0
+    # A token whose ratio is past 1+eps with A>0 (or below 1-eps with A<0) gives no gradient.
+    logp = torch.tensor([0.0, 0.0, 0.0], requires_grad=True)
+    old = torch.tensor([-0.5, 0.5, -0.1])  # ratios e^0.5 (clipped, A>0), e^-0.5 (clipped, A<0), e^0.1
+    loss, stats = grpo_loss(logp, old, torch.tensor([1.0, -1.0, 1.0]), ones, torch.zeros(3), None, rl)
+    loss.backward()
+    assert logp.grad[0] == 0 and logp.grad[1] == 0 and logp.grad[2] != 0
+    assert stats["clip_fraction"] == 2
+    # The KL penalty (k3) is zero at the reference and positive away from it.
+    kl_rl = rl_cfg(**{"rl.beta": 0.1})
+    at_ref, s = grpo_loss(
+        torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.ones(2), torch.zeros(2), torch.zeros(2), kl_rl
+    )
+    assert at_ref == 0 and s["kl"] == 0
+    _, s = grpo_loss(
+        torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.ones(2), torch.zeros(2), torch.tensor([-1.0, 1.0]), kl_rl
+    )
+    assert s["kl"] > 0
+
+
+def test_loss_normalisations():
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    token, seq, dr = (rl_cfg(**{"rl.loss_type": t}) for t in ("token", "sequence", "dr_grpo"))
+    assert units(mask, token) == 4 and units(mask, seq) == 2 and units(mask, dr) == 2 * 6
+    w = token_weights(mask, seq)[mask]
+    assert torch.allclose(w, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))  # each sequence weighs 1 in total
+    assert torch.equal(token_weights(mask, token)[mask], torch.ones(4))
+
+
+def test_verifiers():
+    assert exact_number("q", "47 + 38 = 85. The answer is 85.", answer=85) == 1
+    assert exact_number("q", "The answer is 1,024.", answer="1024") == 1
+    assert exact_number("q", "85 or 86", answer=85) == 0  # the last number counts
+    assert exact_number("q", "no number", answer=3) == 0
+    rewards = Rewards({"exact_number": 1.0, "answer_format": 0.5})
+    assert rewards("q", "The answer is 7.", {"answer": 7}) == (1.5, {"exact_number": 1.0, "answer_format": 1.0})
+    assert rewards("q", "it is 7", {"answer": 7})[0] == 1.0
+    plugin = Rewards({"generalmodel.post.rl.rewards:answer_format": 1.0})  # module:function
+    assert plugin("q", "The answer is 7.", {})[0] == 1 and plugin("q", "7", {})[0] == 0
+    with pytest.raises(UserError, match=r"verifier 'math:isfinite' failed .*TypeError"):
+        Rewards({"math:isfinite": 1.0})("q", "x", {})
+    with pytest.raises(UserError, match="unknown verifier 'nope'"):
+        Rewards({"nope": 1.0})
+    with pytest.raises(UserError, match="cannot import verifier 'no_such_module:f'"):
+        Rewards({"no_such_module:f": 1.0})
+    with pytest.raises(UserError, match="needs an `answer` field"):
+        rewards("q", "1", {})
+
+
+def test_arithmetic_task_is_deterministic_with_a_disjoint_held_out_split(tmp_path):
+    counts = arithmetic.build(tmp_path / "a", sft=300, train=200, test=60, digits=2, seed=3)
+    assert counts == {"sft": 300, "train": 200, "test": 60}
+    arithmetic.build(tmp_path / "b", sft=300, train=200, test=60, digits=2, seed=3)
+    for name in ("sft", "train", "test"):
+        assert (tmp_path / "a" / f"{name}.jsonl").read_text() == (tmp_path / "b" / f"{name}.jsonl").read_text()
+
+    def numbers(text):
+        import re
+
+        a, b = map(int, re.findall(r"\d+", text)[:2])
+        return a, b
+
+    test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
+    held = {numbers(r["prompt"]) for r in test}
+    for row in train:
+        a, b = numbers(row["prompt"])
+        assert row["answer"] in (a + b, a - b) and row["answer"] >= 0
+        assert arithmetic.split_of(a, b, "+" if row["answer"] == a + b else "-") == "train"
+    assert all(
+        arithmetic.split_of(*numbers(r["prompt"]), "+" if r["answer"] == sum(numbers(r["prompt"])) else "-") == "test"
+        for r in test
+    )
+    assert held  # the split is by numbers and operation: no phrasing of a held-out problem trains
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """A 1-digit arithmetic task, a tokenizer trained on it and a random tiny model's config: a
+    random model's completions are mostly digits, so some of them are right by chance."""
+    root = tmp_path_factory.mktemp("rl")
+    arithmetic.build(root, sft=400, train=64, test=16, digits=1, seed=1)
+    texts = [line for name in ("sft", "train") for line in (root / f"{name}.jsonl").read_text().splitlines()]
+    tokenizer_json = train_bpe(texts, 300).to_str()
+    return root, tokenizer_json
+
+
+def task_cfg(root, tmp, **overrides):
+    return load_config(
+        overrides={
+            "data.source": str(root / "train.jsonl"),
+            "rl.eval_source": str(root / "test.jsonl"),
+            "storage.root": str(tmp),
+            "train.init_from": "a random model",
+            "model.vocab_size": 300,
+            "model.max_seq_len": 128,
+            "model.n_layers": 2,
+            "model.n_heads": 2,
+            "model.n_kv_heads": 1,
+            "model.d_model": 32,
+            "train.steps": 4,
+            "train.batch_size": 8,
+            "train.log_every": 1,
+            "train.checkpoint_every": 2,
+            "optim.lr": 3e-3,
+            "optim.warmup_steps": 0,
+            "rl.prompts_per_step": 4,
+            "rl.group_size": 4,
+            "rl.max_new_tokens": 4,
+            "rl.eval_every": 2,
+            "rl.eval_prompts": 8,
+            "ray.num_workers": 1,
+            "rl.rewards": {"test_rl:digit_share": 1.0, "exact_number": 0.5},
+            **overrides,
+        }
+    )
+
+
+def test_the_samplers_log_probs_are_the_learners(tiny_task, tmp_path):
+    """At the same weights the ratio starts at 1: the engine's log-probs (batched KV-cache decode)
+    equal the learner's (one full forward) for every sampled token."""
+    root, tokenizer_json = tiny_task
+    cfg = task_cfg(root, tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    prompts = load_prompts(cfg, tokenizer_json)
+    rows = [prompts.train[i].ids for i in range(6)]
+    params = [SamplingParams(temperature=0.7, max_new_tokens=8, seed=s) for s in range(6)]
+    end = ChatFormat.from_json(tokenizer_json).end_id
+    for request in generate_batch(model, rows, params, {end}):
+        completion = request.tokens + ([request.stop_id] if request.stop_id is not None else [])
+        assert len(request.logprobs) == len(completion) > 0
+        seq = torch.tensor([request.prompt_ids + completion])
+        with torch.no_grad():
+            logits = model(seq[:, :-1])[0, len(request.prompt_ids) - 1 :]
+            keep = torch.zeros(seq[:, :-1].shape, dtype=torch.bool)
+            keep[0, len(request.prompt_ids) - 1 :] = True
+            assert torch.allclose(model(seq[:, :-1], keep=keep), logits, atol=1e-6)  # the head at `keep` only
+        learner = token_logprobs(logits, torch.tensor(completion), 0.7)
+        assert torch.allclose(learner, torch.tensor(request.logprobs), atol=1e-5), (learner, request.logprobs)
+
+
+def test_one_update_moves_each_completion_the_way_its_advantage_says(tiny_task, tmp_path):
+    from generalmodel.optim import build_optimizer
+    from generalmodel.post.rl.grpo import token_entropy
+    from generalmodel.post.rl.learner import _sequences
+    from generalmodel.post.rl.rollout import RolloutWorker
+
+    root, tokenizer_json = tiny_task
+    cfg = task_cfg(root, tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    prompts = load_prompts(cfg, tokenizer_json)
+    worker = RolloutWorker(cfg, tokenizer_json, prompts)
+    worker.load(0, model.state_dict())
+    batch = worker.rollouts(0, [(j * 4 + g, j) for j in range(4) for g in range(4)])
+    advantages = group_advantages(torch.tensor([r.reward for r in batch.rollouts]).view(-1, 4), True).view(-1)
+    t = _sequences(prompts, batch.rollouts, advantages, "cpu")
+    keep = t["mask"]
+
+    def sequence_logps():
+        with torch.no_grad():
+            out = torch.zeros(keep.shape)
+            out[keep] = token_logprobs(model(t["inputs"])[keep], t["targets"][keep], cfg.rl.temperature)
+            return out.sum(1)
+
+    before = sequence_logps()
+    assert torch.allclose(before, (t["old_logp"] * keep).sum(1), atol=1e-4)  # the sampler's, summed
+    optimizer = build_optimizer(model, cfg.optim.model_copy(update={"lr": 1e-3}), fused=False)
+    logits = model(t["inputs"])[keep]
+    loss, _ = grpo_loss(
+        token_logprobs(logits, t["targets"][keep], cfg.rl.temperature),
+        t["old_logp"][keep],
+        advantages.unsqueeze(1).expand_as(keep)[keep],
+        token_weights(keep, cfg.rl)[keep],
+        token_entropy(logits, cfg.rl.temperature),
+        None,
+        cfg.rl,
+    )
+    (loss / units(keep, cfg.rl)).backward()
+    optimizer.step()
+    moved = sequence_logps() - before
+    assert (advantages > 0).any() and (advantages < 0).any()
+    assert moved[advantages > 0].mean() > 0 > moved[advantages < 0].mean()
+
+
+def test_prompt_order_and_bad_rows(tiny_task, tmp_path):
+    root, tokenizer_json = tiny_task
+    prompts = load_prompts(task_cfg(root, tmp_path), tokenizer_json)
+    assert len(prompts.train) == 64 and len(prompts.heldout) == 16
+    epoch = [i for step in range(16) for i in prompts.step_prompts(step, 4, seed=0)]
+    assert sorted(epoch) == list(range(64))  # every prompt once per epoch
+    assert prompts.step_prompts(17, 4, seed=0) == prompts.step_prompts(17, 4, seed=0)
+    assert prompts.step_prompts(0, 4, seed=1) != prompts.step_prompts(0, 4, seed=0)
+    assert sample_seed(0, 3, 5) != sample_seed(0, 5, 3)
+    assert shards(list(range(5)), 2) == [[0, 1, 2], [3, 4]] and shards([1], 3) == [[1]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1 plus 2?", "answer": 3}\n{"question": "x"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: no field 'prompt' \(rl.prompt_field\)"):
+        load_prompts(task_cfg(root, tmp_path, **{"data.source": str(bad)}), tokenizer_json)
+    with pytest.raises(UserError, match="rl.prompts_per_step=6 must divide among ray.num_workers=4"):
+        rl_train(
+            task_cfg(root, tmp_path, **{"rl.prompts_per_step": 6, "ray.num_workers": 4}),
+            init=lambda: {},
+            prompts=prompts,
+            tokenizer_json=tokenizer_json,
+            rollouts="local",
+        )
+
+
+def run_local(cfg, state, prompts, tokenizer_json):
+    return train_in_process(cfg, state, prompts, tokenizer_json)
+
+
+def test_learner_learns_from_rewards_and_resumes_exactly(tiny_task, tmp_path):
+    root, tokenizer_json = tiny_task
+    torch.set_num_threads(1)
+    cfg = task_cfg(root, tmp_path / "one")
+    torch.manual_seed(0)
+    state = build_model(cfg.model).state_dict()
+    prompts = load_prompts(cfg, tokenizer_json)
+    full = run_local(cfg, state, prompts, tokenizer_json)
+    assert set(full) == {0, 1, 2, 3, 4}
+    assert {"heldout_accuracy", "heldout_reward", "heldout_exact_number"} <= set(full[0])
+    assert full[4]["heldout_accuracy"] == full[4]["heldout_test_rl.digit_share"]  # the first verifier's
+    for step in range(1, 5):
+        m = full[step]
+        assert 0 <= m["reward_mean"] <= 1.5 and 0 <= m["zero_variance_groups"] <= 1 and m["policy_lag"] == 0
+        assert m["entropy"] > 0 and m["completion_len"] > 0 and m["rollout_tokens_per_s"] > 0
+    assert any(full[s]["zero_variance_groups"] < 1 for s in range(1, 5)), "no group had a reward signal"
+    assert any(full[s]["grad_norm"] > 0 for s in range(1, 5))
+
+    killed = task_cfg(root, tmp_path / "two", **{"train.fail_at_step": 3})
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        run_local(killed, state, prompts, tokenizer_json)
+    resumed = run_local(killed, state, prompts, tokenizer_json)
+    assert min(resumed) == 2  # from the step-2 checkpoint: its evaluation, then steps 3 and 4
+    for step in (3, 4):
+        for key in ("reward_mean", "loss", "grad_norm", "entropy", "heldout_accuracy"):
+            if key in full[step]:
+                assert resumed[step][key] == full[step][key], (step, key)  # bit-identical on CPU
+
+
+def test_off_policy_lags_one_step_and_reuses_batches(tiny_task, tmp_path):
+    root, tokenizer_json = tiny_task
+    cfg = task_cfg(
+        root,
+        tmp_path,
+        **{"rl.mode": "off_policy", "rl.updates_per_batch": 2, "rl.beta": 0.05, "rl.eval_prompts": 0, "train.steps": 3},
+    )
+    torch.manual_seed(0)
+    state = build_model(cfg.model).state_dict()
+    seen = run_local(cfg, state, load_prompts(cfg, tokenizer_json), tokenizer_json)
+    assert seen[1]["policy_lag"] == 0  # step 0's rollouts: the starting weights, nothing older exists
+    assert seen[2]["policy_lag"] == 1 and seen[3]["policy_lag"] == 1
+    assert seen[3]["kl"] > 0 and seen[3]["approx_kl"] != 0  # two updates per batch: the ratio moved

@@ -1,0 +1,88 @@
+"""GRPO on the real Ray cluster: rollouts on Ray actors, the learner on Ray Train, tracked and
+registered in MLflow. A rollout actor killed mid-step is replaced and the step completes with the
+same samples; a learner failure resumes from the last checkpoint with the same prompts, so the
+interrupted run's rewards equal the uninterrupted run's, step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rl import task_cfg, tiny_task  # noqa: F401 (a fixture)
+
+from generalmodel.infer.sampling import export_files
+from jobs import rl
+from models import build_model
+
+
+@pytest.fixture(scope="module")
+def start_model(tiny_task):  # noqa: F811 (the fixture imported from test_rl)
+    """The 1-digit task of test_rl and a random tiny chat model exported beside it (train.init_from)."""
+    root, tokenizer_json = tiny_task
+    cfg = task_cfg(root, root)
+    torch.manual_seed(0)
+    export = root / "start"
+    export.mkdir(exist_ok=True)
+    for name, data in export_files(cfg.model, build_model(cfg.model).state_dict(), tokenizer_json).items():
+        (export / name).write_bytes(data)
+    return root, export
+
+
+def job_cfg(root, export, store, mlflow_uri, **overrides):
+    return task_cfg(
+        root,
+        store,
+        **{
+            "train.init_from": str(export),
+            "tracking.uri": mlflow_uri,
+            "tracking.registered_model": "rl-test",
+            "rl.rollout_workers": 2,
+            "rl.rollout_cpus": 0.5,
+            "ray.max_failures": 1,
+            **overrides,
+        },
+    )
+
+
+@pytest.mark.e2e
+def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ray_cluster, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    root, export = start_model
+    client = MlflowClient(mlflow_server.uri)
+
+    def per_step(run_id: str, key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+    plain = rl.main(job_cfg(root, export, tmp_path / "plain", mlflow_server.uri, **{"train.run_name": "rl-plain"}))
+    assert plain["model_uri"].startswith("models:/rl-test/")
+    assert 0 <= plain["accuracy_start"] <= 1 and "accuracy_end" in plain
+    run = client.get_run(plain["run_id"])
+    assert {
+        "reward_mean",
+        "zero_variance_groups",
+        "entropy",
+        "clip_fraction",
+        "completion_len",
+        "rollout_tokens_per_s",
+        "learner_tokens_per_s",
+        "rollout_wait_fraction",
+        "heldout_accuracy",
+    } <= set(run.data.metrics)
+    assert run.data.tags["init_from"] == str(export)
+    assert "rl_progress.png" in {a.path for a in client.list_artifacts(plain["run_id"])}
+    rewards = per_step(plain["run_id"], "reward_mean")
+    assert sorted(rewards) == [1, 2, 3, 4]
+    assert any(v < 1 for v in per_step(plain["run_id"], "zero_variance_groups").values())  # a reward signal
+
+    faulty = rl.main(
+        job_cfg(
+            root,
+            export,
+            tmp_path / "faulty",
+            mlflow_server.uri,
+            **{"train.run_name": "rl-faulty", "rl.kill_rollout_at_step": 1, "train.fail_at_step": 3},
+        )
+    )
+    assert max(per_step(faulty["run_id"], "rollout_workers_replaced").values()) >= 1  # the killed actor's
+    assert per_step(faulty["run_id"], "reward_mean") == rewards  # same prompts, same samples, same weights
+    assert per_step(faulty["run_id"], "heldout_accuracy") == per_step(plain["run_id"], "heldout_accuracy")
