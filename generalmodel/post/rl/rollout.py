@@ -64,12 +64,15 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 class RolloutWorker:
     """One copy of the policy that samples, scores and (greedily) evaluates."""
 
-    def __init__(self, cfg: Config, tokenizer_json: str, prompts: PromptSet, device: str = "cpu"):
+    def __init__(
+        self, cfg: Config, tokenizer_json: str, prompts: PromptSet, device: str = "cpu", threads: int | None = None
+    ):
         from generalmodel.data.chat import ChatFormat
         from generalmodel.data.tokenizer import eos_id
         from models import build_model
 
-        torch.set_num_threads(max(1, int(cfg.rl.rollout_cpus)))
+        if threads is not None:  # an actor of its own: as many threads as CPUs it reserved
+            torch.set_num_threads(threads)
         self.cfg, self.prompts = cfg, prompts
         self.device = torch.device(device)
         self.model = build_model(cfg.model).to(self.device).eval()
@@ -173,7 +176,8 @@ class RayRollouts:
         rl = cfg.rl
         self.cfg = cfg
         self.cls = ray.remote(num_cpus=rl.rollout_cpus, num_gpus=rl.rollout_gpus, max_restarts=0)(RolloutWorker)
-        self.args = (cfg, tokenizer_json, ray.put(prompts), "cuda" if rl.rollout_gpus > 0 else "cpu")
+        device = "cuda" if rl.rollout_gpus > 0 else "cpu"
+        self.args = (cfg, tokenizer_json, ray.put(prompts), device, max(1, int(rl.rollout_cpus)))
         self.actors = [self._spawn() for _ in range(rl.rollout_workers)]
         self.weights = None  # (version, ObjectRef of the state dict)
         self.replaced = 0
