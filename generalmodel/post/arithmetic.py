@@ -5,7 +5,7 @@ Additions and subtractions of `digits`-digit numbers (a subtraction's result is 
 in a few phrasings. A problem's split is decided by the hash of its numbers and operation, so a
 held-out problem never appears in training under another phrasing. Files written:
 
-    sft.jsonl    conversations with a worked answer ("47 + 38 = 85. The answer is 85.") for the
+    sft.jsonl    conversations with a worked answer ("4 7 + 3 8 = 8 5. The answer is 85.") for the
                  SFT stage that teaches the format (training problems only)
     train.jsonl  RL prompts: {"prompt": question, "answer": N} (training problems)
     test.jsonl   held-out prompts, the same shape
@@ -46,7 +46,11 @@ class Problem:
 
     @property
     def worked(self) -> str:
-        return f"{self.a} {self.op} {self.b} = {self.answer}. The answer is {self.answer}."
+        """The sum digit by digit, then the answer: "4 7 + 3 8 = 8 5. The answer is 85." Spelled
+        out, every digit is a token of its own whatever the tokenizer merges ("47", " 13"), so
+        what a model learns about one sum carries over to the others."""
+        a, b, c = (" ".join(str(n)) for n in (self.a, self.b, self.answer))
+        return f"{a} {self.op} {b} = {c}. The answer is {self.answer}."
 
     @property
     def split(self) -> str:
