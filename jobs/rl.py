@@ -14,6 +14,8 @@ lineage. The loss is ~0 by construction (centred advantages): watch the reward a
 
 from __future__ import annotations
 
+import logging
+
 from generalmodel.cli import run_job
 from generalmodel.cluster import ray_session
 from generalmodel.config import Config
@@ -26,6 +28,8 @@ from generalmodel.train.job import register_trained, tracked_fit
 from generalmodel.train.loop import refuse_finished
 from generalmodel.train.ray_trainer import fit
 
+log = logging.getLogger(__name__)
+
 
 def main(cfg: Config) -> dict:
     check_rl_config(cfg)
@@ -33,6 +37,7 @@ def main(cfg: Config) -> dict:
     layout = RunLayout.of(cfg)
     refuse_finished(cfg, layout)
     with ray_session(cfg.ray):
+        warn_if_short(cfg)
         prompts = load_prompts(cfg, init.tokenizer_json)
         print(
             f"{len(prompts.train)} training and {len(prompts.heldout)} held-out prompts; "
@@ -48,6 +53,22 @@ def main(cfg: Config) -> dict:
     trained = register_trained(cfg, uri, run_id, layout, prompts, lineage)
     accuracy = accuracy_report(trained, uri)
     return {"run_id": trained.run_id, "model_uri": trained.model_uri, "metrics": trained.metrics, **accuracy}
+
+
+def warn_if_short(cfg: Config) -> None:
+    """The learner ranks and the rollout actors reserve CPUs side by side: say so when the cluster
+    (as it is now; an autoscaler may grow it) cannot hold both."""
+    import ray
+
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.rl.rollout_workers * cfg.rl.rollout_cpus
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        log.warning(
+            "the run reserves %.1f CPUs (ray.num_workers x ray.cpus_per_worker + rl.rollout_workers x "
+            "rl.rollout_cpus) and the cluster has %.1f: it waits for more (or lower those fields)",
+            need,
+            have,
+        )
 
 
 def cli() -> None:

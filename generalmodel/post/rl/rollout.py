@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from generalmodel import UserError
 from generalmodel.config import Config
 from generalmodel.infer.sampling import SamplingParams, load_state
 from generalmodel.post.rl.rewards import Rewards
 from generalmodel.post.rl.tasks import PromptSet
 
 log = logging.getLogger(__name__)
+
+READY_S = 300.0  # how long rollout actors may wait for resources (an autoscaler may add a node)
 
 
 @dataclass
@@ -181,7 +184,14 @@ class RayRollouts:
         self.actors = [self._spawn() for _ in range(rl.rollout_workers)]
         self.weights = None  # (version, ObjectRef of the state dict)
         self.replaced = 0
-        ray.get([a.ready.remote() for a in self.actors])
+        ready, _ = ray.wait([a.ready.remote() for a in self.actors], num_returns=len(self.actors), timeout=READY_S)
+        if len(ready) < len(self.actors):
+            raise UserError(
+                f"{len(self.actors) - len(ready)} of rl.rollout_workers={rl.rollout_workers} rollout actors did not "
+                f"start within {READY_S:.0f} s: each reserves rl.rollout_cpus={rl.rollout_cpus} CPUs and "
+                f"rl.rollout_gpus={rl.rollout_gpus} GPUs beside the learner's ray.num_workers x "
+                f"ray.cpus_per_worker; the cluster has {ray.cluster_resources()}"
+            )
 
     def _spawn(self):
         return self.cls.remote(*self.args)
