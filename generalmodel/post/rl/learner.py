@@ -161,11 +161,10 @@ def rl_train(
             first_eval = heldout_metrics(step) if step == start_step else {}
             if first_eval:  # the model it starts from, on the same prompts as every later evaluation
                 report({"step": step, **first_eval})
-            rows = _mine(batch, env.rank, per_rank * rl.group_size)
             rewards = torch.tensor([r.reward for r in batch["rollouts"]]).view(-1, rl.group_size)
             advantages = group_advantages(rewards, rl.scale_rewards).view(-1)
-            mine = advantages[env.rank * per_rank * rl.group_size : (env.rank + 1) * per_rank * rl.group_size]
-            tensors = _sequences(prompts, rows, mine, env.device)
+            mine = slice(env.rank * per_rank * rl.group_size, (env.rank + 1) * per_rank * rl.group_size)
+            tensors = _sequences(prompts, batch["rollouts"][mine], advantages[mine], env.device)
 
             learn_started = time.perf_counter()
             lr = cfg.optim.lr * lr_multiplier(step, steps, cfg.optim)
@@ -332,10 +331,6 @@ def _gather(pool, handle, group_size: int, weights: dict[str, float], env) -> di
     if dist.is_initialized() and env.world_size > 1:
         dist.broadcast_object_list(payload, src=0, device=env.device if env.device.type == "cuda" else None)
     return payload[0]
-
-
-def _mine(batch: dict[str, Any], rank: int, count: int) -> list[Rollout]:
-    return batch["rollouts"][rank * count : (rank + 1) * count]
 
 
 def _sequences(prompts: PromptSet, rows: list[Rollout], advantages: torch.Tensor, device) -> dict[str, torch.Tensor]:

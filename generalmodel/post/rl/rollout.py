@@ -204,11 +204,7 @@ class RayRollouts:
             actor.load.remote(*self.weights)  # runs before any rollout submitted after it (actor order)
 
     def submit(self, step: int, slots: list[tuple[int, int]]) -> list:
-        parts = shards(slots, len(self.actors))
-        handle = [
-            (i, self.weights, ("rollouts", step, part), self.actors[i].rollouts.remote(step, part))
-            for i, part in enumerate(parts)
-        ]
+        handle = self._submit("rollouts", [(step, part) for part in shards(slots, len(self.actors))])
         if self.cfg.rl.kill_rollout_at_step == step:
             import ray
 
@@ -217,9 +213,13 @@ class RayRollouts:
         return handle
 
     def submit_eval(self, indices: list[int]) -> list:
-        parts = shards(indices, len(self.actors))
+        return self._submit("evaluate", [(part,) for part in shards(indices, len(self.actors))])
+
+    def _submit(self, method: str, parts: list[tuple]) -> list:
+        """Part i to actor i: (actor index, the weights it runs with, the call, its result ref)."""
         return [
-            (i, self.weights, ("evaluate", part), self.actors[i].evaluate.remote(part)) for i, part in enumerate(parts)
+            (i, self.weights, (method, *args), getattr(self.actors[i], method).remote(*args))
+            for i, args in enumerate(parts)
         ]
 
     def collect(self, handle: list) -> Batch:
