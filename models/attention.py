@@ -9,6 +9,10 @@
 
 Each says what it caches (`cache_shapes`, see models/cache.py). With a cache, `pos` (b, T) holds
 the absolute position of every query and the mask comes from the positions of the cached slots.
+
+Attention runs in PyTorch's fused SDPA, which never materialises the pattern; `eager = True` on a
+module switches it to the written-out softmax(q·kᵀ/√d)·v, whose pattern passes the `hook_pattern`
+hook point (models/hooks.py; the interpretability tools turn it on only when a pattern is asked for).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 
 from models.cache import KVCache, attention_mask
 from models.common import RMSNorm, apply_rope
+from models.hooks import HookPoint
 
 
 def init_linear(linear: nn.Linear, std: float) -> None:
@@ -50,7 +55,23 @@ def sdpa(q, k, v, mask: torch.Tensor | None, gqa: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def eager_attention(q, k, v, mask: torch.Tensor | None, hook_pattern: HookPoint) -> torch.Tensor:
+    """What `sdpa` computes, written out so that the pattern (B, H, T, S) — each row a softmax over
+    the keys a query sees — exists and passes `hook_pattern`. K/V heads are repeated for GQA as
+    SDPA's enable_gqa does (query head h reads K/V head h // (H / H_kv))."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if mask is None:  # plain causal, T == S
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    pattern = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).type_as(v)
+    return hook_pattern(pattern) @ v
+
+
 class GroupedQueryAttention(nn.Module):
+    eager = False  # True: the written-out attention, whose pattern the hook point sees
+
     def __init__(
         self,
         d_model: int,
@@ -71,6 +92,8 @@ class GroupedQueryAttention(nn.Module):
         # A layer that reuses another layer's K/V has no K/V projection at all.
         self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=bias) if owns_kv else None
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.hook_pattern = HookPoint()  # (B, H, T, S), eager only
+        self.hook_z = HookPoint()  # (B, T, H, head_dim): each head's output before out_proj
 
     def init_weights(self, std: float, residual_std: float) -> None:
         """Input projections N(0, std); the output projection, which writes into the residual
@@ -100,12 +123,16 @@ class GroupedQueryAttention(nn.Module):
         else:
             k, v, key_pos = shared_kv
         mask = layer_mask(T, self.window, pos, key_pos, x.device)
-        y = sdpa(q, k, v, mask, self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        y = eager_attention(q, k, v, mask, self.hook_pattern) if self.eager else sdpa(q, k, v, mask, gqa)
+        out = self.out_proj(self.hook_z(y.transpose(1, 2)).reshape(B, T, -1))
         # Only a group that shares K/V passes them on (FSDP2 warns about view outputs otherwise).
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v, key_pos) if self.shares_kv else None
+        return out, (k, v, key_pos) if self.shares_kv else None
 
 
 class MultiHeadLatentAttention(nn.Module):
+    eager = False  # True: the written-out attention, whose pattern the hook point sees
+
     def __init__(
         self,
         d_model: int,
@@ -135,6 +162,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(kv_lora_rank, norm_eps)
         self.kv_up = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.out_proj = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
+        self.hook_latent = HookPoint()  # (B, T, kv_lora_rank): the new positions' KV latent
+        self.hook_pattern = HookPoint()  # (B, H, T, S), eager only
+        self.hook_z = HookPoint()  # (B, T, H, v_head_dim)
 
     def init_weights(self, std: float, residual_std: float) -> None:
         """Every down/up projection N(0, std) (they stay inside the block); the output projection
@@ -161,7 +191,7 @@ class MultiHeadLatentAttention(nn.Module):
 
         latent, k_rope = self.kv_down(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope[:, None], *rope)  # (B, 1, T, rope): one key for all heads
-        latent = latent[:, None]  # (B, 1, T, kv_lora_rank)
+        latent = self.hook_latent(latent)[:, None]  # (B, 1, T, kv_lora_rank)
         key_pos = None
         if cache is not None:  # the cache holds the latent and the RoPE key, nothing per head
             (latent, k_rope), key_pos = cache.update(self.layer, pos, latent, k_rope)
@@ -171,5 +201,5 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(B, H, S, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         mask = layer_mask(T, self.window, pos, key_pos, x.device)
-        y = sdpa(q, k, v, mask, gqa=False)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim)), None
+        y = eager_attention(q, k, v, mask, self.hook_pattern) if self.eager else sdpa(q, k, v, mask, gqa=False)
+        return self.out_proj(self.hook_z(y.transpose(1, 2)).reshape(B, T, H * self.v_dim)), None

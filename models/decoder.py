@@ -19,6 +19,7 @@ from torch import nn
 from models.attention import GroupedQueryAttention, MultiHeadLatentAttention, init_linear
 from models.cache import KVCache
 from models.common import RMSNorm, matmul_flops_per_token, rope_tables
+from models.hooks import HookPoint
 from models.moe import MoE
 
 
@@ -200,6 +201,9 @@ class Block(nn.Module):
             )
         else:
             self.mlp = MLP(cfg, bias=cfg.bias)
+        # The residual stream and what each sublayer writes into it, all (B, T, d) (models/hooks.py).
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
 
     def init_weights(self, std: float, residual_std: float) -> None:
         self.attn_norm.reset_parameters()
@@ -210,9 +214,10 @@ class Block(nn.Module):
     def forward(self, x, rope=None, cache=None, shared_kv=None, pos=None):
         """Returns (x, kv): the K/V this block's attention used, for the next layers of its
         KV-sharing group."""
+        x = self.hook_resid_pre(x)
         h, kv = self.attn(self.attn_norm(x), rope, cache, shared_kv, pos)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), kv
+        x = self.hook_resid_mid(x + self.hook_attn_out(h))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.mlp_norm(x)))), kv
 
 
 class Decoder(nn.Module):

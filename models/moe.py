@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.hooks import HookPoint
+
 
 class MoE(nn.Module):
     def __init__(
@@ -41,6 +43,8 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        self.hook_router_logits = HookPoint()  # (B, T, E), fp32
+        self.hook_expert_ids = HookPoint()  # (B, T, top_k): the experts each token goes to
         # Usable on its own (like nn.Linear); a Decoder re-initializes it with its residual scale.
         self.init_weights(0.02, 0.02)
 
@@ -57,10 +61,11 @@ class MoE(nn.Module):
     # -- routing ---------------------------------------------------------------------------------
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (N, d) → expert ids (N, k), gates (N, k), scores (N, E); counts tokens per expert."""
-        logits = self.router(x).float()
+        """x: (..., d) → expert ids (..., k), gates (..., k), scores (..., E); counts tokens per expert."""
+        logits = self.hook_router_logits(self.router(x).float())
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
-        idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices  # bias: selection only
+        # The bias takes part in the selection only.
+        idx = self.hook_expert_ids(torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices)
         gates = scores.gather(-1, idx)
         gates = gates / gates.sum(-1, keepdim=True)
         if self.training:  # the balancing statistics count training tokens only
@@ -82,7 +87,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         flat = x.reshape(-1, d)
-        idx, gates, scores = self.route(flat)
+        idx, gates, scores = self.route(x)
+        idx, gates, scores = idx.reshape(B * T, -1), gates.reshape(B * T, -1), scores.reshape(B * T, -1)
         self.aux_loss = self._aux(scores, idx, B, T)
         routed = self._grouped(flat, idx, gates)
         out = routed if self.shared is None else routed + self.shared(flat)
