@@ -4,7 +4,7 @@ VENV_STAMP := .venv/.installed
 
 .PHONY: install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
 	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo \
-	arithmetic rl-sft rl bench-rl clean
+	arithmetic rl-sft rl bench-rl interp clean
 
 install: $(VENV_STAMP)
 
@@ -88,6 +88,20 @@ rl: arithmetic
 
 bench-rl: install
 	$(PY) -m benchmarks.rl_throughput $(BENCH_ARGS)
+
+# Look inside a model (jobs/interp.py): attention maps, activation patching, the logit lens, direct
+# logit attribution, MoE routing on the prompts of INTERP_PROMPTS -> .generalmodel/interp/ and an
+# MLflow run tagged with the model version. The default model is the RL demo's SFT stage, trained
+# first (make rl-sft) when the registry lacks it.
+DEFAULT_INTERP_MODEL := models:/llama-tiny-arith-sft/latest
+INTERP_MODEL ?= $(DEFAULT_INTERP_MODEL)
+INTERP_PROMPTS ?= configs/interp-arithmetic.yaml
+INTERP_ARGS ?=
+interp: install
+	@if [ "$(INTERP_MODEL)" = "$(DEFAULT_INTERP_MODEL)" ]; then \
+	  $(PY) -c "import sys; from generalmodel.tracking.runs import is_registered; \
+	    sys.exit(not is_registered('$(DEFAULT_INTERP_MODEL)'))" || $(MAKE) rl-sft; fi
+	$(PY) -m jobs.interp --model=$(INTERP_MODEL) --prompts=$(INTERP_PROMPTS) $(INTERP_ARGS)
 
 # A head and one worker node on this machine (token auth on); see the printed submit command.
 cluster-up: install

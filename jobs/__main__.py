@@ -18,6 +18,7 @@ JOBS = {
     "serve": "jobs.serve",
     "export": "jobs.export",
     "eval": "jobs.eval",
+    "interp": "jobs.interp",
     "cluster": "jobs.cluster",
     "submit-k8s": "jobs.submit_k8s",
 }

@@ -3,6 +3,7 @@ rewriting activations, the logit lens, direct logit attribution, activation patc
 figures `jobs/interp.py` logs to MLflow."""
 
 from generalmodel.interp.analysis import (
+    HEADS,
     Attribution,
     LogitLens,
     Patching,
@@ -22,6 +23,7 @@ from generalmodel.interp.hooks import (
 )
 
 __all__ = [
+    "HEADS",
     "ActivationCache",
     "Attribution",
     "LogitLens",

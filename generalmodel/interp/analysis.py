@@ -128,8 +128,9 @@ def _frozen_norm(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 @dataclass
 class Patching:
-    """metric of the corrupted run with one activation (layer, position) taken from the clean run:
-    `results[point]` (L, T); `normalized` maps corrupted → 0 and clean → 1."""
+    """metric of the corrupted run with one activation taken from the clean run: `results[point]`
+    is a layer × position grid for a per-position point, a layer × head grid for `HEADS`;
+    `normalized` maps corrupted → 0 and clean → 1."""
 
     clean: float
     corrupted: float
@@ -140,6 +141,9 @@ class Patching:
         return (self.results[point] - self.corrupted) / (gap if gap else float("nan"))
 
 
+HEADS = "heads"  # per-head patching: each head's output (attn.hook_z) at every position
+
+
 @torch.no_grad()
 def patch(
     model: nn.Module,
@@ -147,43 +151,58 @@ def patch(
     corrupted: torch.Tensor,
     metric: Metric,
     points: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
+    heads: bool = False,
     batch_size: int = 64,
 ) -> Patching:
     """Activation patching (Meng et al. 2022; Heimersheim & Nanda 2024): run the corrupted prompt
     with a single activation — one per-block hook point at one layer and one position — replaced
-    by its value on the clean prompt, for every layer × position, and record `metric`. The
-    positions of a layer run as rows of one batch. `clean`, `corrupted`: (T,) or (1, T), of the
-    same length (token-aligned prompts)."""
+    by its value on the clean prompt, for every layer × position, and record `metric`; with
+    `heads`, also each attention head's output (all positions) for every layer × head. The
+    patches of a layer run as rows of one batch. `clean`, `corrupted`: (T,) or (1, T), of the same
+    length (token-aligned prompts)."""
     clean, corrupted = clean.view(1, -1), corrupted.view(1, -1)
     if clean.shape != corrupted.shape:
         raise ValueError(
             f"patching needs token-aligned prompts: the clean one has {clean.shape[1]} tokens, the corrupted "
             f"one {corrupted.shape[1]}"
         )
-    names = [block_point(layer, p) for p in points for layer in range(model.cfg.n_layers)]
+    L, T = model.cfg.n_layers, clean.shape[1]
+    names = [block_point(layer, p) for p in (*points, *(["attn.hook_z"] if heads else [])) for layer in range(L)]
     clean_logits, cache = run_with_cache(model, clean, names)
-    clean_value = float(metric(clean_logits)[0])
-    corrupted_value = float(metric(model(corrupted))[0])
-    T = clean.shape[1]
     results = {}
     for point in points:
-        grid = torch.empty(model.cfg.n_layers, T)
-        for layer in range(model.cfg.n_layers):
+        grid = torch.empty(L, T)
+        for layer in range(L):
             name = block_point(layer, point)
             for start in range(0, T, batch_size):
                 positions = torch.arange(start, min(T, start + batch_size))
-                grid[layer, positions] = _patched(model, corrupted, name, cache[name], positions, metric)
+
+                def write(x, positions=positions, value=cache[name]):
+                    x[torch.arange(len(positions)), positions] = value[0, positions].to(x.dtype)
+
+                grid[layer, positions] = _patched(model, corrupted, name, len(positions), write, metric)
         results[point] = grid
-    return Patching(clean_value, corrupted_value, results)
+    if heads:
+        H = cache[block_point(0, "attn.hook_z")].shape[2]
+        grid = torch.empty(L, H)
+        for layer in range(L):
+            name = block_point(layer, "attn.hook_z")
+
+            def write(x, value=cache[name]):  # (B, T, H, dh): row h gets head h's clean output
+                for h in range(H):
+                    x[h, :, h] = value[0, :, h].to(x.dtype)
+
+            grid[layer] = _patched(model, corrupted, name, H, write, metric)
+        results[HEADS] = grid
+    return Patching(float(metric(clean_logits)[0]), float(metric(model(corrupted))[0]), results)
 
 
-def _patched(model, corrupted, name, clean_value, positions, metric) -> torch.Tensor:
-    """Row i of a batch of copies of `corrupted` gets the clean activation at positions[i]."""
-    rows = torch.arange(len(positions))
+def _patched(model, corrupted, name: str, rows: int, write, metric) -> torch.Tensor:
+    """`metric` of `rows` copies of the corrupted prompt, `write` changing the activation `name`."""
 
     def replace(x: torch.Tensor, _name: str) -> torch.Tensor:
         x = x.clone()
-        x[rows, positions] = clean_value[0, positions].to(x.dtype)
+        write(x)
         return x
 
-    return metric(run_with_hooks(model, corrupted.expand(len(positions), -1), [(name, replace)])).float()
+    return metric(run_with_hooks(model, corrupted.expand(rows, -1), [(name, replace)])).float()
