@@ -95,7 +95,7 @@ bench-rl: install
 # first (make rl-sft) when the registry lacks it.
 DEFAULT_INTERP_MODEL := models:/llama-tiny-arith-sft/latest
 INTERP_MODEL ?= $(DEFAULT_INTERP_MODEL)
-INTERP_PROMPTS ?= configs/interp-arithmetic.yaml
+INTERP_PROMPTS ?= configs/prompts/interp-arithmetic.yaml
 INTERP_ARGS ?=
 interp: install
 	@if [ "$(INTERP_MODEL)" = "$(DEFAULT_INTERP_MODEL)" ]; then \

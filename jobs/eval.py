@@ -12,11 +12,11 @@ results go to MLflow (a parent run with the comparison table, a child run per mo
 from __future__ import annotations
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from generalmodel.cli import run_job
 from generalmodel.cluster import ray_session
-from generalmodel.config import RayConfig, Section, StorageConfig, TrackingConfig
+from generalmodel.config import RayConfig, Section, StorageConfig, Strings, TrackingConfig
 from generalmodel.eval.runner import LoadedModel, ModelResult, comparison, evaluate, log_to_mlflow
 from generalmodel.infer.sampling import fetch, read_model
 from generalmodel.tracking import check_reachable, model_tags, tracking_uri
@@ -25,13 +25,13 @@ from generalmodel.tracking import check_reachable, model_tags, tracking_uri
 class EvalConfig(Section):
     """Which models, on what."""
 
-    models: list[str] = Field(..., description="Model references (models:/NAME/VERSION, @ALIAS, runs:/ID, URIs).")
+    models: Strings = Field(..., description="Model references (models:/NAME/VERSION, @ALIAS, runs:/ID, URIs).")
     dataset: str | None = Field(None, description="A prepared dataset: val loss and bits per byte on its val split.")
     corpus: str | None = Field(
         None, description="Raw text (any data.source: sotu, a path, s3://, hf:ID): loss and bits per byte."
     )
-    tasks: list[str] = Field([], description="Multiple-choice jsonl files (HellaSwag format): acc, acc_norm.")
-    harness_tasks: list[str] = Field([], description="lm-evaluation-harness task names (the eval extra).")
+    tasks: Strings = Field([], description="Multiple-choice jsonl files (HellaSwag format): acc, acc_norm.")
+    harness_tasks: Strings = Field([], description="lm-evaluation-harness task names (the eval extra).")
     harness_include: str | None = Field(None, description="A directory of lm-eval task YAMLs of your own.")
     limit: int | None = Field(None, gt=0, description="At most this many examples per task / windows / documents.")
     batch_size: int = Field(8, gt=0, description="Windows per forward pass.")
@@ -40,11 +40,6 @@ class EvalConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
-
-    @field_validator("models", "tasks", "harness_tasks", mode="before")
-    @classmethod
-    def _one_or_many(cls, v):
-        return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _something_to_do(self):

@@ -2,7 +2,7 @@
 attribution and MoE routing on prompts from a YAML file — figures and tables saved locally and
 logged to an MLflow run tagged with the model version (which gets the run as its `interp_run` tag).
 
-    python -m jobs.interp --model=models:/llama-tiny-arith-sft/latest --prompts=configs/interp-arithmetic.yaml
+    python -m jobs.interp --model=models:/llama-tiny-arith-sft/latest --prompts=configs/prompts/interp-arithmetic.yaml
     python -m jobs.interp --model=models:/llama-tiny/1 --prompts=my-prompts.yaml --patch='[resid_pre, attn.hook_z]'
     make interp      # the arithmetic SFT model (trained first when the registry lacks it)
 
@@ -20,10 +20,10 @@ import re
 import shutil
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from generalmodel.cli import run_job
-from generalmodel.config import Section, StorageConfig, TrackingConfig
+from generalmodel.config import Section, StorageConfig, Strings, TrackingConfig
 from generalmodel.infer.sampling import build_with_state, fetch, read_model
 from generalmodel.interp import (
     HEADS,
@@ -44,7 +44,7 @@ class InterpConfig(Section):
     model: str = Field(..., description="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID or an export URI.")
     prompts: str = Field(..., description="A YAML file of prompts (generalmodel/interp/prompts.py).")
     out: str | None = Field(None, description="Where the figures go (default .generalmodel/interp/<model>).")
-    patch: list[str] = Field(
+    patch: Strings = Field(
         ["resid_pre", "attn_out", "mlp_out"],
         description="Per-block hook points to patch by layer x position (resid_pre, resid_mid, resid_post, "
         "attn_out, mlp_out, attn.hook_z, ...).",
@@ -55,11 +55,6 @@ class InterpConfig(Section):
     name: str | None = Field(None, description="The MLflow run's name (default: interp: <model>).")
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
-
-    @field_validator("patch", mode="before")
-    @classmethod
-    def _one_or_many(cls, v):
-        return [v] if isinstance(v, str) else v
 
 
 def main(cfg: InterpConfig) -> dict:

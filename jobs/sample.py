@@ -10,10 +10,10 @@ python -m jobs.sample --model=models:/llama-tiny/1 --quant=int8-weight      # to
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from generalmodel.cli import run_job
-from generalmodel.config import Section, StorageConfig, TrackingConfig
+from generalmodel.config import Section, StorageConfig, Strings, TrackingConfig
 from generalmodel.infer import SamplingParams, fetch, load_model, sample_text
 from generalmodel.infer.quant import Quant, check_quant
 from generalmodel.infer.sampling import sample_chat
@@ -24,7 +24,7 @@ class SampleConfig(Section):
     """What to sample from, and how."""
 
     model: str = Field(..., description="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID or an export URI.")
-    prompt: list[str] = Field([""], description="A prompt, or a YAML list of prompts.")
+    prompt: Strings = Field([""], description="A prompt, or a YAML list of prompts.")
     chat: bool = Field(
         False, description="Each prompt is a user's message, answered in the chat format (an SFT/DPO model)."
     )
@@ -36,11 +36,6 @@ class SampleConfig(Section):
     sampling: SamplingParams = SamplingParams()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _one_or_many(cls, v):
-        return [v] if isinstance(v, str) else v
 
 
 def main(cfg: SampleConfig) -> list[str]:

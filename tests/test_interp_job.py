@@ -126,3 +126,19 @@ def test_the_job_logs_every_figure_to_a_run_linked_to_the_model_version(mlflow_s
     prompts.write_text(yaml.safe_dump(PROMPTS))
     with pytest.raises(UserError, match="'resid' is not a per-position hook point of every block"):
         main(cfg.model_copy(update={"patch": ["resid"]}))
+
+
+def test_the_committed_prompt_files_read(tmp_path):
+    """configs/prompts/*.yaml, with a tokenizer trained on the arithmetic demo's worked answers."""
+    import random
+    from pathlib import Path
+
+    from generalmodel.post.arithmetic import problem
+
+    rng = random.Random(0)
+    problems = [problem(rng, 2) for _ in range(300)]
+    tokenizer = train_bpe([f"{p.question} {p.worked}" for p in problems], 400)
+    files = sorted((Path(__file__).parents[1] / "configs" / "prompts").glob("*.yaml"))
+    assert files
+    for path in files:
+        assert read_prompts(str(path), tokenizer.to_str(), 256)

@@ -24,6 +24,7 @@ from generalmodel.config.sections import (
     RlConfig,
     Section,
     StorageConfig,
+    Strings,
     TrackingConfig,
     TrainConfig,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "RlConfig",
     "Section",
     "StorageConfig",
+    "Strings",
     "TrackingConfig",
     "TrainConfig",
     "dump_config",

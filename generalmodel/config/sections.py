@@ -6,7 +6,16 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from generalmodel import UserError
 from models import REGISTRY
@@ -15,6 +24,10 @@ from models.llama import LlamaConfig
 
 class ConfigError(UserError):
     """A bad preset, key or value."""
+
+
+# A list option that also takes a single value: --prompt="text" means ["text"].
+Strings = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
 
 
 class Section(BaseModel):
