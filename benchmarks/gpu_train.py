@@ -9,7 +9,13 @@ platform's own training loop on the GPU path.
    peak), peak memory, and the MFU ratio to the reference run in the same invocation.
 2. With --loop-dataset: `generalmodel.train.loop.train` (the loop Ray Train runs) in this process
    on CUDA with per-block compile, on a prepared dataset: its reported tokens/s, MFU and losses.
-3. With --fp8: for each of --fp8-presets, bf16 and each torchao recipe (tensorwise, rowwise,
+3. With --leak: the causal-leak check (generalmodel/train/leak.py: later tokens and other rows
+   change nothing before the cut) for --presets in every compile mode under bf16 autocast, then
+   training on random tokens (--steps) with the loss in and out of the compiled graph, on one
+   fixed batch (a model may memorise it) and on a fresh batch every step (no model can do better
+   than ln(vocab) there: a loss well below it means the model sees the tokens it predicts).
+       python -m benchmarks.gpu_train --leak --presets gpt2-124m,deepseek-124m     (~5 minutes)
+4. With --fp8: for each of --fp8-presets, bf16 and each torchao recipe (tensorwise, rowwise,
    rowwise_with_gw_hp) through the platform's filter (generalmodel.train.fp8: head, routers and
    linears below --fp8-min-dim stay bf16), compiled: tokens/s, MFU against the bf16 peak, peak
    memory, the fp8/bf16 tokens/s ratio; then loss parity: a short run on the same data and seed in
@@ -50,7 +56,10 @@ def bench(
     compile_loss: bool = False,
     fp8: str = "none",
     fp8_min_dim: int = 2048,
+    fresh: bool = False,
 ) -> dict:
+    """Train `name` on random tokens: one fixed batch (the throughput runs), or with `fresh` a new
+    batch every step (the leak probe)."""
     cfg = PRESETS[name]
     # Every run compiles the same code objects again: without a reset, dynamo's recompile limit (8)
     # is reached within the fp8 table and later runs fall back to eager without a word.
@@ -76,6 +85,10 @@ def bench(
     torch.cuda.reset_peak_memory_stats()
 
     def step() -> torch.Tensor:
+        nonlocal inputs, targets
+        if fresh:
+            x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
+            inputs, targets = x[:, :-1], x[:, 1:]
         if compile_loss:
             loss = compiled(inputs, targets)
         else:
@@ -111,6 +124,45 @@ def bench(
         "fp8_linears": len(converted),
     }
     return result
+
+
+def leak_table(presets: list[str], args) -> None:
+    """The causal-leak check in every compile mode, then the random-token training probe."""
+    import math
+
+    from generalmodel.train.leak import MODES, check
+
+    print("\ncausal leak (bf16 autocast, B=4, T=512, cut 255; 'before' must be 0, 'after' > 0):", flush=True)
+    for name in presets:
+        for mode in MODES:
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = build_model(PRESETS[name]).cuda()
+            try:
+                r = check(model, mode, PRESETS[name].vocab_size, batch=4, seq=512, cut=255, autocast=torch.bfloat16)
+            except Exception as e:
+                print(f"{name:>16} {mode:>10}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                continue
+            verdict = "LEAK" if r.relative > 1e-3 else "ok"
+            print(
+                f"{name:>16} {mode:>10}: before {r.earlier:.3g} (rel {r.relative:.1e}) after {r.later:.3g}  {verdict}",
+                flush=True,
+            )
+            del model
+            torch.cuda.empty_cache()
+    print(f"\nrandom tokens, {args.steps + args.warmup} steps, B={args.batch}, T={args.seq}: final loss", flush=True)
+    for name in presets:
+        floor = math.log(PRESETS[name].vocab_size)
+        for compile_loss in (False, True):
+            fixed = bench(name, args.steps, args.warmup, args.batch, args.seq, compile_loss)["loss"]
+            torch.cuda.empty_cache()
+            new = bench(name, args.steps, args.warmup, args.batch, args.seq, compile_loss, fresh=True)["loss"]
+            torch.cuda.empty_cache()
+            print(
+                f"{name:>16} loss in graph {compile_loss!s:>5}: fixed batch {fixed:.2f}, fresh batches {new:.2f} "
+                f"(ln vocab {floor:.2f}{'; BELOW: a leak' if new < floor - 0.5 else ''})",
+                flush=True,
+            )
 
 
 def check_moe() -> None:
@@ -247,6 +299,7 @@ def main() -> None:
     parser.add_argument("--loop-dataset", default=None, help="a prepared dataset dir for the platform-loop check")
     parser.add_argument("--loop-steps", type=int, default=200)
     parser.add_argument("--fp8", action="store_true", help="only the fp8 table and the loss parity check")
+    parser.add_argument("--leak", action="store_true", help="only the causal-leak checks and the random-token probe")
     parser.add_argument("--fp8-presets", default=FP8_PRESETS, help=f"presets of the fp8 table (default {FP8_PRESETS})")
     parser.add_argument("--fp8-min-dim", type=int, default=2048, help="linears with a smaller dim stay bf16")
     parser.add_argument("--parity-steps", type=int, default=60)
@@ -265,6 +318,9 @@ def main() -> None:
             args.steps, args.warmup = 15, 4
         fp8_table(args.fp8_presets.split(","), args)
         loss_parity("llama-350m", "tensorwise", args.parity_steps, min_dim=1024)
+        return
+    if args.leak:
+        leak_table(args.presets.split(","), args)
         return
     if args.check_moe:
         check_moe()

@@ -7,8 +7,10 @@ DeepSeek-V3); the gates are the chosen scores, normalized to sum to 1. An option
 sequence-wise auxiliary loss is kept in `aux_loss` for the training loop to add.
 
 Experts are SwiGLU MLPs stored as stacked weights, so that the routed tokens, sorted by expert,
-go through one grouped matmul on GPU (`torch._grouped_mm`); `forward_reference` is the plain
-per-expert loop in token order, the definition the grouped path is tested against.
+go through one grouped matmul in bf16 (`torch._grouped_mm`, offsets on the device: no host sync,
+static shapes, one compiled graph); `forward_reference` is the plain per-expert loop in token
+order, the definition the grouped path is tested against. The layer is dropless (no capacity):
+a token's output depends on its own routing only, never on other tokens of the batch.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class MoE(nn.Module):
         gates = gates / gates.sum(-1, keepdim=True)
         if self.training:  # the balancing statistics count training tokens only
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.n_experts).float()
+                self.tokens_per_expert += expert_counts(idx.flatten(), self.n_experts).float()
         return idx, gates.type_as(x), scores
 
     def _aux(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor | None:
@@ -100,7 +102,7 @@ class MoE(nn.Module):
         order = idx.flatten().argsort(stable=True)
         token_of = order // k  # which token each sorted row came from
         rows = x[token_of]  # (N·k, d), grouped by expert
-        counts = torch.bincount(idx.flatten(), minlength=self.n_experts)
+        counts = expert_counts(idx.flatten(), self.n_experts)
         h = _grouped_matmul(rows, self.w_up, counts)
         gate, value = h.chunk(2, dim=-1)
         y = _grouped_matmul(F.silu(gate) * value, self.w_down, counts)  # (N·k, d)
@@ -154,15 +156,32 @@ class SharedExperts(nn.Module):
         return self.down(F.silu(gate) * value)
 
 
+def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert, (n_experts,) int64. A scatter-add, not `bincount`: its shape does not
+    depend on the data, so torch.compile keeps it in the graph and the host never waits for it."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def _grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """rows (M, K) grouped by expert (counts[e] rows each) @ weights[e] (K, N) → (M, N).
 
-    One `torch._grouped_mm` call on CUDA in bf16 (Hopper); elsewhere a loop over the groups."""
-    if rows.is_cuda and torch.is_autocast_enabled("cuda"):
-        rows = rows.to(torch.get_autocast_dtype("cuda"))
-    if rows.is_cuda and rows.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    In bf16 (autocast or not; CUDA, or CPU) one `torch._grouped_mm` with the group offsets on the
+    device: static shapes, no host sync, one graph under torch.compile (routing, sorting and
+    scatter included). Otherwise (fp32) a loop over the groups, kept out of compiled graphs (it
+    reads the counts)."""
+    device = rows.device.type
+    if torch.is_autocast_enabled(device):
+        rows = rows.to(torch.get_autocast_dtype(device))
+    # _grouped_mm wants 16-byte aligned rows: K and N multiples of 8 in bf16.
+    aligned = rows.shape[1] % 8 == 0 and weights.shape[-1] % 8 == 0
+    if rows.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
         offsets = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows, weights.to(rows.dtype), offs=offsets)
+    return _grouped_loop(rows, weights, counts)
+
+
+@torch.compiler.disable
+def _grouped_loop(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     out = rows.new_empty(rows.shape[0], weights.shape[-1])
     start = 0
     for e, n in enumerate(counts.tolist()):

@@ -1,0 +1,107 @@
+"""No information flows backwards or across rows: for every tiny preset (and windows that wrap,
+and the MoE layers' bf16 grouped path), changing the tokens after position t of one row and every
+token of the other row leaves that row's logits — and per-token losses, with the loss compiled
+into the model's graph — at positions ≤ t exactly as they were: eager, each block compiled,
+the whole model compiled, model + loss compiled (generalmodel/train/leak.py). The MoE layer is
+dropless, so routing, sorting and the balancing counts see the batch without letting one token
+decide another's output; in bf16 it compiles to one graph, backward included."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from generalmodel.train.leak import MODES, check
+from models import PRESETS, build_model
+
+VOCAB = 128
+TINY = {name: {} for name in PRESETS if name.endswith("-tiny")}
+CASES = {
+    **TINY,
+    "hybrid-wrapping": dict(base="hybrid-tiny", window=8),  # the window bites inside the 32 positions
+    "moe-tiny-bf16": dict(base="moe-tiny", autocast=torch.bfloat16),  # the grouped-GEMM path
+    "deepseek-tiny-bf16": dict(base="deepseek-tiny", autocast=torch.bfloat16),
+}
+
+
+def build(case: str):
+    spec = dict(CASES[case])
+    base, autocast = spec.pop("base", case), spec.pop("autocast", None)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS[base], vocab_size=VOCAB, d_model=64, n_layers=2, max_seq_len=40, **spec)
+    return build_model(cfg), autocast
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES)
+def test_no_position_sees_a_later_token_or_another_row(case, mode):
+    torch._dynamo.reset()
+    model, autocast = build(case)
+    leak = check(model, mode, VOCAB, batch=2, seq=32, cut=13, autocast=autocast)
+    assert leak.later > 0.01, "the check changed nothing it could see"
+    assert leak.earlier == 0.0, f"{case} {mode}: positions <= 13 changed by {leak.earlier}"
+
+
+def test_the_check_finds_a_leak():
+    """A model that peeks one token ahead is caught (the check can fail)."""
+    model, _ = build("llama-tiny")
+    forward = model.forward
+
+    def peeking(idx, *args, **kwargs):
+        return forward(torch.roll(idx, -1, dims=1), *args, **kwargs)
+
+    model.forward = peeking
+    leak = check(model, "eager", VOCAB, batch=2, seq=32, cut=13)
+    assert leak.earlier > 0.01
+
+
+def test_the_moe_layer_compiles_to_one_graph_in_bf16():
+    """Routing, the scatter-add counts, sorting, the grouped GEMM and the scatter back trace into
+    one graph (fullgraph=True fails on any graph break or host sync), forward and backward, and
+    give the reference loop's outputs."""
+    from models.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(64, 64, 8, 2, 1)
+    x = torch.randn(2, 24, 64, requires_grad=True)
+    compiled = torch.compile(moe, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x)
+        reference = moe.forward_reference(x)
+    torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)
+    out.float().pow(2).sum().backward()
+    assert x.grad.abs().sum() > 0 and moe.w_up.grad.abs().sum() > 0 and moe.router.weight.grad.abs().sum() > 0
+
+
+def test_training_on_fresh_random_tokens_never_beats_ln_vocab():
+    """The probe that tells memorisation from a leak (benchmarks/gpu_train.py --leak runs it on a
+    card): on one fixed batch a model memorises (the loss falls well below ln(vocab)); on a fresh
+    batch every step nothing can be learned, so a loss below ln(vocab) means the model sees the
+    tokens it predicts. deepseek-tiny (MLA + MoE), loss compiled into the graph."""
+    import math
+
+    import torch.nn.functional as F
+
+    def train(fresh: bool) -> float:
+        torch._dynamo.reset()
+        model, _ = build("deepseek-tiny")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        batch = torch.randint(0, VOCAB, (8, 33), generator=g)
+
+        def loss_of(ids):
+            return F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+        compiled = torch.compile(loss_of) if fresh else loss_of  # memorising needs no compiler
+        for _ in range(20):
+            if fresh:
+                batch = torch.randint(0, VOCAB, (8, 33), generator=g)
+            loss = compiled(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss.item()
+
+    floor = math.log(VOCAB)
+    assert train(fresh=False) < floor - 1.0  # memorised
+    assert train(fresh=True) > floor - 0.3  # nothing to learn, nothing leaked
