@@ -2,6 +2,7 @@
 RoPE), norm (LayerNorm without bias or RMSNorm), MLP (GELU 4×, SwiGLU, or a DeepSeek MoE after
 `moe_first_dense` dense layers), attention (grouped KV heads, or MLA), sliding-window layers
 with a global layer every `global_every`, cross-layer KV sharing in groups of `kv_share_group`,
+product-key memory layers (PKM or PEER) in place of the MLP of chosen blocks (models/memory.py),
 tied or separate embeddings. `gpt2`, `llama` and `deepseek` (models/gpt2.py, llama.py,
 deepseek.py) are defaults of it. Single-device PyTorch.
 """
@@ -20,6 +21,7 @@ from models.attention import GroupedQueryAttention, MultiHeadLatentAttention, in
 from models.cache import KVCache
 from models.common import RMSNorm, matmul_flops_per_token, rope_tables
 from models.hooks import HookPoint
+from models.memory import ProductKeyMemory
 from models.moe import MoE
 
 
@@ -73,6 +75,15 @@ class DecoderConfig:
     moe_score: Literal["softmax", "sigmoid"] = _opt("sigmoid", "Router score function.")
     moe_bias_update_rate: float = _opt(1e-3, "Aux-loss-free balancing: routing-bias step per optimizer step.")
     moe_aux_loss_weight: float = _opt(0.0, "Weight of the sequence-wise balance loss; 0: off.")
+    # memory layers (none: every block keeps its MLP)
+    memory_layers: tuple[int, ...] = _opt((), "Blocks whose MLP is a product-key memory layer, e.g. [2].")
+    memory_kind: Literal["pkm", "peer"] = _opt(
+        "pkm", "pkm: a table of value vectors (Lample 2019); peer: single-neuron experts (He 2024)."
+    )
+    memory_keys: int = _opt(32, "Sub-keys per half: N = memory_keys² value slots (pkm) or experts (peer).")
+    memory_heads: int = _opt(4, "Memory query heads, each retrieving memory_top_k of the N slots.")
+    memory_top_k: int = _opt(16, "Slots each head retrieves (exact top-k over all N keys).")
+    memory_key_dim: int = _opt(64, "Query/key size per head (two halves of key_dim / 2).")
 
     # pydantic (the platform's config tree) validates this dataclass; unknown keys are errors.
     __pydantic_config__ = {"extra": "forbid"}
@@ -103,6 +114,17 @@ class DecoderConfig:
                 raise ValueError("attention='mla' does not share K/V across layers (kv_share_group must be 1)")
             if self.kv_lora_rank <= 0 or self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
                 raise ValueError("MLA needs kv_lora_rank > 0 and an even qk_rope_head_dim > 0")
+        if self.memory_layers:
+            bad = [i for i in self.memory_layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"memory_layers {bad} are not blocks of this model (0..{self.n_layers - 1})")
+            clash = [i for i in self.memory_layers if self.is_moe(i)]
+            if clash:
+                raise ValueError(f"memory_layers {clash} are MoE layers too; a block has one feed-forward")
+            if self.memory_key_dim <= 0 or self.memory_key_dim % 2 or self.memory_heads <= 0:
+                raise ValueError("memory_key_dim must be even and positive, memory_heads positive")
+            if not 0 < self.memory_top_k <= self.memory_keys:
+                raise ValueError(f"memory_top_k={self.memory_top_k} must be in 1..memory_keys={self.memory_keys}")
         if self.moe_experts:
             if self.moe_experts < 2 or not 0 < self.moe_top_k <= self.moe_experts:
                 raise ValueError(f"moe_top_k={self.moe_top_k} must be in 1..moe_experts={self.moe_experts}")
@@ -188,7 +210,17 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg)
         self.attn = make_attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
-        if cfg.is_moe(layer):
+        if layer in cfg.memory_layers:
+            self.mlp = ProductKeyMemory(
+                cfg.d_model,
+                cfg.memory_keys,
+                cfg.memory_heads,
+                cfg.memory_top_k,
+                cfg.memory_key_dim,
+                cfg.memory_kind,
+                cfg.norm_eps,
+            )
+        elif cfg.is_moe(layer):
             self.mlp = MoE(
                 cfg.d_model,
                 cfg.expert_hidden,
@@ -308,11 +340,13 @@ class Decoder(nn.Module):
         return {"moe_max_over_mean_load": max(stats)} if stats else {}
 
     def num_params(self, embeddings: bool = True, active: bool = False) -> int:
-        """Parameters; `active`: those one token uses (top-k of the routed experts)."""
+        """Parameters; `active`: those one token uses (top-k of the routed experts, the retrieved
+        rows of memory tables)."""
         n = sum(p.numel() for p in self.parameters())
         if active:
             for moe in self.moe_layers():
                 n -= (moe.n_experts - moe.top_k) * (moe.w_up[0].numel() + moe.w_down[0].numel())
+            n -= sum(m.inactive_params() for m in self.modules() if isinstance(m, ProductKeyMemory))
         if not embeddings:
             n -= self.embed.weight.numel() + (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
             if self.cfg.tie_embeddings:  # the tied head is a matmul: count it back

@@ -78,6 +78,9 @@ PRESETS: dict[str, DecoderConfig] = {
     "deepseek-tiny": DeepSeekConfig(**_TINY, kv_lora_rank=32, qk_rope_head_dim=16, moe_experts=8, moe_top_k=2),
     "hybrid-tiny": LlamaConfig(**_TINY, n_kv_heads=2, window=64, global_every=2),
     "kvshare-tiny": LlamaConfig(**_TINY, n_kv_heads=2, kv_share_group=2),
+    # Block 1's MLP becomes a memory: 32² = 1024 slots, 4 heads × 16 retrieved (or 1024 PEER experts).
+    "memory-tiny": LlamaConfig(**_TINY, n_kv_heads=2, memory_layers=(1,)),
+    "peer-tiny": LlamaConfig(**_TINY, n_kv_heads=2, memory_layers=(1,), memory_kind="peer", memory_top_k=8),
     "gpt2-124m": GPT2Config(**_124M),
     "llama-124m": LlamaConfig(**_124M),
     "llama-350m": LlamaConfig(**{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 1024}, n_kv_heads=4),
@@ -87,6 +90,10 @@ PRESETS: dict[str, DecoderConfig] = {
     # fp8's home ground on one card: 4 layers at d=4096 (the GEMMs fp8 speeds up dominate).
     "llama-d4096": LlamaConfig(
         **{**_124M, "n_layers": 4, "n_heads": 32, "d_model": 4096, "max_seq_len": 2048}, n_kv_heads=8
+    ),
+    # llama-124m with block 6's MLP a memory of 512² = 262K values (+201M parameters; 4 heads × 32 read).
+    "memory-124m": LlamaConfig(
+        **_124M, memory_layers=(6,), memory_keys=512, memory_heads=4, memory_top_k=32, memory_key_dim=256
     ),
     # ~124M active of ~0.4B total: MLA + 16 fine-grained experts, top-2, one shared.
     "deepseek-124m": DeepSeekConfig(

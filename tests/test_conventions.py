@@ -17,6 +17,7 @@ from models.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from models.decoder import MLP, DecoderConfig
 from models.deepseek import DeepSeekConfig
 from models.llama import LlamaConfig
+from models.memory import ProductKeyMemory
 from models.moe import MoE, SharedExperts
 
 
@@ -40,6 +41,11 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float]:
             out[prefix + "up.weight"], out[prefix + "down.weight"] = std, residual
         elif isinstance(module, MoE):
             out[prefix + "router.weight"], out[prefix + "w_up"], out[prefix + "w_down"] = std, std, residual
+        elif isinstance(module, ProductKeyMemory):
+            out[prefix + "query.weight"], out[prefix + "values"] = std, residual
+            out[prefix + "sub_keys"] = 1 / math.sqrt(module.key_dim // 2)
+            if module.down is not None:
+                out[prefix + "down"] = std
     if not cfg.tie_embeddings:
         out["head.weight"] = std
     return out
@@ -59,8 +65,9 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float]:
             moe_experts=8,
             moe_hidden=256,
         ),
+        LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, memory_layers=(1, 4), memory_kind="peer"),
     ],
-    ids=["llama", "deepseek-mla-moe"],
+    ids=["llama", "deepseek-mla-moe", "llama-peer-memory"],
 )
 def test_every_parameter_kind_has_its_intended_std(cfg):
     torch.manual_seed(0)

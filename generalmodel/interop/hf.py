@@ -43,6 +43,8 @@ def hf_architecture(cfg) -> str:
         blockers.append(f"attention={cfg.attention!r} (multi-head latent attention)")
     if cfg.moe_experts:
         blockers.append(f"moe_experts={cfg.moe_experts} (mixture of experts)")
+    if cfg.memory_layers:
+        blockers.append(f"memory_layers={list(cfg.memory_layers)} (product-key memory layers)")
     if cfg.window is not None:
         blockers.append(f"window={cfg.window} (sliding-window layers)")
     if cfg.kv_share_group != 1:
