@@ -45,6 +45,8 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        # Set by generalmodel.train.expert_parallel: the experts live on several ranks.
+        self.expert_parallel = None
         self.hook_router_logits = HookPoint()  # (B, T, E), fp32
         self.hook_expert_ids = HookPoint()  # (B, T, top_k): the experts each token goes to
         # Usable on its own (like nn.Linear); a Decoder re-initializes it with its residual scale.
@@ -92,7 +94,10 @@ class MoE(nn.Module):
         idx, gates, scores = self.route(x)
         idx, gates, scores = idx.reshape(B * T, -1), gates.reshape(B * T, -1), scores.reshape(B * T, -1)
         self.aux_loss = self._aux(scores, idx, B, T)
-        routed = self._grouped(flat, idx, gates)
+        if self.expert_parallel is not None:
+            routed = self.expert_parallel(self, flat, idx, gates)
+        else:
+            routed = self._grouped(flat, idx, gates)
         out = routed if self.shared is None else routed + self.shared(flat)
         return out.view(B, T, d)
 
