@@ -205,4 +205,4 @@ def _patched(model, corrupted, name: str, rows: int, write, metric) -> torch.Ten
         write(x)
         return x
 
-    return metric(run_with_hooks(model, corrupted.expand(rows, -1), [(name, replace)])).float()
+    return metric(run_with_hooks(model, corrupted.expand(rows, -1), [(name, replace)])).float().cpu()
