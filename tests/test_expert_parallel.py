@@ -37,38 +37,47 @@ def single_process(dtype):
     return y.detach().float(), x.grad, moe.w_up.grad, moe.w_down.grad, moe.router.weight.grad
 
 
-def _worker(rank, port, dtype, out):
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _worker(rank, port, out):
     from generalmodel.train.expert_parallel import apply_expert_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    moe = layer()
-    experts = apply_expert_parallel(moe)
-    assert experts[0].shape[0] == E // 2
-    x, g = inputs(rank)
-    x.requires_grad_()
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        y = moe(x)
-    (y.float() * g).sum().backward()
-    router = moe.router.weight.grad.clone()
-    torch.distributed.all_reduce(router)
-    out[rank] = (y.detach().float(), x.grad, moe.w_up.grad, moe.w_down.grad, router)
+    for dtype in DTYPES:
+        moe = layer()
+        experts = apply_expert_parallel(moe)
+        assert experts[0].shape[0] == E // 2
+        x, g = inputs(rank)
+        x.requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            y = moe(x)
+        (y.float() * g).sum().backward()
+        router = moe.router.weight.grad.clone()
+        torch.distributed.all_reduce(router)
+        out[rank, str(dtype)] = (y.detach().float(), x.grad, moe.w_up.grad, moe.w_down.grad, router)
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_two_ranks_of_experts_equal_one_process(dtype):
+@pytest.fixture(scope="module")
+def two_ranks():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, dtype, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    return dict(out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_two_ranks_of_experts_equal_one_process(two_ranks, dtype):
     y, x_grad, up, down, router = single_process(dtype)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     half = 2
     for rank in range(2):
-        ry, rx, rup, rdown, rrouter = out[rank]
+        ry, rx, rup, rdown, rrouter = two_ranks[rank, str(dtype)]
         torch.testing.assert_close(ry, y[rank * half : (rank + 1) * half], **tol)
         torch.testing.assert_close(rx, x_grad[rank * half : (rank + 1) * half], **tol)
         torch.testing.assert_close(rup, up[rank * E // 2 : (rank + 1) * E // 2], **tol)
