@@ -66,7 +66,12 @@ def main(cfg: InterpConfig) -> dict:
     prompts = read_prompts(cfg.prompts, tokenizer_json, model.cfg.max_seq_len)
     check_points(model, cfg.patch)  # before any work
     out = cfg.out or os.path.join(".generalmodel", "interp", re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.model).strip("-"))
-    partial = out.rstrip("/") + ".partial"
+    out = out.rstrip("/")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "interp.md")):
+        from generalmodel import UserError
+
+        raise UserError(f"--out={out} holds files of something else; the job replaces its folder whole: give another")
+    partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     metrics, summary = {}, [f"# Interpretability: {cfg.model}\n"]
     for prompt in prompts:

@@ -94,25 +94,29 @@ class MoE(nn.Module):
         idx, gates, scores = self.route(x)
         idx, gates, scores = idx.reshape(B * T, -1), gates.reshape(B * T, -1), scores.reshape(B * T, -1)
         self.aux_loss = self._aux(scores, idx, B, T)
-        if self.expert_parallel is not None:
-            routed = self.expert_parallel(self, flat, idx, gates)
-        else:
-            routed = self._grouped(flat, idx, gates)
+        routed = self._grouped(flat, idx, gates)
         out = routed if self.shared is None else routed + self.shared(flat)
         return out.view(B, T, d)
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Sort the (token, expert) pairs by expert, run every expert's contiguous slice, scatter back."""
+        """Sort the (token, expert) pairs by expert, run every expert's contiguous slice (here, or
+        on the ranks that hold them: `expert_parallel`), weight by the gates, scatter back."""
         N, k = idx.shape
-        order = idx.flatten().argsort(stable=True)
+        experts = idx.flatten()
+        order = experts.argsort(stable=True)
         token_of = order // k  # which token each sorted row came from
         rows = x[token_of]  # (N·k, d), grouped by expert
-        counts = expert_counts(idx.flatten(), self.n_experts)
-        h = _grouped_matmul(rows, self.w_up, counts)
-        gate, value = h.chunk(2, dim=-1)
-        y = _grouped_matmul(F.silu(gate) * value, self.w_down, counts)  # (N·k, d)
-        y = y * gates.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token_of, y.type_as(x))
+        if self.expert_parallel is not None:
+            y = self.expert_parallel(self, rows, experts[order])
+        else:
+            y = self.run_experts(rows, expert_counts(experts, self.n_experts))
+        y = y.type_as(x) * gates.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, y)
+
+    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU experts this module holds on rows grouped by expert (counts[e] rows each)."""
+        gate, value = _grouped_matmul(rows, self.w_up, counts).chunk(2, dim=-1)
+        return _grouped_matmul(F.silu(gate) * value, self.w_down, counts)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The definition: for every token, Σ over its chosen experts of gate · expert(token)."""

@@ -14,6 +14,7 @@ import torch
 from test_decode import VARIANTS, model_for
 
 from generalmodel.interp import (
+    HEADS,
     block_point,
     direct_logit_attribution,
     eager_attention,
@@ -153,7 +154,9 @@ def test_patching_grid_equals_patching_one_activation_at_a_time():
     corrupted = clean.clone()
     corrupted[0, 4] = (clean[0, 4] + 1) % 256  # one token differs
     metric = logit_diff(answer=3, wrong=11)
-    result = patch(model, clean, corrupted, metric, points=("resid_pre", "attn_out", "mlp_out", "attn.hook_z"))
+    result = patch(
+        model, clean, corrupted, metric, points=("resid_pre", "attn_out", "mlp_out", "attn.hook_z"), heads=True
+    )
     assert result.clean == pytest.approx(float(metric(model(clean))[0]))
     assert result.corrupted == pytest.approx(float(metric(model(corrupted))[0]))
     _, cache = run_with_cache(model, clean)
@@ -169,6 +172,17 @@ def test_patching_grid_equals_patching_one_activation_at_a_time():
 
                 alone = float(metric(run_with_hooks(model, corrupted, [(name, one)]))[0])
                 assert result.results[point][layer, position] == pytest.approx(alone, abs=1e-5)
+    for layer, head in ((0, 0), (3, 2)):  # one head's output at every position, alone
+        name = block_point(layer, "attn.hook_z")
+
+        def one_head(x, _, name=name, head=head):
+            x = x.clone()
+            x[:, :, head] = cache[name][:, :, head]
+            return x
+
+        alone = float(metric(run_with_hooks(model, corrupted, [(name, one_head)]))[0])
+        assert result.results[HEADS][layer, head] == pytest.approx(alone, abs=1e-5)
+    assert result.results[HEADS].shape == (model.cfg.n_layers, model.cfg.n_heads)
     # the token that differs, patched where it enters, restores the clean run; elsewhere nothing
     normalized = result.normalized("resid_pre")
     assert normalized[0, 4] == pytest.approx(1.0, abs=1e-4)

@@ -126,6 +126,11 @@ def test_the_job_logs_every_figure_to_a_run_linked_to_the_model_version(mlflow_s
     prompts.write_text(yaml.safe_dump(PROMPTS))
     with pytest.raises(UserError, match="'resid' is not a per-position hook point of every block"):
         main(cfg.model_copy(update={"patch": ["resid"]}))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not the job's")
+    with pytest.raises(UserError, match="holds files of something else"):
+        main(cfg.model_copy(update={"out": str(tmp_path / "mine")}))
+    assert (tmp_path / "mine" / "notes.txt").exists()
 
 
 def test_the_committed_prompt_files_read(tmp_path):

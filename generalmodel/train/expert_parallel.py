@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.moe import MoE, _grouped_matmul, expert_counts
+from models.moe import MoE, expert_counts
 
 
 class ExpertParallel:
@@ -29,38 +29,31 @@ class ExpertParallel:
         """Keep this rank's experts only."""
         if moe.n_experts % self.world:
             raise ValueError(f"{moe.n_experts} experts do not split over {self.world} ranks")
-        self.per_rank = moe.n_experts // self.world
-        local = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        per_rank = moe.n_experts // self.world
+        local = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         moe.w_up = nn.Parameter(moe.w_up.detach()[local].clone())
         moe.w_down = nn.Parameter(moe.w_down.detach()[local].clone())
         moe.expert_parallel = self
 
-    def __call__(self, moe: MoE, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def __call__(self, moe: MoE, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """`rows` (M, d) sorted by their (global) `experts` → the experts' outputs, same order."""
         from torch.distributed.nn.functional import all_to_all_single
 
-        N, k = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)  # (token, choice) pairs by expert, so by the rank that owns it
-        token_of = order // k
-        experts = flat[order]
-        send = expert_counts(flat, moe.n_experts).view(self.world, self.per_rank).sum(1)
+        per_rank = moe.w_up.shape[0]  # the experts this rank holds
+        send = expert_counts(experts, moe.n_experts).view(self.world, per_rank).sum(1)  # rows per owner
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         send_sizes, recv_sizes = send.tolist(), recv.tolist()  # the host learns the split sizes
-        rows = all_to_all_single(
-            x.new_empty(sum(recv_sizes), x.shape[1]), x[token_of], recv_sizes, send_sizes, group=self.group
+        arrived = all_to_all_single(
+            rows.new_empty(sum(recv_sizes), rows.shape[1]), rows, recv_sizes, send_sizes, group=self.group
         )
         theirs = experts.new_empty(sum(recv_sizes))
         dist.all_to_all_single(theirs, experts, recv_sizes, send_sizes, group=self.group)
-        local = theirs - self.rank * self.per_rank
+        local = theirs - self.rank * per_rank
         by_expert = local.argsort(stable=True)
-        counts = expert_counts(local, self.per_rank)
-        gate, value = _grouped_matmul(rows[by_expert], moe.w_up, counts).chunk(2, dim=-1)
-        done = _grouped_matmul(torch.nn.functional.silu(gate) * value, moe.w_down, counts)
-        done = done[by_expert.argsort()].type_as(x)  # back to the order the rows arrived in
-        back = all_to_all_single(x.new_empty(N * k, x.shape[1]), done, send_sizes, recv_sizes, group=self.group)
-        back = back * gates.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token_of, back)
+        done = moe.run_experts(arrived[by_expert], expert_counts(local, per_rank))
+        done = done[by_expert.argsort()].type_as(rows)  # back to the order the rows arrived in
+        return all_to_all_single(rows.new_empty(rows.shape), done, send_sizes, recv_sizes, group=self.group)
 
 
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> list[nn.Parameter]:
