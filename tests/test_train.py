@@ -81,11 +81,14 @@ def test_loss_goes_down_and_checkpoints_are_published(train_dataset, tmp_path):
     assert "checkpoint_stall_s" in last and "val_loss" in last
 
 
-def test_resume_is_exact(train_dataset, tmp_path):
-    reference, _ = run(tiny(train_dataset, tmp_path / "a"))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(train_dataset, tmp_path, optimizer):
+    """Muon's momentum (and the AdamW moments of its other groups) travel in the checkpoint."""
+    opt = {"optim.name": optimizer}
+    reference, _ = run(tiny(train_dataset, tmp_path / "a", **opt))
     with pytest.raises(RuntimeError, match="injected failure at step 8"):
-        run(tiny(train_dataset, tmp_path / "b", **{"train.fail_at_step": 8}))
-    resumed, _ = run(tiny(train_dataset, tmp_path / "b", **{"train.fail_at_step": 8}))
+        run(tiny(train_dataset, tmp_path / "b", **opt, **{"train.fail_at_step": 8}))
+    resumed, _ = run(tiny(train_dataset, tmp_path / "b", **opt, **{"train.fail_at_step": 8}))
     assert min(resumed) in (4, 7)  # continued from a published checkpoint (step 3 or 6)
     for step, loss in resumed.items():
         assert loss == reference[step], step  # bit-identical on CPU

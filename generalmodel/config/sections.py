@@ -194,9 +194,27 @@ class RayConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, or Muon for the hidden matrices) and the learning-rate schedule."""
 
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    name: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw: AdamW for every parameter; muon: Muon for the blocks' weight matrices and MoE expert "
+        "stacks, AdamW (optim.lr) for embeddings, head, norms and biases.",
+    )
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW's; every group's unless set below).")
+    embed_lr: float | None = Field(None, gt=0, description="Peak LR of the token (and position) embedding; null: lr.")
+    head_lr: float | None = Field(None, gt=0, description="Peak LR of an untied output head; null: lr.")
+    muon_lr: float = Field(0.02, gt=0, description="muon: peak LR of the matrices (scaled per muon_scaling).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="muon: Nesterov momentum.")
+    muon_scaling: Literal["keller", "moonlight"] = Field(
+        "keller",
+        description="muon: update scale per matrix: keller √max(1, rows/cols); moonlight 0.2·√max(rows, cols), "
+        "which matches AdamW's update RMS (AdamW's LR and weight decay carry over).",
+    )
+    muon_weight_decay: float | None = Field(
+        None, ge=0, description="muon: decoupled weight decay of the matrices (× muon_lr); null: weight_decay."
+    )
+    muon_ns_steps: int = Field(5, gt=0, le=20, description="muon: Newton–Schulz iterations.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay for matrices (not norms, biases).")
     beta1: float = Field(0.9, ge=0, lt=1)

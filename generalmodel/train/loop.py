@@ -30,7 +30,7 @@ from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, dump_config, flatten
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.infer.sampling import load_state
-from generalmodel.optim import build_optimizer, lr_multiplier
+from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
 from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
 from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer
@@ -247,9 +247,9 @@ def train(
         for step in range(start_step, steps):
             if cfg.train.fail_at_step == step and start_step == 0 and env.is_main:
                 raise RuntimeError(f"train.fail_at_step: injected failure at step {step}")
-            lr = cfg.optim.lr * lr_multiplier(step, steps, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            multiplier = lr_multiplier(step, steps, cfg.optim)
+            set_lr(optimizer, multiplier)
+            lr = cfg.optim.lr * multiplier
             batches = [_to(loader.next_batch(), env.device) for _ in range(cfg.train.grad_accum)]
             # The step's loss is the mean over all its units (tokens or pairs) on all ranks: each
             # rank's sums are scaled by world/total, and FSDP averages the gradients over the ranks.

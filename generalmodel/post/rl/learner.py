@@ -29,7 +29,7 @@ import torch.distributed as dist
 from generalmodel import UserError
 from generalmodel.config import Config, dump_config
 from generalmodel.infer.sampling import load_state
-from generalmodel.optim import build_optimizer, lr_multiplier
+from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
 from generalmodel.post.rl.grpo import (
     STATS,
     group_advantages,
@@ -167,9 +167,9 @@ def rl_train(
             tensors = _sequences(prompts, batch["rollouts"][mine], advantages[mine], env.device)
 
             learn_started = time.perf_counter()
-            lr = cfg.optim.lr * lr_multiplier(step, steps, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            multiplier = lr_multiplier(step, steps, cfg.optim)
+            set_lr(optimizer, multiplier)
+            lr = cfg.optim.lr * multiplier
             total = _sum_across_ranks(units(tensors["mask"], rl)).clamp(min=1)
             token_total = _sum_across_ranks(tensors["mask"].float().sum()).clamp(min=1)
             sums = torch.zeros(1 + len(STATS), device=env.device)

@@ -1,0 +1,217 @@
+"""Muon (Keller Jordan, 2024): SGD with Nesterov momentum whose update of each weight matrix is
+orthogonalised by a Newton–Schulz iteration before it is applied — every direction the gradient
+spans gets the same step.
+
+    B ← μ·B + (1 − μ)·G;   U ← (1 − μ)·G + μ·B (Nesterov);   O ← NS₅(U);
+    W ← W·(1 − lr·wd) − lr·s(rows, cols)·O
+
+`s` is the update's scale: `keller`, √max(1, rows/cols) (the original), or `moonlight`,
+0.2·√max(rows, cols) ("Muon is Scalable", which matches AdamW's update RMS so that AdamW's LR and
+weight decay carry over). This is what `torch.optim.Muon` computes for a plain 2-D tensor (the
+tests hold it to that); this class also takes
+
+- stacks of matrices (3-D: an MoE layer's experts), each `[i]` orthogonalised on its own, batched;
+- FSDP2's sharded DTensors: orthogonalisation needs the whole matrix, so each matrix is given to
+  one rank (the matrices are dealt round-robin, so the work is shared), its shards gathered there
+  by one all-to-all per round, orthogonalised, and the result scattered back to the shards by a
+  second. The momentum stays sharded, like Adam's moments.
+
+Muon is for the hidden matrices only; `build_optimizer` (optim/adamw.py) gives embeddings, the
+head, norms and biases to AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.adamw import adamw
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's (a, b, c), as published with Muon
+SCALINGS = ("keller", "moonlight")
+
+
+def orthogonalize(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> Tensor:
+    """Newton–Schulz: ≈ U·Vᵀ of g = U·S·Vᵀ (singular values pushed into roughly [0.7, 1.2]), for a
+    matrix (m, n) or a stack (..., m, n). Computed in `dtype`; returned in g's dtype."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm ≤ Frobenius norm ≤ 1
+    addmm = torch.addmm if x.dim() == 2 else torch.baddbmm
+    for _ in range(steps):  # x ← a·x + (b·G + c·G²)·x with G = x·xᵀ, in torch.optim.Muon's order of operations
+        gram = x @ x.mT
+        x = addmm(x, addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).to(g.dtype)
+
+
+def update_scale(shape: torch.Size, scaling: str) -> float:
+    rows, cols = shape[-2], shape[-1]
+    if scaling == "keller":
+        return math.sqrt(max(1.0, rows / cols))
+    if scaling == "moonlight":
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"unknown Muon scaling {scaling!r}; one of {', '.join(SCALINGS)}")
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the param groups marked `muon: True` (matrices and stacks of them), AdamW for the
+    others — one optimizer, so one state dict, one checkpoint and one LR schedule for both. Every
+    group may set its own lr and weight_decay; AdamW groups use torch's own AdamW step."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.02,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        scaling: str = "keller",
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        fused: bool | None = None,
+    ):
+        update_scale(torch.Size([1, 1]), scaling)  # names a bad scaling now, not at the first step
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            muon=True,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            scaling=scaling,
+            betas=betas,
+            eps=eps,
+        )
+        super().__init__(params, defaults)
+        self.ns_dtype, self.fused = ns_dtype, fused
+        for group in self.param_groups:
+            for p in group["params"] if group["muon"] else ():
+                if p.dim() not in (2, 3):
+                    raise ValueError(f"Muon takes matrices (2-D) and stacks of them (3-D), got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if not group["muon"]:
+                self._adamw(params, group)
+                continue
+            updates = [self._momentum(p, group) for p in params]
+            for p, o in zip(params, self._orthogonalize_all(updates, group["ns_steps"]), strict=True):
+                local = _local(p)
+                local.mul_(1 - group["lr"] * group["weight_decay"])
+                local.add_(o, alpha=-group["lr"] * update_scale(p.shape, group["scaling"]))
+        return loss
+
+    def _adamw(self, params: list[Tensor], group: dict) -> None:
+        for p in params:
+            state = self.state[p]
+            if not state:  # the layout torch.optim.AdamW keeps: its checkpoints read the same
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            fused=self.fused,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    def _momentum(self, p: Tensor, group: dict) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor for a sharded p: saved sharded
+        buf, grad, mu = state["momentum_buffer"], p.grad, group["momentum"]
+        buf.lerp_(grad, 1 - mu)
+        return grad.lerp(buf, mu) if group["nesterov"] else buf
+
+    def _orthogonalize_all(self, updates: list[Tensor], steps: int) -> list[Tensor]:
+        """The orthogonalised updates as local tensors (this rank's shards of sharded ones)."""
+        out: list[Tensor | None] = [None] * len(updates)
+        sharded = [i for i, u in enumerate(updates) if _is_sharded(u)]
+        for i in sorted(set(range(len(updates))) - set(sharded)):
+            out[i] = orthogonalize(_local(updates[i]), steps, self.ns_dtype)
+        if sharded:
+            group = updates[sharded[0]].device_mesh.get_group()
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            for start in range(0, len(sharded), world):
+                batch = sharded[start : start + world]  # rank r orthogonalises updates[batch[r]]
+                results = _round(
+                    [updates[i] for i in batch], world, rank, group, lambda m: orthogonalize(m, steps, self.ns_dtype)
+                )
+                for i, r in zip(batch, results, strict=True):
+                    out[i] = r
+        return out  # type: ignore[return-value]
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _is_sharded(t: Tensor) -> bool:
+    if not hasattr(t, "placements"):
+        return False
+    placements = t.placements
+    if any(not p.is_replicate() for p in placements):
+        if len(placements) != 1 or not placements[0].is_shard(0):
+            raise NotImplementedError(f"Muon under FSDP2 expects parameters sharded on dim 0, got {placements}")
+        return True
+    return False
+
+
+def _row_splits(rows: int, world: int) -> list[int]:
+    """Rows of each rank's dim-0 shard (torch.chunk's split, empty shards at the end), as FSDP2 lays them."""
+    chunk = math.ceil(rows / world)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+def _round(updates: list[Tensor], world: int, rank: int, group, fn) -> list[Tensor]:
+    """One round of at most `world` sharded matrices: rank r receives every shard of matrix r
+    (all-to-all), applies `fn` to the whole matrix and sends each rank its shard of the result
+    (all-to-all); returns this rank's shard of every result."""
+    splits = [_row_splits(u.shape[0], world) for u in updates]
+    inner = [math.prod(u.shape[1:]) for u in updates]
+    width = max(max(s) * n for s, n in zip(splits, inner, strict=True))  # one padded shard, flat
+    local = [_local(u) for u in updates]
+    dtype, device = local[0].dtype, local[0].device
+    send = torch.zeros(world, width, dtype=dtype, device=device)
+    for j, shard in enumerate(local):  # slot j: my shard of matrix j, for rank j
+        send[j, : shard.numel()] = shard.reshape(-1)
+    recv = torch.empty_like(send)  # slot r: rank r's shard of my matrix
+    dist.all_to_all_single(recv, send, group=group)
+    back = torch.zeros_like(send)
+    if rank < len(updates):
+        mine, rows = updates[rank], splits[rank]
+        whole = torch.cat([recv[r, : rows[r] * inner[rank]] for r in range(world)]).view(mine.shape)
+        result = fn(whole).reshape(mine.shape[0], -1)
+        for r, part in enumerate(result.split(rows)):
+            back[r, : part.numel()] = part.reshape(-1)
+    out = torch.empty_like(back)
+    dist.all_to_all_single(out, back, group=group)
+    return [out[j, : local[j].numel()].view(local[j].shape) for j in range(len(updates))]
