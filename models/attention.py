@@ -82,6 +82,9 @@ class GroupedQueryAttention(nn.Module):
         owns_kv: bool = True,
         bias: bool = False,
         shares_kv: bool = False,
+        qk_norm: bool = False,
+        value_residual: bool = False,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
@@ -92,6 +95,12 @@ class GroupedQueryAttention(nn.Module):
         # A layer that reuses another layer's K/V has no K/V projection at all.
         self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=bias) if owns_kv else None
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        # QK-norm: one RMSNorm over head_dim for all query heads, one for all key heads.
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm and owns_kv else None
+        # Value residual: layers after the first take v ← v + λ·(v₁ − v), λ learned (from 0.5).
+        self.value_residual = value_residual
+        self.v_mix = nn.Parameter(torch.tensor(0.5)) if value_residual and layer > 0 else None
         self.hook_pattern = HookPoint()  # (B, H, T, S), eager only
         self.hook_z = HookPoint()  # (B, T, H, head_dim): each head's output before out_proj
 
@@ -101,20 +110,37 @@ class GroupedQueryAttention(nn.Module):
         for linear, s in ((self.q_proj, std), (self.kv_proj, std), (self.out_proj, residual_std)):
             if linear is not None:
                 init_linear(linear, s)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+        if self.v_mix is not None:
+            nn.init.constant_(self.v_mix, 0.5)
 
     def cache_shapes(self) -> list[tuple[int, int]] | None:
         """K and V, (heads, dim) each; None for a layer that reuses its group's."""
         return [(self.n_kv_heads, self.head_dim)] * 2 if self.owns_kv else None
 
     def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None, pos=None):
-        """x: (B, T, d). Returns (output (B, T, d), (k, v, key positions or None)) — the K/V it
-        used, full length, for the layers that share them."""
+        """x: (B, T, d). Returns (output (B, T, d), what later layers take as `shared_kv`): the K/V
+        it used, full length, for the layers of a KV-sharing group; with value residual, the first
+        layer's values of these T positions (None, v₁, None), passed on by every layer."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if rope is not None:
             q = apply_rope(q, *rope)
+        passed = None
         if self.owns_kv:
             k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.value_residual:
+                if self.v_mix is None:  # the first layer: its values go to every later one
+                    passed = (None, v, None)
+                else:
+                    passed = shared_kv
+                    v = v + self.v_mix.to(v.dtype) * (shared_kv[1] - v)
             if rope is not None:
                 k = apply_rope(k, *rope)
             key_pos = None
@@ -127,7 +153,7 @@ class GroupedQueryAttention(nn.Module):
         y = eager_attention(q, k, v, mask, self.hook_pattern) if self.eager else sdpa(q, k, v, mask, gqa)
         out = self.out_proj(self.hook_z(y.transpose(1, 2)).reshape(B, T, -1))
         # Only a group that shares K/V passes them on (FSDP2 warns about view outputs otherwise).
-        return out, (k, v, key_pos) if self.shares_kv else None
+        return out, (k, v, key_pos) if self.shares_kv else passed
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -44,7 +44,7 @@ class DecoderConfig:
     )
     positions: Literal["learned", "rope"] = _opt("rope", "Learned absolute positions or rotary embeddings.")
     norm: Literal["layernorm", "rmsnorm"] = _opt("rmsnorm", "LayerNorm (no bias) or RMSNorm.")
-    mlp: Literal["gelu", "swiglu"] = _opt("swiglu", "Dense MLP kind.")
+    mlp: Literal["gelu", "swiglu", "relu2"] = _opt("swiglu", "Dense MLP kind (relu2: relu(x)², not gated).")
     tie_embeddings: bool = _opt(False, "Share the input embedding with the output head.")
     bias: bool = _opt(
         False, "Biases in the attention and MLP projections and LayerNorms (GPT-2 checkpoints have them)."
@@ -52,6 +52,13 @@ class DecoderConfig:
     rope_theta: float = _opt(10000.0, "RoPE base frequency.")
     norm_eps: float = _opt(1e-5, "Norm epsilon.")
     init_std: float = _opt(0.02, "Std of the normal init; residual output projections get std/sqrt(2·n_layers).")
+    # recipe switches from the speedrun literature (benchmarks/learning_efficiency.py measures them)
+    qk_norm: bool = _opt(False, "RMS-normalise each head's query and key before RoPE (GQA attention).")
+    value_residual: bool = _opt(
+        False, "Value residual learning (arXiv 2410.17897): every layer mixes in the first layer's values."
+    )
+    logit_softcap: float | None = _opt(None, "Soft-cap the logits: c·tanh(logits / c); null: off.")
+    zero_init: bool = _opt(False, "Zero-initialise the residual output projections (and an untied head).")
     # attention
     attention: Literal["gqa", "mla"] = _opt(
         "gqa", "gqa: MHA/GQA/MQA by n_kv_heads; mla: DeepSeek multi-head latent attention."
@@ -105,6 +112,12 @@ class DecoderConfig:
             raise ValueError(f"global_every={self.global_every} needs a window and must be >= 0")
         if self.kv_share_group <= 0 or self.n_layers % self.kv_share_group:
             raise ValueError(f"kv_share_group={self.kv_share_group} must divide n_layers={self.n_layers}")
+        if (self.qk_norm or self.value_residual) and self.attention != "gqa":
+            raise ValueError("qk_norm and value_residual are switches of GQA attention (attention='gqa')")
+        if self.value_residual and self.kv_share_group != 1:
+            raise ValueError("value_residual needs each layer's own values (kv_share_group must be 1)")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"logit_softcap must be positive or null, got {self.logit_softcap}")
         if self.bias and (self.attention == "mla" or self.moe_experts):
             raise ValueError("bias=true is for dense GQA/MHA models (GPT-2 checkpoints); MLA and MoE have none")
         if self.attention == "mla":
@@ -143,7 +156,7 @@ class DecoderConfig:
     def hidden(self) -> int:
         if self.ffn_hidden:
             return self.ffn_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.d_model
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
 
@@ -161,6 +174,7 @@ class DecoderConfig:
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig, bias: bool):
         super().__init__()
+        self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
         self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.hidden, bias=bias)
         self.down = nn.Linear(cfg.hidden, cfg.d_model, bias=bias)
@@ -174,6 +188,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, value = h.chunk(2, dim=-1)
             return self.down(F.silu(gate) * value)
+        if self.kind == "relu2":
+            return self.down(F.relu(h).square())
         return self.down(F.gelu(h, approximate="tanh"))
 
 
@@ -200,7 +216,17 @@ def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
         )
     owns_kv = layer % cfg.kv_share_group == 0
     return GroupedQueryAttention(
-        cfg.d_model, cfg.n_heads, cfg.kv_heads, layer, window, owns_kv, bias=cfg.bias, shares_kv=cfg.kv_share_group > 1
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.kv_heads,
+        layer,
+        window,
+        owns_kv,
+        bias=cfg.bias,
+        shares_kv=cfg.kv_share_group > 1,
+        qk_norm=cfg.qk_norm,
+        value_residual=cfg.value_residual,
+        norm_eps=cfg.norm_eps,
     )
 
 
@@ -276,7 +302,7 @@ class Decoder(nn.Module):
         sqrt(2·n_layers)), so the stream's variance does not grow with depth; norms one.
         (Parameters are drawn in registration order: the same seed gives the same weights.)"""
         std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        residual_std = 0.0 if self.cfg.zero_init else std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.embed.weight, mean=0.0, std=std)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, mean=0.0, std=std)
@@ -284,7 +310,7 @@ class Decoder(nn.Module):
             block.init_weights(std, residual_std)
         self.final_norm.reset_parameters()
         if not self.cfg.tie_embeddings:
-            init_linear(self.head, std)
+            init_linear(self.head, 0.0 if self.cfg.zero_init else std)
 
     def forward(
         self,
@@ -321,7 +347,11 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         elif keep is not None:
             x = x[keep]
-        return self.head(self.final_norm(x))
+        logits = self.head(self.final_norm(x))
+        if self.cfg.logit_softcap is not None:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def moe_layers(self) -> list[MoE]:
         # Looked up once: the training step calls aux_loss and after_optimizer_step every step.

@@ -21,6 +21,7 @@ CASES = {
     "hybrid-wrapping": dict(base="hybrid-tiny", window=8),  # the window bites inside the 32 positions
     "moe-tiny-bf16": dict(base="moe-tiny", autocast=torch.bfloat16),  # the grouped-GEMM path
     "deepseek-tiny-bf16": dict(base="deepseek-tiny", autocast=torch.bfloat16),
+    "llama-recipe-switches": dict(base="llama-tiny", qk_norm=True, value_residual=True, mlp="relu2", logit_softcap=5.0),
 }
 
 

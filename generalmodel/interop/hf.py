@@ -49,6 +49,12 @@ def hf_architecture(cfg) -> str:
         blockers.append(f"window={cfg.window} (sliding-window layers)")
     if cfg.kv_share_group != 1:
         blockers.append(f"kv_share_group={cfg.kv_share_group} (cross-layer KV sharing)")
+    if cfg.qk_norm:
+        blockers.append("qk_norm=true (per-head query/key norms)")
+    if cfg.value_residual:
+        blockers.append("value_residual=true (first-layer value mixing)")
+    if cfg.logit_softcap is not None:
+        blockers.append(f"logit_softcap={cfg.logit_softcap} (logit soft-capping)")
     llama = (cfg.positions, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
     gpt2 = (cfg.positions, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
     if not (llama or gpt2):

@@ -1,0 +1,116 @@
+"""The recipe switches of the model (models/decoder.py, models/attention.py): QK-norm, ReLU² MLP,
+value residual learning, logit soft-capping, zero-initialised output projections — each checked
+against what it claims, against the same weights with the switch off, and refused by the HF export.
+(KV-cache decoding and causality with the switches on: test_decode.py, test_causality.py.)"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from generalmodel.interop.hf import ExportError, hf_architecture
+from models import PRESETS, build_model
+
+VOCAB = 256
+
+
+def pair(**switch):
+    """(model with the switch, the same weights without it)."""
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["llama-tiny"], vocab_size=VOCAB, n_layers=3, d_model=64, **switch)
+    on = build_model(cfg).eval()
+    off_cfg = replace(cfg, **{k: PRESETS["llama-tiny"].__dict__[k] for k in switch})
+    off = build_model(off_cfg).eval()
+    off.load_state_dict(on.state_dict(), strict=False)
+    return on, off
+
+
+IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def test_logit_softcap():
+    on, off = pair(logit_softcap=0.5)
+    with torch.no_grad():
+        capped, raw = on(IDS), off(IDS)
+    assert capped.abs().max() < 0.5 < raw.abs().max()
+    torch.testing.assert_close(capped, 0.5 * torch.tanh(raw / 0.5))
+
+
+def test_relu2_mlp():
+    torch.manual_seed(0)
+    model = build_model(replace(PRESETS["llama-tiny"], vocab_size=VOCAB, d_model=64, mlp="relu2"))
+    mlp = model.blocks[0].mlp
+    assert mlp.up.weight.shape == (4 * 64, 64)  # not gated: 4·d hidden
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(mlp(x), mlp.down(torch.relu(mlp.up(x)) ** 2))
+
+
+def test_qk_norm_normalises_each_head():
+    on, off = pair(qk_norm=True)
+    attn = on.blocks[1].attn
+    seen = {}
+    attn.q_norm.register_forward_hook(lambda m, i, o: seen.update(q=o))
+    attn.k_norm.register_forward_hook(lambda m, i, o: seen.update(k=o))
+    with torch.no_grad():
+        on(IDS)
+    for t in seen.values():  # (B, heads, T, head_dim), unit RMS over head_dim (norm weights are one)
+        torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(t.shape[:-1]), atol=1e-2, rtol=0)  # eps
+    with torch.no_grad():  # with the norms the logits change: the switch does something
+        assert not torch.allclose(on(IDS), off(IDS))
+
+
+def test_value_residual():
+    on, off = pair(value_residual=True)
+    mixes = [b.attn.v_mix for b in on.blocks]
+    assert mixes[0] is None and all(m.item() == 0.5 for m in mixes[1:])
+    with torch.no_grad():
+        assert not torch.allclose(on(IDS), off(IDS))
+        for m in mixes[1:]:
+            m.fill_(0.0)  # λ = 0: each layer keeps its own values, i.e. the model without the switch
+        torch.testing.assert_close(on(IDS), off(IDS))
+        for m in mixes[1:]:
+            m.fill_(1.0)  # λ = 1: layers 1, 2 use layer 0's values; their own value weights are unused
+        before = on(IDS)
+        for block in on.blocks[1:]:
+            v_rows = block.attn.kv_proj.weight[block.attn.kv_proj.weight.shape[0] // 2 :]
+            v_rows.normal_()
+        torch.testing.assert_close(on(IDS), before)
+    loss = torch.nn.functional.cross_entropy(on(IDS).flatten(0, 1), IDS.flatten())
+    loss.backward()
+    assert all(m.grad is not None and m.grad != 0 for m in mixes[1:])
+
+
+def test_zero_init():
+    torch.manual_seed(0)
+    model = build_model(
+        replace(PRESETS["llama-tiny"], vocab_size=VOCAB, d_model=64, zero_init=True, tie_embeddings=False)
+    )
+    zero = [model.head.weight] + [w for b in model.blocks for w in (b.attn.out_proj.weight, b.mlp.down.weight)]
+    assert all(torch.count_nonzero(w) == 0 for w in zero)
+    assert torch.count_nonzero(model.blocks[0].attn.q_proj.weight) > 0
+    torch.nn.functional.cross_entropy(model(IDS).flatten(0, 1), IDS.flatten()).backward()
+    assert model.head.weight.grad.abs().sum() > 0  # the zero head is where learning starts
+
+
+@pytest.mark.parametrize(
+    "switch, named",
+    [
+        (dict(qk_norm=True), "qk_norm"),
+        (dict(value_residual=True), "value_residual"),
+        (dict(logit_softcap=30.0), "logit_softcap"),
+        (dict(mlp="relu2"), "mlp='relu2'"),
+    ],
+)
+def test_hf_export_refuses_the_switches(switch, named):
+    with pytest.raises(ExportError, match=named):
+        hf_architecture(replace(PRESETS["llama-tiny"], **switch))
+    assert hf_architecture(replace(PRESETS["llama-tiny"], zero_init=True)) == "llama"  # an init, not a shape
+
+
+def test_bad_switch_combinations_are_named():
+    with pytest.raises(ValueError, match="kv_share_group"):
+        replace(PRESETS["kvshare-tiny"], value_residual=True)
+    with pytest.raises(ValueError, match="attention='gqa'"):
+        replace(PRESETS["mla-tiny"], qk_norm=True)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        replace(PRESETS["llama-tiny"], logit_softcap=0.0)
