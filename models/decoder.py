@@ -24,6 +24,8 @@ from models.hooks import HookPoint
 from models.memory import ProductKeyMemory
 from models.moe import MoE
 
+MLPKind = Literal["gelu", "swiglu", "relu2"]
+
 
 def _opt(default, help: str):
     """A config field with its description (shown by every job's --help)."""
@@ -44,7 +46,7 @@ class DecoderConfig:
     )
     positions: Literal["learned", "rope"] = _opt("rope", "Learned absolute positions or rotary embeddings.")
     norm: Literal["layernorm", "rmsnorm"] = _opt("rmsnorm", "LayerNorm (no bias) or RMSNorm.")
-    mlp: Literal["gelu", "swiglu", "relu2"] = _opt("swiglu", "Dense MLP kind (relu2: relu(x)², not gated).")
+    mlp: MLPKind = _opt("swiglu", "Dense MLP kind (relu2: relu(x)², not gated).")
     tie_embeddings: bool = _opt(False, "Share the input embedding with the output head.")
     bias: bool = _opt(
         False, "Biases in the attention and MLP projections and LayerNorms (GPT-2 checkpoints have them)."
@@ -347,6 +349,10 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         elif keep is not None:
             x = x[keep]
+        return self.unembed(x)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream (..., d) → logits: final norm, head, and the soft-cap if configured."""
         logits = self.head(self.final_norm(x))
         if self.cfg.logit_softcap is not None:
             cap = self.cfg.logit_softcap

@@ -4,7 +4,7 @@ embeddings, SDPA causal attention. The reference every benchmark measures agains
 from dataclasses import dataclass
 from typing import Literal
 
-from models.decoder import DecoderConfig
+from models.decoder import DecoderConfig, MLPKind
 
 
 @dataclass
@@ -12,5 +12,5 @@ class GPT2Config(DecoderConfig):
     name: Literal["gpt2"] = "gpt2"
     positions: Literal["learned", "rope"] = "learned"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: MLPKind = "gelu"
     tie_embeddings: bool = True

@@ -4,7 +4,7 @@ tied embeddings."""
 from dataclasses import dataclass
 from typing import Literal
 
-from models.decoder import DecoderConfig
+from models.decoder import DecoderConfig, MLPKind
 
 
 @dataclass
@@ -12,4 +12,4 @@ class LlamaConfig(DecoderConfig):
     name: Literal["llama"] = "llama"
     positions: Literal["learned", "rope"] = "rope"
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
-    mlp: Literal["gelu", "swiglu"] = "swiglu"
+    mlp: MLPKind = "swiglu"

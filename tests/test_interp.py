@@ -30,7 +30,18 @@ from models import PRESETS, build_model
 from models.cache import KVCache
 
 T = 40  # longer than the windows (8) of the wrapping variants
-ALL = {**VARIANTS, "gpt2-bias": dict(base="gpt2-tiny", bias=True)}  # LayerNorm + biases (DLA's bias terms)
+ALL = {
+    **VARIANTS,
+    "gpt2-bias": dict(base="gpt2-tiny", bias=True),  # LayerNorm + biases (DLA's bias terms)
+    "llama-softcap": dict(base="llama-tiny", logit_softcap=2.0),  # DLA adds up before the cap
+}
+
+
+def any_model(variant):
+    if variant in VARIANTS:
+        return model_for(variant)
+    spec = dict(ALL[variant])
+    return model_for(spec.pop("base"), **spec)
 
 
 def ids(batch=2, length=T, seed=0):
@@ -39,7 +50,7 @@ def ids(batch=2, length=T, seed=0):
 
 def perturbed(variant):
     """Weights off their init (norm gains and biases too), so that every term of DLA matters."""
-    model = model_for(variant) if variant in VARIANTS else model_for("gpt2-tiny", bias=True)
+    model = any_model(variant)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -138,6 +149,8 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(variant):
     for position in (-1, 5):
         attribution = direct_logit_attribution(model, x, answer=3, wrong=11, position=position)
         logits = model(x)[:, position].detach()
+        if model.cfg.logit_softcap:  # the pre-cap logits: what the components add up to
+            logits = model.cfg.logit_softcap * torch.atanh(logits / model.cfg.logit_softcap)
         torch.testing.assert_close(attribution.logit, logits[:, 3] - logits[:, 11])
         torch.testing.assert_close(
             attribution.values.sum(0) + attribution.constant, attribution.logit, atol=1e-4, rtol=0
@@ -218,7 +231,7 @@ def test_hook_points_are_stable_across_variants_and_hold_no_weights():
     per_block = {"hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"}
     per_block |= {"attn.hook_z", "attn.hook_pattern"}
     for variant in ALL:
-        model = model_for(variant) if variant in VARIANTS else model_for("gpt2-tiny", bias=True)
+        model = any_model(variant)
         names = hook_names(model)
         for layer in range(model.cfg.n_layers):
             assert {block_point(layer, p) for p in per_block} <= set(names), variant

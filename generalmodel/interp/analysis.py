@@ -57,7 +57,7 @@ def logit_lens(model: nn.Module, ids: torch.Tensor) -> LogitLens:
 
 
 def unembed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.head(model.final_norm(x))
+    return model.unembed(x)
 
 
 # -- direct logit attribution ----------------------------------------------------------------------
@@ -67,7 +67,8 @@ def unembed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class Attribution:
     """Each component's direct effect on a logit (difference) at one position: the embedding,
     every attention head of every layer, the attention output bias, every MLP/MoE; `constant` is
-    the final norm's bias term. `names[i]` ↔ `values[i]` (B,); they sum, with `constant`, to `logit`."""
+    the final norm's bias term. `names[i]` ↔ `values[i]` (B,); they sum, with `constant`, to `logit`
+    (with `logit_softcap`, the logit difference before the cap, which is not additive)."""
 
     names: list[str]
     values: torch.Tensor  # (components, B)
@@ -113,6 +114,9 @@ def direct_logit_attribution(
     values = (stack * scale * norm.weight) @ direction
     bias = getattr(norm, "bias", None)
     constant = (bias @ direction if bias is not None else direction.new_zeros(())).expand(ids.shape[0])
+    cap = getattr(model.cfg, "logit_softcap", None)
+    if cap is not None:  # the components add up before the (monotone) soft-cap: compare with the raw logits
+        logits = (cap * torch.atanh((logits.double() / cap).clamp(-1 + 1e-12, 1 - 1e-12))).to(logits.dtype)
     return Attribution(names, values, constant, logit_diff(answer, wrong, position)(logits))
 
 

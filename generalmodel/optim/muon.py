@@ -38,6 +38,8 @@ def orthogonalize(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
     """Newton–Schulz: ≈ U·Vᵀ of g = U·S·Vᵀ (singular values pushed into roughly [0.7, 1.2]), for a
     matrix (m, n) or a stack (..., m, n). Computed in `dtype`; returned in g's dtype."""
     a, b, c = NS_COEFFICIENTS
+    if g.dim() > 3:
+        return orthogonalize(g.flatten(0, -3), steps, dtype, eps).view(g.shape)
     x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
@@ -155,8 +157,13 @@ class Muon(torch.optim.Optimizer):
         """The orthogonalised updates as local tensors (this rank's shards of sharded ones)."""
         out: list[Tensor | None] = [None] * len(updates)
         sharded = [i for i, u in enumerate(updates) if _is_sharded(u)]
+        by_shape: dict[tuple, list[int]] = {}  # matrices of one shape go through NS as one batch
         for i in sorted(set(range(len(updates))) - set(sharded)):
-            out[i] = orthogonalize(_local(updates[i]), steps, self.ns_dtype)
+            by_shape.setdefault((updates[i].shape, updates[i].dtype), []).append(i)
+        for same in by_shape.values():
+            done = orthogonalize(torch.stack([_local(updates[i]) for i in same]), steps, self.ns_dtype)
+            for i, o in zip(same, done, strict=True):
+                out[i] = o
         if sharded:
             group = updates[sharded[0]].device_mesh.get_group()
             world, rank = dist.get_world_size(group), dist.get_rank(group)
