@@ -5,9 +5,10 @@
 
 Each variant trains with the platform's loop (generalmodel.train.loop.train, one process, no Ray)
 on the prepared sotu dataset (`make prepare-data`; another with --dataset) with the llama-tiny
-recipe (configs/llama-tiny.yaml: AdamW lr 3e-3, warmup 30, batch 8 × 256), the same data order and
-seeds. Variants (the tiny presets; MoE takes top-3 + 1 shared expert so that its active expert
-width equals the dense MLP's):
+recipe (configs/llama-tiny.yaml, batch 8 × 256; the figures in RESULTS.md were taken with its AdamW
+recipe of before issue 18: lr 3e-3, warmup 30), the same data order and seeds. Variants (the
+tiny presets; MoE takes top-3 + 1 shared expert so that its active expert width equals the dense
+MLP's):
 
     dense    llama-tiny
     moe      moe-tiny, top-3 of 8 fine-grained experts + 1 shared, from block 1

@@ -295,6 +295,18 @@ def test_two_process_fsdp_matches_one_process(train_dataset, tmp_path):
         assert math.isclose(loss, single[step], rel_tol=1e-4), (step, loss, single[step])
 
 
+def test_two_process_fsdp_with_muon_matches_one_process(train_dataset, tmp_path):
+    """The training loop with optim.name=muon on 2 FSDP2 ranks (each matrix orthogonalised on one
+    rank, generalmodel/optim/muon.py) follows the single-process run."""
+    torch.set_num_threads(1)
+    opt = {"optim.name": "muon", "train.steps": 6}
+    single, _ = run(tiny(train_dataset, tmp_path / "one", **opt, **{"train.batch_size": 8}))
+    out = two_processes(tiny(train_dataset, tmp_path / "two", **opt, **{"train.batch_size": 4}))
+    assert single[6] < single[1] - 0.3
+    for step, loss in single.items():
+        assert math.isclose(out[step], loss, rel_tol=1e-3), (step, out[step], loss)
+
+
 def test_lr_schedules():
     cosine = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
     assert lr_multiplier(0, 100, cosine) == pytest.approx(0.1)
