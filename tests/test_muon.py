@@ -75,12 +75,14 @@ def _grads(model, step: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
 
 
-def test_adamw_groups_take_torch_adamws_step():
-    """Under optim.name=muon everything outside the matrices moves exactly as under AdamW."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_groups_take_torch_adamws_step(fused):
+    """Under optim.name=muon everything outside the matrices moves exactly as under AdamW (also
+    with the fused AdamW kernel the loop asks for on a GPU, which CPU torch has too)."""
     a, b = _model(), _model()
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
-    muon = build_optimizer(a, cfg.model_copy(update={"name": "muon"}))
-    adamw = build_optimizer(b, cfg)
+    muon = build_optimizer(a, cfg.model_copy(update={"name": "muon"}), fused=fused)
+    adamw = build_optimizer(b, cfg, fused=fused)
     for step in range(3):  # the same gradients for both (a loss would see the matrices differ)
         for model, opt in ((a, muon), (b, adamw)):
             for n, p in model.named_parameters():

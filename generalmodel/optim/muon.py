@@ -123,7 +123,8 @@ class Muon(torch.optim.Optimizer):
         for p in params:
             state = self.state[p]
             if not state:  # the layout torch.optim.AdamW keeps: its checkpoints read the same
-                state["step"] = torch.tensor(0.0)
+                # (fused AdamW keeps the step count on the parameter's device)
+                state["step"] = torch.zeros((), device=p.device) if self.fused else torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
         states = [self.state[p] for p in params]
