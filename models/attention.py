@@ -100,7 +100,7 @@ class GroupedQueryAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm and owns_kv else None
         # Value residual: layers after the first take v ← v + λ·(v₁ − v), λ learned (from 0.5).
         self.value_residual = value_residual
-        self.v_mix = nn.Parameter(torch.tensor(0.5)) if value_residual and layer > 0 else None
+        self.v_mix = nn.Parameter(torch.full((1,), 0.5)) if value_residual and layer > 0 else None  # FSDP2: 1-D
         self.hook_pattern = HookPoint()  # (B, H, T, S), eager only
         self.hook_z = HookPoint()  # (B, T, H, head_dim): each head's output before out_proj
 

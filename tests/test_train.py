@@ -296,10 +296,13 @@ def test_two_process_fsdp_matches_one_process(train_dataset, tmp_path):
 
 
 def test_two_process_fsdp_with_muon_matches_one_process(train_dataset, tmp_path):
-    """The training loop with optim.name=muon on 2 FSDP2 ranks (each matrix orthogonalised on one
-    rank, generalmodel/optim/muon.py) follows the single-process run."""
+    """The training loop with the make pretrain recipe (Muon, each matrix orthogonalised on one
+    rank, and the model switches) on 2 FSDP2 ranks follows the single-process run."""
     torch.set_num_threads(1)
-    opt = {"optim.name": "muon", "train.steps": 6}
+    opt = {"optim.name": "muon", "train.steps": 6, "model.tie_embeddings": False, "model.mlp": "relu2"}
+    opt.update(
+        {f"model.{k}": True for k in ("qk_norm", "value_residual", "zero_init")}, **{"model.logit_softcap": 15.0}
+    )
     single, _ = run(tiny(train_dataset, tmp_path / "one", **opt, **{"train.batch_size": 8}))
     out = two_processes(tiny(train_dataset, tmp_path / "two", **opt, **{"train.batch_size": 4}))
     assert single[6] < single[1] - 0.3

@@ -3,9 +3,10 @@ worker starts, so that an impossible size is refused in seconds with the numbers
 minutes later with Ray's out-of-memory text.
 
 Per worker: fp32 parameters, gradients and AdamW's two moments (16 bytes per parameter, divided
-by the workers under FSDP2), plus activations kept for the backward pass, after Korthikanti et al.
-(2022): at least 34·d bytes per token and layer in 16-bit (twice that in fp32 on CPU; the
-5·n_heads·T attention term is left out, flash attention does not keep it),
+by the workers under FSDP2; under Muon the matrices keep one momentum instead, so less), plus
+activations kept for the backward pass, after Korthikanti et al. (2022): at least 34·d bytes per
+token and layer in 16-bit (twice that in fp32 on CPU; the 5·n_heads·T attention term is left out,
+flash attention does not keep it),
 only the block inputs (2·d) with full activation checkpointing, plus the logits and their
 gradient (fp32). It is a floor, not a bound: allocator slack, the compile cache and communication
 buffers come on top, so only a model whose floor exceeds the memory is refused.
@@ -38,7 +39,7 @@ class MemoryEstimate:
     def describe(self) -> str:
         return (
             f"{self.parameters / 1e6:,.1f}M parameters: weights {self.params_bytes / GIB:.1f} GiB + gradients "
-            f"{self.grads_bytes / GIB:.1f} GiB + AdamW state {self.optimizer_bytes / GIB:.1f} GiB + activations "
+            f"{self.grads_bytes / GIB:.1f} GiB + optimizer state ≤ {self.optimizer_bytes / GIB:.1f} GiB + activations "
             f"{self.activations_bytes / GIB:.1f} GiB = {self.total / GIB:.1f} GiB per worker"
         )
 
