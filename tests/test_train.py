@@ -310,6 +310,20 @@ def test_two_process_fsdp_with_muon_matches_one_process(train_dataset, tmp_path)
         assert math.isclose(out[step], loss, rel_tol=1e-3), (step, out[step], loss)
 
 
+def test_a_checkpoint_from_before_the_optimizer_groups_is_refused_by_name():
+    from generalmodel.config import Config, dump_config
+    from generalmodel.storage import resolve
+    from generalmodel.train.loop import check_resumable
+
+    cfg = Config()
+    old = dump_config(cfg)
+    del old["optim"]["name"]  # a manifest written before optim.name (and the new parameter groups)
+    loc = resolve("/tmp/ckpt/step-00000100-abc", cfg.storage)
+    with pytest.raises(TrainingError, match="before optim.name existed.*start a new run"):
+        check_resumable(loc, {"config": old, "dataset": "x", "world_size": 1}, cfg, dump_config(cfg), "x", 1)
+    check_resumable(loc, {"config": dump_config(cfg), "dataset": "x", "world_size": 1}, cfg, dump_config(cfg), "x", 1)
+
+
 def test_lr_schedules():
     cosine = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
     assert lr_multiplier(0, 100, cosine) == pytest.approx(0.1)

@@ -112,6 +112,12 @@ def check_resumable(
     """A TrainingError unless continuing `manifest`'s run with `cfg` is the same run: same model,
     optimizer, seed, steps and dataset, the same global batch, and not already finished."""
     hint = " (start a new run: another --train.run_name or --train.checkpoint_dir)"
+    if "name" not in manifest["config"].get("optim", {}):
+        raise TrainingError(
+            f"cannot resume from {loc.uri}: it was written before optim.name existed, by an optimizer with the "
+            f"old two AdamW parameter groups; this version's optimizer state has other groups (embed, head, "
+            f"matrices, decayed, other)" + hint
+        )
     conflicts = resume_conflicts(manifest["config"], config_dump)
     if manifest.get("dataset") != dataset_sha:
         conflicts.append(f"dataset: checkpoint {manifest.get('dataset')}, now {dataset_sha}")
