@@ -352,12 +352,13 @@ class Decoder(nn.Module):
         return self.unembed(x)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual stream (..., d) → logits: final norm, head, and the soft-cap if configured."""
-        logits = self.head(self.final_norm(x))
-        if self.cfg.logit_softcap is not None:
-            cap = self.cfg.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        """The residual stream (..., d) → logits: final norm, head, and the soft-cap if configured,
+        c·tanh(head(x)/c) with 1/c folded into the head's weight (one pass fewer over the logits)."""
+        x = self.final_norm(x)
+        cap = self.cfg.logit_softcap
+        if cap is None:
+            return self.head(x)
+        return cap * torch.tanh(F.linear(x, self.head.weight / cap))
 
     def moe_layers(self) -> list[MoE]:
         # Looked up once: the training step calls aux_loss and after_optimizer_step every step.
