@@ -1,10 +1,11 @@
 """A decoder-only transformer assembled from parts chosen in its config: positions (learned or
-RoPE), norm (LayerNorm without bias or RMSNorm), MLP (GELU 4×, SwiGLU, or a DeepSeek MoE after
-`moe_first_dense` dense layers), attention (grouped KV heads, or MLA), sliding-window layers
-with a global layer every `global_every`, cross-layer KV sharing in groups of `kv_share_group`,
-product-key memory layers (PKM or PEER) in place of the MLP of chosen blocks (models/memory.py),
-tied or separate embeddings. `gpt2`, `llama` and `deepseek` (models/gpt2.py, llama.py,
-deepseek.py) are defaults of it. Single-device PyTorch.
+RoPE), norm (LayerNorm without bias or RMSNorm), MLP (GELU 4×, SwiGLU, ReLU² 4×, or a DeepSeek
+MoE after `moe_first_dense` dense layers), attention (grouped KV heads, or MLA), sliding-window
+layers with a global layer every `global_every`, cross-layer KV sharing in groups of
+`kv_share_group`, product-key memory layers (PKM or PEER) in place of the MLP of chosen blocks
+(models/memory.py), tied or separate embeddings, and the recipe switches QK-norm, value residual,
+logit soft-capping and zero-initialised output projections. `gpt2`, `llama` and `deepseek`
+(models/gpt2.py, llama.py, deepseek.py) are defaults of it. Single-device PyTorch.
 """
 
 from __future__ import annotations
