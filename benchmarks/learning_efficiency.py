@@ -118,8 +118,6 @@ def recipe_config(name: str, args, seed: int, root: str):
     elif "warmup_steps" in optim:  # given for the default's 500 steps: the same fraction of this run
         optim["warmup_steps"] = max(1, round(optim["warmup_steps"] * args.steps / NOMINAL_STEPS))
     model = {**model, **size}
-    if args.gpu:
-        model.pop("preset", None)
     run = f"lr-eff-{name}-{seed}"
     overrides = {
         "model": model,
