@@ -61,3 +61,54 @@ def prepared(corpus: str, seq_len: int, vocab_size: int) -> str:
         )
     )
     return str(output)
+
+
+def synthetic(output: str | Path, vocab_size: int, seq_len: int, rows: int, val_rows: int = 16, seed: int = 0) -> str:
+    """A published dataset of uniformly random tokens (train `rows`, val `val_rows` rows of
+    seq_len + 1), for throughput runs of the training loop where no corpus is prepared (a GPU
+    machine without Ray): the platform's manifest and Parquet layout, a word-level tokenizer
+    of `vocab_size` entries (t0, t1, ...). Nothing can be learned from it beyond ln(vocab)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
+    from generalmodel.data.prepare import shard_bytes
+    from generalmodel.data.tokenizer import tokenizer_hash
+    from generalmodel.storage import resolve
+    from generalmodel.storage.location import publish_manifest, sha256_hex
+
+    out = resolve(str(output))
+    version = f"v-synthetic-{vocab_size}-{seq_len}-{rows}-{seed}"
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", rows), ("val", val_rows)):
+        data = shard_bytes({"tokens": rng.integers(0, vocab_size, (n, seq_len + 1), dtype=dtype)})
+        path = f"{version}/{split}/part-00000.parquet"
+        out.join(path).write_bytes(data)
+        shard = {"path": path, "rows": n, "bytes": len(data), "sha256": sha256_hex(data)}
+        splits[split] = {"documents": n, "rows": n, "tokens": n * (seq_len + 1), "shards": [shard]}
+    tok_text = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0")).to_str()
+    out.join(f"{version}/tokenizer.json").write_bytes(tok_text.encode())
+    manifest = {
+        "kind": DATASET_KIND,
+        "format_version": FORMAT_VERSION,
+        "format": "text",
+        "version": version,
+        "seq_len": seq_len,
+        "row_len": seq_len + 1,
+        "dtype": np.dtype(dtype).name,
+        "column": "tokens",
+        "columns": ["tokens"],
+        "tokenizer": {
+            "path": f"{version}/tokenizer.json",
+            "sha256": tokenizer_hash(tok_text),
+            "vocab_size": vocab_size,
+            "special_tokens": {},
+        },
+        "splits": splits,
+        "source": {"spec": f"synthetic: random tokens, seed {seed}", "files": 0, "bytes": 0, "skipped_files": []},
+    }
+    publish_manifest(out, manifest)
+    return out.uri

@@ -22,6 +22,7 @@ from models.attention import GroupedQueryAttention, MultiHeadLatentAttention, in
 from models.cache import KVCache
 from models.common import RMSNorm, matmul_flops_per_token, rope_tables
 from models.hooks import HookPoint
+from models.loss import capped_logits, linear_cross_entropy
 from models.memory import ProductKeyMemory
 from models.moe import MoE
 
@@ -321,12 +322,16 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         keep: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab), or (B, 1, vocab) for the last position
         only, or (N, vocab) for the N positions a (B, T) boolean `keep` marks (the head, often
         the costliest matmul of a small model, runs only there). With a cache
         (models/cache.py), idx continues each of its rows at that row's own position; the caller
-        keeps within its capacity (`cache.reserve`)."""
+        keeps within its capacity (`cache.reserve`). With `targets` (B, T) (-100: not supervised):
+        the summed cross-entropy instead of the logits (`lm_loss`), so that a compiled model
+        compiles its loss too."""
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, d)
         if cache is None:
@@ -346,6 +351,8 @@ class Decoder(nn.Module):
             x, kv = block(x, rope, cache, kv, pos)
         if cache is not None:
             cache.advance(T)
+        if targets is not None:
+            return self.lm_loss(x, targets, loss_chunk)
         if last_only:
             x = x[:, -1:]
         elif keep is not None:
@@ -355,11 +362,17 @@ class Decoder(nn.Module):
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream (..., d) → logits: final norm, head, and the soft-cap if configured,
         c·tanh(head(x)/c) with 1/c folded into the head's weight (one pass fewer over the logits)."""
+        return capped_logits(self.final_norm(x), self.head.weight, self.cfg.logit_softcap)
+
+    def lm_loss(self, x: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """The residual stream (B, T, d) and targets (B, T) → the summed next-token cross-entropy
+        over the supervised targets: `unembed`'s computation with the loss after it, all
+        positions at once or `chunk` positions at a time (models/loss.py). Regional compile
+        compiles this too (generalmodel.train.parallelize)."""
         x = self.final_norm(x)
-        cap = self.cfg.logit_softcap
-        if cap is None:
-            return self.head(x)
-        return cap * torch.tanh(F.linear(x, self.head.weight / cap))
+        return linear_cross_entropy(
+            x.flatten(0, -2), self.head.weight, targets.flatten(), self.cfg.logit_softcap, chunk
+        )
 
     def moe_layers(self) -> list[MoE]:
         # Looked up once: the training step calls aux_loss and after_optimizer_step every step.
@@ -372,10 +385,11 @@ class Decoder(nn.Module):
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return sum(losses) if losses else None
 
-    def after_optimizer_step(self) -> dict[str, float]:
-        """Nudge the MoE routing biases toward balance; returns the worst layer's load imbalance."""
-        stats = [m.update_bias()["max_over_mean_load"] for m in self.moe_layers()]
-        return {"moe_max_over_mean_load": max(stats)} if stats else {}
+    def after_optimizer_step(self, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Nudge the MoE routing biases toward balance (not after a skipped step: `keep` 0);
+        returns the worst layer's load imbalance, a device tensor (read it at log steps)."""
+        stats = [m.update_bias(keep) for m in self.moe_layers()]
+        return {"moe_max_over_mean_load": torch.stack(stats).max()} if stats else {}
 
     def num_params(self, embeddings: bool = True, active: bool = False) -> int:
         """Parameters; `active`: those one token uses (top-k of the routed experts, the retrieved

@@ -136,18 +136,20 @@ class MoE(nn.Module):
     # -- balancing -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def update_bias(self) -> dict[str, float]:
+    def update_bias(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """After an optimizer step: move each expert's bias toward balance by a fixed step
-        (sign of mean load − load), using the counts of every rank; reset the counts.
-        Returns load statistics for the training metrics."""
+        (sign of mean load − load), using the counts of every rank; reset the counts. `keep`: a
+        0-d 0/1 tensor, 0 when the step was skipped (the bias stays). All on the device, no host
+        read; returns the max-over-mean load (0 when no token was routed) for the metrics."""
         counts = self.tokens_per_expert.clone()
         if dist.is_initialized():
             dist.all_reduce(counts)
         mean = counts.mean()
-        if mean > 0:
-            self.expert_bias += self.bias_update_rate * torch.sign(mean - counts)
+        routed = (mean > 0).to(counts.dtype)
+        move = self.bias_update_rate * torch.sign(mean - counts) * routed
+        self.expert_bias += move if keep is None else move * keep
         self.tokens_per_expert.zero_()
-        return {"max_over_mean_load": float(counts.max() / mean) if mean > 0 else 0.0}
+        return counts.max() / mean.clamp(min=1e-9) * routed
 
 
 class SharedExperts(nn.Module):

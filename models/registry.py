@@ -40,13 +40,14 @@ class LanguageModel(Protocol):
     cfg: DecoderConfig
     blocks: nn.ModuleList  # the repeated units: activation checkpointing, regional compile, FSDP2
 
-    def __call__(self, idx: torch.Tensor, cache=None) -> torch.Tensor: ...
+    def __call__(self, idx: torch.Tensor, cache=None, *, targets=None, loss_chunk: int = 0) -> torch.Tensor: ...
 
     def aux_loss(self) -> torch.Tensor | None:
         """A loss term of the last forward to add to the training loss (MoE balance), or None."""
 
-    def after_optimizer_step(self) -> dict[str, float]:
-        """Called after every optimizer step (MoE routing biases); returns metrics to log."""
+    def after_optimizer_step(self, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Called after every optimizer step (MoE routing biases; `keep` 0: the step was skipped);
+        returns metrics to log as device tensors (the loop reads them at log steps only)."""
 
     def num_params(self, embeddings: bool = True, active: bool = False) -> int: ...
 

@@ -14,7 +14,8 @@ from generalmodel.cluster import free_port
 from generalmodel.config import ConfigError, OptimConfig, load_config
 from generalmodel.infer import SamplingParams, filter_logits
 from generalmodel.optim import lr_multiplier
-from generalmodel.train.loop import TrainingDiverged, TrainingError, train
+from generalmodel.train.loop import TrainingError, train
+from generalmodel.train.step import TrainingDiverged
 
 # Tests on `train_dataset` (prepared once with the real Ray Data job) are marked integration by
 # conftest; the rest are unit tests.
@@ -140,13 +141,20 @@ def test_activation_checkpointing_choices():
     assert wrapped("selective", 3) == [0, 3]
 
 
-def test_compile_modes_keep_the_losses(train_dataset, tmp_path):
-    """Regional (per block) and whole-model torch.compile train to the same losses as eager."""
+def test_compile_modes_and_the_chunked_loss_keep_the_losses(train_dataset, tmp_path):
+    """Regional (per block and the loss tail) and whole-model torch.compile, and the head +
+    cross-entropy in chunks of 24 positions (eager and compiled), train to the eager losses."""
     eager, _ = run(tiny(train_dataset, tmp_path / "a", **{"train.steps": 3}))
-    for mode in ("regional", "full"):
-        compiled, _ = run(tiny(train_dataset, tmp_path / mode, **{"train.steps": 3, "train.compile": mode}))
+    for mode, chunk in (("regional", 0), ("full", 0), ("none", 24), ("regional", 24)):
+        compiled, _ = run(
+            tiny(
+                train_dataset,
+                tmp_path / f"{mode}-{chunk}",
+                **{"train.steps": 3, "train.compile": mode, "train.loss_chunk": chunk},
+            )
+        )
         for step in eager:
-            assert math.isclose(compiled[step], eager[step], rel_tol=1e-4), (mode, step)
+            assert math.isclose(compiled[step], eager[step], rel_tol=1e-4), (mode, chunk, step)
 
 
 def test_incompatible_resume_names_the_keys(train_dataset, tmp_path):
@@ -251,25 +259,61 @@ def test_resume_keeps_the_global_batch_or_names_it(train_dataset, tmp_path):
 
 def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_training_recovers(train_dataset, tmp_path):
     reference, _ = run(tiny(train_dataset, tmp_path / "a"))
-    losses, last = run(tiny(train_dataset, tmp_path / "b", **{"train.nan_grad_at_step": 4}))
-    assert last["skipped_steps"] == 1 and 5 not in losses  # step index 4 is the 5th step: skipped
+    reports = []
+    train(tiny(train_dataset, tmp_path / "b", **{"train.nan_grad_at_step": 4}), reports.append)
+    logged = {m["step"]: m for m in reports if "grad_norm" in m}
+    # step index 4 is the 5th step: its gradient norm is NaN, it is skipped and counted from then on
+    assert [logged[s]["skipped_steps"] for s in sorted(logged)] == [0] * 4 + [1] * 8
+    assert math.isnan(logged[5]["grad_norm"]) and all(math.isfinite(logged[s]["grad_norm"]) for s in logged if s != 5)
+    losses = {s: m["loss"] for s, m in logged.items()}
     assert all(math.isfinite(v) for v in losses.values())
     assert losses[12] < reference[1] - 0.3  # it went on learning from unpoisoned weights
 
 
-def _worker(rank, port, cfg, out):
+def test_the_training_step_reads_nothing_back_outside_log_steps(train_dataset, tmp_path):
+    """No `.item()`, `float(t)`, `if t:` ... between log steps (a GPU would wait at each): a run of 6
+    steps reads back exactly as often as one of 3, when both log, evaluate and save at the end only."""
+    from generalmodel.train.step import HostReads
+
+    opt = {"optim.name": "muon", "model.logit_softcap": 15.0, "model.value_residual": True}
+    opt.update({"model.memory_layers": [1], "model.memory_keys": 8, "model.memory_top_k": 4})
+    opt.update({"train.log_every": 100, "train.eval_every": 100, "train.checkpoint_every": 0})
+    reads = {}
+    for steps in (3, 6):
+        with HostReads() as counter:
+            run(tiny(train_dataset, tmp_path / str(steps), **opt, **{"train.steps": steps}))
+        reads[steps] = counter.reads
+    assert reads[6] == reads[3], reads
+    assert 0 < len(reads[3]) < 20  # the last step's metrics, the guard, the evaluation
+
+
+def _worker(rank, port, cfg, out, counts):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    # Count FSDP2's gradient reduce-scatters: the real collective runs, each call is counted.
+    reduce_scatter, calls = dist.reduce_scatter_single, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return reduce_scatter(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted
     losses, _ = run(cfg)
     if rank == 0:
         out.update(losses)
+        counts["reduce_scatters"] = len(calls)
     torch.distributed.destroy_process_group()
 
 
-def two_processes(cfg) -> dict:
+def two_processes(cfg, counts: dict | None = None) -> dict:
+    """The losses of rank 0 of a 2-process run; `counts` gets its number of gradient reduce-scatters."""
     manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(free_port(), cfg, out), nprocs=2, join=True)
+    out, shared = manager.dict(), manager.dict()
+    mp.spawn(_worker, args=(free_port(), cfg, out, shared), nprocs=2, join=True)
+    if counts is not None:
+        counts.update(shared)
     return dict(out)
 
 
@@ -293,6 +337,22 @@ def test_two_process_fsdp_matches_one_process(train_dataset, tmp_path):
     assert min(resumed) == 4
     for step, loss in resumed.items():
         assert math.isclose(loss, single[step], rel_tol=1e-4), (step, loss, single[step])
+
+
+def test_gradient_accumulation_under_fsdp_reduce_scatters_once_per_step(train_dataset, tmp_path):
+    """2 ranks × 2 micro-batches of 2 == one process with 8 rows, and FSDP2 reduce-scatters each
+    shard group's gradients once per optimizer step (set_requires_gradient_sync), not per micro-batch."""
+    torch.set_num_threads(1)
+    single, _ = run(tiny(train_dataset, tmp_path / "one", **{"train.batch_size": 8, "train.steps": 4}))
+    counts = {}
+    accumulated = two_processes(
+        tiny(train_dataset, tmp_path / "two", **{"train.batch_size": 2, "train.grad_accum": 2, "train.steps": 4}),
+        counts,
+    )
+    for step, loss in single.items():
+        assert math.isclose(accumulated[step], loss, rel_tol=1e-5), (step, accumulated[step], loss)
+    groups = 2 + 1  # the 2 blocks and the root (embedding, final norm, head) — tiny() has 2 layers
+    assert counts["reduce_scatters"] == 4 * groups
 
 
 def test_two_process_fsdp_with_muon_matches_one_process(train_dataset, tmp_path):

@@ -277,6 +277,13 @@ class TrainConfig(Section):
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile: regional (each block; fast to compile) or full (the whole model)."
     )
+    loss_chunk: int = Field(
+        0,
+        ge=0,
+        description="0: the head and cross-entropy over all positions at once (compiled with the model under "
+        "train.compile); N: in chunks of N positions with the gradient made in the same pass, never more than "
+        "N x vocab logits (models/loss.py).",
+    )
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="Recompute activations in backward: every block (full) or every ac_every-th (selective)."
     )

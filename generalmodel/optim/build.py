@@ -45,7 +45,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW, or Muon + AdamW, over `param_groups`. `fused`: torch's fused AdamW kernel (CPU and CUDA),
+    the one that honours `optimizer.found_inf` — the training step's skip without a host sync
+    (generalmodel.train.step) needs it."""
     groups = param_groups(model, cfg)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "muon":

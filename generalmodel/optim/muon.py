@@ -16,8 +16,12 @@ tests hold it to that); this class also takes
   by one all-to-all per round, orthogonalised, and the result scattered back to the shards by a
   second. The momentum stays sharded, like Adam's moments.
 
-Muon is for the hidden matrices only; `build_optimizer` (optim/adamw.py) gives embeddings, the
+Muon is for the hidden matrices only; `build_optimizer` (optim/build.py) gives embeddings, the
 head, norms and biases to AdamW.
+
+A step can be skipped without the host looking at it: set `optimizer.found_inf` (a 0-d float tensor
+on the device, 1.0 = skip) as `torch.amp.GradScaler` does; a skipped step changes no weight, no
+momentum and no step count (Muon masks its updates, fused AdamW skips in its kernel).
 """
 
 from __future__ import annotations
@@ -105,21 +109,27 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else 1 - found_inf  # 0: this step changes nothing
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             if not group["muon"]:
-                self._adamw(params, group)
+                self._adamw(params, group, found_inf)
                 continue
-            updates = [self._momentum(p, group) for p in params]
+            updates = [self._momentum(p, group, keep) for p in params]
             for p, o in zip(params, self._orthogonalize_all(updates, group["ns_steps"]), strict=True):
-                local = _local(p)
-                local.mul_(1 - group["lr"] * group["weight_decay"])
-                local.add_(o, alpha=-group["lr"] * update_scale(p.shape, group["scaling"]))
+                local, lr = _local(p), group["lr"]
+                if keep is None:
+                    local.mul_(1 - lr * group["weight_decay"])
+                    local.add_(o, alpha=-lr * update_scale(p.shape, group["scaling"]))
+                else:  # x·1 and x + 0·o are exact: a skipped step leaves the weight bit for bit
+                    local.mul_(1 - lr * group["weight_decay"] * keep)
+                    local.addcmul_(o, keep, value=-lr * update_scale(p.shape, group["scaling"]))
         return loss
 
-    def _adamw(self, params: list[Tensor], group: dict) -> None:
+    def _adamw(self, params: list[Tensor], group: dict, found_inf: Tensor | None) -> None:
         for p in params:
             state = self.state[p]
             if not state:  # the layout torch.optim.AdamW keeps: its checkpoints read the same
@@ -144,14 +154,19 @@ class Muon(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=False,
+            found_inf=found_inf,  # fused only (torch's other AdamW paths refuse it)
         )
 
-    def _momentum(self, p: Tensor, group: dict) -> Tensor:
+    def _momentum(self, p: Tensor, group: dict, keep: Tensor | None) -> Tensor:
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor for a sharded p: saved sharded
         buf, grad, mu = state["momentum_buffer"], p.grad, group["momentum"]
-        buf.lerp_(grad, 1 - mu)
+        if keep is None:
+            buf.lerp_(grad, 1 - mu)
+        else:  # a skipped step's gradient may hold NaN/inf: zeroed, and the buffer moves by 0
+            torch.nan_to_num_(_local(grad), nan=0.0, posinf=0.0, neginf=0.0)
+            _local(buf).lerp_(_local(grad), (1 - mu) * keep)
         return grad.lerp(buf, mu) if group["nesterov"] else buf
 
     def _orthogonalize_all(self, updates: list[Tensor], steps: int) -> list[Tensor]:

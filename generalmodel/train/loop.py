@@ -4,12 +4,16 @@ It runs unchanged in one process, under `torchrun` (it reads RANK/WORLD_SIZE and
 process group) and under Ray Train's TorchTrainer (which starts the process group for it).
 Ray appears only through the `report` callback the caller passes.
 
-    build model → FSDP2 (world > 1) → compile / activation checkpointing → AdamW + LR schedule →
-    [resume from the newest checkpoint] → steps: grad accumulation, bf16 autocast on GPU, clip,
-    NaN/inf skip → periodic eval, metrics, async checkpoints → final checkpoint.
+    build model → FSDP2 (world > 1) → compile / activation checkpointing → optimizer + LR schedule →
+    [resume from the newest checkpoint] → steps: grad accumulation (one reduce-scatter per step),
+    bf16 autocast on GPU, clip, NaN/inf skip → periodic eval, metrics, async checkpoints → final
+    checkpoint.
 
 The loss is the dataset's objective (generalmodel.train.objectives): next-token cross-entropy for
-text, the same under the loss mask for chat (SFT), DPO for preference pairs.
+text (computed in the model's forward, so compile puts it in the graph), the same under the loss
+mask for chat (SFT), DPO for preference pairs. Between log, eval and checkpoint steps the host reads
+nothing back from the device: the loss, the gradient norm and the skip decision of a non-finite
+step stay there (generalmodel.train.step), so a GPU never waits for Python.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from generalmodel import RunFailed, UserError
+from generalmodel import UserError
 from generalmodel.config import Config, dump_config, flatten
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.infer.sampling import load_state
@@ -37,6 +41,7 @@ from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer
 from generalmodel.train.mfu import device_peak_flops
 from generalmodel.train.objectives import objective_for
 from generalmodel.train.parallelize import parallelize
+from generalmodel.train.step import NonFiniteGuard, optimizer_step
 from models import build_model
 
 log = logging.getLogger(__name__)
@@ -50,10 +55,6 @@ RESUME_KEYS = ("model", "optim", "train.seed", "train.steps", "dpo", "rl")
 
 class TrainingError(UserError):
     pass
-
-
-class TrainingDiverged(RunFailed):
-    """Too many non-finite steps in a row."""
 
 
 @dataclass
@@ -221,8 +222,8 @@ def train(
     num_params = model.num_params()
     peak_flops = device_peak_flops(env.device) if env.is_main else None
     after_step = parallelize(model, cfg.train, env.device, env.world_size, log_info=env.is_main)
-    objective = objective_for(ds.format, cfg.dpo, _online_reference(cfg, ds, env, init))
-    optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda")
+    objective = objective_for(ds.format, cfg.dpo, _online_reference(cfg, ds, env, init), cfg.train.loss_chunk)
+    optimizer = build_optimizer(model, cfg.optim)
 
     loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
     val_loader = TokenLoader(ds, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
@@ -235,7 +236,7 @@ def train(
     sequences_per_row = 2 if ds.format == "preference" else 1  # a pair is two sequences
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size * ds.seq_len * sequences_per_row
     steps = cfg.train.steps
-    guard = NonFiniteGuard(cfg.train.max_bad_steps)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, env.device)
     last: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
     run_started = time.perf_counter()
@@ -256,50 +257,53 @@ def train(
             multiplier = lr_multiplier(step, steps, cfg.optim)
             set_lr(optimizer, multiplier)
             lr = cfg.optim.lr * multiplier
-            batches = [_to(loader.next_batch(), env.device) for _ in range(cfg.train.grad_accum)]
+            host_batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
             # The step's loss is the mean over all its units (tokens or pairs) on all ranks: each
             # rank's sums are scaled by world/total, and FSDP averages the gradients over the ranks.
-            total = _sum_across_ranks(torch.stack([objective.count(b) for b in batches]).sum()).clamp(min=1)
+            # The units are counted on the host batches: no device value is read back.
+            count = torch.tensor(sum(objective.count(b) for b in host_batches))
+            total = _sum_across_ranks(count.to(env.device, non_blocking=True)).clamp(min=1)
             scale = env.world_size / total
             sums = torch.zeros(1 + len(objective.stats), device=env.device)
-            for batch in batches:
+            for i, host_batch in enumerate(host_batches):
+                batch = _to(host_batch, env.device)
+                # FSDP2 reduce-scatters the gradients once per optimizer step, after the last micro-batch
+                # (the unsharded gradients accumulate in between, in the reduce dtype).
+                _gradient_sync(model, i == len(host_batches) - 1)
                 loss, stats = objective.loss(model, batch, autocast)
                 aux = model.aux_loss()  # MoE balance loss, None unless configured
                 (loss * scale + (0 if aux is None else aux / cfg.train.grad_accum)).backward()
                 sums += torch.stack([loss.detach(), *(stats[k] for k in objective.stats)])
             if cfg.train.nan_grad_at_step == step and env.is_main:  # testing aid: a finite loss, a NaN gradient
                 next(model.parameters()).grad.fill_(float("nan"))
-            means = (_sum_across_ranks(sums) / total).tolist()  # host sync (one per step)
-            loss_value, step_stats = means[0], dict(zip(objective.stats, means[1:], strict=True))
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the sharded norms
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = float(grad_norm)  # the same on every rank: every rank skips or none does
-            if not guard.finite(step, loss_value, grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            sums = _sum_across_ranks(sums)
+            grad_norm, routing = optimizer_step(model, optimizer, sums[0], cfg.optim.grad_clip, guard, step)
             after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
-            routing = model.after_optimizer_step()  # MoE: bias toward balance; load statistics
             window_steps += 1
             done = step + 1
 
+            log_step = done % cfg.train.log_every == 0 or done == steps
+            eval_step = done % cfg.train.eval_every == 0 or done == steps
+            save_step = done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0)
+            if not (log_step or eval_step or save_step):
+                continue  # no host read this step: the device runs on
+            skipped = guard.read()  # raises TrainingDiverged before anything is saved
             metrics: dict[str, Any] = {}
-            if done % cfg.train.log_every == 0 or done == steps:
-                elapsed = time.perf_counter() - window_start
+            means = (sums / total).tolist()
+            loss_value, step_stats = means[0], dict(zip(objective.stats, means[1:], strict=True))
+            if log_step:
+                elapsed = time.perf_counter() - window_start  # the device has caught up: .tolist() waited
                 tok_s = tokens_per_step * window_steps / elapsed
                 metrics.update(
                     step=done,
                     loss=loss_value,
                     **step_stats,
                     lr=lr,
-                    grad_norm=grad_norm,
+                    grad_norm=grad_norm.item(),
                     tokens_per_s=tok_s,
                     tokens=done * tokens_per_step,
-                    skipped_steps=guard.skipped,
-                    **routing,
+                    skipped_steps=skipped,
+                    **{k: v.item() for k, v in routing.items()},
                     eta_s=(steps - done) * elapsed / window_steps,
                     elapsed_s=time.perf_counter() - run_started,
                 )
@@ -312,9 +316,9 @@ def train(
 
                     metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 window_start, window_steps = time.perf_counter(), 0
-            if done % cfg.train.eval_every == 0 or done == steps:
+            if eval_step:
                 metrics.update(step=done, **evaluate(model, val_loader, cfg, env, autocast, objective))
-            if done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+            if save_step:
                 metrics.update(step=done, checkpoint_stall_s=save(done))
             if done == steps:
                 # Before the last report: whoever hears it (a Tune scheduler) may end the run at once.
@@ -331,7 +335,7 @@ def train(
     ckpt.wait()
     loader.close()
     val_loader.close()
-    if done == start_step or done < steps:  # resumed at the end, or the last step was skipped
+    if done == start_step:  # resumed at the end: nothing trained, the export is written again
         export(model, cfg, ds, env, layout)
     return last
 
@@ -360,30 +364,6 @@ def export_with_tokenizer(model, cfg: Config, tokenizer_json: str, env: Dist, la
         with_retries(f"writing {out.uri}/{name}", layout.storage.retry_timeout_s, out.join(name).write_bytes, data)
 
 
-class NonFiniteGuard:
-    """Never step on a NaN/inf — the weights (and Adam's moments) would be poisoned for good: a
-    step whose loss or gradient norm is not finite is skipped (the caller drops its gradients),
-    counted, and after train.max_bad_steps in a row the run stops with TrainingDiverged."""
-
-    def __init__(self, max_bad_steps: int):
-        self.max_bad_steps = max_bad_steps
-        self.in_a_row = self.skipped = 0
-
-    def finite(self, step: int, loss: float, grad_norm: float) -> bool:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        self.skipped += 1
-        log.warning("step %d: loss %s, grad norm %s: step skipped (%d in a row)", step, loss, grad_norm, self.in_a_row)
-        if self.in_a_row >= self.max_bad_steps:
-            raise TrainingDiverged(
-                f"{self.in_a_row} steps in a row with a non-finite loss or gradient (train.max_bad_steps="
-                f"{self.max_bad_steps}) at step {step}; lower optim.lr or check the data"
-            )
-        return False
-
-
 def _with_metrics_log(report: Report, path: str | None) -> Report:
     if path is None:
         return report
@@ -403,6 +383,13 @@ def _sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def _gradient_sync(model, sync: bool) -> None:
+    """FSDP2: reduce-scatter this micro-batch's gradients (the last of the step) or keep
+    accumulating them unsharded (the others); a no-op without FSDP2."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -436,10 +423,13 @@ def evaluate(model, loader: TokenLoader, cfg: Config, env: Dist, autocast, objec
     model.eval()
     loader.rewind()
     sums = torch.zeros(2 + len(objective.stats), device=env.device)
+    count = 0.0
     for _ in range(cfg.train.eval_batches):
-        batch = _to(loader.next_batch(), env.device)
-        loss, stats = objective.loss(model, batch, autocast)
-        sums += torch.stack([objective.count(batch), loss, *(stats[k] for k in objective.stats)])
+        host_batch = loader.next_batch()
+        count += objective.count(host_batch)
+        loss, stats = objective.loss(model, _to(host_batch, env.device), autocast)
+        sums[1:] += torch.stack([loss, *(stats[k] for k in objective.stats)])
+    sums[0] = count
     model.train()
     count, *values = _sum_across_ranks(sums).tolist()
     return {f"val_{name}": v / max(count, 1) for name, v in zip(("loss", *objective.stats), values, strict=True)}

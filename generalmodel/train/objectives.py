@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from generalmodel import UserError
 from generalmodel.config import DpoConfig
-
-IGNORE = -100  # cross_entropy's ignore_index: targets outside the loss mask
+from models.loss import IGNORE
 
 
 def lm_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,24 +51,28 @@ def sequence_logps(model, tokens: torch.Tensor, mask: torch.Tensor, autocast) ->
 
 
 class LanguageModeling:
-    """Next-token cross-entropy, summed over the supervised targets."""
+    """Next-token cross-entropy, summed over the supervised targets: computed by the model's own
+    forward (`targets=`), so a compiled model has its loss in the graph; `loss_chunk` > 0: the
+    head and cross-entropy a chunk of positions at a time (models/loss.py)."""
 
     unit = "tokens"
     stats: tuple[str, ...] = ()
 
-    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __init__(self, loss_chunk: int = 0):
+        self.loss_chunk = loss_chunk
+
+    def count(self, batch: dict[str, torch.Tensor]) -> float:
+        """The supervised targets of a batch, counted on the host batch (before it moves to the
+        device: the training step reads nothing back from the device)."""
         if "mask" in batch:  # the supervised targets: mask[:, 1:]
-            return batch["mask"][:, 1:].sum().float()
+            return float(batch["mask"][:, 1:].sum())
         tokens = batch["tokens"]
-        return torch.tensor(float(tokens.shape[0] * (tokens.shape[1] - 1)), device=tokens.device)
+        return float(tokens.shape[0] * (tokens.shape[1] - 1))
 
     def loss(self, model, batch, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = lm_targets(batch)
         with autocast:
-            logits = model(x)
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        )
+            loss = model(x, targets=y, loss_chunk=self.loss_chunk)
         return loss, {}
 
 
@@ -84,8 +87,8 @@ class Dpo:
         self.cfg = cfg
         self.reference = reference
 
-    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.tensor(float(batch["chosen"].shape[0]), device=batch["chosen"].device)
+    def count(self, batch: dict[str, torch.Tensor]) -> float:
+        return float(batch["chosen"].shape[0])
 
     def reference_logps(self, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is None:
@@ -145,7 +148,7 @@ def _pairs(batch: dict[str, torch.Tensor], suffix: str) -> torch.Tensor:
     return torch.cat([batch["chosen" + suffix], batch["rejected" + suffix]])
 
 
-def objective_for(fmt: str, dpo: DpoConfig, reference=None):
+def objective_for(fmt: str, dpo: DpoConfig, reference=None, loss_chunk: int = 0):
     if fmt == "preference":
         return Dpo(dpo, reference)
-    return LanguageModeling()
+    return LanguageModeling(loss_chunk)

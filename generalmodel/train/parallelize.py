@@ -4,9 +4,10 @@
 
 torchao converts plain `nn.Linear`s, so fp8 comes first; activation checkpointing wraps whole
 blocks (torch's `checkpoint_wrapper`, whose state-dict hooks keep parameter names unchanged);
-compile then sees the wrapped blocks (regional: each block, one graph reused by every layer; full:
-the whole model); FSDP2 shards each block and then the root, last, as torchtitan's
-`parallelize_llama` does. What to shard is the model's own knowledge (`ModelSpec.shard`).
+compile then sees the wrapped blocks (regional: each block, one graph reused by every layer, and
+the loss tail — final norm, head, cross-entropy; full: the whole model with its loss); FSDP2
+shards each block and then the root, last, as torchtitan's `parallelize_llama` does. What to
+shard is the model's own knowledge (`ModelSpec.shard`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def parallelize(
     if train.compile == "regional":
         for block in model.blocks:
             block.compile()
+        if hasattr(model, "lm_loss"):  # the tail: final norm, head, soft-cap, cross-entropy in one graph
+            model.lm_loss = torch.compile(model.lm_loss)
     elif train.compile == "full":
         model.compile()
     if fsdp:

@@ -44,7 +44,6 @@ from generalmodel.post.rl.tasks import PromptSet
 from generalmodel.storage import RunLayout
 from generalmodel.train.checkpoint import Checkpointer
 from generalmodel.train.loop import (
-    NonFiniteGuard,
     Report,
     TrainingError,
     _sum_across_ranks,
@@ -56,6 +55,7 @@ from generalmodel.train.loop import (
     setup_distributed,
 )
 from generalmodel.train.parallelize import parallelize
+from generalmodel.train.step import NonFiniteGuard, optimizer_step
 from models import build_model
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def rl_train(
     load_state(model, init(), f"train.init_from {cfg.train.init_from!r}")
     after_step = parallelize(model, cfg.train, env.device, env.world_size, log_info=env.is_main)
     reference = frozen_copy(cfg, env, init) if rl.beta > 0 else None
-    optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.optim)
     ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last)
     counter = StepCounter()
     config_dump = dump_config(cfg)
@@ -144,7 +144,7 @@ def rl_train(
         batch = pool.collect(evals.pop(version))
         return scores("heldout", batch.rollouts, rl.rewards)
 
-    guard = NonFiniteGuard(cfg.train.max_bad_steps)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps, env.device)
     last: dict[str, Any] = {}
     run_started = time.perf_counter()
     done = start_step
@@ -199,17 +199,12 @@ def rl_train(
                     )
                     (loss * env.world_size / total).backward()
                     sums += torch.stack([loss.detach(), *(stats[k] for k in STATS)])
-                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                reduced = _sum_across_ranks(sums).tolist()
-                loss_value = reduced[0] / total.item()
-                if not guard.finite(step, loss_value, grad_norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                reduced_sums = _sum_across_ranks(sums)
+                norm, _ = optimizer_step(model, optimizer, reduced_sums[0], cfg.optim.grad_clip, guard, step)
                 after_step()
+                reduced = reduced_sums.tolist()  # RL syncs every step anyway (rollouts)
+                loss_value, grad_norm = reduced[0] / total.item(), norm.item()
+                guard.read()
             learn_s = time.perf_counter() - learn_started
             step_s, step_started = time.perf_counter() - step_started, time.perf_counter()
             done = step + 1

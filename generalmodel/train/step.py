@@ -1,0 +1,125 @@
+"""The optimizer step without a host sync: clip, skip a non-finite step, step, MoE bias.
+
+A GPU runs ahead of the Python that feeds it only while nothing reads a value back: `float(loss)`,
+`.item()`, `if norm > x` each wait for every queued kernel. So the step decides on the device.
+The gradient norm and the step's loss sum (already reduced over the ranks: every rank decides
+the same) give a 0-d `bad` flag; the optimizer reads it as `found_inf`, the protocol of
+`torch.amp.GradScaler` — fused AdamW skips in its kernel, Muon masks its updates — so a bad
+step changes no weight, no optimizer state and no step count, and the MoE routing bias stays.
+
+`NonFiniteGuard` counts on the device too (skipped, in a row, the step where the run of bad
+steps reached train.max_bad_steps) and is read only when the host reads anything else anyway —
+log, eval and checkpoint steps — where it warns with the skipped steps and raises
+TrainingDiverged naming the step. A skipped step costs its compute and nothing else, so reading
+late loses nothing; a checkpoint step reads first, so a diverged run never saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from generalmodel import RunFailed
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RunFailed):
+    """Too many non-finite steps in a row."""
+
+
+class NonFiniteGuard:
+    """Never step on a NaN/inf — the weights (and Adam's moments) would be poisoned for good: a
+    step whose loss or gradient norm is not finite is skipped (`optimizer_step`), counted, and
+    after train.max_bad_steps in a row the run stops with TrainingDiverged — at the next `read`."""
+
+    def __init__(self, max_bad_steps: int, device: torch.device):
+        self.max_bad_steps = max_bad_steps
+        # in a row, skipped in all, the step at which `in a row` reached max_bad_steps (-1: never)
+        self.counters = torch.tensor([0, 0, -1], dtype=torch.long, device=device)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, bad) since the last read
+        self.skipped = 0  # as of the last read
+
+    def record(self, step: int, bad: torch.Tensor) -> None:
+        """On the device: count step `step` as bad (a 0-d bool tensor) or good."""
+        in_a_row, skipped, diverged_at = self.counters.unbind()
+        in_a_row = (in_a_row + 1) * bad
+        first = (diverged_at < 0) & (in_a_row >= self.max_bad_steps)
+        self.counters = torch.stack([in_a_row, skipped + bad, torch.where(first, step, diverged_at)])
+        self.pending.append((step, bad))
+
+    def read(self) -> int:
+        """One host read: warns about the steps skipped since the last read, raises
+        TrainingDiverged if a run of bad steps reached the limit; returns the skipped count."""
+        values = torch.cat([self.counters, torch.stack([b for _, b in self.pending]).long()]) if self.pending else None
+        if values is None:
+            return self.skipped
+        in_a_row, skipped, diverged_at, *flags = values.tolist()
+        bad_steps = [step for (step, _), flag in zip(self.pending, flags, strict=True) if flag]
+        self.pending, self.skipped = [], skipped
+        if bad_steps:
+            log.warning(
+                "step%s %s: non-finite loss or gradient norm, skipped (%d in a row now, %d in all)",
+                "s" if len(bad_steps) > 1 else "",
+                ", ".join(map(str, bad_steps)),
+                in_a_row,
+                skipped,
+            )
+        if diverged_at >= 0:
+            raise TrainingDiverged(
+                f"{self.max_bad_steps} steps in a row with a non-finite loss or gradient (train.max_bad_steps="
+                f"{self.max_bad_steps}) at step {diverged_at}; lower optim.lr or check the data"
+            )
+        return skipped
+
+
+def optimizer_step(
+    model, optimizer: torch.optim.Optimizer, loss_sum: torch.Tensor, max_norm: float, guard: NonFiniteGuard, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clip the gradients to `max_norm` (0: no clipping, the norm is still measured), step the
+    optimizer unless the loss sum (reduced over ranks) or the gradient norm is not finite, zero
+    the gradients, update the MoE routing biases. Returns (grad norm, routing metrics), device
+    tensors; nothing here waits for the device."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the sharded norms; the same on every rank
+        norm = norm.full_tensor()
+    bad = ~(torch.isfinite(norm) & torch.isfinite(loss_sum))
+    guard.record(step, bad)
+    optimizer.found_inf = bad.float()
+    try:
+        optimizer.step()
+    finally:
+        optimizer.found_inf = None
+    optimizer.zero_grad(set_to_none=True)
+    routing: dict[str, Any] = model.after_optimizer_step((~bad).float())
+    return norm, routing
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__")
+
+
+class HostReads(TorchFunctionMode):
+    """Counts, while active, every call that reads a tensor's value back to the host — `.item()`,
+    `.tolist()`, `bool/float/int(t)`, `.numpy()`, and `.cpu()`/`.to("cpu")` of a device tensor:
+    on a GPU each one waits for the queued kernels. `reads` lists the call names in order. On a
+    CPU-only machine it counts the same calls (a reads-per-step figure checked there holds on a
+    card); `torch.cuda.set_sync_debug_mode` is the card's own check."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.reads.append(name)
+        elif name in ("cpu", "to") and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
+            target = kwargs.get("device", args[1] if len(args) > 1 else None)
+            if name == "cpu" or (target is not None and torch.device(target).type == "cpu"):
+                self.reads.append(name)
+        return func(*args, **kwargs)

@@ -1,0 +1,91 @@
+"""The language-modelling loss from the last hidden states: head, soft-cap, cross-entropy.
+
+    linear_cross_entropy(x, weight, targets, softcap, chunk)  →  Σ over targets ≠ ignore of
+        −log softmax(cap(x·Wᵀ))[target],   cap(z) = c·tanh(z/c) (or z)
+
+`chunk=0` is the plain computation: the whole (N, vocab) logits, then an fp32 cross-entropy —
+what torch.compile fuses when the loss is compiled with the model (`Decoder.forward(targets=)`).
+`chunk=n` never holds more than n × vocab logits: rows are taken n at a time, each chunk's
+logits are made, turned into its loss and into its gradients (softmax − one-hot, through the
+soft-cap, times W for x and times x for W) in the same pass, and dropped; backward only scales
+the stored gradients by the incoming one. At GPT-2's vocabulary that is 16 × 1024 × 50304 fp32
+logits (3.3 GB, plus their gradient) replaced by n × 50304 — the idea of Liger-Kernel's fused
+linear cross-entropy, written here with torch ops. Matmuls run in the autocast dtype like the
+head's; softmax, log-sum-exp and the loss in fp32, as `F.cross_entropy(logits.float())` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # cross_entropy's ignore_index: targets outside the loss mask
+
+
+def capped_logits(x: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """x·Wᵀ, or c·tanh(x·Wᵀ/c) with 1/c folded into the weight (one pass fewer over the logits)."""
+    if softcap is None:
+        return F.linear(x, weight)
+    return softcap * torch.tanh(F.linear(x, weight / softcap))
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    chunk: int = 0,
+    ignore_index: int = IGNORE,
+) -> torch.Tensor:
+    """x (N, d), weight (V, d), targets (N,) → the summed cross-entropy (0-d fp32). See the module doc."""
+    if chunk <= 0:
+        logits = capped_logits(x, weight, softcap)
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+    return _ChunkedLinearCrossEntropy.apply(x, weight, targets, softcap, chunk, ignore_index)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk, ignore_index):
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight if softcap is None else weight / softcap
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, x.shape[0], chunk):
+            xs, ys = x[start : start + chunk], targets[start : start + chunk]
+            z = F.linear(xs, w)  # the autocast dtype, as the head computes it
+            t = None
+            logits = z.float()
+            if softcap is not None:
+                t = torch.tanh(logits)
+                logits = softcap * t
+            valid = ys != ignore_index
+            safe = torch.where(valid, ys, 0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+            if not (need_x or need_w):
+                continue
+            # d loss / d logits = softmax − one-hot, on the supervised rows only
+            g = torch.exp(logits - lse.unsqueeze(1))
+            g.scatter_add_(1, safe, torch.full_like(lse, -1.0).unsqueeze(1))
+            g.mul_(valid.unsqueeze(1))
+            if t is not None:  # through c·tanh(z), z = x·(W/c)ᵀ: d logits / dz = c·(1 − tanh²)
+                g.mul_(softcap * (1 - t * t))
+            g = g.to(z.dtype)
+            if need_x:
+                grad_x[start : start + chunk] = (g @ w.to(g.dtype)).to(x.dtype)
+            if need_w:
+                grad_w += (g.t() @ xs.to(g.dtype)).float()
+        if need_w and softcap is not None:
+            grad_w /= softcap  # w = weight / c
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        gx = None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype)
+        gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
+        return gx, gw, None, None, None, None
