@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
+.PHONY: gpu-wheels install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
 	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
@@ -151,6 +151,19 @@ bench-decode: install
 
 bench-serve: install
 	$(PY) -m benchmarks.serve_load $(BENCH_ARGS)
+
+# A GPU machine with torch but not the platform's config library or torchao (Python 3.12): the
+# wheels for it in .whl/ (git-ignored), installed there with
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# then `python -m benchmarks.gpu_train` (see its docstring).
+GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 torchao==0.18.0
+gpu-wheels:
+	mkdir -p .whl
+	for w in $(GPU_WHEELS); do \
+	  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl $$w || exit 1; \
+	done
 
 clean:
 	rm -rf .venv .generalmodel .pytest_cache
