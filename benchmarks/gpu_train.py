@@ -545,14 +545,19 @@ def main() -> None:
 
 
 def dry_run(args) -> None:
-    """The product table's code on CPU: tiny presets, no compile, a few steps (tests run it)."""
-    args.reference, args.batch, args.seq = "gpt2-tiny", 4, 64
-    args.steps, args.warmup = 2, 1
+    """The product table's code on CPU: tiny presets, no compile, a few steps (tests run it).
+    Options left at their GPU defaults get CPU-sized ones; options given are kept."""
+    defaults = {"batch": 16, "seq": 1024, "steps": 30, "warmup": 8, "loop_window": 10, "loop_windows": 2}
+    small = {"batch": 4, "seq": 64, "steps": 2, "warmup": 1, "loop_window": 2, "loop_windows": 1}
+    for key, value in small.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+    if args.reference == REFERENCE:
+        args.reference = "gpt2-tiny"
     if args.loop_presets == LOOP_PRESETS:
         args.loop_presets = "gpt2-tiny,llama-tiny"
     if args.loop_variants == "full":
         args.loop_variants = "none,none:chunk64"
-    args.loop_window, args.loop_windows = 2, 1
     print(f"dry run on CPU | torch {torch.__version__}", flush=True)
     product_table(args, "cpu")
     if not args.no_syncs:
