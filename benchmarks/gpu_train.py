@@ -14,8 +14,9 @@ reference in the same process, and the model zoo.
    are the loop's own reports (windows of --loop-window steps after the first, which compiles),
    peak memory, and the ratios to the reference: tokens/s for gpt2-124m, MFU for the others. Then
    the host syncs per step outside log steps (CUDA's sync debug mode over two runs of 6 and 12
-   steps that log only at the end) and the SDPA backends (flash, efficient, cuDNN) timed on each
-   preset's attention shape. Partial results are printed as they come.
+   steps that log only at the end), the SDPA backends (flash, efficient, cuDNN) timed on each
+   preset's attention shape, and FlexAttention against masked SDPA (global and a 256 window:
+   differences of outputs and gradients, time). Partial results are printed as they come.
 2. --zoo: for each of --presets the compiled model with the loss outside (or, --compile-loss,
    inside) the graph on random tokens: tokens/s, MFU (6·N + 12·L·d·T FLOPs per token against the
    card's dense bf16 peak), peak memory, the MFU ratio to the reference run in the same invocation.
@@ -360,6 +361,54 @@ def attention_table(presets: list[str], args) -> None:
         torch.cuda.empty_cache()
 
 
+def flex_table(args) -> None:
+    """FlexAttention (compiled, block masks) against SDPA with the same boolean mask, on q/k/v made
+    as the model makes them (strided views of one projection): the largest output and gradient
+    differences, and fwd+bwd ms — global causal and a 256-token window, B=8, T=2048, 16/4 heads."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from models.attention import flex_block_mask
+    from models.cache import attention_mask
+
+    B, T, H, kv, d = 8, 2048, 16, 4, 64
+    print(f"\nFlexAttention vs SDPA (compiled, bf16, B={B} T={T} H={H}/{kv} d={d}), fwd+bwd ms:", flush=True)
+    flex = torch.compile(lambda q, k, v, m: flex_attention(q, k, v, block_mask=m, enable_gqa=True))
+    for window in (None, 256):
+        x = torch.randn(B, T, H * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        y = torch.randn(B, T, 2 * kv * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(T, device="cuda")[None]
+        mask = attention_mask(positions, positions, window)[0, 0]
+        block_mask = flex_block_mask(T, window, "cuda")
+
+        def run(which, x=x, y=y, mask=mask, block_mask=block_mask):
+            q = x.view(B, T, H, d).transpose(1, 2)
+            k, v = y.view(B, T, 2, kv, d).permute(2, 0, 3, 1, 4)
+            if which == "flex":
+                return flex(q, k, v, block_mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+        results, times = {}, {}
+        for which in ("sdpa", "flex"):
+            x.grad = y.grad = None
+            out = run(which)
+            out.float().square().mean().backward()
+            results[which] = (out.detach().float(), x.grad.float(), y.grad.float())
+            for i in range(13):
+                if i == 3:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                run(which).sum().backward()
+            torch.cuda.synchronize()
+            times[which] = (time.perf_counter() - t0) / 10 * 1e3
+        diffs = [(a - b).abs().max().item() / b.abs().max().item() for a, b in zip(*results.values(), strict=True)]
+        print(
+            f"  window {window or 'none (causal)'}: sdpa {times['sdpa']:.2f}  flex {times['flex']:.2f} "
+            f"({times['sdpa'] / times['flex']:.2f}x)  relative max difference out {diffs[0]:.1e}, "
+            f"grads {diffs[1]:.1e} / {diffs[2]:.1e}",
+            flush=True,
+        )
+
+
 def _forget(device: str) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -542,6 +591,7 @@ def main() -> None:
         host_syncs("cuda")
     if not args.no_attention:
         attention_table(args.loop_presets.split(","), args)
+        flex_table(args)
 
 
 def dry_run(args) -> None:

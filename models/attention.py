@@ -13,6 +13,13 @@ the absolute position of every query and the mask comes from the positions of th
 Attention runs in PyTorch's fused SDPA, which never materialises the pattern; `eager = True` on a
 module switches it to the written-out softmax(q·kᵀ/√d)·v, whose pattern passes the `hook_pattern`
 hook point (models/hooks.py; the interpretability tools turn it on only when a pattern is asked for).
+
+`set_backend(model, name, seq_len)` picks how (train.attention): `auto` lets SDPA choose per shape;
+`flash`, `efficient`, `cudnn`, `math` force that SDPA backend; `flex` runs the whole-sequence
+attention of GQA layers through FlexAttention with a block mask made once for `seq_len` — causal,
+or causal within the window, so a sliding-window layer skips the blocks outside its window instead
+of masking a full attention (fast only under torch.compile). Decoding with a cache, other lengths
+and MLA keep SDPA.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.cache import KVCache, attention_mask
 from models.common import RMSNorm, apply_rope
@@ -49,10 +57,50 @@ def layer_mask(T: int, window: int | None, pos, key_pos, device) -> torch.Tensor
     return attention_mask(pos, key_pos, window)
 
 
-def sdpa(q, k, v, mask: torch.Tensor | None, gqa: bool) -> torch.Tensor:
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+BACKENDS = ("auto", *SDPA_BACKENDS, "flex")
+CUDA_ONLY = ("efficient", "cudnn")
+
+
+def sdpa(q, k, v, mask: torch.Tensor | None, gqa: bool, backend: str = "auto") -> torch.Tensor:
+    if backend in SDPA_BACKENDS:
+        with sdpa_kernel(SDPA_BACKENDS[backend]):
+            return sdpa(q, k, v, mask, gqa)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def flex_block_mask(seq_len: int, window: int | None, device):
+    """FlexAttention's block mask of a whole sequence: causal, and within `window` if given."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if window is None:
+        mask_mod = lambda b, h, q, k: k <= q  # noqa: E731
+    else:
+        mask_mod = lambda b, h, q, k: (k <= q) & (q - k < window)  # noqa: E731
+    return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+
+
+def set_backend(model: nn.Module, backend: str, seq_len: int | None = None) -> int:
+    """Every attention module of `model` runs `backend` (see the module doc); `flex` needs the
+    training length `seq_len` and the model on its device. Returns the layers running flex."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; one of {', '.join(BACKENDS)}")
+    flex = 0
+    for module in model.modules():
+        if isinstance(module, (GroupedQueryAttention, MultiHeadLatentAttention)):
+            module.backend = "auto" if backend == "flex" else backend
+            if backend == "flex" and isinstance(module, GroupedQueryAttention) and seq_len is not None:
+                device = next(module.parameters()).device
+                module.flex = (seq_len, flex_block_mask(seq_len, module.window, device))
+                flex += 1
+    return flex
 
 
 def eager_attention(q, k, v, mask: torch.Tensor | None, hook_pattern: HookPoint) -> torch.Tensor:
@@ -71,6 +119,8 @@ def eager_attention(q, k, v, mask: torch.Tensor | None, hook_pattern: HookPoint)
 
 class GroupedQueryAttention(nn.Module):
     eager = False  # True: the written-out attention, whose pattern the hook point sees
+    backend = "auto"  # an SDPA backend (set_backend)
+    flex = None  # (seq_len, FlexAttention block mask): whole sequences of that length use it
 
     def __init__(
         self,
@@ -148,9 +198,20 @@ class GroupedQueryAttention(nn.Module):
                 (k, v), key_pos = cache.update(self.layer, pos, k, v)  # (B, H_kv, S, hd), (B, S)
         else:
             k, v, key_pos = shared_kv
-        mask = layer_mask(T, self.window, pos, key_pos, x.device)
         gqa = self.n_kv_heads != self.n_heads
-        y = eager_attention(q, k, v, mask, self.hook_pattern) if self.eager else sdpa(q, k, v, mask, gqa)
+        if self.flex is not None and key_pos is None and T == self.flex[0] and not self.eager:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            if q.device.type == "cpu":  # compiled CPU flex mis-reads these strided views (torch 2.13)
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            y = flex_attention(q, k, v, block_mask=self.flex[1], enable_gqa=gqa)
+        else:
+            mask = layer_mask(T, self.window, pos, key_pos, x.device)
+            y = (
+                eager_attention(q, k, v, mask, self.hook_pattern)
+                if self.eager
+                else sdpa(q, k, v, mask, gqa, self.backend)
+            )
         out = self.out_proj(self.hook_z(y.transpose(1, 2)).reshape(B, T, -1))
         # Only a group that shares K/V passes them on (FSDP2 warns about view outputs otherwise).
         return out, (k, v, key_pos) if self.shares_kv else passed
@@ -158,6 +219,7 @@ class GroupedQueryAttention(nn.Module):
 
 class MultiHeadLatentAttention(nn.Module):
     eager = False  # True: the written-out attention, whose pattern the hook point sees
+    backend = "auto"  # an SDPA backend (set_backend)
 
     def __init__(
         self,
@@ -227,5 +289,9 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(B, H, S, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         mask = layer_mask(T, self.window, pos, key_pos, x.device)
-        y = eager_attention(q, k, v, mask, self.hook_pattern) if self.eager else sdpa(q, k, v, mask, gqa=False)
+        y = (
+            eager_attention(q, k, v, mask, self.hook_pattern)
+            if self.eager
+            else sdpa(q, k, v, mask, False, self.backend)
+        )
         return self.out_proj(self.hook_z(y.transpose(1, 2)).reshape(B, T, H * self.v_dim)), None

@@ -277,6 +277,12 @@ class TrainConfig(Section):
     compile: Literal["none", "regional", "full"] = Field(
         "none", description="torch.compile: regional (each block; fast to compile) or full (the whole model)."
     )
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math", "flex"] = Field(
+        "auto",
+        description="auto: SDPA picks per shape; flash/efficient/cudnn/math: that SDPA backend only "
+        "(benchmarks/gpu_train.py times them); flex: FlexAttention with block masks, so sliding-window "
+        "layers skip what is outside their window (GQA layers; fast under train.compile).",
+    )
     loss_chunk: int = Field(
         0,
         ge=0,

@@ -221,7 +221,7 @@ def train(
     flops_per_token = model.flops_per_token(ds.seq_len)  # active parameters: honest MFU for MoE
     num_params = model.num_params()
     peak_flops = device_peak_flops(env.device) if env.is_main else None
-    after_step = parallelize(model, cfg.train, env.device, env.world_size, log_info=env.is_main)
+    after_step = parallelize(model, cfg.train, env.device, env.world_size, log_info=env.is_main, seq_len=ds.seq_len)
     objective = objective_for(ds.format, cfg.dpo, _online_reference(cfg, ds, env, init), cfg.train.loss_chunk)
     optimizer = build_optimizer(model, cfg.optim)
 

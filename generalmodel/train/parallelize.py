@@ -1,6 +1,7 @@
 """The one place that decides how a built model is prepared for training, and in which order:
 
-    move to the device → fp8 linears (torchao) → activation checkpointing → compile → FSDP2
+    move to the device → attention backend → fp8 linears (torchao) → activation checkpointing →
+    compile → FSDP2
 
 torchao converts plain `nn.Linear`s, so fp8 comes first; activation checkpointing wraps whole
 blocks (torch's `checkpoint_wrapper`, whose state-dict hooks keep parameter names unchanged);
@@ -18,20 +19,35 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from generalmodel import UserError
 from generalmodel.config import TrainConfig
 from generalmodel.train import fp8
 from models import LanguageModel, get_spec
+from models.attention import CUDA_ONLY, set_backend
 
 log = logging.getLogger(__name__)
 
 
 def parallelize(
-    model: LanguageModel, train: TrainConfig, device: torch.device, world_size: int, log_info: bool = True
+    model: LanguageModel,
+    train: TrainConfig,
+    device: torch.device,
+    world_size: int,
+    log_info: bool = True,
+    seq_len: int | None = None,
 ) -> Callable[[], None]:
-    """Prepare `model` in place; returns what to call after each optimizer step."""
+    """Prepare `model` in place; returns what to call after each optimizer step. `seq_len`: the
+    length of the training rows (train.attention=flex makes its block masks for it)."""
     fsdp = world_size > 1
     after_step: Callable[[], None] = lambda: None  # noqa: E731
+    if train.attention in CUDA_ONLY and device.type != "cuda":
+        raise UserError(f"train.attention={train.attention}: an SDPA backend of CUDA only; on {device} use auto")
+    if train.attention == "flex" and device.type != "cuda":
+        raise UserError("train.attention=flex: FlexAttention has no backward on CPU; use auto (or flash, math)")
     model.to(device)
+    flex = set_backend(model, train.attention, seq_len)
+    if log_info and train.attention == "flex":
+        log.info("attention: FlexAttention in %d layers for rows of %s tokens; the others keep SDPA", flex, seq_len)
     if train.fp8 != "none":
         converted = fp8.convert(model, train.fp8, train.fp8_min_dim, fsdp)
         after_step = fp8.scale_precompute(model, train.fp8, fsdp)
