@@ -123,4 +123,8 @@ def test_host_reads_are_counted():
         t.tolist()
         t.cpu()  # a CPU tensor: no transfer, not a read
         torch.isfinite(t).all()  # stays a tensor
-    assert reads.reads == ["item", "__float__", "__bool__", "tolist"]
+        on_device = torch.ones(3, device="meta")  # a tensor that is not on the host
+        on_device.to(torch.float64)  # a cast: stays there
+        with pytest.raises(NotImplementedError):  # a meta tensor has no values to copy out
+            on_device.to("cpu")
+    assert reads.reads == ["item", "__float__", "__bool__", "tolist", "to"]

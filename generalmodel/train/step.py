@@ -119,7 +119,8 @@ class HostReads(TorchFunctionMode):
         if name in HOST_READS:
             self.reads.append(name)
         elif name in ("cpu", "to") and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
-            target = kwargs.get("device", args[1] if len(args) > 1 else None)
-            if name == "cpu" or (target is not None and torch.device(target).type == "cpu"):
+            target = kwargs.get("device", args[1] if len(args) > 1 else None)  # .to(dtype) moves nothing
+            to_cpu = isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
+            if name == "cpu" or to_cpu:
                 self.reads.append(name)
         return func(*args, **kwargs)
