@@ -10,7 +10,9 @@ reference in the same process, and the model zoo.
    process on a synthetic dataset (benchmarks/corpora.py `synthetic`) for each of --loop-presets
    (gpt2-124m, llama-124m, llama-350m, llama-1.3b at its T=2048 with B=8) and each of
    --loop-variants (`full`: train.compile=full, the loss in the graph; `regional`: per block and
-   the loss tail; `:chunkN` adds train.loss_chunk=N; `:fp8` train.fp8=tensorwise). Tokens/s and MFU
+   the loss tail; `:chunkN` adds train.loss_chunk=N; `:fp8` train.fp8=tensorwise), and for the
+   first preset also each of --first-variants (default `regional,full:chunk4096`: the rows that
+   decide train.compile's and train.loss_chunk's defaults on a card). Tokens/s and MFU
    are the loop's own reports (windows of --loop-window steps after the first, which compiles),
    peak memory, and the ratios to the reference: tokens/s for gpt2-124m, MFU for the others. Then
    the host syncs per step outside log steps (CUDA's sync debug mode over two runs of 6 and 12
@@ -264,8 +266,9 @@ def product_table(args, device: str) -> None:
         f"T={args.seq}, compile+warmup {ref['compile_s']:.0f}s)",
         flush=True,
     )
-    for name in args.loop_presets.split(","):
-        for variant in args.loop_variants.split(","):
+    for i, name in enumerate(args.loop_presets.split(",")):
+        extra = [v for v in args.first_variants.split(",") if v] if i == 0 else []
+        for variant in args.loop_variants.split(",") + extra:
             label = f"loop {name} {variant}"
             try:
                 r = loop_bench(name, variant, args, device)
@@ -548,6 +551,11 @@ def main() -> None:
     parser.add_argument(
         "--loop-variants", default="full", help="comma list of full|regional|none[:chunkN][:fp8] (default full)"
     )
+    parser.add_argument(
+        "--first-variants",
+        default="regional,full:chunk4096",
+        help="more variants for the first loop preset only ('' for none; default regional,full:chunk4096)",
+    )
     parser.add_argument("--loop-window", type=int, default=10, help="steps per measured window of the loop")
     parser.add_argument("--loop-windows", type=int, default=2, help="measured windows after the compiling one")
     parser.add_argument("--no-syncs", action="store_true", help="skip the host-sync count")
@@ -608,6 +616,8 @@ def dry_run(args) -> None:
         args.loop_presets = "gpt2-tiny,llama-tiny"
     if args.loop_variants == "full":
         args.loop_variants = "none,none:chunk64"
+    if args.first_variants == "regional,full:chunk4096":
+        args.first_variants = ""
     print(f"dry run on CPU | torch {torch.__version__}", flush=True)
     product_table(args, "cpu")
     if not args.no_syncs:
