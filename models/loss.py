@@ -41,13 +41,15 @@ def linear_cross_entropy(
     if chunk <= 0:
         logits = capped_logits(x, weight, softcap)
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
-    return _ChunkedLinearCrossEntropy.apply(x, weight, targets, softcap, chunk, ignore_index)
+    # ctx.needs_input_grad does not see the caller's no_grad (evaluation): say it here
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(x, weight, targets, softcap, chunk, ignore_index, with_grad)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, softcap, chunk, ignore_index):
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, x, weight, targets, softcap, chunk, ignore_index, with_grad):
+        need_x, need_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
         w = weight if softcap is None else weight / softcap
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_x else None
@@ -88,4 +90,4 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         gx = None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype)
         gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
-        return gx, gw, None, None, None, None
+        return gx, gw, None, None, None, None, None

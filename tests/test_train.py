@@ -357,9 +357,11 @@ def test_gradient_accumulation_under_fsdp_reduce_scatters_once_per_step(train_da
 
 def test_two_process_fsdp_with_muon_matches_one_process(train_dataset, tmp_path):
     """The training loop with the make pretrain recipe (Muon, each matrix orthogonalised on one
-    rank, and the model switches) on 2 FSDP2 ranks follows the single-process run."""
+    rank, and the model switches) on 2 FSDP2 ranks follows the single-process run — a step with a
+    NaN gradient skipped by both alike (the masked update on sharded DTensors)."""
     torch.set_num_threads(1)
     opt = {"optim.name": "muon", "train.steps": 6, "model.tie_embeddings": False, "model.mlp": "relu2"}
+    opt["train.nan_grad_at_step"] = 2
     opt.update(
         {f"model.{k}": True for k in ("qk_norm", "value_residual", "zero_init")}, **{"model.logit_softcap": 15.0}
     )
