@@ -96,6 +96,7 @@ def set_backend(model: nn.Module, backend: str, seq_len: int | None = None) -> i
     for module in model.modules():
         if isinstance(module, (GroupedQueryAttention, MultiHeadLatentAttention)):
             module.backend = "auto" if backend == "flex" else backend
+            module.flex = None  # another backend (again): no block mask left behind
             if backend == "flex" and isinstance(module, GroupedQueryAttention) and seq_len is not None:
                 device = next(module.parameters()).device
                 module.flex = (seq_len, flex_block_mask(seq_len, module.window, device))

@@ -57,6 +57,7 @@ def test_flex_gives_the_same_logits(variant):
     assert set_backend(model, "flex", seq_len=T) == 4
     torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
     assert model(tokens[:, :-1]).shape[1] == T - 1  # another length: SDPA
+    assert set_backend(model, "auto") == 0 and all(b.attn.flex is None for b in model.blocks)
 
 
 def test_flex_block_masks_skip_what_a_window_cannot_see():
