@@ -8,7 +8,7 @@ activations kept for the backward pass, after Korthikanti et al. (2022): at leas
 token and layer in 16-bit (twice that in fp32 on CPU; the 5·n_heads·T attention term is left out,
 flash attention does not keep it),
 only the block inputs (2·d) with full activation checkpointing, plus the logits and their
-gradient (fp32). It is a floor, not a bound: allocator slack, the compile cache and communication
+gradient (fp32) — of all B·T positions, or of one chunk of train.loss_chunk positions. It is a floor, not a bound: allocator slack, the compile cache and communication
 buffers come on top, so only a model whose floor exceeds the memory is refused.
 """
 
@@ -56,7 +56,8 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
         per_token_layer = 2 * m.d_model * act_bytes / 2
     else:
         per_token_layer = 34 * m.d_model * act_bytes / 2
-    activations = B * T * m.n_layers * per_token_layer + 2 * B * T * m.vocab_size * 4
+    logit_rows = min(cfg.train.loss_chunk, B * T) if cfg.train.loss_chunk else B * T
+    activations = B * T * m.n_layers * per_token_layer + 2 * logit_rows * m.vocab_size * 4
     return MemoryEstimate(n, 4 * n / shard, 4 * n / shard, 8 * n / shard, activations)
 
 

@@ -1,0 +1,16 @@
+"""The memory floor of a training worker (generalmodel/train/memory.py): the logits term follows
+train.loss_chunk (one chunk's logits live at a time, not the whole batch's)."""
+
+from generalmodel.config import load_config
+from generalmodel.train.memory import estimate
+
+
+def test_the_logits_term_is_one_chunk_with_a_chunked_loss():
+    base = {"model.vocab_size": 50304, "train.batch_size": 16}
+    whole = estimate(load_config(overrides=base), seq_len=1024, world_size=1)
+    chunked = estimate(load_config(overrides={**base, "train.loss_chunk": 4096}), seq_len=1024, world_size=1)
+    huge_chunk = estimate(load_config(overrides={**base, "train.loss_chunk": 10**6}), seq_len=1024, world_size=1)
+    # logits + their gradient, fp32: 2 × rows × vocab × 4 bytes
+    assert whole.activations_bytes - chunked.activations_bytes == 2 * (16 * 1024 - 4096) * 50304 * 4
+    assert huge_chunk.activations_bytes == whole.activations_bytes  # a chunk never exceeds the batch
+    assert chunked.parameters == whole.parameters
