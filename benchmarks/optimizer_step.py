@@ -5,8 +5,9 @@ one process, on the model of `make pretrain` (configs/llama-tiny.yaml) with rand
     python -m benchmarks.optimizer_step [--repeats 30] [--config configs/llama-tiny.yaml]
 
 Rows: Muon + AdamW unmasked (the reference), with fused AdamW unmasked, and masked (Muon's
-nan_to_num and 0/1-weighted updates, fused AdamW's found_inf); AdamW foreach (torch's CPU default, the reference) vs fused with found_inf
-(what build_optimizer now gives). Median ms per step and the ratio to each reference.
+nan_to_num and 0/1-weighted updates, fused AdamW's found_inf); AdamW foreach (torch's CPU default,
+the reference) vs fused with found_inf (what build_optimizer now gives). Median ms per step and
+the ratio to each reference.
 """
 
 from __future__ import annotations

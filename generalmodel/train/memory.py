@@ -8,8 +8,9 @@ activations kept for the backward pass, after Korthikanti et al. (2022): at leas
 token and layer in 16-bit (twice that in fp32 on CPU; the 5·n_heads·T attention term is left out,
 flash attention does not keep it),
 only the block inputs (2·d) with full activation checkpointing, plus the logits and their
-gradient (fp32) — of all B·T positions, or of one chunk of train.loss_chunk positions. It is a floor, not a bound: allocator slack, the compile cache and communication
-buffers come on top, so only a model whose floor exceeds the memory is refused.
+gradient (fp32) — of all B·T positions, or of one chunk of train.loss_chunk positions. It is a
+floor, not a bound: allocator slack, the compile cache and communication buffers come on top, so
+only a model whose floor exceeds the memory is refused.
 """
 
 from __future__ import annotations
