@@ -82,7 +82,7 @@ rl-sft: arithmetic
 	$(PY) -m jobs.sft --config configs/arithmetic-sft.yaml $(RL_SFT_ARGS)
 
 rl: arithmetic
-	@$(PY) -c "import sys; from generalmodel.tracking.runs import is_registered; \
+	@$(PY) -c "import sys; from generalmodel.tracking.registry import is_registered; \
 	  sys.exit(not is_registered('models:/llama-tiny-arith-sft/latest'))" || $(MAKE) rl-sft
 	$(PY) -m jobs.rl --config configs/rl.yaml $(RL_ARGS)
 
@@ -99,7 +99,7 @@ INTERP_PROMPTS ?= configs/prompts/interp-arithmetic.yaml
 INTERP_ARGS ?=
 interp: install
 	@if [ "$(INTERP_MODEL)" = "$(DEFAULT_INTERP_MODEL)" ]; then \
-	  $(PY) -c "import sys; from generalmodel.tracking.runs import is_registered; \
+	  $(PY) -c "import sys; from generalmodel.tracking.registry import is_registered; \
 	    sys.exit(not is_registered('$(DEFAULT_INTERP_MODEL)'))" || $(MAKE) rl-sft; fi
 	$(PY) -m jobs.interp --model=$(INTERP_MODEL) --prompts=$(INTERP_PROMPTS) $(INTERP_ARGS)
 

@@ -73,14 +73,14 @@ def synthetic(output: str | Path, vocab_size: int, seq_len: int, rows: int, val_
     from tokenizers.models import WordLevel
 
     from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
-    from generalmodel.data.prepare import shard_bytes
+    from generalmodel.data.shards import shard_bytes, token_dtype
     from generalmodel.data.tokenizer import tokenizer_hash
     from generalmodel.storage import resolve
     from generalmodel.storage.location import publish_manifest, sha256_hex
 
     out = resolve(str(output))
     version = f"v-synthetic-{vocab_size}-{seq_len}-{rows}-{seed}"
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    dtype = token_dtype(vocab_size)
     rng = np.random.default_rng(seed)
     splits = {}
     for split, n in (("train", rows), ("val", val_rows)):

@@ -26,9 +26,9 @@ from dataclasses import replace
 
 import torch
 
+from generalmodel.infer import SamplingParams
 from generalmodel.infer.engine import generate_batch
 from generalmodel.infer.quant import quantize
-from generalmodel.infer.sampling import SamplingParams
 from models import PRESETS, build_model
 from models.cache import KVCache
 
@@ -89,12 +89,13 @@ def load_trained(reference: str, dataset: str | None, limit: int):
     from generalmodel.data.tokenizer import load_tokenizer
     from generalmodel.eval.runner import dataset_windows
     from generalmodel.eval.scoring import token_bytes
-    from generalmodel.infer.sampling import fetch, read_model
-    from generalmodel.tracking.runs import LOCAL_DB
+    from generalmodel.infer.export import read_export
+    from generalmodel.tracking.registry import download_model
+    from generalmodel.tracking.store import LOCAL_DB
 
     storage = StorageConfig().resolved()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(LOCAL_DB)}"
-    cfg, state, tokenizer_json, where = read_model(fetch(reference, uri, storage))
+    cfg, state, tokenizer_json, where = read_export(download_model(reference, uri, storage))
     windows, sizes = None, None
     if dataset:
         windows = dataset_windows(dataset, storage, tokenizer_json, limit)

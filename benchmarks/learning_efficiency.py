@@ -253,7 +253,7 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
 def log_to_mlflow(runs, table: str, summary: dict[str, float], plot_path: Path, args) -> str:
     import mlflow
 
-    from generalmodel.tracking.runs import ensure_experiment, tracking_uri
+    from generalmodel.tracking.store import ensure_experiment, tracking_uri
 
     uri = tracking_uri(load_config(overrides={"tracking.uri": args.mlflow} if args.mlflow else {}))
     mlflow.set_tracking_uri(uri)

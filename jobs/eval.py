@@ -18,8 +18,9 @@ from generalmodel.cli import run_job
 from generalmodel.cluster import ray_session
 from generalmodel.config import RayConfig, Section, StorageConfig, Strings, TrackingConfig
 from generalmodel.eval.runner import LoadedModel, ModelResult, comparison, evaluate, log_to_mlflow
-from generalmodel.infer.sampling import fetch, read_model
+from generalmodel.infer.export import read_export
 from generalmodel.tracking import check_reachable, model_tags, tracking_uri
+from generalmodel.tracking.registry import download_model
 
 
 class EvalConfig(Section):
@@ -57,7 +58,7 @@ def main(cfg: EvalConfig) -> list[ModelResult]:
     results = []
     with ray_session(cfg.ray):
         for reference in cfg.models:
-            model, state, tokenizer_json, _ = read_model(fetch(reference, uri, storage))
+            model, state, tokenizer_json, _ = read_export(download_model(reference, uri, storage))
             print(f"evaluating {reference} ({type(model).__name__}, {model.n_layers} layers)", flush=True)
             metrics = evaluate(LoadedModel(reference, model, state, tokenizer_json), cfg, storage)
             results.append(ModelResult(reference, metrics, model_tags(reference, uri)))

@@ -17,9 +17,10 @@ from pydantic import Field
 from generalmodel import UserError
 from generalmodel.cli import run_job
 from generalmodel.config import Section, StorageConfig, TrackingConfig
-from generalmodel.infer.sampling import fetch, read_model
+from generalmodel.infer.export import read_export
 from generalmodel.interop.hf import HF_FILES, write_hf
 from generalmodel.tracking import tracking_uri
+from generalmodel.tracking.registry import download_model
 
 
 class ExportConfig(Section):
@@ -35,7 +36,7 @@ class ExportConfig(Section):
 def main(cfg: ExportConfig) -> str:
     if os.path.exists(os.path.join(cfg.out, "config.json")):
         raise UserError(f"out {cfg.out!r} already holds a model (config.json): pick another directory")
-    model, state, tokenizer_json, _ = read_model(fetch(cfg.model, tracking_uri(cfg), cfg.storage.resolved()))
+    model, state, tokenizer_json, _ = read_export(download_model(cfg.model, tracking_uri(cfg), cfg.storage.resolved()))
     write_hf(model, state, tokenizer_json, cfg.out, cfg.dtype)
     print(f"exported {cfg.model} to {os.path.abspath(cfg.out)} ({', '.join(HF_FILES)})")
     print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({os.path.abspath(cfg.out)!r})")

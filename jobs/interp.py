@@ -24,7 +24,7 @@ from pydantic import Field
 
 from generalmodel.cli import run_job
 from generalmodel.config import Section, StorageConfig, Strings, TrackingConfig
-from generalmodel.infer.sampling import build_with_state, fetch, read_model
+from generalmodel.infer.export import build_with_state, read_export
 from generalmodel.interp import (
     HEADS,
     block_point,
@@ -36,6 +36,7 @@ from generalmodel.interp import (
 )
 from generalmodel.interp.prompts import Prompt, read_prompts, token_labels
 from generalmodel.tracking import check_reachable, model_tags, tracking_uri
+from generalmodel.tracking.registry import download_model
 
 
 class InterpConfig(Section):
@@ -60,7 +61,7 @@ class InterpConfig(Section):
 def main(cfg: InterpConfig) -> dict:
     uri = tracking_uri(cfg)
     check_reachable(uri)
-    model_cfg, state, tokenizer_json, where = read_model(fetch(cfg.model, uri, cfg.storage.resolved()))
+    model_cfg, state, tokenizer_json, where = read_export(download_model(cfg.model, uri, cfg.storage.resolved()))
     model, tokenizer = build_with_state(model_cfg, state, tokenizer_json, where)
     model = model.to(cfg.device).float()
     prompts = read_prompts(cfg.prompts, tokenizer_json, model.cfg.max_seq_len)

@@ -14,10 +14,10 @@ from pydantic import Field
 
 from generalmodel.cli import run_job
 from generalmodel.config import Section, StorageConfig, Strings, TrackingConfig
-from generalmodel.infer import SamplingParams, fetch, load_model, sample_text
+from generalmodel.infer import SamplingParams, load_model, sample_chat, sample_text
 from generalmodel.infer.quant import Quant, check_quant
-from generalmodel.infer.sampling import sample_chat
 from generalmodel.tracking import tracking_uri
+from generalmodel.tracking.registry import download_model
 
 
 class SampleConfig(Section):
@@ -40,7 +40,8 @@ class SampleConfig(Section):
 
 def main(cfg: SampleConfig) -> list[str]:
     check_quant(cfg.quant, cfg.device)  # before any download
-    model, tokenizer = load_model(fetch(cfg.model, tracking_uri(cfg), cfg.storage.resolved()), cfg.device, cfg.quant)
+    directory = download_model(cfg.model, tracking_uri(cfg), cfg.storage.resolved())
+    model, tokenizer = load_model(directory, cfg.device, cfg.quant)
     outputs = []
     for prompt in cfg.prompt:
         print(f"--- {prompt!r}", flush=True)

@@ -29,12 +29,12 @@ def check_model(cfg: ServeConfig) -> None:
     """Fail before deploying when the model reference does not resolve (a replica would only
     crash-loop) or the quantization cannot run on the device."""
     from generalmodel.infer.quant import check_quant
-    from generalmodel.infer.sampling import resolve
     from generalmodel.tracking import tracking_uri
+    from generalmodel.tracking.registry import artifact_uri
 
     check_quant(cfg.quant, cfg.device)
     if cfg.model.startswith(("models:/", "runs:/")):
-        resolve(cfg.model, tracking_uri(cfg))
+        artifact_uri(cfg.model, tracking_uri(cfg))
 
 
 def main(cfg: ServeJobConfig, block: bool = True) -> str:

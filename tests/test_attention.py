@@ -69,8 +69,7 @@ def test_flex_block_masks_skip_what_a_window_cannot_see():
 
 
 def test_flex_decodes_with_the_cache_as_sdpa_does():
-    from generalmodel.infer import SamplingParams
-    from generalmodel.infer.sampling import generate
+    from generalmodel.infer import SamplingParams, generate
 
     model = hybrid().eval()
     prompt = torch.randint(0, 128, (12,)).tolist()

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from generalmodel.infer import SamplingParams, generate
 from generalmodel.infer.engine import Engine, Request, generate_batch
-from generalmodel.infer.sampling import SamplingParams, generate
 from models import PRESETS, build_model
 from models.cache import KVCache
 

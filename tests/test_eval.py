@@ -15,7 +15,7 @@ from generalmodel import UserError
 from generalmodel.data.tokenizer import EOS, train_bpe
 from generalmodel.eval.runner import LoadedModel, evaluate
 from generalmodel.eval.scoring import corpus_windows, read_hellaswag, score_windows, split_pair, token_bytes
-from generalmodel.infer.sampling import export_files
+from generalmodel.infer.export import export_files
 from models import build_model
 from models.llama import LlamaConfig
 

@@ -127,7 +127,7 @@ def test_models_without_a_transformers_class_are_refused_by_name(overrides, name
 
 
 def test_the_export_job_writes_a_transformers_directory_from_an_export(tokenizer, tmp_path):
-    from generalmodel.infer.sampling import export_files
+    from generalmodel.infer.export import export_files
     from jobs.export import ExportConfig
     from jobs.export import main as export_job
 

@@ -13,7 +13,7 @@ from conftest import make_documents
 
 from generalmodel import UserError
 from generalmodel.data.tokenizer import train_bpe
-from generalmodel.infer.sampling import export_files
+from generalmodel.infer.export import export_files
 from generalmodel.interp.prompts import read_prompts
 from models import PRESETS, build_model
 

@@ -160,7 +160,7 @@ def test_ctrl_c_stops_the_api_server_and_its_cluster(tmp_path, ray_tmp):
 
     from generalmodel.cluster import free_port
     from generalmodel.data.tokenizer import train_bpe
-    from generalmodel.infer.sampling import export_files
+    from generalmodel.infer.export import export_files
     from models import build_model
     from models.llama import LlamaConfig
 

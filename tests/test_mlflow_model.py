@@ -18,9 +18,9 @@ from conftest import make_documents
 from generalmodel.cluster import free_port
 from generalmodel.config import StorageConfig
 from generalmodel.data.tokenizer import EOS, train_bpe
-from generalmodel.infer import SamplingParams, fetch, generate, load_model
-from generalmodel.infer.pyfunc import save
-from generalmodel.infer.sampling import export_files, sample_chat
+from generalmodel.infer import SamplingParams, export_files, generate, load_model, sample_chat
+from generalmodel.tracking.pyfunc import save
+from generalmodel.tracking.registry import download_model
 from generalmodel.tracking.runs import log_model, register
 from models import build_model
 from models.llama import LlamaConfig
@@ -86,10 +86,10 @@ def test_mlflow_models_serve_answers_from_the_registry(export_dir, mlflow_server
     pipeline = mlflow.transformers.load_model(tags["transformers_model"])  # the transformers flavor
     out = pipeline(PROMPTS[0], max_new_tokens=12, do_sample=False, return_full_text=False)
     assert out[0]["generated_text"] == greedy(export_dir, PROMPTS[0])
-    local = fetch(model_uri, mlflow_server.uri, StorageConfig())
+    local = download_model(model_uri, mlflow_server.uri, StorageConfig())
     assert Path(local).name == "export"  # only the native export is downloaded for our jobs
     client.set_registered_model_alias("served-tiny", "champion", model_uri.rsplit("/", 1)[1])
-    by_alias = fetch("models:/served-tiny@champion", mlflow_server.uri, StorageConfig())
+    by_alias = download_model("models:/served-tiny@champion", mlflow_server.uri, StorageConfig())
     assert (Path(by_alias) / "model.safetensors").read_bytes() == (Path(local) / "model.safetensors").read_bytes()
 
     port = free_port()

@@ -327,8 +327,6 @@ def test_preference_data_and_its_reference_on_s3(post_data, s3_server, tmp_path)
     assert uri.startswith(f"s3://{bucket}/ds/references/")
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="ds/references/")["Contents"]}
     assert any(k.endswith("manifest.json") for k in keys)
-    from generalmodel.post.reference import attach_reference
-
-    attach_reference(ds, uri, layout.storage)
+    ds.attach_published(uri, layout.storage)
     columns = ds.read_columns(ds.split_shards("train")[0])
     assert columns["ref_chosen"].shape == (columns["chosen"].shape[0],) and (columns["ref_chosen"] < 0).all()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from generalmodel import UserError
+from generalmodel.infer import SamplingParams, generate
 from generalmodel.infer.engine import generate_batch
 from generalmodel.infer.quant import check_quant, quantize
-from generalmodel.infer.sampling import SamplingParams, generate
 from models import PRESETS, build_model
 
 pytest.importorskip("torchao")

@@ -14,8 +14,8 @@ from generalmodel import UserError
 from generalmodel.config import load_config
 from generalmodel.data.chat import ChatFormat
 from generalmodel.data.tokenizer import train_bpe
+from generalmodel.infer import SamplingParams
 from generalmodel.infer.engine import generate_batch
-from generalmodel.infer.sampling import SamplingParams
 from generalmodel.post import arithmetic
 from generalmodel.post.rl.grpo import group_advantages, grpo_loss, token_logprobs, token_weights, units
 from generalmodel.post.rl.learner import rl_train, train_in_process

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_rl import task_cfg, tiny_task  # noqa: F401 (a fixture)
 
-from generalmodel.infer.sampling import export_files
+from generalmodel.infer.export import export_files
 from jobs import rl
 from models import build_model
 

@@ -18,7 +18,7 @@ from generalmodel.cluster import free_port
 from generalmodel.data.chat import ChatFormat
 from generalmodel.data.tokenizer import EOS, train_bpe
 from generalmodel.infer import SamplingParams, generate, load_model
-from generalmodel.infer.sampling import export_files
+from generalmodel.infer.export import export_files
 from generalmodel.serve.protocol import TextStream
 from generalmodel.tracking.runs import log_model, register
 from models import build_model

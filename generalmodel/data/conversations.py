@@ -27,15 +27,9 @@ import pyarrow.parquet as pq
 
 from generalmodel.config import DataConfig, StorageConfig
 from generalmodel.data.chat import ChatFormat, ChatFormatError, Rendered, messages, preference_pair
+from generalmodel.data.shards import ITEMS, SPLITS, is_val, token_dtype
 from generalmodel.data.sources import Piece, SourceError, not_text, piece_bytes, read_table
 
-SPLITS = ("train", "val")
-COLUMNS = {
-    "chat": ("tokens", "mask"),
-    "preference": ("chosen", "chosen_mask", "rejected", "rejected_mask"),
-}
-# What a row of the source is called in the counts: the manifest's per-split count of inputs.
-ITEMS = {"text": "documents", "chat": "conversations", "preference": "pairs"}
 BAD_ROWS_NAMED = 20  # the manifest names this many skipped rows (all are counted)
 
 
@@ -69,8 +63,6 @@ def read_rows(piece: Piece, storage: StorageConfig) -> Iterator[tuple[str, dict[
 
 
 def split_of(row: dict[str, Any], data: DataConfig, where: str) -> str:
-    from generalmodel.data.prepare import is_val
-
     if data.split_key is None:
         key = json.dumps(row, sort_keys=True, default=str)
     elif data.split_key not in row:
@@ -183,7 +175,7 @@ def process_unit(pieces: list[Piece], tok_text: str, data: DataConfig, storage: 
     fmt = ChatFormat.from_json(tok_text)
     ids = special_ids(fmt.tokenizer)
     pad = ids["pad"] if ids["pad"] is not None else ids["eos"]
-    dtype = np.uint16 if fmt.tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    dtype = token_dtype(fmt.tokenizer.get_vocab_size())
     unit = Unit(data, fmt)
     for piece in pieces:
         for where, row in read_rows(piece, storage):

@@ -36,6 +36,8 @@ from generalmodel.storage import Location, read_manifest, resolve, sha256_hex, w
 
 DATASET_KIND = "token-dataset"
 FORMAT_VERSION = 1
+# Columns computed later for a dataset's rows and published beside it: DPO's reference log-probs.
+REFERENCE_KIND = "dpo-reference"
 
 
 class DatasetError(UserError):
@@ -144,6 +146,20 @@ class TokenDataset:
         """Read more columns for the rows of each dataset shard (by its path) from `root`'s shards:
         the rows of its parts, in order."""
         self.attached.update({path: (root, shard_parts) for path, shard_parts in parts.items()})
+
+    def attach_published(self, uri: str, storage: StorageConfig | None, kind: str = REFERENCE_KIND) -> None:
+        """Attach the columns published at `uri` (a manifest of `kind` listing parts per dataset
+        shard, e.g. DPO's reference log-probs), checked: made from this dataset version, and a
+        part for every shard."""
+        root = resolve(uri, storage)
+        manifest, _ = read_manifest(root, kind)
+        if manifest["dataset"] != self.manifest_sha256:
+            raise DatasetError(f"{root.uri}: columns computed from another dataset version than {self.loc.uri}")
+        parts = {path: [Shard(**entry) for entry in entries] for path, entries in manifest["shards"].items()}
+        missing = [s.path for split in self.shards.values() for s in split if s.path not in parts]
+        if missing:
+            raise DatasetError(f"{root.uri}: no attached columns for the dataset shard {missing[0]}")
+        self.attach(root, parts)
 
     def verify(self) -> None:
         """Read every shard and check its checksum and row count."""

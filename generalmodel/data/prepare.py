@@ -29,22 +29,19 @@ import io
 import json
 import logging
 import os
-import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-import generalmodel
 from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, DataConfig, StorageConfig, dump_config
 from generalmodel.data import conversations
 from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
+from generalmodel.data.shards import COLUMNS, ITEMS, SPLITS, is_val, shard_bytes, token_dtype
 from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents
 from generalmodel.data.tokenizer import (
     eos_id,
@@ -63,10 +60,10 @@ from generalmodel.storage import (
     resolve,
     sha256_hex,
 )
+from generalmodel.version import code_version
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 # Versions replaced by --data.overwrite that stay readable (a trainer may still be reading one).
 KEEP_PREVIOUS = 1
 # An unpublished version this old is a killed run's leftover, not a run in progress.
@@ -265,12 +262,6 @@ def _worker_tokenizer(text: str):
     return _TOKENIZERS[key]
 
 
-def is_val(text: str, val_fraction: float) -> bool:
-    """The split of a document: a function of its normalized text alone."""
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2**64
-
-
 def process_unit(
     unit: int,
     pieces: list[Piece],
@@ -297,7 +288,7 @@ def process_unit(
 
     tokenizer = _worker_tokenizer(tok_text)
     eos = eos_id(tokenizer)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    dtype = token_dtype(tokenizer.get_vocab_size())
     row_len = data.seq_len + 1
 
     docs: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -365,24 +356,6 @@ def _split_token_stream(metas: list[dict[str, Any]], version_loc: Location, val_
     return f"token stream: the last {n_val} of {total} rows (splitting by document left a split empty)"
 
 
-def shard_bytes(columns: dict[str, np.ndarray]) -> bytes:
-    """A Parquet file with one column per array: fixed-size lists for 2-D arrays (rows × row_len),
-    plain values for 1-D ones."""
-    table = pa.table(
-        {
-            name: pa.FixedSizeListArray.from_arrays(
-                pa.array(a.reshape(-1), type=pa.from_numpy_dtype(a.dtype)), a.shape[1]
-            )
-            if a.ndim == 2
-            else pa.array(a, type=pa.from_numpy_dtype(a.dtype))
-            for name, a in columns.items()
-        }
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", use_dictionary=False, write_statistics=False)
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------
 # Publishing
 
@@ -390,7 +363,7 @@ def shard_bytes(columns: dict[str, np.ndarray]) -> bytes:
 def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str, Any]:
     cfg, pieces, tok_text, vocab = plan.cfg, plan.pieces, plan.tokenizer_json, plan.vocab_size
     data = cfg.data
-    items = conversations.ITEMS[data.format]
+    items = ITEMS[data.format]
     skipped = [{"uri": uri, "reason": reason} for m in metas for uri, reason in m["skipped"]]
     readable = len(pieces) - len(skipped)
     splits: dict[str, Any] = {}
@@ -434,9 +407,9 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
         "version": version,
         "seq_len": data.seq_len,
         "row_len": data.seq_len + 1,
-        "dtype": "uint16" if vocab <= 2**16 else "uint32",
-        "column": "tokens" if data.format == "text" else conversations.COLUMNS[data.format][0],
-        "columns": ["tokens"] if data.format == "text" else list(conversations.COLUMNS[data.format]),
+        "dtype": np.dtype(token_dtype(vocab)).name,
+        "column": COLUMNS[data.format][0],
+        "columns": list(COLUMNS[data.format]),
         "tokenizer": {
             "path": f"{version}/tokenizer.json",
             "sha256": tokenizer_hash(tok_text),
@@ -478,7 +451,7 @@ def describe(manifest: dict[str, Any], uri: str) -> str:
     fmt = manifest.get("format", "text")
     if fmt == "text":
         return line
-    items = conversations.ITEMS[fmt]
+    items = ITEMS[fmt]
     total = {k: train[k] + val[k] for k in (items, "truncated", "dropped_too_long", "dropped_no_supervised")}
     return (
         f"{line}\n  {total[items]:,} {items} ({train[items]:,} train, {val[items]:,} val): {total['truncated']:,} "
@@ -496,18 +469,6 @@ def _special_ids(tok_text: str) -> dict[str, int]:
     ids = [i for i in special_ids(tokenizer).values() if i is not None]
     ids += [tokenizer.token_to_id(t) for t in CHAT_TOKENS.values() if tokenizer.token_to_id(t) is not None]
     return {tokenizer.id_to_token(i): i for i in ids}
-
-
-def code_version() -> dict[str, str]:
-    version = {"generalmodel": generalmodel.__version__}
-    repo = Path(generalmodel.__file__).resolve().parent.parent
-    try:
-        git = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return version
-    if git.returncode == 0:
-        version["git_sha"] = git.stdout.strip()
-    return version
 
 
 def _cleanup(version_loc: Location) -> None:

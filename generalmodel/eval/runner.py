@@ -35,7 +35,7 @@ class LoadedModel:
     tokenizer_json: str
 
     def build(self):
-        from generalmodel.infer.sampling import build_with_state
+        from generalmodel.infer.export import build_with_state
 
         return build_with_state(self.cfg, self.state, self.tokenizer_json, self.reference)
 

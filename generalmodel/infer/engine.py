@@ -20,9 +20,39 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 
-from generalmodel.infer.sampling import SamplingParams, filter_logits
+from generalmodel.config import Section
 from models.cache import KVCache
+
+
+class SamplingParams(Section):
+    """How to sample: temperature, then top-k / top-p / min-p filtering."""
+
+    temperature: float = Field(0.8, ge=0, description="Softmax temperature; 0 is greedy.")
+    top_k: int | None = Field(None, gt=0, description="Keep the k most likely tokens (null: all).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus: the smallest set holding this much probability.")
+    min_p: float = Field(0.0, ge=0, lt=1, description="Drop tokens below min_p × the top token's probability.")
+    max_new_tokens: int = Field(100, gt=0, description="Tokens to generate per prompt (at most).")
+    seed: int = Field(0, description="Seeds the sampling.")
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p (nucleus) and min-p on (B, vocab) logits."""
+    logits = logits / p.temperature
+    if p.top_k is not None and p.top_k < logits.size(-1):
+        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if p.min_p > 0:
+        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    if p.top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Drop a token when the tokens before it already hold top_p of the mass.
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
 
 @dataclass(eq=False)

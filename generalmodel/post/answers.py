@@ -21,7 +21,7 @@ from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, ChatFormatError, messages, preference_pair
 from generalmodel.data.conversations import read_rows, split_of
 from generalmodel.data.sources import list_pieces
-from generalmodel.infer.sampling import SamplingParams, sample_chat
+from generalmodel.infer import SamplingParams, sample_chat
 
 log = logging.getLogger(__name__)
 

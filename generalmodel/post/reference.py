@@ -7,7 +7,7 @@ dataset, so that the frozen reference never occupies training memory (dpo.refere
                         scored in chunks of CHUNK_ROWS rows, so that every actor gets work
 `key` is a hash of the dataset's manifest and the reference's weights: another dataset version or
 another reference model computes its own; the same ones reuse it (a DPO sweep scores once). The
-training loop attaches the columns to the dataset's rows (`attach_reference`).
+training loop attaches the columns to the dataset's rows (`TokenDataset.attach_published`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from generalmodel.config import Config
-from generalmodel.data.loader import DatasetError, Shard, TokenDataset
-from generalmodel.storage import MANIFEST, RunLayout, publish_manifest, read_manifest, resolve, sha256_hex
+from generalmodel.data.loader import REFERENCE_KIND, TokenDataset
+from generalmodel.storage import MANIFEST, RunLayout, publish_manifest, resolve, sha256_hex
 
 log = logging.getLogger(__name__)
 
-KIND = "dpo-reference"
 SCORE_BATCH = 32  # pairs per forward
 CHUNK_ROWS = 256  # pairs per Ray Data item
 
@@ -84,7 +83,7 @@ def ensure_reference(cfg: Config, layout: RunLayout, ds: TokenDataset, state: di
     for m in metas:
         parts.setdefault(m["dataset_shard"], []).append(m["shard"])
     manifest = {
-        "kind": KIND,
+        "kind": REFERENCE_KIND,
         "dataset": ds.manifest_sha256,
         "reference": key,
         "model": cfg.model.name,
@@ -106,7 +105,7 @@ class ReferenceScorer:
     def __init__(self, model_cfg, state_ref, dataset: str, storage, out: str):
         import ray
 
-        from generalmodel.infer.sampling import load_state
+        from generalmodel.infer.export import load_state
         from models import build_model
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,7 +117,7 @@ class ReferenceScorer:
         self.shards: dict[str, dict[str, np.ndarray]] = {}  # the last dataset shard read
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from generalmodel.data.prepare import shard_bytes
+        from generalmodel.data.shards import shard_bytes
 
         metas = []
         for split, path, lo, hi in zip(batch["split"], batch["path"], batch["lo"], batch["hi"], strict=True):
@@ -150,16 +149,3 @@ def score_pairs(model, columns: dict[str, np.ndarray], device: torch.device) -> 
             logps, _ = sequence_logps(model, tokens, mask, autocast)
             out["ref_" + side].append(logps.float().cpu().numpy())
     return {name: np.concatenate(parts) if parts else np.zeros(0, np.float32) for name, parts in out.items()}
-
-
-def attach_reference(ds: TokenDataset, uri: str, storage) -> None:
-    """Give `ds`'s rows the reference columns stored at `uri` (checked: same dataset, every shard)."""
-    root = resolve(uri, storage)
-    manifest, _ = read_manifest(root, KIND)
-    if manifest["dataset"] != ds.manifest_sha256:
-        raise DatasetError(f"{root.uri}: reference log-probs of another dataset version than {ds.loc.uri}")
-    parts = {path: [Shard(**entry) for entry in entries] for path, entries in manifest["shards"].items()}
-    missing = [s.path for split in ds.shards.values() for s in split if s.path not in parts]
-    if missing:
-        raise DatasetError(f"{root.uri}: no reference log-probs for the dataset shard {missing[0]}")
-    ds.attach(root, parts)

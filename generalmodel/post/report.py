@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from generalmodel.infer.sampling import build_with_state, load_model
+from generalmodel.infer.export import build_with_state, load_model
 from generalmodel.post.answers import answer_accuracy, heldout_questions, preference_accuracy
 from generalmodel.train.init import InitSource
 from generalmodel.train.job import Trained
@@ -57,9 +57,7 @@ def preference_report(trained: Trained, reference: InitSource, uri: str) -> floa
     ds = TokenDataset.open(trained.layout.dataset, trained.layout.storage)
     frozen = None
     if trained.layout.reference is not None:  # computed once already: not scored again here
-        from generalmodel.post.reference import attach_reference
-
-        attach_reference(ds, trained.layout.reference, trained.layout.storage)
+        ds.attach_published(trained.layout.reference, trained.layout.storage)
     else:
         frozen, _ = build_with_state(reference.model, reference.state, reference.tokenizer_json, reference.reference)
     accuracy, pairs = preference_accuracy(policy, frozen, ds)

@@ -205,11 +205,12 @@ def build_app(args: dict[str, Any]):
         def __init__(self, cfg_dict: dict[str, Any]):
             from generalmodel.data.tokenizer import eos_id
             from generalmodel.infer.engine import Engine
-            from generalmodel.infer.sampling import fetch, load_model
+            from generalmodel.infer.export import load_model
             from generalmodel.tracking import tracking_uri
+            from generalmodel.tracking.registry import download_model
 
             self.cfg = ServeConfig.model_validate(cfg_dict)
-            directory = fetch(self.cfg.model, tracking_uri(self.cfg), self.cfg.storage.resolved())
+            directory = download_model(self.cfg.model, tracking_uri(self.cfg), self.cfg.storage.resolved())
             self.model, self.tokenizer = load_model(directory, self.cfg.device, self.cfg.quant)
             self.name = self.cfg.name or served_name(self.cfg.model)
             self.eos = eos_id(self.tokenizer)
@@ -270,9 +271,9 @@ def build_app(args: dict[str, Any]):
             return await self._answer(body, ids, {self.chat.end_id, self.eos}, chat=True)
 
         async def _answer(self, body, ids: list[int], stop_ids: set[int], chat: bool):
+            from generalmodel.infer import SamplingParams
             from generalmodel.infer.engine import Event
             from generalmodel.infer.engine import Request as Sequence
-            from generalmodel.infer.sampling import SamplingParams
 
             if body.model != self.name:
                 raise BadRequest(f"unknown model {body.model!r}; this server serves {self.name!r}", "model")

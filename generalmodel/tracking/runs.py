@@ -7,34 +7,15 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import urllib.error
-import urllib.request
 from typing import Any
 
 import yaml
 
-from generalmodel import UserError
 from generalmodel.config import Config, dump_config, flatten
+from generalmodel.tracking.pyfunc import HF_SUBDIR, save
+from generalmodel.tracking.store import prepare_store, tracking_uri
 
 log = logging.getLogger(__name__)
-
-LOCAL_DB = ".generalmodel/mlflow.db"
-
-
-def tracking_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or f"sqlite:///{os.path.abspath(LOCAL_DB)}"
-
-
-def check_reachable(uri: str) -> None:
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-            if response.status == 200:
-                return
-    except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"cannot reach the MLflow server at {uri} (tracking.uri): {e}") from None
-    raise UserError(f"the MLflow server at {uri} (tracking.uri) is not healthy")
 
 
 def start_run(cfg: Config, dataset, code_version: dict[str, str], lineage: dict[str, str] | None = None) -> str:
@@ -47,16 +28,6 @@ def start_run(cfg: Config, dataset, code_version: dict[str, str], lineage: dict[
     run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
     log_config(run.info.run_id, cfg, dataset, code_version, lineage)
     return run.info.run_id
-
-
-def prepare_store(cfg: Config) -> str:
-    """The tracking URI, checked reachable, with the run's experiment in it."""
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    if cfg.tracking.uri is None:  # the default local store
-        os.makedirs(os.path.dirname(os.path.abspath(LOCAL_DB)), exist_ok=True)
-    ensure_experiment(uri, cfg.tracking.experiment)
-    return uri
 
 
 def log_config(
@@ -101,69 +72,6 @@ def log_dataset_input(client, run_id: str, uri: str, manifest_sha256: str) -> No
         source=json.dumps({"uri": uri}),
     )
     client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
-
-
-def model_version(client, reference: str):
-    """The registry's ModelVersion of `models:/NAME/VERSION`, `models:/NAME/latest` (the highest
-    version) or `models:/NAME@ALIAS`."""
-    name, _, version = reference[len("models:/") :].partition("/")
-    if "@" in name:
-        return client.get_model_version_by_alias(*name.split("@", 1))
-    if version == "latest":
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise LookupError(f"registered model {name!r} has no version")
-        return max(versions, key=lambda v: int(v.version))
-    return client.get_model_version(name, version)
-
-
-def is_registered(reference: str, uri: str | None = None) -> bool:
-    """Whether MLflow (default: the local store) has the `models:/` model `reference`."""
-    from mlflow.tracking import MlflowClient
-
-    from generalmodel.config import Config
-
-    try:
-        model_version(MlflowClient(uri or tracking_uri(Config())), reference)
-    except Exception:
-        return False
-    return True
-
-
-def model_tags(reference: str, uri: str | None) -> dict[str, str]:
-    """What a model reference points at: for a registered model its name, version and the run
-    that produced it (`model_name`, `model_version`, `run_id`); for runs:/ID the run; else nothing."""
-    if reference.startswith("runs:/"):
-        return {"run_id": reference[len("runs:/") :].split("/")[0]}
-    if not reference.startswith("models:/"):
-        return {}
-    from mlflow.tracking import MlflowClient
-
-    mv = model_version(MlflowClient(uri), reference)
-    return {"model_name": mv.name, "model_version": str(mv.version), "run_id": mv.run_id or ""}
-
-
-def lineage_tags(reference: str, uri: str | None) -> dict[str, str]:
-    """Tags for a run initialised from `reference`: init_from, and init_model_name,
-    init_model_version, init_run_id when MLflow knows them."""
-    return {"init_from": reference, **{f"init_{k}": v for k, v in model_tags(reference, uri).items()}}
-
-
-def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it if needed. With a sqlite store, artifacts go next to the
-    database, not to ./mlruns of whatever directory the job runs in (MLflow's default)."""
-    from pathlib import Path
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    if not uri.startswith("sqlite:///"):
-        return client.create_experiment(name)
-    artifacts = Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts"
-    return client.create_experiment(name, artifact_location=artifacts.as_uri())
 
 
 def _version(package: str) -> str:
@@ -247,8 +155,6 @@ def log_model(client, run_id: str, export_dir: str) -> None:
     """The run's `model/` artifact: an MLflow pyfunc model around the native export (and the
     transformers directory when the architecture has one; the tag `hf_export` says which)."""
     import tempfile
-
-    from generalmodel.infer.pyfunc import HF_SUBDIR, save
 
     with tempfile.TemporaryDirectory(prefix="gm-mlflow-model-") as tmp:
         path = os.path.join(tmp, "model")

@@ -44,14 +44,15 @@ class InitSource:
 def load_init(cfg: Config, tracking_uri: str | None) -> tuple[Config, InitSource | None]:
     """`cfg` with the source's model config (and its tokenizer for a dataset still to be
     prepared), and the loaded source of `cfg.train.init_from`; (cfg, None) when it is not set."""
-    from generalmodel.infer.sampling import fetch, read_model
+    from generalmodel.infer.export import read_export
     from generalmodel.tracking import lineage_tags
+    from generalmodel.tracking.registry import download_model
 
     reference = cfg.train.init_from
     if reference is None:
         return cfg, None
-    directory = fetch(reference, tracking_uri, cfg.storage.resolved())
-    model, state, tokenizer_json, where = read_model(directory)
+    directory = download_model(reference, tracking_uri, cfg.storage.resolved())
+    model, state, tokenizer_json, where = read_export(directory)
     model = merged_model(cfg, model, reference)
     source = InitSource(reference, model, state, tokenizer_json, lineage_tags(reference, tracking_uri))
     updates: dict[str, Any] = {"model": model}

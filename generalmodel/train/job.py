@@ -13,12 +13,12 @@ from typing import Any
 from generalmodel import RunFailed
 from generalmodel.cluster import ray_session
 from generalmodel.config import Config
-from generalmodel.data.prepare import code_version
 from generalmodel.storage import RunLayout, download_export
 from generalmodel.tracking import end_failed_run, finish_run, start_run
 from generalmodel.train.init import InitSource
 from generalmodel.train.loop import refuse_finished
 from generalmodel.train.ray_trainer import ensure_dataset, fit
+from generalmodel.version import code_version
 
 # Called inside the Ray session once the dataset is open, before training: may return another
 # layout (DPO adds the reference's log-probs).

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from generalmodel import UserError
 from generalmodel.config import Config, dump_config, flatten
 from generalmodel.data.loader import TokenDataset, TokenLoader
-from generalmodel.infer.sampling import load_state
+from generalmodel.infer.export import load_state
 from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
 from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
@@ -209,9 +209,7 @@ def train(
     ds = TokenDataset.open(layout.dataset, layout.storage)
     check_compatible(cfg, ds)
     if layout.reference is not None:  # DPO: the reference's log-probs, computed beside the dataset
-        from generalmodel.post.reference import attach_reference
-
-        attach_reference(ds, layout.reference, layout.storage)
+        ds.attach_published(layout.reference, layout.storage)
 
     model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
     if cfg.train.init_from is not None:
@@ -353,7 +351,7 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 
 def export_with_tokenizer(model, cfg: Config, tokenizer_json: str, env: Dist, layout: RunLayout) -> None:
-    from generalmodel.infer.sampling import export_files
+    from generalmodel.infer.export import export_files
 
     state = full_state(model)
     if not env.is_main:

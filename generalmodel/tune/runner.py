@@ -117,12 +117,12 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from generalmodel.data.prepare import code_version
     from generalmodel.storage import RunLayout
     from generalmodel.tracking import log_config
     from generalmodel.tracking.sweep import close_run, open_child_run
     from generalmodel.train.init import load_init
     from generalmodel.train.ray_trainer import ensure_dataset, fit, root_message
+    from generalmodel.version import code_version
 
     logging.getLogger("generalmodel").setLevel(logging.INFO)
     trial_id = tune.get_context().get_trial_id()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from generalmodel import UserError
 from generalmodel.config import Config, dump_config
-from generalmodel.infer.sampling import load_state
+from generalmodel.infer.export import load_state
 from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
 from generalmodel.post.rl.grpo import (
     STATS,

@@ -23,7 +23,7 @@ import torch
 
 from generalmodel import UserError
 from generalmodel.config import Config
-from generalmodel.infer.sampling import SamplingParams, load_state
+from generalmodel.infer import SamplingParams, load_state
 from generalmodel.post.rl.rewards import Rewards
 from generalmodel.post.rl.tasks import PromptSet
 

@@ -16,7 +16,7 @@ Python. The model directory (`save`):
     hf/       config.json, model.safetensors, tokenizer*.json, ...           (when transformers has the architecture)
     code/     generalmodel/, models/                                         (the code that trained it)
 
-Our own jobs read `data/export/` (`export_dir`); `hf/` loads in transformers.
+Our own jobs read `data/export/` (`generalmodel.infer.export.export_dir`); `hf/` loads in transformers.
 """
 
 from __future__ import annotations
@@ -25,31 +25,26 @@ import logging
 import os
 from typing import Any
 
-from generalmodel import UserError
-from generalmodel.storage import EXPORT_FILES
+from generalmodel.errors import UserError
+from generalmodel.infer.engine import SamplingParams
+from generalmodel.infer.export import EXPORT_SUBDIR, HF_SUBDIR, load_model, read_export
+from generalmodel.infer.sampling import sample_chat, sample_text
 
 log = logging.getLogger(__name__)
 
-EXPORT_SUBDIR = "data/export"  # where MLflow puts the data_path of a loader_module flavor
-HF_SUBDIR = "hf"
+_DEFAULTS = SamplingParams()
+# The request params of the flavor's signature: SamplingParams' defaults (MLflow needs a typed
+# value, so no top_k is 0), and whether the prompts are chat messages.
 PARAMS: dict[str, Any] = {
-    "max_new_tokens": 64,
-    "temperature": 0.8,
-    "top_p": 1.0,
-    "top_k": 0,
-    "seed": 0,
+    "max_new_tokens": _DEFAULTS.max_new_tokens,
+    "temperature": _DEFAULTS.temperature,
+    "top_p": _DEFAULTS.top_p,
+    "top_k": _DEFAULTS.top_k or 0,
+    "min_p": _DEFAULTS.min_p,
+    "seed": _DEFAULTS.seed,
     "chat": False,
 }
 EXAMPLE_PROMPTS = ["Fellow citizens,"]
-
-
-def export_dir(directory: str) -> str:
-    """Where the native export files of a downloaded model directory are: its `data/export/` (an MLflow
-    model saved by `save`) or the directory itself (a plain export)."""
-    for candidate in (os.path.join(directory, EXPORT_SUBDIR), directory):
-        if all(os.path.exists(os.path.join(candidate, name)) for name in EXPORT_FILES):
-            return candidate
-    raise UserError(f"{directory} holds no exported model ({', '.join(EXPORT_FILES)}, or an MLflow model with them)")
 
 
 def save(export: str, path: str, hf_dtype: str = "float32") -> str | None:
@@ -95,10 +90,9 @@ def save(export: str, path: str, hf_dtype: str = "float32") -> str | None:
 
 
 def _add_hf(path: str, dtype: str) -> str | None:
-    from generalmodel.infer.sampling import read_export
     from generalmodel.interop.hf import ExportError, write_hf
 
-    cfg, state, tokenizer_json = read_export(os.path.join(path, EXPORT_SUBDIR))
+    cfg, state, tokenizer_json, _ = read_export(os.path.join(path, EXPORT_SUBDIR))
     try:
         write_hf(cfg, state, tokenizer_json, os.path.join(path, HF_SUBDIR), dtype)
     except ExportError as e:
@@ -111,19 +105,16 @@ class GeneralModelPyfunc:
     """What `mlflow.pyfunc.load_model` returns the predictions of: our model and sampler."""
 
     def __init__(self, directory: str):
-        from generalmodel.infer.sampling import load_model
-
         self.model, self.tokenizer = load_model(directory)
 
     def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        from generalmodel.infer.sampling import SamplingParams, sample_chat, sample_text
-
         p = PARAMS | (params or {})
         sampling = SamplingParams(
             max_new_tokens=p["max_new_tokens"],
             temperature=p["temperature"],
             top_p=p["top_p"],
             top_k=p["top_k"] or None,
+            min_p=p["min_p"],
             seed=p["seed"],
         )
         if p["chat"]:
