@@ -29,11 +29,10 @@ def check_model(cfg: ServeConfig) -> None:
     """Fail before deploying when the model reference does not resolve (a replica would only
     crash-loop) or the quantization cannot run on the device."""
     from generalmodel.infer.quant import check_quant
-    from generalmodel.tracking import tracking_uri
-    from generalmodel.tracking.registry import artifact_uri
+    from generalmodel.tracking import ModelRef, artifact_uri, tracking_uri
 
     check_quant(cfg.quant, cfg.device)
-    if cfg.model.startswith(("models:/", "runs:/")):
+    if ModelRef.parse(cfg.model).in_mlflow:
         artifact_uri(cfg.model, tracking_uri(cfg))
 
 

@@ -16,6 +16,7 @@ from generalmodel.config import Config, TrackingConfig, TrainConfig
 from generalmodel.data.chat import add_chat_tokens, resize_embeddings
 from generalmodel.data.tokenizer import tokenizer_hash
 from generalmodel.storage import source_name
+from generalmodel.tracking.registry import ModelRef
 from generalmodel.train.init import InitSource
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,10 @@ STAGE_SUFFIXES = ("-sft", "-dpo", "-rl")
 def base_name(reference: str, default: str) -> str:
     """The base model's registered name, without a post-training stage's suffix (`default` for a
     reference that is not models:/NAME/...)."""
-    if not reference.startswith("models:/"):
+    ref = ModelRef.parse(reference)
+    if ref.kind != "registered":
         return default
-    name = reference[len("models:/") :].split("/")[0].split("@")[0]
+    name = ref.name
     for suffix in STAGE_SUFFIXES:
         name = name.removesuffix(suffix)
     return name

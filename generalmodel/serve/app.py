@@ -40,6 +40,7 @@ from generalmodel.serve.protocol import (
     sse,
     validation_message,
 )
+from generalmodel.tracking.registry import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -365,9 +366,7 @@ def build_app(args: dict[str, Any]):
 
 def served_name(reference: str) -> str:
     """The model id of a reference: NAME of models:/NAME/N or models:/NAME@ALIAS, else the reference."""
-    if reference.startswith("models:/"):
-        return reference[len("models:/") :].split("@")[0].split("/")[0]
-    return reference
+    return ModelRef.parse(reference).display_name
 
 
 def chat_format(tokenizer):
