@@ -3,10 +3,11 @@
     --config PATH        a YAML preset; the dotted overrides apply on top of it
     --a.b=value          also `--a.b value`; a bare `--a.b` means true; values are YAML scalars/lists
     --print-config       print the resolved config as YAML (secrets masked) and exit
-    -h, --help           every field with its type, default and description
+    -h, --help           every field the job reads, with its type, default and description
 
 A job declares its config class (a pydantic model: `Config` for the run jobs, a small class of its
-own for the others) and calls `run_job(main, cls, __doc__)`: a user error becomes one line on
+own for the others) and the sections of it that it reads (`sections=`: its --help shows those
+only) and calls `run_job(main, cls, __doc__, sections=...)`: a user error becomes one line on
 stderr and exit code 2, a run that failed for good one line and exit code 1.
 
 Why our own thin layer and not a CLI library: the run config's `model` section is a union of
@@ -39,6 +40,9 @@ from generalmodel.config import Config, ConfigError, dump_config, field_types, l
 EXIT_RUN_FAILED = 1  # the run started and failed for good (generalmodel.RunFailed)
 EXIT_USER_ERROR = 2  # bad config or input (generalmodel.UserError), found before or while running
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
+# The sections of the run `Config` each kind of job reads (what its --help shows).
+RUN_SECTIONS = ("model", "data", "optim", "train", "storage", "ray", "tracking")
+DATA_SECTIONS = ("data", "storage", "ray")
 USAGE = "[--config PRESET.yaml] [--section.key=value ...] [--print-config] [--help]"
 
 
@@ -98,11 +102,13 @@ def parse_args(
     cls: type[BaseModel] | None = None,
     description: str = "",
     positional: tuple[str, ...] = (),
+    sections: tuple[str, ...] | None = None,
 ) -> BaseModel:
-    """The config `cls` (default: the run `Config`) from argv; handles --help and --print-config."""
+    """The config `cls` (default: the run `Config`) from argv; handles --help (showing `sections`
+    of it, default all) and --print-config."""
     cls = cls or Config
     argv = list(sys.argv[1:] if argv is None else argv)
-    exit_on_help(argv, cls, description, positional)
+    exit_on_help(argv, cls, description, positional, sections)
     line = split_args(argv, positional)
     cfg = load_config(line.preset, line.overrides, cls)
     if line.print_config:
@@ -110,9 +116,15 @@ def parse_args(
     return cfg
 
 
-def exit_on_help(argv: list[str], cls: type, description: str, positional: tuple[str, ...] = ()) -> None:
+def exit_on_help(
+    argv: list[str],
+    cls: type,
+    description: str,
+    positional: tuple[str, ...] = (),
+    sections: tuple[str, ...] | None = None,
+) -> None:
     if "-h" in argv or "--help" in argv:
-        print(help_text(cls, description, positional))
+        print(help_text(cls, description, positional, sections))
         raise SystemExit(0)
 
 
@@ -125,8 +137,13 @@ def _usage(positional: tuple[str, ...]) -> str:
     return " ".join([*(w.upper() for w in positional if w != "config"), USAGE])
 
 
-def help_text(cls: type, description: str = "", positional: tuple[str, ...] = ()) -> str:
-    """Every field of `cls`, section by section, with its type, default and description."""
+def help_text(
+    cls: type, description: str = "", positional: tuple[str, ...] = (), sections: tuple[str, ...] | None = None
+) -> str:
+    """Every field of `cls`, section by section, with its type, default and description; only the
+    top-level `sections` named (and plain fields) when given."""
+    unknown = set(sections or ()) - set(field_types(cls))
+    assert not unknown, f"{cls.__name__} has no sections {sorted(unknown)}"
     lines = [description.strip(), ""] if description else []
     lines += [f"usage: {_usage(positional)}", ""]
     if "config" not in field_types(cls):
@@ -136,6 +153,8 @@ def help_text(cls: type, description: str = "", positional: tuple[str, ...] = ()
     def walk(model: type, prefix: str) -> None:
         for name, annotation in field_types(model).items():
             sub = section_class(annotation)
+            if sub is not None and not prefix and sections is not None and name not in sections:
+                continue
             if sub is not None:
                 lines.extend(["", f"{prefix}{name}: {_section_doc(sub)}"])
                 walk(sub, f"{prefix}{name}.")
@@ -156,7 +175,7 @@ def _section_doc(sub: type) -> str:
         from models import REGISTRY
 
         return f"model.name picks one of: {', '.join(sorted(REGISTRY))}; the fields of {sub().name!r}:"
-    return (sub.__doc__ or "").strip().splitlines()[0]
+    return next(iter((sub.__doc__ or "").strip().splitlines()), "")
 
 
 def _default_and_doc(model: type, name: str) -> tuple[Any, str | None]:
@@ -209,9 +228,14 @@ def clean_exit() -> Iterator[None]:
 
 
 def run_job(
-    main: Callable[[Any], Any], cls: type[BaseModel] | None, description: str, positional: tuple[str, ...] = ()
+    main: Callable[[Any], Any],
+    cls: type[BaseModel] | None,
+    description: str,
+    positional: tuple[str, ...] = (),
+    sections: tuple[str, ...] | None = None,
 ) -> None:
-    """A job's `__main__`: logging, its config from argv, `main(cfg)`, user errors as exit code 2."""
+    """A job's `__main__`: logging, its config from argv (`sections`: what its --help shows),
+    `main(cfg)`, user errors as exit code 2."""
     setup_logging()
     with clean_exit():
-        main(parse_args(sys.argv[1:], cls, description, positional))
+        main(parse_args(sys.argv[1:], cls, description, positional, sections))

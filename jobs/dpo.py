@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from generalmodel.cli import run_job
+from generalmodel.cli import RUN_SECTIONS, run_job
 from generalmodel.config import Config
 from generalmodel.post.base import start
 from generalmodel.post.reference import ensure_reference
@@ -44,7 +44,7 @@ def main(cfg: Config) -> dict:
 
 
 def cli() -> None:
-    run_job(main, Config, __doc__)
+    run_job(main, Config, __doc__, sections=(*RUN_SECTIONS, "dpo"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ ray job submit --working-dir . -- python jobs/prepare_data.py ...
 
 from __future__ import annotations
 
-from generalmodel.cli import run_job
+from generalmodel.cli import DATA_SECTIONS, run_job
 from generalmodel.cluster import ray_session, refuse_ephemeral_paths
 from generalmodel.config import Config
 from generalmodel.data.prepare import build_dataset, describe, plan_dataset
@@ -26,7 +26,7 @@ def main(cfg: Config) -> dict:
 
 
 def cli() -> None:
-    run_job(main, Config, __doc__)
+    run_job(main, Config, __doc__, sections=DATA_SECTIONS)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Prepares the data section's dataset first when train.dataset is not given and it
 
 from __future__ import annotations
 
-from generalmodel.cli import run_job
+from generalmodel.cli import RUN_SECTIONS, run_job
 from generalmodel.cluster import refuse_ephemeral_paths
 from generalmodel.config import Config
 from generalmodel.infer import SamplingParams, load_model, sample_text
@@ -36,7 +36,7 @@ def main(cfg: Config) -> dict:
 
 
 def cli() -> None:
-    run_job(main, Config, __doc__)
+    run_job(main, Config, __doc__, sections=RUN_SECTIONS)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from generalmodel.cli import run_job
+from generalmodel.cli import RUN_SECTIONS, run_job
 from generalmodel.cluster import ray_session
 from generalmodel.config import Config
 from generalmodel.post.base import start
@@ -72,7 +72,7 @@ def warn_if_short(cfg: Config) -> None:
 
 
 def cli() -> None:
-    run_job(main, Config, __doc__)
+    run_job(main, Config, __doc__, sections=(*RUN_SECTIONS, "rl"))
 
 
 if __name__ == "__main__":

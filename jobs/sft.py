@@ -11,7 +11,7 @@ match), and the model is registered as BASE-sft with the base version and the da
 
 from __future__ import annotations
 
-from generalmodel.cli import run_job
+from generalmodel.cli import RUN_SECTIONS, run_job
 from generalmodel.config import Config
 from generalmodel.post.base import start
 from generalmodel.post.report import answers_before_after
@@ -26,7 +26,7 @@ def main(cfg: Config) -> dict:
 
 
 def cli() -> None:
-    run_job(main, Config, __doc__)
+    run_job(main, Config, __doc__, sections=RUN_SECTIONS)
 
 
 if __name__ == "__main__":
