@@ -25,8 +25,8 @@ from generalmodel.post.rl.report import accuracy_report
 from generalmodel.post.rl.tasks import load_prompts
 from generalmodel.storage import RunLayout
 from generalmodel.train.job import register_trained, tracked_fit
-from generalmodel.train.loop import refuse_finished
 from generalmodel.train.ray_trainer import fit
+from generalmodel.train.resume import refuse_finished
 
 log = logging.getLogger(__name__)
 

@@ -322,7 +322,7 @@ def test_post_training_names_follow_the_base_and_answers_compare_loosely():
 
 def test_a_checkpoint_written_before_a_config_section_existed_still_resumes():
     from generalmodel.config import dump_config
-    from generalmodel.train.loop import resume_conflicts
+    from generalmodel.train.resume import resume_conflicts
 
     current = dump_config(load_config(overrides={"model.name": "gpt2"}))
     saved = {k: v for k, v in current.items() if k != "dpo"}  # an older checkpoint: no dpo section

@@ -14,7 +14,8 @@ from generalmodel.cluster import free_port
 from generalmodel.config import ConfigError, OptimConfig, load_config
 from generalmodel.infer import SamplingParams, filter_logits
 from generalmodel.optim import lr_multiplier
-from generalmodel.train.loop import TrainingError, train
+from generalmodel.train.loop import train
+from generalmodel.train.resume import TrainingError
 from generalmodel.train.step import TrainingDiverged
 
 # Tests on `train_dataset` (prepared once with the real Ray Data job) are marked integration by
@@ -231,7 +232,7 @@ def test_a_crashed_save_never_looks_complete(train_dataset, tmp_path, caplog):
 
 def test_a_finished_run_is_refused_and_never_does_not_mix_runs(train_dataset, tmp_path):
     from generalmodel.storage import RunLayout
-    from generalmodel.train.loop import refuse_finished
+    from generalmodel.train.resume import refuse_finished
 
     cfg = tiny(train_dataset, tmp_path, **{"train.steps": 3})
     refuse_finished(cfg, RunLayout.of(cfg))  # nothing there yet
@@ -375,7 +376,7 @@ def test_two_process_fsdp_with_muon_matches_one_process(train_dataset, tmp_path)
 def test_a_checkpoint_from_before_the_optimizer_groups_is_refused_by_name():
     from generalmodel.config import Config, dump_config
     from generalmodel.storage import resolve
-    from generalmodel.train.loop import check_resumable
+    from generalmodel.train.resume import check_resumable
 
     cfg = Config()
     old = dump_config(cfg)

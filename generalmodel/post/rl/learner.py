@@ -17,19 +17,15 @@ the resume samples with the checkpoint's weights (the in-flight rollouts died wi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from generalmodel import UserError
-from generalmodel.config import Config, dump_config
-from generalmodel.infer.export import load_state
-from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
+from generalmodel.config import Config
 from generalmodel.post.rl.grpo import (
     STATS,
     group_advantages,
@@ -42,21 +38,8 @@ from generalmodel.post.rl.grpo import (
 from generalmodel.post.rl.rollout import Batch, LocalRollouts, RayRollouts, Rollout
 from generalmodel.post.rl.tasks import PromptSet
 from generalmodel.storage import RunLayout
-from generalmodel.train.checkpoint import Checkpointer
-from generalmodel.train.loop import (
-    Report,
-    TrainingError,
-    _sum_across_ranks,
-    _with_metrics_log,
-    export_with_tokenizer,
-    frozen_copy,
-    full_state,
-    resume,
-    setup_distributed,
-)
-from generalmodel.train.parallelize import parallelize
-from generalmodel.train.step import NonFiniteGuard, optimizer_step
-from models import build_model
+from generalmodel.train.core import Init, Report, TrainingRun, frozen_copy, full_state, sum_across_ranks
+from generalmodel.train.resume import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +73,7 @@ def rl_train(
     cfg: Config,
     report: Report | None = None,
     layout: RunLayout | None = None,
-    init: Callable[[], dict[str, torch.Tensor]] | None = None,
+    init: Init | None = None,
     prompts: PromptSet | None = None,
     tokenizer_json: str | None = None,
     rollouts: str = "ray",
@@ -98,175 +81,149 @@ def rl_train(
     """GRPO from train.init_from (`init` gives its state) on `prompts`; `rollouts`: "ray" (actors
     owned by rank 0) or "local" (in this process). Returns the last metrics."""
     layout = layout or RunLayout.of(cfg)
-    if init is None or prompts is None or tokenizer_json is None:
+    if init is None or prompts is None or tokenizer_json is None or cfg.train.init_from is None:
         raise TrainingError("the RL loop needs the starting model (train.init_from), its tokenizer and the prompts")
     check_rl_config(cfg)
-    env = setup_distributed(cfg)
-    rl = cfg.rl
-    report = _with_metrics_log(report or (lambda metrics: None), cfg.train.metrics_log if env.is_main else None)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    load_state(model, init(), f"train.init_from {cfg.train.init_from!r}")
-    after_step = parallelize(model, cfg.train, env.device, env.world_size, log_info=env.is_main)
-    reference = frozen_copy(cfg, env, init) if rl.beta > 0 else None
-    optimizer = build_optimizer(model, cfg.optim)
-    ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last)
-    counter = StepCounter()
-    config_dump = dump_config(cfg)
-    start_step = resume(ckpt, cfg, config_dump, prompts.sha256, env, model, optimizer, counter)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else contextlib.nullcontext()
-    steps = cfg.train.steps
-    per_rank = rl.prompts_per_step // env.world_size
-    heldout = list(range(min(rl.eval_prompts, len(prompts.heldout))))
-
+    run = TrainingRun(cfg, report, layout, init, StepCounter(), prompts.sha256, lambda: tokenizer_json)
+    reference = frozen_copy(cfg, run.env, init) if cfg.rl.beta > 0 else None
     pool = None
-    if env.is_main:
+    if run.env.is_main:
         pool = (RayRollouts if rollouts == "ray" else LocalRollouts)(cfg, tokenizer_json, prompts)
-    requested: dict[int, Any] = {}
-    evals: dict[int, Any] = {}
+    step = GrpoStep(run, prompts, pool, reference)
+    step.publish(run.start_step)
 
-    def publish(version: int) -> None:
-        state = full_state(model)  # a collective: every rank
-        if pool is not None:
-            pool.publish(version, state)
-            if heldout and (version % rl.eval_every == 0 or version == steps):
-                evals[version] = pool.submit_eval(heldout)
-
-    def request(step: int) -> None:
-        if pool is not None and step not in requested and step < steps:
-            ids = prompts.step_prompts(step, rl.prompts_per_step, cfg.train.seed)
-            slots = [(j * rl.group_size + g, i) for j, i in enumerate(ids) for g in range(rl.group_size)]
-            requested[step] = pool.submit(step, slots)
-
-    def heldout_metrics(version: int) -> dict[str, float]:
-        if pool is None or version not in evals:
-            return {}
-        batch = pool.collect(evals.pop(version))
-        return scores("heldout", batch.rollouts, rl.rewards)
-
-    guard = NonFiniteGuard(cfg.train.max_bad_steps, env.device)
-    last: dict[str, Any] = {}
-    run_started = time.perf_counter()
-    done = start_step
-    step_started = time.perf_counter()
-    publish(start_step)
-    try:
-        for step in range(start_step, steps):
-            if cfg.train.fail_at_step == step and start_step == 0 and env.is_main:
-                raise RuntimeError(f"train.fail_at_step: injected failure at step {step}")
-            request(step)
-            if rl.mode == "off_policy":
-                request(step + 1)  # sampled by the current weights while this step trains
-            batch = _gather(pool, requested.pop(step, None), rl.group_size, rl.rewards, env)
-            first_eval = heldout_metrics(step) if step == start_step else {}
-            if first_eval:  # the model it starts from, on the same prompts as every later evaluation
-                report({"step": step, **first_eval})
-            rewards = torch.tensor([r.reward for r in batch["rollouts"]]).view(-1, rl.group_size)
-            advantages = group_advantages(rewards, rl.scale_rewards).view(-1)
-            mine = slice(env.rank * per_rank * rl.group_size, (env.rank + 1) * per_rank * rl.group_size)
-            tensors = _sequences(prompts, batch["rollouts"][mine], advantages[mine], env.device)
-
-            learn_started = time.perf_counter()
-            multiplier = lr_multiplier(step, steps, cfg.optim)
-            set_lr(optimizer, multiplier)
-            lr = cfg.optim.lr * multiplier
-            total = _sum_across_ranks(units(tensors["mask"], rl)).clamp(min=1)
-            token_total = _sum_across_ranks(tensors["mask"].float().sum()).clamp(min=1)
-            sums = torch.zeros(1 + len(STATS), device=env.device)
-            grad_norm = 0.0
-            for _ in range(rl.updates_per_batch):
-                sums.zero_()
-                for chunk in _chunks(tensors, cfg.train.batch_size):
-                    # Only the completion tokens are scored: the head runs at those positions only.
-                    keep = chunk["mask"]
-                    with autocast:
-                        completion = model(chunk["inputs"], keep=keep)
-                    logp = token_logprobs(completion, chunk["targets"][keep], rl.temperature)
-                    ref_logp = None
-                    if reference is not None:
-                        with torch.no_grad(), autocast:
-                            ref_logits = reference(chunk["inputs"], keep=keep)
-                        ref_logp = token_logprobs(ref_logits, chunk["targets"][keep], rl.temperature)
-                    row_adv = chunk["advantages"].unsqueeze(1).expand_as(keep)[keep]
-                    loss, stats = grpo_loss(
-                        logp,
-                        chunk["old_logp"][keep],
-                        row_adv,
-                        token_weights(keep, rl)[keep],
-                        token_entropy(completion, rl.temperature),
-                        ref_logp,
-                        rl,
-                    )
-                    (loss * env.world_size / total).backward()
-                    sums += torch.stack([loss.detach(), *(stats[k] for k in STATS)])
-                reduced_sums = _sum_across_ranks(sums)
-                norm, _ = optimizer_step(model, optimizer, reduced_sums[0], cfg.optim.grad_clip, guard, step)
-                after_step()
-                reduced = reduced_sums.tolist()  # RL syncs every step anyway (rollouts)
-                loss_value, grad_norm = reduced[0] / total.item(), norm.item()
-                guard.read()
-            learn_s = time.perf_counter() - learn_started
-            step_s, step_started = time.perf_counter() - step_started, time.perf_counter()
-            done = step + 1
-            counter.step = done
-            publish(done)
-            if rl.mode == "on_policy":
-                request(done)
-
-            metrics: dict[str, Any] = {}
-            if done % cfg.train.log_every == 0 or done == steps:
-                stats = dict(zip(STATS, (v / token_total.item() for v in reduced[1:]), strict=True))
-                if reference is None:
-                    stats.pop("kl")
-                learner_tokens = _sum_across_ranks(torch.tensor(float(tensors["inputs"].numel()))).item()
-                metrics.update(
-                    step=done,
-                    loss=loss_value,
-                    **stats,
-                    **batch["metrics"],
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    skipped_steps=guard.skipped,
-                    step_s=step_s,
-                    learner_s=learn_s,
-                    rollout_wait_s=step_s - learn_s,
-                    rollout_wait_fraction=(step_s - learn_s) / step_s,
-                    learner_tokens_per_s=learner_tokens * rl.updates_per_batch / max(learn_s, 1e-9),
-                    policy_lag=step - min(r.version for r in batch["rollouts"]),
-                    elapsed_s=time.perf_counter() - run_started,
-                    eta_s=(steps - done) * (time.perf_counter() - run_started) / (done - start_step),
-                )
-                if pool is not None:
-                    metrics["rollout_workers_replaced"] = pool.replaced
-            evaluation = heldout_metrics(done) if env.is_main else {}
-            if evaluation:
-                metrics.update(step=done, **evaluation)
-            if done == steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
-                stall = ckpt.save(
-                    done,
-                    model,
-                    optimizer,
-                    {"step": done, "loader": counter.state_dict(), "config": config_dump, "dataset": prompts.sha256},
-                )
-                metrics.update(step=done, checkpoint_stall_s=stall)
-            if done == steps:
-                ckpt.wait()
-                export_with_tokenizer(model, cfg, tokenizer_json, env, layout)
-            if metrics:
-                metrics.setdefault("loss", loss_value)
-                last.update(metrics)
-                report(metrics)
-    except BaseException:
-        ckpt.finish_uploads()
+    def close() -> None:
         if pool is not None:
             pool.close()
-        raise
-    ckpt.wait()
-    if pool is not None:
-        pool.close()
-    if done == start_step:
-        export_with_tokenizer(model, cfg, tokenizer_json, env, layout)
-    return last
+
+    return run.run(step, close)
+
+
+class GrpoStep:
+    """One GRPO step on the learner: the step's rollouts (asked for ahead of time off-policy),
+    group advantages, rl.updates_per_batch optimizer updates, the new weights published to the
+    rollout workers, held-out accuracy at its steps."""
+
+    def __init__(self, run: TrainingRun, prompts: PromptSet, pool, reference):
+        self.run, self.prompts, self.pool, self.reference = run, prompts, pool, reference
+        self.rl = run.cfg.rl
+        self.per_rank = self.rl.prompts_per_step // run.env.world_size
+        self.heldout = list(range(min(self.rl.eval_prompts, len(prompts.heldout))))
+        self.requested: dict[int, Any] = {}
+        self.evals: dict[int, Any] = {}
+        self.step_started = time.perf_counter()
+
+    def publish(self, version: int) -> None:
+        state = full_state(self.run.model)  # a collective: every rank
+        if self.pool is not None:
+            self.pool.publish(version, state)
+            if self.heldout and (version % self.rl.eval_every == 0 or version == self.run.steps):
+                self.evals[version] = self.pool.submit_eval(self.heldout)
+
+    def request(self, step: int) -> None:
+        if self.pool is not None and step not in self.requested and step < self.run.steps:
+            ids = self.prompts.step_prompts(step, self.rl.prompts_per_step, self.run.cfg.train.seed)
+            slots = [(j * self.rl.group_size + g, i) for j, i in enumerate(ids) for g in range(self.rl.group_size)]
+            self.requested[step] = self.pool.submit(step, slots)
+
+    def heldout_metrics(self, version: int) -> dict[str, float]:
+        if self.pool is None or version not in self.evals:
+            return {}
+        batch = self.pool.collect(self.evals.pop(version))
+        return scores("heldout", batch.rollouts, self.rl.rewards)
+
+    def __call__(self, step: int, lr: float) -> dict[str, Any]:
+        run, rl, env = self.run, self.rl, self.run.env
+        self.request(step)
+        if rl.mode == "off_policy":
+            self.request(step + 1)  # sampled by the current weights while this step trains
+        batch = _gather(self.pool, self.requested.pop(step, None), rl.group_size, rl.rewards, env)
+        first_eval = self.heldout_metrics(step) if step == run.start_step else {}
+        if first_eval:  # the model it starts from, on the same prompts as every later evaluation
+            run.report({"step": step, **first_eval})
+        rewards = torch.tensor([r.reward for r in batch["rollouts"]]).view(-1, rl.group_size)
+        advantages = group_advantages(rewards, rl.scale_rewards).view(-1)
+        rows = self.per_rank * rl.group_size
+        mine = slice(env.rank * rows, (env.rank + 1) * rows)
+        tensors = _sequences(self.prompts, batch["rollouts"][mine], advantages[mine], env.device)
+        learn_started = time.perf_counter()
+        reduced, total, token_total, grad_norm = self.learn(tensors, step)
+        learn_s = time.perf_counter() - learn_started
+        step_s, self.step_started = time.perf_counter() - self.step_started, time.perf_counter()
+        done = step + 1
+        run.position.step = done
+        self.publish(done)
+        if rl.mode == "on_policy":
+            self.request(done)
+        metrics: dict[str, Any] = {}
+        if done % run.cfg.train.log_every == 0 or done == run.steps:
+            stats = dict(zip(STATS, (v / token_total.item() for v in reduced[1:]), strict=True))
+            if self.reference is None:
+                stats.pop("kl")
+            learner_tokens = sum_across_ranks(torch.tensor(float(tensors["inputs"].numel()))).item()
+            metrics.update(
+                step=done,
+                loss=reduced[0] / total.item(),
+                **stats,
+                **batch["metrics"],
+                lr=lr,
+                grad_norm=grad_norm,
+                skipped_steps=run.guard.skipped,
+                step_s=step_s,
+                learner_s=learn_s,
+                rollout_wait_s=step_s - learn_s,
+                rollout_wait_fraction=(step_s - learn_s) / step_s,
+                learner_tokens_per_s=learner_tokens * rl.updates_per_batch / max(learn_s, 1e-9),
+                policy_lag=step - min(r.version for r in batch["rollouts"]),
+                elapsed_s=run.elapsed(),
+                eta_s=(run.steps - done) * run.elapsed() / (done - run.start_step),
+            )
+            if self.pool is not None:
+                metrics["rollout_workers_replaced"] = self.pool.replaced
+        evaluation = self.heldout_metrics(done) if env.is_main else {}
+        if evaluation:
+            metrics.update(step=done, **evaluation)
+        if metrics or run.save_due(done):
+            metrics.setdefault("loss", reduced[0] / total.item())
+        return metrics
+
+    def learn(self, tensors: dict[str, torch.Tensor], step: int):
+        """rl.updates_per_batch optimizer updates on this rank's rollouts: (the last update's
+        summed loss and statistics over all ranks, the loss's unit count, the token count, its grad norm)."""
+        run, rl, env = self.run, self.rl, self.run.env
+        total = sum_across_ranks(units(tensors["mask"], rl)).clamp(min=1)
+        token_total = sum_across_ranks(tensors["mask"].float().sum()).clamp(min=1)
+        sums = torch.zeros(1 + len(STATS), device=env.device)
+        for _ in range(rl.updates_per_batch):
+            sums.zero_()
+            for chunk in _chunks(tensors, run.cfg.train.batch_size):
+                loss, stats = self.chunk_loss(chunk)
+                (loss * env.world_size / total).backward()
+                sums += torch.stack([loss.detach(), *(stats[k] for k in STATS)])
+            reduced_sums = sum_across_ranks(sums)
+            norm, _ = run.update(reduced_sums[0], step)
+            reduced = reduced_sums.tolist()  # RL syncs every step anyway (rollouts)
+            grad_norm = norm.item()
+            run.guard.read()
+        return reduced, total, token_total, grad_norm
+
+    def chunk_loss(self, chunk: dict[str, torch.Tensor]):
+        """The GRPO loss of a chunk of rows. Only the completion tokens are scored: the head runs
+        at those positions only."""
+        rl, model, autocast = self.rl, self.run.model, self.run.autocast
+        keep = chunk["mask"]
+        with autocast:
+            completion = model(chunk["inputs"], keep=keep)
+        logp = token_logprobs(completion, chunk["targets"][keep], rl.temperature)
+        ref_logp = None
+        if self.reference is not None:
+            with torch.no_grad(), autocast:
+                ref_logits = self.reference(chunk["inputs"], keep=keep)
+            ref_logp = token_logprobs(ref_logits, chunk["targets"][keep], rl.temperature)
+        row_adv = chunk["advantages"].unsqueeze(1).expand_as(keep)[keep]
+        weights = token_weights(keep, rl)[keep]
+        entropy = token_entropy(completion, rl.temperature)
+        return grpo_loss(logp, chunk["old_logp"][keep], row_adv, weights, entropy, ref_logp, rl)
 
 
 def train_in_process(cfg: Config, state, prompts: PromptSet, tokenizer_json: str, rollouts: str = "local"):

@@ -1,0 +1,238 @@
+"""The core every training loop shares: pretraining/SFT/DPO (`generalmodel.train.loop`) and the RL
+learner (`generalmodel.post.rl.learner`) each write only their step; this module does the rest.
+
+    Distributed      the process group (torchrun) or Ray Train's, the device
+    TrainingRun      the model (built, initialised from train.init_from, parallelized), optimizer,
+                     checkpointer and non-finite guard; resumed from the newest usable checkpoint;
+                     `run(step)`: failure injection, LR schedule, the loop's step, periodic and
+                     final checkpoints, the final export, metrics reported (and appended to
+                     train.metrics_log), uploads finished even when the run fails
+
+A loop's step is `step(step_index, lr) -> metrics` (empty between log steps); the run decides when
+to checkpoint (`save_due`) so a step can read its guard before anything is saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from generalmodel.config import Config, dump_config
+from generalmodel.infer.export import export_files, load_state
+from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
+from generalmodel.storage import RunLayout, resolve, with_retries
+from generalmodel.train import fp8
+from generalmodel.train.checkpoint import Checkpointer
+from generalmodel.train.parallelize import parallelize
+from generalmodel.train.resume import Position, TrainingError, resume
+from generalmodel.train.step import NonFiniteGuard, optimizer_step
+from models import build_model
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any]], None]
+Init = Callable[[], dict[str, torch.Tensor]]
+Step = Callable[[int, float], dict[str, Any]]
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: Config) -> Dist:
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():  # torchrun; Ray Train has done this already
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if want_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank, world, device)
+
+
+def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The sum of `value` over all ranks (a copy; the value itself without a process group)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def with_metrics_log(report: Report, path: str | None) -> Report:
+    """`report`, and each report appended to `path` as a JSON line (train.metrics_log) when set."""
+    if path is None:
+        return report
+
+    def report_and_log(metrics: dict[str, Any]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        report(metrics)
+
+    return report_and_log
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """The whole model's state on the CPU (a collective under FSDP2: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_with_tokenizer(model, cfg: Config, tokenizer_json: str, env: Dist, layout: RunLayout) -> None:
+    """The final model as safetensors + model config + tokenizer, written by rank 0 (every rank
+    takes part in gathering the state)."""
+    state = full_state(model)
+    if not env.is_main:
+        return
+    out = resolve(layout.export, layout.storage)
+    for name, data in export_files(cfg.model, state, tokenizer_json).items():
+        with_retries(f"writing {out.uri}/{name}", layout.storage.retry_timeout_s, out.join(name).write_bytes, data)
+
+
+def frozen_copy(cfg: Config, env: Dist, init: Init):
+    """A frozen copy of train.init_from on this worker, sharded like the policy (a reference). Its
+    random init is overwritten: it draws from a forked generator, leaving the run's as it was."""
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        reference = build_model(cfg.model)
+    load_state(reference, init(), f"train.init_from {cfg.train.init_from!r}")
+    reference.requires_grad_(False)
+    frozen = cfg.train.model_copy(update={"activation_checkpointing": "none"})  # no backward through it
+    parallelize(reference, frozen, env.device, env.world_size, log_info=False)
+    return reference.eval()
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on a GPU; nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class TrainingRun:
+    """One training run on this worker: everything a loop shares but its step (see the module doc)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        report: Report | None,
+        layout: RunLayout,
+        init: Init | None,
+        position: Position,
+        dataset_sha: str,
+        tokenizer_json: Callable[[], str],
+        seq_len: int | None = None,
+        env: Dist | None = None,
+    ):
+        self.cfg, self.layout, self.position, self.dataset_sha = cfg, layout, position, dataset_sha
+        self.tokenizer_json = tokenizer_json
+        self.env = env = env or setup_distributed(cfg)
+        if cfg.train.fp8 != "none":  # a clear error, not a silent bf16 run
+            fp8.check_supported(cfg.train.fp8, env.device)
+        self.report = with_metrics_log(report or (lambda metrics: None), cfg.train.metrics_log if env.is_main else None)
+        torch.manual_seed(cfg.train.seed)
+        self.model = model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
+        if cfg.train.init_from is not None:
+            if init is None:
+                raise TrainingError(f"train.init_from {cfg.train.init_from!r}: the job did not load it (load_init)")
+            load_state(model, init(), f"train.init_from {cfg.train.init_from!r}")
+        self.num_params = model.num_params()
+        self.flops_per_token = model.flops_per_token(seq_len) if seq_len else None  # active parameters (MoE)
+        self.after_step = parallelize(
+            model, cfg.train, env.device, env.world_size, log_info=env.is_main, seq_len=seq_len
+        )
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last)
+        self.config_dump = dump_config(cfg)
+        self.start_step = resume(
+            self.ckpt, cfg, self.config_dump, dataset_sha, env.world_size, model, self.optimizer, position
+        )
+        self.guard = NonFiniteGuard(cfg.train.max_bad_steps, env.device)
+        self.autocast = autocast_for(env.device)
+        self.started = time.perf_counter()
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.train.steps
+
+    def update(self, loss_sum: torch.Tensor, step: int):
+        """One optimizer step on the accumulated gradients (skipped on the device when not finite):
+        (grad norm, routing metrics), both device tensors."""
+        out = optimizer_step(self.model, self.optimizer, loss_sum, self.cfg.optim.grad_clip, self.guard, step)
+        self.after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
+        return out
+
+    def save_due(self, done: int) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return done == self.steps or bool(every and done % every == 0)
+
+    def run(self, step: Step, close: Callable[[], None] = lambda: None) -> dict[str, Any]:
+        """Run `step` for every step left; returns the last value of every metric reported.
+        `close` releases the loop's own resources, whether the run ends or fails."""
+        last: dict[str, Any] = {}
+        done = self.start_step
+        try:
+            for index in range(self.start_step, self.steps):
+                self._inject_failure(index)
+                multiplier = lr_multiplier(index, self.steps, self.cfg.optim)
+                set_lr(self.optimizer, multiplier)
+                metrics = step(index, self.cfg.optim.lr * multiplier)
+                done = index + 1
+                if self.save_due(done):
+                    metrics.update(step=done, checkpoint_stall_s=self._save(done))
+                if done == self.steps:
+                    # Before the last report: whoever hears it (a Tune scheduler) may end the run at once.
+                    self.ckpt.wait()
+                    self.export()
+                if metrics:
+                    metrics["num_params"] = self.num_params
+                    last.update(metrics)
+                    self.report(metrics)
+        except BaseException:
+            self.ckpt.finish_uploads()  # what was saved before the failure still gets published
+            close()
+            raise
+        self.ckpt.wait()
+        close()
+        if done == self.start_step:  # resumed at the end: nothing trained, the export is written again
+            self.export()
+        return last
+
+    def export(self) -> None:
+        export_with_tokenizer(self.model, self.cfg, self.tokenizer_json(), self.env, self.layout)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def _save(self, done: int) -> float:
+        state = {
+            "step": done,
+            "loader": self.position.state_dict(),
+            "config": self.config_dump,
+            "dataset": self.dataset_sha,
+        }
+        return self.ckpt.save(done, self.model, self.optimizer, state)
+
+    def _inject_failure(self, step: int) -> None:
+        """train.fail_at_step: a failure of the first attempt at that step (a test of recovery)."""
+        if self.cfg.train.fail_at_step == step and self.start_step == 0 and self.env.is_main:
+            raise RuntimeError(f"train.fail_at_step: injected failure at step {step}")
