@@ -236,7 +236,7 @@ def test_a_job_refuses_a_dataset_prepared_from_an_older_source(ray_cluster, txt_
     """A training job reuses the dataset its data section names; when the source's files changed
     since it was prepared, the job stops with the difference (or re-prepares with overwrite)."""
     from generalmodel.storage import RunLayout
-    from generalmodel.train.ray_trainer import ensure_dataset
+    from generalmodel.train.readiness import ensure_dataset
 
     cfg = config(txt_corpus, tmp_path / "ds", val_fraction=0.1)
     layout = RunLayout.of(cfg)

@@ -17,19 +17,25 @@ A bad field is an HTTP 400 naming it. Replicas, autoscaling and resources come f
 
 import asyncio
 import logging
-import queue
 import secrets
-import threading
 import time
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
+from ray import serve
 
 from generalmodel.config import Section, StorageConfig, TrackingConfig
+from generalmodel.data.chat import ChatFormatError
+from generalmodel.infer import SamplingParams
+from generalmodel.infer.engine import Event
+from generalmodel.infer.engine import Request as Sequence
 from generalmodel.infer.quant import Quant
+from generalmodel.serve.decode_loop import DecodeLoop
 
-# No `from __future__ import annotations` here: FastAPI reads the routes' annotations, and the
-# deployment class reaches its replicas by value (cloudpickle), without this module's namespace.
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations.
 from generalmodel.serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -81,115 +87,212 @@ class ServeConfig(Section):
     storage: StorageConfig = StorageConfig()
 
 
-class DecodeLoop:
-    """The engine in its own thread, feeding asyncio queues. `submit` (from the event loop) queues a
-    request with the asyncio.Queue its events go to; each decode step's events reach the event loop
-    in one hand-over (one wake-up per step, not per token); `cancel` stops a request; `close` stops
-    the thread. A request the engine refuses gets the exception in its queue; if the loop itself
-    fails, every queue does."""
+# The routes of every replica. Serve's deployment options (replicas, resources) are set when the
+# app is built from a ServeConfig (`build_app`), so the class can live at module level.
+api = FastAPI(title="GeneralModel", docs_url=None, redoc_url=None)
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.sinks: dict[int, asyncio.Queue] = {}
-        self.stats = {"requests": 0, "cancelled": 0, "tokens": 0, "steps": 0}
-        self.error: BaseException | None = None
-        self.aloop: asyncio.AbstractEventLoop | None = None
-        self._closing = False
-        self.thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
-        self.thread.start()
 
-    def submit(self, request, sink: asyncio.Queue) -> None:
-        self.aloop = self.aloop or asyncio.get_running_loop()
-        self.inbox.put(("add", request, sink))
+class BadRequest(Exception):
+    """An HTTP 400 in OpenAI's error format, naming the request field at fault."""
 
-    def cancel(self, request) -> None:
-        self.inbox.put(("cancel", request, None))
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
-    def close(self) -> None:
-        self._closing = True
-        self.inbox.put(("close", None, None))
-        self.thread.join(timeout=10)
 
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and self.error is None
+@api.exception_handler(RequestValidationError)
+async def _invalid(_request, exc: RequestValidationError):
+    message, param = validation_message(exc.errors())
+    return JSONResponse(error_body(message, param), status_code=400)
 
-    def _hand_over(self, items: list[tuple[asyncio.Queue, Any]]) -> None:
-        if items:
-            self.aloop.call_soon_threadsafe(_put_all, items)
 
-    def _run(self) -> None:
+@api.exception_handler(BadRequest)
+async def _bad(_request, exc: BadRequest):
+    return JSONResponse(error_body(str(exc), exc.param), status_code=400)
+
+
+@serve.deployment(name="OpenAIServer")
+@serve.ingress(api)
+class OpenAIServer:
+    """One replica: the model, its decode loop, the OpenAI routes."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        from generalmodel.data.tokenizer import eos_id
+        from generalmodel.infer.engine import Engine
+        from generalmodel.infer.export import load_model
+        from generalmodel.tracking import tracking_uri
+        from generalmodel.tracking.registry import download_model
+
+        self.cfg = ServeConfig.model_validate(cfg_dict)
+        directory = download_model(self.cfg.model, tracking_uri(self.cfg), self.cfg.storage.resolved())
+        self.model, self.tokenizer = load_model(directory, self.cfg.device, self.cfg.quant)
+        self.name = self.cfg.name or served_name(self.cfg.model)
+        self.eos = eos_id(self.tokenizer)
+        self.chat = chat_format(self.tokenizer)
+        self.context = self.model.cfg.max_seq_len
+        self.created = int(time.time())
+        self.loop = DecodeLoop(Engine(self.model, self.cfg.max_batch, compile=self.cfg.compile))
+        log.info("serving %s as %r (max_batch %d)", self.cfg.model, self.name, self.cfg.max_batch)
+
+    def check_health(self) -> None:  # Serve restarts a replica whose loop died
+        if not self.loop.alive:
+            raise RuntimeError(f"the decode loop stopped: {self.loop.error!r}")
+
+    def __del__(self):
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.close()
+
+    @api.get("/health")
+    def health(self):
+        self.check_health()
+        return {"status": "ok", "model": self.name}
+
+    @api.get("/stats")
+    def stats(self):
+        engine = self.loop.engine
+        rows = {"active": engine.active, "waiting": len(engine.waiting), "max_batch": len(engine.rows)}
+        return {**self.loop.stats, **rows}
+
+    @api.get("/v1/models")
+    def models(self):
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "generalmodel"}
+        card["max_model_len"] = self.context
+        return {"object": "list", "data": [card]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        if body.logprobs is not None or body.echo:
+            raise BadRequest("logprobs and echo are not supported", "logprobs" if body.logprobs else "echo")
+        ids = self.tokenizer.encode(body.prompt, add_special_tokens=False).ids or [self.eos]
+        return await self._answer(body, ids, {self.eos}, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest):
+        if self.chat is None:
+            raise BadRequest(
+                f"model {self.name!r} has no chat template (its tokenizer lacks the role tokens): "
+                "use /v1/completions, or fine-tune it with jobs/sft.py",
+                "messages",
+            )
         try:
-            while not self._closing:
-                self._drain(block=self.engine.idle())
-                if self.engine.idle():
-                    continue
-                events = self.engine.step()
-                self.stats["steps"] += 1
-                out = []
-                for event in events:
-                    self.stats["tokens"] += event.token is not None
-                    sink = (self.sinks.pop if event.finished else self.sinks.get)(event.request.id, None)
-                    if sink is not None:
-                        out.append((sink, event))
-                self._hand_over(out)
-        except BaseException as e:  # the replica is unhealthy from now on: check_health says why
-            log.exception("the decode loop failed")
-            self.error = e
-            self._hand_over([(sink, e) for sink in self.sinks.values()])
+            ids = self.chat.prompt_ids([m.model_dump() for m in body.messages])
+        except ChatFormatError as e:
+            raise BadRequest(str(e), "messages") from None
+        return await self._answer(body, ids, {self.chat.end_id, self.eos}, chat=True)
 
-    def _drain(self, block: bool) -> None:
+    async def _answer(self, body, ids: list[int], stop_ids: set[int], chat: bool):
+        """The whole answer, or its stream of server-sent events (`body.stream`)."""
+        sequence = Sequence(ids, self._params(body, ids, chat), frozenset(stop_ids))
+        events: asyncio.Queue = asyncio.Queue()
+        self.loop.submit(sequence, events)
+        answer = Answer(self, sequence, events, TextStream(self.tokenizer, body.stops), chat)
+        if not body.stream:
+            return await answer.body()
+        return StreamingResponse(answer.stream(), media_type="text/event-stream")
+
+    def _params(self, body, ids: list[int], chat: bool) -> SamplingParams:
+        """The request's sampling parameters; a 400 (before any response starts) for a model or a
+        prompt this replica cannot answer."""
+        if body.model != self.name:
+            raise BadRequest(f"unknown model {body.model!r}; this server serves {self.name!r}", "model")
+        try:
+            self.loop.engine.check(ids)  # the engine's own rule
+        except ValueError as e:
+            raise BadRequest(str(e), "messages" if chat else "prompt") from None
+        limit = body.limit if chat else body.max_tokens
+        return SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            max_new_tokens=min(limit or self.context, self.context - len(ids)),
+            seed=body.seed if body.seed is not None else secrets.randbits(31),
+        )
+
+
+class Answer:
+    """One request's answer as its tokens arrive from the decode loop: text pieces, then the
+    whole body or the server-sent events of a stream."""
+
+    def __init__(self, server: OpenAIServer, sequence, events: asyncio.Queue, text: TextStream, chat: bool):
+        self.server, self.sequence, self.events, self.text, self.chat = server, sequence, events, text, chat
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+
+    async def pieces(self):
+        """(text, finish reason or None) as tokens arrive — the tokens that arrived while the last
+        piece was sent go out as one piece (fewer chunks through Serve's proxy when the batch
+        decodes faster than a stream is sent); cancels the sequence if abandoned."""
+        loop, sequence = self.server.loop, self.sequence
+        interval, sent = self.server.cfg.stream_interval_ms / 1000, float("-inf")
+        try:
+            while True:
+                batch = await self._next_events(sent + interval)
+                sent = time.monotonic()
+                piece = ""
+                for event in batch:
+                    if isinstance(event, ValueError):  # the engine refused the request
+                        raise BadRequest(str(event), "messages" if self.chat else "prompt")
+                    if isinstance(event, BaseException):
+                        raise RuntimeError(f"the decode loop failed: {event!r}")
+                    piece += self.text.add(event.token) if event.token is not None else ""
+                    if self.text.stopped:
+                        loop.cancel(sequence)
+                        yield piece, "stop"
+                        return
+                    if event.finished:
+                        yield piece + self.text.finish(), "length" if sequence.finish_reason == "length" else "stop"
+                        return
+                if piece:
+                    yield piece, None
+        finally:
+            if not sequence.done:  # the client went away (or the task was cancelled)
+                loop.cancel(sequence)
+
+    async def _next_events(self, due: float) -> list:
+        """The next event, and what else arrives before `due` (or until one ends the answer)."""
+        batch = [await self.events.get()]
         while True:
+            while not self.events.empty():
+                batch.append(self.events.get_nowait())
+            wait = due - time.monotonic()
+            if wait <= 0 or any(not isinstance(e, Event) or e.finished for e in batch):
+                return batch
             try:
-                op, request, sink = self.inbox.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                return
-            block = False
-            if op == "add":
-                self.stats["requests"] += 1
-                try:
-                    self.engine.add(request)
-                except ValueError as e:
-                    self._hand_over([(sink, e)])
-                    continue
-                self.sinks[request.id] = sink
-            elif op == "cancel" and not request.done:
-                self.stats["cancelled"] += 1
-                self.engine.cancel(request)
-                self.sinks.pop(request.id, None)
+                batch.append(await asyncio.wait_for(self.events.get(), wait))
+            except asyncio.TimeoutError:
+                return batch
 
+    def usage(self) -> dict[str, int]:
+        prompt = len(self.sequence.prompt_ids)
+        n = len(self.text.tokens)  # what the answer holds (the engine may be a step past a stop string)
+        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
-def _put_all(items) -> None:
-    for sink, item in items:
-        sink.put_nowait(item)
+    async def body(self) -> dict[str, Any]:
+        out, finish = [], None
+        async for piece, reason in self.pieces():
+            out.append(piece)
+            finish = reason
+        return completion_body(self.id, self.server.name, "".join(out), finish, self.usage(), self.chat, chunk=False)
+
+    async def stream(self):
+        name, chat = self.server.name, self.chat
+        if chat:  # OpenAI's first chunk names the role
+            first = completion_body(self.id, name, "", None, None, chat, chunk=True)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            yield sse(first)
+        async for piece, finish in self.pieces():
+            if piece:
+                yield sse(completion_body(self.id, name, piece, None, None, chat, chunk=True))
+            if finish:
+                yield sse(completion_body(self.id, name, "", finish, self.usage(), chat, chunk=True))
+        yield sse("[DONE]")
 
 
 def build_app(args: dict[str, Any]):
     """The Serve application for a `ServeConfig` (as a dict): what `serve.run` and a RayService's
     `serveConfigV2` (import_path: generalmodel.serve.app:build_app, args: {...}) deploy."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from ray import serve
-
     cfg = ServeConfig.model_validate(args)
-    api = FastAPI(title="GeneralModel", docs_url=None, redoc_url=None)
-
-    @api.exception_handler(RequestValidationError)
-    async def _invalid(_request, exc: RequestValidationError):
-        message, param = validation_message(exc.errors())
-        return JSONResponse(error_body(message, param), status_code=400)
-
-    class BadRequest(Exception):
-        def __init__(self, message: str, param: str | None = None):
-            super().__init__(message)
-            self.param = param
-
-    @api.exception_handler(BadRequest)
-    async def _bad(_request, exc: BadRequest):
-        return JSONResponse(error_body(str(exc), exc.param), status_code=400)
-
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
@@ -199,169 +302,7 @@ def build_app(args: dict[str, Any]):
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
         options["num_replicas"] = cfg.replicas
-
-    @serve.deployment(name="OpenAIServer", **options)
-    @serve.ingress(api)
-    class OpenAIServer:
-        def __init__(self, cfg_dict: dict[str, Any]):
-            from generalmodel.data.tokenizer import eos_id
-            from generalmodel.infer.engine import Engine
-            from generalmodel.infer.export import load_model
-            from generalmodel.tracking import tracking_uri
-            from generalmodel.tracking.registry import download_model
-
-            self.cfg = ServeConfig.model_validate(cfg_dict)
-            directory = download_model(self.cfg.model, tracking_uri(self.cfg), self.cfg.storage.resolved())
-            self.model, self.tokenizer = load_model(directory, self.cfg.device, self.cfg.quant)
-            self.name = self.cfg.name or served_name(self.cfg.model)
-            self.eos = eos_id(self.tokenizer)
-            self.chat = chat_format(self.tokenizer)
-            self.context = self.model.cfg.max_seq_len
-            self.created = int(time.time())
-            engine = Engine(self.model, self.cfg.max_batch, compile=self.cfg.compile)
-            self.loop = DecodeLoop(engine)
-            log.info("serving %s as %r (max_batch %d)", self.cfg.model, self.name, self.cfg.max_batch)
-
-        def check_health(self) -> None:  # Serve restarts a replica whose loop died
-            if not self.loop.alive:
-                raise RuntimeError(f"the decode loop stopped: {self.loop.error!r}")
-
-        def __del__(self):
-            loop = getattr(self, "loop", None)
-            if loop is not None:
-                loop.close()
-
-        @api.get("/health")
-        def health(self):
-            self.check_health()
-            return {"status": "ok", "model": self.name}
-
-        @api.get("/stats")
-        def stats(self):
-            engine = self.loop.engine
-            rows = {"active": engine.active, "waiting": len(engine.waiting), "max_batch": len(engine.rows)}
-            return {**self.loop.stats, **rows}
-
-        @api.get("/v1/models")
-        def models(self):
-            card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "generalmodel"}
-            card["max_model_len"] = self.context
-            return {"object": "list", "data": [card]}
-
-        @api.post("/v1/completions")
-        async def completions(self, body: CompletionRequest):
-            if body.logprobs is not None or body.echo:
-                raise BadRequest("logprobs and echo are not supported", "logprobs" if body.logprobs else "echo")
-            ids = self.tokenizer.encode(body.prompt, add_special_tokens=False).ids or [self.eos]
-            return await self._answer(body, ids, {self.eos}, chat=False)
-
-        @api.post("/v1/chat/completions")
-        async def chat_completions(self, body: ChatRequest):
-            if self.chat is None:
-                raise BadRequest(
-                    f"model {self.name!r} has no chat template (its tokenizer lacks the role tokens): "
-                    "use /v1/completions, or fine-tune it with jobs/sft.py",
-                    "messages",
-                )
-            from generalmodel.data.chat import ChatFormatError
-
-            try:
-                ids = self.chat.prompt_ids([m.model_dump() for m in body.messages])
-            except ChatFormatError as e:
-                raise BadRequest(str(e), "messages") from None
-            return await self._answer(body, ids, {self.chat.end_id, self.eos}, chat=True)
-
-        async def _answer(self, body, ids: list[int], stop_ids: set[int], chat: bool):
-            from generalmodel.infer import SamplingParams
-            from generalmodel.infer.engine import Event
-            from generalmodel.infer.engine import Request as Sequence
-
-            if body.model != self.name:
-                raise BadRequest(f"unknown model {body.model!r}; this server serves {self.name!r}", "model")
-            try:
-                self.loop.engine.check(ids)  # the engine's own rule, as a 400 before any response starts
-            except ValueError as e:
-                raise BadRequest(str(e), "messages" if chat else "prompt") from None
-            limit = body.limit if chat else body.max_tokens
-            params = SamplingParams(
-                temperature=body.temperature,
-                top_p=body.top_p,
-                top_k=body.top_k,
-                min_p=body.min_p,
-                max_new_tokens=min(limit or self.context, self.context - len(ids)),
-                seed=body.seed if body.seed is not None else secrets.randbits(31),
-            )
-            sequence = Sequence(ids, params, frozenset(stop_ids))
-            events: asyncio.Queue = asyncio.Queue()
-            self.loop.submit(sequence, events)
-            text = TextStream(self.tokenizer, body.stops)
-            rid = new_id("chatcmpl" if chat else "cmpl")
-
-            async def pieces():
-                """(text, finish reason or None) as tokens arrive — the tokens that arrived while the
-                last piece was sent go out as one piece (fewer chunks through Serve's proxy when
-                the batch decodes faster than a stream is sent); cancels the sequence if abandoned."""
-                interval, sent = self.cfg.stream_interval_ms / 1000, float("-inf")
-                try:
-                    while True:
-                        batch = [await events.get()]
-                        while True:  # what else arrived, or arrives before the next chunk is due
-                            while not events.empty():
-                                batch.append(events.get_nowait())
-                            wait = sent + interval - time.monotonic()
-                            if wait <= 0 or any(not isinstance(e, Event) or e.finished for e in batch):
-                                break
-                            try:
-                                batch.append(await asyncio.wait_for(events.get(), wait))
-                            except asyncio.TimeoutError:
-                                break
-                        sent = time.monotonic()
-                        piece = ""
-                        for event in batch:
-                            if isinstance(event, ValueError):  # the engine refused the request
-                                raise BadRequest(str(event), "messages" if chat else "prompt")
-                            if isinstance(event, BaseException):
-                                raise RuntimeError(f"the decode loop failed: {event!r}")
-                            piece += text.add(event.token) if event.token is not None else ""
-                            if text.stopped:
-                                self.loop.cancel(sequence)
-                                yield piece, "stop"
-                                return
-                            if event.finished:
-                                yield piece + text.finish(), "length" if sequence.finish_reason == "length" else "stop"
-                                return
-                        if piece:
-                            yield piece, None
-                finally:
-                    if not sequence.done:  # the client went away (or the task was cancelled)
-                        self.loop.cancel(sequence)
-
-            def usage() -> dict[str, int]:
-                n = len(text.tokens)  # what the answer holds (the engine may be a step past a stop string)
-                return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
-
-            if not body.stream:
-                out, finish = [], None
-                async for piece, reason in pieces():
-                    out.append(piece)
-                    finish = reason
-                return completion_body(rid, self.name, "".join(out), finish, usage(), chat, chunk=False)
-
-            async def stream():
-                if chat:  # OpenAI's first chunk names the role
-                    first = completion_body(rid, self.name, "", None, None, chat, chunk=True)
-                    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                    yield sse(first)
-                async for piece, finish in pieces():
-                    if piece:
-                        yield sse(completion_body(rid, self.name, piece, None, None, chat, chunk=True))
-                    if finish:
-                        yield sse(completion_body(rid, self.name, "", finish, usage(), chat, chunk=True))
-                yield sse("[DONE]")
-
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-    return OpenAIServer.bind(cfg.model_dump(mode="json"))
+    return OpenAIServer.options(**options).bind(cfg.model_dump(mode="json"))
 
 
 def served_name(reference: str) -> str:

@@ -16,7 +16,8 @@ from generalmodel.config import Config
 from generalmodel.storage import RunLayout, download_export
 from generalmodel.tracking import end_failed_run, finish_run, start_run
 from generalmodel.train.init import InitSource
-from generalmodel.train.ray_trainer import ensure_dataset, fit
+from generalmodel.train.ray_trainer import fit
+from generalmodel.train.readiness import ensure_dataset
 from generalmodel.train.resume import refuse_finished
 from generalmodel.version import code_version
 

@@ -120,8 +120,10 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
     from generalmodel.storage import RunLayout
     from generalmodel.tracking import log_config
     from generalmodel.tracking.sweep import close_run, open_child_run
+    from generalmodel.train.failures import root_message
     from generalmodel.train.init import load_init
-    from generalmodel.train.ray_trainer import ensure_dataset, fit, root_message
+    from generalmodel.train.ray_trainer import fit
+    from generalmodel.train.readiness import ensure_dataset
     from generalmodel.version import code_version
 
     logging.getLogger("generalmodel").setLevel(logging.INFO)
@@ -148,7 +150,7 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
     from generalmodel.tracking import ensure_experiment, prepare_store, tracking_uri
     from generalmodel.tracking.sweep import open_parent_run
     from generalmodel.train.init import load_init
-    from generalmodel.train.ray_trainer import ensure_dataset
+    from generalmodel.train.readiness import ensure_dataset
 
     # Trials run in other processes (another working directory, maybe another node): give them
     # the absolute store and tracking URI that this driver resolved.
@@ -315,7 +317,7 @@ def summarize(sweep: Sweep, base: Config, grid, parent: str, uri: str, experimen
         rank,
         table,
     )
-    from generalmodel.train.ray_trainer import root_message
+    from generalmodel.train.failures import root_message
 
     client = MlflowClient(uri)
     children = {

