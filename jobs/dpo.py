@@ -18,8 +18,8 @@ import dataclasses
 from generalmodel.cli import RUN_SECTIONS, run_job
 from generalmodel.config import Config
 from generalmodel.post.base import start
+from generalmodel.post.before_after import answers_before_after, preference_report
 from generalmodel.post.reference import ensure_reference
-from generalmodel.post.report import answers_before_after, preference_report
 from generalmodel.train.job import train_and_register
 
 

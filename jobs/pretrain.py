@@ -13,7 +13,7 @@ from generalmodel.cluster import refuse_ephemeral_paths
 from generalmodel.config import Config
 from generalmodel.infer import SamplingParams, load_model, sample_text
 from generalmodel.tracking import check_reachable, tracking_uri
-from generalmodel.train.init import load_init
+from generalmodel.train.init_from import load_init
 from generalmodel.train.job import train_and_register
 
 

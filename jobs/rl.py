@@ -21,7 +21,7 @@ from generalmodel.cluster import ray_session
 from generalmodel.config import Config
 from generalmodel.post.base import start
 from generalmodel.post.rl.learner import check_rl_config, rl_train
-from generalmodel.post.rl.report import accuracy_report
+from generalmodel.post.rl.progress_plot import accuracy_report
 from generalmodel.post.rl.tasks import load_prompts
 from generalmodel.storage import RunLayout
 from generalmodel.train.job import register_trained, tracked_fit

@@ -14,7 +14,7 @@ from __future__ import annotations
 from generalmodel.cli import RUN_SECTIONS, run_job
 from generalmodel.config import Config
 from generalmodel.post.base import start
-from generalmodel.post.report import answers_before_after
+from generalmodel.post.before_after import answers_before_after
 from generalmodel.train.job import train_and_register
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import make_documents
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from generalmodel.config import CHAT_TOKENS, DataConfig, DpoConfig, load_config
+from generalmodel.config import DataConfig, DpoConfig, load_config
 from generalmodel.data.chat import (
     CHAT_TEMPLATE,
     ChatFormat,
@@ -24,6 +24,7 @@ from generalmodel.data.chat import (
 )
 from generalmodel.data.conversations import Unit, pack_first_fit
 from generalmodel.data.tokenizer import train_bpe
+from generalmodel.tokens import CHAT_TOKENS
 from generalmodel.train.objectives import IGNORE, Dpo, LanguageModeling, dpo_losses, lm_targets, sequence_logps
 from models import build_model
 

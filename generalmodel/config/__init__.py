@@ -11,9 +11,6 @@ from generalmodel.config.loading import (
     section_class,
 )
 from generalmodel.config.sections import (
-    CHAT_TOKENS,
-    MIN_VOCAB_SIZE,
-    SPECIAL_TOKENS,
     Config,
     ConfigError,
     DataConfig,
@@ -30,9 +27,6 @@ from generalmodel.config.sections import (
 )
 
 __all__ = [
-    "CHAT_TOKENS",
-    "MIN_VOCAB_SIZE",
-    "SPECIAL_TOKENS",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from generalmodel import UserError
+from generalmodel.tokens import MIN_VOCAB_SIZE
 from models import REGISTRY
 from models.llama import LlamaConfig
 
@@ -87,14 +88,6 @@ class StorageConfig(Section):
 
 def _secret(value: str | None) -> SecretStr | None:
     return SecretStr(value) if value else None
-
-
-# Special tokens of every tokenizer the platform trains, at ids 0, 1, 2, ...: BOS, EOS, PAD, then the
-# chat format's role tokens and its end-of-turn token (generalmodel.data.chat), reserved at
-# pretraining time so that a model trained here can be fine-tuned on conversations as it is.
-CHAT_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
-SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", *CHAT_TOKENS.values())
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 class DataConfig(Section):

@@ -15,7 +15,7 @@ Generation starts after `<|assistant|>` and stops at `<|end|>`.
 (tested). Message content is tokenized with special tokens *as text*: a user who types `<|end|>`
 cannot end a turn (transformers' template path would read it as the token; our render never does).
 
-Tokenizers trained here reserve the chat tokens (generalmodel.config.CHAT_TOKENS). A model whose
+Tokenizers trained here reserve the chat tokens (generalmodel.tokens.CHAT_TOKENS). A model whose
 tokenizer lacks them gets them with `add_chat_tokens` and `resize_embeddings` (the SFT job does
 this): new rows at the end of the vocabulary, initialised to the mean embedding plus a little noise.
 """
@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer
 
 from generalmodel import UserError
-from generalmodel.config import CHAT_TOKENS
+from generalmodel.tokens import CHAT_TOKENS
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}

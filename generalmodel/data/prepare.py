@@ -463,7 +463,7 @@ def describe(manifest: dict[str, Any], uri: str) -> str:
 
 def _special_ids(tok_text: str) -> dict[str, int]:
     """The special tokens by name (the manifest's `special_tokens`: name → id)."""
-    from generalmodel.config import CHAT_TOKENS
+    from generalmodel.tokens import CHAT_TOKENS
 
     tokenizer = _worker_tokenizer(tok_text)
     ids = [i for i in special_ids(tokenizer).values() if i is not None]

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from generalmodel import UserError
-from generalmodel.config import SPECIAL_TOKENS
+from generalmodel.tokens import SPECIAL_TOKENS
 
 BOS, EOS, PAD = SPECIAL_TOKENS[:3]
 

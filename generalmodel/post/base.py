@@ -17,7 +17,7 @@ from generalmodel.data.chat import add_chat_tokens, resize_embeddings
 from generalmodel.data.tokenizer import tokenizer_hash
 from generalmodel.storage import source_name
 from generalmodel.tracking.registry import ModelRef
-from generalmodel.train.init import InitSource
+from generalmodel.train.init_from import InitSource
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def start(cfg: Config, stage: str, fmt: str) -> tuple[Config, str, InitSource]:
     reachable) and the base model loaded, with its chat tokens."""
     from generalmodel.cluster import refuse_ephemeral_paths
     from generalmodel.tracking import check_reachable, tracking_uri
-    from generalmodel.train.init import load_init
+    from generalmodel.train.init_from import load_init
 
     cfg = post_training_config(cfg, stage, fmt)
     refuse_ephemeral_paths(cfg)

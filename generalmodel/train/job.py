@@ -15,7 +15,7 @@ from generalmodel.cluster import ray_session
 from generalmodel.config import Config
 from generalmodel.storage import RunLayout, download_export
 from generalmodel.tracking import end_failed_run, finish_run, start_run
-from generalmodel.train.init import InitSource
+from generalmodel.train.init_from import InitSource
 from generalmodel.train.ray_trainer import fit
 from generalmodel.train.readiness import ensure_dataset
 from generalmodel.train.resume import refuse_finished

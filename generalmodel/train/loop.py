@@ -42,7 +42,7 @@ def train(
     """Train per cfg; returns the last metrics. `report(metrics)` is called every
     train.log_every steps and after each eval, on every rank (the caller decides what to do).
     `layout`: where the dataset, checkpoints and export are (default: computed from cfg).
-    `init`: gives the full state dict of train.init_from (generalmodel.train.init), loaded
+    `init`: gives the full state dict of train.init_from (generalmodel.train.init_from), loaded
     before sharding; a checkpoint of the run itself, when there is one, wins."""
     layout = layout or RunLayout.of(cfg)
     env = setup_distributed(cfg)

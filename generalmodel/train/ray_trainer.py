@@ -19,7 +19,7 @@ from typing import Any
 from generalmodel.config import Config
 from generalmodel.storage import RunLayout, resolve
 from generalmodel.train.failures import failure, failure_log
-from generalmodel.train.init import InitSource
+from generalmodel.train.init_from import InitSource
 from generalmodel.train.loop import train
 from generalmodel.train.progress import ForwardToDriver, Progress
 

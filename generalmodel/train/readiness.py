@@ -10,7 +10,7 @@ from typing import Any
 from generalmodel.config import Config
 from generalmodel.errors import UserError
 from generalmodel.storage import MANIFEST, RunLayout, resolve
-from generalmodel.train.init import InitSource
+from generalmodel.train.init_from import InitSource
 from generalmodel.train.loop import check_compatible
 
 
@@ -21,7 +21,7 @@ def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = Non
     train.init_from), the dataset must be tokenized with its tokenizer."""
     from generalmodel.data.loader import TokenDataset
     from generalmodel.data.prepare import build_dataset, describe, plan_dataset
-    from generalmodel.train.init import check_tokenizer
+    from generalmodel.train.init_from import check_tokenizer
 
     uri, storage = layout.dataset, layout.storage
     exists = resolve(uri, storage).join(MANIFEST).exists()

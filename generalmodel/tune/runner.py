@@ -121,7 +121,7 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
     from generalmodel.tracking import log_config
     from generalmodel.tracking.sweep import close_run, open_child_run
     from generalmodel.train.failures import root_message
-    from generalmodel.train.init import load_init
+    from generalmodel.train.init_from import load_init
     from generalmodel.train.ray_trainer import fit
     from generalmodel.train.readiness import ensure_dataset
     from generalmodel.version import code_version
@@ -149,7 +149,7 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
     from generalmodel.storage import RunLayout, resolve
     from generalmodel.tracking import ensure_experiment, prepare_store, tracking_uri
     from generalmodel.tracking.sweep import open_parent_run
-    from generalmodel.train.init import load_init
+    from generalmodel.train.init_from import load_init
     from generalmodel.train.readiness import ensure_dataset
 
     # Trials run in other processes (another working directory, maybe another node): give them

@@ -8,7 +8,7 @@ import logging
 
 from generalmodel.infer.export import build_with_state, load_model
 from generalmodel.post.answers import answer_accuracy, heldout_questions, preference_accuracy
-from generalmodel.train.init import InitSource
+from generalmodel.train.init_from import InitSource
 from generalmodel.train.job import Trained
 
 log = logging.getLogger(__name__)
