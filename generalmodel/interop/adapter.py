@@ -1,0 +1,78 @@
+"""What every transformers adapter shares: the parts of our zoo no dense transformers class has,
+and the interface an adapter implements (`HfAdapter`). One adapter per target class lives beside
+this module (`llama.py`, `gpt2.py`); `generalmodel.interop.hf` picks one."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from generalmodel.errors import UserError
+
+
+class ExportError(UserError):
+    """The model has parts no transformers architecture has."""
+
+
+def sparse_or_research_parts(cfg) -> list[str]:
+    """The parts of `cfg` that neither Llama nor GPT-2 has, each named with its value."""
+    parts = []
+    if cfg.attention != "gqa":
+        parts.append(f"attention={cfg.attention!r} (multi-head latent attention)")
+    if cfg.moe_experts:
+        parts.append(f"moe_experts={cfg.moe_experts} (mixture of experts)")
+    if cfg.memory_layers:
+        parts.append(f"memory_layers={list(cfg.memory_layers)} (product-key memory layers)")
+    if cfg.window is not None:
+        parts.append(f"window={cfg.window} (sliding-window layers)")
+    if cfg.kv_share_group != 1:
+        parts.append(f"kv_share_group={cfg.kv_share_group} (cross-layer KV sharing)")
+    if cfg.qk_norm:
+        parts.append("qk_norm=true (per-head query/key norms)")
+    if cfg.value_residual:
+        parts.append("value_residual=true (first-layer value mixing)")
+    if cfg.logit_softcap is not None:
+        parts.append(f"logit_softcap={cfg.logit_softcap} (logit soft-capping)")
+    return parts
+
+
+class HfAdapter:
+    """One transformers class: which of our models it reproduces exactly, and the mapping of
+    config and weights both ways. `to_hf` then `from_hf` gives back every tensor bit for bit."""
+
+    model_type: ClassVar[str]  # config.json's model_type
+    shape: ClassVar[tuple[str, str, str]]  # (positions, norm, mlp) of the class
+    described: ClassVar[str]  # the shape in words, for error messages
+
+    def mismatches(self, cfg) -> list[str]:
+        """Why this class cannot reproduce `cfg` (empty: it can)."""
+        parts = sparse_or_research_parts(cfg)
+        if (cfg.positions, cfg.norm, cfg.mlp) != self.shape:
+            parts.append(f"positions={cfg.positions!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r} ({self.described})")
+        return parts + self.class_mismatches(cfg)
+
+    def class_mismatches(self, cfg) -> list[str]:
+        return []
+
+    def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
+        """config.json with every field that matters set explicitly (nothing left to defaults)."""
+        raise NotImplementedError
+
+    def to_hf(self, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def from_hf(self, cfg, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def model_config(self, config: dict[str, Any], where: str):
+        """Our model config for the class's config.json; a UserError naming what does not map."""
+        raise NotImplementedError
+
+    def read_weights(self, cfg, weights: dict[str, torch.Tensor]):
+        """(cfg, weights) as read from a directory, before `from_hf` (key prefixes, detected options)."""
+        return cfg, weights
+
+
+def special_ids_config(special: dict[str, int | None]) -> dict[str, int | None]:
+    return {f"{role}_token_id": special.get(role) for role in ("bos", "eos", "pad")}
