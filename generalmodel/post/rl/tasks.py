@@ -19,9 +19,9 @@ import numpy as np
 
 from generalmodel import UserError
 from generalmodel.config import Config
-from generalmodel.data.chat import ChatFormat, ChatFormatError, messages
-from generalmodel.data.conversations import read_rows, split_of
-from generalmodel.data.sources import list_pieces
+from generalmodel.data.chat import ChatFormat, messages
+from generalmodel.data.conversations import split_of
+from generalmodel.data.sources import RowError, list_pieces, read_rows
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _read(cfg: Config, source: str, storage, digest) -> list[tuple[str, dict[str
     out = []
     for piece in list_pieces(data, storage):
         for where, row in read_rows(piece, storage):
-            if isinstance(row, ChatFormatError):
+            if isinstance(row, RowError):
                 raise row
             digest.update(json.dumps(row, sort_keys=True, default=str).encode())
             out.append((where, row))
