@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: gpu-wheels install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
+.PHONY: docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
 	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
@@ -28,6 +28,15 @@ test: install
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ceph-mon ceph-osd radosgw ceph-common >/dev/null; \
 	fi
 	$(PY) -m pytest tests --durations=30
+
+# The documentation site (docs/, mkdocs.yml): served with live reload; docs-build is what CI runs
+# (--strict: a broken link or a page missing from the nav fails it).
+DOCS_PORT ?= 8001
+docs: install
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
+
+docs-build: install
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
 
 # Unit tests only: no Ray cluster, no S3 server, no MLflow server.
 test-fast: install

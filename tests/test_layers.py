@@ -124,6 +124,34 @@ def test_no_import_loop():
     assert cycles(graph()) == []
 
 
+BASE = {"errors", "version", "tokens", "__init__"}  # imported anywhere; not listed in the map
+
+
+def documented_imports() -> dict[str, set[str]]:
+    """The map's table in docs/architecture.md: stage → the stages its imports column names."""
+    found = {}
+    for line in (REPO / "docs/architecture.md").read_text().splitlines():
+        match = re.match(r"\| `generalmodel/([a-z_]+)(?:/|\.py)` \|", line)
+        if match and match.group(1) not in BASE:
+            column = line.rstrip(" |").rsplit("|", 1)[1]
+            found[match.group(1)] = {w for w in re.findall(r"\b[a-z_]+\b", column) if w in documented_order()}
+    return found
+
+
+def test_the_map_names_what_each_stage_imports():
+    edges = graph()
+    actual: dict[str, set[str]] = {}
+    for src, targets in edges.items():
+        for dst in targets:
+            if stage(src) != stage(dst) and stage(dst) not in BASE:
+                actual.setdefault(stage(src), set()).add(stage(dst))
+    documented = documented_imports()
+    stages = {stage(m) for m in edges} - BASE
+    assert set(documented) == stages, f"stages without a row in the map: {stages - set(documented)}"
+    wrong = {s: (documented[s], actual.get(s, set())) for s in stages if documented[s] != actual.get(s, set())}
+    assert not wrong, f"the map's imports column differs from the code (documented, actual): {wrong}"
+
+
 def test_the_model_zoo_imports_nothing_of_the_platform():
     for path in sorted((REPO / "models").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
