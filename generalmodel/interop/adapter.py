@@ -74,5 +74,15 @@ class HfAdapter:
         return cfg, weights
 
 
-def special_ids_config(special: dict[str, int | None]) -> dict[str, int | None]:
-    return {f"{role}_token_id": special.get(role) for role in ("bos", "eos", "pad")}
+def common_config(cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
+    """The config.json fields every class spells the same way: vocabulary, tying, init, dtype and
+    the special token ids."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        **{f"{role}_token_id": special.get(role) for role in ("bos", "eos", "pad")},
+    }

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from generalmodel.errors import UserError
-from generalmodel.interop.adapter import HfAdapter, special_ids_config
+from generalmodel.interop.adapter import HfAdapter, common_config
 
 
 class GPT2Adapter(HfAdapter):
@@ -27,7 +27,6 @@ class GPT2Adapter(HfAdapter):
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size,
             "n_embd": cfg.d_model,
             "n_inner": cfg.hidden,
             "n_layer": cfg.n_layers,
@@ -42,12 +41,7 @@ class GPT2Adapter(HfAdapter):
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
             "attn_pdrop": 0.0,
-            "tie_word_embeddings": cfg.tie_embeddings,
-            "initializer_range": cfg.init_std,
-            "use_cache": True,
-            "dtype": dtype,
-            "torch_dtype": dtype,
-            **special_ids_config(special),
+            **common_config(cfg, special, dtype),
         }
 
     def to_hf(self, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

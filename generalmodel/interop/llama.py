@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from generalmodel.errors import UserError
-from generalmodel.interop.adapter import HfAdapter, special_ids_config
+from generalmodel.interop.adapter import HfAdapter, common_config
 
 
 class LlamaAdapter(HfAdapter):
@@ -27,7 +27,6 @@ class LlamaAdapter(HfAdapter):
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model,
             "intermediate_size": cfg.hidden,
             "num_hidden_layers": cfg.n_layers,
@@ -43,12 +42,7 @@ class LlamaAdapter(HfAdapter):
             "attention_bias": False,
             "attention_dropout": 0.0,
             "mlp_bias": False,
-            "tie_word_embeddings": cfg.tie_embeddings,
-            "initializer_range": cfg.init_std,
-            "use_cache": True,
-            "dtype": dtype,
-            "torch_dtype": dtype,
-            **special_ids_config(special),
+            **common_config(cfg, special, dtype),
         }
 
     def to_hf(self, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
