@@ -183,3 +183,14 @@ def test_the_checks_catch_a_planted_import(tmp_path, planted, expected):
         )
     else:
         assert any({"generalmodel.train.loop", "generalmodel.train.step"} <= set(c) for c in cycles(edges))
+
+
+def test_no_long_function_in_the_loops_and_the_server():
+    """Functions in train/, post/ and serve/ stay under ~60 lines: a longer one mixes concerns."""
+    long = []
+    for package in ("train", "post", "serve"):
+        for path in sorted((REPO / PACKAGE / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                    long.append(f"{path.relative_to(REPO)}::{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
