@@ -1,8 +1,9 @@
 """The causal-leak check: changing tokens after position t never changes what a model computes at
 positions ≤ t — nor anything in another row of the batch (MoE routing, sorting and balancing see
 the whole batch at once). Run in training mode, with gradients on, the way the training step runs
-the model: eager, with each block compiled (regional), the whole model compiled (full), and the
-model with the loss in one compiled graph (full+loss: per-token losses are what is compared).
+the model: eager, with each block compiled (regional), the whole model compiled (full: the
+logits), and the model with the loss in one compiled graph (full+loss: its logits and its
+per-token losses, both outputs of that graph, are compared).
 tests/test_causality.py runs it on CPU for every tiny preset; `python -m benchmarks.gpu_train
 --leak` on a card for the 124M presets (bf16 autocast)."""
 
@@ -31,18 +32,20 @@ class Leak:
         return self.earlier / max(self.scale, 1e-30)
 
 
-def forward_for(model: nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ids (B, T + 1) → per-position values (B, T, ...): logits, or per-token losses for full+loss.
-    `regional` compiles the model's blocks in place (build a fresh model for each mode)."""
+def forward_for(model: nn.Module, mode: str) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """ids (B, T + 1) → per-position values (B, T, ...) by name: the logits, and for full+loss the
+    per-token losses too. `regional` compiles the model's blocks in place (build a fresh model for
+    each mode)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
 
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids[:, :-1])
+    def logits(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": model(ids[:, :-1])}
 
-    def losses(ids: torch.Tensor) -> torch.Tensor:
+    def losses(ids: torch.Tensor) -> dict[str, torch.Tensor]:
         out = model(ids[:, :-1])
-        return F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
+        per_token = F.cross_entropy(out.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        return {"logits": out, "losses": per_token.view(ids.shape[0], -1)}
 
     if mode == "regional":
         for block in model.blocks:
@@ -66,7 +69,8 @@ def check(
 ) -> Leak:
     """Run `model` (prepared for `mode` here) on random ids and on a copy whose row 0 changes after
     position `cut` and whose other rows change everywhere; compare row 0 at positions ≤ cut (the
-    logits), or < cut (per-token losses: the loss at p reads the token at p + 1 as its target)."""
+    logits) and < cut (per-token losses: the loss at p reads the token at p + 1 as its target).
+    The Leak is the worst of the outputs compared."""
     if batch < 2:
         raise ValueError("the check needs batch >= 2 (rows must not see each other)")
     cut = seq // 2 if cut is None else cut
@@ -79,12 +83,23 @@ def check(
     forward = forward_for(model.train(), mode)
     context = torch.autocast(device.type, dtype=autocast) if autocast else nullcontext()
     with context:
-        a = forward(ids.to(device)).float().detach()
-        b = forward(changed.to(device)).float().detach()
-    seen = cut + 1 if mode != "full+loss" else cut
+        a = forward(ids.to(device))
+        b = forward(changed.to(device))
+    leaks = []
+    for name in a:
+        x, y = a[name].float().detach(), b[name].float().detach()
+        seen = cut if name == "losses" else cut + 1
+        leaks.append(
+            Leak(
+                mode,
+                earlier=float((x[0, :seen] - y[0, :seen]).abs().max()),
+                later=float((x[0, seen:] - y[0, seen:]).abs().max()),
+                scale=float(x[0, :seen].abs().max()),
+            )
+        )
     return Leak(
         mode,
-        earlier=float((a[0, :seen] - b[0, :seen]).abs().max()),
-        later=float((a[0, seen:] - b[0, seen:]).abs().max()),
-        scale=float(a[0, :seen].abs().max()),
+        earlier=max(leak.earlier for leak in leaks),
+        later=min(leak.later for leak in leaks),
+        scale=max(leak.scale for leak in leaks),
     )
