@@ -1,7 +1,8 @@
 """A 2-node Ray cluster on this machine (`make cluster-up`'s code): `ray job submit` puts the
-train workers on both nodes with checkpoints on the real S3 server; killing the worker node
-mid-run and bringing a node back, or SIGKILL of one train worker process, lets Ray Train resume
-from the last checkpoint and finish with the same final loss as the uninterrupted run."""
+train workers on both nodes with checkpoints on the real S3 server; in one submitted job, SIGKILL
+of one train worker process and then the loss of the worker node (and a node coming back) each
+let Ray Train resume from the last checkpoint, and the job finishes with the same final loss as
+the uninterrupted run."""
 
 import os
 import re
@@ -38,14 +39,17 @@ def bucket(s3_server):
     return name
 
 
+STEPS = 300
+
+
 def job_args(bucket, mlflow_uri, run_name, **extra):
     args = {
         **TINY_RUN,
         "data.source": f"s3://{bucket}/corpus",
-        "train.steps": 400,
+        "train.steps": STEPS,
         "train.log_every": 10,
-        "train.eval_every": 400,
-        "train.checkpoint_every": 50,
+        "train.eval_every": STEPS,
+        "train.checkpoint_every": 20,
         "storage.root": f"s3://{bucket}/store",
         "tracking.uri": mlflow_uri,
         "train.run_name": run_name,
@@ -79,7 +83,7 @@ def test_workers_on_both_nodes_with_s3_checkpoints(cluster, bucket, mlflow_serve
         o["Key"]
         for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/two-nodes/")["Contents"]
     ]
-    assert any(re.fullmatch(r"store/checkpoints/two-nodes/step-00000400-[0-9a-f]+/manifest\.json", k) for k in keys)
+    assert any(re.fullmatch(rf"store/checkpoints/two-nodes/step-{STEPS:08d}-[0-9a-f]+/manifest\.json", k) for k in keys)
     assert any(k.endswith("__1_0.distcp") for k in keys)  # rank 1's shard, written from the other node
 
 
@@ -117,33 +121,32 @@ class Job:
                 self.give_up(f"the job did not finish ({status.strip()[-200:]})")
             time.sleep(3)
 
-    def assert_resumed_to_the_reference(self, status, mlflow_uri, run_name):
-        text = self.logs()
-        assert "succeeded" in status, text[-5000:]
-        resumed = re.search(r"resumed from s3://\S+/step-(\d{8})-[0-9a-f]+ at step", text)
-        assert resumed and 50 <= int(resumed.group(1)) < 400, text[-5000:]  # mid-run, not from scratch
-        reference, recovered = final_loss(mlflow_uri, "two-nodes"), final_loss(mlflow_uri, run_name)
-        assert recovered[400] == reference[400]  # CPU, same config and data: bit-identical after resume
+    def resumes(self) -> list[int]:
+        """The checkpoint step of every resume in the job's log, in order."""
+        return [int(m) for m in re.findall(r"resumed from s3://\S+/step-(\d{8})-[0-9a-f]+ at step", self.logs())]
 
 
-def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, bucket, mlflow_server, s3_server):
-    job = Job(cluster, job_args(bucket, mlflow_server.uri, "node-failure"))
-    job.wait_for("step    80/400")  # the step-50 checkpoint is published by now
-    cluster.kill_node(cluster.worker_pgids[0])
-    cluster.wait_for_nodes(1, exactly=True)  # the head has noticed the loss
-    cluster.add_worker()  # the node comes back
-    job.assert_resumed_to_the_reference(job.wait_for_end(), mlflow_server.uri, "node-failure")
-
-
-def test_a_killed_train_worker_process_resumes_in_the_submitted_job(cluster, bucket, mlflow_server, s3_server):
-    """The dataset is prepared (by the first test): SIGKILL one Ray Train worker process; Ray Train
-    restarts the worker group (FailureConfig) and the job resumes from the last checkpoint."""
-    job = Job(cluster, job_args(bucket, mlflow_server.uri, "worker-kill"))
-    job.wait_for("step    80/400")
+def test_a_killed_train_worker_and_a_lost_node_resume_to_the_same_loss(cluster, bucket, mlflow_server, s3_server):
+    """The dataset is prepared (by the first test). SIGKILL one Ray Train worker process: Ray Train
+    restarts the worker group (FailureConfig) from the last checkpoint. Later, the worker node
+    dies and a node comes back: the job resumes again. It ends with the reference's final loss."""
+    job = Job(cluster, job_args(bucket, mlflow_server.uri, "failures"))
+    job.wait_for(f"step {60:>5}/{STEPS}")  # the step-40 checkpoint is published by now
     workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers  # one per node
     os.kill(int(workers[0]), signal.SIGKILL)
-    job.assert_resumed_to_the_reference(job.wait_for_end(), mlflow_server.uri, "worker-kill")
+    job.wait_for("resumed from")
+    job.wait_for(f"step {140:>5}/{STEPS}")  # after the resume: at least two checkpoints later
+    cluster.kill_node(cluster.worker_pgids[0])
+    cluster.wait_for_nodes(1, exactly=True)  # the head has noticed the loss
+    cluster.add_worker()  # the node comes back
+    status = job.wait_for_end()
+    text = job.logs()
+    assert "succeeded" in status, text[-5000:]
+    first, second = job.resumes()  # mid-run, not from scratch, and the second after the first
+    assert 20 <= first < 140 and first < second < STEPS, text[-5000:]
+    reference, recovered = final_loss(mlflow_server.uri, "two-nodes"), final_loss(mlflow_server.uri, "failures")
+    assert recovered[STEPS] == reference[STEPS]  # CPU, same config and data: bit-identical after resume
 
 
 def test_a_submitted_job_refuses_stores_that_would_vanish_with_it(cluster, bucket, mlflow_server):
