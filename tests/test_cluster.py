@@ -75,8 +75,11 @@ def final_loss(mlflow_uri, run_name):
 
 
 def test_workers_on_both_nodes_with_s3_checkpoints(cluster, bucket, mlflow_server, s3_server):
+    """`ray job submit --working-dir . -- python jobs/pretrain.py ...`, as the README shows it: the job
+    runs as a script from the unpacked working directory, tracks and registers its model."""
     out = submit(cluster, job_args(bucket, mlflow_server.uri, "two-nodes"))
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]
+    assert "MLflow run " in out.stdout and "registered models:/cluster-test/" in out.stdout, out.stdout[-3000:]
     nodes = set(re.findall(r"train worker rank \d on node (\w+)", out.stdout))
     assert len(nodes) == 2, out.stdout[-3000:]
     keys = [

@@ -6,11 +6,10 @@ import os
 import re
 
 import pytest
-from conftest import TINY_RUN, submit_job, write_corpus
+from conftest import TINY_RUN, write_corpus
 
 from generalmodel import RunFailed, UserError
 from generalmodel.cli import parse_args
-from generalmodel.cluster import cluster_up
 from generalmodel.config import load_config
 from jobs import pretrain, sample
 
@@ -201,21 +200,6 @@ def test_bad_input_is_a_clear_error(corpus, tmp_path):
                 )
             )
         )
-
-
-def test_ray_job_submit(corpus, tmp_path):
-    """`ray job submit --working-dir . -- python jobs/pretrain.py ...` on a `ray start` cluster: the
-    job runs as a script from the unpacked working directory, with no install of this repo."""
-    cluster = cluster_up(workers=0, cpus_per_node=2, env={"HOME": str(tmp_path)})  # its token in $HOME/.ray
-    try:
-        overrides = tiny_overrides(
-            corpus, **{"storage.root": str(tmp_path / "store"), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db"}
-        )
-        job = submit_job(cluster, ["python", "jobs/pretrain.py", *(f"--{k}={v}" for k, v in overrides.items())])
-        assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-3000:]
-        assert "MLflow run " in job.stdout and "registered models:/tiny-test/" in job.stdout
-    finally:
-        cluster.down()
 
 
 def test_a_model_that_cannot_fit_is_refused_before_any_worker_starts(ray_cluster, corpus, tmp_path):

@@ -111,6 +111,97 @@ async def _bad(_request, exc: BadRequest):
     return JSONResponse(error_body(str(exc), exc.param), status_code=400)
 
 
+class Answer:
+    """One request's answer as its tokens arrive from the decode loop: text pieces, then the
+    whole body or the server-sent events of a stream."""
+
+    def __init__(self, server: "OpenAIServer", sequence, events: asyncio.Queue, text: TextStream, chat: bool):
+        self.server, self.sequence, self.events, self.text, self.chat = server, sequence, events, text, chat
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+
+    async def pieces(self):
+        """(text, finish reason or None) as tokens arrive — the tokens that arrived while the last
+        piece was sent go out as one piece (fewer chunks through Serve's proxy when the batch
+        decodes faster than a stream is sent); cancels the sequence if abandoned."""
+        loop, sequence = self.server.loop, self.sequence
+        interval, sent = self.server.cfg.stream_interval_ms / 1000, float("-inf")
+        try:
+            while True:
+                batch = await self._next_events(sent + interval)
+                sent = time.monotonic()
+                piece = ""
+                for event in batch:
+                    if isinstance(event, ValueError):  # the engine refused the request
+                        raise BadRequest(str(event), "messages" if self.chat else "prompt")
+                    if isinstance(event, BaseException):
+                        raise RuntimeError(f"the decode loop failed: {event!r}")
+                    piece += self.text.add(event.token) if event.token is not None else ""
+                    if self.text.stopped:
+                        loop.cancel(sequence)
+                        yield piece, "stop"
+                        return
+                    if event.finished:
+                        yield piece + self.text.finish(), "length" if sequence.finish_reason == "length" else "stop"
+                        return
+                if piece:
+                    yield piece, None
+        finally:
+            if not sequence.done:  # the client went away (or the task was cancelled)
+                loop.cancel(sequence)
+
+    async def _next_events(self, due: float) -> list:
+        """The next event, and what else arrives before `due` (or until one ends the answer)."""
+        batch = [await self.events.get()]
+        while True:
+            while not self.events.empty():
+                batch.append(self.events.get_nowait())
+            wait = due - time.monotonic()
+            if wait <= 0 or any(not isinstance(e, Event) or e.finished for e in batch):
+                return batch
+            try:
+                batch.append(await asyncio.wait_for(self.events.get(), wait))
+            except asyncio.TimeoutError:
+                return batch
+
+    def usage(self) -> dict[str, int]:
+        prompt = len(self.sequence.prompt_ids)
+        n = len(self.text.tokens)  # what the answer holds (the engine may be a step past a stop string)
+        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+    async def body(self) -> dict[str, Any]:
+        out, finish = [], None
+        async for piece, reason in self.pieces():
+            out.append(piece)
+            finish = reason
+        return completion_body(self.id, self.server.name, "".join(out), finish, self.usage(), self.chat, chunk=False)
+
+    async def stream(self):
+        name, chat = self.server.name, self.chat
+        if chat:  # OpenAI's first chunk names the role
+            first = completion_body(self.id, name, "", None, None, chat, chunk=True)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            yield sse(first)
+        async for piece, finish in self.pieces():
+            if piece:
+                yield sse(completion_body(self.id, name, piece, None, None, chat, chunk=True))
+            if finish:
+                yield sse(completion_body(self.id, name, "", finish, self.usage(), chat, chunk=True))
+        yield sse("[DONE]")
+
+
+def served_name(reference: str) -> str:
+    """The model id of a reference: NAME of models:/NAME/N or models:/NAME@ALIAS, else the reference."""
+    return ModelRef.parse(reference).display_name
+
+
+def chat_format(tokenizer):
+    """The model's ChatFormat, or None when its tokenizer lacks the chat tokens."""
+    from generalmodel.data.chat import ChatFormat, has_chat_tokens
+
+    return ChatFormat.from_json(tokenizer.to_str()) if has_chat_tokens(tokenizer) else None
+
+
+# Defined after everything it uses: Serve serializes the class when it is decorated.
 @serve.deployment(name="OpenAIServer")
 @serve.ingress(api)
 class OpenAIServer:
@@ -211,84 +302,6 @@ class OpenAIServer:
         )
 
 
-class Answer:
-    """One request's answer as its tokens arrive from the decode loop: text pieces, then the
-    whole body or the server-sent events of a stream."""
-
-    def __init__(self, server: OpenAIServer, sequence, events: asyncio.Queue, text: TextStream, chat: bool):
-        self.server, self.sequence, self.events, self.text, self.chat = server, sequence, events, text, chat
-        self.id = new_id("chatcmpl" if chat else "cmpl")
-
-    async def pieces(self):
-        """(text, finish reason or None) as tokens arrive — the tokens that arrived while the last
-        piece was sent go out as one piece (fewer chunks through Serve's proxy when the batch
-        decodes faster than a stream is sent); cancels the sequence if abandoned."""
-        loop, sequence = self.server.loop, self.sequence
-        interval, sent = self.server.cfg.stream_interval_ms / 1000, float("-inf")
-        try:
-            while True:
-                batch = await self._next_events(sent + interval)
-                sent = time.monotonic()
-                piece = ""
-                for event in batch:
-                    if isinstance(event, ValueError):  # the engine refused the request
-                        raise BadRequest(str(event), "messages" if self.chat else "prompt")
-                    if isinstance(event, BaseException):
-                        raise RuntimeError(f"the decode loop failed: {event!r}")
-                    piece += self.text.add(event.token) if event.token is not None else ""
-                    if self.text.stopped:
-                        loop.cancel(sequence)
-                        yield piece, "stop"
-                        return
-                    if event.finished:
-                        yield piece + self.text.finish(), "length" if sequence.finish_reason == "length" else "stop"
-                        return
-                if piece:
-                    yield piece, None
-        finally:
-            if not sequence.done:  # the client went away (or the task was cancelled)
-                loop.cancel(sequence)
-
-    async def _next_events(self, due: float) -> list:
-        """The next event, and what else arrives before `due` (or until one ends the answer)."""
-        batch = [await self.events.get()]
-        while True:
-            while not self.events.empty():
-                batch.append(self.events.get_nowait())
-            wait = due - time.monotonic()
-            if wait <= 0 or any(not isinstance(e, Event) or e.finished for e in batch):
-                return batch
-            try:
-                batch.append(await asyncio.wait_for(self.events.get(), wait))
-            except asyncio.TimeoutError:
-                return batch
-
-    def usage(self) -> dict[str, int]:
-        prompt = len(self.sequence.prompt_ids)
-        n = len(self.text.tokens)  # what the answer holds (the engine may be a step past a stop string)
-        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
-
-    async def body(self) -> dict[str, Any]:
-        out, finish = [], None
-        async for piece, reason in self.pieces():
-            out.append(piece)
-            finish = reason
-        return completion_body(self.id, self.server.name, "".join(out), finish, self.usage(), self.chat, chunk=False)
-
-    async def stream(self):
-        name, chat = self.server.name, self.chat
-        if chat:  # OpenAI's first chunk names the role
-            first = completion_body(self.id, name, "", None, None, chat, chunk=True)
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield sse(first)
-        async for piece, finish in self.pieces():
-            if piece:
-                yield sse(completion_body(self.id, name, piece, None, None, chat, chunk=True))
-            if finish:
-                yield sse(completion_body(self.id, name, "", finish, self.usage(), chat, chunk=True))
-        yield sse("[DONE]")
-
-
 def build_app(args: dict[str, Any]):
     """The Serve application for a `ServeConfig` (as a dict): what `serve.run` and a RayService's
     `serveConfigV2` (import_path: generalmodel.serve.app:build_app, args: {...}) deploy."""
@@ -303,15 +316,3 @@ def build_app(args: dict[str, Any]):
     else:
         options["num_replicas"] = cfg.replicas
     return OpenAIServer.options(**options).bind(cfg.model_dump(mode="json"))
-
-
-def served_name(reference: str) -> str:
-    """The model id of a reference: NAME of models:/NAME/N or models:/NAME@ALIAS, else the reference."""
-    return ModelRef.parse(reference).display_name
-
-
-def chat_format(tokenizer):
-    """The model's ChatFormat, or None when its tokenizer lacks the chat tokens."""
-    from generalmodel.data.chat import ChatFormat, has_chat_tokens
-
-    return ChatFormat.from_json(tokenizer.to_str()) if has_chat_tokens(tokenizer) else None

@@ -72,6 +72,12 @@ def setup_distributed(cfg: Config) -> Dist:
     return Dist(rank, world, device)
 
 
+def check_fp8(cfg: Config, env: Dist) -> None:
+    """train.fp8 on a device that cannot run it is a clear error, never a silent bf16 run."""
+    if cfg.train.fp8 != "none":
+        fp8.check_supported(cfg.train.fp8, env.device)
+
+
 def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
     """The sum of `value` over all ranks (a copy; the value itself without a process group)."""
     if dist.is_initialized():
@@ -146,8 +152,7 @@ class TrainingRun:
         self.cfg, self.layout, self.position, self.dataset_sha = cfg, layout, position, dataset_sha
         self.tokenizer_json = tokenizer_json
         self.env = env = env or setup_distributed(cfg)
-        if cfg.train.fp8 != "none":  # a clear error, not a silent bf16 run
-            fp8.check_supported(cfg.train.fp8, env.device)
+        check_fp8(cfg, env)
         self.report = with_metrics_log(report or (lambda metrics: None), cfg.train.metrics_log if env.is_main else None)
         torch.manual_seed(cfg.train.seed)
         self.model = model = build_model(cfg.model)  # same seed on every rank: identical init before sharding

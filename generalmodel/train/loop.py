@@ -27,7 +27,16 @@ import torch
 from generalmodel.config import Config
 from generalmodel.data.loader import TokenDataset, TokenLoader
 from generalmodel.storage import RunLayout
-from generalmodel.train.core import Dist, Init, Report, TrainingRun, frozen_copy, setup_distributed, sum_across_ranks
+from generalmodel.train.core import (
+    Dist,
+    Init,
+    Report,
+    TrainingRun,
+    check_fp8,
+    frozen_copy,
+    setup_distributed,
+    sum_across_ranks,
+)
 from generalmodel.train.mfu import device_peak_flops
 from generalmodel.train.objectives import objective_for
 from generalmodel.train.resume import TrainingError
@@ -46,6 +55,7 @@ def train(
     before sharding; a checkpoint of the run itself, when there is one, wins."""
     layout = layout or RunLayout.of(cfg)
     env = setup_distributed(cfg)
+    check_fp8(cfg, env)  # before anything is read or built
     ds = TokenDataset.open(layout.dataset, layout.storage)
     check_compatible(cfg, ds)
     if layout.reference is not None:  # DPO: the reference's log-probs, computed beside the dataset
