@@ -20,6 +20,10 @@ lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
+# Two pytest workers (pytest-xdist): most of the suite's time is waiting on Ray, MLflow and job
+# processes, so two files at a time use the 2 cores; a file's tests stay on one worker (module
+# fixtures: a cluster, a corpus) and each worker starts its own services. TEST_WORKERS=0: serially.
+TEST_WORKERS ?= 2
 # The S3 server (Ceph RGW) from Debian when this is a Debian/Ubuntu machine and we are root;
 # elsewhere the S3 tests are skipped and the run ends with a banner naming them.
 test: install
@@ -27,7 +31,7 @@ test: install
 	  echo "installing the S3 server for the integration tests (apt-get install ceph-mon ceph-osd radosgw)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ceph-mon ceph-osd radosgw ceph-common >/dev/null; \
 	fi
-	$(PY) -m pytest tests --durations=30
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 # The documentation site (docs/, mkdocs.yml): served with live reload; docs-build is what CI runs
 # (--strict: a broken link or a page missing from the nav fails it).

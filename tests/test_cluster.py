@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, TINY_RUN, make_documents, ray_job, submit_job
+from conftest import REPO, TINY_RUN, make_documents, ray_job, submit_job, train_worker_pids
 
 from generalmodel.cluster import cluster_up
 
@@ -135,7 +135,7 @@ def test_a_killed_train_worker_and_a_lost_node_resume_to_the_same_loss(cluster, 
     dies and a node comes back: the job resumes again. It ends with the reference's final loss."""
     job = Job(cluster, job_args(bucket, mlflow_server.uri, "failures"))
     job.wait_for(f"step {60:>5}/{STEPS}")  # the step-40 checkpoint is published by now
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    workers = train_worker_pids()
     assert len(workers) == 2, workers  # one per node
     os.kill(int(workers[0]), signal.SIGKILL)
     job.wait_for("resumed from")

@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from conftest import TINY_RUN, write_corpus
+from conftest import TINY_RUN, train_worker_pids, write_corpus
 
 from generalmodel import RunFailed, UserError
 from generalmodel.cli import parse_args
@@ -104,7 +104,6 @@ def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, t
     from the last published checkpoint, and the loss of every step equals the uninterrupted run's."""
     import json
     import signal
-    import subprocess
     import threading
     import time
 
@@ -134,7 +133,7 @@ def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, t
                and any(json.loads(line)["step"] >= 10 for line in log.read_text().splitlines())):  # fmt: skip
         assert time.time() < deadline and thread.is_alive(), "the run never published a checkpoint"
         time.sleep(0.1)
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    workers = train_worker_pids()
     assert workers, "no Ray Train worker process found"
     os.kill(int(workers[-1]), signal.SIGKILL)
     thread.join(timeout=600)

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, write_corpus
+from conftest import REPO, train_worker_pids, write_corpus
 
 from generalmodel.cluster import cluster_up
 
@@ -266,7 +266,7 @@ def test_a_trial_whose_worker_is_killed_continues_from_its_checkpoint(
             break
         assert time.time() < deadline and proc.poll() is None, finish(proc)[-4000:]
         time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    workers = train_worker_pids()
     assert workers, "no Ray Train worker process found"
     os.kill(int(workers[-1]), signal.SIGKILL)
     out = finish(proc)
