@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -36,8 +35,6 @@ from generalmodel.train.parallelize import parallelize
 from generalmodel.train.resume import Position, TrainingError, resume
 from generalmodel.train.step import NonFiniteGuard, optimizer_step
 from models import build_model
-
-log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
 Init = Callable[[], dict[str, torch.Tensor]]
@@ -151,8 +148,10 @@ class TrainingRun:
     ):
         self.cfg, self.layout, self.position, self.dataset_sha = cfg, layout, position, dataset_sha
         self.tokenizer_json = tokenizer_json
-        self.env = env = env or setup_distributed(cfg)
-        check_fp8(cfg, env)
+        if env is None:  # a caller that set up the process itself has checked fp8 (the loop: first thing)
+            env = setup_distributed(cfg)
+            check_fp8(cfg, env)
+        self.env = env
         self.report = with_metrics_log(report or (lambda metrics: None), cfg.train.metrics_log if env.is_main else None)
         torch.manual_seed(cfg.train.seed)
         self.model = model = build_model(cfg.model)  # same seed on every rank: identical init before sharding
