@@ -41,7 +41,7 @@ EXIT_RUN_FAILED = 1  # the run started and failed for good (generalmodel.RunFail
 EXIT_USER_ERROR = 2  # bad config or input (generalmodel.UserError), found before or while running
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
 # The sections of the run `Config` each kind of job reads (what its --help shows).
-RUN_SECTIONS = ("model", "data", "optim", "train", "storage", "ray", "tracking")
+RUN_SECTIONS = ("model", "data", "optim", "train", "storage", "ray", "parallel", "tracking")
 DATA_SECTIONS = ("data", "storage", "ray")
 USAGE = "[--config PRESET.yaml] [--section.key=value ...] [--print-config] [--help]"
 

@@ -96,6 +96,37 @@ PRESETS: dict[str, DecoderConfig] = {
     "memory-124m": LlamaConfig(
         **_124M, memory_layers=(6,), memory_keys=512, memory_heads=4, memory_top_k=32, memory_key_dim=256
     ),
+    # Llama 3 8B's shape (8.03B parameters): for planning a cluster run (benchmarks/scaling.py).
+    "llama-8b": LlamaConfig(
+        vocab_size=128256,
+        max_seq_len=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_model=4096,
+        ffn_hidden=14336,
+        tie_embeddings=False,
+        rope_theta=500000.0,
+    ),
+    # DeepSeek-V2-Lite's shape (15.7B total, 2.7B active): MLA, 64 routed experts top-6 + 2 shared.
+    "deepseek-16b": DeepSeekConfig(
+        vocab_size=102400,
+        max_seq_len=4096,
+        n_layers=27,
+        n_heads=16,
+        d_model=2048,
+        ffn_hidden=10944,
+        tie_embeddings=False,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        moe_experts=64,
+        moe_top_k=6,
+        moe_shared_experts=2,
+        moe_hidden=1408,
+        moe_first_dense=1,
+    ),
     # ~124M active of ~0.4B total: MLA + 16 fine-grained experts, top-2, one shared.
     "deepseek-124m": DeepSeekConfig(
         **_124M,

@@ -215,6 +215,30 @@ TINY_RUN = {
 }  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def train_dataset(ray_cluster, tmp_path_factory):
+    """A tiny prepared dataset (vocab 320, rows of 32 tokens) shared by the training-loop tests."""
+    from generalmodel.config import load_config
+    from jobs import prepare_data
+
+    root = tmp_path_factory.mktemp("train-data")
+    (root / "src").mkdir()
+    for i, doc in enumerate(make_documents(80, seed=11)):
+        (root / "src" / f"{i:03d}.txt").write_text(doc)
+    prepare_data.main(
+        load_config(
+            overrides={
+                "data.source": str(root / "src"),
+                "data.output": str(root / "ds"),
+                "data.vocab_size": 320,
+                "data.seq_len": 32,
+                "data.val_fraction": 0.1,
+            }
+        )
+    )
+    return str(root / "ds")
+
+
 @pytest.fixture
 def txt_corpus(tmp_path) -> Path:
     root = tmp_path / "corpus"

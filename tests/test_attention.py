@@ -96,4 +96,4 @@ def test_the_flex_model_compiles_per_block():
 def test_a_backend_the_cpu_cannot_train_with_is_named(backend, why):
     cfg = load_config(overrides={"train.attention": backend})
     with pytest.raises(UserError, match=f"train.attention={backend}: {why}"):
-        parallelize(hybrid(), cfg.train, torch.device("cpu"), 1)
+        parallelize(hybrid(), cfg.train, torch.device("cpu"))

@@ -1,8 +1,8 @@
-"""A 2-node Ray cluster on this machine (`make cluster-up`'s code): `ray job submit` puts the
-train workers on both nodes with checkpoints on the real S3 server; in one submitted job, SIGKILL
+"""A 2-node Ray cluster on this machine (`make cluster-up`'s code): `ray job submit` runs HSDP with
+a shard group of train workers on each node, checkpoints on the real S3 server; in one submitted job, SIGKILL
 of one train worker process and then the loss of the worker node (and a node coming back) each
-let Ray Train resume from the last checkpoint, and the job finishes with the same final loss as
-the uninterrupted run."""
+let Ray Train resume from the last checkpoint, and every step the job computes again has the loss
+it had the first time."""
 
 import os
 import re
@@ -39,7 +39,7 @@ def bucket(s3_server):
     return name
 
 
-STEPS = 300
+STEPS = 200
 
 
 def job_args(bucket, mlflow_uri, run_name, **extra):
@@ -47,13 +47,19 @@ def job_args(bucket, mlflow_uri, run_name, **extra):
         **TINY_RUN,
         "data.source": f"s3://{bucket}/corpus",
         "train.steps": STEPS,
-        "train.log_every": 10,
+        "train.log_every": 5,  # a resume recomputes at least one logged step
         "train.eval_every": STEPS,
         "train.checkpoint_every": 20,
         "storage.root": f"s3://{bucket}/store",
         "tracking.uri": mlflow_uri,
         "train.run_name": run_name,
         "tracking.registered_model": "cluster-test",
+        # HSDP with the replicate axis across the nodes: 2 workers per node shard a replica.
+        "ray.num_workers": 4,
+        "ray.cpus_per_worker": 0.5,
+        "parallel.replicate": 2,
+        "parallel.shard": 2,
+        "parallel.shard_within_node": "true",
         **extra,
     }
     return [f"--{k}={v}" for k, v in args.items()]
@@ -63,31 +69,18 @@ def submit(cluster, args, wait=True):
     return submit_job(cluster, ["python", "jobs/pretrain.py", *args], wait)
 
 
-def final_loss(mlflow_uri, run_name):
+def loss_history(mlflow_uri, run_name) -> dict[int, list[float]]:
+    """Every value logged for `loss`, by step (a step computed again after a resume has two)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs(
         client.get_experiment_by_name("generalmodel").experiment_id, f"attributes.run_name = '{run_name}'"
     )
-    history = client.get_metric_history(runs[0].info.run_id, "loss")
-    return {m.step: m.value for m in history}
-
-
-def test_workers_on_both_nodes_with_s3_checkpoints(cluster, bucket, mlflow_server, s3_server):
-    """`ray job submit --working-dir . -- python jobs/pretrain.py ...`, as the README shows it: the job
-    runs as a script from the unpacked working directory, tracks and registers its model."""
-    out = submit(cluster, job_args(bucket, mlflow_server.uri, "two-nodes"))
-    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]
-    assert "MLflow run " in out.stdout and "registered models:/cluster-test/" in out.stdout, out.stdout[-3000:]
-    nodes = set(re.findall(r"train worker rank \d on node (\w+)", out.stdout))
-    assert len(nodes) == 2, out.stdout[-3000:]
-    keys = [
-        o["Key"]
-        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/two-nodes/")["Contents"]
-    ]
-    assert any(re.fullmatch(rf"store/checkpoints/two-nodes/step-{STEPS:08d}-[0-9a-f]+/manifest\.json", k) for k in keys)
-    assert any(k.endswith("__1_0.distcp") for k in keys)  # rank 1's shard, written from the other node
+    history: dict[int, list[float]] = {}
+    for m in client.get_metric_history(runs[0].info.run_id, "loss"):
+        history.setdefault(m.step, []).append(m.value)
+    return history
 
 
 class Job:
@@ -129,14 +122,17 @@ class Job:
         return [int(m) for m in re.findall(r"resumed from s3://\S+/step-(\d{8})-[0-9a-f]+ at step", self.logs())]
 
 
-def test_a_killed_train_worker_and_a_lost_node_resume_to_the_same_loss(cluster, bucket, mlflow_server, s3_server):
-    """The dataset is prepared (by the first test). SIGKILL one Ray Train worker process: Ray Train
-    restarts the worker group (FailureConfig) from the last checkpoint. Later, the worker node
-    dies and a node comes back: the job resumes again. It ends with the reference's final loss."""
+def test_hsdp_across_two_nodes_survives_a_killed_worker_and_a_lost_node(cluster, bucket, mlflow_server, s3_server):
+    """`ray job submit --working-dir . -- python jobs/pretrain.py ...`, as the README shows it: the
+    job runs from the unpacked working directory, HSDP 2 x 2 with a shard group on each node (the
+    replicate axis across the nodes), checkpoints on S3. SIGKILL one Ray Train worker process:
+    Ray Train restarts the worker group (FailureConfig) from the last checkpoint. Later, the
+    worker node dies and a node comes back: the job resumes again. Every step it computes twice
+    (after a resume) has the same loss both times; it finishes, tracks and registers its model."""
     job = Job(cluster, job_args(bucket, mlflow_server.uri, "failures"))
     job.wait_for(f"step {60:>5}/{STEPS}")  # the step-40 checkpoint is published by now
     workers = train_worker_pids()
-    assert len(workers) == 2, workers  # one per node
+    assert len(workers) == 4, workers  # two per node
     os.kill(int(workers[0]), signal.SIGKILL)
     job.wait_for("resumed from")
     job.wait_for(f"step {140:>5}/{STEPS}")  # after the resume: at least two checkpoints later
@@ -146,10 +142,26 @@ def test_a_killed_train_worker_and_a_lost_node_resume_to_the_same_loss(cluster, 
     status = job.wait_for_end()
     text = job.logs()
     assert "succeeded" in status, text[-5000:]
+    assert "MLflow run " in text and "registered models:/cluster-test/" in text, text[-3000:]
+    assert "FSDP2 over the mesh {'replicate': 2, 'shard': 2}" in text, text[-3000:]
+    placed = re.findall(r"train worker rank (\d) on node (\w+)", text)[:4]  # the first worker group
+    nodes = {rank: node for rank, node in placed}
+    # Ray Train numbers the workers node by node: each shard group {0, 1}, {2, 3} is one node.
+    assert nodes["0"] == nodes["1"] != nodes["2"] == nodes["3"], placed
     first, second = job.resumes()  # mid-run, not from scratch, and the second after the first
     assert 20 <= first < 140 and first < second < STEPS, text[-5000:]
-    reference, recovered = final_loss(mlflow_server.uri, "two-nodes"), final_loss(mlflow_server.uri, "failures")
-    assert recovered[STEPS] == reference[STEPS]  # CPU, same config and data: bit-identical after resume
+    losses = loss_history(mlflow_server.uri, "failures")
+    assert sorted(losses) == list(range(5, STEPS + 1, 5))  # every logged step, none lost
+    repeated = {step: values for step, values in losses.items() if len(values) > 1}
+    assert repeated, losses  # a resume recomputes the logged steps after its checkpoint
+    # CPU, same config and data: the steps after a resume are bit-identical to their first run.
+    assert all(len(set(values)) == 1 for values in repeated.values()), repeated
+    keys = [
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/failures/")["Contents"]
+    ]
+    assert any(re.fullmatch(rf"store/checkpoints/failures/step-{STEPS:08d}-[0-9a-f]+/manifest\.json", k) for k in keys)
+    assert any(k.endswith("__1_0.distcp") for k in keys)  # rank 1's shard (DCP writes a replicated one once)
 
 
 def test_a_submitted_job_refuses_stores_that_would_vanish_with_it(cluster, bucket, mlflow_server):

@@ -98,7 +98,6 @@ def test_activation_checkpointing_keeps_names_and_gradients():
         wrapped,
         Config().train.model_copy(update={"activation_checkpointing": "full"}),
         torch.device("cpu"),
-        world_size=1,
     )
     assert type(wrapped.blocks[0]).__name__ == "CheckpointWrapper"
     assert list(wrapped.state_dict()) == list(plain.state_dict())  # checkpoints and exports unchanged

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import make_documents
 
 from generalmodel.cluster import free_port
 from generalmodel.config import ConfigError, OptimConfig, load_config
@@ -20,28 +19,6 @@ from generalmodel.train.step import TrainingDiverged
 
 # Tests on `train_dataset` (prepared once with the real Ray Data job) are marked integration by
 # conftest; the rest are unit tests.
-
-
-@pytest.fixture(scope="session")
-def train_dataset(ray_cluster, tmp_path_factory):
-    from jobs import prepare_data
-
-    root = tmp_path_factory.mktemp("train-data")
-    (root / "src").mkdir()
-    for i, doc in enumerate(make_documents(80, seed=11)):
-        (root / "src" / f"{i:03d}.txt").write_text(doc)
-    prepare_data.main(
-        load_config(
-            overrides={
-                "data.source": str(root / "src"),
-                "data.output": str(root / "ds"),
-                "data.vocab_size": 320,
-                "data.seq_len": 32,
-                "data.val_fraction": 0.1,
-            }
-        )
-    )
-    return str(root / "ds")
 
 
 def tiny(dataset, root, **overrides):

@@ -14,3 +14,16 @@ def test_the_logits_term_is_one_chunk_with_a_chunked_loss():
     assert whole.activations_bytes - chunked.activations_bytes == 2 * (16 * 1024 - 4096) * 50304 * 4
     assert huge_chunk.activations_bytes == whole.activations_bytes  # a chunk never exceeds the batch
     assert chunked.parameters == whole.parameters
+
+
+def test_each_rank_holds_its_shard_groups_share():
+    """FSDP over 8 ranks holds 1/8 of the weights, gradients and optimizer state per rank; HSDP
+    2 x 4 holds 1/4 (each replica a whole copy); both hold two all-gathered blocks; one process none."""
+    base = {"model.preset": "llama-124m", "ray.num_workers": 8}
+    fsdp = estimate(load_config(overrides=base), seq_len=1024, world_size=8)
+    hsdp = estimate(load_config(overrides={**base, "parallel.replicate": 2}), seq_len=1024, world_size=8)
+    alone = estimate(load_config(overrides=base), seq_len=1024, world_size=1)
+    assert hsdp.params_bytes == 2 * fsdp.params_bytes and hsdp.optimizer_bytes == 2 * fsdp.optimizer_bytes
+    assert alone.params_bytes == 8 * fsdp.params_bytes and alone.gathered_bytes == 0
+    assert fsdp.gathered_bytes == hsdp.gathered_bytes > 0
+    assert "HSDP: 2 replicas x 4 shards" in hsdp.describe() and "FSDP over 8 ranks" in fsdp.describe()

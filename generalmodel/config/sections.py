@@ -1,5 +1,5 @@
 """The typed config tree: one pydantic section per stage (data, model, optim, train, storage, ray,
-tracking) under `Config`. Defaults live here; presets and overrides are applied by `loading`."""
+parallel, tracking) under `Config`. Defaults live here; presets and overrides are applied by `loading`."""
 
 from __future__ import annotations
 
@@ -186,6 +186,36 @@ class RayConfig(Section):
     )
 
 
+class ParallelConfig(Section):
+    """How the train workers (ray.num_workers ranks) are laid out as a device mesh. Every rank is a
+    data-parallel rank: `replicate` groups of `shard` ranks. FSDP2 shards the weights, gradients
+    and optimizer state over the ranks of a group and keeps one copy per group: replicate=1 is
+    plain FSDP over all ranks; replicate>1 is HSDP (gradients reduce-scattered inside a group,
+    all-reduced across groups). Put a group on one node (shard = the workers of a node) so that
+    the per-layer all-gathers stay on the fast links and only the gradient all-reduce crosses nodes."""
+
+    replicate: int = Field(1, description="Data-parallel replicas (HSDP across nodes); -1: the world size / shard.")
+    shard: int = Field(-1, description="Ranks each replica shards over (FSDP2); -1: the world size / replicate.")
+    shard_within_node: bool = Field(
+        False,
+        description="Refuse a mesh whose shard groups would span nodes (checked before the workers start "
+        "against the nodes' capacity, and on the workers against Ray Train's node ranks).",
+    )
+
+    @field_validator("replicate", "shard")
+    @classmethod
+    def _degree(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be a positive number of ranks, or -1 (the world size / the other degree)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_free(self):
+        if self.replicate == -1 and self.shard == -1:
+            raise ValueError("parallel.replicate and parallel.shard cannot both be -1: give one of them")
+        return self
+
+
 class OptimConfig(Section):
     """The optimizer (AdamW, or Muon for the hidden matrices) and the learning-rate schedule."""
 
@@ -208,6 +238,11 @@ class OptimConfig(Section):
         None, ge=0, description="muon: decoupled weight decay of the matrices (× muon_lr); null: weight_decay."
     )
     muon_ns_steps: int = Field(5, gt=0, le=20, description="muon: Newton–Schulz iterations.")
+    muon_ns_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16",
+        description="muon: precision of the Newton–Schulz iteration. bfloat16 is the published recipe; "
+        "float32 makes runs on different meshes agree to fp32 rounding (bf16 amplifies it to ~1%).",
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay for matrices (not norms, biases).")
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -432,6 +467,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    parallel: ParallelConfig = ParallelConfig()
     tracking: TrackingConfig = TrackingConfig()
     dpo: DpoConfig = DpoConfig()
     rl: RlConfig = RlConfig()

@@ -56,6 +56,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> t
             groups,
             momentum=cfg.muon_momentum,
             ns_steps=cfg.muon_ns_steps,
+            ns_dtype=getattr(torch, cfg.muon_ns_dtype),
             scaling=cfg.muon_scaling,
             betas=betas,
             eps=cfg.eps,

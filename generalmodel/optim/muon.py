@@ -12,9 +12,10 @@ tests hold it to that); this class also takes
 
 - stacks of matrices (3-D: an MoE layer's experts), each `[i]` orthogonalised on its own, batched;
 - FSDP2's sharded DTensors: orthogonalisation needs the whole matrix, so each matrix is given to
-  one rank (the matrices are dealt round-robin, so the work is shared), its shards gathered there
-  by one all-to-all per round, orthogonalised, and the result scattered back to the shards by a
-  second. The momentum stays sharded, like Adam's moments.
+  one rank of its shard group (the matrices are dealt round-robin, so the work is shared), its
+  shards gathered there by one all-to-all per round, orthogonalised, and the result scattered
+  back to the shards by a second. The momentum stays sharded, like Adam's moments. Under HSDP
+  each replica's shard group does this on its own (their gradients are equal).
 
 Muon is for the hidden matrices only; `build_optimizer` (optim/build.py) gives embeddings, the
 head, norms and biases to AdamW.
@@ -172,7 +173,8 @@ class Muon(torch.optim.Optimizer):
     def _orthogonalize_all(self, updates: list[Tensor], steps: int) -> list[Tensor]:
         """The orthogonalised updates as local tensors (this rank's shards of sharded ones)."""
         out: list[Tensor | None] = [None] * len(updates)
-        sharded = [i for i, u in enumerate(updates) if _is_sharded(u)]
+        dims = [_shard_dim(u) for u in updates]
+        sharded = [i for i, d in enumerate(dims) if d is not None]
         by_shape: dict[tuple, list[int]] = {}  # matrices of one shape go through NS as one batch
         for i in sorted(set(range(len(updates))) - set(sharded)):
             by_shape.setdefault((updates[i].shape, updates[i].dtype), []).append(i)
@@ -181,7 +183,8 @@ class Muon(torch.optim.Optimizer):
             for i, o in zip(same, done, strict=True):
                 out[i] = o
         if sharded:
-            group = updates[sharded[0]].device_mesh.get_group()
+            # The shard group (HSDP: each replica's group does the same work on the same gradients).
+            group = updates[sharded[0]].device_mesh.get_group(dims[sharded[0]])
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             for start in range(0, len(sharded), world):
                 batch = sharded[start : start + world]  # rank r orthogonalises updates[batch[r]]
@@ -197,15 +200,16 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _is_sharded(t: Tensor) -> bool:
-    if not hasattr(t, "placements"):
-        return False
-    placements = t.placements
-    if any(not p.is_replicate() for p in placements):
-        if len(placements) != 1 or not placements[0].is_shard(0):
-            raise NotImplementedError(f"Muon under FSDP2 expects parameters sharded on dim 0, got {placements}")
-        return True
-    return False
+def _shard_dim(t: Tensor) -> int | None:
+    """The mesh dimension `t` is sharded over (on its dim 0: FSDP2's layout; under HSDP the other
+    dimension replicates), None when every rank holds it whole."""
+    placements = getattr(t, "placements", ())
+    split = [i for i, p in enumerate(placements) if not p.is_replicate()]
+    if not split:
+        return None
+    if len(split) != 1 or not placements[split[0]].is_shard(0):
+        raise NotImplementedError(f"Muon expects parameters sharded on dim 0 over one mesh dim, got {placements}")
+    return split[0]
 
 
 def _row_splits(rows: int, world: int) -> list[int]:

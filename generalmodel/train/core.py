@@ -1,7 +1,7 @@
 """The core every training loop shares: pretraining/SFT/DPO (`generalmodel.train.loop`) and the RL
 learner (`generalmodel.post.rl.learner`) each write only their step; this module does the rest.
 
-    Distributed      the process group (torchrun) or Ray Train's, the device
+    Dist             the process group (torchrun) or Ray Train's, the device, the device mesh
     TrainingRun      the model (built, initialised from train.init_from, parallelized), optimizer,
                      checkpointer and non-finite guard; resumed from the newest usable checkpoint;
                      `run(step)`: failure injection, LR schedule, the loop's step, periodic and
@@ -31,6 +31,7 @@ from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
 from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
 from generalmodel.train.checkpoint import Checkpointer
+from generalmodel.train.mesh import build_mesh, check_groups_within_node, mesh_shape
 from generalmodel.train.parallelize import parallelize
 from generalmodel.train.resume import Position, TrainingError, resume
 from generalmodel.train.step import NonFiniteGuard, optimizer_step
@@ -46,6 +47,8 @@ class Dist:
     rank: int
     world_size: int
     device: torch.device
+    node_rank: int = 0
+    mesh: Any = None  # the DeviceMesh FSDP2 shards over (generalmodel.train.mesh); None in one process
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +56,8 @@ class Dist:
 
 
 def setup_distributed(cfg: Config) -> Dist:
+    """The process group (joined here under torchrun; Ray Train has done it), the device, and the
+    device mesh of cfg.parallel."""
     want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise TrainingError("train.device=cuda but no CUDA device is visible")
@@ -66,7 +71,10 @@ def setup_distributed(cfg: Config) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return Dist(rank, world, device)
+    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))  # Ray Train's; torchrun's
+    mesh = build_mesh(mesh_shape(cfg.parallel, world), device)
+    check_groups_within_node(cfg.parallel, mesh, rank, node_rank)
+    return Dist(rank, world, device, node_rank, mesh)
 
 
 def check_fp8(cfg: Config, env: Dist) -> None:
@@ -122,7 +130,7 @@ def frozen_copy(cfg: Config, env: Dist, init: Init):
     load_state(reference, init(), f"train.init_from {cfg.train.init_from!r}")
     reference.requires_grad_(False)
     frozen = cfg.train.model_copy(update={"activation_checkpointing": "none"})  # no backward through it
-    parallelize(reference, frozen, env.device, env.world_size, log_info=False)
+    parallelize(reference, frozen, env.device, env.mesh, log_info=False)
     return reference.eval()
 
 
@@ -161,9 +169,7 @@ class TrainingRun:
             load_state(model, init(), f"train.init_from {cfg.train.init_from!r}")
         self.num_params = model.num_params()
         self.flops_per_token = model.flops_per_token(seq_len) if seq_len else None  # active parameters (MoE)
-        self.after_step = parallelize(
-            model, cfg.train, env.device, env.world_size, log_info=env.is_main, seq_len=seq_len
-        )
+        self.after_step = parallelize(model, cfg.train, env.device, env.mesh, log_info=env.is_main, seq_len=seq_len)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last)
         self.config_dump = dump_config(cfg)

@@ -3,7 +3,10 @@ worker starts, so that an impossible size is refused in seconds with the numbers
 minutes later with Ray's out-of-memory text.
 
 Per worker: fp32 parameters, gradients and AdamW's two moments (16 bytes per parameter, divided
-by the workers under FSDP2; under Muon the matrices keep one momentum instead, so less), plus
+by the ranks of a shard group under FSDP2 — all of them under FSDP, parallel.shard of them under
+HSDP, whose replicas each hold a whole copy; under Muon the matrices keep one momentum instead, so
+less), the full weights of the blocks FSDP2 has all-gathered (the one computing and the next,
+prefetched: two of the largest block, in the compute dtype), plus
 activations kept for the backward pass, after Korthikanti et al. (2022): at least 34·d bytes per
 token and layer in 16-bit (twice that in fp32 on CPU; the 5·n_heads·T attention term is left out,
 flash attention does not keep it),
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from generalmodel.config import Config
+from generalmodel.train.mesh import mesh_shape
 from models import build_model
 
 GIB = 2**30
@@ -32,16 +36,20 @@ class MemoryEstimate:
     grads_bytes: float
     optimizer_bytes: float
     activations_bytes: float
+    gathered_bytes: float = 0.0
+    mesh: str = "one process"
 
     @property
     def total(self) -> float:
-        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+        held = self.params_bytes + self.grads_bytes + self.optimizer_bytes
+        return held + self.gathered_bytes + self.activations_bytes
 
     def describe(self) -> str:
         return (
             f"{self.parameters / 1e6:,.1f}M parameters: weights {self.params_bytes / GIB:.1f} GiB + gradients "
-            f"{self.grads_bytes / GIB:.1f} GiB + optimizer state ≤ {self.optimizer_bytes / GIB:.1f} GiB + activations "
-            f"{self.activations_bytes / GIB:.1f} GiB = {self.total / GIB:.1f} GiB per worker"
+            f"{self.grads_bytes / GIB:.1f} GiB + optimizer state ≤ {self.optimizer_bytes / GIB:.1f} GiB + "
+            f"all-gathered blocks {self.gathered_bytes / GIB:.1f} GiB + activations "
+            f"{self.activations_bytes / GIB:.1f} GiB = {self.total / GIB:.1f} GiB per worker ({self.mesh})"
         )
 
 
@@ -50,16 +58,19 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = build_model(cfg.model)
     n = model.num_params()
-    shard = world_size if world_size > 1 else 1  # FSDP2 shards weights, gradients and optimizer state
+    shape = mesh_shape(cfg.parallel, world_size)
+    shard = shape.shard  # FSDP2 shards weights, gradients and optimizer state over a shard group
     m, B, T = cfg.model, cfg.train.batch_size, seq_len
     act_bytes = 2 if cfg.ray.use_gpu else 4  # bf16 autocast on GPU, fp32 on CPU
+    largest_block = max((sum(p.numel() for p in block.parameters()) for block in model.blocks), default=0)
+    gathered = 2 * largest_block * act_bytes if shard > 1 else 0  # bf16 params under FSDP2's mixed precision
     if cfg.train.activation_checkpointing == "full":
         per_token_layer = 2 * m.d_model * act_bytes / 2
     else:
         per_token_layer = 34 * m.d_model * act_bytes / 2
     logit_rows = min(cfg.train.loss_chunk, B * T) if cfg.train.loss_chunk else B * T
     activations = B * T * m.n_layers * per_token_layer + 2 * logit_rows * m.vocab_size * 4
-    return MemoryEstimate(n, 4 * n / shard, 4 * n / shard, 8 * n / shard, activations)
+    return MemoryEstimate(n, 4 * n / shard, 4 * n / shard, 8 * n / shard, activations, gathered, shape.describe())
 
 
 def check_fits(cfg: Config, seq_len: int, memory_per_worker: float | None) -> MemoryEstimate:

@@ -32,13 +32,15 @@ def parallelize(
     model: LanguageModel,
     train: TrainConfig,
     device: torch.device,
-    world_size: int,
+    mesh=None,
     log_info: bool = True,
     seq_len: int | None = None,
 ) -> Callable[[], None]:
-    """Prepare `model` in place; returns what to call after each optimizer step. `seq_len`: the
-    length of the training rows (train.attention=flex makes its block masks for it)."""
-    fsdp = world_size > 1
+    """Prepare `model` in place; returns what to call after each optimizer step. `mesh`: the
+    DeviceMesh FSDP2 shards over (generalmodel.train.mesh: 1-D FSDP, 2-D HSDP), None for one
+    process. `seq_len`: the length of the training rows (train.attention=flex makes its block
+    masks for it)."""
+    fsdp = mesh is not None
     after_step: Callable[[], None] = lambda: None  # noqa: E731
     if train.attention in CUDA_ONLY and device.type != "cuda":
         raise UserError(f"train.attention={train.attention}: an SDPA backend of CUDA only; on {device} use auto")
@@ -67,12 +69,14 @@ def parallelize(
     elif train.compile == "full":
         model.compile()
     if fsdp:
+        if log_info:
+            log.info("FSDP2 over the mesh %s", dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True)))
         mp = None
         if device.type == "cuda":
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        get_spec(model.cfg.name).shard(model, mp_policy=mp)
+        get_spec(model.cfg.name).shard(model, mesh=mesh, mp_policy=mp)
     return after_step
 
 

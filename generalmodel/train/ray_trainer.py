@@ -106,9 +106,12 @@ def fit(
     import ray
 
     from generalmodel.train.memory import check_fits
+    from generalmodel.train.mesh import check_node_capacity, mesh_shape
 
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
 
+    shape = mesh_shape(cfg.parallel, cfg.ray.num_workers)
+    check_node_capacity(cfg.parallel, shape, workers_per_node(cfg))
     memory = ray.cluster_resources().get("memory")
     estimate = check_fits(cfg, seq_len, memory / cfg.ray.num_workers if memory else None)
     log.info("memory estimate: %s", estimate.describe())
@@ -132,6 +135,23 @@ def fit(
         error = e
     if error is not None:
         raise failure(error, failure_log(error, cfg.train.run_name, run_id, tracking_uri)) from None
+
+
+def workers_per_node(cfg: Config) -> list[int]:
+    """How many train workers each live node of the cluster can hold (by its CPUs, or GPUs with
+    ray.use_gpu), for the nodes that hold at least one: an autoscaling cluster whose worker nodes
+    are not up yet gives [], and the workers check their groups once placed."""
+    import ray
+
+    fits = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        n = int(have.get("GPU", 0)) if cfg.ray.use_gpu else int(have.get("CPU", 0) // cfg.ray.cpus_per_worker)
+        if n > 0:
+            fits.append(n)
+    return fits
 
 
 def _trainer(cfg: Config, layout: RunLayout, loop_config: dict[str, Any], callbacks: list | None):

@@ -1,0 +1,122 @@
+"""The device mesh of a training run, from the `parallel` config section.
+
+Every rank is a data-parallel rank; the mesh says how FSDP2 shards over them:
+
+    replicate × shard = the world size (ray.num_workers)
+
+- `replicate=1`: a 1-D mesh `("shard",)`, plain FSDP2 over every rank;
+- `replicate>1`: a 2-D mesh `("replicate", "shard")`, HSDP: each block's weights are sharded
+  over the `shard` ranks of a group and replicated across groups; the gradients are
+  reduce-scattered inside a group and all-reduced across groups, once per optimizer step.
+
+Ranks `g·shard … (g+1)·shard − 1` form shard group `g` (torch's `init_device_mesh` lays the
+last dimension fastest). Ray Train numbers its workers node by node (`NODE_RANK`, then
+`LOCAL_RANK`), so with `shard` = the workers of a node, a group is a node and only the gradient
+all-reduce crosses the network; `parallel.shard_within_node` makes that a checked promise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from generalmodel import UserError
+from generalmodel.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    replicate: int
+    shard: int
+
+    @property
+    def world(self) -> int:
+        return self.replicate * self.shard
+
+    @property
+    def dims(self) -> tuple[tuple[str, int], ...]:
+        """(name, size) of each mesh dimension, outermost first."""
+        shard = ("shard", self.shard)
+        return (("replicate", self.replicate), shard) if self.replicate > 1 else (shard,)
+
+    def describe(self) -> str:
+        if self.world == 1:
+            return "one process"
+        if self.replicate == 1:
+            return f"FSDP over {self.shard} ranks"
+        return f"HSDP: {self.replicate} replicas x {self.shard} shards"
+
+
+def mesh_shape(parallel: ParallelConfig, world: int) -> MeshShape:
+    """The mesh for `world` ranks; a UserError naming the keys when it cannot be laid out."""
+    replicate, shard = parallel.replicate, parallel.shard
+    if replicate == -1:
+        replicate = _rest(world, "shard", shard, "replicate")
+    elif shard == -1:
+        shard = _rest(world, "replicate", replicate, "shard")
+    if replicate * shard != world:
+        raise UserError(
+            f"parallel.replicate={replicate} x parallel.shard={shard} = {replicate * shard} ranks, "
+            f"but there are {world} train workers (ray.num_workers): the product must equal it"
+        )
+    return MeshShape(replicate, shard)
+
+
+def _rest(world: int, given: str, degree: int, free: str) -> int:
+    if world % degree:
+        raise UserError(
+            f"parallel.{given}={degree} does not divide the {world} train workers (ray.num_workers), "
+            f"so parallel.{free}=-1 has no whole value"
+        )
+    return world // degree
+
+
+def check_node_capacity(parallel: ParallelConfig, shape: MeshShape, workers_per_node: list[int]) -> None:
+    """Before any worker starts: with parallel.shard_within_node, some node must hold a whole
+    shard group (`workers_per_node`: how many train workers each node of the cluster can hold)."""
+    if not parallel.shard_within_node or shape.shard == 1 or not workers_per_node:
+        return
+    most = max(workers_per_node)
+    if shape.shard > most:
+        raise UserError(
+            f"parallel.shard={shape.shard} with parallel.shard_within_node=true, but no node of the Ray "
+            f"cluster holds more than {most} train workers (its nodes hold {sorted(workers_per_node, reverse=True)}): "
+            f"a shard group would span nodes. Use parallel.shard<={most} (and more replicas), or turn "
+            f"parallel.shard_within_node off"
+        )
+
+
+def build_mesh(shape: MeshShape, device: torch.device):
+    """The DeviceMesh (None for one process). Needs the default process group."""
+    if shape.world == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    names, sizes = zip(*shape.dims, strict=True)
+    return init_device_mesh(device.type, sizes, mesh_dim_names=names)
+
+
+def shard_group_nodes(mesh, node_rank: int) -> list[int]:
+    """The node rank of every rank of this rank's shard group (a collective over that group)."""
+    group = mesh.get_group("shard")
+    mine = torch.tensor([node_rank], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    return [int(t) for t in everyone]
+
+
+def check_groups_within_node(parallel: ParallelConfig, mesh, rank: int, node_rank: int) -> None:
+    """On the workers: with parallel.shard_within_node, every shard group lies on one node."""
+    if mesh is None or not parallel.shard_within_node:
+        return
+    nodes = shard_group_nodes(mesh, node_rank)
+    if len(set(nodes)) > 1:
+        raise UserError(
+            f"parallel.shard_within_node: rank {rank}'s shard group spans nodes {sorted(set(nodes))} "
+            f"(node rank of each of its ranks: {nodes}); Ray Train placed the workers so that a node "
+            f"does not hold whole groups: give parallel.shard = the train workers per node"
+        )

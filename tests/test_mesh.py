@@ -1,0 +1,188 @@
+"""The device mesh (`parallel` section): FSDP2 over 4 ranks and HSDP 2 x 2 each equal one process
+on the union batch (losses and every parameter), with AdamW and with Muon; HSDP reduces each
+step's gradients once inside a shard group and once across the replicas; a checkpoint written by
+4-rank FSDP resumes under HSDP (DCP reshards it) on the uninterrupted run's losses; a mesh that
+cannot be laid out is one clear line. Four gloo processes on this box's CPUs: a tiny model, few
+steps, and every 4-rank run in one spawn (`four_ranks`)."""
+
+import math
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from test_train import run, tiny
+
+from generalmodel import UserError
+from generalmodel.cluster import free_port
+from generalmodel.config import ConfigError, ParallelConfig, load_config
+from generalmodel.train.loop import train
+from generalmodel.train.mesh import MeshShape, check_node_capacity, mesh_shape
+
+pytestmark = pytest.mark.integration
+
+WORLD, STEPS = 4, 3
+HSDP = {"parallel.replicate": 2, "parallel.shard": 2}
+# Newton–Schulz in fp32: in bf16 the ranks' fp32-rounding differences grow to ~1% of a weight in 3 steps.
+MUON = {"optim.name": "muon", "optim.muon_ns_dtype": "float32", "model.tie_embeddings": False}
+
+
+def config(dataset, root, **extra):
+    """3 steps, 2 micro-batches per step (so accumulation is exercised), a checkpoint every step."""
+    base = {"train.steps": STEPS, "train.checkpoint_every": 1, "train.eval_every": STEPS, "train.grad_accum": 2}
+    return tiny(dataset, root, **{**base, **extra})
+
+
+def _rank(rank, port, runs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a hung collective fails the test
+    # Count the gradient collectives FSDP2 issues (the real ones run): reduce-scatters, and the
+    # all-reduces over this rank's replica group ({rank mod 2, rank mod 2 + 2} under HSDP 2 x 2).
+    reduce_scatter, all_reduce, calls = dist.reduce_scatter_single, dist.all_reduce, []
+    across = sorted({rank % 2, rank % 2 + 2})
+
+    def counted_reduce_scatter(*args, **kwargs):
+        calls.append("reduce_scatter")
+        return reduce_scatter(*args, **kwargs)
+
+    def counted_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if group is not None and sorted(dist.get_process_group_ranks(group)) == across:
+            calls.append("all_reduce_across_replicas")
+        return all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    dist.reduce_scatter_single, dist.all_reduce = counted_reduce_scatter, counted_all_reduce
+    for name, cfg, fail_after in runs:
+        calls.clear()
+        losses = _train(cfg, fail_after)
+        if rank == 0:
+            out[name] = (losses, {c: calls.count(c) for c in set(calls)})
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _train(cfg, fail_after: int | None) -> dict[int, float]:
+    """The losses of a run, or {} when it stops after step `fail_after` (every rank raises there,
+    after that step's checkpoint: as when the whole worker group is lost)."""
+    losses = {}
+
+    def report(metrics):
+        losses[metrics["step"]] = metrics["loss"]
+        if metrics["step"] == fail_after:
+            raise RuntimeError(f"injected failure after step {fail_after}")
+
+    try:
+        train(cfg, report)
+    except RuntimeError as e:
+        assert fail_after and "injected failure" in str(e), e
+        return {}
+    return losses
+
+
+@pytest.fixture(scope="module")
+def four_ranks(train_dataset, tmp_path_factory):
+    """Every 4-rank run, in one spawn of 4 processes: {name: (rank 0's losses, its collective
+    counts, the run's storage root)}."""
+    root = tmp_path_factory.mktemp("mesh")
+    rows = {"train.batch_size": 2}
+    runs = {  # name: (storage root, overrides, whether it fails on purpose)
+        "fsdp": ("fsdp", rows, False),
+        "hsdp": ("hsdp", {**rows, **HSDP}, False),
+        "fsdp-muon": ("fsdp-muon", {**rows, **MUON}, False),
+        "hsdp-muon": ("hsdp-muon", {**rows, **MUON, **HSDP}, False),
+        # Resharding: 4-rank FSDP dies after step 2; HSDP 2 x 2 resumes from its last checkpoint.
+        "reshard-fsdp": ("reshard", {**rows, "train.fail_at_step": 2}, True),
+        "reshard-hsdp": ("reshard", {**rows, **HSDP}, False),
+    }
+    plans = [
+        (name, config(train_dataset, root / where, **extra), fails) for name, (where, extra, fails) in runs.items()
+    ]
+    out = mp.Manager().dict()
+    mp.spawn(_rank, args=(free_port(), plans, out), nprocs=WORLD, join=True)
+    return {name: (*out[name], root / where) for name, (where, _, _) in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def one_process(train_dataset, tmp_path_factory):
+    """The same runs in one process on the union batch (4 ranks x 2 rows = 8)."""
+    root = tmp_path_factory.mktemp("mesh-one")
+    return {
+        name: (run(config(train_dataset, root / name, **{"train.batch_size": 8, **extra}))[0], root / name)
+        for name, extra in (("adamw", {}), ("muon", MUON))
+    }
+
+
+def export(root) -> dict[str, torch.Tensor]:
+    return load_file(str(root / "checkpoints/pretrain/export/model.safetensors"))
+
+
+@pytest.mark.parametrize("mesh", ["fsdp", "hsdp"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_four_ranks_equal_one_process_on_the_union_batch(four_ranks, one_process, mesh, optimizer):
+    name = mesh if optimizer == "adamw" else f"{mesh}-muon"
+    losses, _, root = four_ranks[name]
+    reference, reference_root = one_process[optimizer]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in reference.items():
+        assert math.isclose(losses[step], loss, rel_tol=1e-5), (step, losses[step], loss)
+    mine, theirs = export(root), export(reference_root)
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():  # relative to the tensor's norm (elementwise, AdamW's near-zero moments amplify)
+        assert (mine[key] - value).norm() <= 1e-5 * value.norm(), (
+            key,
+            ((mine[key] - value).norm() / value.norm()).item(),
+        )
+
+
+def test_hsdp_reduces_gradients_once_per_step_inside_a_group_and_once_across(four_ranks):
+    groups = 2 + 1  # FSDP2 units: tiny()'s 2 blocks and the root (embedding, final norm, head)
+    _, fsdp, _ = four_ranks["fsdp"]
+    _, hsdp, _ = four_ranks["hsdp"]
+    # 2 micro-batches per step, yet one reduce-scatter per unit per optimizer step (no sync on the first)
+    assert fsdp == {"reduce_scatter": STEPS * groups}, fsdp
+    assert hsdp == {"reduce_scatter": STEPS * groups, "all_reduce_across_replicas": STEPS * groups}, hsdp
+
+
+def test_a_checkpoint_written_by_four_rank_fsdp_resumes_under_hsdp(four_ranks, one_process):
+    failed, _, _ = four_ranks["reshard-fsdp"]
+    resumed, _, _ = four_ranks["reshard-hsdp"]
+    reference, _ = one_process["adamw"]
+    assert failed == {} and min(resumed) in (2, 3)  # from a checkpoint it wrote (step 1 or 2), not from scratch
+    for step, loss in resumed.items():
+        assert math.isclose(loss, reference[step], rel_tol=1e-5), (step, loss, reference[step])
+
+
+@pytest.mark.parametrize(
+    "parallel, world, message",
+    [
+        ({"replicate": 3}, 4, "parallel.replicate=3 does not divide the 4 train workers (ray.num_workers)"),
+        ({"shard": 3, "replicate": -1}, 4, "parallel.shard=3 does not divide the 4 train workers"),
+        ({"replicate": 2, "shard": 4}, 4, "parallel.replicate=2 x parallel.shard=4 = 8 ranks, but there are 4"),
+    ],
+)
+def test_a_mesh_that_cannot_be_laid_out_is_one_clear_line(parallel, world, message):
+    with pytest.raises(UserError) as e:
+        mesh_shape(ParallelConfig(**parallel), world)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mesh_shapes_and_the_node_check():
+    assert mesh_shape(ParallelConfig(), 4) == MeshShape(1, 4)
+    assert mesh_shape(ParallelConfig(replicate=2), 8) == MeshShape(2, 4)
+    assert mesh_shape(ParallelConfig(shard=8, replicate=-1), 32) == MeshShape(4, 8)
+    assert mesh_shape(ParallelConfig(), 1).describe() == "one process"
+    assert MeshShape(2, 4).dims == (("replicate", 2), ("shard", 4))
+    within = ParallelConfig(replicate=2, shard=4, shard_within_node=True)
+    check_node_capacity(within, MeshShape(2, 4), [4, 4])
+    check_node_capacity(ParallelConfig(replicate=2, shard=4), MeshShape(2, 4), [2, 2, 2, 2])  # not asked
+    with pytest.raises(UserError, match=r"parallel.shard=4 with parallel.shard_within_node=true, but no node .* 2"):
+        check_node_capacity(within, MeshShape(2, 4), [2, 2, 2, 2])
+    for bad, why in ((0, "must be a positive number of ranks"), (-2, "must be a positive number of ranks")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(overrides={"parallel.shard": bad})
+    with pytest.raises(ConfigError, match="cannot both be -1"):
+        load_config(overrides={"parallel.replicate": -1})
