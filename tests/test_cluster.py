@@ -1,8 +1,7 @@
 """A 2-node Ray cluster on this machine (`make cluster-up`'s code): `ray job submit` runs HSDP with
-a shard group of train workers on each node, checkpoints on the real S3 server; in one submitted job, SIGKILL
-of one train worker process and then the loss of the worker node (and a node coming back) each
-let Ray Train resume from the last checkpoint, and every step the job computes again has the loss
-it had the first time."""
+a shard group of train workers on each node and checkpoints on the real S3 server, and resumes
+exactly after a train worker is SIGKILLed; an elastic run loses its worker node for good, goes
+on with fewer workers (the same global batch and data) and grows back when a node returns."""
 
 import os
 import re
@@ -40,26 +39,27 @@ def bucket(s3_server):
 
 
 STEPS = 200
+# HSDP with the replicate axis across the nodes: 2 workers per node shard a replica.
+HSDP = {"ray.num_workers": 4, "ray.cpus_per_worker": 0.5, "parallel.replicate": 2, "parallel.shard": 2,
+        "parallel.shard_within_node": "true"}  # fmt: skip
+# Elastic: one worker per node; with a node gone the run goes on with one worker, then grows back.
+# Bigger batches than the other runs: the steps must last long enough for the group to grow again.
+ELASTIC = {"ray.num_workers": 2, "ray.min_workers": 1, "ray.resize_interval_s": 5, "ray.max_failures": 4,
+           "train.batch_size": 16}  # fmt: skip
 
 
-def job_args(bucket, mlflow_uri, run_name, **extra):
+def job_args(bucket, mlflow_uri, run_name, steps=STEPS, **extra):
     args = {
         **TINY_RUN,
         "data.source": f"s3://{bucket}/corpus",
-        "train.steps": STEPS,
+        "train.steps": steps,
         "train.log_every": 5,  # a resume recomputes at least one logged step
-        "train.eval_every": STEPS,
+        "train.eval_every": steps,
         "train.checkpoint_every": 20,
         "storage.root": f"s3://{bucket}/store",
         "tracking.uri": mlflow_uri,
         "train.run_name": run_name,
         "tracking.registered_model": "cluster-test",
-        # HSDP with the replicate axis across the nodes: 2 workers per node shard a replica.
-        "ray.num_workers": 4,
-        "ray.cpus_per_worker": 0.5,
-        "parallel.replicate": 2,
-        "parallel.shard": 2,
-        "parallel.shard_within_node": "true",
         **extra,
     }
     return [f"--{k}={v}" for k, v in args.items()]
@@ -69,17 +69,18 @@ def submit(cluster, args, wait=True):
     return submit_job(cluster, ["python", "jobs/pretrain.py", *args], wait)
 
 
-def loss_history(mlflow_uri, run_name) -> dict[int, list[float]]:
-    """Every value logged for `loss`, by step (a step computed again after a resume has two)."""
+def metric_history(mlflow_uri, run_name) -> dict[str, dict[int, list[float]]]:
+    """Every value logged for `loss` and `tokens`, by step (a step computed again after a resume has two)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs(
         client.get_experiment_by_name("generalmodel").experiment_id, f"attributes.run_name = '{run_name}'"
     )
-    history: dict[int, list[float]] = {}
-    for m in client.get_metric_history(runs[0].info.run_id, "loss"):
-        history.setdefault(m.step, []).append(m.value)
+    history: dict[str, dict[int, list[float]]] = {}
+    for key in ("loss", "tokens"):
+        for m in client.get_metric_history(runs[0].info.run_id, key):
+            history.setdefault(key, {}).setdefault(m.step, []).append(m.value)
     return history
 
 
@@ -122,23 +123,17 @@ class Job:
         return [int(m) for m in re.findall(r"resumed from s3://\S+/step-(\d{8})-[0-9a-f]+ at step", self.logs())]
 
 
-def test_hsdp_across_two_nodes_survives_a_killed_worker_and_a_lost_node(cluster, bucket, mlflow_server, s3_server):
+def test_hsdp_across_two_nodes_resumes_a_killed_worker_exactly(cluster, bucket, mlflow_server, s3_server):
     """`ray job submit --working-dir . -- python jobs/pretrain.py ...`, as the README shows it: the
-    job runs from the unpacked working directory, HSDP 2 x 2 with a shard group on each node (the
-    replicate axis across the nodes), checkpoints on S3. SIGKILL one Ray Train worker process:
-    Ray Train restarts the worker group (FailureConfig) from the last checkpoint. Later, the
-    worker node dies and a node comes back: the job resumes again. Every step it computes twice
-    (after a resume) has the same loss both times; it finishes, tracks and registers its model."""
-    job = Job(cluster, job_args(bucket, mlflow_server.uri, "failures"))
+    job runs from the unpacked working directory, HSDP with a shard group of 2 workers on each node
+    (the replicate axis across the nodes), checkpoints on S3. SIGKILL one Ray Train worker process:
+    Ray Train restarts the group from the last checkpoint (FailureConfig); every step computed twice
+    has the same loss both times; the job finishes, tracks and registers its model."""
+    job = Job(cluster, job_args(bucket, mlflow_server.uri, "hsdp", **HSDP))
     job.wait_for(f"step {60:>5}/{STEPS}")  # the step-40 checkpoint is published by now
     workers = train_worker_pids()
     assert len(workers) == 4, workers  # two per node
     os.kill(int(workers[0]), signal.SIGKILL)
-    job.wait_for("resumed from")
-    job.wait_for(f"step {140:>5}/{STEPS}")  # after the resume: at least two checkpoints later
-    cluster.kill_node(cluster.worker_pgids[0])
-    cluster.wait_for_nodes(1, exactly=True)  # the head has noticed the loss
-    cluster.add_worker()  # the node comes back
     status = job.wait_for_end()
     text = job.logs()
     assert "succeeded" in status, text[-5000:]
@@ -148,20 +143,52 @@ def test_hsdp_across_two_nodes_survives_a_killed_worker_and_a_lost_node(cluster,
     nodes = {rank: node for rank, node in placed}
     # Ray Train numbers the workers node by node: each shard group {0, 1}, {2, 3} is one node.
     assert nodes["0"] == nodes["1"] != nodes["2"] == nodes["3"], placed
-    first, second = job.resumes()  # mid-run, not from scratch, and the second after the first
-    assert 20 <= first < 140 and first < second < STEPS, text[-5000:]
-    losses = loss_history(mlflow_server.uri, "failures")
+    (resumed,) = job.resumes()
+    assert 20 <= resumed < STEPS, text[-5000:]  # mid-run, not from scratch
+    losses = metric_history(mlflow_server.uri, "hsdp")["loss"]
     assert sorted(losses) == list(range(5, STEPS + 1, 5))  # every logged step, none lost
     repeated = {step: values for step, values in losses.items() if len(values) > 1}
     assert repeated, losses  # a resume recomputes the logged steps after its checkpoint
-    # CPU, same config and data: the steps after a resume are bit-identical to their first run.
+    # CPU, same config, data and mesh: the steps after a resume are bit-identical to their first run.
     assert all(len(set(values)) == 1 for values in repeated.values()), repeated
     keys = [
         o["Key"]
-        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/failures/")["Contents"]
+        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="store/checkpoints/hsdp/")["Contents"]
     ]
-    assert any(re.fullmatch(rf"store/checkpoints/failures/step-{STEPS:08d}-[0-9a-f]+/manifest\.json", k) for k in keys)
+    assert any(re.fullmatch(rf"store/checkpoints/hsdp/step-{STEPS:08d}-[0-9a-f]+/manifest\.json", k) for k in keys)
     assert any(k.endswith("__1_0.distcp") for k in keys)  # rank 1's shard (DCP writes a replicated one once)
+
+
+def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(cluster, bucket, mlflow_server):
+    """A worker on each node, `ray.min_workers=1`: the worker node dies for good and the run goes
+    on at once with the head's worker (twice the gradient accumulation: the same global batch);
+    a node joins and the group grows back to 2 at the next resize check. Every step sees the
+    same tokens, every step computed again has its first loss (to fp32 rounding: another
+    summation order), and the run finishes."""
+    steps = 300
+    job = Job(cluster, job_args(bucket, mlflow_server.uri, "elastic", steps=steps, **ELASTIC))
+    job.wait_for(f"step {60:>5}/{steps}")
+    cluster.kill_node(cluster.worker_pgids[0])
+    job.wait_for("elastic: a group of 1 of at most 2 workers, 2 micro-batches each per step")
+    shrunk = len(job.logs())
+    cluster.add_worker()  # a node joins: the group grows at the next resize check (every 5 s)
+    deadline = time.time() + 180
+    while "elastic: a group of 2 of at most 2 workers" not in job.logs()[shrunk:]:
+        if time.time() > deadline:
+            job.give_up("the group never grew back to 2 workers")
+        time.sleep(2)
+    status = job.wait_for_end()
+    text = job.logs()
+    assert "succeeded" in status, text[-5000:]
+    resumes = job.resumes()  # the lost node, the growth: each mid-run, in order
+    assert len(resumes) >= 2 and 20 <= resumes[0] and resumes == sorted(resumes), text[-5000:]
+    metrics = metric_history(mlflow_server.uri, "elastic")
+    losses, tokens = metrics["loss"], metrics["tokens"]
+    assert sorted(losses) == list(range(5, steps + 1, 5))
+    per_step = 2 * 16 * 32  # ray.num_workers x train.batch_size x data.seq_len, whatever the group's size
+    assert all(values == [step * per_step] * len(values) for step, values in tokens.items()), tokens
+    for step, values in losses.items():
+        assert max(values) - min(values) <= 1e-5 * abs(values[0]), (step, values)
 
 
 def test_a_submitted_job_refuses_stores_that_would_vanish_with_it(cluster, bucket, mlflow_server):

@@ -186,3 +186,30 @@ def test_mesh_shapes_and_the_node_check():
             load_config(overrides={"parallel.shard": bad})
     with pytest.raises(ConfigError, match="cannot both be -1"):
         load_config(overrides={"parallel.replicate": -1})
+
+
+def test_an_elastic_run_keeps_its_global_batch_at_every_size_or_is_refused():
+    from generalmodel.train.mesh import check_world_sizes, for_world, world_sizes
+
+    cfg = load_config(overrides={"ray.num_workers": 4, "ray.min_workers": 2, "train.grad_accum": 3})
+    assert world_sizes(cfg) == [2, 3, 4]
+    assert check_world_sizes(cfg) == MeshShape(1, 4)
+    assert [for_world(cfg, w).train.grad_accum for w in (2, 3, 4)] == [6, 4, 3]  # 12 micro-batches each time
+    assert for_world(cfg, 4) is cfg
+    with pytest.raises(
+        UserError, match=r"a group of 3 workers cannot keep the global batch of 4 micro-batches .* ray.min_workers>=4"
+    ):
+        check_world_sizes(load_config(overrides={"ray.num_workers": 4, "ray.min_workers": 2}))
+    hsdp = {
+        "ray.num_workers": 4,
+        "ray.min_workers": 2,
+        "train.grad_accum": 3,
+        "parallel.shard": 2,
+        "parallel.replicate": -1,
+    }
+    with pytest.raises(
+        UserError, match=r"ray.min_workers=2: a group of 3 workers has no mesh: parallel.shard=2 does not divide"
+    ):
+        check_world_sizes(load_config(overrides=hsdp))
+    with pytest.raises(ConfigError, match="ray.min_workers=5 is more than ray.num_workers=4"):
+        load_config(overrides={"ray.num_workers": 4, "ray.min_workers": 5})

@@ -173,7 +173,21 @@ class RayConfig(Section):
         "default: $RAY_ADDRESS, else a local cluster started for this job.",
     )
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local cluster started when no address is given.")
-    num_workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks); elastic: the most.")
+    min_workers: int | None = Field(
+        None,
+        gt=0,
+        description="Elastic (Ray Train's elastic scaling): the fewest workers the run goes on with when nodes "
+        "are lost; it grows back to num_workers when they return. The global batch stays batch_size x "
+        "grad_accum x num_workers (each rank accumulates more micro-batches), so every size from min_workers "
+        "to num_workers must divide num_workers x grad_accum. null: a fixed group of num_workers.",
+    )
+    resize_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="Elastic: how often a healthy run looks for room to grow (a resize restarts "
+        "the worker group from its last checkpoint).",
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each train worker reserves.")
     use_gpu: bool = Field(False, description="One GPU per train worker (NCCL); else CPU and gloo.")
     max_failures: int = Field(
@@ -184,6 +198,12 @@ class RayConfig(Section):
         description="Stream every Ray worker's own output (tracebacks, Ray's logs) to this console. Off: "
         "the workers' log lines are forwarded and a failure's tracebacks go to a log file.",
     )
+
+    @model_validator(mode="after")
+    def _elastic_range(self):
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"ray.min_workers={self.min_workers} is more than ray.num_workers={self.num_workers}")
+        return self
 
 
 class ParallelConfig(Section):

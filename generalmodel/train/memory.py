@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from generalmodel.config import Config
-from generalmodel.train.mesh import mesh_shape
+from generalmodel.train.mesh import for_world, mesh_shape
 from models import build_model
 
 GIB = 2**30
@@ -78,7 +78,8 @@ def check_fits(cfg: Config, seq_len: int, memory_per_worker: float | None) -> Me
     known on the driver, so GPU runs are estimated and logged only)."""
     from generalmodel import UserError
 
-    est = estimate(cfg, seq_len, cfg.ray.num_workers)
+    world = cfg.ray.min_workers or cfg.ray.num_workers  # an elastic run's smallest group holds the most per rank
+    est = estimate(for_world(cfg, world), seq_len, world)
     if memory_per_worker and not cfg.ray.use_gpu and est.total > memory_per_worker:
         raise UserError(
             f"the model does not fit: {est.describe()}, but each of the {cfg.ray.num_workers} workers has about "

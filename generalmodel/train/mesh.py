@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from generalmodel import UserError
-from generalmodel.config import ParallelConfig
+from generalmodel.config import Config, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,46 @@ def _rest(world: int, given: str, degree: int, free: str) -> int:
             f"so parallel.{free}=-1 has no whole value"
         )
     return world // degree
+
+
+def world_sizes(cfg: Config) -> list[int]:
+    """The worker-group sizes a run may have: ray.num_workers, or every size from ray.min_workers
+    up to it for an elastic run."""
+    low = cfg.ray.min_workers or cfg.ray.num_workers
+    return list(range(low, cfg.ray.num_workers + 1))
+
+
+def check_world_sizes(cfg: Config) -> MeshShape:
+    """Before any worker starts: every size the group may take has a mesh and keeps the global
+    batch (elastic runs). Returns the mesh at ray.num_workers."""
+    top = cfg.ray.num_workers
+    units = top * cfg.train.grad_accum  # micro-batches per optimizer step, all ranks together
+    for world in world_sizes(cfg):
+        if world != top:
+            try:
+                mesh_shape(cfg.parallel, world)
+            except UserError as e:
+                why = f"ray.min_workers={cfg.ray.min_workers}: a group of {world} workers has no mesh"
+                raise UserError(f"{why}: {e}") from None
+        if units % world:
+            fine = min(w for w in range(1, top + 1) if all(units % v == 0 for v in range(w, top + 1)))
+            raise UserError(
+                f"ray.min_workers={cfg.ray.min_workers}: a group of {world} workers cannot keep the global batch "
+                f"of {units} micro-batches (ray.num_workers x train.grad_accum = {top} x {cfg.train.grad_accum}); "
+                f"use ray.min_workers>={fine}, or a train.grad_accum that every size divides"
+            )
+    return mesh_shape(cfg.parallel, cfg.ray.num_workers)
+
+
+def for_world(cfg: Config, world: int) -> Config:
+    """The config a rank of a group of `world` workers trains with: train.grad_accum scaled so the
+    global batch is the one of ray.num_workers workers (an elastic group smaller than that)."""
+    if world == cfg.ray.num_workers:
+        return cfg
+    units = cfg.ray.num_workers * cfg.train.grad_accum
+    if units % world:
+        raise UserError(f"a group of {world} workers cannot keep the global batch of {units} micro-batches")
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_accum": units // world})})
 
 
 def check_node_capacity(parallel: ParallelConfig, shape: MeshShape, workers_per_node: list[int]) -> None:

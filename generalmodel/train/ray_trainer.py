@@ -37,14 +37,24 @@ EVALUATIONS = {"val_loss", "heldout_accuracy"}  # the metrics Ray Train hears ab
 def _worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    cfg: Config = config["cfg"]
-    rank = ray.train.get_context().get_world_rank()
+    from generalmodel.train.mesh import for_world
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     _quiet_ray_train()
     root = logging.getLogger("generalmodel")
     root.setLevel(logging.INFO)  # the worker's default level is WARNING
     if config.get("progress") is not None:
         root.addHandler(ForwardToDriver(config["progress"], rank))
     log.info("train worker rank %d on node %s", rank, ray.get_runtime_context().get_node_id())
+    cfg: Config = for_world(config["cfg"], world)  # an elastic group below ray.num_workers accumulates more
+    if rank == 0 and cfg.ray.min_workers is not None:
+        log.info(
+            "elastic: a group of %d of at most %d workers, %d micro-batches each per step",
+            world,
+            cfg.ray.num_workers,
+            cfg.train.grad_accum,
+        )
     logger = None
     if rank == 0 and config.get("run_id"):
         from generalmodel.tracking import MetricLogger
@@ -106,11 +116,11 @@ def fit(
     import ray
 
     from generalmodel.train.memory import check_fits
-    from generalmodel.train.mesh import check_node_capacity, mesh_shape
+    from generalmodel.train.mesh import check_node_capacity, check_world_sizes
 
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
 
-    shape = mesh_shape(cfg.parallel, cfg.ray.num_workers)
+    shape = check_world_sizes(cfg)
     check_node_capacity(cfg.parallel, shape, workers_per_node(cfg))
     memory = ray.cluster_resources().get("memory")
     estimate = check_fits(cfg, seq_len, memory / cfg.ray.num_workers if memory else None)
@@ -165,7 +175,10 @@ def _trainer(cfg: Config, layout: RunLayout, loop_config: dict[str, Any], callba
         _worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers,
+            # Elastic: Ray Train starts as many as it can place, at least min_workers, and grows
+            # the group (from the last checkpoint) when more fit, every resize_interval_s.
+            num_workers=(cfg.ray.min_workers, cfg.ray.num_workers) if cfg.ray.min_workers else cfg.ray.num_workers,
+            elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
             use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
         ),
