@@ -36,7 +36,7 @@ def test_unknown_override_names_the_key_and_the_valid_ones():
         parse_args(["--data.seqlen=5"])
     assert "'data.seqlen'" in str(e.value) and "data.seq_len" in str(e.value)
     with pytest.raises(
-        ConfigError, match="'dta.seq_len'.*valid keys: data, model, optim, train, storage, ray, tracking"
+        ConfigError, match="'dta.seq_len'.*valid keys: data, model, optim, train, storage, ray, parallel, tracking"
     ):
         parse_args(["--dta.seq_len=5"])
 

@@ -210,7 +210,7 @@ def test_a_model_that_cannot_fit_is_refused_before_any_worker_starts(ray_cluster
     )
     started = time.time()
     with pytest.raises(
-        UserError, match=r"the model does not fit: 1,2\d\d\.\dM parameters: .* GiB per worker, but each"
+        UserError, match=r"does not fit: 1,2\d\d\.\dM parameters: .* GiB per worker \(FSDP over 2 ranks\), but each"
     ):
         pretrain.main(load_config(overrides=overrides))
     assert time.time() - started < 60

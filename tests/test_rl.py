@@ -254,7 +254,7 @@ def test_prompt_order_and_bad_rows(tiny_task, tmp_path):
     bad.write_text('{"prompt": "What is 1 plus 2?", "answer": 3}\n{"question": "x"}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: no field 'prompt' \(rl.prompt_field\)"):
         load_prompts(task_cfg(root, tmp_path, **{"data.source": str(bad)}), tokenizer_json)
-    with pytest.raises(UserError, match="rl.prompts_per_step=6 must divide among ray.num_workers=4"):
+    with pytest.raises(UserError, match=r"rl.prompts_per_step=6 must divide among the learner's ranks .* not among 4"):
         rl_train(
             task_cfg(root, tmp_path, **{"rl.prompts_per_step": 6, "ray.num_workers": 4}),
             init=lambda: {},
@@ -310,3 +310,13 @@ def test_off_policy_lags_one_step_and_reuses_batches(tiny_task, tmp_path):
     assert seen[1]["policy_lag"] == 0  # step 0's rollouts: the starting weights, nothing older exists
     assert seen[2]["policy_lag"] == 1 and seen[3]["policy_lag"] == 1
     assert seen[3]["kl"] > 0 and seen[3]["approx_kl"] != 0  # two updates per batch: the ratio moved
+
+
+def test_an_elastic_learner_must_split_its_prompts_at_every_size():
+    from generalmodel.config import load_config
+    from generalmodel.post.rl.learner import check_rl_config
+
+    check_rl_config(load_config(overrides={"rl.prompts_per_step": 12, "ray.num_workers": 4, "ray.min_workers": 2}))
+    elastic = {"rl.prompts_per_step": 8, "ray.num_workers": 4, "ray.min_workers": 2}
+    with pytest.raises(UserError, match=r"prompts_per_step=8 must divide .*min_workers=2\); it does not among 3"):
+        check_rl_config(load_config(overrides=elastic))

@@ -39,6 +39,7 @@ from generalmodel.post.rl.rollout import Batch, LocalRollouts, RayRollouts, Roll
 from generalmodel.post.rl.tasks import PromptSet
 from generalmodel.storage import RunLayout
 from generalmodel.train.core import Init, Report, TrainingRun, frozen_copy, full_state, sum_across_ranks
+from generalmodel.train.mesh import world_sizes
 from generalmodel.train.resume import TrainingError
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,12 @@ class StepCounter:
 def check_rl_config(cfg: Config) -> None:
     """Errors a user should see before any worker starts."""
     rl = cfg.rl
-    if rl.prompts_per_step % cfg.ray.num_workers:
+    uneven = [w for w in world_sizes(cfg) if rl.prompts_per_step % w]  # every size an elastic group may take
+    if uneven:
         raise UserError(
-            f"rl.prompts_per_step={rl.prompts_per_step} must divide among ray.num_workers={cfg.ray.num_workers} "
-            "learner ranks (each trains on whole groups)"
+            f"rl.prompts_per_step={rl.prompts_per_step} must divide among the learner's ranks "
+            f"(ray.num_workers={cfg.ray.num_workers}, ray.min_workers={cfg.ray.min_workers}); it does not "
+            f"among {', '.join(map(str, uneven))} (each rank trains on whole groups)"
         )
     if rl.mode == "off_policy" and rl.updates_per_batch > 1:
         log.warning("rl.mode=off_policy with rl.updates_per_batch>1: the ratio is against the sampler's weights")
