@@ -48,7 +48,7 @@ def _worker(config: dict[str, Any]) -> None:
         root.addHandler(ForwardToDriver(config["progress"], rank))
     log.info("train worker rank %d on node %s", rank, ray.get_runtime_context().get_node_id())
     cfg: Config = for_world(config["cfg"], world)  # an elastic group below ray.num_workers accumulates more
-    if rank == 0 and cfg.ray.min_workers is not None:
+    if rank == 0 and elastic(cfg):
         log.info(
             "elastic: a group of %d of at most %d workers, %d micro-batches each per step",
             world,
@@ -147,6 +147,11 @@ def fit(
         raise failure(error, failure_log(error, cfg.train.run_name, run_id, tracking_uri)) from None
 
 
+def elastic(cfg: Config) -> bool:
+    """ray.min_workers below ray.num_workers: the group may shrink and grow (min = num is a fixed group)."""
+    return cfg.ray.min_workers is not None and cfg.ray.min_workers < cfg.ray.num_workers
+
+
 def workers_per_node(cfg: Config) -> list[int]:
     """How many train workers each live node of the cluster can hold (by its CPUs, or GPUs with
     ray.use_gpu), for the nodes that hold at least one: an autoscaling cluster whose worker nodes
@@ -177,7 +182,7 @@ def _trainer(cfg: Config, layout: RunLayout, loop_config: dict[str, Any], callba
         scaling_config=ScalingConfig(
             # Elastic: Ray Train starts as many as it can place, at least min_workers, and grows
             # the group (from the last checkpoint) when more fit, every resize_interval_s.
-            num_workers=(cfg.ray.min_workers, cfg.ray.num_workers) if cfg.ray.min_workers else cfg.ray.num_workers,
+            num_workers=(cfg.ray.min_workers, cfg.ray.num_workers) if elastic(cfg) else cfg.ray.num_workers,
             elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
             use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
