@@ -47,7 +47,6 @@ class Dist:
     rank: int
     world_size: int
     device: torch.device
-    node_rank: int = 0
     mesh: Any = None  # the DeviceMesh FSDP2 shards over (generalmodel.train.mesh); None in one process
 
     @property
@@ -74,7 +73,7 @@ def setup_distributed(cfg: Config) -> Dist:
     node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))  # Ray Train's; torchrun's
     mesh = build_mesh(mesh_shape(cfg.parallel, world), device)
     check_groups_within_node(cfg.parallel, mesh, rank, node_rank)
-    return Dist(rank, world, device, node_rank, mesh)
+    return Dist(rank, world, device, mesh)
 
 
 def check_fp8(cfg: Config, env: Dist) -> None:

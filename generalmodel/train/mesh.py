@@ -107,9 +107,7 @@ def for_world(cfg: Config, world: int) -> Config:
     global batch is the one of ray.num_workers workers (an elastic group smaller than that)."""
     if world == cfg.ray.num_workers:
         return cfg
-    units = cfg.ray.num_workers * cfg.train.grad_accum
-    if units % world:
-        raise UserError(f"a group of {world} workers cannot keep the global batch of {units} micro-batches")
+    units = cfg.ray.num_workers * cfg.train.grad_accum  # check_world_sizes has made sure `world` divides it
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_accum": units // world})})
 
 
