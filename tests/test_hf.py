@@ -1,5 +1,6 @@
 """Hugging Face export and import against the real `transformers` (loaded offline from the
-directory we write): logits equal ours in fp32 for MHA, GQA, MQA, tied and GPT-2 variants,
+directory we write): logits equal ours in fp32 for Llama (MHA, GQA, MQA, tied), Qwen3 (QK-norm,
+sliding windows), Arcee (ReLU²) and GPT-2 variants, each exported as the class asserted here,
 greedy continuations identical, ours → HF → ours bit-identical; what has no transformers
 class is refused by name."""
 
@@ -24,8 +25,18 @@ VARIANTS = {
     "llama-mha": LlamaConfig(**SHAPE),
     "llama-gqa": LlamaConfig(**SHAPE, n_kv_heads=2, rope_theta=500000.0, norm_eps=1e-6),
     "llama-mqa-tied": LlamaConfig(**SHAPE, n_kv_heads=1, tie_embeddings=True),
+    "qwen3-gqa": LlamaConfig(**SHAPE, n_kv_heads=2, qk_norm=True),
+    # windows of 16 in rows of 96 positions; the second layer global (layer_types)
+    "qwen3-window": LlamaConfig(**SHAPE, qk_norm=True, window=16, global_every=2, tie_embeddings=True),
+    "arcee-relu2": LlamaConfig(**SHAPE, mlp="relu2", n_kv_heads=2),
     "gpt2": GPT2Config(**SHAPE),
     "gpt2-bias-untied": GPT2Config(**SHAPE, bias=True, tie_embeddings=False),
+}
+CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "arcee": "ArceeForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
 }
 
 
@@ -56,7 +67,7 @@ def load_hf(directory):
 def test_transformers_gives_our_logits_and_greedy_text(name, tokenizer, tmp_path):
     model = random_model(VARIANTS[name])
     hf = load_hf(export(model, tokenizer, tmp_path))
-    assert type(hf).__name__ == ("LlamaForCausalLM" if name.startswith("llama") else "GPT2LMHeadModel")
+    assert type(hf).__name__ == CLASSES[name.split("-")[0]]  # the native class, never a fallback
     ids = torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["max_seq_len"]), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
@@ -115,8 +126,11 @@ def test_bf16_export_is_loadable(tokenizer, tmp_path):
     [
         ({"attention": "mla"}, "attention='mla'"),
         ({"moe_experts": 4}, "moe_experts=4"),
-        ({"window": 16}, "window=16"),
+        ({"window": 16}, "window=16"),  # Qwen3 has windows, with QK-norm only
         ({"kv_share_group": 2}, "kv_share_group=2"),
+        ({"qk_norm": True, "mlp": "relu2"}, "mlp='relu2'"),
+        ({"value_residual": True}, "value_residual=true"),
+        ({"qk_norm": True, "bias": True}, "bias=true"),
     ],
 )
 def test_models_without_a_transformers_class_are_refused_by_name(overrides, named, tokenizer, tmp_path):
@@ -161,3 +175,14 @@ def test_the_export_carries_the_chat_template_and_stops_at_the_end_of_a_turn(tok
     assert list(prompt["input_ids"]) == fmt.prompt_ids(conversation[:2])
     generation = transformers.GenerationConfig.from_pretrained(directory)
     assert generation.eos_token_id == [tokenizer.token_to_id(EOS), tokenizer.token_to_id(END)]
+
+
+def test_a_qwen3_layer_pattern_we_cannot_build_is_refused_by_name(tokenizer, tmp_path):
+    import json
+
+    directory = export(random_model(VARIANTS["qwen3-window"]), tokenizer, tmp_path)
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    config["layer_types"] = ["full_attention", "sliding_attention"]  # global first: not every N-th
+    (tmp_path / "hf/config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"config.json: layer_types has full-attention layers \[0\]"):
+        read_hf(directory)

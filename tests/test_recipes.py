@@ -95,16 +95,22 @@ def test_zero_init():
 @pytest.mark.parametrize(
     "switch, named",
     [
-        (dict(qk_norm=True), "qk_norm"),
         (dict(value_residual=True), "value_residual"),
         (dict(logit_softcap=30.0), "logit_softcap"),
-        (dict(mlp="relu2"), "mlp='relu2'"),
+        (dict(qk_norm=True, mlp="relu2"), "mlp='relu2'"),
     ],
 )
-def test_hf_export_refuses_the_switches(switch, named):
+def test_hf_export_refuses_the_switches_no_class_has(switch, named):
     with pytest.raises(ExportError, match=named):
         hf_architecture(replace(PRESETS["llama-tiny"], **switch))
-    assert hf_architecture(replace(PRESETS["llama-tiny"], zero_init=True)) == "llama"  # an init, not a shape
+
+
+def test_hf_export_picks_the_class_that_has_the_switches():
+    llama = PRESETS["llama-tiny"]
+    assert hf_architecture(replace(llama, zero_init=True)) == "llama"  # an init, not a shape
+    assert hf_architecture(replace(llama, qk_norm=True)) == "qwen3"
+    assert hf_architecture(replace(llama, qk_norm=True, window=64, global_every=2)) == "qwen3"
+    assert hf_architecture(replace(llama, mlp="relu2")) == "arcee"
 
 
 def test_bad_switch_combinations_are_named():

@@ -1,6 +1,6 @@
 """What every transformers adapter shares: the parts of our zoo no dense transformers class has,
 and the interface an adapter implements (`HfAdapter`). One adapter per target class lives beside
-this module (`llama.py`, `gpt2.py`); `generalmodel.interop.hf` picks one."""
+this module (`llama.py`: Llama, Qwen3, Arcee; `gpt2.py`); `generalmodel.interop.hf` picks one."""
 
 from __future__ import annotations
 
@@ -15,26 +15,19 @@ class ExportError(UserError):
     """The model has parts no transformers architecture has."""
 
 
-def sparse_or_research_parts(cfg) -> list[str]:
-    """The parts of `cfg` that neither Llama nor GPT-2 has, each named with its value."""
-    parts = []
-    if cfg.attention != "gqa":
-        parts.append(f"attention={cfg.attention!r} (multi-head latent attention)")
-    if cfg.moe_experts:
-        parts.append(f"moe_experts={cfg.moe_experts} (mixture of experts)")
-    if cfg.memory_layers:
-        parts.append(f"memory_layers={list(cfg.memory_layers)} (product-key memory layers)")
-    if cfg.window is not None:
-        parts.append(f"window={cfg.window} (sliding-window layers)")
-    if cfg.kv_share_group != 1:
-        parts.append(f"kv_share_group={cfg.kv_share_group} (cross-layer KV sharing)")
-    if cfg.qk_norm:
-        parts.append("qk_norm=true (per-head query/key norms)")
-    if cfg.value_residual:
-        parts.append("value_residual=true (first-layer value mixing)")
-    if cfg.logit_softcap is not None:
-        parts.append(f"logit_softcap={cfg.logit_softcap} (logit soft-capping)")
-    return parts
+def research_parts(cfg) -> dict[str, str]:
+    """The parts of `cfg` beyond a plain dense decoder, by config field, each described with its value."""
+    parts = {
+        "attention": cfg.attention != "gqa" and f"attention={cfg.attention!r} (multi-head latent attention)",
+        "moe_experts": cfg.moe_experts and f"moe_experts={cfg.moe_experts} (mixture of experts)",
+        "memory_layers": cfg.memory_layers and f"memory_layers={list(cfg.memory_layers)} (product-key memory layers)",
+        "window": cfg.window is not None and f"window={cfg.window} (sliding-window layers)",
+        "kv_share_group": cfg.kv_share_group != 1 and f"kv_share_group={cfg.kv_share_group} (cross-layer KV sharing)",
+        "qk_norm": cfg.qk_norm and "qk_norm=true (per-head query/key norms)",
+        "value_residual": cfg.value_residual and "value_residual=true (first-layer value mixing)",
+        "logit_softcap": cfg.logit_softcap is not None and f"logit_softcap={cfg.logit_softcap} (logit soft-capping)",
+    }
+    return {field: text for field, text in parts.items() if text}
 
 
 class HfAdapter:
@@ -42,12 +35,13 @@ class HfAdapter:
     config and weights both ways. `to_hf` then `from_hf` gives back every tensor bit for bit."""
 
     model_type: ClassVar[str]  # config.json's model_type
+    carries: ClassVar[frozenset[str]] = frozenset()  # the fields of `research_parts` the class has
     shape: ClassVar[tuple[str, str, str]]  # (positions, norm, mlp) of the class
     described: ClassVar[str]  # the shape in words, for error messages
 
     def mismatches(self, cfg) -> list[str]:
         """Why this class cannot reproduce `cfg` (empty: it can)."""
-        parts = sparse_or_research_parts(cfg)
+        parts = [text for field, text in research_parts(cfg).items() if field not in self.carries]
         if (cfg.positions, cfg.norm, cfg.mlp) != self.shape:
             parts.append(f"positions={cfg.positions!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r} ({self.described})")
         return parts + self.class_mismatches(cfg)

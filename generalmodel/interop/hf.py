@@ -1,10 +1,11 @@
 """Our models as Hugging Face `transformers` directories, and back.
 
-One adapter per transformers class (`generalmodel/interop/<class>.py`, an `HfAdapter`): `llama.py`
-(`LlamaForCausalLM`: RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA, tied or not) and `gpt2.py`
-(`GPT2LMHeadModel`: learned positions, LayerNorm, tanh-GELU MLP, MHA). `adapter_for` picks the one
-that reproduces a model exactly; what no class here has — MLA, MoE, sliding windows, cross-layer
-KV sharing, the recipe's switches — is refused with the reasons (`ExportError`). `to_hf` then
+One adapter per transformers class (an `HfAdapter`): in `llama.py` `LlamaForCausalLM` (RoPE,
+RMSNorm, SwiGLU, MHA/GQA/MQA, tied or not), `Qwen3ForCausalLM` (+ per-head query/key norms and
+sliding-window layers) and `ArceeForCausalLM` (a ReLU² MLP); in `gpt2.py` `GPT2LMHeadModel`
+(learned positions, LayerNorm, tanh-GELU MLP, MHA). `adapter_for` picks the one that reproduces a
+model exactly; what no class here has — MLA, MoE, cross-layer KV sharing, value residual,
+soft-capped logits — is refused with the reasons (`ExportError`). `to_hf` then
 `from_hf` gives back every tensor bit for bit (fp32).
 
 Writing needs only `safetensors` and `tokenizers`; loading the result needs `transformers`
@@ -25,11 +26,13 @@ import torch
 from generalmodel.errors import UserError
 from generalmodel.interop.adapter import ExportError, HfAdapter
 from generalmodel.interop.gpt2 import GPT2Adapter
-from generalmodel.interop.llama import LlamaAdapter
+from generalmodel.interop.llama import ArceeAdapter, LlamaAdapter, Qwen3Adapter
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ADAPTERS: dict[str, HfAdapter] = {a.model_type: a for a in (LlamaAdapter(), GPT2Adapter())}
+ADAPTERS: dict[str, HfAdapter] = {
+    a.model_type: a for a in (LlamaAdapter(), Qwen3Adapter(), ArceeAdapter(), GPT2Adapter())
+}
 
 __all__ = ["ADAPTERS", "DTYPES", "HF_FILES", "ExportError", "adapter_for", "hf_architecture", "read_hf", "write_hf"]
 
@@ -146,7 +149,7 @@ def is_hf_directory(directory: str) -> bool:
 
 def read_hf(directory: str):
     """(our model config, our state dict, tokenizer JSON) from a transformers
-    directory of a Llama or GPT-2 model (safetensors weights, one file or sharded)."""
+    directory of a Llama, Qwen3, Arcee or GPT-2 model (safetensors weights, one file or sharded)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, "config.json")) as f:

@@ -1,11 +1,14 @@
-"""Our `llama`-family dense models (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA, tied or not) as
-transformers' `LlamaForCausalLM`. Our fused `kv_proj` splits into `k_proj`/`v_proj`, the SwiGLU `up`
-into `gate_proj`/`up_proj` (gate first, as our MLP chunks it); our RoPE rotates halves, as
-transformers' `rotate_half` does, so no query/key permutation is needed."""
+"""Our `llama`-family dense models as the transformers classes of that family, one adapter per class:
+`LlamaForCausalLM` (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA, tied or not), `Qwen3ForCausalLM` (the same
+with per-head query/key RMSNorm before RoPE, and sliding-window layers by `layer_types`) and
+`ArceeForCausalLM` (Llama with a non-gated ReLU² MLP: `up_proj`/`down_proj`). They share the tensor
+mapping: our fused `kv_proj` splits into `k_proj`/`v_proj`, the SwiGLU `up` into
+`gate_proj`/`up_proj` (gate first, as our MLP chunks it); our RoPE rotates halves, as transformers'
+`rotate_half` does, so no query/key permutation is needed."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -15,25 +18,27 @@ from generalmodel.interop.adapter import HfAdapter, common_config
 
 class LlamaAdapter(HfAdapter):
     model_type = "llama"
+    architecture: ClassVar[str] = "LlamaForCausalLM"
     shape = ("rope", "rmsnorm", "swiglu")
     described = "Llama is rope+rmsnorm+swiglu"
+    hidden_act: ClassVar[str] = "silu"
 
     def class_mismatches(self, cfg) -> list[str]:
         if cfg.bias:
-            return ["bias=true with a Llama shape (transformers' Llama has one flag for attention biases only)"]
+            return [f"bias=true with a {self.architecture} shape (attention and MLP biases are not mapped)"]
         return []
 
     def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
             "hidden_size": cfg.d_model,
             "intermediate_size": cfg.hidden,
             "num_hidden_layers": cfg.n_layers,
             "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.kv_heads,
             "head_dim": cfg.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "max_position_embeddings": cfg.max_seq_len,
             "rms_norm_eps": cfg.norm_eps,
             "rope_theta": cfg.rope_theta,  # transformers 4.x
@@ -51,7 +56,6 @@ class LlamaAdapter(HfAdapter):
         for i in range(cfg.n_layers):
             ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
             k, v = state[ours + "attn.kv_proj.weight"].split(kv_dim, dim=0)
-            gate, up = state[ours + "mlp.up.weight"].chunk(2, dim=0)
             out |= {
                 theirs + "input_layernorm.weight": state[ours + "attn_norm.weight"],
                 theirs + "self_attn.q_proj.weight": state[ours + "attn.q_proj.weight"],
@@ -59,10 +63,17 @@ class LlamaAdapter(HfAdapter):
                 theirs + "self_attn.v_proj.weight": v,
                 theirs + "self_attn.o_proj.weight": state[ours + "attn.out_proj.weight"],
                 theirs + "post_attention_layernorm.weight": state[ours + "mlp_norm.weight"],
-                theirs + "mlp.gate_proj.weight": gate,
-                theirs + "mlp.up_proj.weight": up,
                 theirs + "mlp.down_proj.weight": state[ours + "mlp.down.weight"],
             }
+            if cfg.qk_norm:
+                out[theirs + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
+                out[theirs + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
+            if cfg.mlp == "swiglu":
+                gate, up = state[ours + "mlp.up.weight"].chunk(2, dim=0)
+                out[theirs + "mlp.gate_proj.weight"] = gate
+                out[theirs + "mlp.up_proj.weight"] = up
+            else:
+                out[theirs + "mlp.up_proj.weight"] = state[ours + "mlp.up.weight"]
         out["model.embed_tokens.weight"] = state["embed.weight"]
         out["model.norm.weight"] = state["final_norm.weight"]
         if not cfg.tie_embeddings:
@@ -81,11 +92,15 @@ class LlamaAdapter(HfAdapter):
                 ),
                 ours + "attn.out_proj.weight": hf[theirs + "self_attn.o_proj.weight"],
                 ours + "mlp_norm.weight": hf[theirs + "post_attention_layernorm.weight"],
-                ours + "mlp.up.weight": torch.cat(
-                    [hf[theirs + "mlp.gate_proj.weight"], hf[theirs + "mlp.up_proj.weight"]]
-                ),
                 ours + "mlp.down.weight": hf[theirs + "mlp.down_proj.weight"],
             }
+            if cfg.qk_norm:
+                state[ours + "attn.q_norm.weight"] = hf[theirs + "self_attn.q_norm.weight"]
+                state[ours + "attn.k_norm.weight"] = hf[theirs + "self_attn.k_norm.weight"]
+            up = hf[theirs + "mlp.up_proj.weight"]
+            if cfg.mlp == "swiglu":
+                up = torch.cat([hf[theirs + "mlp.gate_proj.weight"], up])
+            state[ours + "mlp.up.weight"] = up
         state["embed.weight"] = hf["model.embed_tokens.weight"]
         state["final_norm.weight"] = hf["model.norm.weight"]
         state["head.weight"] = state["embed.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
@@ -97,14 +112,14 @@ class LlamaAdapter(HfAdapter):
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         unsupported = {
-            "hidden_act": (config.get("hidden_act", "silu"), "silu"),
+            "hidden_act": (config.get("hidden_act", self.hidden_act), self.hidden_act),
             "attention_bias": (config.get("attention_bias", False), False),
             "mlp_bias": (config.get("mlp_bias", False), False),
             "rope type": (rope_type, "default"),
         }
         bad = [f"{k}={v!r} (supported: {ok!r})" for k, (v, ok) in unsupported.items() if v != ok]
         if bad:
-            raise UserError(f"{where}: this Llama variant does not map onto our llama: {', '.join(bad)}")
+            raise UserError(f"{where}: this {self.architecture} does not map onto our llama: {', '.join(bad)}")
         heads = config["num_attention_heads"]
         if config.get("head_dim") not in (None, config["hidden_size"] // heads):
             raise UserError(f"{where}: head_dim={config['head_dim']} != hidden_size/num_attention_heads")
@@ -116,8 +131,64 @@ class LlamaAdapter(HfAdapter):
             n_kv_heads=None if config.get("num_key_value_heads", heads) == heads else config["num_key_value_heads"],
             d_model=config["hidden_size"],
             ffn_hidden=config["intermediate_size"],
+            mlp=self.shape[2],
             tie_embeddings=config.get("tie_word_embeddings", False),
             rope_theta=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
             norm_eps=config.get("rms_norm_eps", 1e-6),
             init_std=config.get("initializer_range", 0.02),
+            **self.switches(config, where),
         )
+
+    def switches(self, config: dict[str, Any], where: str) -> dict[str, Any]:
+        """The model switches the class's config.json implies beyond Llama's."""
+        return {}
+
+
+class Qwen3Adapter(LlamaAdapter):
+    """Qwen3: query/key RMSNorm per head (before RoPE) in every layer, sliding-window layers by
+    `layer_types` (our `window`, with `global_every`'s layers full)."""
+
+    model_type = "qwen3"
+    architecture = "Qwen3ForCausalLM"
+    described = "Qwen3 is rope+rmsnorm+swiglu with qk_norm"
+    carries = frozenset({"qk_norm", "window"})
+
+    def class_mismatches(self, cfg) -> list[str]:
+        missing = [] if cfg.qk_norm else ["qk_norm=false (Qwen3 normalises every query and key)"]
+        return super().class_mismatches(cfg) + missing
+
+    def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
+        layers = ["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.n_layers)]
+        return super().config(cfg, special, dtype) | {
+            "use_sliding_window": cfg.window is not None,
+            "sliding_window": cfg.window,
+            "max_window_layers": cfg.n_layers,
+            "layer_types": layers,
+        }
+
+    def switches(self, config: dict[str, Any], where: str) -> dict[str, Any]:
+        n = config["num_hidden_layers"]
+        window = config.get("sliding_window") if config.get("use_sliding_window") else None
+        kinds = config.get("layer_types") or ["full_attention"] * n
+        local = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+        if window is None or not local:
+            return {"qk_norm": True}
+        full = [i for i in range(n) if i not in local]
+        every = full[0] + 1 if full else 0
+        pattern = list(range(every - 1, n, every)) if every else []
+        if full != pattern:
+            raise UserError(
+                f"{where}: layer_types has full-attention layers {full}; ours are every N-th layer "
+                "(N-1, 2N-1, ...: model.global_every) or none"
+            )
+        return {"qk_norm": True, "window": window, "global_every": every}
+
+
+class ArceeAdapter(LlamaAdapter):
+    """Arcee (AFM): Llama with a non-gated ReLU² MLP."""
+
+    model_type = "arcee"
+    architecture = "ArceeForCausalLM"
+    shape = ("rope", "rmsnorm", "relu2")
+    described = "Arcee is rope+rmsnorm+relu2"
+    hidden_act = "relu2"
