@@ -36,6 +36,7 @@ class MoE(nn.Module):
         aux_loss_weight: float = 0.0,
     ):
         super().__init__()
+        _outside_compiled_graphs()
         self.n_experts, self.top_k, self.hidden = n_experts, top_k, hidden
         self.score, self.bias_update_rate, self.aux_loss_weight = score, bias_update_rate, aux_loss_weight
         self.router = nn.Linear(d_model, n_experts, bias=False)
@@ -191,8 +192,7 @@ def _grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Ten
     return _grouped_loop(rows, weights, counts)
 
 
-@torch.compiler.disable
-def _grouped_loop(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _grouped_loop_eager(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     out = rows.new_empty(rows.shape[0], weights.shape[-1])
     start = 0
     for e, n in enumerate(counts.tolist()):
@@ -200,3 +200,15 @@ def _grouped_loop(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tenso
             out[start : start + n] = rows[start : start + n] @ weights[e].to(rows.dtype)
         start += n
     return out
+
+
+# The loop, kept out of compiled graphs by `torch.compiler.disable` once the first MoE layer is
+# built (`_outside_compiled_graphs`), before anything can compile it: the decorator imports
+# torch._dynamo (~1 s per process), which a process without experts never needs.
+_grouped_loop = _grouped_loop_eager
+
+
+def _outside_compiled_graphs() -> None:
+    global _grouped_loop
+    if _grouped_loop is _grouped_loop_eager:
+        _grouped_loop = torch.compiler.disable(_grouped_loop_eager)
