@@ -294,11 +294,18 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         if cfg.positions == "rope":
-            rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
-            cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.reset_rope()
         self.init_weights()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables, buffers that checkpoints do not hold (a loader that builds
+        the model on the meta device calls this once it is real)."""
+        cfg = self.cfg
+        rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        device = self.embed.weight.device
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def init_weights(self) -> None:
         """GPT-2 init, module by module: weights N(0, init_std); the projections that write into

@@ -13,8 +13,8 @@ from conftest import make_documents
 from generalmodel import UserError
 from generalmodel.data.tokenizer import EOS, train_bpe
 from generalmodel.infer import SamplingParams, generate
-from generalmodel.interop.hf import ExportError, read_hf, write_hf
-from models import build_model
+from generalmodel.interop.hf import ExportError, hf_architecture, is_remote_code, read_hf, write_hf
+from models import PRESETS, build_model
 from models.gpt2 import GPT2Config
 from models.llama import LlamaConfig
 
@@ -123,7 +123,7 @@ def test_bf16_export_is_loadable(tokenizer, tmp_path):
 
 @pytest.mark.parametrize(
     "overrides, named",
-    [
+    [  # asked for a native class only (remote_code=False)
         ({"attention": "mla"}, "attention='mla'"),
         ({"moe_experts": 4}, "moe_experts=4"),
         ({"window": 16}, "window=16"),  # Qwen3 has windows, with QK-norm only
@@ -133,11 +133,13 @@ def test_bf16_export_is_loadable(tokenizer, tmp_path):
         ({"qk_norm": True, "bias": True}, "bias=true"),
     ],
 )
-def test_models_without_a_transformers_class_are_refused_by_name(overrides, named, tokenizer, tmp_path):
+def test_models_without_a_native_class_are_refused_by_name_when_remote_code_is_off(
+    overrides, named, tokenizer, tmp_path
+):
     model = build_model(LlamaConfig(**SHAPE, **overrides))
-    with pytest.raises(ExportError, match=f"has no transformers equivalent: .*{named}"):
-        export(model, tokenizer, tmp_path)
-    assert not (tmp_path / "hf" / "config.json").exists()
+    with pytest.raises(ExportError, match=f"has no native transformers class: .*{named}"):
+        write_hf(model.cfg, model.state_dict(), tokenizer.to_str(), str(tmp_path / "hf"), remote_code=False)
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
 
 
 def test_the_export_job_writes_a_transformers_directory_from_an_export(tokenizer, tmp_path):
@@ -186,3 +188,63 @@ def test_a_qwen3_layer_pattern_we_cannot_build_is_refused_by_name(tokenizer, tmp
     (tmp_path / "hf/config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"config.json: layer_types has full-attention layers \[0\]"):
         read_hf(directory)
+
+
+# Every tiny preset's class (a native one where it fits: a regression to remote code fails here),
+# and the `make pretrain` recipe (configs/llama-tiny.yaml: value residual and soft-cap need remote code).
+EXPECTED_CLASS = {
+    "gpt2-tiny": "gpt2",
+    "llama-tiny": "llama",
+    **{f"{name}-tiny": "generalmodel" for name in ("mla", "moe", "deepseek", "hybrid", "kvshare", "memory", "peer")},
+}
+
+
+def recipe_model():
+    from generalmodel.config import load_config
+
+    return load_config("configs/llama-tiny.yaml").model
+
+
+def test_every_tiny_preset_exports_as_its_class():
+    tiny = {name for name in PRESETS if name.endswith("-tiny")}
+    assert tiny == set(EXPECTED_CLASS)  # a new preset gets its expected class here
+    assert {name: hf_architecture(PRESETS[name]) for name in tiny} == EXPECTED_CLASS
+    assert hf_architecture(recipe_model()) == "generalmodel"
+
+
+REMOTE = [name for name, kind in EXPECTED_CLASS.items() if kind == "generalmodel"] + ["recipe"]
+
+
+@pytest.mark.parametrize("name", REMOTE)
+def test_remote_code_runs_the_zoo_in_transformers(name, tokenizer, tmp_path):
+    """Export → `from_pretrained(trust_remote_code=True)`: fp32 logits ≤ 1e-4 of ours, a greedy
+    32-token continuation identical on the zoo's KV cache, bf16 loads, and back bit-identical."""
+    base = recipe_model() if name == "recipe" else PRESETS[name]
+    cfg = dataclasses.replace(base, vocab_size=SHAPE["vocab_size"], max_seq_len=SHAPE["max_seq_len"])
+    model = random_model(cfg)
+    directory = export(model, tokenizer, tmp_path)
+    assert is_remote_code(directory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=True)
+    assert type(hf).__name__ == "GeneralModelForCausalLM"
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["max_seq_len"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids) - hf.eval()(ids).logits).abs().max().item() <= 1e-4
+    prompt = tokenizer.encode("The state of the Union", add_special_tokens=False).ids
+    eos = tokenizer.token_to_id(EOS)
+    mine = list(generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=32), eos))
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )
+    theirs = out[0, len(prompt) :].tolist()
+    assert mine == (theirs[:-1] if theirs and theirs[-1] == eos else theirs) and len(mine) > 0
+
+    cfg_back, state, _ = read_hf(directory)
+    assert cfg_back == cfg
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    bf16 = write_hf(cfg, model.state_dict(), tokenizer.to_str(), str(tmp_path / "bf16"), dtype="bfloat16")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(bf16, trust_remote_code=True)
+    assert loaded.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids[:, :16]).logits.float()).all()

@@ -109,8 +109,9 @@ def test_bad_memory_configs_are_clear_errors(changes, message):
         dataclasses.replace(PRESETS["llama-tiny"], **changes)
 
 
-def test_memory_models_have_no_transformers_export():
+def test_memory_models_have_no_native_transformers_class():
     from generalmodel.interop.hf import ExportError, hf_architecture
 
     with pytest.raises(ExportError, match=r"memory_layers=\[1\] \(product-key memory layers\)"):
-        hf_architecture(PRESETS["memory-tiny"])
+        hf_architecture(PRESETS["memory-tiny"], remote_code=False)
+    assert hf_architecture(PRESETS["memory-tiny"]) == "generalmodel"  # remote code (tests/test_hf.py)

@@ -124,3 +124,28 @@ def post_when_up(url, body, server, log_path, timeout_s=120):
             if server.poll() is not None or time.time() > deadline:
                 pytest.fail(f"mlflow models serve did not answer ({e}):\n{log_path.read_text()[-3000:]}")
             time.sleep(1)
+
+
+def test_a_remote_code_model_carries_its_hf_directory_but_no_transformers_flavor(tmp_path):
+    """MLA has no native class: `model/hf` is remote code, and the transformers flavor (a pipeline
+    that would run the directory's code) is skipped with the reason as its tag."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from generalmodel.interop.hf import is_remote_code
+
+    cfg = LlamaConfig(**{**CFG.__dict__, "attention": "mla", "kv_lora_rank": 16, "qk_rope_head_dim": 8})
+    torch.manual_seed(0)
+    directory = tmp_path / "export"
+    directory.mkdir()
+    tokenizer = train_bpe(make_documents(30, seed=5), cfg.vocab_size)
+    for name, data in export_files(cfg, build_model(cfg).state_dict(), tokenizer.to_str()).items():
+        (directory / name).write_bytes(data)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("remote", artifact_location=str(tmp_path / "artifacts")))
+    log_model(client, run.info.run_id, str(directory))
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["hf_export"] == "model/hf"
+    assert tags["transformers_model"].startswith("none: remote code; load model/hf with trust_remote_code=True")
+    hf = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model/hf", tracking_uri=client.tracking_uri)
+    assert is_remote_code(hf) and os.path.exists(os.path.join(hf, "modeling_generalmodel.py"))

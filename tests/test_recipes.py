@@ -100,9 +100,10 @@ def test_zero_init():
         (dict(qk_norm=True, mlp="relu2"), "mlp='relu2'"),
     ],
 )
-def test_hf_export_refuses_the_switches_no_class_has(switch, named):
+def test_the_switches_no_native_class_has_are_named_or_go_to_remote_code(switch, named):
     with pytest.raises(ExportError, match=named):
-        hf_architecture(replace(PRESETS["llama-tiny"], **switch))
+        hf_architecture(replace(PRESETS["llama-tiny"], **switch), remote_code=False)
+    assert hf_architecture(replace(PRESETS["llama-tiny"], **switch)) == "generalmodel"
 
 
 def test_hf_export_picks_the_class_that_has_the_switches():

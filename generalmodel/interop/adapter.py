@@ -35,6 +35,7 @@ class HfAdapter:
     config and weights both ways. `to_hf` then `from_hf` gives back every tensor bit for bit."""
 
     model_type: ClassVar[str]  # config.json's model_type
+    architecture: ClassVar[str]  # the transformers class
     carries: ClassVar[frozenset[str]] = frozenset()  # the fields of `research_parts` the class has
     shape: ClassVar[tuple[str, str, str]]  # (positions, norm, mlp) of the class
     described: ClassVar[str]  # the shape in words, for error messages
@@ -52,6 +53,10 @@ class HfAdapter:
     def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
         """config.json with every field that matters set explicitly (nothing left to defaults)."""
         raise NotImplementedError
+
+    def code_files(self) -> dict[str, str]:
+        """Python files the directory carries (remote code), by name; none for a native class."""
+        return {}
 
     def to_hf(self, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

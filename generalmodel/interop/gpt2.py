@@ -15,6 +15,7 @@ from generalmodel.interop.adapter import HfAdapter, common_config
 
 class GPT2Adapter(HfAdapter):
     model_type = "gpt2"
+    architecture = "GPT2LMHeadModel"
     shape = ("learned", "layernorm", "gelu")
     described = "GPT-2 is learned+layernorm+gelu"
 
@@ -25,7 +26,7 @@ class GPT2Adapter(HfAdapter):
 
     def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
         return {
-            "architectures": ["GPT2LMHeadModel"],
+            "architectures": [self.architecture],
             "model_type": "gpt2",
             "n_embd": cfg.d_model,
             "n_inner": cfg.hidden,

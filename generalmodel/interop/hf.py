@@ -11,7 +11,11 @@ soft-capped logits — is refused with the reasons (`ExportError`). `to_hf` then
 Writing needs only `safetensors` and `tokenizers`; loading the result needs `transformers`
 (`AutoModelForCausalLM.from_pretrained(directory)`, offline).
 
-To add a target class: an `HfAdapter` subclass in its own module, added to `ADAPTERS`.
+Every other model is exported as remote code (`remote.py`: the zoo's own modules and a
+transformers wrapper written into the directory; `trust_remote_code=True` to load), unless
+`remote_code=False` asks for a native class only.
+
+To add a target class: an `HfAdapter` subclass in its own module, added to `NATIVE`.
 """
 
 from __future__ import annotations
@@ -27,42 +31,67 @@ from generalmodel.errors import UserError
 from generalmodel.interop.adapter import ExportError, HfAdapter
 from generalmodel.interop.gpt2 import GPT2Adapter
 from generalmodel.interop.llama import ArceeAdapter, LlamaAdapter, Qwen3Adapter
+from generalmodel.interop.remote import RemoteCodeAdapter
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ADAPTERS: dict[str, HfAdapter] = {
+NATIVE: dict[str, HfAdapter] = {
     a.model_type: a for a in (LlamaAdapter(), Qwen3Adapter(), ArceeAdapter(), GPT2Adapter())
 }
+REMOTE = RemoteCodeAdapter()
+ADAPTERS: dict[str, HfAdapter] = {**NATIVE, REMOTE.model_type: REMOTE}
 
-__all__ = ["ADAPTERS", "DTYPES", "HF_FILES", "ExportError", "adapter_for", "hf_architecture", "read_hf", "write_hf"]
+__all__ = [
+    "ADAPTERS",
+    "DTYPES",
+    "HF_FILES",
+    "ExportError",
+    "adapter_for",
+    "hf_architecture",
+    "is_remote_code",
+    "read_hf",
+    "write_hf",
+]
 
 
-def adapter_for(cfg) -> HfAdapter:
-    """The adapter whose class reproduces `cfg` exactly; else an ExportError naming every part of it
-    that the closest class lacks."""
-    reasons = {name: adapter.mismatches(cfg) for name, adapter in ADAPTERS.items()}
+def adapter_for(cfg, remote_code: bool = True) -> HfAdapter:
+    """The native class that reproduces `cfg` exactly; else remote code (`remote_code`), or an
+    ExportError naming every part of `cfg` that the closest native class lacks."""
+    reasons = {name: adapter.mismatches(cfg) for name, adapter in NATIVE.items()}
     fits = [name for name, why in reasons.items() if not why]
     if fits:
-        return ADAPTERS[fits[0]]
+        return NATIVE[fits[0]]
+    if remote_code:
+        return REMOTE
     closest = min(reasons.values(), key=len)
     shape = [r for why in reasons.values() for r in why if r.startswith("positions=")]
     if len(shape) == len(reasons):  # no class has the shape: say what each one's is
         closest = [r for r in closest if not r.startswith("positions=")]
-        described = ", ".join(a.described for a in ADAPTERS.values())
+        described = ", ".join(a.described for a in NATIVE.values())
         closest.append(f"positions={cfg.positions!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r} ({described})")
     raise ExportError(
-        f"model {cfg.name!r} has no transformers equivalent: {'; '.join(closest)}. Its native export "
-        f"(model.safetensors + model_config.json) works with this platform's jobs"
+        f"model {cfg.name!r} has no native transformers class: {'; '.join(closest)}. Export it as remote "
+        f"code (trust_remote_code=True to load), or use its native export (model.safetensors + "
+        f"model_config.json) with this platform's jobs"
     )
 
 
-def hf_architecture(cfg) -> str:
-    """The model_type of the transformers class that reproduces `cfg` (see `adapter_for`)."""
-    return adapter_for(cfg).model_type
+def hf_architecture(cfg, remote_code: bool = True) -> str:
+    """The model_type of the transformers class that reproduces `cfg` (see `adapter_for`):
+    `generalmodel` for remote code."""
+    return adapter_for(cfg, remote_code).model_type
 
 
-def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory: str, dtype: str = "float32") -> str:
-    """Write a transformers directory for our model (`cfg`, `state`, tokenizer) into `directory`.
+def write_hf(
+    cfg,
+    state: dict[str, torch.Tensor],
+    tokenizer_json: str,
+    directory: str,
+    dtype: str = "float32",
+    remote_code: bool = True,
+) -> str:
+    """Write a transformers directory for our model (`cfg`, `state`, tokenizer) into `directory`:
+    a native class where one fits, else remote code (unless `remote_code` is off: ExportError).
     Files are written under temporary names and renamed at the end, config.json last: a failure
     leaves no temporary files and no directory that looks complete."""
     from safetensors import SafetensorError
@@ -75,7 +104,7 @@ def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory
 
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    adapter = adapter_for(cfg)
+    adapter = adapter_for(cfg, remote_code)
     tokenizer = Tokenizer.from_str(tokenizer_json)
     special = special_ids(tokenizer)
     names = {role: tokenizer.id_to_token(i) if i is not None else None for role, i in special.items()}
@@ -113,6 +142,7 @@ def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory
             },
             indent=2,
         ),
+        **adapter.code_files(),
     }
     os.makedirs(directory, exist_ok=True)
     names = ["model.safetensors", *files]
@@ -134,6 +164,12 @@ def write_hf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, directory
             raise StorageError(f"{directory}: cannot write the transformers export ({e})") from None
         raise
     return directory
+
+
+def is_remote_code(directory: str) -> bool:
+    """Whether the transformers directory loads through remote code (`trust_remote_code=True`)."""
+    with open(os.path.join(directory, "config.json")) as f:
+        return "auto_map" in json.load(f)
 
 
 def is_hf_directory(directory: str) -> bool:

@@ -171,14 +171,20 @@ TRANSFORMERS_ARTIFACT = "transformers"
 def log_transformers_model(client, run_id: str, hf_dir: str, path: str) -> None:
     """The transformers export as an MLflow model of the `transformers` flavor, beside `model/`:
     `mlflow.transformers.load_model("runs:/ID/transformers")` gives a text-generation pipeline.
-    Skipped, with the reason as the tag `transformers_model`, when transformers is not installed
-    or MLflow cannot save it."""
+    Skipped, with the reason as the tag `transformers_model`, when transformers is not installed,
+    the directory is remote code, or MLflow cannot save it."""
+    from generalmodel.interop.hf import is_remote_code
+
     try:
         import mlflow
         import torch
         import transformers
     except ImportError as e:
         client.set_tag(run_id, "transformers_model", f"none: {e}")
+        return
+    if is_remote_code(hf_dir):  # a pipeline would run the directory's code: the user's choice, not ours
+        reason = f"none: remote code; load model/{HF_SUBDIR} with trust_remote_code=True"
+        client.set_tag(run_id, "transformers_model", reason)
         return
     try:
         pipe = transformers.pipeline("text-generation", model=hf_dir, dtype=torch.float32)
