@@ -20,10 +20,11 @@ platform's default before issue 18 (Llama, AdamW lr 3e-3, warmup 30 of 500 steps
 model with Muon. Every recipe's model is the CPU size (4 layers, d=192, 8K vocab) or, with --gpu,
 the 124M size; warmups given for 500 steps are scaled to the run.
 
-Prints the final val loss of each recipe (mean and spread over seeds) and, for each recipe, the
-fraction of the reference's tokens it needed to reach the reference's final val loss, and of the
-`adamw` recipe's tokens to reach that one's (seed by seed, interpolated linearly on the val curve;
-"> 1" when never reached); and Muon's optimizer step as a share of the training step. Writes the
+Prints the final val loss of each recipe (mean and spread over seeds), the transformers class its
+model exports as (a native class, or remote code) and, for each recipe, the fraction of the
+reference's tokens it needed to reach the reference's final val loss, and of the `adamw` recipe's
+tokens to reach that one's (seed by seed, interpolated linearly on the val curve; "> 1" when never
+reached; `--baselines` names other recipes to race to); and Muon's optimizer step as a share of the training step. Writes the
 val-loss-vs-tokens plot and logs one MLflow parent run (the table, the plot, the fractions) with a
 child run per recipe × seed (its config and val curve). Record the output in benchmarks/RESULTS.md.
 """
@@ -76,6 +77,12 @@ SWITCHES: dict[str, dict[str, dict[str, Any]]] = {
     "untied": {"model": {"tie_embeddings": False}},
     "wsd": {"optim": {"schedule": "wsd", "decay_fraction": 0.3, "min_lr_ratio": 0.0}},
     "moonlight": {"optim": {"muon_scaling": "moonlight", "muon_lr": 3e-3}},
+    # off-switches, for the default minus what no native transformers class has:
+    # `default+novres+nocap+swiglu` exports as Qwen3, `default+novres+nocap+noqk` as Arcee
+    "novres": {"model": {"value_residual": False}},
+    "nocap": {"model": {"logit_softcap": None}},
+    "noqk": {"model": {"qk_norm": False}},
+    "swiglu": {"model": {"mlp": "swiglu"}},
 }
 
 
@@ -96,6 +103,13 @@ def reference_optim(size: dict, steps: int) -> dict[str, Any]:
         "beta2": 0.95,
         "grad_clip": 1.0,
     }
+
+
+def exported_class(name: str, args) -> str:
+    """The transformers class recipe `name`'s model exports as (generalmodel.interop.hf)."""
+    from generalmodel.interop.hf import adapter_for
+
+    return adapter_for(recipe_config(name, args, 0, tempfile.gettempdir()).model).architecture
 
 
 def recipe_config(name: str, args, seed: int, root: str):
@@ -288,6 +302,7 @@ def main() -> None:
     parser.add_argument("--dataset", help="a prepared dataset instead of --corpus (its vocab must be the size's)")
     parser.add_argument("--recipes", default="reference,adamw,default")
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--baselines", default="reference,adamw", help="recipes whose final loss the others race to")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--eval-every", type=int)
@@ -337,20 +352,22 @@ def main() -> None:
         runs[name].sort(key=lambda r: r["seed"])
     share = optimizer_step_share(args) if not args.no_step_share else {"adamw": math.nan, "muon": math.nan}
     tokens = runs[recipes[0]][0]["curve"][-1][0]
+    baselines = args.baselines.split(",")
     lines = [
         f"{args.corpus or args.dataset}, {'124M' if args.gpu else 'CPU size'}: {args.steps} steps × "
         f"{args.batch_size} × {(GPU_SIZE if args.gpu else CPU_SIZE)['max_seq_len']} = {tokens / 1e6:.2f}M tokens, "
         f"seeds {seeds}",
         "",
-        "| recipe | final val loss (mean ± half spread) | tokens to reach reference's final | "
-        "tokens to reach adamw's final | s/run |",
-        "|---|---|---|---|---|",
+        "| recipe | exports as | final val loss (mean ± half spread) | "
+        + "".join(f"tokens to reach {b}'s final | " for b in baselines)
+        + "s/run |",
+        "|---|---|---|" + "---|" * len(baselines) + "---|",
     ]
     summary: dict[str, float] = {}
     for name, seed_runs in runs.items():
         finals = [r["curve"][-1][1] for r in seed_runs]
         cells = []
-        for baseline in ("reference", "adamw"):
+        for baseline in baselines:
             if baseline not in runs:
                 cells.append("—")
                 continue
@@ -361,8 +378,8 @@ def main() -> None:
         summary[f"{name}_final_val_loss"] = statistics.mean(finals)
         seconds = statistics.mean(r["seconds"] for r in seed_runs)
         lines.append(
-            f"| {name} | {statistics.mean(finals):.4f} ± {(max(finals) - min(finals)) / 2:.4f} | {cells[0]} | "
-            f"{cells[1]} | {seconds:.0f} |"
+            f"| {name} | {exported_class(name, args)} | {statistics.mean(finals):.4f} ± "
+            f"{(max(finals) - min(finals)) / 2:.4f} | " + "".join(f"{c} | " for c in cells) + f"{seconds:.0f} |"
         )
     lines += ["", f"optimizer step / training step: AdamW {share['adamw']:.1%}, Muon {share['muon']:.1%}",
               f"total {time.perf_counter() - t0:.0f} s"]  # fmt: skip
