@@ -283,6 +283,8 @@ def running_mlflow(workdir: Path, artifacts: str, env: dict | None = None):
 
     uri = f"http://127.0.0.1:{free_port()}"
     log = open(workdir / "server.log", "w")
+    # No server-side job runner (its 7 huey worker processes serve MLflow's GenAI jobs, unused here).
+    env = {**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
          "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],

@@ -3,7 +3,8 @@ and the MoE layers' bf16 grouped path), changing the tokens after position t of 
 token of the other row leaves that row's logits — and per-token losses, with the loss compiled
 into the model's graph — at positions ≤ t exactly as they were: eager, each block compiled,
 the model and the loss in one compiled graph (generalmodel/train/leak.py; that graph's logits are
-compared too, so the logits-only `full` mode would repeat it and is left to the GPU benchmark). The MoE layer is
+compared too, so the logits-only `full` mode would repeat it and is left to the GPU benchmark);
+each case compiled in one of the two modes, the bf16 MoE paths and the recipe switches in both. The MoE layer is
 dropless, so routing, sorting and the balancing counts see the batch without letting one token
 decide another's output; in bf16 it compiles to one graph, backward included."""
 
@@ -35,11 +36,18 @@ def build(case: str):
 
 
 # "full" (the logits of a compiled model) is covered by "full+loss", whose graph outputs the logits too.
-TEST_MODES = [m for m in MODES if m != "full"]
+# Every case runs eager and compiled in one of the two modes (alternating down the list, so each
+# mode sees half the zoo); the bf16 MoE paths and the recipe's switches, whose graphs differ most
+# between the modes, run in both.
+COMPILED = ("regional", "full+loss")
+BOTH = {"moe-tiny-bf16", "deepseek-tiny-bf16", "llama-recipe-switches"}
+PAIRS = [(case, "eager") for case in CASES] + [
+    (case, mode) for i, case in enumerate(CASES) for mode in COMPILED if case in BOTH or mode == COMPILED[i % 2]
+]
+assert {m for _, m in PAIRS} == {m for m in MODES if m != "full"}
 
 
-@pytest.mark.parametrize("mode", TEST_MODES)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case, mode", PAIRS)
 def test_no_position_sees_a_later_token_or_another_row(case, mode):
     torch._dynamo.reset()
     model, autocast = build(case)

