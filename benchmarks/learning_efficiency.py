@@ -24,9 +24,10 @@ Prints the final val loss of each recipe (mean and spread over seeds), the trans
 model exports as (a native class, or remote code) and, for each recipe, the fraction of the
 reference's tokens it needed to reach the reference's final val loss, and of the `adamw` recipe's
 tokens to reach that one's (seed by seed, interpolated linearly on the val curve; "> 1" when never
-reached; `--baselines` names other recipes to race to); and Muon's optimizer step as a share of the training step. Writes the
-val-loss-vs-tokens plot and logs one MLflow parent run (the table, the plot, the fractions) with a
-child run per recipe × seed (its config and val curve). Record the output in benchmarks/RESULTS.md.
+reached; `--baselines` names other recipes to race to); and Muon's optimizer step as a share of
+the training step. Writes the val-loss-vs-tokens plot and logs one MLflow parent run (the table,
+the plot, the fractions) with a child run per recipe × seed (its config and val curve). Record the
+output in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
