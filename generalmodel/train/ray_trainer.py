@@ -71,8 +71,12 @@ def _worker(config: dict[str, Any]) -> None:
             except Exception:  # a full or vanished queue only costs the driver a progress line
                 pass
         # Ray gets the evaluations (what Tune schedulers act on), not every log line: each
-        # ray.train.report is a synchronization with the controller that costs up to ~1 s.
+        # ray.train.report is a synchronization with the controller that costs up to ~1 s. A
+        # scheduler may stop the trial as soon as it hears one (ASHA kills its workers): the
+        # metrics logged so far reach the server first, else a stopped trial loses its last ones.
         if EVALUATIONS & metrics.keys():
+            if logger is not None:
+                logger.flush()
             ray.train.report(metrics)
 
     init = config.get("init")
