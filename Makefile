@@ -138,10 +138,11 @@ EVAL_ARGS ?= --dataset=.generalmodel/store/datasets/sotu --limit=64
 eval: install
 	$(PY) -m jobs.eval --models='$(MODELS)' $(EVAL_ARGS)
 
-# A transformers directory of a registered model.
+# A transformers directory of a registered model (EXPORT_ARGS="--format=gguf" OUT=FILE.gguf: llama.cpp).
 OUT ?= exports/hf
+EXPORT_ARGS ?=
 export: install
-	$(PY) -m jobs.export --model=$(MODELS) --out=$(OUT)
+	$(PY) -m jobs.export --model=$(MODELS) --out=$(OUT) $(EXPORT_ARGS)
 
 # The OpenAI-compatible API on Ray Serve (jobs/serve.py): /v1/completions, /v1/chat/completions,
 # /v1/models on http://127.0.0.1:$(PORT)/v1, continuous batching; Ctrl-C stops it. MODEL defaults
