@@ -248,3 +248,24 @@ def test_remote_code_runs_the_zoo_in_transformers(name, tokenizer, tmp_path):
     assert loaded.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.isfinite(loaded(ids[:, :16]).logits.float()).all()
+
+
+def test_a_tied_remote_code_model_exports_from_its_native_export(tokenizer, tmp_path):
+    """What a registered version's hf/ is written from: the native export, which holds no tied head."""
+    from generalmodel.infer.export import export_files, read_export
+
+    cfg = dataclasses.replace(
+        PRESETS["deepseek-tiny"], vocab_size=SHAPE["vocab_size"], max_seq_len=SHAPE["max_seq_len"]
+    )
+    model = random_model(cfg)
+    assert cfg.tie_embeddings
+    native = tmp_path / "native"
+    native.mkdir()
+    for name, data in export_files(cfg, model.state_dict(), tokenizer.to_str()).items():
+        (native / name).write_bytes(data)
+    cfg_read, state, tokenizer_json, _ = read_export(str(native))
+    directory = write_hf(cfg_read, state, tokenizer_json, str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=True)
+    ids = torch.arange(32)[None]
+    with torch.no_grad():
+        assert (hf.eval()(ids).logits - model(ids)).abs().max().item() <= 1e-4

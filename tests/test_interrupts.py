@@ -20,8 +20,11 @@ pytestmark = pytest.mark.e2e
 def start(args, ray_tmp, cwd=REPO):
     # RAY_TMPDIR: the local cluster the job starts lives under ray_tmp, so its processes can be found.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    # SIGINT as a terminal delivers it, even when pytest itself runs in the background of a
+    # non-interactive shell (which starts it with SIGINT ignored; Python then keeps it ignored).
     return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+                            stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def tiny_run(tmp_path, **extra):

@@ -67,9 +67,9 @@ class RemoteCodeAdapter(HfAdapter):
         return code_files()
 
     def to_hf(self, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {f"model.{k}": v for k, v in state.items()}
-        if cfg.tie_embeddings:  # safetensors keeps no shared tensors: the head as its own copy
-            out["model.head.weight"] = state["head.weight"].clone()
+        out = {f"model.{k}": v for k, v in state.items() if k != "head.weight"}
+        # Tied: the native export holds no head, and safetensors keeps no shared tensors: a copy.
+        out["model.head.weight"] = state["embed.weight"].clone() if cfg.tie_embeddings else state["head.weight"]
         return out
 
     def from_hf(self, cfg, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
