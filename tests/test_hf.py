@@ -63,27 +63,28 @@ def load_hf(directory):
     return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
+def assert_same_logits_and_greedy_text(model, hf, tokenizer, new_tokens: int) -> None:
+    """fp32 logits within 1e-4 of ours; a greedy continuation identical to our sampler's."""
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["max_seq_len"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    prompt = tokenizer.encode("The state of the Union", add_special_tokens=False).ids
+    eos = tokenizer.token_to_id(EOS)
+    mine = list(generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=new_tokens), eos))
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )
+    theirs = out[0, len(prompt) :].tolist()
+    assert mine == (theirs[:-1] if theirs and theirs[-1] == eos else theirs) and len(mine) > 0
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_transformers_gives_our_logits_and_greedy_text(name, tokenizer, tmp_path):
     model = random_model(VARIANTS[name])
     hf = load_hf(export(model, tokenizer, tmp_path))
     assert type(hf).__name__ == CLASSES[name.split("-")[0]]  # the native class, never a fallback
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["max_seq_len"]), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours, theirs = model(ids), hf(ids).logits
-    assert (ours - theirs).abs().max().item() <= 1e-4
-
-    prompt = tokenizer.encode("The state of the Union", add_special_tokens=False).ids
-    eos = tokenizer.token_to_id(EOS)
-    mine = list(generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=64), eos))
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=eos, pad_token_id=eos
-        )
-    theirs = [t for t in out[0, len(prompt) :].tolist()]
-    if theirs and theirs[-1] == eos:
-        theirs = theirs[:-1]
-    assert mine == theirs and len(mine) > 0
+    assert_same_logits_and_greedy_text(model, hf, tokenizer, 64)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -226,18 +227,7 @@ def test_remote_code_runs_the_zoo_in_transformers(name, tokenizer, tmp_path):
     assert is_remote_code(directory)
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=True)
     assert type(hf).__name__ == "GeneralModelForCausalLM"
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["max_seq_len"]), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (model(ids) - hf.eval()(ids).logits).abs().max().item() <= 1e-4
-    prompt = tokenizer.encode("The state of the Union", add_special_tokens=False).ids
-    eos = tokenizer.token_to_id(EOS)
-    mine = list(generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=32), eos))
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=eos
-        )
-    theirs = out[0, len(prompt) :].tolist()
-    assert mine == (theirs[:-1] if theirs and theirs[-1] == eos else theirs) and len(mine) > 0
+    assert_same_logits_and_greedy_text(model, hf.eval(), tokenizer, 32)
 
     cfg_back, state, _ = read_hf(directory)
     assert cfg_back == cfg
@@ -247,7 +237,7 @@ def test_remote_code_runs_the_zoo_in_transformers(name, tokenizer, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(bf16, trust_remote_code=True)
     assert loaded.dtype == torch.bfloat16
     with torch.no_grad():
-        assert torch.isfinite(loaded(ids[:, :16]).logits.float()).all()
+        assert torch.isfinite(loaded(torch.arange(16)[None]).logits.float()).all()
 
 
 def test_a_tied_remote_code_model_exports_from_its_native_export(tokenizer, tmp_path):
