@@ -4,16 +4,15 @@ One adapter per transformers class (an `HfAdapter`): in `llama.py` `LlamaForCaus
 RMSNorm, SwiGLU, MHA/GQA/MQA, tied or not), `Qwen3ForCausalLM` (+ per-head query/key norms and
 sliding-window layers) and `ArceeForCausalLM` (a ReLU² MLP); in `gpt2.py` `GPT2LMHeadModel`
 (learned positions, LayerNorm, tanh-GELU MLP, MHA). `adapter_for` picks the one that reproduces a
-model exactly; what no class here has — MLA, MoE, cross-layer KV sharing, value residual,
-soft-capped logits — is refused with the reasons (`ExportError`). `to_hf` then
-`from_hf` gives back every tensor bit for bit (fp32).
+model exactly. `to_hf` then `from_hf` gives back every tensor bit for bit (fp32).
 
 Writing needs only `safetensors` and `tokenizers`; loading the result needs `transformers`
 (`AutoModelForCausalLM.from_pretrained(directory)`, offline).
 
-Every other model is exported as remote code (`remote.py`: the zoo's own modules and a
-transformers wrapper written into the directory; `trust_remote_code=True` to load), unless
-`remote_code=False` asks for a native class only.
+What no native class has — MLA, MoE, cross-layer KV sharing, value residual, soft-capped logits,
+memory layers — is exported as remote code (`remote.py`: the zoo's own modules and a transformers
+wrapper written into the directory; `trust_remote_code=True` to load), or, with
+`remote_code=False`, refused with the reasons the closest native class gives (`ExportError`).
 
 To add a target class: an `HfAdapter` subclass in its own module, added to `NATIVE`.
 """
@@ -33,7 +32,6 @@ from generalmodel.interop.gpt2 import GPT2Adapter
 from generalmodel.interop.llama import ArceeAdapter, LlamaAdapter, Qwen3Adapter
 from generalmodel.interop.remote import RemoteCodeAdapter
 
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NATIVE: dict[str, HfAdapter] = {
     a.model_type: a for a in (LlamaAdapter(), Qwen3Adapter(), ArceeAdapter(), GPT2Adapter())
@@ -44,7 +42,6 @@ ADAPTERS: dict[str, HfAdapter] = {**NATIVE, REMOTE.model_type: REMOTE}
 __all__ = [
     "ADAPTERS",
     "DTYPES",
-    "HF_FILES",
     "ExportError",
     "adapter_for",
     "hf_architecture",
@@ -185,7 +182,8 @@ def is_hf_directory(directory: str) -> bool:
 
 def read_hf(directory: str):
     """(our model config, our state dict, tokenizer JSON) from a transformers
-    directory of a Llama, Qwen3, Arcee or GPT-2 model (safetensors weights, one file or sharded)."""
+    directory of a Llama, Qwen3, Arcee or GPT-2 model, or of our remote-code export (safetensors
+    weights, one file or sharded)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, "config.json")) as f:

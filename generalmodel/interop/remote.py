@@ -21,20 +21,25 @@ from generalmodel.errors import UserError
 from generalmodel.interop.adapter import HfAdapter, common_config
 
 HERE = Path(__file__).resolve().parent
-# The zoo's modules the Decoder needs (models/decoder.py and its imports), copied flat.
-ZOO_MODULES = ("decoder", "attention", "cache", "common", "hooks", "loss", "memory", "moe")
 CODE = ("configuration_generalmodel.py", "modeling_generalmodel.py")
+ZOO_IMPORT = re.compile(r"^(\s*)from models\.(\w+) import", flags=re.M)
 
 
 def code_files() -> dict[str, str]:
-    """The remote code: file name → source."""
+    """The remote code: file name → source. The zoo's modules are `models/decoder.py` and every
+    module of `models/` it imports, followed transitively, each with its imports made relative."""
     import models
 
     zoo = Path(models.__file__).resolve().parent
     files = {name: (HERE / "remote_code" / name).read_text() for name in CODE}
-    for module in ZOO_MODULES:
+    todo = ["decoder"]
+    while todo:
+        module = todo.pop()
+        if f"{module}.py" in files:
+            continue
         source = (zoo / f"{module}.py").read_text()
-        flat = re.sub(r"^(\s*)from models\.(\w+) import", r"\1from .\2 import", source, flags=re.M)
+        todo += [name for _, name in ZOO_IMPORT.findall(source)]
+        flat = ZOO_IMPORT.sub(r"\1from .\2 import", source)
         if re.search(r"^\s*(from|import) models\b", flat, flags=re.M):
             raise RuntimeError(f"models/{module}.py imports the zoo in a way the flat copy cannot follow")
         files[f"{module}.py"] = flat
