@@ -278,7 +278,7 @@ def log_to_mlflow(runs, table: str, summary: dict[str, float], plot_path: Path, 
     name = f"learning-efficiency-{args.corpus or 'dataset'}"
     with mlflow.start_run(experiment_id=experiment, run_name=name) as parent:
         mlflow.log_params(setting)
-        mlflow.log_metrics(summary)
+        mlflow.log_metrics({key.replace("+", "."): value for key, value in summary.items()})  # no "+" in names
         mlflow.log_text(table, "learning_efficiency.md")
         mlflow.log_artifact(str(plot_path))
         for name, seeds in runs.items():
