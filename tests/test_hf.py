@@ -192,7 +192,8 @@ def test_a_qwen3_layer_pattern_we_cannot_build_is_refused_by_name(tokenizer, tmp
 
 
 # Every tiny preset's class (a native one where it fits: a regression to remote code fails here),
-# and the `make pretrain` recipe (configs/llama-tiny.yaml: value residual and soft-cap need remote code).
+# and the `make pretrain` recipe's (configs/llama-tiny.yaml: Muon + QK-norm + untied = Qwen3), and
+# the recipe before it (+ value residual, ReLU², soft-cap: remote code).
 EXPECTED_CLASS = {
     "gpt2-tiny": "gpt2",
     "llama-tiny": "llama",
@@ -210,17 +211,22 @@ def test_every_tiny_preset_exports_as_its_class():
     tiny = {name for name in PRESETS if name.endswith("-tiny")}
     assert tiny == set(EXPECTED_CLASS)  # a new preset gets its expected class here
     assert {name: hf_architecture(PRESETS[name]) for name in tiny} == EXPECTED_CLASS
-    assert hf_architecture(recipe_model()) == "generalmodel"
+    assert hf_architecture(recipe_model()) == "qwen3"
+    assert hf_architecture(previous_recipe_model()) == "generalmodel"
 
 
-REMOTE = [name for name, kind in EXPECTED_CLASS.items() if kind == "generalmodel"] + ["recipe"]
+def previous_recipe_model():
+    return dataclasses.replace(recipe_model(), value_residual=True, mlp="relu2", logit_softcap=15.0)
+
+
+REMOTE = [name for name, kind in EXPECTED_CLASS.items() if kind == "generalmodel"] + ["previous-recipe"]
 
 
 @pytest.mark.parametrize("name", REMOTE)
 def test_remote_code_runs_the_zoo_in_transformers(name, tokenizer, tmp_path):
     """Export → `from_pretrained(trust_remote_code=True)`: fp32 logits ≤ 1e-4 of ours, a greedy
     32-token continuation identical on the zoo's KV cache, bf16 loads, and back bit-identical."""
-    base = recipe_model() if name == "recipe" else PRESETS[name]
+    base = previous_recipe_model() if name == "previous-recipe" else PRESETS[name]
     cfg = dataclasses.replace(base, vocab_size=SHAPE["vocab_size"], max_seq_len=SHAPE["max_seq_len"])
     model = random_model(cfg)
     directory = export(model, tokenizer, tmp_path)
