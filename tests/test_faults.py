@@ -166,3 +166,19 @@ def test_a_full_disk_while_exporting_to_transformers_leaves_no_files(small_disk)
     with pytest.raises(StorageFull, match="no space left on the device"):  # the weights fit, the rest does not
         write_hf(model.cfg, model.state_dict(), tokenizer.to_str(), str(small_disk / "hf"))
     assert leftovers(small_disk) == ["hf"]  # no temporary file, no config.json
+
+
+def test_a_full_disk_while_writing_gguf_leaves_no_file(small_disk):
+    from conftest import make_documents
+
+    from generalmodel.data.tokenizer import train_bpe
+    from generalmodel.interop.llamacpp import write_gguf
+    from generalmodel.storage import StorageFull
+    from models import build_model
+    from models.llama import LlamaConfig
+
+    tokenizer = train_bpe(make_documents(30, seed=5), 384)
+    model = build_model(LlamaConfig(vocab_size=384, max_seq_len=32, n_layers=2, n_heads=2, d_model=64))
+    with pytest.raises(StorageFull, match="no space left on the device"):  # ~0.3 MB of weights on 48 KB
+        write_gguf(model.cfg, model.state_dict(), tokenizer.to_str(), str(small_disk / "m.gguf"))
+    assert leftovers(small_disk) == []

@@ -16,8 +16,10 @@ does not install from the package registries this platform's CI reaches, so it i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ import torch
 from generalmodel.errors import UserError
 from generalmodel.interop.adapter import ExportError
 from generalmodel.interop.hf import adapter_for
+from generalmodel.storage import StorageError, StorageFull
 
 # Our exported class (its adapter's model_type) → (llama.cpp architecture, queries/keys permuted).
 ARCHITECTURES = {"llama": ("llama", True), "qwen3": ("qwen3", False), "arcee": ("arcee", True)}
@@ -33,15 +36,20 @@ DTYPES = {"float32": (np.float32, 0), "float16": (np.float16, 1)}  # numpy type,
 
 def gguf_architecture(cfg) -> str:
     """The llama.cpp architecture `cfg` is written as; an ExportError naming why not."""
-    kind = adapter_for(cfg).model_type
-    if kind not in ARCHITECTURES:
+    return _target(cfg)[0]
+
+
+def _target(cfg):
+    """(llama.cpp architecture, queries/keys permuted, the transformers adapter) of `cfg`."""
+    adapter = adapter_for(cfg)
+    if adapter.model_type not in ARCHITECTURES:
         raise ExportError(
-            f"model {cfg.name!r} exports as {kind!r}; GGUF is written for {', '.join(ARCHITECTURES)} "
-            "(the native classes llama.cpp runs as they are)"
+            f"model {cfg.name!r} exports as {adapter.model_type!r}; GGUF is written for "
+            f"{', '.join(ARCHITECTURES)} (the native classes llama.cpp runs as they are)"
         )
     if cfg.window is not None:
         raise ExportError(f"window={cfg.window}: llama.cpp's qwen3 has no sliding-window layers")
-    return ARCHITECTURES[kind][0]
+    return (*ARCHITECTURES[adapter.model_type], adapter)
 
 
 def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -88,27 +96,30 @@ def write_gguf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, path: s
 
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    arch = gguf_architecture(cfg)
-    permute = ARCHITECTURES[adapter_for(cfg).model_type][1]
+    arch, permute, adapter = _target(cfg)
     numpy_type, file_type = DTYPES[dtype]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layers)
     tmp = path + ".tmp"
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        writer.add_name(cfg.name)
-        writer.add_context_length(cfg.max_seq_len)
-        writer.add_embedding_length(cfg.d_model)
-        writer.add_block_count(cfg.n_layers)
-        writer.add_feed_forward_length(cfg.hidden)
-        writer.add_head_count(cfg.n_heads)
-        writer.add_head_count_kv(cfg.kv_heads)
-        writer.add_key_length(cfg.head_dim)
-        writer.add_value_length(cfg.head_dim)
-        writer.add_rope_dimension_count(cfg.head_dim)
-        writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_layer_norm_rms_eps(cfg.norm_eps)
-        writer.add_vocab_size(cfg.vocab_size)
-        writer.add_file_type(file_type)
+        hyperparameters = (
+            (writer.add_name, cfg.name),
+            (writer.add_context_length, cfg.max_seq_len),
+            (writer.add_embedding_length, cfg.d_model),
+            (writer.add_block_count, cfg.n_layers),
+            (writer.add_feed_forward_length, cfg.hidden),
+            (writer.add_head_count, cfg.n_heads),
+            (writer.add_head_count_kv, cfg.kv_heads),
+            (writer.add_key_length, cfg.head_dim),
+            (writer.add_value_length, cfg.head_dim),
+            (writer.add_rope_dimension_count, cfg.head_dim),
+            (writer.add_rope_freq_base, cfg.rope_theta),
+            (writer.add_layer_norm_rms_eps, cfg.norm_eps),
+            (writer.add_vocab_size, cfg.vocab_size),
+            (writer.add_file_type, file_type),
+        )
+        for add, value in hyperparameters:
+            add(value)
         tokens, types, merges = vocabulary(tokenizer_json, cfg.vocab_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")
@@ -124,7 +135,7 @@ def write_gguf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, path: s
             if special.get(role) is not None:
                 add(special[role])
         writer.add_add_bos_token(False)
-        for hf_name, tensor in adapter_for(cfg).to_hf(cfg, state).items():
+        for hf_name, tensor in adapter.to_hf(cfg, state).items():
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise RuntimeError(f"gguf has no name for {hf_name!r} in {arch}")
@@ -139,10 +150,18 @@ def write_gguf(cfg, state: dict[str, torch.Tensor], tokenizer_json: str, path: s
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):
             writer.close()
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # as write_hf: a full disk named as such, nothing left behind
+            # numpy's short writes say "N requested and M written", without an errno
+            full = (
+                getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(os.path.dirname(tmp) or ".").free < 2**16
+            )
+            if full:
+                raise StorageFull(f"{path}: no space left on the device ({e})") from None
+            raise StorageError(f"{path}: cannot write the GGUF file ({e})") from None
         raise
     return path
