@@ -234,6 +234,10 @@ def test_remote_code_runs_the_zoo_in_transformers(name, tokenizer, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=True)
     assert type(hf).__name__ == "GeneralModelForCausalLM"
     assert_same_logits_and_greedy_text(model, hf.eval(), tokenizer, 32)
+    ids = torch.arange(32)[None]
+    with torch.no_grad():  # transformers' `labels` convention: the loss of predicting ids[1:]
+        expected = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:])
+        assert hf(ids, labels=ids).loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
     cfg_back, state, _ = read_hf(directory)
     assert cfg_back == cfg
