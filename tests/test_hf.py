@@ -1,6 +1,6 @@
 """Hugging Face export and import against the real `transformers` (loaded offline from the
 directory we write): logits equal ours in fp32 for Llama (MHA, GQA, MQA, tied), Qwen3 (QK-norm,
-sliding windows), Arcee (ReLU²) and GPT-2 variants, each exported as the class asserted here,
+sliding windows), Arcee (ReLU²), DeepSeek-V3 (MLA + MoE) and GPT-2 variants, each exported as the class asserted here,
 greedy continuations identical, ours → HF → ours bit-identical; what has no transformers
 class is refused by name."""
 
@@ -15,6 +15,7 @@ from generalmodel.data.tokenizer import EOS, train_bpe
 from generalmodel.infer import SamplingParams, generate
 from generalmodel.interop.hf import ExportError, hf_architecture, is_remote_code, read_hf, write_hf
 from models import PRESETS, build_model
+from models.deepseek import DeepSeekConfig
 from models.gpt2 import GPT2Config
 from models.llama import LlamaConfig
 
@@ -29,6 +30,23 @@ VARIANTS = {
     # windows of 16 in rows of 96 positions; the second layer global (layer_types)
     "qwen3-window": LlamaConfig(**SHAPE, qk_norm=True, window=16, global_every=2, tie_embeddings=True),
     "arcee-relu2": LlamaConfig(**SHAPE, mlp="relu2", n_kv_heads=2),
+    # MLA + MoE: a full query projection, the second layer MoE (4 experts, top-2, 1 shared)
+    "deepseek-v3": DeepSeekConfig(**SHAPE, kv_lora_rank=32, qk_rope_head_dim=8, moe_experts=4, moe_hidden=32),
+    # a query bottleneck, other head sizes, every layer MoE (top-3, 2 shared), tied
+    "deepseek-qlora-tied": DeepSeekConfig(
+        **SHAPE,
+        kv_lora_rank=24,
+        q_lora_rank=32,
+        qk_rope_head_dim=12,
+        qk_nope_head_dim=8,
+        v_head_dim=20,
+        moe_experts=6,
+        moe_top_k=3,
+        moe_shared_experts=2,
+        moe_hidden=16,
+        moe_first_dense=0,
+        tie_embeddings=True,
+    ),  # fmt: skip
     "gpt2": GPT2Config(**SHAPE),
     "gpt2-bias-untied": GPT2Config(**SHAPE, bias=True, tie_embeddings=False),
 }
@@ -36,6 +54,7 @@ CLASSES = {
     "llama": "LlamaForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "arcee": "ArceeForCausalLM",
+    "deepseek": "DeepseekV3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 
@@ -46,12 +65,16 @@ def tokenizer():
 
 
 def random_model(cfg, seed=0):
-    """Weights off their init everywhere (norm gains and biases too), so every tensor's mapping matters."""
+    """Weights off their init everywhere (norm gains, biases and MoE routing biases too), so every
+    tensor's mapping matters."""
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.add_(torch.randn_like(b) * 0.05)
     return model
 
 
@@ -92,13 +115,25 @@ def test_ours_to_hf_and_back_is_bit_identical(name, tokenizer, tmp_path):
     model = random_model(VARIANTS[name], seed=2)
     cfg, state, tokenizer_json = read_hf(export(model, tokenizer, tmp_path))
     assert type(cfg) is type(model.cfg)
-    original = dataclasses.asdict(model.cfg) | {"ffn_hidden": model.cfg.hidden}
-    assert dataclasses.asdict(cfg) == original
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(model.cfg) | explicit_sizes(model.cfg)
     back = build_model(cfg)
     back.load_state_dict(state)
     for key, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], tensor), key
     assert tokenizer_json == tokenizer.to_str()
+
+
+def explicit_sizes(cfg) -> dict:
+    """The sizes a config.json states that ours may leave to defaults (null: derived)."""
+    sizes = {"ffn_hidden": cfg.hidden}
+    if cfg.attention == "mla":
+        sizes |= {
+            "qk_nope_head_dim": cfg.qk_nope_head_dim or cfg.head_dim,
+            "v_head_dim": cfg.v_head_dim or cfg.head_dim,
+        }
+    if cfg.moe_experts:
+        sizes["moe_hidden"] = cfg.expert_hidden
+    return sizes
 
 
 def test_the_hf_tokenizer_encodes_and_decodes_as_ours(tokenizer, tmp_path):
@@ -191,13 +226,45 @@ def test_a_qwen3_layer_pattern_we_cannot_build_is_refused_by_name(tokenizer, tmp
         read_hf(directory)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("routed_scaling_factor", 2.5), ("n_group", 2), ("norm_topk_prob", False), ("scoring_func", "softmax")],
+)
+def test_deepseek_v3_routing_we_do_not_have_is_refused_by_name(field, value, tokenizer, tmp_path):
+    """DeepSeek-V3's own routing scales the gates by 2.5 and limits each token to 4 of 8 groups:
+    ours is one group, no scale; such a checkpoint is refused, never loaded with other routing."""
+    import json
+
+    directory = export(random_model(VARIANTS["deepseek-v3"]), tokenizer, tmp_path)
+    config = json.loads((tmp_path / "hf/config.json").read_text()) | {field: value}
+    (tmp_path / "hf/config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"does not map onto our deepseek: .*{field}"):
+        read_hf(directory)
+
+
+def test_a_bf16_deepseek_v3_export_keeps_the_routing_bias_in_fp32(tokenizer, tmp_path):
+    """As DeepSeek's own checkpoints: the expert choice (sigmoid scores + bias) is made in fp32."""
+    from safetensors import safe_open
+
+    model = random_model(VARIANTS["deepseek-v3"])
+    directory = write_hf(model.cfg, model.state_dict(), tokenizer.to_str(), str(tmp_path / "bf16"), dtype="bfloat16")
+    with safe_open(f"{directory}/model.safetensors", "pt") as f:
+        dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    assert dtypes.pop("model.layers.1.mlp.gate.e_score_correction_bias") == "F32"
+    assert set(dtypes.values()) == {"BF16"}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        assert torch.isfinite(hf(torch.arange(16)[None]).logits.float()).all()
+
+
 # Every tiny preset's class (a native one where it fits: a regression to remote code fails here),
 # and the `make pretrain` recipe's (configs/llama-tiny.yaml: Muon + QK-norm + untied = Qwen3), and
 # the recipe before it (+ value residual, ReLU², soft-cap: remote code).
 EXPECTED_CLASS = {
     "gpt2-tiny": "gpt2",
     "llama-tiny": "llama",
-    **{f"{name}-tiny": "generalmodel" for name in ("mla", "moe", "deepseek", "hybrid", "kvshare", "memory", "peer")},
+    "deepseek-tiny": "deepseek_v3",
+    **{f"{name}-tiny": "generalmodel" for name in ("mla", "moe", "hybrid", "kvshare", "memory", "peer")},
 }
 
 
@@ -254,9 +321,7 @@ def test_a_tied_remote_code_model_exports_from_its_native_export(tokenizer, tmp_
     """What a registered version's hf/ is written from: the native export, which holds no tied head."""
     from generalmodel.infer.export import export_files, read_export
 
-    cfg = dataclasses.replace(
-        PRESETS["deepseek-tiny"], vocab_size=SHAPE["vocab_size"], max_seq_len=SHAPE["max_seq_len"]
-    )
+    cfg = dataclasses.replace(PRESETS["moe-tiny"], vocab_size=SHAPE["vocab_size"], max_seq_len=SHAPE["max_seq_len"])
     model = random_model(cfg)
     assert cfg.tie_embeddings
     native = tmp_path / "native"
@@ -265,6 +330,7 @@ def test_a_tied_remote_code_model_exports_from_its_native_export(tokenizer, tmp_
         (native / name).write_bytes(data)
     cfg_read, state, tokenizer_json, _ = read_export(str(native))
     directory = write_hf(cfg_read, state, tokenizer_json, str(tmp_path / "hf"))
+    assert is_remote_code(directory)
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=True)
     ids = torch.arange(32)[None]
     with torch.no_grad():

@@ -39,6 +39,7 @@ class HfAdapter:
     carries: ClassVar[frozenset[str]] = frozenset()  # the fields of `research_parts` the class has
     shape: ClassVar[tuple[str, str, str]]  # (positions, norm, mlp) of the class
     described: ClassVar[str]  # the shape in words, for error messages
+    keep_fp32: ClassVar[tuple[str, ...]] = ()  # tensors (by key suffix) written in fp32 whatever the dtype
 
     def mismatches(self, cfg) -> list[str]:
         """Why this class cannot reproduce `cfg` (empty: it can)."""

@@ -2,17 +2,18 @@
 
 One adapter per transformers class (an `HfAdapter`): in `llama.py` `LlamaForCausalLM` (RoPE,
 RMSNorm, SwiGLU, MHA/GQA/MQA, tied or not), `Qwen3ForCausalLM` (+ per-head query/key norms and
-sliding-window layers) and `ArceeForCausalLM` (a ReLU² MLP); in `gpt2.py` `GPT2LMHeadModel`
-(learned positions, LayerNorm, tanh-GELU MLP, MHA). `adapter_for` picks the one that reproduces a
-model exactly. `to_hf` then `from_hf` gives back every tensor bit for bit (fp32).
+sliding-window layers) and `ArceeForCausalLM` (a ReLU² MLP); in `deepseek.py`
+`DeepseekV3ForCausalLM` (MLA + DeepSeekMoE); in `gpt2.py` `GPT2LMHeadModel` (learned positions,
+LayerNorm, tanh-GELU MLP, MHA). `adapter_for` picks the one that reproduces a model exactly.
+`to_hf` then `from_hf` gives back every tensor bit for bit (fp32).
 
 Writing needs only `safetensors` and `tokenizers`; loading the result needs `transformers`
 (`AutoModelForCausalLM.from_pretrained(directory)`, offline).
 
-What no native class has — MLA, MoE, cross-layer KV sharing, value residual, soft-capped logits,
-memory layers — is exported as remote code (`remote.py`: the zoo's own modules and a transformers
-wrapper written into the directory; `trust_remote_code=True` to load), or, with
-`remote_code=False`, refused with the reasons the closest native class gives (`ExportError`).
+What no native class has — MLA or MoE outside the DeepSeek-V3 shape, cross-layer KV sharing,
+value residual, soft-capped logits, memory layers — is exported as remote code (`remote.py`: the
+zoo's own modules and a transformers wrapper written into the directory; `trust_remote_code=True`
+to load), or, with `remote_code=False`, refused with the reasons the closest native class gives (`ExportError`).
 
 To add a target class: an `HfAdapter` subclass in its own module, added to `NATIVE`.
 """
@@ -28,13 +29,14 @@ import torch
 
 from generalmodel.errors import UserError
 from generalmodel.interop.adapter import ExportError, HfAdapter
+from generalmodel.interop.deepseek import DeepseekV3Adapter
 from generalmodel.interop.gpt2 import GPT2Adapter
 from generalmodel.interop.llama import ArceeAdapter, LlamaAdapter, Qwen3Adapter
 from generalmodel.interop.remote import RemoteCodeAdapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NATIVE: dict[str, HfAdapter] = {
-    a.model_type: a for a in (LlamaAdapter(), Qwen3Adapter(), ArceeAdapter(), GPT2Adapter())
+    a.model_type: a for a in (LlamaAdapter(), Qwen3Adapter(), ArceeAdapter(), DeepseekV3Adapter(), GPT2Adapter())
 }
 REMOTE = RemoteCodeAdapter()
 ADAPTERS: dict[str, HfAdapter] = {**NATIVE, REMOTE.model_type: REMOTE}
@@ -105,7 +107,10 @@ def write_hf(
     tokenizer = Tokenizer.from_str(tokenizer_json)
     special = special_ids(tokenizer)
     names = {role: tokenizer.id_to_token(i) if i is not None else None for role, i in special.items()}
-    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in adapter.to_hf(cfg, state).items()}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32 if k.endswith(adapter.keep_fp32) else DTYPES[dtype]).contiguous()
+        for k, v in adapter.to_hf(cfg, state).items()
+    }
     chat: dict[str, Any] = {}
     stop: int | list[int] | None = special["eos"]
     if has_chat_tokens(tokenizer):  # the chat format: apply_chat_template renders what render() does
