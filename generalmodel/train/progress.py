@@ -43,14 +43,19 @@ class Progress:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.steps, self.name = steps, name
-        self._stop = threading.Event()
+        self._stop, self._abandon = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._show, name="training-progress", daemon=True)
 
     def __enter__(self) -> Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        # A run that ended shows its last lines; one interrupted (Ctrl-C) or failed stops showing
+        # at once: its workers are still training until Ray stops them, and draining a queue they
+        # keep filling held Ctrl-C up for the whole 10 s join.
+        if exc_type is not None:
+            self._abandon.set()
         self._stop.set()
         self._thread.join(timeout=10)
         self.queue.shutdown()
@@ -60,7 +65,7 @@ class Progress:
         from tqdm import tqdm
 
         bar = tqdm(total=self.steps, desc=self.name, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
-        while True:
+        while not self._abandon.is_set():
             try:
                 m = self.queue.get(timeout=0.5)
             except Empty:
