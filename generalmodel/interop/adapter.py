@@ -86,3 +86,31 @@ def common_config(cfg, special: dict[str, int | None], dtype: str) -> dict[str, 
         "torch_dtype": dtype,
         **{f"{role}_token_id": special.get(role) for role in ("bos", "eos", "pad")},
     }
+
+
+def rope_decoder_config(adapter: HfAdapter, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
+    """The config.json fields the RoPE + RMSNorm decoder classes (Llama's family, DeepseekV3) spell
+    the same, `common_config`'s included."""
+    return {
+        "architectures": [adapter.architecture],
+        "model_type": adapter.model_type,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 4.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        **common_config(cfg, special, dtype),
+    }
+
+
+def read_rope(config: dict[str, Any]) -> tuple[str, float]:
+    """(RoPE type, theta) of a config.json, in transformers 5's spelling or 4's."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    return rope_type, float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 
 from generalmodel.errors import UserError
-from generalmodel.interop.adapter import HfAdapter, common_config
+from generalmodel.interop.adapter import HfAdapter, read_rope, rope_decoder_config
 
 LATENT_EPS = 1e-6  # DeepseekV3RMSNorm's default, which its q_a/kv_a layernorms keep
 
@@ -77,14 +77,8 @@ class DeepseekV3Adapter(HfAdapter):
         return why
 
     def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
-        return {
-            "architectures": [self.architecture],
-            "model_type": self.model_type,
-            "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.hidden,
+        return rope_decoder_config(self, cfg, special, dtype) | {
             "moe_intermediate_size": cfg.expert_hidden,
-            "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.n_heads,
             "n_routed_experts": cfg.moe_experts,
             "n_shared_experts": cfg.moe_shared_experts,
@@ -103,16 +97,8 @@ class DeepseekV3Adapter(HfAdapter):
             "qk_nope_head_dim": self._nope(cfg),
             "v_head_dim": cfg.v_head_dim or cfg.head_dim,
             "hidden_act": "silu",
-            "max_position_embeddings": cfg.max_seq_len,
-            "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta,  # transformers 4.x
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
-            "rope_scaling": None,
             "rope_interleave": True,
-            "attention_bias": False,
-            "attention_dropout": 0.0,
             "num_nextn_predict_layers": 0,  # no multi-token-prediction module
-            **common_config(cfg, special, dtype),
         }
 
     @staticmethod
@@ -195,8 +181,7 @@ class DeepseekV3Adapter(HfAdapter):
     def model_config(self, config: dict[str, Any], where: str):
         from models.deepseek import DeepSeekConfig
 
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        rope_type, rope_theta = read_rope(config)
         unsupported = {
             "hidden_act": (config.get("hidden_act", "silu"), "silu"),
             "attention_bias": (config.get("attention_bias", False), False),
@@ -222,7 +207,7 @@ class DeepseekV3Adapter(HfAdapter):
             d_model=d,
             ffn_hidden=config["intermediate_size"],
             tie_embeddings=config.get("tie_word_embeddings", False),
-            rope_theta=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
+            rope_theta=rope_theta,
             norm_eps=config.get("rms_norm_eps", LATENT_EPS),
             init_std=config.get("initializer_range", 0.02),
             kv_lora_rank=config["kv_lora_rank"],

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from generalmodel.errors import UserError
-from generalmodel.interop.adapter import HfAdapter, common_config
+from generalmodel.interop.adapter import HfAdapter, read_rope, rope_decoder_config
 
 
 class LlamaAdapter(HfAdapter):
@@ -29,25 +29,11 @@ class LlamaAdapter(HfAdapter):
         return []
 
     def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
-        return {
-            "architectures": [self.architecture],
-            "model_type": self.model_type,
-            "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.hidden,
-            "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads,
+        return rope_decoder_config(self, cfg, special, dtype) | {
             "num_key_value_heads": cfg.kv_heads,
             "head_dim": cfg.head_dim,
             "hidden_act": self.hidden_act,
-            "max_position_embeddings": cfg.max_seq_len,
-            "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta,  # transformers 4.x
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
-            "rope_scaling": None,
-            "attention_bias": False,
-            "attention_dropout": 0.0,
             "mlp_bias": False,
-            **common_config(cfg, special, dtype),
         }
 
     def to_hf(self, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -109,8 +95,7 @@ class LlamaAdapter(HfAdapter):
     def model_config(self, config: dict[str, Any], where: str):
         from models.llama import LlamaConfig
 
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        rope_type, rope_theta = read_rope(config)
         unsupported = {
             "hidden_act": (config.get("hidden_act", self.hidden_act), self.hidden_act),
             "attention_bias": (config.get("attention_bias", False), False),
@@ -133,7 +118,7 @@ class LlamaAdapter(HfAdapter):
             ffn_hidden=config["intermediate_size"],
             mlp=self.shape[2],
             tie_embeddings=config.get("tie_word_embeddings", False),
-            rope_theta=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
+            rope_theta=rope_theta,
             norm_eps=config.get("rms_norm_eps", 1e-6),
             init_std=config.get("initializer_range", 0.02),
             **self.switches(config, where),
