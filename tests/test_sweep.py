@@ -138,7 +138,8 @@ def test_sweep_tracks_stops_compares_and_registers(cluster, s3_server, mlflow_se
         assert kid.data.params["train.steps"] == "24" and kid.data.params["model.attention"] in ("gqa", "mla")
         assert kid.data.tags["stop_reason"]
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "loss")]
-        assert steps[:2] == [2, 4], kid.data.tags  # per-step metrics from the trial's rank 0
+        # per-step metrics from the trial's rank 0
+        assert steps[:2] == [2, 4], (kid.data.tags["stop_reason"], sorted(kid.data.metrics), out[-4000:])
     reasons = {k.data.tags["stop_reason"] for k in kids}
     stopped = [k for k in kids if k.data.tags["stop_reason"].startswith("stopped by ASHA at step")]
     assert stopped, reasons  # the 1e-5 trials cannot keep up with 1e-2 at the first rung

@@ -62,8 +62,10 @@ def log_config(
 def log_dataset_input(client, run_id: str, uri: str, manifest_sha256: str) -> None:
     """The prepared dataset as the run's MLflow input (Datasets in the UI; digest = its manifest)."""
     import json
+    import time
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     dataset = Dataset(
         name=uri.rstrip("/").rsplit("/", 1)[-1],
@@ -71,7 +73,21 @@ def log_dataset_input(client, run_id: str, uri: str, manifest_sha256: str) -> No
         source_type="s3" if uri.startswith("s3://") else "local",
         source=json.dumps({"uri": uri}),
     )
-    client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+    # The server creates a dataset it has not seen by check-then-insert: runs that log the same new
+    # dataset at once (a sweep's concurrent trials) make all but one fail with an IntegrityError
+    # (HTTP 400, measured with mlflow 3.x's sqlite store). Again, the dataset is there to be found.
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException:
+            logged = client.get_run(run_id).inputs.dataset_inputs
+            if any(i.dataset.digest == dataset.digest for i in logged):
+                return
+            if attempt == 2:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def _version(package: str) -> str:
