@@ -135,9 +135,10 @@ class Job:
                 self.give_up(f"the job did not finish ({status.strip()[-200:]})")
             time.sleep(3)
 
-    def resumes(self) -> list[int]:
-        """The checkpoint step of every resume in the job's log, in order."""
-        return [int(m) for m in re.findall(r"resumed from s3://\S+/step-(\d{8})-[0-9a-f]+ at step", self.logs())]
+    def resumes(self, after=0) -> list[int]:
+        """The checkpoint step of every resume in the job's log (past its first `after` characters), in order."""
+        text = self.logs()[after:]
+        return [int(m) for m in re.findall(r"resumed from s3://\S+/step-(\d{8})-[0-9a-f]+ at step", text)]
 
 
 def test_hsdp_across_two_nodes_resumes_a_killed_worker_exactly(cluster, bucket, mlflow_server, s3_server, tmp_path):
@@ -212,11 +213,13 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(cluster, buck
         shrunk = len(job.logs())
         cluster.add_worker()  # a node joins: the group grows at the next resize check (every 5 s)
         job.wait_for("elastic: a group of 2 of at most 2 workers", after=shrunk, timeout_s=240)
+        grew = job.logs().index("elastic: a group of 2 of at most 2 workers", shrunk)
         deadline = time.time() + 180
-        while len(resumes := job.resumes()) < 2:  # the lost node's, then the growth's
+        while not job.resumes(after=grew):  # the grown group's resume
             if time.time() > deadline:
                 job.give_up("the grown group never resumed from a checkpoint")
             time.sleep(2)
+        resumes = job.resumes()  # the lost node's (one or more), then the growth's
         grown = resumes[-1]
         deadline = time.time() + 180
         while max(metric_history(mlflow_server.uri, "elastic").get("loss", {0: []})) < grown + 20:

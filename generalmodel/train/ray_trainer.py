@@ -70,13 +70,16 @@ def _worker(config: dict[str, Any]) -> None:
                 queue.put_nowait(metrics)
             except Exception:  # a full or vanished queue only costs the driver a progress line
                 pass
+        # At a checkpoint and before an evaluation is reported, the metrics logged so far reach
+        # the server: a crash resumes from a checkpoint and never logs the steps before it again,
+        # and a scheduler may stop the trial as soon as it hears an evaluation (ASHA kills its
+        # workers). Otherwise what the background queue had not sent would be lost.
+        evaluation = bool(EVALUATIONS & metrics.keys())
+        if logger is not None and (evaluation or "checkpoint_stall_s" in metrics):
+            logger.flush()
         # Ray gets the evaluations (what Tune schedulers act on), not every log line: each
-        # ray.train.report is a synchronization with the controller that costs up to ~1 s. A
-        # scheduler may stop the trial as soon as it hears one (ASHA kills its workers): the
-        # metrics logged so far reach the server first, else a stopped trial loses its last ones.
-        if EVALUATIONS & metrics.keys():
-            if logger is not None:
-                logger.flush()
+        # ray.train.report is a synchronization with the controller that costs up to ~1 s.
+        if evaluation:
             ray.train.report(metrics)
 
     init = config.get("init")
