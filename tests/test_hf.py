@@ -242,6 +242,18 @@ def test_deepseek_v3_routing_we_do_not_have_is_refused_by_name(field, value, tok
         read_hf(directory)
 
 
+def test_a_deepseek_v3_directory_transformers_saved_reads_back_bit_identical(tokenizer, tmp_path):
+    """What a user brings: our export loaded and saved again by transformers' own save_pretrained
+    (which fuses the experts on load and writes them one by one again) reads back to our weights."""
+    model = random_model(VARIANTS["deepseek-qlora-tied"], seed=3)
+    saved = tmp_path / "saved"
+    load_hf(export(model, tokenizer, tmp_path)).save_pretrained(saved)
+    (saved / "tokenizer.json").write_text(tokenizer.to_str())
+    _, state, _ = read_hf(str(saved))
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+
+
 def test_a_bf16_deepseek_v3_export_keeps_the_routing_bias_in_fp32(tokenizer, tmp_path):
     """As DeepSeek's own checkpoints: the expert choice (sigmoid scores + bias) is made in fp32."""
     from safetensors import safe_open

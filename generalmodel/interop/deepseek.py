@@ -166,13 +166,9 @@ class DeepseekV3Adapter(HfAdapter):
                 continue
             state[mlp + "router.weight"] = hf[their + "gate.weight"]
             state[mlp + "expert_bias"] = hf[their + "gate.e_score_correction_bias"].float()
-            if their + "experts.gate_up_proj" in hf:  # transformers 5's fused layout, (E, 2h, d) and (E, d, h)
-                state[mlp + "w_up"] = hf[their + "experts.gate_up_proj"].transpose(1, 2)
-                state[mlp + "w_down"] = hf[their + "experts.down_proj"].transpose(1, 2)
-            else:
-                experts = [_swiglu_from_hf(hf, f"{their}experts.{e}.") for e in range(cfg.moe_experts)]
-                state[mlp + "w_up"] = torch.stack([up.t() for up, _ in experts])
-                state[mlp + "w_down"] = torch.stack([down.t() for _, down in experts])
+            experts = [_swiglu_from_hf(hf, f"{their}experts.{e}.") for e in range(cfg.moe_experts)]
+            state[mlp + "w_up"] = torch.stack([up.t() for up, _ in experts])
+            state[mlp + "w_down"] = torch.stack([down.t() for _, down in experts])
             state[mlp + "shared.up.weight"], state[mlp + "shared.down.weight"] = _swiglu_from_hf(
                 hf, their + "shared_experts."
             )
