@@ -443,7 +443,7 @@ class RlConfig(Section):
     rollout_gpus: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (0: CPU rollouts).")
     rollout_slots: int = Field(64, gt=0, description="Sequences a rollout actor decodes in one batch.")
     kill_rollout_at_step: int | None = Field(
-        None, description="Testing aid: kill one rollout actor while this step's rollouts run (it is replaced)."
+        None, description="Testing aid: one rollout actor's process exits while this step's rollouts run (it is replaced)."
     )
 
 

@@ -181,11 +181,11 @@ class GrpoStep:
                 elapsed_s=run.elapsed(),
                 eta_s=(run.steps - done) * run.elapsed() / (done - run.start_step),
             )
-            if self.pool is not None:
-                metrics["rollout_workers_replaced"] = self.pool.replaced
         evaluation = self.heldout_metrics(done) if env.is_main else {}
         if evaluation:
             metrics.update(step=done, **evaluation)
+        if metrics and self.pool is not None:  # after the held-out collect, which can meet a dead actor too
+            metrics["rollout_workers_replaced"] = self.pool.replaced
         if metrics or run.save_due(done):
             metrics.setdefault("loss", reduced[0] / total.item())
         return metrics

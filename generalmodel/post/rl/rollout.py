@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -93,9 +94,13 @@ class RolloutWorker:
     def ready(self) -> bool:
         return True
 
-    def rollouts(self, step: int, slots: list[tuple[int, int]]) -> Batch:
+    def rollouts(self, step: int, slots: list[tuple[int, int]], crash: bool = False) -> Batch:
         """Sample and score: `slots` are (position in the step, prompt index) pairs, each one
-        completion (the group's samples are consecutive positions of one prompt)."""
+        completion (the group's samples are consecutive positions of one prompt). `crash`
+        (rl.kill_rollout_at_step): the actor's process dies in this call, before it returns."""
+        if crash:
+            log.warning("rl.kill_rollout_at_step: rollout actor exits during step %d's rollouts", step)
+            os._exit(1)
         rl = self.cfg.rl
         params = [
             SamplingParams(
@@ -204,21 +209,24 @@ class RayRollouts:
             actor.load.remote(*self.weights)  # runs before any rollout submitted after it (actor order)
 
     def submit(self, step: int, slots: list[tuple[int, int]]) -> list:
-        handle = self._submit("rollouts", [(step, part) for part in shards(slots, len(self.actors))])
-        if self.cfg.rl.kill_rollout_at_step == step:
-            import ray
-
-            log.warning("rl.kill_rollout_at_step: killing rollout actor 0 during step %d", step)
-            ray.kill(self.actors[0], no_restart=True)
-        return handle
+        # rl.kill_rollout_at_step: actor 0 dies inside this request (its process exits in the call,
+        # so the death always lands mid-request, however fast the rollouts are); its replacement
+        # runs the part again without the flag.
+        crash = self.cfg.rl.kill_rollout_at_step == step
+        return self._submit("rollouts", [(step, part) for part in shards(slots, len(self.actors))], crash)
 
     def submit_eval(self, indices: list[int]) -> list:
         return self._submit("evaluate", [(part,) for part in shards(indices, len(self.actors))])
 
-    def _submit(self, method: str, parts: list[tuple]) -> list:
+    def _submit(self, method: str, parts: list[tuple], crash_first: bool = False) -> list:
         """Part i to actor i: (actor index, the weights it runs with, the call, its result ref)."""
         return [
-            (i, self.weights, (method, *args), getattr(self.actors[i], method).remote(*args))
+            (
+                i,
+                self.weights,
+                (method, *args),
+                getattr(self.actors[i], method).remote(*args, **({"crash": True} if crash_first and i == 0 else {})),
+            )
             for i, args in enumerate(parts)
         ]
 
