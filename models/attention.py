@@ -20,9 +20,17 @@ attention of GQA layers through FlexAttention with a block mask made once for `s
 or causal within the window, so a sliding-window layer skips the blocks outside its window instead
 of masking a full attention (fast only under torch.compile). Decoding with a cache, other lengths
 and MLA keep SDPA.
+
+Packed rows hold several documents. With `Documents` (made by the decoder from each token's
+document id), attention is block-causal — a token sees the earlier tokens of its own document
+only, within the window — and positions restart at each document: no token's output depends on
+another document in its row. SDPA takes the (B, 1, T, T) mask; flex builds a block mask per batch
+(per window) from the ids, which also skips the blocks between documents.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +63,53 @@ def layer_mask(T: int, window: int | None, pos, key_pos, device) -> torch.Tensor
     if key_pos is None:
         return causal_mask(T, window, device)
     return attention_mask(pos, key_pos, window)
+
+
+@dataclass
+class Documents:
+    """The documents of packed rows: `ids` (B, T), equal within a document (documents are
+    contiguous runs), and `pos` (B, T), each token's position within its document."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    _flex: dict = field(default_factory=dict, repr=False)  # window → block mask, made once per batch
+
+    @classmethod
+    def of(cls, ids: torch.Tensor) -> Documents:
+        T = ids.shape[1]
+        index = torch.arange(T, device=ids.device).expand_as(ids)
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # the document's start
+        return cls(ids, index - first)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """(B, 1, T, T) bool: the query sees a key of its own document at or before it (within the window)."""
+        same = self.ids[:, None, :, None] == self.ids[:, None, None, :]
+        return same & attention_mask(self.pos, self.pos, window)
+
+    def block_mask(self, window: int | None):
+        """FlexAttention's block mask of these rows (causal within each document and the window)."""
+        if window not in self._flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            ids = self.ids
+
+            def mask_mod(b, h, q, k):
+                seen = (ids[b, q] == ids[b, k]) & (k <= q)
+                return seen if window is None else seen & (q - k < window)
+
+            B, T = ids.shape
+            self._flex[window] = create_block_mask(mask_mod, B, None, T, T, device=ids.device)
+        return self._flex[window]
+
+
+def document_ids(tokens: torch.Tensor, separator: int) -> torch.Tensor:
+    """(B, T) document ids of packed rows whose documents each end with `separator` (the EOS the
+    text pipeline appends): a document runs up to and including its separator, so a token after
+    it starts the next one. The first document of a row may be the tail of one cut by the row."""
+    ends = (tokens == separator).int()
+    return ends.cumsum(dim=1) - ends  # the separators before this token, not counting itself
 
 
 SDPA_BACKENDS = {
@@ -171,10 +226,11 @@ class GroupedQueryAttention(nn.Module):
         """K and V, (heads, dim) each; None for a layer that reuses its group's."""
         return [(self.n_kv_heads, self.head_dim)] * 2 if self.owns_kv else None
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None, pos=None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None, pos=None, docs=None):
         """x: (B, T, d). Returns (output (B, T, d), what later layers take as `shared_kv`): the K/V
         it used, full length, for the layers of a KV-sharing group; with value residual, the first
-        layer's values of these T positions (None, v₁, None), passed on by every layer."""
+        layer's values of these T positions (None, v₁, None), passed on by every layer. `docs`
+        (Documents, whole sequences only): attention within each document."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if self.q_norm is not None:
@@ -205,9 +261,10 @@ class GroupedQueryAttention(nn.Module):
 
             if q.device.type == "cpu":  # compiled CPU flex mis-reads these strided views (torch 2.13)
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            y = flex_attention(q, k, v, block_mask=self.flex[1], enable_gqa=gqa)
+            block_mask = self.flex[1] if docs is None else docs.block_mask(self.window)
+            y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
         else:
-            mask = layer_mask(T, self.window, pos, key_pos, x.device)
+            mask = layer_mask(T, self.window, pos, key_pos, x.device) if docs is None else docs.mask(self.window)
             y = (
                 eager_attention(q, k, v, mask, self.hook_pattern)
                 if self.eager
@@ -270,7 +327,7 @@ class MultiHeadLatentAttention(nn.Module):
         """The latent and the one RoPE key: (1, kv_lora_rank) and (1, qk_rope_head_dim)."""
         return [(1, self.kv_lora_rank), (1, self.rope_dim)]
 
-    def forward(self, x, rope, cache: KVCache | None = None, shared_kv=None, pos=None):
+    def forward(self, x, rope, cache: KVCache | None = None, shared_kv=None, pos=None, docs=None):
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_up(self.q_norm(self.q_down(x))) if hasattr(self, "q_up") else self.q_proj(x)
@@ -289,7 +346,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, S, ·)
         k = torch.cat([k_nope, k_rope.expand(B, H, S, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        mask = layer_mask(T, self.window, pos, key_pos, x.device)
+        mask = layer_mask(T, self.window, pos, key_pos, x.device) if docs is None else docs.mask(self.window)
         y = (
             eager_attention(q, k, v, mask, self.hook_pattern)
             if self.eager

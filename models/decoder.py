@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import GroupedQueryAttention, MultiHeadLatentAttention, init_linear
+from models.attention import Documents, GroupedQueryAttention, MultiHeadLatentAttention, init_linear
 from models.cache import KVCache
 from models.common import RMSNorm, matmul_flops_per_token, rope_tables
 from models.hooks import HookPoint
@@ -273,11 +273,11 @@ class Block(nn.Module):
         self.mlp_norm.reset_parameters()
         self.mlp.init_weights(std, residual_std)
 
-    def forward(self, x, rope=None, cache=None, shared_kv=None, pos=None):
+    def forward(self, x, rope=None, cache=None, shared_kv=None, pos=None, docs=None):
         """Returns (x, kv): the K/V this block's attention used, for the next layers of its
         KV-sharing group."""
         x = self.hook_resid_pre(x)
-        h, kv = self.attn(self.attn_norm(x), rope, cache, shared_kv, pos)
+        h, kv = self.attn(self.attn_norm(x), rope, cache, shared_kv, pos, docs)
         x = self.hook_resid_mid(x + self.hook_attn_out(h))
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.mlp_norm(x)))), kv
 
@@ -331,6 +331,7 @@ class Decoder(nn.Module):
         keep: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         loss_chunk: int = 0,
+        docs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab), or (B, 1, vocab) for the last position
         only, or (N, vocab) for the N positions a (B, T) boolean `keep` marks (the head, often
@@ -338,24 +339,33 @@ class Decoder(nn.Module):
         (models/cache.py), idx continues each of its rows at that row's own position; the caller
         keeps within its capacity (`cache.reserve`). With `targets` (B, T) (-100: not supervised):
         the summed cross-entropy instead of the logits (`lm_loss`), so that a compiled model
-        compiles its loss too."""
+        compiles its loss too. `docs` (B, T): the document id of each token of packed rows
+        (models.attention.document_ids; no cache): each document attends only within itself and
+        its positions start at 0, as if it were alone in its row."""
         B, T = idx.shape
-        x = self.embed(idx)  # (B, T, d)
-        if cache is None:
+        pos = documents = None
+        if cache is not None:
+            if docs is not None:
+                raise ValueError("docs (document masks) are for whole packed rows, not decoding with a cache")
+            pos = where = cache.positions(T)  # (B, T)
+        else:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-            pos = None
-            if self.pos_embed is not None:
-                x = x + self.pos_embed(torch.arange(T, device=idx.device))
-            rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.positions == "rope" else None
-        else:
-            pos = cache.positions(T)  # (B, T)
-            if self.pos_embed is not None:
-                x = x + self.pos_embed(pos)
-            rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.positions == "rope" else None
+            documents = None if docs is None else self._documents(docs)
+            where = None if documents is None else documents.pos  # None: 0..T-1 in every row
+        x = self.embed(idx)  # (B, T, d)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(T, device=idx.device) if where is None else where)
+        rope = None
+        if self.cfg.positions == "rope":
+            rope = (
+                (self.rope_cos[:T], self.rope_sin[:T])
+                if where is None
+                else (self.rope_cos[where], self.rope_sin[where])
+            )
         kv = None  # a block that reuses K/V returns the ones it was given
         for block in self.blocks:
-            x, kv = block(x, rope, cache, kv, pos)
+            x, kv = block(x, rope, cache, kv, pos, documents)
         if cache is not None:
             cache.advance(T)
         if targets is not None:
@@ -365,6 +375,14 @@ class Decoder(nn.Module):
         elif keep is not None:
             x = x[keep]
         return self.unembed(x)
+
+    def _documents(self, docs: torch.Tensor) -> Documents:
+        documents = Documents.of(docs)
+        for block in self.blocks:  # flex block masks made here, once a batch, not inside a compiled block
+            flex = getattr(block.attn, "flex", None)
+            if flex is not None and flex[0] == docs.shape[1]:
+                documents.block_mask(block.attn.window)
+        return documents
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream (..., d) → logits: final norm, head, and the soft-cap if configured,

@@ -79,7 +79,7 @@ def test_the_chat_dataset_supervises_exactly_the_assistant_tokens(post_data):
     root, chats, _ = post_data
     ds = TokenDataset.open(str(root / "chat-ds"))
     manifest = ds.manifest
-    assert manifest["format"] == "chat" and manifest["columns"] == ["tokens", "mask"]
+    assert manifest["format"] == "chat" and manifest["columns"] == ["tokens", "mask", "docs"]
     splits = manifest["splits"]
     assert splits["train"]["conversations"] + splits["val"]["conversations"] == len(chats)
     assert splits["val"]["conversations"] > 0 and splits["train"]["truncated"] == splits["val"]["truncated"] == 0

@@ -135,6 +135,15 @@ def test_compile_modes_and_the_chunked_loss_keep_the_losses(train_dataset, tmp_p
             assert math.isclose(compiled[step], eager[step], rel_tol=1e-4), (mode, chunk, step)
 
 
+def test_document_masks_reach_the_model_from_the_config(train_dataset, tmp_path):
+    """train.document_mask: the rows with an EOS inside lose something else at the first step (same
+    weights, same batch); the masks are a function of the tokens, so the run resumes as any other."""
+    common = {"train.steps": 2, "train.batch_size": 16}  # 16 rows of 33 tokens: documents of ~400 end in some
+    plain, _ = run(tiny(train_dataset, tmp_path / "plain", **common))
+    masked, _ = run(tiny(train_dataset, tmp_path / "masked", **common, **{"train.document_mask": True}))
+    assert math.isfinite(masked[1]) and masked[1] != plain[1]
+
+
 def test_incompatible_resume_names_the_keys(train_dataset, tmp_path):
     run(tiny(train_dataset, tmp_path, **{"train.steps": 3}))
     with pytest.raises(TrainingError, match=r"config differs in model.n_layers: checkpoint 2, now 3"):

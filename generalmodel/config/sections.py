@@ -331,6 +331,12 @@ class TrainConfig(Section):
         "(benchmarks/gpu_train.py times them); flex: FlexAttention with block masks, so sliding-window "
         "layers skip what is outside their window (GQA layers; fast under train.compile).",
     )
+    document_mask: bool = Field(
+        False,
+        description="Packed rows hold several documents: each attends only within itself and its positions "
+        "restart at 0 (text: a document ends with its EOS; chat: the conversations data.packing put in a row). "
+        "false: a row is one sequence, later documents see earlier ones.",
+    )
     loss_chunk: int = Field(
         0,
         ge=0,
@@ -443,7 +449,8 @@ class RlConfig(Section):
     rollout_gpus: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (0: CPU rollouts).")
     rollout_slots: int = Field(64, gt=0, description="Sequences a rollout actor decodes in one batch.")
     kill_rollout_at_step: int | None = Field(
-        None, description="Testing aid: one rollout actor's process exits while this step's rollouts run (it is replaced)."
+        None,
+        description="Testing aid: one rollout actor's process exits while this step's rollouts run (it is replaced).",
     )
 
 

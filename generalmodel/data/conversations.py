@@ -5,8 +5,10 @@ Each row of the source (.jsonl lines, .parquet/.arrow rows, hf: datasets) is che
 with the chat format (generalmodel.data.chat), split train/val by the hash of `data.split_key`'s
 value (or of the row), and written as fixed-length rows of seq_len+1 tokens with loss masks:
 
-    chat        tokens, mask                              one conversation per padded row, or
-                                                          several whole ones (data.packing)
+    chat        tokens, mask, docs                        one conversation per padded row, or
+                                                          several whole ones (data.packing); docs
+                                                          numbers each token's conversation in its
+                                                          row (train.document_mask)
     preference  chosen, chosen_mask, rejected, rejected_mask   one pair per padded row
 
 Padding is the tokenizer's PAD (else EOS) with mask 0. Rows longer than a row follow
@@ -106,7 +108,16 @@ class Unit:
         groups = pack_first_fit(items, self.row_len) if self.data.packing else [[r] for r in items]
         merged = [Rendered([i for r in g for i in r.ids], [m for r in g for m in r.mask]) for g in groups]
         tokens, mask = self._padded(merged, pad, dtype)
-        return {"tokens": tokens, "mask": mask}
+        return {"tokens": tokens, "mask": mask, "docs": self._documents(groups)}
+
+    def _documents(self, groups: list[list[Rendered]]) -> np.ndarray:
+        """(rows × row_len): 0 for the first conversation of a row, 1 for the next, ...; the padding
+        after them is one more (it attends to nothing real)."""
+        docs = np.empty((len(groups), self.row_len), dtype=np.uint16 if self.row_len < 2**16 else np.uint32)
+        for i, group in enumerate(groups):
+            lengths = [len(r.ids) for r in group]
+            docs[i] = np.repeat(np.arange(len(group) + 1), [*lengths, self.row_len - sum(lengths)])
+        return docs
 
     def _padded(self, rows: list[Rendered], pad: int, dtype) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.full((len(rows), self.row_len), pad, dtype=dtype)

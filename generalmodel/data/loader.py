@@ -65,6 +65,7 @@ class TokenDataset:
         self.shards = {split: [Shard(**s) for s in info["shards"]] for split, info in manifest["splits"].items()}
         self.format: str = manifest.get("format", "text")
         self.column: str = manifest["column"]
+        self.columns: tuple[str, ...] = tuple(manifest.get("columns", [self.column]))
         self.retry_timeout_s = retry_timeout_s  # shard reads ride out a restarting store
         self.attached: dict[str, tuple[Location, list[Shard]]] = {}  # dataset shard path → parts, more columns
 

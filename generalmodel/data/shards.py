@@ -19,7 +19,7 @@ SPLITS = ("train", "val")
 # The columns of a row, per data.format (the first is the manifest's `column`).
 COLUMNS = {
     "text": ("tokens",),
-    "chat": ("tokens", "mask"),
+    "chat": ("tokens", "mask", "docs"),  # docs: the conversation of each token in its row (padding: the next)
     "preference": ("chosen", "chosen_mask", "rejected", "rejected_mask"),
 }
 # What a row of the source is called in the counts: the manifest's per-split count of inputs.

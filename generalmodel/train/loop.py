@@ -26,6 +26,7 @@ import torch
 
 from generalmodel.config import Config
 from generalmodel.data.loader import TokenDataset, TokenLoader
+from generalmodel.data.tokenizer import eos_id, load_tokenizer
 from generalmodel.storage import RunLayout
 from generalmodel.train.core import (
     Dist,
@@ -63,7 +64,10 @@ def train(
     loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
     val_loader = TokenLoader(ds, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
     run = TrainingRun(cfg, report, layout, init, loader, ds.manifest_sha256, ds.tokenizer_json, ds.seq_len, env)
-    objective = objective_for(ds.format, cfg.dpo, _online_reference(cfg, ds, env, init), cfg.train.loss_chunk)
+    separator = eos_id(load_tokenizer(ds.tokenizer_json(), ds.loc.uri)) if cfg.train.document_mask else None
+    objective = objective_for(
+        ds.format, cfg.dpo, _online_reference(cfg, ds, env, init), cfg.train.loss_chunk, separator
+    )
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     step = TokenStep(run, objective, loader, val_loader, 2 if ds.format == "preference" else 1)
@@ -169,6 +173,16 @@ def check_compatible(cfg: Config, ds: TokenDataset) -> None:
     if ds.seq_len > cfg.model.max_seq_len:
         raise TrainingError(
             f"dataset {ds.loc.uri} has seq_len {ds.seq_len}, above model.max_seq_len={cfg.model.max_seq_len}"
+        )
+    if cfg.train.document_mask and ds.format == "preference":
+        raise TrainingError(
+            f"train.document_mask is for packed rows (data.format text or chat); dataset {ds.loc.uri} holds "
+            "preference pairs, one sequence per row"
+        )
+    if cfg.train.document_mask and ds.format == "chat" and "docs" not in ds.columns:
+        raise TrainingError(
+            f"train.document_mask: dataset {ds.loc.uri} was prepared without the conversations' document ids "
+            "(the docs column); prepare it again (--data.overwrite=true)"
         )
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from generalmodel import UserError
 from generalmodel.config import DpoConfig
+from models.attention import document_ids
 from models.loss import IGNORE
 
 
@@ -53,13 +54,23 @@ def sequence_logps(model, tokens: torch.Tensor, mask: torch.Tensor, autocast) ->
 class LanguageModeling:
     """Next-token cross-entropy, summed over the supervised targets: computed by the model's own
     forward (`targets=`), so a compiled model has its loss in the graph; `loss_chunk` > 0: the
-    head and cross-entropy a chunk of positions at a time (models/loss.py)."""
+    head and cross-entropy a chunk of positions at a time (models/loss.py). `separator` (the
+    EOS id; train.document_mask): each document of a packed row attends only within itself —
+    text rows' documents end with it; chat rows say theirs (the `docs` column)."""
 
     unit = "tokens"
     stats: tuple[str, ...] = ()
 
-    def __init__(self, loss_chunk: int = 0):
-        self.loss_chunk = loss_chunk
+    def __init__(self, loss_chunk: int = 0, separator: int | None = None):
+        self.loss_chunk, self.separator = loss_chunk, separator
+
+    def documents(self, batch: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor | None:
+        """The document id of each input position, or None without document masks."""
+        if self.separator is None:
+            return None
+        if "docs" in batch:
+            return batch["docs"][:, :-1]
+        return document_ids(inputs, self.separator)
 
     def count(self, batch: dict[str, torch.Tensor]) -> float:
         """The supervised targets of a batch, counted on the host batch (before it moves to the
@@ -71,8 +82,9 @@ class LanguageModeling:
 
     def loss(self, model, batch, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = lm_targets(batch)
+        docs = self.documents(batch, x)
         with autocast:
-            loss = model(x, targets=y, loss_chunk=self.loss_chunk)
+            loss = model(x, targets=y, loss_chunk=self.loss_chunk, docs=docs)
         return loss, {}
 
 
@@ -148,7 +160,8 @@ def _pairs(batch: dict[str, torch.Tensor], suffix: str) -> torch.Tensor:
     return torch.cat([batch["chosen" + suffix], batch["rejected" + suffix]])
 
 
-def objective_for(fmt: str, dpo: DpoConfig, reference=None, loss_chunk: int = 0):
+def objective_for(fmt: str, dpo: DpoConfig, reference=None, loss_chunk: int = 0, separator: int | None = None):
+    """`separator`: the EOS id with train.document_mask (text and chat), else None."""
     if fmt == "preference":
         return Dpo(dpo, reference)
-    return LanguageModeling(loss_chunk)
+    return LanguageModeling(loss_chunk, separator)
