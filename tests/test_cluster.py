@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, TINY_RUN, make_documents, ray_job, submit_job, train_worker_pids
+from conftest import REPO, TINY_RUN, make_documents, submit_job, train_worker_pids
 
 from generalmodel.cluster import cluster_up
 
@@ -101,15 +101,21 @@ def logged_losses(path) -> list[tuple[int, float]]:
 
 
 class Job:
-    """A pretraining job submitted without waiting: its logs, a wait for a line, a wait for its end."""
+    """A pretraining job submitted without waiting (`ray job submit --no-wait`, as a user would):
+    its logs, a wait for a line, a wait for its end — read with the Jobs SDK, not a `ray job`
+    process per poll (each one a Python start and a Ray import: seconds of CPU)."""
 
     def __init__(self, cluster, args):
         out = submit(cluster, args, wait=False)
         assert out.returncode == 0, out.stderr[-2000:]
         self.cluster, self.id = cluster, re.search(r"(raysubmit_\w+)", out.stdout + out.stderr).group(1)
+        self.client = cluster.job_client()
 
     def logs(self) -> str:
-        return ray_job(self.cluster, "logs", f"--address={self.cluster.dashboard}", self.id).stdout
+        return self.client.get_job_logs(self.id)
+
+    def stop(self) -> None:
+        self.client.stop_job(self.id)
 
     def give_up(self, what):
         (REPO / ".generalmodel").mkdir(exist_ok=True)
@@ -127,13 +133,12 @@ class Job:
     def wait_for_end(self, timeout_s=240) -> str:
         deadline = time.time() + timeout_s
         while True:
-            out = ray_job(self.cluster, "status", f"--address={self.cluster.dashboard}", self.id)
-            status = (out.stdout + out.stderr).lower()  # "Job '…' succeeded"
-            if any(word in status for word in ("succeeded", "failed", "stopped")):
-                return status
+            status = self.client.get_job_status(self.id)
+            if status.is_terminal():
+                return status.value.lower()  # succeeded, failed, stopped
             if time.time() > deadline:
-                self.give_up(f"the job did not finish ({status.strip()[-200:]})")
-            time.sleep(3)
+                self.give_up(f"the job did not finish (status {status.value})")
+            time.sleep(1)
 
     def resumes(self, after=0) -> list[int]:
         """The checkpoint step of every resume in the job's log (past its first `after` characters), in order."""
@@ -227,7 +232,7 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(cluster, buck
                 job.give_up(f"the grown group never logged step {grown + 20}")
             time.sleep(2)
     finally:
-        ray_job(cluster, "stop", f"--address={cluster.dashboard}", job.id)
+        job.stop()
     text = job.logs()
     assert 20 <= resumes[0] and resumes == sorted(resumes), text[-5000:]  # each mid-run, in order
     metrics = metric_history(mlflow_server.uri, "elastic")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_corpus
+from conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -27,11 +27,11 @@ def start(args, ray_tmp, cwd=REPO):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
-def tiny_run(tmp_path, **extra):
-    """Arguments for a tiny pretraining run on a fresh corpus, tracked in sqlite under tmp_path."""
-    corpus = write_corpus(tmp_path / "corpus", 60, seed=71)
+def tiny_run(tmp_path, dataset, **extra):
+    """Arguments for a tiny pretraining run on the session's prepared dataset (preparing one is
+    test_ctrl_c_stops_prepare_data's and test_pretrain's), tracked in sqlite under tmp_path."""
     args = {
-        "data.source": corpus, "data.vocab_size": 320, "data.seq_len": 32, "model.vocab_size": 320,
+        "train.dataset": dataset, "model.vocab_size": 320,
         "model.max_seq_len": 32, "model.n_layers": 2, "model.n_heads": 2, "model.d_model": 32,
         "train.batch_size": 4, "train.log_every": 5, "ray.num_workers": 1, "storage.root": tmp_path / "store",
         "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", **extra,
@@ -82,11 +82,11 @@ def test_ctrl_c_stops_prepare_data_and_publishes_nothing(tmp_path, ray_tmp):
     assert not ray_processes(ray_tmp)
 
 
-def test_ctrl_c_stops_pretraining_and_marks_the_run_killed(tmp_path, ray_tmp):
+def test_ctrl_c_stops_pretraining_and_marks_the_run_killed(tmp_path, ray_tmp, train_dataset):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = start(["jobs.pretrain", *tiny_run(tmp_path, **{"train.steps": 5000})], ray_tmp)
+    proc = start(["jobs.pretrain", *tiny_run(tmp_path, train_dataset, **{"train.steps": 5000})], ray_tmp)
     text, seconds = interrupt_when(proc, "generalmodel.progress: step")
     assert proc.returncode == 130, text[-3000:]
     assert seconds < 30, seconds
@@ -106,14 +106,14 @@ resources: {num_workers: 1, cpus_per_worker: 0.5}
 """
 
 
-def test_ctrl_c_stops_a_sweep_and_marks_it_killed_for_a_rerun(tmp_path, ray_tmp):
+def test_ctrl_c_stops_a_sweep_and_marks_it_killed_for_a_rerun(tmp_path, ray_tmp, train_dataset):
     """Ray Tune catches SIGINT itself and returns from fit() as if the sweep were done: the job must
     not summarize, rank or register a half-run sweep."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     (tmp_path / "sweep.yaml").write_text(SWEEP)
-    args = tiny_run(tmp_path, **{"train.steps": 5000, "tracking.registered_model": "interrupted-sweep"})
+    args = tiny_run(tmp_path, train_dataset, **{"train.steps": 5000, "tracking.registered_model": "interrupted-sweep"})
     proc = start(["jobs.sweep", str(tmp_path / "sweep.yaml"), *args], ray_tmp)
     text, seconds = interrupt_when(proc, "started with configuration")
     assert proc.returncode == 130, text[-3000:]
@@ -127,10 +127,10 @@ def test_ctrl_c_stops_a_sweep_and_marks_it_killed_for_a_rerun(tmp_path, ray_tmp)
     assert not ray_processes(ray_tmp)
 
 
-def test_a_worker_error_is_one_line_and_its_traceback_goes_to_a_log_file(tmp_path, ray_tmp):
+def test_a_worker_error_is_one_line_and_its_traceback_goes_to_a_log_file(tmp_path, ray_tmp, train_dataset):
     from mlflow.tracking import MlflowClient
 
-    args = tiny_run(tmp_path, **{"train.steps": 20, "train.fail_at_step": 3, "ray.max_failures": 0})
+    args = tiny_run(tmp_path, train_dataset, **{"train.steps": 20, "train.fail_at_step": 3, "ray.max_failures": 0})
     proc = start(["jobs.pretrain", *args], ray_tmp, cwd=tmp_path)
     text, _ = proc.communicate(timeout=240)
     assert proc.returncode == 1, text[-3000:]

@@ -99,7 +99,7 @@ def test_pretrain_tracks_registers_and_samples(ray_cluster, s3_server, mlflow_se
     assert texts[0].startswith("Document") and len(texts[0]) > len("Document")
 
 
-def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, tmp_path):
+def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, train_dataset, tmp_path):
     """SIGKILL a Ray Train worker process mid-run: Ray Train restarts the worker group, which resumes
     from the last published checkpoint, and every step computed twice has its first loss (CPU:
     the same tokens, bit-identical)."""
@@ -113,6 +113,7 @@ def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, t
     common = {
         "storage.root": str(tmp_path), "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "train.steps": 40,
         "train.log_every": 1, "train.eval_every": 100, "train.checkpoint_every": 4,
+        "train.dataset": train_dataset,  # prepared once for the session (preparing is the test above's)
     }  # fmt: skip
     log = tmp_path / "killed.jsonl"
     cfg = load_config(overrides=tiny_overrides(
@@ -149,16 +150,17 @@ def test_a_killed_train_worker_resumes_on_the_exact_token(ray_cluster, corpus, t
     assert all(len(set(values)) == 1 for values in losses.values()), losses  # each its first loss
 
 
-def test_a_run_that_fails_for_good_is_marked_failed(ray_cluster, corpus, tmp_path):
+def test_a_run_that_fails_for_good_is_marked_failed(ray_cluster, corpus, train_dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(
         overrides=tiny_overrides(
             corpus,
-            **{"storage.root": str(tmp_path), "tracking.uri": uri, "train.fail_at_step": 3, "ray.max_failures": 0},
+            **{"storage.root": str(tmp_path), "tracking.uri": uri, "train.fail_at_step": 3, "ray.max_failures": 0,
+               "train.dataset": train_dataset},
         )
-    )
+    )  # fmt: skip
     with pytest.raises(
         RunFailed, match="training failed: RuntimeError: train.fail_at_step: injected failure at step 3"
     ):
