@@ -46,6 +46,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
+def spawn_ranks(fn, args: tuple, nprocs: int) -> None:
+    """`torch.multiprocessing.spawn(fn, args, nprocs)` with each rank forked from a forkserver that
+    imported torch and the training loop once per test process: a spawned rank starts a new Python
+    and imports them again (~2.5 s of CPU each, ~50 ranks a suite). A rank sets its own env."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "generalmodel.train.loop"])
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
 def train_worker_pids() -> list[int]:
     """The Ray Train worker processes this test process started (its descendants, through the Ray
     clusters it runs): a test that kills one never touches another test's run beside it (pytest -n)."""

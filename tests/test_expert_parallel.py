@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import spawn_ranks
 
 from models.moe import MoE
 
@@ -67,7 +68,7 @@ def two_ranks():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    spawn_ranks(_worker, (port, out), 2)
     return dict(out)
 
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from safetensors.torch import load_file
 from test_train import run, tiny
 
@@ -102,7 +103,7 @@ def four_ranks(train_dataset, tmp_path_factory):
         (name, config(train_dataset, root / where, **extra), fails) for name, (where, extra, fails) in runs.items()
     ]
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(free_port(), plans, out), nprocs=WORLD, join=True)
+    spawn_ranks(_rank, (free_port(), plans, out), WORLD)
     return {name: (*out[name], root / where) for name, (where, _, _) in runs.items()}
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import spawn_ranks
 
 from generalmodel.cli import parse_args
 from generalmodel.config import ConfigError
@@ -200,7 +201,7 @@ def test_each_tiny_preset_wraps_with_fsdp2_on_two_processes():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_fsdp_worker, args=(port, TINY, out), nprocs=2, join=True)
+    spawn_ranks(_fsdp_worker, (port, TINY, out), 2)
     assert sorted(out.keys()) == sorted(TINY)
     assert all(loss == loss and loss < 10 for loss in out.values())  # finite
 

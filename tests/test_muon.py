@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import spawn_ranks
 
 from generalmodel.cluster import free_port
 from generalmodel.config import OptimConfig
@@ -132,7 +133,7 @@ def test_fsdp2_sharded_update_equals_single_process():
     expected = _single_process()
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(free_port(), out), nprocs=2)
+        spawn_ranks(_worker, (free_port(), out), 2)
         got = dict(out)
     assert got.keys() == expected.keys()
     for name, value in expected.items():

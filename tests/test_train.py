@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import spawn_ranks
 
 from generalmodel.cluster import free_port
 from generalmodel.config import ConfigError, OptimConfig, load_config
@@ -298,7 +299,7 @@ def two_processes(cfg, counts: dict | None = None) -> dict:
     """The losses of rank 0 of a 2-process run; `counts` gets its number of gradient reduce-scatters."""
     manager = mp.Manager()
     out, shared = manager.dict(), manager.dict()
-    mp.spawn(_worker, args=(free_port(), cfg, out, shared), nprocs=2, join=True)
+    spawn_ranks(_worker, (free_port(), cfg, out, shared), 2)
     if counts is not None:
         counts.update(shared)
     return dict(out)
