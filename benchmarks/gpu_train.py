@@ -17,8 +17,9 @@ reference in the same process, and the model zoo.
    peak memory, and the ratios to the reference: tokens/s for gpt2-124m, MFU for the others. Then
    the host syncs per step outside log steps (CUDA's sync debug mode over two runs of 6 and 12
    steps that log only at the end), the SDPA backends (flash, efficient, cuDNN) timed on each
-   preset's attention shape, and FlexAttention against masked SDPA (global and a 256 window:
-   differences of outputs and gradients, time). Partial results are printed as they come.
+   preset's attention shape, and FlexAttention against masked SDPA (global, a 256 window and
+   packed documents — train.document_mask: differences of outputs and gradients, time). Partial
+   results are printed as they come.
 2. --zoo: for each of --presets the compiled model with the loss outside (or, --compile-loss,
    inside) the graph on random tokens: tokens/s, MFU (6·N + 12·L·d·T FLOPs per token against the
    card's dense bf16 peak), peak memory, the MFU ratio to the reference run in the same invocation.
@@ -364,52 +365,72 @@ def attention_table(presets: list[str], args) -> None:
         torch.cuda.empty_cache()
 
 
-def flex_table(args) -> None:
+def flex_table(args, device: str = "cuda", B: int = 8, T: int = 2048, repeats: int = 10) -> None:
     """FlexAttention (compiled, block masks) against SDPA with the same boolean mask, on q/k/v made
     as the model makes them (strided views of one projection): the largest output and gradient
-    differences, and fwd+bwd ms — global causal and a 256-token window, B=8, T=2048, 16/4 heads."""
+    differences, and fwd+bwd ms — global causal, a 256-token window, and packed documents
+    (train.document_mask: block-causal within documents of 64..960 tokens, per row), B=8, T=2048,
+    16/4 heads; plain causal SDPA (is_causal, the flash path) is the reference of every row."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from models.attention import flex_block_mask
+    from models.attention import Documents, flex_block_mask
     from models.cache import attention_mask
 
-    B, T, H, kv, d = 8, 2048, 16, 4, 64
-    print(f"\nFlexAttention vs SDPA (compiled, bf16, B={B} T={T} H={H}/{kv} d={d}), fwd+bwd ms:", flush=True)
+    H, kv, d = 16, 4, 64
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(f"\nFlexAttention vs SDPA (compiled, {dtype}, B={B} T={T} H={H}/{kv} d={d}), fwd+bwd ms:", flush=True)
     flex = torch.compile(lambda q, k, v, m: flex_attention(q, k, v, block_mask=m, enable_gqa=True))
-    for window in (None, 256):
-        x = torch.randn(B, T, H * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        y = torch.randn(B, T, 2 * kv * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        positions = torch.arange(T, device="cuda")[None]
-        mask = attention_mask(positions, positions, window)[0, 0]
-        block_mask = flex_block_mask(T, window, "cuda")
+    lengths = torch.randint(64, 961, (B, T // 64), generator=torch.Generator().manual_seed(0))
+    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(T // 64), n)[:T] for n in lengths]).to(device)
+    documents = Documents.of(doc_ids)
+    positions = torch.arange(T, device=device)[None]
+    cases = {
+        "causal": (attention_mask(positions, positions, None)[0, 0], flex_block_mask(T, None, device)),
+        "window 256": (attention_mask(positions, positions, 256)[0, 0], flex_block_mask(T, 256, device)),
+        "documents": (documents.mask(None), documents.block_mask(None)),
+    }
+    for case, (mask, block_mask) in cases.items():
+        x = torch.randn(B, T, H * d, device=device, dtype=dtype, requires_grad=True)
+        y = torch.randn(B, T, 2 * kv * d, device=device, dtype=dtype, requires_grad=True)
 
         def run(which, x=x, y=y, mask=mask, block_mask=block_mask):
             q = x.view(B, T, H, d).transpose(1, 2)
             k, v = y.view(B, T, 2, kv, d).permute(2, 0, 3, 1, 4)
             if which == "flex":
                 return flex(q, k, v, block_mask)
+            if which == "causal sdpa":
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
         results, times = {}, {}
-        for which in ("sdpa", "flex"):
+        for which in ("sdpa", "flex", "causal sdpa"):
             x.grad = y.grad = None
             out = run(which)
             out.float().square().mean().backward()
             results[which] = (out.detach().float(), x.grad.float(), y.grad.float())
-            for i in range(13):
+            for i in range(repeats + 3):
                 if i == 3:
-                    torch.cuda.synchronize()
+                    _sync(device)
                     t0 = time.perf_counter()
                 run(which).sum().backward()
-            torch.cuda.synchronize()
-            times[which] = (time.perf_counter() - t0) / 10 * 1e3
-        diffs = [(a - b).abs().max().item() / b.abs().max().item() for a, b in zip(*results.values(), strict=True)]
+            _sync(device)
+            times[which] = (time.perf_counter() - t0) / repeats * 1e3
+        diffs = [
+            (a - b).abs().max().item() / b.abs().max().item()
+            for a, b in zip(results["flex"], results["sdpa"], strict=True)
+        ]
         print(
-            f"  window {window or 'none (causal)'}: sdpa {times['sdpa']:.2f}  flex {times['flex']:.2f} "
-            f"({times['sdpa'] / times['flex']:.2f}x)  relative max difference out {diffs[0]:.1e}, "
-            f"grads {diffs[1]:.1e} / {diffs[2]:.1e}",
+            f"  {case}: masked sdpa {times['sdpa']:.2f}  flex {times['flex']:.2f} "
+            f"({times['sdpa'] / times['flex']:.2f}x)  causal sdpa {times['causal sdpa']:.2f} "
+            f"(flex {times['causal sdpa'] / times['flex']:.2f}x of it)  relative max difference flex-sdpa out "
+            f"{diffs[0]:.1e}, grads {diffs[1]:.1e} / {diffs[2]:.1e}",
             flush=True,
         )
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _forget(device: str) -> None:
