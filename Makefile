@@ -21,8 +21,8 @@ lint: install
 	.venv/bin/ruff format --check .
 
 # TEST_WORKERS=N runs N pytest workers (pytest-xdist; a file's tests stay on one worker, each
-# worker starts its own services; 0: one process). On this 2-core box 2 workers took 19.7-22.1 min
-# against 24 serially (the e2e tests wait on Ray's control plane a third of the time).
+# worker starts its own services; 0: one process). On this 2-core box 2 workers took 21.3-21.9 min
+# (2026-12-06) against 24 serially; the suite is CPU-bound there (docs/testing.md).
 TEST_WORKERS ?= 2
 # The S3 server (Ceph RGW) from Debian when this is a Debian/Ubuntu machine and we are root;
 # elsewhere the S3 tests are skipped and the run ends with a banner naming them.

@@ -20,7 +20,7 @@ from generalmodel.cluster import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 # Ray Train's preemption watcher (a polling actor per run, for spot/cloud nodes) has nothing to
-# watch on this machine; off, each of the suite's ~40 training runs starts one Python process less.
+# watch on this machine; off, each of the suite's ~20 Ray Train runs starts one Python process less.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 S3_KEY, S3_SECRET = "gm-test-key", "gm-test-secret"
 # Fixtures that start a service; a test that needs one (even through another fixture) is an
