@@ -72,6 +72,7 @@ class Documents:
 
     ids: torch.Tensor
     pos: torch.Tensor
+    _masks: dict = field(default_factory=dict, repr=False)  # window → SDPA mask, made once per batch
     _flex: dict = field(default_factory=dict, repr=False)  # window → block mask, made once per batch
 
     @classmethod
@@ -84,9 +85,12 @@ class Documents:
         return cls(ids, index - first)
 
     def mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, T, T) bool: the query sees a key of its own document at or before it (within the window)."""
-        same = self.ids[:, None, :, None] == self.ids[:, None, None, :]
-        return same & attention_mask(self.pos, self.pos, window)
+        """(B, 1, T, T) bool: the query sees a key of its own document at or before it (within the
+        window). Made once per window and batch, not once per layer."""
+        if window not in self._masks:
+            same = self.ids[:, None, :, None] == self.ids[:, None, None, :]
+            self._masks[window] = same & attention_mask(self.pos, self.pos, window)
+        return self._masks[window]
 
     def block_mask(self, window: int | None):
         """FlexAttention's block mask of these rows (causal within each document and the window)."""

@@ -377,11 +377,15 @@ class Decoder(nn.Module):
         return self.unembed(x)
 
     def _documents(self, docs: torch.Tensor) -> Documents:
+        """The rows' documents with every layer's mask made here, once a batch (one per window),
+        not in each layer (nor inside a compiled block)."""
         documents = Documents.of(docs)
-        for block in self.blocks:  # flex block masks made here, once a batch, not inside a compiled block
+        for block in self.blocks:
             flex = getattr(block.attn, "flex", None)
-            if flex is not None and flex[0] == docs.shape[1]:
+            if flex is not None and flex[0] == docs.shape[1] and not block.attn.eager:
                 documents.block_mask(block.attn.window)
+            else:
+                documents.mask(block.attn.window)
         return documents
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
