@@ -36,7 +36,7 @@ def main(cfg: Config) -> dict:
 
 
 def cli() -> None:
-    run_job(main, Config, __doc__, sections=RUN_SECTIONS)
+    run_job(main, Config, __doc__, sections=(*RUN_SECTIONS, "mixture"))
 
 
 if __name__ == "__main__":

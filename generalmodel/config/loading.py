@@ -133,6 +133,13 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, cls: type) -> None:
         if i == len(parts) - 1:
             node[part] = value
             return
+        if i == len(parts) - 2 and typing.get_origin(fields[part]) is dict:
+            # one entry of a mapping field (mixture.weights.web=0.7): over its default's entries
+            entries = node.get(part)
+            if not isinstance(entries, dict):
+                entries = node[part] = dict(_default(model, part) or {})
+            entries[parts[-1]] = value
+            return
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])} must be a mapping")
@@ -140,6 +147,13 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, cls: type) -> None:
         if sub is None:
             raise ConfigError(f"unknown key {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node, model = child, sub
+
+
+def _default(model: type, name: str) -> Any:
+    if issubclass(model, BaseModel):
+        return model.model_fields[name].get_default(call_default_factory=True)
+    field = model.__dataclass_fields__[name]
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def _check_keys(tree: dict[str, Any], model: type, prefix: str) -> None:

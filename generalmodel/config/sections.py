@@ -381,6 +381,87 @@ class TrainConfig(Section):
         return self
 
 
+class MixtureStage(Section):
+    """A later stage of a mixture: its weights from a step or a token count of the run on."""
+
+    weights: dict[str, float] = Field(description="Dataset name -> weight (relative; a name left out weighs 0).")
+    start_step: int | None = Field(None, gt=0, description="The stage starts at this optimizer step.")
+    start_tokens: int | None = Field(None, gt=0, description="The stage starts after this many training tokens.")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> MixtureStage:
+        if (self.start_step is None) == (self.start_tokens is None):
+            raise ValueError("a stage starts at start_step or at start_tokens (exactly one of them)")
+        return self
+
+    @property
+    def start(self) -> tuple[str, int]:
+        return ("step", self.start_step) if self.start_step is not None else ("tokens", self.start_tokens)
+
+
+class MixtureConfig(Section):
+    """Several prepared datasets read as one stream (one tokenizer and row length), in proportions that
+    may change by stage: a curriculum, e.g. an annealing stage that up-weights curated data at the end.
+    Each worker reads only its rows of each dataset; the stream is a function of train.seed and the
+    stages, so a run resumes exactly mid-stage and at another world size."""
+
+    datasets: dict[str, str] = Field(
+        default_factory=dict,
+        description="Name -> prepared dataset URI (relative names live under storage.root), e.g. "
+        "{web: datasets/web, books: datasets/books}; empty: no mixture (train.dataset or the data section's).",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="The first stage's weights, name -> weight (relative; a name left out weighs 0); "
+        "empty: equal weights.",
+    )
+    stages: list[MixtureStage] = Field(
+        default_factory=list,
+        description="Later stages in order, each {weights: {...}, start_step: N} or {..., start_tokens: N}.",
+    )
+    exhausted: Literal["repeat", "error"] = Field(
+        "repeat",
+        description="A dataset whose train rows are all used: repeat it (a new epoch in a new order, counted "
+        "per dataset) or stop the run with an error naming it.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MixtureConfig:
+        if not self.datasets:
+            if self.weights or self.stages:
+                raise ValueError("mixture.weights and mixture.stages need mixture.datasets")
+            return self
+        for name in self.datasets:
+            if not name or not all(c.isalnum() or c in "_-" for c in name):
+                raise ValueError(f"mixture dataset name {name!r}: use letters, digits, '_' and '-' (it names metrics)")
+        stages = [("mixture.weights", self.weights or dict.fromkeys(self.datasets, 1.0))]
+        stages += [(f"mixture.stages[{i}].weights", s.weights) for i, s in enumerate(self.stages)]
+        for where, weights in stages:
+            unknown = sorted(set(weights) - set(self.datasets))
+            if unknown:
+                raise ValueError(f"{where}: {unknown[0]!r} is not in mixture.datasets ({', '.join(self.datasets)})")
+            bad = {k: w for k, w in weights.items() if not w >= 0 or w == float("inf")}
+            if bad:
+                raise ValueError(f"{where}: weight {bad} must be a finite number >= 0")
+            if sum(weights.values()) <= 0:
+                raise ValueError(f"{where}: the weights are all zero; at least one dataset needs a weight > 0")
+        units = {s.start[0] for s in self.stages}
+        if len(units) > 1:
+            raise ValueError("mixture.stages: give every stage's start in the same unit (start_step or start_tokens)")
+        starts = [s.start[1] for s in self.stages]
+        if any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+            raise ValueError(f"mixture.stages: the starts {starts} must increase, stage after stage")
+        return self
+
+    def stage_weights(self) -> list[dict[str, float]]:
+        """Each stage's weights over every dataset (in mixture.datasets order), normalised to sum to 1."""
+        out = []
+        for weights in [self.weights or dict.fromkeys(self.datasets, 1.0), *(s.weights for s in self.stages)]:
+            total = sum(weights.values())
+            out.append({name: weights.get(name, 0.0) / total for name in self.datasets})
+        return out
+
+
 class DpoConfig(Section):
     """Direct preference optimisation (the objective of a preference dataset; jobs/dpo.py)."""
 
@@ -498,9 +579,19 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     dpo: DpoConfig = DpoConfig()
     rl: RlConfig = RlConfig()
+    mixture: MixtureConfig = MixtureConfig()
     # The model keys the preset and overrides gave (load_config): what train.init_from checks.
     _model_keys: frozenset[str] = PrivateAttr(default=frozenset())
 
     @property
     def explicit_model_keys(self) -> frozenset[str]:
         return self._model_keys
+
+    @model_validator(mode="after")
+    def _one_training_set(self) -> Config:
+        if self.mixture.datasets and self.train.dataset:
+            raise ValueError(
+                "train.dataset and mixture.datasets both name what to train on: give one (a mixture of one "
+                "dataset is mixture.datasets={NAME: URI})"
+            )
+        return self

@@ -95,6 +95,15 @@ class TokenDataset:
                 )
         return ds
 
+    @property
+    def uri(self) -> str:
+        return self.loc.uri
+
+    @property
+    def parts(self) -> dict[str, TokenDataset]:
+        """The published datasets it reads, by name (a mixture has several)."""
+        return {"dataset": self}
+
     def tokenizer_json(self) -> str:
         return self.loc.join(self.manifest["tokenizer"]["path"]).read_bytes().decode()
 
@@ -273,7 +282,11 @@ class TokenLoader:
         start = self.rows_consumed + self.rank * self.batch_size
         rows = self._stream_rows(start, start + self.batch_size)
         self.rows_consumed += self.global_batch
-        return {name: _tensor(name, column) for name, column in rows.items()}
+        return {name: batch_tensor(name, column) for name, column in rows.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """What a log step reports about the position (a mixture: per dataset; one dataset: nothing)."""
+        return {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -292,6 +305,13 @@ class TokenLoader:
         self._window_starts = np.concatenate([[0], np.cumsum(sizes)])
         self._windows.clear()
         self._plan_epoch = self.epoch
+
+    def stream_rows(self, epoch: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of epoch `epoch`'s stream, by column, whatever the loader's position (a
+        mixture reads each dataset's stream this way); the position moves to that epoch."""
+        if epoch != self.epoch:
+            self.epoch, self.rows_consumed = epoch, 0
+        return self._stream_rows(lo, hi)
 
     def _stream_rows(self, lo: int, hi: int) -> dict[str, np.ndarray]:
         """Rows [lo, hi) of the current epoch's stream, by column."""
@@ -325,7 +345,7 @@ class TokenLoader:
         return rows
 
 
-def _tensor(name: str, column: np.ndarray) -> torch.Tensor:
+def batch_tensor(name: str, column: np.ndarray) -> torch.Tensor:
     if name.endswith("mask"):
         return torch.from_numpy(column.astype(bool))
     if np.issubdtype(column.dtype, np.floating):

@@ -10,6 +10,7 @@ end-of-sequence token is required (it separates documents and stops generation).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -78,10 +79,18 @@ def load_tokenizer(text: str, where: str) -> Tokenizer:
 
 
 def read_tokenizer_file(loc, what: str) -> tuple[str, str]:
-    """(tokenizer JSON, where) of a `tokenizer.json` location, or of a directory holding one (a
-    Hugging Face model or tokenizer directory)."""
-    if not loc.path.rstrip("/").endswith(".json") and loc.join("tokenizer.json").exists():
-        loc = loc.join("tokenizer.json")
+    """(tokenizer JSON, where) of a `tokenizer.json` location, of a directory holding one (a
+    Hugging Face model or tokenizer directory), or of a prepared dataset (the tokenizer its
+    manifest names: another corpus tokenized alike, e.g. for a mixture)."""
+    if not loc.path.rstrip("/").endswith(".json"):
+        manifest = loc.join("manifest.json")
+        if manifest.exists():
+            try:
+                loc = loc.join(json.loads(manifest.read_bytes())["tokenizer"]["path"])
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{what} {manifest.uri!r}: not a dataset manifest naming its tokenizer") from None
+        elif loc.join("tokenizer.json").exists():
+            loc = loc.join("tokenizer.json")
     if not loc.exists():
         raise UserError(f"{what} {loc.uri!r}: no such file (a tokenizer.json, or a directory holding one)")
     return loc.read_bytes().decode(), loc.uri

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
@@ -57,6 +57,7 @@ class RunLayout:
     ray_results: str
     sweeps: str
     reference: str | None = None  # DPO: the reference's log-probs beside the dataset (post.reference)
+    mixture: dict[str, str] = field(default_factory=dict)  # mixture.datasets: name → URI ({}: none)
 
     @classmethod
     def of(cls, cfg: Config) -> RunLayout:
@@ -70,6 +71,7 @@ class RunLayout:
             checkpoints=under_root(checkpoints, storage),
             ray_results=under_root("ray-results", storage),
             sweeps=under_root(SWEEPS, storage),
+            mixture={name: under_root(uri, storage) for name, uri in cfg.mixture.datasets.items()},
         )
 
     @property

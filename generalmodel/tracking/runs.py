@@ -55,7 +55,8 @@ def log_config(
         **(lineage or {}),
     }
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    log_dataset_input(client, run_id, dataset.loc.uri, dataset.manifest_sha256)
+    for part in dataset.parts.values():  # a mixture's datasets, each an input
+        log_dataset_input(client, run_id, part.uri, part.manifest_sha256)
     client.log_text(run_id, yaml.safe_dump(dump_config(cfg), sort_keys=False), "config.yaml")
 
 

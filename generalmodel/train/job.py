@@ -66,7 +66,7 @@ def tracked_fit(cfg: Config, uri: str, data, init: InitSource | None, run: Calla
 
 def register_trained(cfg: Config, uri: str, run_id: str, layout: RunLayout, data, lineage: dict[str, str]) -> Trained:
     """Log the exported model to the run and register it, its version tagged with its lineage
-    and its data (`data.loc.uri`, `data.manifest_sha256`)."""
+    and its data (`data.uri`, `data.manifest_sha256`)."""
     metrics = final_metrics(uri, run_id)
     if "loss" not in metrics:  # never register a model that trained no step
         end_failed_run()
@@ -74,7 +74,7 @@ def register_trained(cfg: Config, uri: str, run_id: str, layout: RunLayout, data
     export_dir = download_export(layout.export, layout.storage)
     lineage = {
         **lineage,
-        "dataset": data.loc.uri,
+        "dataset": data.uri,
         "dataset_sha256": data.manifest_sha256,
         "run_name": cfg.train.run_name,
     }

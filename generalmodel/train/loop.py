@@ -26,6 +26,7 @@ import torch
 
 from generalmodel.config import Config
 from generalmodel.data.loader import TokenDataset, TokenLoader
+from generalmodel.data.mixture import MixedDataset, MixtureLoader
 from generalmodel.data.tokenizer import eos_id, load_tokenizer
 from generalmodel.storage import RunLayout
 from generalmodel.train.core import (
@@ -57,34 +58,57 @@ def train(
     layout = layout or RunLayout.of(cfg)
     env = setup_distributed(cfg)
     check_fp8(cfg, env)  # before anything is read or built
-    ds = TokenDataset.open(layout.dataset, layout.storage)
-    check_compatible(cfg, ds)
+    ds = open_training_data(cfg, layout)
     if layout.reference is not None:  # DPO: the reference's log-probs, computed beside the dataset
         ds.attach_published(layout.reference, layout.storage)
-    loader = TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
-    val_loader = TokenLoader(ds, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
+    loader = training_loader(cfg, ds, env)
+    val_loaders = {
+        name: TokenLoader(part, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
+        for name, part in ds.parts.items()
+    }
     run = TrainingRun(cfg, report, layout, init, loader, ds.manifest_sha256, ds.tokenizer_json, ds.seq_len, env)
-    separator = eos_id(load_tokenizer(ds.tokenizer_json(), ds.loc.uri)) if cfg.train.document_mask else None
+    separator = eos_id(load_tokenizer(ds.tokenizer_json(), ds.uri)) if cfg.train.document_mask else None
     objective = objective_for(
         ds.format, cfg.dpo, _online_reference(cfg, ds, env, init), cfg.train.loss_chunk, separator
     )
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    step = TokenStep(run, objective, loader, val_loader, 2 if ds.format == "preference" else 1)
+    step = TokenStep(run, objective, loader, val_loaders, 2 if ds.format == "preference" else 1)
 
     def close() -> None:
-        loader.close()
-        val_loader.close()
+        for each in (loader, *val_loaders.values()):
+            each.close()
 
     return run.run(step, close)
+
+
+def open_training_data(cfg: Config, layout: RunLayout) -> TokenDataset | MixedDataset:
+    """What the run trains on, checked against the model: the mixture's datasets, else one dataset."""
+    if layout.mixture:
+        ds = MixedDataset.open(layout.mixture, layout.storage)
+    else:
+        ds = TokenDataset.open(layout.dataset, layout.storage)
+    for part in ds.parts.values():
+        check_compatible(cfg, part)
+    return ds
+
+
+def training_loader(cfg: Config, ds: TokenDataset | MixedDataset, env: Dist) -> TokenLoader | MixtureLoader:
+    """This rank's training batches: the mixed stream of a mixture, else the dataset's stream."""
+    if isinstance(ds, MixedDataset):
+        rows_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
+        return MixtureLoader(
+            ds, cfg.mixture, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed, rows_per_step
+        )
+    return TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
 
 
 class TokenStep:
     """One optimizer step of a dataset-driven objective (next token, SFT, DPO): gradient
     accumulation with one reduce-scatter per step, the metrics of log steps, evaluation."""
 
-    def __init__(self, run: TrainingRun, objective, loader: TokenLoader, val_loader: TokenLoader, per_row: int):
-        self.run, self.objective, self.loader, self.val_loader = run, objective, loader, val_loader
+    def __init__(self, run: TrainingRun, objective, loader, val_loaders: dict[str, TokenLoader], per_row: int):
+        self.run, self.objective, self.loader, self.val_loaders = run, objective, loader, val_loaders
         cfg, env = run.cfg, run.env
         # A preference pair is two sequences.
         self.tokens_per_step = (
@@ -111,7 +135,7 @@ class TokenStep:
             metrics.update(self.log_metrics(done, lr, grad_norm, routing, skipped), loss=means[0], **stats)
         if eval_step:
             metrics.update(
-                step=done, **evaluate(run.model, self.val_loader, cfg, run.env, run.autocast, self.objective)
+                step=done, **evaluate(run.model, self.val_loaders, cfg, run.env, run.autocast, self.objective)
             )
         return metrics
 
@@ -150,6 +174,7 @@ class TokenStep:
             "tokens_per_s": tok_s,
             "tokens": done * self.tokens_per_step,
             "skipped_steps": skipped,
+            **self.loader.metrics(),
             **{k: v.item() for k, v in routing.items()},
             "eta_s": (run.steps - done) * elapsed / self.window_steps,
             "elapsed_s": run.elapsed(),
@@ -167,21 +192,21 @@ class TokenStep:
 def check_compatible(cfg: Config, ds: TokenDataset) -> None:
     if ds.vocab_size != cfg.model.vocab_size:
         raise TrainingError(
-            f"dataset {ds.loc.uri} has vocab_size {ds.vocab_size}, model.vocab_size is {cfg.model.vocab_size}: "
+            f"dataset {ds.uri} has vocab_size {ds.vocab_size}, model.vocab_size is {cfg.model.vocab_size}: "
             f"set --model.vocab_size={ds.vocab_size}"
         )
     if ds.seq_len > cfg.model.max_seq_len:
         raise TrainingError(
-            f"dataset {ds.loc.uri} has seq_len {ds.seq_len}, above model.max_seq_len={cfg.model.max_seq_len}"
+            f"dataset {ds.uri} has seq_len {ds.seq_len}, above model.max_seq_len={cfg.model.max_seq_len}"
         )
     if cfg.train.document_mask and ds.format == "preference":
         raise TrainingError(
-            f"train.document_mask is for packed rows (data.format text or chat); dataset {ds.loc.uri} holds "
+            f"train.document_mask is for packed rows (data.format text or chat); dataset {ds.uri} holds "
             "preference pairs, one sequence per row"
         )
     if cfg.train.document_mask and ds.format == "chat" and "docs" not in ds.columns:
         raise TrainingError(
-            f"train.document_mask: dataset {ds.loc.uri} was prepared without the conversations' document ids "
+            f"train.document_mask: dataset {ds.uri} was prepared without the conversations' document ids "
             "(the docs column); prepare it again (--data.overwrite=true)"
         )
 
@@ -208,10 +233,24 @@ def _online_reference(cfg: Config, ds: TokenDataset, env: Dist, init: Init | Non
 
 
 @torch.no_grad()
-def evaluate(model, loader: TokenLoader, cfg: Config, env: Dist, autocast, objective) -> dict[str, float]:
-    """The objective's loss and statistics over the first train.eval_batches batches of the val
-    split (the same ones every time), averaged over all their units on all ranks: val_loss, val_*."""
+def evaluate(model, loaders: dict[str, TokenLoader], cfg: Config, env: Dist, autocast, objective) -> dict[str, float]:
+    """The objective's loss and statistics over the first train.eval_batches batches of each val
+    split (the same ones every time), averaged over all their units on all ranks: val_loss, val_*;
+    with several datasets (a mixture), each one's val_loss_NAME too."""
     model.eval()
+    sums = {name: _eval_sums(model, loader, cfg, env, autocast, objective) for name, loader in loaders.items()}
+    model.train()
+    names = ("loss", *objective.stats)
+    count, *values = sum_across_ranks(torch.stack(list(sums.values())).sum(0)).tolist()
+    metrics = {f"val_{name}": v / max(count, 1) for name, v in zip(names, values, strict=True)}
+    if len(sums) > 1:
+        per_dataset = sum_across_ranks(torch.stack([s[:2] for s in sums.values()])).tolist()
+        metrics.update({f"val_loss_{name}": v / max(n, 1) for name, (n, v) in zip(sums, per_dataset, strict=True)})
+    return metrics
+
+
+def _eval_sums(model, loader: TokenLoader, cfg: Config, env: Dist, autocast, objective) -> torch.Tensor:
+    """[units, loss sum, statistic sums...] over this rank's eval batches of one val split."""
     loader.rewind()
     sums = torch.zeros(2 + len(objective.stats), device=env.device)
     count = 0.0
@@ -221,6 +260,4 @@ def evaluate(model, loader: TokenLoader, cfg: Config, env: Dist, autocast, objec
         loss, stats = objective.loss(model, _to(host_batch, env.device), autocast)
         sums[1:] += torch.stack([loss, *(stats[k] for k in objective.stats)])
     sums[0] = count
-    model.train()
-    count, *values = sum_across_ranks(sums).tolist()
-    return {f"val_{name}": v / max(count, 1) for name, v in zip(("loss", *objective.stats), values, strict=True)}
+    return sums

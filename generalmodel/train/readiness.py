@@ -16,13 +16,15 @@ from generalmodel.train.loop import check_compatible
 
 def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = None) -> tuple[Config, Any]:
     """(cfg, the run's TokenDataset): the dataset prepared with Ray Data first when train.dataset
-    is not given and the data section's output is missing; `model.vocab_size` follows the
-    dataset's tokenizer unless the config sets it. Needs a Ray session. With `init` (the loaded
+    is not given and the data section's output is missing — or, with mixture.datasets, a
+    MixedDataset of those (published already: a mixture prepares nothing); `model.vocab_size`
+    follows the dataset's tokenizer unless the config sets it. Needs a Ray session. With `init` (the loaded
     train.init_from), the dataset must be tokenized with its tokenizer."""
     from generalmodel.data.loader import TokenDataset
     from generalmodel.data.prepare import build_dataset, describe, plan_dataset
-    from generalmodel.train.init_from import check_tokenizer
 
+    if layout.mixture:
+        return _checked(cfg, open_mixture(layout), init)
     uri, storage = layout.dataset, layout.storage
     exists = resolve(uri, storage).join(MANIFEST).exists()
     changed = exists and not cfg.train.dataset and source_changed(cfg, TokenDataset.open(uri, storage).manifest)
@@ -36,13 +38,32 @@ def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = Non
             raise UserError(f"train.dataset {uri} is not a published dataset (no {MANIFEST})")
         print(f"dataset {uri} is {'stale' if changed else 'missing'}: preparing it")
         print(describe(build_dataset(plan_dataset(cfg, layout)), uri))
-    ds = TokenDataset.open(uri, storage)
+    return _checked(cfg, TokenDataset.open(uri, storage), init)
+
+
+def open_mixture(layout: RunLayout):
+    """The mixture's datasets, all published already (a mixture prepares nothing: each dataset is
+    prepared on its own, with one tokenizer)."""
+    from generalmodel.data.mixture import MixedDataset
+
+    ds = MixedDataset.open(layout.mixture, layout.storage)
+    if ds.format == "preference":
+        raise UserError(f"{ds.uri}: preference pairs are not mixed (DPO reads one dataset: train.dataset)")
+    return ds
+
+
+def _checked(cfg: Config, ds, init: InitSource | None) -> tuple[Config, Any]:
+    """The dataset (or mixture) against train.init_from's tokenizer and the model; the model's
+    vocabulary follows the dataset's unless the config sets it."""
+    from generalmodel.train.init_from import check_tokenizer
+
     if init is not None:
-        check_tokenizer(init, ds.tokenizer_json(), uri)
+        check_tokenizer(init, ds.tokenizer_json(), ds.uri)
     if "vocab_size" not in cfg.explicit_model_keys and cfg.model.vocab_size != ds.vocab_size:
         model = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size)
         cfg = cfg.model_copy(update={"model": model})  # keeps the explicit keys (a private attribute)
-    check_compatible(cfg, ds)
+    for part in ds.parts.values():
+        check_compatible(cfg, part)
     return cfg, ds
 
 
