@@ -30,10 +30,11 @@ def test_every_sweep_file_validates(path):
     for key, dist in sweep.search.items():
         for value in end_values(dist):  # each end of each distribution builds a valid trial config
             cfg = trial_config(sweep, {key: value}, {})
-            section, _, field = key.partition(".")
             if key != "model.preset":
-                expected = pytest.approx(value) if isinstance(value, float) else value
-                assert getattr(getattr(cfg, section), field) == expected
+                node = cfg
+                for part in key.split("."):  # a section's field, or an entry of a mapping field
+                    node = node[part] if isinstance(node, dict) else getattr(node, part)
+                assert node == (pytest.approx(value) if isinstance(value, float) else value)
     assert set(param_space(sweep)) == set(sweep.search)
     search_algorithm(sweep)
     assert base.train.steps > sweep.scheduler.grace_period

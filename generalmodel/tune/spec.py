@@ -37,7 +37,7 @@ TUNE_METRICS = ("val_loss", "loss")
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Sections a trial may vary. The dataset is prepared once per sweep; where runs go and how they
 # reach Ray and MLflow is the sweep's business, not a trial's.
-SEARCHABLE_SECTIONS = ("model", "optim", "train")
+SEARCHABLE_SECTIONS = ("model", "optim", "train", "mixture")
 # Set per trial by the sweep; searching them would break checkpoints, resume or naming.
 RESERVED_KEYS = ("train.run_name", "train.checkpoint_dir", "train.resume", "train.metrics_log", "train.dataset")
 
@@ -100,9 +100,10 @@ class Sweep(Section):
     @field_validator("metric")
     @classmethod
     def _reported(cls, v: str) -> str:
-        if v not in TUNE_METRICS:
+        if v not in TUNE_METRICS and not v.startswith("val_loss_"):
             raise ValueError(
-                f"{v!r} is never reported by a trial; trials report {', '.join(TUNE_METRICS)} at each evaluation"
+                f"{v!r} is never reported by a trial; trials report {', '.join(TUNE_METRICS)} at each evaluation "
+                "(and val_loss_NAME for each dataset NAME of a mixture)"
             )
         return v
 
@@ -229,6 +230,11 @@ def check_against_config(sweep: Sweep, path: Path) -> Config:
         base = build({})
     except ConfigError as e:
         raise SweepError(f"sweep {str(path)!r}, base config: {e}") from None
+    if sweep.metric.startswith("val_loss_") and sweep.metric[len("val_loss_") :] not in base.mixture.datasets:
+        raise SweepError(
+            f"sweep {str(path)!r}: metric {sweep.metric!r} is never reported: val_loss_NAME is a mixture's, and "
+            f"mixture.datasets names {', '.join(base.mixture.datasets) or 'no dataset'}"
+        )
     for key, dist in sweep.search.items():
         section = key.split(".")[0]
         if key in RESERVED_KEYS or (section in Config.model_fields and section not in SEARCHABLE_SECTIONS):
