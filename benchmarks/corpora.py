@@ -37,9 +37,13 @@ def shakespeare_dir() -> Path:
     return out
 
 
-def prepared(corpus: str, seq_len: int, vocab_size: int) -> str:
-    """The dataset directory of `corpus` at this tokenizer size and row length (prepared if missing)."""
-    if corpus == "sotu" and (seq_len, vocab_size) == (256, 8192):
+def prepared(corpus: str, seq_len: int, vocab_size: int, tokenizer: str | None = None) -> str:
+    """The dataset directory of `corpus` at this tokenizer size and row length (prepared if missing);
+    `tokenizer`: another corpus's (its tokenizer, trained at vocab_size), for a mixture of both."""
+    if tokenizer is not None:
+        lender = prepared(tokenizer, seq_len, vocab_size)
+        output = STORE / f"store/datasets/{corpus}-v{vocab_size}-s{seq_len}-tok-{tokenizer}"
+    elif corpus == "sotu" and (seq_len, vocab_size) == (256, 8192):
         output = STORE / "store/datasets/sotu"  # what `make prepare-data` writes
     else:
         output = STORE / f"store/datasets/{corpus}-v{vocab_size}-s{seq_len}"
@@ -57,6 +61,7 @@ def prepared(corpus: str, seq_len: int, vocab_size: int) -> str:
                 "data.vocab_size": vocab_size,
                 "data.seq_len": seq_len,
                 "data.val_fraction": 0.05 if corpus == "shakespeare" else 0.02,
+                **({"data.tokenizer": lender} if tokenizer is not None else {}),
             }
         )
     )
