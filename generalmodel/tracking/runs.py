@@ -26,7 +26,11 @@ def start_run(cfg: Config, dataset, code_version: dict[str, str], lineage: dict[
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     run = mlflow.start_run(run_name=cfg.train.run_name, log_system_metrics=True)
-    log_config(run.info.run_id, cfg, dataset, code_version, lineage)
+    try:
+        log_config(run.info.run_id, cfg, dataset, code_version, lineage)
+    except BaseException:  # the run must not stay active (and RUNNING) for the next one
+        mlflow.end_run("FAILED")
+        raise
     return run.info.run_id
 
 
@@ -34,7 +38,8 @@ def log_config(
     run_id: str, cfg: Config, dataset, code_version: dict[str, str], lineage: dict[str, str] | None = None
 ) -> None:
     """The resolved config as params and config.yaml (secrets masked), versions as tags, the
-    dataset (a TokenDataset) as the run's input, and `lineage` tags (the model it started from)."""
+    dataset as the run's inputs (`dataset.parts`: a TokenDataset, a mixture's datasets, RL's
+    prompts; each with `uri` and `manifest_sha256`), and `lineage` tags (the model it started from)."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 

@@ -46,16 +46,14 @@ class PromptSet:
     heldout: list[Prompt]
     sha256: str
 
-    # What MLflow's dataset input and the checkpoint manifests read (a TokenDataset's names).
+    # What MLflow's dataset inputs and the checkpoint manifests read (a TokenDataset's names).
     @property
     def manifest_sha256(self) -> str:
         return self.sha256
 
     @property
-    def loc(self):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(uri=self.uri)
+    def parts(self) -> dict[str, PromptSet]:
+        return {"prompts": self}
 
     def step_prompts(self, step: int, count: int, seed: int) -> list[int]:
         """Indices into `train` of step `step`'s `count` prompts."""
