@@ -90,6 +90,10 @@ def _secret(value: str | None) -> SecretStr | None:
     return SecretStr(value) if value else None
 
 
+# Names of generalmodel.data.quality.FILTERS (the config is checked before the data layer is imported).
+QUALITY_FILTERS = ("gopher_quality", "gopher_repetition", "c4")
+
+
 class DataConfig(Section):
     """Corpus preparation: source → tokenizer → packed Parquet shards + manifest."""
 
@@ -153,6 +157,41 @@ class DataConfig(Section):
         description="chat/preference: rows with the same value of this field land in the same split (e.g. a "
         "source document id, for a held-out split by document); default: each row by its content.",
     )
+    dedup: Literal["none", "exact", "near"] = Field(
+        "none",
+        description="text: drop duplicate documents across the whole corpus (the first is kept): exact (the same "
+        "text up to case, punctuation and spacing) or near (exact, and MinHash-LSH near duplicates).",
+    )
+    dedup_threshold: float = Field(
+        0.75, gt=0, le=1, description="near: the estimated Jaccard similarity (of word shingles) that is a duplicate."
+    )
+    dedup_ngram: int = Field(5, gt=0, description="near: words per shingle.")
+    dedup_num_perm: int = Field(128, ge=16, description="near: MinHash permutations (precision vs memory).")
+    filters: Strings = Field(
+        default_factory=list,
+        description="text: heuristic quality filters a document must pass: gopher_quality, gopher_repetition, c4.",
+    )
+    decontaminate: Strings = Field(
+        default_factory=list,
+        description="text: evaluation files (.jsonl: every string of every row; or text) whose word n-grams a "
+        "training document must not share (e.g. a HellaSwag-format task file).",
+    )
+    decontaminate_ngram: int = Field(13, gt=0, description="Words per n-gram of decontamination.")
+    removed_samples: int = Field(3, ge=0, description="Removed documents kept in the manifest per reason.")
+
+    @field_validator("filters")
+    @classmethod
+    def _known_filters(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in QUALITY_FILTERS]
+        if unknown:
+            raise ValueError(f"no filter named {unknown[0]!r}; filters: {', '.join(QUALITY_FILTERS)}")
+        return names
+
+    @model_validator(mode="after")
+    def _text_only(self) -> DataConfig:
+        if self.format != "text" and (self.dedup != "none" or self.filters or self.decontaminate):
+            raise ValueError(f"data.dedup, data.filters and data.decontaminate are for text; format is {self.format!r}")
+        return self
 
     @field_validator("vocab_size")
     @classmethod
