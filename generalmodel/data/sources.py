@@ -46,11 +46,23 @@ class SourceError(UserError):
 
 @dataclass(frozen=True)
 class Piece:
-    """One input file: where it is, how to read it, and its size (for planning work)."""
+    """One input file, or a range of one (a large file is read by several tasks): where it is, how to
+    read it, and its size (for planning work). A range [start, end) is of bytes for .txt and .jsonl
+    files (it holds the lines that *start* in it) and of row groups for Parquet."""
 
     uri: str
     kind: str
     size: int
+    start: int = 0
+    end: int | None = None  # None: the whole file
+
+    @property
+    def where(self) -> str:
+        """The file, and the range when it is one: what messages name."""
+        if self.end is None:
+            return self.uri
+        unit = "row groups" if self.kind == "parquet" else "bytes"
+        return f"{self.uri} [{unit} {self.start}:{self.end}]"
 
 
 @dataclass
@@ -163,20 +175,69 @@ def _list_saved_hf(root: Location, data: DataConfig) -> list[Piece]:
     return pieces
 
 
+def split_pieces(pieces: list[Piece], target: float, storage: StorageConfig, txt_above: float = 0) -> list[Piece]:
+    """Files larger than `target` bytes cut into ranges of about that size, so that one large file is
+    read by many tasks: .jsonl (and .txt over `txt_above` bytes) into byte ranges (every `target`
+    bytes; the reader moves each end to the next line start), Parquet into runs of whole row groups
+    (from its footer). A .txt range is a document of its own, so a .txt is cut only when it is too
+    large to be one (data.shard_input_mb). The ranges depend on the file, `target` and `txt_above`
+    only, so the dataset is the same on any cluster."""
+    out: list[Piece] = []
+    for piece in pieces:
+        local_or_s3 = not piece.uri.startswith((SOTU_PREFIX, "hf://"))
+        small = piece.size <= (max(target, txt_above) if piece.kind == "txt" else target)
+        if small or not local_or_s3 or piece.kind not in RANGED:
+            out.append(piece)
+        elif piece.kind == "parquet":
+            out += _row_group_ranges(piece, target, storage)
+        else:
+            step = int(target)
+            out += [
+                Piece(piece.uri, piece.kind, min(step, piece.size - at), at, min(at + step, piece.size))
+                for at in range(0, piece.size, step)
+            ]
+    return out
+
+
+def _row_group_ranges(piece: Piece, target: float, storage: StorageConfig) -> list[Piece]:
+    loc = resolve(piece.uri, storage)
+    with loc.fs.open_input_file(loc.path) as f:
+        meta = read_table(lambda: pq.ParquetFile(f).metadata, piece.uri)
+    sizes = [  # bytes in the file (compressed), as the target counts them
+        sum(group.column(j).total_compressed_size for j in range(group.num_columns))
+        for group in map(meta.row_group, range(meta.num_row_groups))
+    ]
+    if len(sizes) < 2:
+        return [piece]
+    ranges, first, size = [], 0, 0
+    for i, group in enumerate(sizes):
+        if size and size + group > target:
+            ranges.append(Piece(piece.uri, piece.kind, size, first, i))
+            first, size = i, 0
+        size += group
+    ranges.append(Piece(piece.uri, piece.kind, size, first, len(sizes)))
+    return ranges if len(ranges) > 1 else [piece]
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading (workers)
 
 
 def read_documents(piece: Piece, data: DataConfig, storage: StorageConfig) -> Documents:
-    """The documents of one piece, normalized; empty ones dropped. Runs on Ray workers."""
-    raw = piece_bytes(piece, storage)
-    reader = READERS[piece.kind]
+    """The documents of one piece, normalized; empty ones dropped. Runs on Ray workers. A byte range
+    of a .txt file is a document of its own (the lines that start in it)."""
     out = Documents()
-    reason = not_text(raw) if reader.textual else None
-    if reason:
-        out.skipped.append((piece.uri, reason))
-        return out
-    for text in reader.texts(raw, piece.uri, data.text_field):
+    if piece.kind == "parquet" and piece.end is not None:
+        texts = _column_texts(_row_groups(piece, storage, [data.text_field]), piece.where, data.text_field)
+    else:
+        raw = piece_bytes(piece, storage)
+        reader = READERS[piece.kind]
+        reason = not_text(raw) if reader.textual else None
+        if reason:
+            out.skipped.append((piece.where, reason))
+            return out
+        texts = reader.texts(raw, piece.where, data.text_field)
+    for text in texts:
         if text is None:
             continue
         text = normalize(text)
@@ -188,12 +249,16 @@ def read_documents(piece: Piece, data: DataConfig, storage: StorageConfig) -> Do
 def read_rows(piece: Piece, storage: StorageConfig) -> Iterator[tuple[str, dict[str, Any] | RowError]]:
     """(where, row) for every row of a file of records (chat and preference data); a row that is not
     an object is a RowError in place of the row (the caller raises or skips it)."""
+    if piece.kind == "parquet" and piece.end is not None:
+        for i, row in enumerate(_row_groups(piece, storage, None).to_pylist()):
+            yield f"{piece.where} row {i}", row
+        return
     raw = piece_bytes(piece, storage)
     reader = READERS[piece.kind]
     reason = not_text(raw) if reader.textual else None
     if reason:
-        raise SourceError(f"{piece.uri}: {reason}")
-    yield from reader.rows(raw, piece.uri)
+        raise SourceError(f"{piece.where}: {reason}")
+    yield from reader.rows(raw, piece.where)
 
 
 class RowError(SourceError):
@@ -280,9 +345,14 @@ READERS: dict[str, Reader] = {
     "arrow": ArrowReader(),
 }
 SUFFIX_KINDS = {reader.suffix: kind for kind, reader in READERS.items()}
+# Kinds of file read in ranges when large, and what ends a record of a byte range.
+RANGED = ("txt", "jsonl", "parquet")
+SEPARATORS = {"txt": b"\n", "jsonl": b"\n"}
 
 
 def piece_bytes(piece: Piece, storage: StorageConfig) -> bytes:
+    if piece.end is not None:
+        return _range_bytes(resolve(piece.uri, storage), piece.start, piece.end, SEPARATORS[piece.kind])
     if piece.uri.startswith(SOTU_PREFIX):
         return (sotu_dir() / piece.uri[len(SOTU_PREFIX) :]).read_bytes()
     if piece.uri.startswith("hf://"):
@@ -291,6 +361,48 @@ def piece_bytes(piece: Piece, storage: StorageConfig) -> bytes:
         with HfFileSystem().open(piece.uri[len("hf://") :], "rb") as f:
             return f.read()
     return resolve(piece.uri, storage).read_bytes()
+
+
+def _range_bytes(loc: Location, start: int, end: int, sep: bytes) -> bytes:
+    """The records (lines) that start in [start, end) of the file: from the first
+    record start at or after `start` to the first at or after `end`. A record starts at 0 and after
+    each `sep`; both ends follow the same rule, so consecutive ranges hold every record once."""
+    with loc.fs.open_input_file(loc.path) as f:
+        size = f.size()
+        begin = _record_start(f, start, size, sep)
+        finish = _record_start(f, end, size, sep)
+        return f.read_at(finish - begin, begin) if finish > begin else b""
+
+
+def _record_start(f, at: int, size: int, sep: bytes, chunk: int = 1 << 16) -> int:
+    """The first position p >= at where a record starts (p == 0, or the bytes before p are `sep`)."""
+    if at <= 0:
+        return 0
+    pos = at - len(sep)  # a separator ending exactly at `at` counts
+    while pos < size:
+        block = f.read_at(min(chunk, size - pos), pos)
+        i = block.find(sep)
+        if i >= 0:
+            return pos + i + len(sep)
+        if pos + len(block) >= size:
+            break
+        pos += len(block) - len(sep) + 1  # a separator across the block edge is found next time
+        chunk *= 2
+    return size
+
+
+def _row_groups(piece: Piece, storage: StorageConfig, columns: list[str] | None) -> pa.Table:
+    """Row groups [start, end) of a Parquet file (`columns` of them that exist; None: all), read
+    with ranged requests: the footer and those groups, never the whole file."""
+    loc = resolve(piece.uri, storage)
+
+    def read():
+        with loc.fs.open_input_file(loc.path) as f:
+            parquet = pq.ParquetFile(f)
+            wanted = [c for c in columns if c in parquet.schema_arrow.names] if columns else None
+            return parquet.read_row_groups(range(piece.start, piece.end), columns=wanted or None)
+
+    return read_table(read, piece.where)
 
 
 def not_text(raw: bytes) -> str | None:
@@ -305,6 +417,8 @@ def not_text(raw: bytes) -> str | None:
 
 
 def _jsonl_texts(raw: bytes, uri: str, text_field: str) -> list[str | None]:
+    if not raw.strip():  # an empty file, or a range of a large one where no line starts
+        return []
     schema = pa.schema([(text_field, pa.string())])
     options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     try:
