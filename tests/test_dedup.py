@@ -48,7 +48,7 @@ def test_the_config_names_every_filter():
     assert tuple(FILTERS) == QUALITY_FILTERS
     with pytest.raises(ConfigError, match="no filter named 'gopher'; filters: gopher_quality, gopher_repetition, c4"):
         load_config(overrides={"data.filters": ["gopher"]})
-    with pytest.raises(ConfigError, match="data.dedup, data.filters and data.decontaminate are for text"):
+    with pytest.raises(ConfigError, match="data.dedup, data.filters, data.decontaminate and data.difficulty are"):
         load_config(overrides={"data.format": "chat", "data.dedup": "exact"})
 
 
@@ -142,3 +142,54 @@ def edited_words(rng: random.Random, doc: str, fraction: float) -> str:
     for i in rng.sample(range(len(words)), max(1, round(fraction * len(words)))):
         words[i] = "changed"
     return " ".join(words)
+
+
+def test_difficulty_scores_order_documents():
+    from generalmodel.config import DataConfig
+    from generalmodel.data.quality import difficulty, difficulty_bounds
+
+    repetitive = "the river and the river and the river " * 20
+    varied = make_documents(1, seed=5, words_per_doc=120)[0]
+    assert difficulty(repetitive, "compression") < difficulty(varied, "compression")
+    assert difficulty("a b c", "length") == 3
+    data = DataConfig(difficulty="length", difficulty_quantiles=(0.25, 0.75))
+    low, high = difficulty_bounds([" ".join(["w"] * n) for n in range(1, 101)], data)
+    assert 24 < low < 27 and 74 < high < 77
+    assert difficulty_bounds(["a"], DataConfig(difficulty="length")) == (float("-inf"), float("inf"))
+    with pytest.raises(ConfigError, match=r"data.difficulty_quantiles \[0.5, 0.5\]: need 0 <= low < high <= 1"):
+        load_config(overrides={"data.difficulty": "length", "data.difficulty_quantiles": [0.5, 0.5]})
+
+
+def test_difficulty_buckets_split_the_corpus(ray_cluster, tmp_path):
+    """Two buckets by compression ratio (the easier and the harder half) prepared with one tokenizer:
+    every document lands in exactly one, and the easy bucket's documents compress better."""
+    from generalmodel.data.quality import difficulty
+
+    rng = random.Random(3)
+    docs = make_documents(30, seed=13, words_per_doc=150)
+    docs += [" ".join(rng.choice(["the", "river", "and", "of"]) for _ in range(150)) for _ in range(10)]
+    (tmp_path / "src").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "src" / f"{i:03d}.txt").write_text(doc)
+
+    def bucket(name, quantiles, **extra):
+        return prepare_data.main(
+            load_config(
+                overrides={
+                    "data.source": str(tmp_path / "src"), "data.output": str(tmp_path / name),
+                    "data.vocab_size": 300, "data.seq_len": 16, "data.val_fraction": 0.1,
+                    "data.difficulty": "compression", "data.difficulty_quantiles": quantiles, **extra,
+                }
+            )
+        )  # fmt: skip
+
+    easy = bucket("easy", [0, 0.5])
+    hard = bucket("hard", [0.5, 1], **{"data.tokenizer": str(tmp_path / "easy")})
+    assert easy["difficulty"]["bounds"] == ["-inf", hard["difficulty"]["bounds"][0]]
+    kept = [sum(m["splits"][s]["documents"] for s in ("train", "val")) for m in (easy, hard)]
+    assert sum(kept) == len(docs) and min(kept) >= 10
+    assert easy["removed"]["difficulty_out_of_range"]["documents"] == kept[1]
+    cut = float(hard["difficulty"]["bounds"][0])
+    scores = [difficulty(d, "compression") for d in docs]
+    assert sum(score < cut for score in scores) == kept[0]
+    assert all(score < cut for score in scores[30:])  # the repetitive documents are all easy

@@ -178,6 +178,17 @@ class DataConfig(Section):
     )
     decontaminate_ngram: int = Field(13, gt=0, description="Words per n-gram of decontamination.")
     removed_samples: int = Field(3, ge=0, description="Removed documents kept in the manifest per reason.")
+    difficulty: Literal["none", "compression", "length"] = Field(
+        "none",
+        description="text: score each document (compression: its zlib-compressed size over its size, low = "
+        "repetitive = easy; length: its words) and keep those whose score is in difficulty_quantiles: a "
+        "curriculum prepares one dataset per bucket and mixes them by stage (docs/data.md).",
+    )
+    difficulty_quantiles: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="difficulty: the [low, high) quantiles of the score (over the corpus sample the driver reads, "
+        "the same for every bucket) a document must fall between, e.g. [0, 0.33] for the easiest third.",
+    )
 
     @field_validator("filters")
     @classmethod
@@ -189,8 +200,16 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _text_only(self) -> DataConfig:
-        if self.format != "text" and (self.dedup != "none" or self.filters or self.decontaminate):
-            raise ValueError(f"data.dedup, data.filters and data.decontaminate are for text; format is {self.format!r}")
+        if self.format != "text" and (
+            self.dedup != "none" or self.filters or self.decontaminate or self.difficulty != "none"
+        ):
+            raise ValueError(
+                "data.dedup, data.filters, data.decontaminate and data.difficulty are for text; "
+                f"format is {self.format!r}"
+            )
+        low, high = self.difficulty_quantiles
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"data.difficulty_quantiles {[low, high]}: need 0 <= low < high <= 1")
         return self
 
     @field_validator("vocab_size")

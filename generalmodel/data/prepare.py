@@ -43,7 +43,14 @@ from generalmodel import RunFailed, UserError
 from generalmodel.config import Config, DataConfig, StorageConfig, dump_config
 from generalmodel.data import conversations
 from generalmodel.data.loader import DATASET_KIND, FORMAT_VERSION
-from generalmodel.data.quality import NearDuplicates, eval_ngrams, exact_key, minhash, why_removed
+from generalmodel.data.quality import (
+    NearDuplicates,
+    difficulty_bounds,
+    eval_ngrams,
+    exact_key,
+    minhash,
+    why_removed,
+)
 from generalmodel.data.shards import COLUMNS, ITEMS, SPLITS, is_val, shard_bytes, token_dtype
 from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents, split_pieces
 from generalmodel.data.tokenizer import (
@@ -96,6 +103,7 @@ class Plan:
     vocab_size: int
     started: float
     eval_keys: np.ndarray | None = None  # data.decontaminate: the evaluation files' n-gram keys
+    difficulty: tuple[float, float] | None = None  # data.difficulty: the scores a document must fall between
 
 
 def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
@@ -134,7 +142,8 @@ def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
         log.warning("the corpus supports only %d tokens (asked data.vocab_size=%d)", vocab, data.vocab_size)
     units = plan_units(parts, target)
     eval_keys = eval_ngrams(data.decontaminate, data.decontaminate_ngram, storage) if data.decontaminate else None
-    return Plan(cfg, storage, out, pieces, units, tok_text, vocab, started, eval_keys)
+    bounds = difficulty_bounds(sample_texts(parts, data, storage), data) if data.difficulty != "none" else None
+    return Plan(cfg, storage, out, pieces, units, tok_text, vocab, started, eval_keys, bounds)
 
 
 def build_dataset(plan: Plan) -> dict[str, Any]:
@@ -158,7 +167,7 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
 
         def run_unit(unit: int, pieces: list[Piece]) -> dict[str, Any]:
             eval_keys = ray.get(eval_ref) if eval_ref is not None else None
-            removal = Removal(drops.get(unit, {}), eval_keys)
+            removal = Removal(drops.get(unit, {}), eval_keys, plan.difficulty)
             return process_unit(unit, pieces, ray.get(tok_ref), data, storage, version_loc.uri, removal)
 
         metas = map_units(plan, run_unit)
@@ -261,13 +270,14 @@ class Removal:
 
     drops: dict[int, str]
     eval_keys: np.ndarray | None = None
+    difficulty: tuple[float, float] | None = None  # the scores a document must fall between
 
     def why(self, index: int, text: str, data: DataConfig) -> str | None:
         if index in self.drops:
             return self.drops[index]
-        if not data.filters and self.eval_keys is None:
+        if not data.filters and self.eval_keys is None and self.difficulty is None:
             return None
-        return why_removed(text, data, self.eval_keys)
+        return why_removed(text, data, self.eval_keys, self.difficulty)
 
 
 def _refuse_node_local(pieces: list[Piece], out: Location) -> None:
@@ -519,6 +529,17 @@ def _manifest(plan: Plan, version: str, metas: list[dict[str, Any]]) -> dict[str
             "skipped_files": skipped,
         },
         "removed": _removed(metas, data.removed_samples),
+        **(
+            {
+                "difficulty": {
+                    "score": data.difficulty,
+                    "quantiles": list(data.difficulty_quantiles),
+                    "bounds": [str(b) for b in plan.difficulty],
+                }
+            }
+            if plan.difficulty
+            else {}
+        ),  # fmt: skip
         "config": dump_config(cfg),
         "code_version": code_version(),
         "build_seconds": round(time.time() - plan.started, 2),

@@ -11,6 +11,8 @@ evaluation sets. Runs in the preparation's Ray Data tasks (data/prepare.py) and 
   `gopher_repetition` (Rae et al. 2021, §A.1.1: word count, mean word length, symbol, bullet and
   ellipsis ratios, alphabetic words, stop words; duplicate lines/paragraphs and n-gram shares), `c4`
   (Raffel et al. 2020: lines ending in terminal punctuation, no "lorem ipsum", no curly brace).
+- Difficulty (data.difficulty): a score per document (zlib compression ratio, or length) and a
+  quantile range of it to keep, so that a curriculum prepares one dataset per difficulty bucket.
 - Decontamination: a document sharing any word 13-gram (GPT-3's rule; data.decontaminate_ngram) with
   an evaluation file (.jsonl: every string of every row, e.g. HellaSwag's context and endings; .txt)
   is dropped.
@@ -25,6 +27,7 @@ import hashlib
 import json
 import re
 import string
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -181,6 +184,28 @@ FILTERS: dict[str, Callable[[str], str | None]] = {
 }
 
 
+# -- difficulty ----------------------------------------------------------------------------------
+
+
+def difficulty(text: str, kind: str) -> float:
+    """A document's difficulty score: `compression` (zlib-compressed size / size: repetitive text
+    compresses well and is easy to predict) or `length` (words)."""
+    if kind == "length":
+        return float(len(text.split()))
+    raw = text.encode()
+    return len(zlib.compress(raw, 6)) / max(len(raw), 1)
+
+
+def difficulty_bounds(sample: list[str], data: DataConfig) -> tuple[float, float]:
+    """The scores at data.difficulty_quantiles over the driver's corpus sample (the high end open
+    at quantile 1: every document passes it)."""
+    scores = np.array([difficulty(t, data.difficulty) for t in sample])
+    low, high = data.difficulty_quantiles
+    lower = float(np.quantile(scores, low)) if low > 0 else -np.inf
+    upper = float(np.quantile(scores, high)) if high < 1 else np.inf
+    return lower, upper
+
+
 # -- decontamination ---------------------------------------------------------------------------
 
 
@@ -237,8 +262,12 @@ def contaminated(text: str, n: int, eval_keys: np.ndarray) -> bool:
     return bool((eval_keys[at] == keys).any())
 
 
-def why_removed(text: str, data: DataConfig, eval_keys: np.ndarray | None) -> str | None:
-    """The first filter (`name:check`) or decontamination the document fails, or None."""
+def why_removed(
+    text: str, data: DataConfig, eval_keys: np.ndarray | None, bounds: tuple[float, float] | None = None
+) -> str | None:
+    """The first filter (`name:check`), decontamination or difficulty range the document fails, or None."""
+    if bounds is not None and not bounds[0] <= difficulty(text, data.difficulty) < bounds[1]:
+        return "difficulty_out_of_range"
     for name in data.filters:
         failed = FILTERS[name](text)
         if failed:
