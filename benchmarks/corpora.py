@@ -37,11 +37,24 @@ def shakespeare_dir() -> Path:
     return out
 
 
-def prepared(corpus: str, seq_len: int, vocab_size: int, tokenizer: str | None = None) -> str:
+def prepared(
+    corpus: str,
+    seq_len: int,
+    vocab_size: int,
+    tokenizer: str | None = None,
+    difficulty: tuple[str, float, float] | None = None,
+) -> str:
     """The dataset directory of `corpus` at this tokenizer size and row length (prepared if missing);
-    `tokenizer`: another corpus's (its tokenizer, trained at vocab_size), for a mixture of both."""
-    if tokenizer is not None:
-        lender = prepared(tokenizer, seq_len, vocab_size)
+    `tokenizer`: another corpus's (its tokenizer, trained at vocab_size), for a mixture of both;
+    `difficulty`: (score, low, high quantile), a bucket of the corpus with its whole dataset's tokenizer."""
+    extra: dict = {}
+    if difficulty is not None:
+        score, low, high = difficulty
+        extra = {"data.difficulty": score, "data.difficulty_quantiles": [low, high],
+                 "data.tokenizer": prepared(corpus, seq_len, vocab_size)}  # fmt: skip
+        output = STORE / f"store/datasets/{corpus}-v{vocab_size}-s{seq_len}-{score}-{low:.2f}-{high:.2f}"
+    elif tokenizer is not None:
+        extra = {"data.tokenizer": prepared(tokenizer, seq_len, vocab_size)}
         output = STORE / f"store/datasets/{corpus}-v{vocab_size}-s{seq_len}-tok-{tokenizer}"
     elif corpus == "sotu" and (seq_len, vocab_size) == (256, 8192):
         output = STORE / "store/datasets/sotu"  # what `make prepare-data` writes
@@ -61,7 +74,7 @@ def prepared(corpus: str, seq_len: int, vocab_size: int, tokenizer: str | None =
                 "data.vocab_size": vocab_size,
                 "data.seq_len": seq_len,
                 "data.val_fraction": 0.05 if corpus == "shakespeare" else 0.02,
-                **({"data.tokenizer": lender} if tokenizer is not None else {}),
+                **extra,
             }
         )
     )
