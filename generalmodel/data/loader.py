@@ -178,7 +178,19 @@ class TokenDataset:
                 self.read_shard(shard)
 
 
-class TokenLoader:
+class Batches:
+    """Iterating a loader gives `(input, target)` pairs of its dataset's token column; `next_batch()`
+    (the subclass's) gives every column."""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.next_batch()[self.dataset.column]
+        return batch[:, :-1], batch[:, 1:]
+
+
+class TokenLoader(Batches):
     """Deterministic, resumable `(input, target)` batches for one rank; see the module doc.
 
     `shuffle=False` streams the split in manifest order (for evaluation). Iterating never ends
@@ -263,13 +275,6 @@ class TokenLoader:
         self.rows_consumed = 0
 
     # -- iteration -----------------------------------------------------------------------------
-
-    def __iter__(self) -> TokenLoader:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.next_batch()[self.dataset.column]
-        return batch[:, :-1], batch[:, 1:]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """This rank's next batch: every column (token ids as int64, masks as bool, floats as they are)."""

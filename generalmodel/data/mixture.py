@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from generalmodel.config import MixtureConfig, StorageConfig
-from generalmodel.data.loader import DatasetError, TokenDataset, TokenLoader, batch_tensor
+from generalmodel.data.loader import Batches, DatasetError, TokenDataset, TokenLoader, batch_tensor
 from generalmodel.errors import UserError
 
 # 2^64 / golden ratio, odd: consecutive rows' u_j are φ apart (mod 1), computed exactly in uint64.
@@ -87,7 +87,7 @@ def _short(value: Any) -> str:
     return text[:16] + "…" if len(text) > 40 else text
 
 
-class MixtureLoader:
+class MixtureLoader(Batches):
     """This rank's batches of the mixed stream (see the module doc); the `TokenLoader` interface:
     `next_batch()`, `state_dict()`/`load_state_dict()`, `metrics()`, `close()`."""
 
@@ -134,13 +134,6 @@ class MixtureLoader:
         return int(np.searchsorted(np.array(self.starts), row, side="right")) - 1
 
     # -- iteration -----------------------------------------------------------------------------
-
-    def __iter__(self) -> MixtureLoader:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.next_batch()[self.dataset.column]
-        return batch[:, :-1], batch[:, 1:]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         lo = self.rows_consumed
