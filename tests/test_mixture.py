@@ -220,6 +220,19 @@ def test_training_on_a_mixture_reports_each_dataset_and_resumes_across_a_stage_e
     assert all(loss == by_step[step]["loss"] for step, loss in again.items())  # bit-identical on CPU
 
 
+def test_a_mixture_of_one_dataset_still_reports_its_val_loss(sources, tmp_path):
+    """What a sweep ranking on val_loss_NAME needs, whatever the number of datasets."""
+    cfg = load_config(
+        overrides={
+            "mixture.datasets": {"only": sources["small"]}, "storage.root": str(tmp_path), "model.vocab_size": 320,
+            "model.max_seq_len": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_model": 32,
+            "train.steps": 2, "train.batch_size": 4, "train.eval_every": 2, "train.eval_batches": 1,
+        }
+    )  # fmt: skip
+    last = train(cfg)
+    assert last["val_loss_only"] == last["val_loss"] and last["tokens_only"] == 2 * 4 * 32
+
+
 @pytest.mark.e2e
 def test_the_pretrain_job_on_a_mixture_tracks_each_dataset(ray_cluster, sources, tmp_path):
     """jobs/pretrain on 2 Ray Train workers: both datasets are the MLflow run's inputs, and each one's

@@ -109,6 +109,7 @@ class TokenStep:
 
     def __init__(self, run: TrainingRun, objective, loader, val_loaders: dict[str, TokenLoader], per_row: int):
         self.run, self.objective, self.loader, self.val_loaders = run, objective, loader, val_loaders
+        self.per_dataset = isinstance(loader, MixtureLoader)  # val_loss_NAME for each dataset mixed
         cfg, env = run.cfg, run.env
         # A preference pair is two sequences.
         self.tokens_per_step = (
@@ -135,7 +136,8 @@ class TokenStep:
             metrics.update(self.log_metrics(done, lr, grad_norm, routing, skipped), loss=means[0], **stats)
         if eval_step:
             metrics.update(
-                step=done, **evaluate(run.model, self.val_loaders, cfg, run.env, run.autocast, self.objective)
+                step=done,
+                **evaluate(run.model, self.val_loaders, cfg, run.env, run.autocast, self.objective, self.per_dataset),
             )
         return metrics
 
@@ -233,17 +235,19 @@ def _online_reference(cfg: Config, ds: TokenDataset, env: Dist, init: Init | Non
 
 
 @torch.no_grad()
-def evaluate(model, loaders: dict[str, TokenLoader], cfg: Config, env: Dist, autocast, objective) -> dict[str, float]:
+def evaluate(
+    model, loaders: dict[str, TokenLoader], cfg: Config, env: Dist, autocast, objective, each: bool = False
+) -> dict[str, float]:
     """The objective's loss and statistics over the first train.eval_batches batches of each val
     split (the same ones every time), averaged over all their units on all ranks: val_loss, val_*;
-    with several datasets (a mixture), each one's val_loss_NAME too."""
+    `each` (a mixture's datasets): each one's val_loss_NAME too."""
     model.eval()
     sums = {name: _eval_sums(model, loader, cfg, env, autocast, objective) for name, loader in loaders.items()}
     model.train()
     names = ("loss", *objective.stats)
     count, *values = sum_across_ranks(torch.stack(list(sums.values())).sum(0)).tolist()
     metrics = {f"val_{name}": v / max(count, 1) for name, v in zip(names, values, strict=True)}
-    if len(sums) > 1:
+    if each:
         per_dataset = sum_across_ranks(torch.stack([s[:2] for s in sums.values()])).tolist()
         metrics.update({f"val_loss_{name}": v / max(n, 1) for name, (n, v) in zip(sums, per_dataset, strict=True)})
     return metrics
