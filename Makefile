@@ -21,8 +21,9 @@ lint: install
 	.venv/bin/ruff format --check .
 
 # TEST_WORKERS=N runs N pytest workers (pytest-xdist; a file's tests stay on one worker, each
-# worker starts its own services; 0: one process). On this 2-core box 2 workers took 19.2-21.9 min
-# (2026-12-06) against 24 serially; the suite is CPU-bound there (docs/testing.md).
+# worker starts its own services; 0: one process). On this 2-core box 2 workers took 15.6 min
+# (2026-12-06; 19.2-21.9 before one OpenMP thread per test process) against 24 serially; the suite
+# is CPU-bound there (docs/testing.md).
 TEST_WORKERS ?= 2
 # The S3 server (Ceph RGW) from Debian when this is a Debian/Ubuntu machine and we are root;
 # elsewhere the S3 tests are skipped and the run ends with a banner naming them.
