@@ -178,6 +178,25 @@ def test_bad_mixtures_are_config_errors(fields, message):
     assert message in str(e.value)
 
 
+def test_a_bad_mixture_is_one_line_and_exit_2(sources, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = [
+        f"--mixture.datasets={{a: {sources['big']}, b: {sources['other_tokenizer']}}}",
+        f"--storage.root={tmp_path}",
+        f"--tracking.uri=sqlite:///{tmp_path}/m.db",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.pretrain", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "mixture dataset 'b'" in out.stderr and "has tokenizer (sha256)" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+
+
 def test_a_mixture_and_train_dataset_are_not_both_given():
     with pytest.raises(ConfigError, match="train.dataset and mixture.datasets both name what to train on"):
         load_config(overrides={"mixture.datasets": {"a": "x"}, "train.dataset": "y"})

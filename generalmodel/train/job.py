@@ -40,8 +40,10 @@ class Trained:
 def train_and_register(cfg: Config, uri: str, init: InitSource | None, before_fit: BeforeFit | None = None) -> Trained:
     layout = RunLayout.of(cfg)
     refuse_finished(cfg, layout)
+    # A mixture prepares nothing: its datasets are checked before a Ray cluster starts.
+    mixed = ensure_dataset(cfg, layout, init) if layout.mixture else None
     with ray_session(cfg.ray):
-        cfg, ds = ensure_dataset(cfg, layout, init)
+        cfg, ds = mixed or ensure_dataset(cfg, layout, init)
         if before_fit is not None:
             layout = before_fit(cfg, layout, ds)
         run_id, lineage = tracked_fit(
