@@ -21,7 +21,7 @@ lint: install
 	.venv/bin/ruff format --check .
 
 # TEST_WORKERS=N runs N pytest workers (pytest-xdist; a file's tests stay on one worker, each
-# worker starts its own services; 0: one process). On this 2-core box 2 workers took 15.6 min
+# worker starts its own services; 0: one process). On this 2-core box 2 workers took 15.6-17.6 min
 # (2026-12-06; 19.2-21.9 before one OpenMP thread per test process) against 24 serially; the suite
 # is CPU-bound there (docs/testing.md).
 TEST_WORKERS ?= 2
