@@ -129,7 +129,9 @@ def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
     target = unit_bytes(pieces, data.shard_input_mb)
     # A large file is read in ranges, by several tasks (a .txt only when over shard_input_mb)
     parts = split_pieces(pieces, target, storage, txt_above=data.shard_input_mb * 1e6)
-    tok_text, tok_origin = _tokenizer(data, storage, parts)
+    # The driver's deterministic corpus sample: what a tokenizer is trained on and difficulty bounds come from
+    sample = sample_texts(parts, data, storage) if data.tokenizer is None or data.difficulty != "none" else []
+    tok_text, tok_origin = _tokenizer(data, storage, sample, len(parts))
     vocab = load_tokenizer(tok_text, tok_origin).get_vocab_size()
     if data.format != "text":
         from generalmodel.data.chat import ChatFormat, ChatFormatError
@@ -142,7 +144,7 @@ def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
         log.warning("the corpus supports only %d tokens (asked data.vocab_size=%d)", vocab, data.vocab_size)
     units = plan_units(parts, target)
     eval_keys = eval_ngrams(data.decontaminate, data.decontaminate_ngram, storage) if data.decontaminate else None
-    bounds = difficulty_bounds(sample_texts(parts, data, storage), data) if data.difficulty != "none" else None
+    bounds = difficulty_bounds(sample, data) if data.difficulty != "none" else None
     return Plan(cfg, storage, out, pieces, units, tok_text, vocab, started, eval_keys, bounds)
 
 
@@ -290,13 +292,12 @@ def _refuse_node_local(pieces: list[Piece], out: Location) -> None:
         )
 
 
-def _tokenizer(data: DataConfig, storage: StorageConfig, pieces: list[Piece]) -> tuple[str, str]:
-    """The tokenizer JSON and where it came from: a given file, or trained on a sample."""
+def _tokenizer(data: DataConfig, storage: StorageConfig, sample: list[str], files: int) -> tuple[str, str]:
+    """The tokenizer JSON and where it came from: a given file, or trained on the corpus sample."""
     if data.tokenizer is not None:
         return read_tokenizer_file(resolve(data.tokenizer, storage), "data.tokenizer")
-    sample = sample_texts(pieces, data, storage)
     if not sample:
-        raise SourceError(f"data.source {data.source!r}: only empty or unreadable documents in {len(pieces)} files")
+        raise SourceError(f"data.source {data.source!r}: only empty or unreadable documents in {files} files")
     t0 = time.time()
     tokenizer = train_bpe(sample, data.vocab_size)
     log.info(
