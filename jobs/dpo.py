@@ -19,8 +19,8 @@ from generalmodel.cli import RUN_SECTIONS, run_job
 from generalmodel.config import Config
 from generalmodel.post.base import start
 from generalmodel.post.before_after import answers_before_after, preference_report
-from generalmodel.post.reference import ensure_reference
 from generalmodel.train.job import train_and_register
+from generalmodel.train.reference import ensure_reference
 
 
 def main(cfg: Config) -> dict:

@@ -22,7 +22,7 @@ from models.attention import Documents, GroupedQueryAttention, MultiHeadLatentAt
 from models.cache import KVCache
 from models.common import RMSNorm, matmul_flops_per_token, rope_tables
 from models.hooks import HookPoint
-from models.loss import capped_logits, linear_cross_entropy
+from models.loss import Selection, capped_logits, linear_cross_entropy, selected_cross_entropy, token_losses
 from models.memory import ProductKeyMemory
 from models.moe import MoE
 
@@ -332,6 +332,8 @@ class Decoder(nn.Module):
         targets: torch.Tensor | None = None,
         loss_chunk: int = 0,
         docs: torch.Tensor | None = None,
+        select: Selection | None = None,
+        per_token: bool = False,
     ) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab), or (B, 1, vocab) for the last position
         only, or (N, vocab) for the N positions a (B, T) boolean `keep` marks (the head, often
@@ -339,9 +341,11 @@ class Decoder(nn.Module):
         (models/cache.py), idx continues each of its rows at that row's own position; the caller
         keeps within its capacity (`cache.reserve`). With `targets` (B, T) (-100: not supervised):
         the summed cross-entropy instead of the logits (`lm_loss`), so that a compiled model
-        compiles its loss too. `docs` (B, T): the document id of each token of packed rows
-        (models.attention.document_ids; no cache): each document attends only within itself and
-        its positions start at 0, as if it were alone in its row."""
+        compiles its loss too; with `select` too, only over the targets Rho-1's selection keeps
+        (models/loss.py); with `per_token`, each target's cross-entropy (B, T) without a gradient
+        (0 where not supervised: a reference model's scores). `docs` (B, T): the document id of
+        each token of packed rows (models.attention.document_ids; no cache): each document
+        attends only within itself and its positions start at 0, as if it were alone in its row."""
         B, T = idx.shape
         pos = documents = None
         if cache is not None:
@@ -369,7 +373,9 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.advance(T)
         if targets is not None:
-            return self.lm_loss(x, targets, loss_chunk)
+            if per_token:
+                return self.token_losses(x, targets, loss_chunk)
+            return self.lm_loss(x, targets, loss_chunk, select)
         if last_only:
             x = x[:, -1:]
         elif keep is not None:
@@ -393,15 +399,24 @@ class Decoder(nn.Module):
         c·tanh(head(x)/c) with 1/c folded into the head's weight (one pass fewer over the logits)."""
         return capped_logits(self.final_norm(x), self.head.weight, self.cfg.logit_softcap)
 
-    def lm_loss(self, x: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    def lm_loss(
+        self, x: torch.Tensor, targets: torch.Tensor, chunk: int = 0, select: Selection | None = None
+    ) -> torch.Tensor:
         """The residual stream (B, T, d) and targets (B, T) → the summed next-token cross-entropy
-        over the supervised targets: `unembed`'s computation with the loss after it, all
-        positions at once or `chunk` positions at a time (models/loss.py). Regional compile
-        compiles this too (generalmodel.train.parallelize)."""
-        x = self.final_norm(x)
-        return linear_cross_entropy(
-            x.flatten(0, -2), self.head.weight, targets.flatten(), self.cfg.logit_softcap, chunk
+        over the supervised targets (or those `select` keeps): `unembed`'s computation with the
+        loss after it, all positions at once or `chunk` positions at a time (models/loss.py).
+        Regional compile compiles this too (generalmodel.train.parallelize)."""
+        x = self.final_norm(x).flatten(0, -2)
+        if select is not None:
+            return selected_cross_entropy(x, self.head.weight, targets.flatten(), select, self.cfg.logit_softcap, chunk)
+        return linear_cross_entropy(x, self.head.weight, targets.flatten(), self.cfg.logit_softcap, chunk)
+
+    def token_losses(self, x: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """The residual stream (B, T, d) and targets (B, T) → each target's cross-entropy (B, T), no gradient."""
+        flat = token_losses(
+            self.final_norm(x).flatten(0, -2), self.head.weight, targets.flatten(), self.cfg.logit_softcap, chunk
         )
+        return flat.view(targets.shape)
 
     def moe_layers(self) -> list[MoE]:
         # Looked up once: the training step calls aux_loss and after_optimizer_step every step.

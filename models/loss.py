@@ -12,9 +12,23 @@ the stored gradients by the incoming one. At GPT-2's vocabulary that is 16 × 10
 logits (3.3 GB, plus their gradient) replaced by n × 50304 — the idea of Liger-Kernel's fused
 linear cross-entropy, written here with torch ops. Matmuls run in the autocast dtype like the
 head's; softmax, log-sum-exp and the loss in fp32, as `F.cross_entropy(logits.float())` does.
+
+    token_losses(x, weight, targets, softcap, chunk)  →  each target's cross-entropy (N,), no gradient
+    selected_cross_entropy(x, weight, targets, softcap, chunk, Selection(reference, fraction))
+
+The second is selective language modelling (Rho-1, Lin et al. 2024, arXiv 2404.07965): of the n
+supervised targets of each row, only the `kept(n, fraction)` ones whose loss most exceeds a
+reference model's loss on the same token (`reference`, precomputed, one row per row) count; the
+others get no gradient. Per row, so the tokens kept do not depend on how rows are split into
+micro-batches and ranks. Ranks are taken by a stable sort (ties: the earlier position first) and
+compared with device counts, so nothing is read back to the host, and the host knows the count
+from the batch (`kept`).
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +105,78 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gx = None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype)
         gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
         return gx, gw, None, None, None, None, None
+
+
+def token_losses(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    chunk: int = 0,
+    ignore_index: int = IGNORE,
+) -> torch.Tensor:
+    """x (N, d), weight (V, d), targets (N,) → each target's cross-entropy (N,) fp32, 0 where it is
+    `ignore_index`; no gradient. `chunk` > 0: never more than chunk × V logits at once."""
+    step = chunk if chunk > 0 else max(1, x.shape[0])
+    with torch.no_grad():
+        return torch.cat(
+            [
+                F.cross_entropy(
+                    capped_logits(x[i : i + step], weight, softcap).float(),
+                    targets[i : i + step],
+                    ignore_index=ignore_index,
+                    reduction="none",
+                )
+                for i in range(0, x.shape[0], step)
+            ]
+        )
+
+
+class Selection(NamedTuple):
+    """Rho-1's token selection: each target's reference loss (rows × positions: the rows the
+    selection ranks within) and the fraction of each row's supervised targets kept."""
+
+    reference: torch.Tensor
+    fraction: float
+
+
+def kept(n: int, fraction: float) -> int:
+    """How many of a row's n supervised targets the selection keeps: ⌊n·fraction⌋ (in float64,
+    with a 1e-9 nudge so that 0.29 × 100 is 29), the same number `keep_mask` computes on the device."""
+    return math.floor(n * fraction + 1e-9)
+
+
+def keep_mask(losses: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The kept targets of (rows, positions) `losses` (a bool mask like it): in each row, the
+    `kept(its valid count, fraction)` valid ones with the largest excess loss `losses − reference`,
+    without a host read."""
+    excess = torch.where(valid, losses.float() - reference.float(), -math.inf)
+    k = torch.floor(valid.sum(dim=-1, keepdim=True).double() * fraction + 1e-9).long()
+    order = torch.argsort(excess, dim=-1, descending=True, stable=True)
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return rank < k
+
+
+def selected_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    selection: Selection,
+    softcap: float | None = None,
+    chunk: int = 0,
+    ignore_index: int = IGNORE,
+) -> torch.Tensor:
+    """The summed cross-entropy of the targets `selection` keeps (see the module doc). `chunk=0`:
+    one head pass, the per-token losses with their graph, masked; `chunk=n`: the losses of every
+    target first without a gradient (`token_losses`), then the chunked loss of the kept ones."""
+    rows = selection.reference.shape
+    valid = (targets != ignore_index).view(rows)
+    if chunk <= 0:
+        logits = capped_logits(x, weight, softcap)
+        losses = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")
+        keep = keep_mask(losses.detach().view(rows), selection.reference, valid, selection.fraction)
+        return torch.where(keep.flatten(), losses, 0.0).sum()
+    losses = token_losses(x.detach(), weight.detach(), targets, softcap, chunk, ignore_index)
+    keep = keep_mask(losses.view(rows), selection.reference, valid, selection.fraction).flatten()
+    return linear_cross_entropy(x, weight, targets.masked_fill(~keep, ignore_index), softcap, chunk, ignore_index)

@@ -40,7 +40,19 @@ class LanguageModel(Protocol):
     cfg: DecoderConfig
     blocks: nn.ModuleList  # the repeated units: activation checkpointing, regional compile, FSDP2
 
-    def __call__(self, idx: torch.Tensor, cache=None, *, targets=None, loss_chunk: int = 0) -> torch.Tensor: ...
+    def __call__(
+        self,
+        idx: torch.Tensor,
+        cache=None,
+        *,
+        targets=None,
+        loss_chunk: int = 0,
+        docs=None,
+        select=None,
+        per_token=False,
+    ) -> torch.Tensor:
+        """With `targets`: the summed loss (or, `select`, Rho-1's selected part; `per_token`, each
+        target's loss without a gradient) instead of the logits; see models.decoder.Decoder.forward."""
 
     def aux_loss(self) -> torch.Tensor | None:
         """A loss term of the last forward to add to the training loss (MoE balance), or None."""

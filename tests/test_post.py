@@ -18,9 +18,9 @@ from generalmodel.config import load_config
 from generalmodel.data.chat import ChatFormat
 from generalmodel.data.loader import TokenDataset
 from generalmodel.data.tokenizer import train_bpe
-from generalmodel.post.reference import ensure_reference
 from generalmodel.storage import RunLayout
 from generalmodel.train.loop import train
+from generalmodel.train.reference import ensure_reference
 from jobs import dpo, prepare_data, sft
 from models import build_model
 

@@ -402,6 +402,20 @@ class TrainConfig(Section):
         "train.compile); N: in chunks of N positions with the gradient made in the same pass, never more than "
         "N x vocab logits (models/loss.py).",
     )
+    token_selection: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Rho-1 (selective language modelling): the fraction of each micro-batch's supervised tokens "
+        "the loss keeps, those whose loss most exceeds train.selection_reference's on the same token (0.6: 60%); "
+        "1: every token, the plain loss. Validation losses stay over every token.",
+    )
+    selection_reference: str | None = Field(
+        None,
+        description="Rho-1: the reference model (models:/NAME/VERSION, runs:/ID, an export directory), tokenized "
+        "like the dataset; its loss on every token is computed once by a Ray Data pass and stored beside the "
+        "dataset (reused by later runs).",
+    )
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="Recompute activations in backward: every block (full) or every ac_every-th (selective)."
     )
@@ -429,6 +443,20 @@ class TrainConfig(Section):
         if isinstance(v, bool):
             return ("regional" if info.field_name == "compile" else "full") if v else "none"
         return v
+
+    @model_validator(mode="after")
+    def _selection_has_a_reference(self) -> TrainConfig:
+        if self.token_selection < 1 and self.selection_reference is None:
+            raise ValueError(
+                f"token_selection={self.token_selection} keeps the tokens whose loss most exceeds a reference "
+                "model's: set train.selection_reference (models:/NAME/VERSION, runs:/ID or an export directory)"
+            )
+        if self.token_selection == 1 and self.selection_reference is not None:
+            raise ValueError(
+                "selection_reference is set but token_selection is 1 (every token counts, the reference is "
+                "unused): set train.token_selection below 1, e.g. 0.6, or drop the reference"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fp8_needs_cuda(self) -> TrainConfig:

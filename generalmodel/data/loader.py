@@ -13,7 +13,7 @@ the next window is prefetched in a background thread.
 
 A dataset's rows have the columns its manifest lists (`columns`): `tokens` for pretraining text;
 `tokens`, `mask` for chat; `chosen`, `chosen_mask`, `rejected`, `rejected_mask` for preference
-pairs. Columns computed later for the same rows (a DPO reference's log-probs) are attached from
+pairs. Columns computed later for the same rows (a reference model's scores) are attached from
 shards stored beside the dataset (`attach`). `next_batch()` gives every column of a batch;
 iterating a text dataset gives `(input, target)` pairs.
 """
@@ -36,8 +36,10 @@ from generalmodel.storage import Location, read_manifest, resolve, sha256_hex, w
 
 DATASET_KIND = "token-dataset"
 FORMAT_VERSION = 1
-# Columns computed later for a dataset's rows and published beside it: DPO's reference log-probs.
+# Columns computed later for a dataset's rows and published beside it (generalmodel.train.reference):
+# DPO's reference log-probs, Rho-1's per-token reference losses.
 REFERENCE_KIND = "dpo-reference"
+TOKEN_REFERENCE_KIND = "token-reference"
 
 
 class DatasetError(UserError):

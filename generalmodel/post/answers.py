@@ -85,7 +85,7 @@ def preference_accuracy(policy, reference, ds, split: str = "val") -> tuple[floa
     """(fraction of `split`'s pairs whose implicit DPO reward prefers the chosen answer, pairs):
     log π/π_ref of the chosen response above that of the rejected one. The reference's log-probs
     are the ones attached to `ds` when it has them (the precomputed pass), else `reference` scores."""
-    from generalmodel.post.reference import score_pairs
+    from generalmodel.train.reference import score_pairs
 
     right = total = 0
     device = next(policy.parameters()).device

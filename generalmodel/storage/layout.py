@@ -56,7 +56,10 @@ class RunLayout:
     checkpoints: str
     ray_results: str
     sweeps: str
-    reference: str | None = None  # DPO: the reference's log-probs beside the dataset (post.reference)
+    reference: str | None = None  # DPO: the reference's log-probs beside the dataset (train.reference)
+    # Rho-1 (train.token_selection): each dataset's per-token reference losses, by its name in
+    # the run's data (`dataset`, or a mixture's names) → URI beside it (train.reference)
+    token_references: dict[str, str] = field(default_factory=dict)
     mixture: dict[str, str] = field(default_factory=dict)  # mixture.datasets: name → URI ({}: none)
 
     @classmethod

@@ -44,25 +44,32 @@ class InitSource:
 def load_init(cfg: Config, tracking_uri: str | None) -> tuple[Config, InitSource | None]:
     """`cfg` with the source's model config (and its tokenizer for a dataset still to be
     prepared), and the loaded source of `cfg.train.init_from`; (cfg, None) when it is not set."""
+    reference = cfg.train.init_from
+    if reference is None:
+        return cfg, None
+    loaded = load_model_source(reference, tracking_uri, cfg)
+    source = dataclasses.replace(loaded, model=merged_model(cfg, loaded.model, reference))
+    updates: dict[str, Any] = {"model": source.model}
+    if cfg.data.tokenizer is None and cfg.train.dataset is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="gm-init-"), "tokenizer.json")
+        with open(path, "w") as f:
+            f.write(source.tokenizer_json)
+        updates["data"] = cfg.data.model_copy(update={"tokenizer": path})
+    log.info("initialising from %s (%s)", reference, type(source.model).__name__)
+    return cfg.model_copy(update=updates), source
+
+
+def load_model_source(reference: str, tracking_uri: str | None, cfg: Config) -> InitSource:
+    """Any model reference (see the module doc) loaded as it is: its model config, weights,
+    tokenizer and lineage tags (train.init_from's start, Rho-1's reference)."""
     from generalmodel.infer.export import read_export
     from generalmodel.tracking import lineage_tags
     from generalmodel.tracking.registry import download_model
 
-    reference = cfg.train.init_from
-    if reference is None:
-        return cfg, None
     directory = download_model(reference, tracking_uri, cfg.storage.resolved())
     model, state, tokenizer_json, where = read_export(directory)
-    model = merged_model(cfg, model, reference)
-    source = InitSource(reference, model, state, tokenizer_json, lineage_tags(reference, tracking_uri))
-    updates: dict[str, Any] = {"model": model}
-    if cfg.data.tokenizer is None and cfg.train.dataset is None:
-        path = os.path.join(tempfile.mkdtemp(prefix="gm-init-"), "tokenizer.json")
-        with open(path, "w") as f:
-            f.write(tokenizer_json)
-        updates["data"] = cfg.data.model_copy(update={"tokenizer": path})
-    log.info("initialising from %s (%s, %s)", reference, where, type(model).__name__)
-    return cfg.model_copy(update=updates), source
+    log.debug("loaded %s (%s, %s)", reference, where, type(model).__name__)
+    return InitSource(reference, model, state, tokenizer_json, lineage_tags(reference, tracking_uri))
 
 
 def merged_model(cfg: Config, source, reference: str):

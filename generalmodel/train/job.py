@@ -1,7 +1,8 @@
 """One training job, whatever the objective: what `jobs/pretrain.py`, `jobs/sft.py` and
-`jobs/dpo.py` share. The dataset (prepared with Ray Data when missing) → an MLflow run with its
-config, dataset and lineage → Ray Train → the exported model logged and registered, its version
-tagged with its lineage. A failure or Ctrl-C ends the MLflow run FAILED or KILLED.
+`jobs/dpo.py` share. The dataset (prepared with Ray Data when missing) → [Rho-1: the reference's
+per-token losses beside it, a Ray Data pass] → an MLflow run with its config, dataset and lineage
+→ Ray Train → the exported model logged and registered, its version tagged with its lineage. A
+failure or Ctrl-C ends the MLflow run FAILED or KILLED.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 from generalmodel import RunFailed
 from generalmodel.cluster import ray_session
 from generalmodel.config import Config
-from generalmodel.storage import RunLayout, download_export
+from generalmodel.storage import MANIFEST, RunLayout, download_export, resolve
 from generalmodel.tracking import end_failed_run, finish_run, start_run
-from generalmodel.train.init_from import InitSource
+from generalmodel.train.init_from import InitSource, load_model_source
 from generalmodel.train.ray_trainer import fit
 from generalmodel.train.readiness import ensure_dataset
+from generalmodel.train.reference import check_selection_reference, with_token_references
 from generalmodel.train.resume import refuse_finished
 from generalmodel.version import code_version
 
@@ -42,14 +44,33 @@ def train_and_register(cfg: Config, uri: str, init: InitSource | None, before_fi
     refuse_finished(cfg, layout)
     # A mixture prepares nothing: its datasets are checked before a Ray cluster starts.
     mixed = ensure_dataset(cfg, layout, init) if layout.mixture else None
+    selection = selection_reference(cfg, uri, layout, mixed[1] if mixed else None)
     with ray_session(cfg.ray):
         cfg, ds = mixed or ensure_dataset(cfg, layout, init)
+        if selection is not None:  # Rho-1: the reference's per-token losses beside each dataset
+            layout = with_token_references(cfg, layout, ds, selection)
         if before_fit is not None:
             layout = before_fit(cfg, layout, ds)
         run_id, lineage = tracked_fit(
             cfg, uri, ds, init, lambda run_id: fit(cfg, layout, ds.seq_len, run_id, uri, init=init)
         )
     return register_trained(cfg, uri, run_id, layout, ds, lineage)
+
+
+def selection_reference(cfg: Config, uri: str, layout: RunLayout, ds=None) -> InitSource | None:
+    """Rho-1's reference model (train.selection_reference), loaded before a Ray cluster starts, and
+    checked against what the run trains on when that is published already (`ds`, a mixture, or
+    the run's dataset); None without token selection."""
+    from generalmodel.data.loader import TokenDataset
+
+    if cfg.train.selection_reference is None:
+        return None
+    source = load_model_source(cfg.train.selection_reference, uri, cfg)
+    if ds is None and resolve(layout.dataset, layout.storage).join(MANIFEST).exists():
+        ds = TokenDataset.open(layout.dataset, layout.storage)
+    if ds is not None:
+        check_selection_reference(cfg, source, ds)
+    return source
 
 
 def tracked_fit(cfg: Config, uri: str, data, init: InitSource | None, run: Callable[[str], None]):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from generalmodel.config import Config
-from generalmodel.data.loader import TokenDataset, TokenLoader
+from generalmodel.data.loader import TOKEN_REFERENCE_KIND, TokenDataset, TokenLoader
 from generalmodel.data.mixture import MixedDataset, MixtureLoader
 from generalmodel.data.tokenizer import eos_id, load_tokenizer
 from generalmodel.storage import RunLayout
@@ -61,6 +61,8 @@ def train(
     ds = open_training_data(cfg, layout)
     if layout.reference is not None:  # DPO: the reference's log-probs, computed beside the dataset
         ds.attach_published(layout.reference, layout.storage)
+    for name, uri in layout.token_references.items():  # Rho-1: each dataset's per-token reference losses
+        ds.parts[name].attach_published(uri, layout.storage, TOKEN_REFERENCE_KIND)
     loader = training_loader(cfg, ds, env)
     val_loaders = {
         name: TokenLoader(part, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
@@ -69,7 +71,12 @@ def train(
     run = TrainingRun(cfg, report, layout, init, loader, ds.manifest_sha256, ds.tokenizer_json, ds.seq_len, env)
     separator = eos_id(load_tokenizer(ds.tokenizer_json(), ds.uri)) if cfg.train.document_mask else None
     objective = objective_for(
-        ds.format, cfg.dpo, _online_reference(cfg, ds, env, init), cfg.train.loss_chunk, separator
+        ds.format,
+        cfg.dpo,
+        _online_reference(cfg, ds, env, init),
+        cfg.train.loss_chunk,
+        separator,
+        cfg.train.token_selection,
     )
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
@@ -137,7 +144,9 @@ class TokenStep:
         if eval_step:
             metrics.update(
                 step=done,
-                **evaluate(run.model, self.val_loaders, cfg, run.env, run.autocast, self.objective, self.per_dataset),
+                **evaluate(
+                    run.model, self.val_loaders, cfg, run.env, run.autocast, self.objective.evaluation, self.per_dataset
+                ),
             )
         return metrics
 
@@ -205,6 +214,11 @@ def check_compatible(cfg: Config, ds: TokenDataset) -> None:
         raise TrainingError(
             f"train.document_mask is for packed rows (data.format text or chat); dataset {ds.uri} holds "
             "preference pairs, one sequence per row"
+        )
+    if cfg.train.token_selection < 1 and ds.format == "preference":
+        raise TrainingError(
+            f"train.token_selection is for next-token losses (data.format text or chat); dataset {ds.uri} holds "
+            "preference pairs (DPO)"
         )
     if cfg.train.document_mask and ds.format == "chat" and "docs" not in ds.columns:
         raise TrainingError(

@@ -1,6 +1,8 @@
 """What the training loop minimises, decided by the dataset's format: next-token cross-entropy for
 text (pretraining) and chat (SFT: the loss mask keeps the assistant's tokens), DPO for preference
-pairs. One loop (generalmodel.train.loop) runs them all.
+pairs. One loop (generalmodel.train.loop) runs them all. With train.token_selection < 1 the
+cross-entropy keeps only that fraction of each micro-batch's supervised tokens, those whose loss
+most exceeds a reference model's (Rho-1, `SelectiveLanguageModeling`).
 
 Every objective returns *sums* over its units — supervised tokens, or pairs — and the loop divides
 by the global count of units in the optimizer step (all micro-batches, all ranks). So the gradient
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from generalmodel import UserError
 from generalmodel.config import DpoConfig
 from models.attention import document_ids
-from models.loss import IGNORE
+from models.loss import IGNORE, Selection, kept
 
 
 def lm_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,11 +82,54 @@ class LanguageModeling:
         tokens = batch["tokens"]
         return float(tokens.shape[0] * (tokens.shape[1] - 1))
 
+    @property
+    def evaluation(self) -> LanguageModeling:
+        """What evaluation measures: this loss over every supervised token."""
+        return self
+
     def loss(self, model, batch, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = lm_targets(batch)
         docs = self.documents(batch, x)
         with autocast:
             loss = model(x, targets=y, loss_chunk=self.loss_chunk, docs=docs)
+        return loss, {}
+
+
+class SelectiveLanguageModeling(LanguageModeling):
+    """Rho-1 (Lin et al. 2024, arXiv 2404.07965): the cross-entropy of the `fraction` of each row's
+    supervised tokens whose loss under the model being trained most exceeds the reference model's
+    (the batch's `ref_loss` column, computed beside the dataset by generalmodel.train.reference);
+    the other tokens get no gradient. The losses that rank the tokens come from the same forward
+    (models/loss.py: one head pass, or with train.loss_chunk a gradient-free chunked pass first),
+    so the trunk runs once. A row keeps ⌊n·fraction⌋ of its n supervised targets (the paper ranks
+    a whole batch; per row, the run is the same whatever the micro-batches and the world size),
+    counted on the host; evaluation measures every token."""
+
+    def __init__(self, fraction: float, loss_chunk: int = 0, separator: int | None = None):
+        super().__init__(loss_chunk, separator)
+        self.fraction = fraction
+
+    def count(self, batch: dict[str, torch.Tensor]) -> float:
+        if "mask" in batch:
+            per_row = batch["mask"][:, 1:].sum(dim=1).tolist()
+        else:
+            per_row = [batch["tokens"].shape[1] - 1] * batch["tokens"].shape[0]
+        return float(sum(kept(n, self.fraction) for n in per_row))
+
+    @property
+    def evaluation(self) -> LanguageModeling:
+        return LanguageModeling(self.loss_chunk, self.separator)
+
+    def loss(self, model, batch, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if "ref_loss" not in batch:
+            raise UserError(
+                "train.token_selection: the dataset has no reference losses attached (the ref_loss column): the "
+                "training job computes them from train.selection_reference before it trains"
+            )
+        x, y = lm_targets(batch)
+        select = Selection(batch["ref_loss"], self.fraction)
+        with autocast:
+            loss = model(x, targets=y, loss_chunk=self.loss_chunk, docs=self.documents(batch, x), select=select)
         return loss, {}
 
 
@@ -101,6 +146,10 @@ class Dpo:
 
     def count(self, batch: dict[str, torch.Tensor]) -> float:
         return float(batch["chosen"].shape[0])
+
+    @property
+    def evaluation(self) -> Dpo:
+        return self
 
     def reference_logps(self, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is None:
@@ -160,8 +209,18 @@ def _pairs(batch: dict[str, torch.Tensor], suffix: str) -> torch.Tensor:
     return torch.cat([batch["chosen" + suffix], batch["rejected" + suffix]])
 
 
-def objective_for(fmt: str, dpo: DpoConfig, reference=None, loss_chunk: int = 0, separator: int | None = None):
-    """`separator`: the EOS id with train.document_mask (text and chat), else None."""
+def objective_for(
+    fmt: str,
+    dpo: DpoConfig,
+    reference=None,
+    loss_chunk: int = 0,
+    separator: int | None = None,
+    token_selection: float = 1.0,
+):
+    """`separator`: the EOS id with train.document_mask (text and chat), else None;
+    `token_selection` < 1: Rho-1's fraction of tokens kept (text and chat)."""
     if fmt == "preference":
         return Dpo(dpo, reference)
+    if token_selection < 1:
+        return SelectiveLanguageModeling(token_selection, loss_chunk, separator)
     return LanguageModeling(loss_chunk, separator)

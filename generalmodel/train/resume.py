@@ -17,7 +17,17 @@ log = logging.getLogger(__name__)
 
 # Keys whose change makes a checkpoint's continuation a different run. The number of workers is not
 # one of them (DCP reshards, the loader resumes at another world size), but the global batch is.
-RESUME_KEYS = ("model", "optim", "train.seed", "train.steps", "dpo", "rl", "mixture")
+RESUME_KEYS = (
+    "model",
+    "optim",
+    "train.seed",
+    "train.steps",
+    "train.token_selection",
+    "train.selection_reference",
+    "dpo",
+    "rl",
+    "mixture",
+)
 
 
 class TrainingError(UserError):

@@ -122,8 +122,10 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
     from generalmodel.tracking.sweep import close_run, open_child_run
     from generalmodel.train.failures import root_message
     from generalmodel.train.init_from import load_init
+    from generalmodel.train.job import selection_reference
     from generalmodel.train.ray_trainer import fit
     from generalmodel.train.readiness import ensure_dataset
+    from generalmodel.train.reference import with_token_references
     from generalmodel.version import code_version
 
     logging.getLogger("generalmodel").setLevel(logging.INFO)
@@ -134,6 +136,9 @@ def _trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str, uri: str) -
     try:
         cfg, init = load_init(cfg, uri)
         cfg, ds = ensure_dataset(cfg, layout, init)
+        selection = selection_reference(cfg, uri, layout)
+        if selection is not None:  # scored once by the driver (the same base): found and reused here
+            layout = with_token_references(cfg, layout, ds, selection)
         if not resumed:
             log_config(run_id, cfg, ds, code_version(), init.tags if init else None)
         fit(cfg, layout, ds.seq_len, run_id, uri, callbacks=[TuneReportCallback()], init=init)
@@ -150,7 +155,9 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
     from generalmodel.tracking import ensure_experiment, prepare_store, tracking_uri
     from generalmodel.tracking.sweep import open_parent_run
     from generalmodel.train.init_from import load_init
+    from generalmodel.train.job import selection_reference
     from generalmodel.train.readiness import ensure_dataset
+    from generalmodel.train.reference import with_token_references
 
     # Trials run in other processes (another working directory, maybe another node): give them
     # the absolute store and tracking URI that this driver resolved.
@@ -164,7 +171,10 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
     check_resources(sweep)
     prepare_store(base)
     base, init = load_init(base, uri)  # with train.init_from, the dataset gets the source's tokenizer
-    ensure_dataset(base, layout, init)  # once for all trials
+    _, ds = ensure_dataset(base, layout, init)  # once for all trials
+    selection = selection_reference(base, uri, layout)
+    if selection is not None:  # Rho-1: the reference's per-token losses, once for all trials
+        with_token_references(base, layout, ds, selection)
     restoring = tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs)
     if restoring and sweep.resume == "never":
         raise SweepError(
