@@ -78,6 +78,11 @@ SWITCHES: dict[str, dict[str, dict[str, Any]]] = {
     "untied": {"model": {"tie_embeddings": False}},
     "wsd": {"optim": {"schedule": "wsd", "decay_fraction": 0.3, "min_lr_ratio": 0.0}},
     "moonlight": {"optim": {"muon_scaling": "moonlight", "muon_lr": 3e-3}},
+    # issue 33: Grokfast, and the speedrun's Polar Express and skips
+    "grokfast": {"optim": {"grad_filter": "ema"}},
+    "polar": {"optim": {"muon_orthogonalizer": "polar_express"}},
+    "x0": {"model": {"embed_skip": True}},
+    "unet": {"model": {"unet_skips": True}},
     # off-switches, for the default minus what no native transformers class has:
     # `default+novres+nocap+swiglu` exports as Qwen3, `default+novres+nocap+noqk` as Arcee
     "novres": {"model": {"value_residual": False}},

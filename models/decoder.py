@@ -63,6 +63,12 @@ class DecoderConfig:
     )
     logit_softcap: float | None = _opt(None, "Soft-cap the logits: c·tanh(logits / c); null: off.")
     zero_init: bool = _opt(False, "Zero-initialise the residual output projections (and an untied head).")
+    embed_skip: bool = _opt(
+        False, "Every block's input mixes in the embedding: x <- a_i*x + b_i*x0 (learned; 1 and 0 at init; speedrun)."
+    )
+    unet_skips: bool = _opt(
+        False, "U-net skips: block n-1-i adds w_i times block i's output, i < n/2 (learned w_i, 1 at init; speedrun)."
+    )
     # attention
     attention: Literal["gqa", "mla"] = _opt(
         "gqa", "gqa: MHA/GQA/MQA by n_kv_heads; mla: DeepSeek multi-head latent attention."
@@ -289,6 +295,10 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # Learned scalars of the speedrun's skips, 1-D (FSDP2 shards dim 0): per block (a_i, b_i),
+        # and one weight per U-net pair.
+        self.x0_mix = nn.Parameter(torch.empty(2 * cfg.n_layers)) if cfg.embed_skip else None
+        self.skip_weights = nn.Parameter(torch.empty(cfg.n_layers // 2)) if cfg.unet_skips else None
         self.final_norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -319,6 +329,11 @@ class Decoder(nn.Module):
             nn.init.normal_(self.pos_embed.weight, mean=0.0, std=std)
         for block in self.blocks:
             block.init_weights(std, residual_std)
+        if self.x0_mix is not None:
+            with torch.no_grad():
+                self.x0_mix.copy_(torch.tensor([1.0, 0.0]).repeat(self.cfg.n_layers))
+        if self.skip_weights is not None:
+            nn.init.ones_(self.skip_weights)
         self.final_norm.reset_parameters()
         if not self.cfg.tie_embeddings:
             init_linear(self.head, 0.0 if self.cfg.zero_init else std)
@@ -367,9 +382,7 @@ class Decoder(nn.Module):
                 if where is None
                 else (self.rope_cos[where], self.rope_sin[where])
             )
-        kv = None  # a block that reuses K/V returns the ones it was given
-        for block in self.blocks:
-            x, kv = block(x, rope, cache, kv, pos, documents)
+        x = self.run_blocks(x, rope, cache, pos, documents)
         if cache is not None:
             cache.advance(T)
         if targets is not None:
@@ -381,6 +394,24 @@ class Decoder(nn.Module):
         elif keep is not None:
             x = x[keep]
         return self.unembed(x)
+
+    def run_blocks(self, x, rope, cache, pos, documents) -> torch.Tensor:
+        """The blocks in order, with the speedrun's skips when switched on: every block's input
+        mixed with the embedding (`embed_skip`), and block n−1−i adding block i's output
+        (`unet_skips`, for i < n/2: the first half's outputs taken back in reverse order)."""
+        x0, skips = x, []
+        n = len(self.blocks)
+        half = n // 2 if self.skip_weights is not None else 0
+        kv = None  # a block that reuses K/V returns the ones it was given
+        for i, block in enumerate(self.blocks):
+            if self.x0_mix is not None:
+                x = self.x0_mix[2 * i] * x + self.x0_mix[2 * i + 1] * x0
+            if i >= n - half:
+                x = x + self.skip_weights[i - (n - half)] * skips.pop()
+            x, kv = block(x, rope, cache, kv, pos, documents)
+            if i < half:
+                skips.append(x)
+        return x
 
     def _documents(self, docs: torch.Tensor) -> Documents:
         """The rows' documents with every layer's mask made here, once a batch (one per window),

@@ -1,5 +1,6 @@
 """The recipe switches of the model (models/decoder.py, models/attention.py): QK-norm, ReLU² MLP,
-value residual learning, logit soft-capping, zero-initialised output projections — each checked
+value residual learning, logit soft-capping, zero-initialised output projections, the speedrun's
+embedding and U-net skips — each checked
 against what it claims, against the same weights with the switch off, and refused by the HF export.
 (KV-cache decoding and causality with the switches on: test_decode.py, test_causality.py.)"""
 
@@ -92,9 +93,33 @@ def test_zero_init():
     assert model.head.weight.grad.abs().sum() > 0  # the zero head is where learning starts
 
 
+def test_embedding_and_unet_skips():
+    """embed_skip: block i's input is a_i·x + b_i·x0 (a = 1, b = 0 at init); unet_skips: the last
+    block adds w × the first block's output (3 blocks: one pair; w = 1 at init). With w = 0 and
+    b = 0 the model is the one without the switches."""
+    on, off = pair(embed_skip=True, unet_skips=True)
+    assert on.x0_mix.tolist() == [1.0, 0.0] * 3 and on.skip_weights.tolist() == [1.0]
+    seen = {}
+    for i, block in enumerate(on.blocks):
+        block.hook_resid_pre.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("in", i), o))
+        block.hook_resid_post.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("out", i), o))
+    with torch.no_grad():
+        assert not torch.allclose(on(IDS), off(IDS))  # the U-net skip is on at init
+        torch.testing.assert_close(seen[("in", 2)], seen[("out", 1)] + seen[("out", 0)])
+        on.skip_weights.zero_()
+        torch.testing.assert_close(on(IDS), off(IDS))
+        on.x0_mix[2:4] = torch.tensor([0.75, 0.5])  # block 1: 0.75·x + 0.5·embedding
+        on(IDS)
+        torch.testing.assert_close(seen[("in", 1)], 0.75 * seen[("out", 0)] + 0.5 * on.embed(IDS))
+    torch.nn.functional.cross_entropy(on(IDS).flatten(0, 1), IDS.flatten()).backward()
+    assert on.x0_mix.grad.abs().sum() > 0 and on.skip_weights.grad is not None
+
+
 @pytest.mark.parametrize(
     "switch, named",
     [
+        (dict(embed_skip=True), "embed_skip"),
+        (dict(unet_skips=True), "unet_skips"),
         (dict(value_residual=True), "value_residual"),
         (dict(logit_softcap=30.0), "logit_softcap"),
         (dict(qk_norm=True, mlp="relu2"), "mlp='relu2'"),

@@ -315,12 +315,25 @@ class OptimConfig(Section):
     muon_weight_decay: float | None = Field(
         None, ge=0, description="muon: decoupled weight decay of the matrices (× muon_lr); null: weight_decay."
     )
-    muon_ns_steps: int = Field(5, gt=0, le=20, description="muon: Newton–Schulz iterations.")
+    muon_ns_steps: int = Field(5, gt=0, le=20, description="muon: orthogonalisation iterations.")
+    muon_orthogonalizer: Literal["newton_schulz", "polar_express"] = Field(
+        "newton_schulz",
+        description="muon: newton_schulz repeats Muon's published quintic; polar_express (arXiv 2505.16932) uses "
+        "a quintic per iteration, each the minimax-best for where the singular values are by then.",
+    )
     muon_ns_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16",
         description="muon: precision of the Newton–Schulz iteration. bfloat16 is the published recipe; "
         "float32 makes runs on different meshes agree to fp32 rounding (bf16 amplifies it to ~1%).",
     )
+    grad_filter: Literal["none", "ema"] = Field(
+        "none",
+        description="Grokfast (arXiv 2405.20233), its EMA filter: ema adds grad_filter_lambda times an exponential "
+        "moving average of each gradient back to it before the optimizer (AdamW or Muon) uses it, amplifying its "
+        "slow component; none: off.",
+    )
+    grad_filter_alpha: float = Field(0.98, ge=0, lt=1, description="grad_filter ema: the average's decay per step.")
+    grad_filter_lambda: float = Field(2.0, ge=0, description="grad_filter ema: the amplification (the paper: 2-5).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay for matrices (not norms, biases).")
     beta1: float = Field(0.9, ge=0, lt=1)

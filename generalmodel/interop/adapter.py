@@ -26,6 +26,8 @@ def research_parts(cfg) -> dict[str, str]:
         "qk_norm": cfg.qk_norm and "qk_norm=true (per-head query/key norms)",
         "value_residual": cfg.value_residual and "value_residual=true (first-layer value mixing)",
         "logit_softcap": cfg.logit_softcap is not None and f"logit_softcap={cfg.logit_softcap} (logit soft-capping)",
+        "embed_skip": cfg.embed_skip and "embed_skip=true (every block mixes in the embedding)",
+        "unet_skips": cfg.unet_skips and "unet_skips=true (U-net skips between blocks)",
     }
     return {field: text for field, text in parts.items() if text}
 

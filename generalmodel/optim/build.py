@@ -1,6 +1,7 @@
 """The optimizer of a run (`optim.name`): AdamW for every parameter, or Muon for the hidden matrices
 and AdamW for the rest — with parameter groups for the embedding, the head, the matrices and the
-vectors, each with its own LR. `set_lr` applies the schedule to every group's own peak LR."""
+vectors, each with its own LR — optionally with Grokfast's gradient filter. `set_lr` applies the
+schedule to every group's own peak LR."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from generalmodel.config import OptimConfig
+from generalmodel.optim.grokfast import attach_grokfast
 from generalmodel.optim.muon import Muon
 
 
@@ -48,7 +50,15 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW, or Muon + AdamW, over `param_groups`. `fused`: torch's fused AdamW kernel (CPU and CUDA),
     the one that honours `optimizer.found_inf` — the training step's skip without a host sync
-    (generalmodel.train.step) needs it."""
+    (generalmodel.train.step) needs it. optim.grad_filter=ema: with Grokfast's gradient filter
+    (generalmodel.optim.grokfast)."""
+    optimizer = _optimizer(model, cfg, fused)
+    if cfg.grad_filter == "ema":
+        attach_grokfast(optimizer, cfg.grad_filter_alpha, cfg.grad_filter_lambda)
+    return optimizer
+
+
+def _optimizer(model: nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "muon":
@@ -58,6 +68,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> t
             ns_steps=cfg.muon_ns_steps,
             ns_dtype=getattr(torch, cfg.muon_ns_dtype),
             scaling=cfg.muon_scaling,
+            orthogonalizer=cfg.muon_orthogonalizer,
             betas=betas,
             eps=cfg.eps,
             fused=fused or None,

@@ -27,6 +27,7 @@ momentum and no step count (Muon masks its updates, fused AdamW skips in its ker
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -37,24 +38,83 @@ from torch.optim.adamw import adamw
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's (a, b, c), as published with Muon
 SCALINGS = ("keller", "moonlight")
+ORTHOGONALIZERS = ("newton_schulz", "polar_express")
+PE_LOWER = 1e-3  # Polar Express: the smallest singular value (the largest is 1) its polynomials are made for
+PE_CUSHION = 1.02  # ... and each one's interval widened at the top by this factor, against bf16 round-off
 
 
-def orthogonalize(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> Tensor:
-    """Newton–Schulz: ≈ U·Vᵀ of g = U·S·Vᵀ (singular values pushed into roughly [0.7, 1.2]), for a
-    matrix (m, n) or a stack (..., m, n). Computed in `dtype`; returned in g's dtype."""
-    a, b, c = NS_COEFFICIENTS
+def orthogonalize(
+    g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7, method: str = "newton_schulz"
+) -> Tensor:
+    """≈ U·Vᵀ of g = U·S·Vᵀ, for a matrix (m, n) or a stack (..., m, n), by `steps` odd quintics
+    x ← a·x + b·x·xᵀ·x + c·(x·xᵀ)²·x applied to g / ‖g‖_F: `newton_schulz` repeats Muon's
+    published quintic (singular values pushed into roughly [0.7, 1.2]); `polar_express` uses a
+    quintic per step, each the best one for the interval the singular values are in by then
+    (`polar_express_coefficients`). Computed in `dtype`; returned in g's dtype."""
     if g.dim() > 3:
-        return orthogonalize(g.flatten(0, -3), steps, dtype, eps).view(g.shape)
+        return orthogonalize(g.flatten(0, -3), steps, dtype, eps, method).view(g.shape)
+    if method == "newton_schulz":
+        coefficients = [NS_COEFFICIENTS] * steps
+    elif method == "polar_express":
+        coefficients = list(polar_express_coefficients(steps))
+    else:
+        raise ValueError(f"unknown orthogonalizer {method!r}; one of {', '.join(ORTHOGONALIZERS)}")
     x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm ≤ Frobenius norm ≤ 1
     addmm = torch.addmm if x.dim() == 2 else torch.baddbmm
-    for _ in range(steps):  # x ← a·x + (b·G + c·G²)·x with G = x·xᵀ, in torch.optim.Muon's order of operations
+    for a, b, c in coefficients:  # x ← a·x + (b·G + c·G²)·x with G = x·xᵀ, in torch.optim.Muon's order of operations
         gram = x @ x.mT
         x = addmm(x, addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.mT if tall else x).to(g.dtype)
+
+
+@functools.lru_cache
+def polar_express_coefficients(steps: int, lower: float = PE_LOWER, cushion: float = PE_CUSHION) -> tuple:
+    """Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): for each step t, the odd
+    quintic p_t(x) = a·x + b·x³ + c·x⁵ closest to 1 in the worst case over the interval [ℓ_t, u_t]
+    that holds the singular values by then (the minimax polynomial, found by the Remez exchange:
+    equal and alternating errors at ℓ_t, at p_t's two interior extrema and at u_t); the next
+    interval is p_t's image of this one. ℓ_0 = `lower`, u_0 = 1 (the normalised input), each u_t
+    widened by `cushion` so that a singular value a little above it, from round-off, is not
+    thrown far off by the next, steeper polynomial. Once the interval has shrunk to a point the
+    quintic is Newton–Schulz's own, (15/8, −10/8, 3/8). Computed here, not copied; with the
+    default cushion they come within ~1% of the paper's published values."""
+    import numpy as np
+
+    out, low, high = [], lower, 1.0
+    for _ in range(steps):
+        high *= cushion
+        if high - low < 1e-6:
+            a, b, c = 15 / 8, -10 / 8, 3 / 8
+        else:
+            a, b, c = _minimax_quintic(low, high)
+        grid = np.concatenate([np.geomspace(low, high, 4097), [low, high]])
+        values = a * grid + b * grid**3 + c * grid**5
+        low, high = float(values.min()), float(values.max())
+        out.append((float(a), float(b), float(c)))
+    return tuple(out)
+
+
+def _minimax_quintic(low: float, high: float, iterations: int = 100) -> tuple[float, float, float]:
+    """The odd quintic closest to 1 on [low, high] in the max norm: Remez exchange on the points
+    low < x₁ < x₂ < high where the error alternates (x₁, x₂: the roots of p′, a quadratic in x²)."""
+    import numpy as np
+
+    x = np.array([low, *np.geomspace(low, high, 4)[1:3], high])
+    signs = np.array([1.0, -1.0, 1.0, -1.0])  # p = 1 − E, 1 + E, 1 − E, 1 + E
+    for _ in range(iterations):
+        a, b, c, _ = np.linalg.solve(np.stack([x, x**3, x**5, signs], axis=1), np.ones(4))
+        disc = 9 * b * b - 20 * a * c  # p′(x) = a + 3b·x² + 5c·x⁴
+        if disc <= 0 or c <= 0:
+            raise ArithmeticError(f"Polar Express: no minimax quintic found on [{low}, {high}]")
+        extrema = np.sqrt(np.sort([(-3 * b - math.sqrt(disc)) / (10 * c), (-3 * b + math.sqrt(disc)) / (10 * c)]))
+        if np.allclose(extrema, x[1:3], rtol=1e-14, atol=0):
+            break
+        x[1:3] = extrema
+    return float(a), float(b), float(c)
 
 
 def update_scale(shape: torch.Size, scaling: str) -> float:
@@ -84,8 +144,12 @@ class Muon(torch.optim.Optimizer):
         eps: float = 1e-8,
         ns_dtype: torch.dtype = torch.bfloat16,
         fused: bool | None = None,
+        orthogonalizer: str = "newton_schulz",
     ):
         update_scale(torch.Size([1, 1]), scaling)  # names a bad scaling now, not at the first step
+        if orthogonalizer not in ORTHOGONALIZERS:
+            raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; one of {', '.join(ORTHOGONALIZERS)}")
+        self.orthogonalizer = orthogonalizer
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -170,6 +234,9 @@ class Muon(torch.optim.Optimizer):
             _local(buf).lerp_(_local(grad), (1 - mu) * keep)
         return grad.lerp(buf, mu) if group["nesterov"] else buf
 
+    def _orthogonalize(self, m: Tensor, steps: int) -> Tensor:
+        return orthogonalize(m, steps, self.ns_dtype, method=self.orthogonalizer)
+
     def _orthogonalize_all(self, updates: list[Tensor], steps: int) -> list[Tensor]:
         """The orthogonalised updates as local tensors (this rank's shards of sharded ones)."""
         out: list[Tensor | None] = [None] * len(updates)
@@ -179,7 +246,7 @@ class Muon(torch.optim.Optimizer):
         for i in sorted(set(range(len(updates))) - set(sharded)):
             by_shape.setdefault((updates[i].shape, updates[i].dtype), []).append(i)
         for same in by_shape.values():
-            done = orthogonalize(torch.stack([_local(updates[i]) for i in same]), steps, self.ns_dtype)
+            done = self._orthogonalize(torch.stack([_local(updates[i]) for i in same]), steps)
             for i, o in zip(same, done, strict=True):
                 out[i] = o
         if sharded:
@@ -189,7 +256,7 @@ class Muon(torch.optim.Optimizer):
             for start in range(0, len(sharded), world):
                 batch = sharded[start : start + world]  # rank r orthogonalises updates[batch[r]]
                 results = _round(
-                    [updates[i] for i in batch], world, rank, group, lambda m: orthogonalize(m, steps, self.ns_dtype)
+                    [updates[i] for i in batch], world, rank, group, lambda m: self._orthogonalize(m, steps)
                 )
                 for i, r in zip(batch, results, strict=True):
                     out[i] = r
