@@ -83,6 +83,7 @@ SWITCHES: dict[str, dict[str, dict[str, Any]]] = {
     "polar": {"optim": {"muon_orthogonalizer": "polar_express"}},
     "x0": {"model": {"embed_skip": True}},
     "unet": {"model": {"unet_skips": True}},
+    "ve": {"model": {"value_embeds": 1}},  # the CPU size has 4 layers: one table for layers 0 and 3
     # off-switches, for the default minus what no native transformers class has:
     # `default+novres+nocap+swiglu` exports as Qwen3, `default+novres+nocap+noqk` as Arcee
     "novres": {"model": {"value_residual": False}},

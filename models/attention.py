@@ -195,6 +195,7 @@ class GroupedQueryAttention(nn.Module):
         qk_norm: bool = False,
         value_residual: bool = False,
         norm_eps: float = 1e-5,
+        value_embed: bool = False,
     ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
@@ -211,6 +212,8 @@ class GroupedQueryAttention(nn.Module):
         # Value residual: layers after the first take v ← v + λ·(v₁ − v), λ learned (from 0.5).
         self.value_residual = value_residual
         self.v_mix = nn.Parameter(torch.full((1,), 0.5)) if value_residual and layer > 0 else None  # FSDP2: 1-D
+        # Value embeddings (the speedrun): v ← a·v + b·ve, (a, b) learned from (0.5, 0.5).
+        self.ve_mix = nn.Parameter(torch.full((2,), 0.5)) if value_embed else None
         self.hook_pattern = HookPoint()  # (B, H, T, S), eager only
         self.hook_z = HookPoint()  # (B, T, H, head_dim): each head's output before out_proj
 
@@ -223,18 +226,20 @@ class GroupedQueryAttention(nn.Module):
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
-        if self.v_mix is not None:
-            nn.init.constant_(self.v_mix, 0.5)
+        for mix in (self.v_mix, self.ve_mix):
+            if mix is not None:
+                nn.init.constant_(mix, 0.5)
 
     def cache_shapes(self) -> list[tuple[int, int]] | None:
         """K and V, (heads, dim) each; None for a layer that reuses its group's."""
         return [(self.n_kv_heads, self.head_dim)] * 2 if self.owns_kv else None
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None, pos=None, docs=None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None, pos=None, docs=None, ve=None):
         """x: (B, T, d). Returns (output (B, T, d), what later layers take as `shared_kv`): the K/V
         it used, full length, for the layers of a KV-sharing group; with value residual, the first
         layer's values of these T positions (None, v₁, None), passed on by every layer. `docs`
-        (Documents, whole sequences only): attention within each document."""
+        (Documents, whole sequences only): attention within each document. `ve` (B, T, kv width):
+        the tokens' value embeddings, for a layer made with `value_embed`."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if self.q_norm is not None:
@@ -246,6 +251,9 @@ class GroupedQueryAttention(nn.Module):
             k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             if self.k_norm is not None:
                 k = self.k_norm(k)
+            if self.ve_mix is not None:
+                ve = ve.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2).to(v.dtype)
+                v = self.ve_mix[0].to(v.dtype) * v + self.ve_mix[1].to(v.dtype) * ve
             if self.value_residual:
                 if self.v_mix is None:  # the first layer: its values go to every later one
                     passed = (None, v, None)

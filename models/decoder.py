@@ -69,6 +69,11 @@ class DecoderConfig:
     unet_skips: bool = _opt(
         False, "U-net skips: block n-1-i adds w_i times block i's output, i < n/2 (learned w_i, 1 at init; speedrun)."
     )
+    value_embeds: int = _opt(
+        0,
+        "Value embeddings (speedrun): k token tables of the values' width; layers i and n-k+i (i < k) mix table i "
+        "into their values, v <- a*v + b*ve (learned, 0.5 each at init). 0: off.",
+    )
     # attention
     attention: Literal["gqa", "mla"] = _opt(
         "gqa", "gqa: MHA/GQA/MQA by n_kv_heads; mla: DeepSeek multi-head latent attention."
@@ -126,6 +131,13 @@ class DecoderConfig:
             raise ValueError("qk_norm and value_residual are switches of GQA attention (attention='gqa')")
         if self.value_residual and self.kv_share_group != 1:
             raise ValueError("value_residual needs each layer's own values (kv_share_group must be 1)")
+        if self.value_embeds and (self.attention != "gqa" or self.kv_share_group != 1):
+            raise ValueError("value_embeds mixes into each layer's own GQA values (attention='gqa', kv_share_group=1)")
+        if not 0 <= 2 * self.value_embeds <= self.n_layers:
+            raise ValueError(
+                f"value_embeds={self.value_embeds}: each table serves a first and a last layer, so "
+                f"2 x value_embeds must be at most n_layers={self.n_layers}"
+            )
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"logit_softcap must be positive or null, got {self.logit_softcap}")
         if self.bias and (self.attention == "mla" or self.moe_experts):
@@ -179,6 +191,15 @@ class DecoderConfig:
 
     def is_moe(self, layer: int) -> bool:
         return self.moe_experts > 0 and layer >= self.moe_first_dense
+
+    def value_embed_table(self, layer: int) -> int | None:
+        """The value-embedding table `layer` mixes into its values (value_embeds), or None."""
+        k = self.value_embeds
+        if layer < k:
+            return layer
+        if layer >= self.n_layers - k:
+            return layer - (self.n_layers - k)
+        return None
 
 
 class MLP(nn.Module):
@@ -237,6 +258,7 @@ def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
         qk_norm=cfg.qk_norm,
         value_residual=cfg.value_residual,
         norm_eps=cfg.norm_eps,
+        value_embed=cfg.value_embed_table(layer) is not None,
     )
 
 
@@ -279,11 +301,12 @@ class Block(nn.Module):
         self.mlp_norm.reset_parameters()
         self.mlp.init_weights(std, residual_std)
 
-    def forward(self, x, rope=None, cache=None, shared_kv=None, pos=None, docs=None):
+    def forward(self, x, rope=None, cache=None, shared_kv=None, pos=None, docs=None, ve=None):
         """Returns (x, kv): the K/V this block's attention used, for the next layers of its
-        KV-sharing group."""
+        KV-sharing group. `ve`: this layer's value embeddings of the tokens (value_embeds)."""
         x = self.hook_resid_pre(x)
-        h, kv = self.attn(self.attn_norm(x), rope, cache, shared_kv, pos, docs)
+        extra = {} if ve is None else {"ve": ve}
+        h, kv = self.attn(self.attn_norm(x), rope, cache, shared_kv, pos, docs, **extra)
         x = self.hook_resid_mid(x + self.hook_attn_out(h))
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.mlp_norm(x)))), kv
 
@@ -299,6 +322,12 @@ class Decoder(nn.Module):
         # and one weight per U-net pair.
         self.x0_mix = nn.Parameter(torch.empty(2 * cfg.n_layers)) if cfg.embed_skip else None
         self.skip_weights = nn.Parameter(torch.empty(cfg.n_layers // 2)) if cfg.unet_skips else None
+        kv_width = cfg.kv_heads * cfg.head_dim
+        self.value_embeds = (
+            nn.ModuleList(nn.Embedding(cfg.vocab_size, kv_width) for _ in range(cfg.value_embeds))
+            if cfg.value_embeds
+            else None
+        )
         self.final_norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -334,6 +363,8 @@ class Decoder(nn.Module):
                 self.x0_mix.copy_(torch.tensor([1.0, 0.0]).repeat(self.cfg.n_layers))
         if self.skip_weights is not None:
             nn.init.ones_(self.skip_weights)
+        for table in self.value_embeds or ():
+            nn.init.normal_(table.weight, mean=0.0, std=std)
         self.final_norm.reset_parameters()
         if not self.cfg.tie_embeddings:
             init_linear(self.head, 0.0 if self.cfg.zero_init else std)
@@ -382,7 +413,8 @@ class Decoder(nn.Module):
                 if where is None
                 else (self.rope_cos[where], self.rope_sin[where])
             )
-        x = self.run_blocks(x, rope, cache, pos, documents)
+        ves = [table(idx) for table in self.value_embeds] if self.value_embeds is not None else []
+        x = self.run_blocks(x, rope, cache, pos, documents, ves)
         if cache is not None:
             cache.advance(T)
         if targets is not None:
@@ -395,10 +427,11 @@ class Decoder(nn.Module):
             x = x[keep]
         return self.unembed(x)
 
-    def run_blocks(self, x, rope, cache, pos, documents) -> torch.Tensor:
-        """The blocks in order, with the speedrun's skips when switched on: every block's input
-        mixed with the embedding (`embed_skip`), and block n−1−i adding block i's output
-        (`unet_skips`, for i < n/2: the first half's outputs taken back in reverse order)."""
+    def run_blocks(self, x, rope, cache, pos, documents, ves=()) -> torch.Tensor:
+        """The blocks in order, with the speedrun's pieces when switched on: every block's input
+        mixed with the embedding (`embed_skip`), block n−1−i adding block i's output (`unet_skips`,
+        for i < n/2: the first half's outputs taken back in reverse order), and `ves`, the value
+        embeddings of the tokens, each given to its layers (`value_embeds`)."""
         x0, skips = x, []
         n = len(self.blocks)
         half = n // 2 if self.skip_weights is not None else 0
@@ -408,7 +441,8 @@ class Decoder(nn.Module):
                 x = self.x0_mix[2 * i] * x + self.x0_mix[2 * i + 1] * x0
             if i >= n - half:
                 x = x + self.skip_weights[i - (n - half)] * skips.pop()
-            x, kv = block(x, rope, cache, kv, pos, documents)
+            table = self.cfg.value_embed_table(i) if ves else None
+            x, kv = block(x, rope, cache, kv, pos, documents, None if table is None else ves[table])
             if i < half:
                 skips.append(x)
         return x
@@ -476,6 +510,7 @@ class Decoder(nn.Module):
             n -= sum(m.inactive_params() for m in self.modules() if isinstance(m, ProductKeyMemory))
         if not embeddings:
             n -= self.embed.weight.numel() + (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
+            n -= sum(table.weight.numel() for table in self.value_embeds or ())
             if self.cfg.tie_embeddings:  # the tied head is a matmul: count it back
                 n += self.head.weight.numel()
         return n

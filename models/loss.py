@@ -134,7 +134,9 @@ def token_losses(
 
 class Selection(NamedTuple):
     """Rho-1's token selection: each target's reference loss (rows × positions: the rows the
-    selection ranks within) and the fraction of each row's supervised targets kept."""
+    selection ranks within; float, or float16 bits viewed as int16 — what FSDP2's cast of the
+    forward's float inputs to bf16 leaves alone) and the fraction of each row's supervised
+    targets kept."""
 
     reference: torch.Tensor
     fraction: float
@@ -150,6 +152,8 @@ def keep_mask(losses: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor
     """The kept targets of (rows, positions) `losses` (a bool mask like it): in each row, the
     `kept(its valid count, fraction)` valid ones with the largest excess loss `losses − reference`,
     without a host read."""
+    if reference.dtype == torch.int16:
+        reference = reference.view(torch.float16)
     excess = torch.where(valid, losses.float() - reference.float(), -math.inf)
     k = torch.floor(valid.sum(dim=-1, keepdim=True).double() * fraction + 1e-9).long()
     order = torch.argsort(excess, dim=-1, descending=True, stable=True)

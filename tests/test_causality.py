@@ -24,7 +24,7 @@ CASES = {
     "moe-tiny-bf16": dict(base="moe-tiny", autocast=torch.bfloat16),  # the grouped-GEMM path
     "deepseek-tiny-bf16": dict(base="deepseek-tiny", autocast=torch.bfloat16),
     "llama-recipe-switches": dict(base="llama-tiny", qk_norm=True, value_residual=True, mlp="relu2", logit_softcap=5.0),
-    "llama-speedrun-skips": dict(base="llama-tiny", embed_skip=True, unet_skips=True),
+    "llama-speedrun-pieces": dict(base="llama-tiny", embed_skip=True, unet_skips=True, value_embeds=1),
 }
 
 

@@ -30,7 +30,7 @@ VARIANTS = {
     "gpt2-learned-positions-window": dict(base="gpt2-tiny", global_every=2, **WRAP),
     # the recipe switches that touch attention and the MLP (softcap and zero-init: tests/test_recipes.py)
     "llama-recipe-switches": dict(qk_norm=True, value_residual=True, mlp="relu2"),
-    "llama-speedrun-skips": dict(embed_skip=True, unet_skips=True),
+    "llama-speedrun-pieces": dict(embed_skip=True, unet_skips=True, value_embeds=1),
 }
 PROMPT_LENGTHS = (1, 6, 23, 41)
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)

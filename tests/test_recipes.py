@@ -115,9 +115,34 @@ def test_embedding_and_unet_skips():
     assert on.x0_mix.grad.abs().sum() > 0 and on.skip_weights.grad is not None
 
 
+def test_value_embeddings():
+    """value_embeds=1 on 3 layers: layers 0 and 2 share one table and mix it into their values,
+    v ← a·v + b·ve; with b = 0 and a = 1 the model is the one without it; the table is an
+    embedding (AdamW's embed group, not counted as a matmul)."""
+    from generalmodel.config import OptimConfig
+    from generalmodel.optim import param_groups
+
+    on, off = pair(value_embeds=1)
+    assert [b.attn.ve_mix is not None for b in on.blocks] == [True, False, True]
+    assert on.value_embeds[0].weight.shape == (VOCAB, on.cfg.kv_heads * on.cfg.head_dim)
+    with torch.no_grad():
+        assert not torch.allclose(on(IDS), off(IDS))
+        for block in (on.blocks[0], on.blocks[2]):
+            block.attn.ve_mix.copy_(torch.tensor([1.0, 0.0]))
+        torch.testing.assert_close(on(IDS), off(IDS))
+    assert on.num_params(embeddings=False) == off.num_params(embeddings=False) + 4  # the two (a, b) pairs
+    embed = next(g for g in param_groups(on, OptimConfig(name="muon")) if g["name"] == "embed")
+    assert any(p is on.value_embeds[0].weight for p in embed["params"])
+    with pytest.raises(ValueError, match="at most n_layers"):
+        replace(PRESETS["llama-tiny"], n_layers=3, value_embeds=2)
+    with pytest.raises(ValueError, match="attention='gqa'"):
+        replace(PRESETS["mla-tiny"], value_embeds=1)
+
+
 @pytest.mark.parametrize(
     "switch, named",
     [
+        (dict(value_embeds=1), "value_embeds"),
         (dict(embed_skip=True), "embed_skip"),
         (dict(unet_skips=True), "unet_skips"),
         (dict(value_residual=True), "value_residual"),

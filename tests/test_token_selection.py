@@ -60,6 +60,12 @@ def test_each_row_keeps_its_top_excess_tokens_and_only_they_get_a_gradient(chunk
     expected.backward()
     assert torch.allclose(loss, expected, rtol=1e-6)
     assert torch.allclose(got[0], x.grad, rtol=1e-5, atol=1e-7) and torch.allclose(got[1], w.grad, rtol=1e-5, atol=1e-7)
+    # the objective passes float16 losses as their int16 bits (FSDP2 would cast floats to bf16)
+    half = Selection(reference.half().view(torch.int16), fraction)
+    assert torch.equal(
+        selected_cross_entropy(x, w, targets.flatten(), half, 3.0, chunk),
+        selected_cross_entropy(x, w, targets.flatten(), Selection(reference.half().float(), fraction), 3.0, chunk),
+    )
 
 
 def test_the_device_count_is_the_host_count():

@@ -28,6 +28,7 @@ def research_parts(cfg) -> dict[str, str]:
         "logit_softcap": cfg.logit_softcap is not None and f"logit_softcap={cfg.logit_softcap} (logit soft-capping)",
         "embed_skip": cfg.embed_skip and "embed_skip=true (every block mixes in the embedding)",
         "unet_skips": cfg.unet_skips and "unet_skips=true (U-net skips between blocks)",
+        "value_embeds": cfg.value_embeds and f"value_embeds={cfg.value_embeds} (value embeddings)",
     }
     return {field: text for field, text in parts.items() if text}
 

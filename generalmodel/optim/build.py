@@ -14,10 +14,11 @@ from generalmodel.optim.muon import Muon
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """embed (and learned positions), head (when untied), matrices (the blocks' linear weights and
+    """embed (and learned positions, value embeddings), head (when untied), matrices (the blocks' linear weights and
     MoE expert stacks: Muon's under optim.name=muon), other (everything else: norms, biases, memory
     tables, gates — AdamW; decayed only if 2-D or more). Empty groups are dropped."""
     embed = [model.embed.weight] + ([model.pos_embed.weight] if getattr(model, "pos_embed", None) is not None else [])
+    embed += [table.weight for table in getattr(model, "value_embeds", None) or ()]
     head = [] if model.head.weight is model.embed.weight else [model.head.weight]
     embed, head = [p for p in embed if p.requires_grad], [p for p in head if p.requires_grad]
     taken = {id(p) for p in embed + head}

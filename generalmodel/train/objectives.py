@@ -127,7 +127,8 @@ class SelectiveLanguageModeling(LanguageModeling):
                 "training job computes them from train.selection_reference before it trains"
             )
         x, y = lm_targets(batch)
-        select = Selection(batch["ref_loss"], self.fraction)
+        # float16 bits as int16: FSDP2 casts a forward's float inputs to bf16, which would round them
+        select = Selection(batch["ref_loss"].half().view(torch.int16), self.fraction)
         with autocast:
             loss = model(x, targets=y, loss_chunk=self.loss_chunk, docs=self.documents(batch, x), select=select)
         return loss, {}
