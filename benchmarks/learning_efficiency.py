@@ -119,6 +119,16 @@ def exported_class(name: str, args) -> str:
     return adapter_for(recipe_config(name, args, 0, tempfile.gettempdir()).model).architecture
 
 
+def add_cpu_budget(parser) -> None:
+    """The CPU setting's options that the harnesses built on this one (mixture.py,
+    token_selection.py) share: seeds, steps, batch, eval batches, runs at a time."""
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--steps", type=int, default=125)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=2)
+
+
 def recipe_config(name: str, args, seed: int, root: str):
     """The full run config of recipe `name` at this setting."""
     import yaml

@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
-from benchmarks.learning_efficiency import CPU_SIZE, recipe_config
+from benchmarks.learning_efficiency import CPU_SIZE, add_cpu_budget, recipe_config
 
 # name -> (first stage's weights, [(start as a fraction of the steps, weights), ...])
 Setting = tuple[dict[str, float], list[tuple[float, dict[str, float]]]]
@@ -84,11 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", help="a subset of the settings (default: all)")
     parser.add_argument("--curriculum", action="store_true", help="curricula over sotu's difficulty buckets")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--steps", type=int, default=125)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-batches", type=int, default=4)
-    parser.add_argument("--jobs", type=int, default=2)
+    add_cpu_budget(parser)
     args = parser.parse_args()
     args.gpu, args.eval_every, args.dataset = False, args.steps, None
     table = CURRICULA if args.curriculum else SETTINGS

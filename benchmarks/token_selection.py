@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
-from benchmarks.learning_efficiency import CPU_SIZE, recipe_config
+from benchmarks.learning_efficiency import CPU_SIZE, add_cpu_budget, recipe_config
 
 
 def run_setting(fraction: float, seed: int, args, references: dict[str, str], threads: int | None) -> dict[str, Any]:
@@ -82,11 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="sotu", choices=["sotu", "shakespeare"])
     parser.add_argument("--fractions", default="0.6,0.3", help="Rho-1's kept fractions, beside the default (1)")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--steps", type=int, default=125)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-batches", type=int, default=4)
-    parser.add_argument("--jobs", type=int, default=2)
+    add_cpu_budget(parser)
     args = parser.parse_args()
     from benchmarks.corpora import prepared
 

@@ -69,7 +69,7 @@ def selection_reference(cfg: Config, uri: str, layout: RunLayout, ds=None) -> In
     if ds is None and resolve(layout.dataset, layout.storage).join(MANIFEST).exists():
         ds = TokenDataset.open(layout.dataset, layout.storage)
     if ds is not None:
-        check_selection_reference(cfg, source, ds)
+        check_selection_reference(source, ds)
     return source
 
 

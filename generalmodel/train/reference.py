@@ -215,7 +215,7 @@ def score_tokens(
     return {"ref_loss": np.concatenate(out) if out else np.zeros((0, width), np.float16)}
 
 
-def check_selection_reference(cfg: Config, source, ds) -> None:
+def check_selection_reference(source, ds) -> None:
     """Rho-1's reference (`source`, loaded) against what the run trains on (`ds`, a dataset or a
     mixture): the same tokenizer, rows it can read, a next-token dataset. A UserError naming them."""
     from generalmodel.data.tokenizer import tokenizer_hash
@@ -243,7 +243,7 @@ def with_token_references(cfg: Config, layout: RunLayout, ds, source) -> RunLayo
     each dataset the run reads, computed now with Ray Data unless already there."""
     from generalmodel.data.tokenizer import eos_id, load_tokenizer
 
-    check_selection_reference(cfg, source, ds)
+    check_selection_reference(source, ds)
     references = {}
     for name, part in ds.parts.items():
         separator = eos_id(load_tokenizer(part.tokenizer_json(), part.uri)) if cfg.train.document_mask else None
