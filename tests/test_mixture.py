@@ -253,12 +253,17 @@ def test_a_mixture_of_one_dataset_still_reports_its_val_loss(sources, tmp_path):
 
 
 @pytest.mark.e2e
-def test_the_pretrain_job_on_a_mixture_tracks_each_dataset(ray_cluster, sources, tmp_path):
+def test_the_pretrain_job_on_a_mixture_tracks_each_dataset_and_selects_tokens(ray_cluster, sources, tmp_path):
     """jobs/pretrain on 2 Ray Train workers: both datasets are the MLflow run's inputs, and each one's
-    tokens and val loss are its metrics; the stage at step 4 takes only `small` from then on."""
+    tokens and val loss are its metrics; the stage at step 4 takes only `small` from then on. With
+    Rho-1 on (a reference export of the datasets' tokenizer), the job scores each dataset of the
+    mixture once with Ray Data before training, beside that dataset."""
+    import torch
     from mlflow.tracking import MlflowClient
 
+    from generalmodel.infer.export import export_files
     from jobs import pretrain
+    from models import build_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {
@@ -269,7 +274,23 @@ def test_the_pretrain_job_on_a_mixture_tracks_each_dataset(ray_cluster, sources,
         "storage.root": str(tmp_path), "tracking.uri": uri, "tracking.registered_model": "mixture-test",
         "train.steps": 6, "train.log_every": 2, "train.eval_every": 3, "train.checkpoint_every": 6,
     }  # fmt: skip
+    cfg = load_config(overrides=overrides)
+    torch.manual_seed(5)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    tokenizer = TokenDataset.open(sources["big"]).tokenizer_json()
+    for name, data in export_files(cfg.model, build_model(cfg.model).state_dict(), tokenizer).items():
+        (reference / name).write_bytes(data)
+    overrides.update({"train.token_selection": 0.5, "train.selection_reference": str(reference)})
+
+    def scored(name):  # published references beside a dataset (other tests score `big` too)
+        return {p for p in (Path(sources[name]) / "references").glob("*/manifest.json")}
+
+    before = {name: scored(name) for name in ("big", "small")}
     result = pretrain.main(load_config(overrides=overrides))
+    for name in ("big", "small"):
+        (new,) = scored(name) - before[name]
+        assert json.loads(new.read_text())["kind"] == "token-reference"
     client = MlflowClient(uri)
     run = client.get_run(result["run_id"])
     shas = {TokenDataset.open(sources[name]).manifest_sha256[:36] for name in ("big", "small")}
