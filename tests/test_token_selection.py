@@ -117,6 +117,21 @@ def test_bad_selection_settings_are_config_errors(overrides, message):
         load_config(overrides=overrides)
 
 
+def test_preference_pairs_refuse_selection():
+    """DPO's pairs have no next-token loss to select from: refused with the dataset's checks."""
+    from types import SimpleNamespace
+
+    from generalmodel.train.loop import check_compatible
+    from generalmodel.train.resume import TrainingError
+
+    cfg = load_config(
+        overrides={"train.token_selection": 0.5, "train.selection_reference": "x", "model.vocab_size": 64}
+    )
+    pairs = SimpleNamespace(uri="datasets/pairs", format="preference", vocab_size=64, seq_len=16, columns=("chosen",))
+    with pytest.raises(TrainingError, match="token_selection is for next-token losses"):
+        check_compatible(cfg, pairs)
+
+
 def reference_source(train_dataset, seed: int = 3, tokenizer_json: str | None = None) -> InitSource:
     """A reference model for the tiny dataset (random weights: what matters here is that its scores
     are its own), as the job loads one."""

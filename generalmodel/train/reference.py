@@ -217,7 +217,8 @@ def score_tokens(
 
 def check_selection_reference(source, ds) -> None:
     """Rho-1's reference (`source`, loaded) against what the run trains on (`ds`, a dataset or a
-    mixture): the same tokenizer, rows it can read, a next-token dataset. A UserError naming them."""
+    mixture): the same tokenizer, rows it can read. A UserError naming them. (Preference data is
+    refused with the dataset's other checks: train.loop.check_compatible.)"""
     from generalmodel.data.tokenizer import tokenizer_hash
 
     for part in ds.parts.values():
@@ -231,10 +232,6 @@ def check_selection_reference(source, ds) -> None:
             raise UserError(
                 f"train.selection_reference {source.reference!r} reads {source.model.max_seq_len} tokens at most; "
                 f"dataset {part.uri} has rows of {part.seq_len}"
-            )
-        if part.format == "preference":
-            raise UserError(
-                f"train.token_selection is for next-token losses; dataset {part.uri} holds preference pairs (DPO)"
             )
 
 
