@@ -14,7 +14,7 @@ linear cross-entropy, written here with torch ops. Matmuls run in the autocast d
 head's; softmax, log-sum-exp and the loss in fp32, as `F.cross_entropy(logits.float())` does.
 
     token_losses(x, weight, targets, softcap, chunk)  →  each target's cross-entropy (N,), no gradient
-    selected_cross_entropy(x, weight, targets, softcap, chunk, Selection(reference, fraction))
+    selected_cross_entropy(x, weight, targets, Selection(reference, fraction), softcap, chunk)
 
 The second is selective language modelling (Rho-1, Lin et al. 2024, arXiv 2404.07965): of the n
 supervised targets of each row, only the `kept(n, fraction)` ones whose loss most exceeds a

@@ -10,8 +10,8 @@ optim.grad_filter_lambda). It is attached to the optimizer as step hooks, so eve
 an optimizer gets it, after the gradient norm is measured and clipped (the norm and the
 non-finite check see the gradient itself). h lives in the optimizer's per-parameter state
 (`grokfast_ema`, sharded like the parameter under FSDP2), so checkpoints save it and a resumed run
-continues exactly. A step the training loop skips
-(`optimizer.found_inf`) leaves h as it was, without a host sync.
+continues exactly. A step the training loop skips (`optimizer.found_inf`) leaves h as it was,
+without a host sync.
 """
 
 from __future__ import annotations
