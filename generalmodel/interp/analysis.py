@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from generalmodel.errors import UserError
 from generalmodel.interp.hooks import block_point, run_with_cache, run_with_hooks
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits (B, T, V) -> (B,)
@@ -88,7 +89,15 @@ def direct_logit_attribution(
 ) -> Attribution:
     """Split logit[answer] (− logit[wrong]) at `position` into what each component wrote into the
     residual stream, read through the head with the final norm's scale frozen at its value on
-    the actual stream (the norm is linear once its scale is fixed; LayerNorm's centring is)."""
+    the actual stream (the norm is linear once its scale is fixed; LayerNorm's centring is).
+    Models whose blocks rescale or re-add the stream (model.embed_skip, model.unet_skips) are
+    refused: their stream is not the plain sum of the components."""
+    skips = [name for name in ("embed_skip", "unet_skips") if getattr(model.cfg, name, False)]
+    if skips:
+        raise UserError(
+            f"direct logit attribution reads the residual stream as the sum of what each component wrote; "
+            f"model.{'/'.join(skips)} rescale and re-add it between blocks: not supported (the logit lens is)"
+        )
     L = model.cfg.n_layers
     points = [block_point(0, "resid_pre"), "blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
     logits, cache = run_with_cache(model, ids, points)
