@@ -28,13 +28,13 @@ def attach_grokfast(optimizer: torch.optim.Optimizer, alpha: float, lamb: float)
     @torch.no_grad()
     def amplify(opt, args, kwargs) -> None:
         pending.clear()
+        found_inf = getattr(opt, "found_inf", None)
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 old = opt.state[p].get(KEY)
                 h = (1 - alpha) * p.grad if old is None else torch.lerp(p.grad, old, alpha)
-                found_inf = getattr(opt, "found_inf", None)
                 if found_inf is not None:  # a skipped step keeps h (where() drops a NaN gradient)
                     h = torch.where(found_inf > 0, torch.zeros_like(h) if old is None else old, h)
                 p.grad.add_(h, alpha=lamb)
