@@ -419,7 +419,7 @@ class TrainConfig(Section):
         1.0,
         gt=0,
         le=1,
-        description="Rho-1 (selective language modelling): the fraction of each micro-batch's supervised tokens "
+        description="Rho-1 (selective language modelling): the fraction of each row's supervised tokens "
         "the loss keeps, those whose loss most exceeds train.selection_reference's on the same token (0.6: 60%); "
         "1: every token, the plain loss. Validation losses stay over every token.",
     )

@@ -1,7 +1,7 @@
 """What the training loop minimises, decided by the dataset's format: next-token cross-entropy for
 text (pretraining) and chat (SFT: the loss mask keeps the assistant's tokens), DPO for preference
 pairs. One loop (generalmodel.train.loop) runs them all. With train.token_selection < 1 the
-cross-entropy keeps only that fraction of each micro-batch's supervised tokens, those whose loss
+cross-entropy keeps only that fraction of each row's supervised tokens, those whose loss
 most exceeds a reference model's (Rho-1, `SelectiveLanguageModeling`).
 
 Every objective returns *sums* over its units — supervised tokens, or pairs — and the loop divides
