@@ -1,20 +1,25 @@
-"""Dense vs MoE vs memory layers at (about) equal active FLOPs: val loss after the same tokens.
+"""Dense vs MoE vs memory layers (PKM, PEER, UltraMem) at (about) equal active FLOPs: val loss after
+the same tokens.
 
     python -m benchmarks.sparse_layers                      # CPU: the four tiny variants, 2 seeds
     python -m benchmarks.sparse_layers --steps 600 --seeds 0,1,2 --variants dense,memory
 
 Each variant trains with the platform's loop (generalmodel.train.loop.train, one process, no Ray)
 on the prepared sotu dataset (`make prepare-data`; another with --dataset) with the llama-tiny
-recipe (configs/llama-tiny.yaml, batch 8 × 256; the figures in RESULTS.md were taken with its AdamW
-recipe of before issue 18: lr 3e-3, warmup 30), the same data order and seeds. Variants (the
-tiny presets; MoE takes top-3 + 1 shared expert so that its active expert width equals the dense
-MLP's):
+recipe's training section and optimizer (configs/llama-tiny.yaml, batch 8 × 256; its model section
+is replaced by the variant's preset), the same data order and seeds. RESULTS.md has a table taken
+with the AdamW recipe of before issue 18 (lr 3e-3, warmup 30) and one with today's Muon recipe.
+Variants (the tiny presets; MoE takes top-3 + 1 shared expert so that its active expert width
+equals the dense MLP's):
 
     dense    llama-tiny
     moe      moe-tiny, top-3 of 8 fine-grained experts + 1 shared, from block 1
     memory   memory-tiny: block 1's MLP a product-key memory of 32² values, 4 heads × 16 read
     memory-4k  the same with 64² values
     peer     peer-tiny: block 1's MLP 32² single-neuron experts, 4 heads × 8 read
+    ultramem   ultramem-tiny: block 1's MLP an UltraMem of 64² virtual slots, 1024 physical rows
+             read through 4 projectors, rank-2 Tucker cores, 4 heads × 16 read
+    ultramem-2 the same in blocks 1 and 3 (the paper's several smaller layers; fewer FLOPs)
 
 Prints per variant: total and active parameters, training FLOPs per token (active), final val
 loss (mean and spread over seeds), tokens/s, and the val-loss difference to dense. Record the
@@ -39,6 +44,8 @@ VARIANTS = {
     "memory": ("memory-tiny", {}),
     "memory-4k": ("memory-tiny", {"memory_keys": 64}),
     "peer": ("peer-tiny", {}),
+    "ultramem": ("ultramem-tiny", {}),
+    "ultramem-2": ("ultramem-tiny", {"memory_layers": (1, 3)}),
 }
 
 

@@ -2,8 +2,8 @@
 RoPE), norm (LayerNorm without bias or RMSNorm), MLP (GELU 4×, SwiGLU, ReLU² 4×, or a DeepSeek
 MoE after `moe_first_dense` dense layers), attention (grouped KV heads, or MLA), sliding-window
 layers with a global layer every `global_every`, cross-layer KV sharing in groups of
-`kv_share_group`, product-key memory layers (PKM or PEER) in place of the MLP of chosen blocks
-(models/memory.py), tied or separate embeddings, and the recipe switches QK-norm, value residual,
+`kv_share_group`, product-key memory layers (PKM, PEER or UltraMem) in place of the MLP of chosen
+blocks (models/memory.py), tied or separate embeddings, and the recipe switches QK-norm, value residual,
 logit soft-capping and zero-initialised output projections. `gpt2`, `llama` and `deepseek`
 (models/gpt2.py, llama.py, deepseek.py) are defaults of it. Single-device PyTorch.
 """
@@ -23,7 +23,7 @@ from models.cache import KVCache
 from models.common import RMSNorm, matmul_flops_per_token, rope_tables
 from models.hooks import HookPoint
 from models.loss import Selection, capped_logits, linear_cross_entropy, selected_cross_entropy, token_losses
-from models.memory import ProductKeyMemory
+from models.memory import ProductKeyMemory, UltraMemory
 from models.moe import MoE
 
 MLPKind = Literal["gelu", "swiglu", "relu2"]
@@ -99,13 +99,19 @@ class DecoderConfig:
     moe_aux_loss_weight: float = _opt(0.0, "Weight of the sequence-wise balance loss; 0: off.")
     # memory layers (none: every block keeps its MLP)
     memory_layers: tuple[int, ...] = _opt((), "Blocks whose MLP is a product-key memory layer, e.g. [2].")
-    memory_kind: Literal["pkm", "peer"] = _opt(
-        "pkm", "pkm: a table of value vectors (Lample 2019); peer: single-neuron experts (He 2024)."
+    memory_kind: Literal["pkm", "peer", "ultramem"] = _opt(
+        "pkm",
+        "pkm: a table of value vectors (Lample 2019); peer: single-neuron experts (He 2024); ultramem: "
+        "Tucker-decomposed keys and implicitly expanded values (Huang 2024).",
     )
     memory_keys: int = _opt(32, "Sub-keys per half: N = memory_keys² value slots (pkm) or experts (peer).")
     memory_heads: int = _opt(4, "Memory query heads, each retrieving memory_top_k of the N slots.")
     memory_top_k: int = _opt(16, "Slots each head retrieves (exact top-k over all N keys).")
     memory_key_dim: int = _opt(64, "Query/key size per head (two halves of key_dim / 2).")
+    memory_rank: int = _opt(2, "ultramem: rank of the Tucker core scoring each pair of sub-keys.")
+    memory_expansion: int = _opt(4, "ultramem: projectors E; the physical table holds N / E rows.")
+    memory_value_dim: int | None = _opt(None, "ultramem: width of the physical value rows; null: d_model.")
+    memory_core_loss_weight: float = _opt(0.1, "ultramem: weight of the loss that keeps each core near rank one.")
 
     # pydantic (the platform's config tree) validates this dataclass; unknown keys are errors.
     __pydantic_config__ = {"extra": "forbid"}
@@ -160,6 +166,18 @@ class DecoderConfig:
                 raise ValueError("memory_key_dim must be even and positive, memory_heads positive")
             if not 0 < self.memory_top_k <= self.memory_keys:
                 raise ValueError(f"memory_top_k={self.memory_top_k} must be in 1..memory_keys={self.memory_keys}")
+        ultra = {"memory_rank": 2, "memory_expansion": 4, "memory_value_dim": None, "memory_core_loss_weight": 0.1}
+        if self.memory_kind != "ultramem" and any(getattr(self, k) != v for k, v in ultra.items()):
+            changed = ", ".join(f"{k}={getattr(self, k)}" for k, v in ultra.items() if getattr(self, k) != v)
+            raise ValueError(f"{changed}: UltraMem's fields, but memory_kind is {self.memory_kind!r}")
+        if self.memory_kind == "ultramem":
+            if self.memory_rank < 1 or self.memory_expansion < 1 or self.memory_keys**2 % self.memory_expansion:
+                raise ValueError(
+                    f"memory_rank={self.memory_rank} and memory_expansion={self.memory_expansion} must be positive, "
+                    f"and memory_expansion must divide memory_keys² = {self.memory_keys**2}"
+                )
+            if (self.memory_value_dim is not None and self.memory_value_dim <= 0) or self.memory_core_loss_weight < 0:
+                raise ValueError("memory_value_dim must be positive (or null), memory_core_loss_weight >= 0")
         if self.moe_experts:
             if self.moe_experts < 2 or not 0 < self.moe_top_k <= self.moe_experts:
                 raise ValueError(f"moe_top_k={self.moe_top_k} must be in 1..moe_experts={self.moe_experts}")
@@ -268,7 +286,20 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg)
         self.attn = make_attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
-        if layer in cfg.memory_layers:
+        if layer in cfg.memory_layers and cfg.memory_kind == "ultramem":
+            self.mlp = UltraMemory(
+                cfg.d_model,
+                cfg.memory_keys,
+                cfg.memory_heads,
+                cfg.memory_top_k,
+                cfg.memory_key_dim,
+                cfg.memory_rank,
+                cfg.memory_expansion,
+                cfg.memory_value_dim,
+                cfg.memory_core_loss_weight,
+                cfg.norm_eps,
+            )
+        elif layer in cfg.memory_layers:
             self.mlp = ProductKeyMemory(
                 cfg.d_model,
                 cfg.memory_keys,
@@ -490,8 +521,11 @@ class Decoder(nn.Module):
         return self._moe_layers
 
     def aux_loss(self) -> torch.Tensor | None:
-        """The MoE layers' sequence-wise balance losses of the last forward (None if off)."""
-        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        """The auxiliary losses of the last forward: the MoE layers' sequence-wise balance losses and
+        the UltraMem cores' rank-one penalties (None if none is on)."""
+        if not hasattr(self, "_aux_layers"):
+            self._aux_layers = self.moe_layers() + [m for m in self.modules() if isinstance(m, UltraMemory)]
+        losses = [m.aux_loss for m in self._aux_layers if m.aux_loss is not None]
         return sum(losses) if losses else None
 
     def after_optimizer_step(self, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -507,7 +541,8 @@ class Decoder(nn.Module):
         if active:
             for moe in self.moe_layers():
                 n -= (moe.n_experts - moe.top_k) * (moe.w_up[0].numel() + moe.w_down[0].numel())
-            n -= sum(m.inactive_params() for m in self.modules() if isinstance(m, ProductKeyMemory))
+            memories = (ProductKeyMemory, UltraMemory)
+            n -= sum(m.inactive_params() for m in self.modules() if isinstance(m, memories))
         if not embeddings:
             n -= self.embed.weight.numel() + (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
             n -= sum(table.weight.numel() for table in self.value_embeds or ())

@@ -94,6 +94,11 @@ PRESETS: dict[str, DecoderConfig] = {
     # Block 1's MLP becomes a memory: 32² = 1024 slots, 4 heads × 16 retrieved (or 1024 PEER experts).
     "memory-tiny": LlamaConfig(**_TINY, n_kv_heads=2, memory_layers=(1,)),
     "peer-tiny": LlamaConfig(**_TINY, n_kv_heads=2, memory_layers=(1,), memory_kind="peer", memory_top_k=8),
+    # UltraMem in block 1: 64² = 4096 virtual slots read through 4 projectors from memory-tiny's
+    # 1024 × 192 physical table; rank-2 Tucker cores; 4 heads × 16 retrieved.
+    "ultramem-tiny": LlamaConfig(
+        **_TINY, n_kv_heads=2, memory_layers=(1,), memory_kind="ultramem", memory_keys=64, memory_expansion=4
+    ),
     "gpt2-124m": GPT2Config(**_124M),
     "llama-124m": LlamaConfig(**_124M),
     "llama-350m": LlamaConfig(**{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 1024}, n_kv_heads=4),
@@ -107,6 +112,17 @@ PRESETS: dict[str, DecoderConfig] = {
     # llama-124m with block 6's MLP a memory of 512² = 262K values (+201M parameters; 4 heads × 32 read).
     "memory-124m": LlamaConfig(
         **_124M, memory_layers=(6,), memory_keys=512, memory_heads=4, memory_top_k=32, memory_key_dim=256
+    ),
+    # UltraMem's several smaller layers: blocks 3, 6 and 9 each 512² = 262K virtual slots over 65K
+    # physical rows (+151M parameters in all; 4 heads × 32 read per layer).
+    "ultramem-124m": LlamaConfig(
+        **_124M,
+        memory_layers=(3, 6, 9),
+        memory_kind="ultramem",
+        memory_keys=512,
+        memory_heads=4,
+        memory_top_k=32,
+        memory_key_dim=256,
     ),
     # Llama 3 8B's shape (8.03B parameters): for planning a cluster run (benchmarks/scaling.py).
     "llama-8b": LlamaConfig(

@@ -17,12 +17,13 @@ from models.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from models.decoder import MLP, DecoderConfig
 from models.deepseek import DeepSeekConfig
 from models.llama import LlamaConfig
-from models.memory import ProductKeyMemory
+from models.memory import ProductKeyMemory, UltraMemory
 from models.moe import MoE, SharedExperts
 
 
-def expected_stds(model, cfg: DecoderConfig) -> dict[str, float]:
-    """Parameter name → intended std, derived from the module each parameter belongs to."""
+def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
+    """Parameter name → intended std, derived from the module each parameter belongs to (None: not
+    a normal init, checked by its module's own test — UltraMem's rank-one cores)."""
     std, residual = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
     out = {"embed.weight": std}
     for name, module in model.named_modules():
@@ -46,6 +47,10 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float]:
             out[prefix + "sub_keys"] = 1 / math.sqrt(module.key_dim // 2)
             if module.down is not None:
                 out[prefix + "down"] = std
+        elif isinstance(module, UltraMemory):
+            out[prefix + "query.weight"], out[prefix + "expand"], out[prefix + "core"] = std, residual, None
+            out[prefix + "sub_keys"] = 1 / math.sqrt(module.key_dim // 2)
+            out[prefix + "values"] = 1 / math.sqrt(module.heads * module.top_k)
     if not cfg.tie_embeddings:
         out["head.weight"] = std
     return out
@@ -66,8 +71,9 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float]:
             moe_hidden=256,
         ),
         LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, memory_layers=(1, 4), memory_kind="peer"),
+        LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, memory_layers=(2,), memory_kind="ultramem"),
     ],
-    ids=["llama", "deepseek-mla-moe", "llama-peer-memory"],
+    ids=["llama", "deepseek-mla-moe", "llama-peer-memory", "llama-ultramem"],
 )
 def test_every_parameter_kind_has_its_intended_std(cfg):
     torch.manual_seed(0)
@@ -78,6 +84,8 @@ def test_every_parameter_kind_has_its_intended_std(cfg):
             assert torch.all(p == 1), name
             continue
         assert name in expected, f"{name}: no intended init for this parameter kind"
+        if expected[name] is None:
+            continue
         assert p.std().item() == pytest.approx(expected[name], rel=0.05), name
         assert abs(p.mean().item()) < 0.1 * expected[name], name
 

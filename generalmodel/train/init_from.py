@@ -29,7 +29,7 @@ from generalmodel.config import Config
 log = logging.getLogger(__name__)
 
 # Model fields that only shape training, not the weights: these may differ from the source.
-TRAINING_ONLY = frozenset({"init_std", "moe_bias_update_rate", "moe_aux_loss_weight"})
+TRAINING_ONLY = frozenset({"init_std", "moe_bias_update_rate", "moe_aux_loss_weight", "memory_core_loss_weight"})
 
 
 @dataclass
