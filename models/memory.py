@@ -23,8 +23,10 @@ the three things the paper changes:
   and likewise the columns (the paper takes the top-k only; with both ends the top-k of the
   products a_i·b_j of any signs lies in the (2k)² grid, so retrieval is exact whenever C is
   rank one — tested against brute force); the exact Tucker scores of the grid pick the top-k. An
-  auxiliary loss, Σ relu(σ_i − 0.15)² over each core's singular values beyond the first, keeps
-  C close to rank one (the paper's). The weights are the raw scores (the paper drops the softmax).
+  auxiliary loss keeps C close to rank one: relu(σ₂ − 0.15)² per core for rank 2, as the paper's
+  (for a larger rank, on the root of the energy beyond σ₁ rather than on each σᵢ). The rank-one
+  direction comes from power iteration, not an SVD: no host sync on a GPU. The weights are the
+  raw scores (the paper drops the softmax).
 - **Implicit value expansion (IVE)**: the N = n_keys² slots are virtual; slot s reads physical
   row s // E of an (N / E, value_dim) table through projector s % E of E (value_dim → d_model)
   matrices. The retrieved rows are pooled per projector (one `embedding_bag`), then projected:
@@ -130,6 +132,19 @@ class ProductKeyMemory(nn.Module):
 CORE_MARGIN = 0.15
 
 
+def rank_one(core: torch.Tensor, iterations: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top singular vectors (u, v), each (heads, r), of every (r, r) core, by power iteration on
+    CᵀC from its largest column (exact at once for a rank-one core; no linalg call, so no host
+    sync on a GPU). A core of zeros gives zero vectors."""
+    gram = core.transpose(-2, -1) @ core
+    v = gram.gather(-1, gram.norm(dim=-2).argmax(-1)[:, None, None].expand(-1, gram.shape[-1], 1))[..., 0]
+    for _ in range(iterations):
+        v = F.normalize(v, dim=-1)
+        v = torch.einsum("hrq,hq->hr", gram, v)
+    v = F.normalize(v, dim=-1)
+    return F.normalize(torch.einsum("hrq,hq->hr", core, v), dim=-1), v
+
+
 class UltraMemory(nn.Module):
     """UltraMem's memory layer (see the module docstring): `heads` queries, each retrieving `top_k`
     of N = n_keys² virtual slots by Tucker-decomposed product keys of `rank`, read through
@@ -208,10 +223,10 @@ class UltraMemory(nn.Module):
             rows = cols = torch.arange(n, device=x.device).expand(*sub.shape[1:3], n)
         else:
             with torch.no_grad():
-                u, _, vh = torch.linalg.svd(core)
+                u, v = rank_one(core)
                 ends = lambda s: torch.cat([s[..., -k:], s[..., :k]], dim=-1)  # noqa: E731 (top-k, bottom-k)
-                rows = ends(torch.einsum("mhrn,hr->mhn", sub[0], u[..., 0]).argsort(dim=-1))
-                cols = ends(torch.einsum("mhrn,hr->mhn", sub[1], vh[..., 0, :]).argsort(dim=-1))
+                rows = ends(torch.einsum("mhrn,hr->mhn", sub[0], u).argsort(dim=-1))
+                cols = ends(torch.einsum("mhrn,hr->mhn", sub[1], v).argsort(dim=-1))
         width = rows.shape[-1]
         pick = lambda s, idx: s.gather(-1, idx[:, :, None, :].expand(-1, -1, self.rank, -1))  # noqa: E731
         grid = torch.einsum("mhri,hrq,mhqj->mhij", pick(sub[0], rows), core, pick(sub[1], cols))
@@ -219,9 +234,15 @@ class UltraMemory(nn.Module):
         return top, rows.gather(-1, flat // width) * n + cols.gather(-1, flat % width)
 
     def core_loss(self) -> torch.Tensor:
-        """Σ over heads and singular values beyond the first of relu(σ − CORE_MARGIN)²."""
-        singular = torch.linalg.svdvals(self.cores())
-        return F.relu(singular[:, 1:] - CORE_MARGIN).square().sum()
+        """Σ over heads of relu(s − CORE_MARGIN)², s the root of the energy beyond the first
+        singular value, √(‖C‖² − σ₁²): the paper's hinge on σ₂ for rank 2 (for a larger rank it
+        hinges each σᵢ, i ≥ 2). σ₁ = ‖Cv‖ with v from `rank_one` (no linalg call: no host sync)."""
+        core = self.cores()
+        with torch.no_grad():
+            _, v = rank_one(core)
+        first = torch.einsum("hrq,hq->hr", core, v).square().sum(-1)
+        beyond = (core.square().sum((-2, -1)) - first).clamp(min=0)
+        return F.relu((beyond + 1e-12).sqrt() - CORE_MARGIN).square().sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
