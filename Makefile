@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
+.PHONY: reasoning-data reasoning-sft reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
 	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
@@ -117,6 +117,25 @@ rl: arithmetic
 	@$(PY) -c "import sys; from generalmodel.tracking.registry import is_registered; \
 	  sys.exit(not is_registered('models:/llama-tiny-arith-sft/latest'))" || $(MAKE) rl-sft
 	$(PY) -m jobs.rl --config configs/rl.yaml $(RL_ARGS)
+
+# The reasoning suite (jobs/reasoning.py): addition with carries, two-operation expressions and
+# Countdown in difficulty levels, with worked solutions and a held-out split by problem. SFT on the
+# worked solutions from the `make pretrain` model (llama-tiny-reason-cot; the answer-only baseline:
+# REASON_SFT_ARGS='--data.source=.generalmodel/reasoning/sft_answer.jsonl
+# --tracking.registered_model=llama-tiny-reason-answer'); held-out pass@1 (greedy, sampled) and
+# pass@8 per task and level of REASON_MODEL (docs/reasoning.md).
+REASON_DIR := .generalmodel/reasoning
+REASON_MODEL ?= models:/llama-tiny-reason-cot/latest
+REASON_SFT_ARGS ?=
+REASON_EVAL_ARGS ?=
+reasoning-data: install
+	$(PY) -m jobs.reasoning --out=$(REASON_DIR)
+
+reasoning-sft: reasoning-data
+	$(PY) -m jobs.sft --config configs/reasoning-sft.yaml $(REASON_SFT_ARGS)
+
+reasoning-eval: reasoning-data
+	$(PY) -m jobs.eval --models='$(REASON_MODEL)' --problems=$(REASON_DIR)/test.jsonl --name=reasoning $(REASON_EVAL_ARGS)
 
 bench-rl: install
 	$(PY) -m benchmarks.rl_throughput $(BENCH_ARGS)

@@ -12,6 +12,7 @@ JOBS = {
     "dpo": "jobs.dpo",
     "rl": "jobs.rl",
     "arithmetic": "jobs.arithmetic",
+    "reasoning": "jobs.reasoning",
     "sotu-qa": "jobs.sotu_qa",
     "sweep": "jobs.sweep",
     "sample": "jobs.sample",

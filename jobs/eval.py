@@ -1,11 +1,15 @@
 """Evaluate one or more models side by side: val loss and bits per byte (on a prepared dataset's
 val split, or on raw text each model tokenizes itself), multiple-choice tasks in HellaSwag's
-jsonl format (acc, acc_norm), and lm-evaluation-harness tasks. The work runs as Ray tasks;
-results go to MLflow (a parent run with the comparison table, a child run per model).
+jsonl format (acc, acc_norm), problems with checkable answers (the reasoning suite of
+jobs/reasoning.py: pass@1 greedy and sampled, pass@k, per task and level), and
+lm-evaluation-harness tasks. The work runs as Ray tasks; results go to MLflow (a parent run with
+the comparison table, a child run per model).
 
     python -m jobs.eval --models='[models:/llama-tiny/1, models:/llama-tiny/2]' --corpus=sotu
     python -m jobs.eval --models=models:/llama-tiny/2 --dataset=.generalmodel/store/datasets/sotu \\
         --tasks='[evals/hellaswag-val.jsonl]'
+    python -m jobs.eval --models=models:/llama-tiny-reason-cot/latest \\
+        --problems=.generalmodel/reasoning/test.jsonl --samples=8 --pass_k='[8]'
     python -m jobs.eval --models=... --harness_tasks='[hellaswag]'      # needs the eval extra, online
 """
 
@@ -18,9 +22,16 @@ from generalmodel.cli import run_job
 from generalmodel.cluster import ray_session
 from generalmodel.config import RayConfig, Section, StorageConfig, Strings, TrackingConfig
 from generalmodel.eval.runner import LoadedModel, ModelResult, comparison, evaluate, log_to_mlflow
+from generalmodel.infer import SamplingParams
 from generalmodel.infer.export import read_export
 from generalmodel.tracking import check_reachable, model_tags, tracking_uri
 from generalmodel.tracking.registry import download_model
+
+
+class ProblemSampling(SamplingParams):
+    """How --problems' answers are sampled (the greedy answer besides): temperature, then top-k / top-p / min-p."""
+
+    max_new_tokens: int = Field(160, gt=0, description="Tokens an answer may take (a worked solution's steps).")
 
 
 class EvalConfig(Section):
@@ -32,6 +43,12 @@ class EvalConfig(Section):
         None, description="Raw text (any data.source: sotu, a path, s3://, hf:ID): loss and bits per byte."
     )
     tasks: Strings = Field([], description="Multiple-choice jsonl files (HellaSwag format): acc, acc_norm.")
+    problems: str | None = Field(
+        None, description="Problems with checkable answers (jobs/reasoning.py's test.jsonl): pass@1 and pass@k."
+    )
+    samples: int = Field(8, ge=0, description="--problems: sampled answers per problem (besides the greedy one).")
+    pass_k: list[int] = Field([8], description="--problems: the k of each pass@k reported (each <= samples).")
+    sampling: ProblemSampling = ProblemSampling()
     harness_tasks: Strings = Field([], description="lm-evaluation-harness task names (the eval extra).")
     harness_include: str | None = Field(None, description="A directory of lm-eval task YAMLs of your own.")
     limit: int | None = Field(None, gt=0, description="At most this many examples per task / windows / documents.")
@@ -44,8 +61,11 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _something_to_do(self):
-        if not (self.dataset or self.corpus or self.tasks or self.harness_tasks):
-            raise ValueError("nothing to evaluate: give --dataset, --corpus, --tasks or --harness_tasks")
+        if not (self.dataset or self.corpus or self.tasks or self.problems or self.harness_tasks):
+            raise ValueError("nothing to evaluate: give --dataset, --corpus, --tasks, --problems or --harness_tasks")
+        bad = [k for k in self.pass_k if not 0 < k <= self.samples]
+        if self.problems and bad:
+            raise ValueError(f"pass_k {bad}: each k must be in 1..samples={self.samples}")
         if not self.models:
             raise ValueError("models: give at least one model reference")
         return self

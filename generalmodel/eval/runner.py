@@ -1,4 +1,4 @@
-"""Evaluating models over a Ray cluster: the work (token windows, multiple-choice examples) is
+"""Evaluating models over a Ray cluster: the work (token windows, multiple-choice examples, problems) is
 cut into chunks scored by Ray tasks, each holding the model it got through the object store
 (put once per model). Results are one row per model, logged to MLflow: a parent run with the
 comparison table, a child run per model tagged with the model version and the run that
@@ -59,6 +59,13 @@ def _loglikelihood_task(loaded: LoadedModel, pairs: list[tuple[str, str]]) -> li
     return loglikelihoods(model, tokenizer, pairs, eos_id(tokenizer))
 
 
+def _solve_task(loaded: LoadedModel, rows: list[dict], samples: int, params) -> list:
+    from generalmodel.eval.problems import solve
+
+    model, _ = loaded.build()
+    return solve(model, loaded.tokenizer_json, rows, samples, params)
+
+
 def chunks(items: list, n: int) -> list[list]:
     n = max(1, min(n, len(items)))
     size = -(-len(items) // n)
@@ -91,6 +98,14 @@ class ClusterScorer:
         task = ray.remote(num_cpus=1)(_loglikelihood_task)
         parts = ray.get([task.remote(self.loaded_ref, c) for c in chunks(pairs, self.parallelism)])
         return [score for part in parts for score in part]
+
+    def solve(self, rows: list[dict], samples: int, params) -> list:
+        """generalmodel.eval.problems.solve over chunks of the rows, in order."""
+        import ray
+
+        task = ray.remote(num_cpus=1)(_solve_task)
+        parts = ray.get([task.remote(self.loaded_ref, c, samples, params) for c in chunks(rows, self.parallelism)])
+        return [solved for part in parts for solved in part]
 
 
 def dataset_windows(uri: str, storage, tokenizer_json: str, limit: int | None) -> list[np.ndarray]:
@@ -150,6 +165,14 @@ def evaluate(loaded: LoadedModel, cfg, storage) -> dict[str, float]:
             scores.append([ll for ll, _ in flat[i : i + len(e.choices)]])
             i += len(e.choices)
         metrics |= {f"{name}.{k}": v for k, v in mc_accuracy(examples, scores).items()}
+    if cfg.problems:
+        from generalmodel.eval.problems import read_problems, summarize
+
+        solved = scorer.solve(read_problems(cfg.problems, storage, cfg.limit), cfg.samples, cfg.sampling)
+        metrics |= summarize(solved, cfg.pass_k)
+        wrong = next((s for s in solved if not s.greedy), None)
+        if wrong is not None:
+            log.info("%s: a wrong greedy answer (%s L%d): %r", loaded.reference, wrong.task, wrong.level, wrong.example)
     if cfg.harness_tasks:
         from generalmodel.eval.harness import run_harness
 

@@ -8,6 +8,9 @@ Built in:
     answer_format  1 when the completion is exactly "The answer is N." (N a number), else 0
     math_verify    1 when math-verify finds the completion's final answer equal to `answer`
                    (the `math` extra: pip install 'generalmodel[math]')
+    solved         1 when the completion solves a reasoning-suite row (generalmodel.eval.reasoning:
+                   the number after "The answer is" equals `answer`; for countdown rows, the
+                   expression there uses each of `numbers` once and equals `answer`), else 0
 A name of the form `module:function` imports a verifier of your own.
 """
 
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 from generalmodel import UserError
+from generalmodel.eval import reasoning
 
 Verifier = Callable[..., float]
 
@@ -60,10 +64,17 @@ def math_verify(prompt: str, completion: str, answer=None, **fields) -> float:
     return float(verify(parse(str(answer)), parse(completion)))
 
 
+def solved(prompt: str, completion: str, answer=None, **fields) -> float:
+    if answer is None:
+        raise UserError("the solved verifier needs an `answer` field in every prompt row")
+    return float(reasoning.solved(completion, {"answer": answer, **fields}))
+
+
 BUILT_IN: dict[str, Verifier] = {
     "exact_number": exact_number,
     "answer_format": answer_format,
     "math_verify": math_verify,
+    "solved": solved,
 }
 
 

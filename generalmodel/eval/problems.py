@@ -1,0 +1,120 @@
+"""Solving problems with checkable answers (the reasoning suite, generalmodel.eval.reasoning, or any
+jsonl of its shape): for one model, each problem's greedy answer and `samples` sampled answers,
+verified; summed up per task and level as pass@1 greedy, pass@1 sampled (the mean share of correct
+samples) and pass@k by the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language
+Models Trained on Code"): 1 − C(n − c, k) / C(n, k) for c correct of n samples.
+
+A problem row: `prompt` (the user's message), `answer`, and `task`, `level` and what its verifier
+reads (countdown: `numbers`). Each sample's seed is a function of the sampling seed, the prompt
+and the sample's number, so results do not depend on how the problems are cut into Ray tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from generalmodel import UserError
+from generalmodel.eval.reasoning import solved
+from generalmodel.infer.engine import Engine, Request, SamplingParams
+
+
+@dataclass
+class Solved:
+    task: str
+    level: int
+    greedy: bool  # the greedy answer is right
+    correct: int  # right answers among the samples
+    samples: int
+    example: str = ""  # the greedy completion (for the report)
+
+
+def read_problems(source: str, storage, limit: int | None = None) -> list[dict[str, Any]]:
+    """The problem rows of a jsonl/parquet source (local, s3://); a UserError names the file and
+    line of a row without `prompt` or `answer`."""
+    from generalmodel.config import DataConfig
+    from generalmodel.data.sources import RowError, list_pieces, read_rows
+
+    rows: list[dict[str, Any]] = []
+    for piece in list_pieces(DataConfig(source=source, format="chat"), storage):
+        for where, row in read_rows(piece, storage):
+            if isinstance(row, RowError):
+                raise row
+            missing = [k for k in ("prompt", "answer") if k not in row]
+            if missing or not isinstance(row["prompt"], str):
+                raise UserError(f"{where}: a problem row needs a string `prompt` and an `answer`; missing {missing}")
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                return rows
+    if not rows:
+        raise UserError(f"no problems in {source!r}")
+    return rows
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k samples drawn without replacement from n (c right) is right."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sample_seed(seed: int, prompt: str, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{prompt}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+@torch.no_grad()
+def solve(
+    model, tokenizer_json: str, rows: list[dict[str, Any]], samples: int, params: SamplingParams, slots: int = 32
+) -> list[Solved]:
+    """Greedy and `samples` sampled chat answers (params' temperature, filters and max_new_tokens)
+    to every row, `slots` sequences decoding at once, each verified."""
+    from generalmodel.data.chat import ChatFormat
+    from generalmodel.data.tokenizer import eos_id
+
+    fmt = ChatFormat.from_json(tokenizer_json)
+    stop = frozenset({fmt.end_id, eos_id(fmt.tokenizer)})
+    prompts = [fmt.prompt_ids([{"role": "user", "content": row["prompt"]}]) for row in rows]
+    greedy = params.model_copy(update={"temperature": 0.0})
+    wanted = []  # (row, params) of every sequence: the greedy one, then the samples
+    for i, row in enumerate(rows):
+        wanted.append((i, greedy))
+        wanted += [
+            (i, params.model_copy(update={"seed": sample_seed(params.seed, row["prompt"], s)})) for s in range(samples)
+        ]
+    capacity = min(model.cfg.max_seq_len, max(map(len, prompts)) + params.max_new_tokens)
+    engine = Engine(model, min(slots, len(wanted)), capacity=capacity)
+    requests = [engine.add(Request(list(prompts[i]), p, stop)) for i, p in wanted]
+    while not engine.idle():
+        engine.step()
+    out = []
+    per_row = 1 + samples
+    for i, row in enumerate(rows):
+        texts = [fmt.tokenizer.decode(r.tokens) for r in requests[i * per_row : (i + 1) * per_row]]
+        right = [solved(text, row) for text in texts]
+        task, level = str(row.get("task", "problems")), int(row.get("level", 0))
+        out.append(Solved(task, level, right[0], sum(right[1:]), samples, texts[0]))
+    return out
+
+
+def summarize(results: list[Solved], ks: list[int]) -> dict[str, float]:
+    """problems.{TASK}.L{LEVEL}.{metric}, problems.{TASK}.{metric} and problems.{metric}, metric:
+    pass1_greedy, pass1_sampled, pass{k} for each k, and count (the problems)."""
+    groups: dict[str, list[Solved]] = defaultdict(list)
+    for r in results:
+        for name in (f"problems.{r.task}.L{r.level}", f"problems.{r.task}", "problems"):
+            groups[name].append(r)
+    metrics: dict[str, float] = {}
+    for name, group in sorted(groups.items()):
+        metrics[f"{name}.count"] = float(len(group))
+        metrics[f"{name}.pass1_greedy"] = sum(r.greedy for r in group) / len(group)
+        if group[0].samples:
+            metrics[f"{name}.pass1_sampled"] = sum(r.correct / r.samples for r in group) / len(group)
+            for k in ks:
+                metrics[f"{name}.pass{k}"] = sum(pass_at_k(r.samples, r.correct, k) for r in group) / len(group)
+    return metrics
