@@ -8,9 +8,11 @@ Writes the suite (jobs.reasoning, `--test` held-out problems per task and level)
 each seed and variant runs jobs.sft with configs/reasoning-sft.yaml (Ray Train, from
 models:/llama-tiny/latest; `cot` on sft_cot.jsonl, `answer` on sft_answer.jsonl: the same problems
 and steps, so the CoT run sees more supervised tokens), registered as llama-tiny-reason-VARIANT,
-and evaluates every trained version (and, --base, the base) with jobs.eval --problems (8 samples
-at temperature 0.8). Prints one table row per variant and task level: the seeds' mean (± half their
-spread). Record the output, with the machine, in benchmarks/RESULTS.md.
+and evaluates every trained version (and, --base, the base) with jobs.eval --problems: the greedy
+answer and 8 samples per problem, once per --strategies (top_p: temperature 0.8, top-p 0.9;
+entropy: the same with entropy-aware sampling; plain: temperature 0.8). Prints one table row per
+variant, sampling and task level: the seeds' mean (± half their spread). Record the output, with
+the machine, in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def train(variant: str, seed: int, args) -> str:
     return sft(cfg)["model_uri"]
 
 
+STRATEGIES = {
+    "top_p": {"temperature": 0.8, "top_p": 0.9},
+    "entropy": {"temperature": 0.8, "top_p": 0.9, "strategy": "entropy"},
+    "plain": {"temperature": 0.8},
+}
+
+
 def main() -> None:
     from jobs.eval import EvalConfig
     from jobs.eval import main as evaluate
@@ -52,6 +61,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--test", type=int, default=50, help="held-out problems per task and level")
     parser.add_argument("--variants", default="cot,answer")
+    parser.add_argument("--strategies", default="top_p,entropy", help=f"sampling for pass@k: {', '.join(STRATEGIES)}")
     parser.add_argument("--base", action="store_true", help="evaluate the base model too (it has not seen the format)")
     args = parser.parse_args()
     write_suite(ReasoningConfig(out=args.out, test=args.test))
@@ -59,20 +69,25 @@ def main() -> None:
     for variant in args.variants.split(","):
         runs[variant] = [train(variant, int(seed), args) for seed in args.seeds.split(",")]
     uris = [uri for group in runs.values() for uri in group]
-    results = {r.reference: r.metrics for r in evaluate(EvalConfig(models=uris, problems=f"{args.out}/test.jsonl"))}
-    groups = sorted({k.rsplit(".", 1)[0] for m in results.values() for k in m if k.endswith(".pass8")})
-    print(f"\n{args.steps} SFT steps, seeds {args.seeds}; held-out problems, 8 samples at temperature 0.8:")
-    print("| variant | problems | " + " | ".join(METRICS) + " |")
-    print("|---|---|" + "---|" * len(METRICS))
+    results = {}
+    for strategy in args.strategies.split(","):
+        cfg = EvalConfig(models=uris, problems=f"{args.out}/test.jsonl", sampling=STRATEGIES[strategy])
+        results[strategy] = {r.reference: r.metrics for r in evaluate(cfg)}
+    any_metrics = next(iter(next(iter(results.values())).values()))
+    groups = sorted({k.rsplit(".", 1)[0] for k in any_metrics if k.endswith(".pass8")})
+    print(f"\n{args.steps} SFT steps, seeds {args.seeds}; held-out problems, 8 samples per problem:")
+    print("| variant | sampling | problems | " + " | ".join(METRICS) + " |")
+    print("|---|---|---|" + "---|" * len(METRICS))
     for variant, group_uris in runs.items():
-        for group in groups:
-            cells = []
-            for metric in METRICS:
-                values = [results[u][f"{group}.{metric}"] for u in group_uris]
-                spread = (max(values) - min(values)) / 2
-                cells.append(f"{statistics.mean(values):.3f}" + (f" ± {spread:.3f}" if len(values) > 1 else ""))
-            name = "all" if group == "problems" else group.removeprefix("problems.")
-            print(f"| {variant} | {name} | " + " | ".join(cells) + " |")
+        for strategy, by_uri in results.items():
+            for group in groups:
+                cells = []
+                for metric in METRICS:
+                    values = [by_uri[u][f"{group}.{metric}"] for u in group_uris]
+                    spread = (max(values) - min(values)) / 2
+                    cells.append(f"{statistics.mean(values):.3f}" + (f" ± {spread:.3f}" if len(values) > 1 else ""))
+                name = "all" if group == "problems" else group.removeprefix("problems.")
+                print(f"| {variant} | {strategy} | {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Look inside a model: attention maps, activation patching, the logit lens, direct logit
 attribution and MoE routing on prompts from a YAML file — figures and tables saved locally and
 logged to an MLflow run tagged with the model version (which gets the run as its `interp_run` tag).
+With --generate=true, each prompt is continued (--sampling: entropy-aware sampling by default, up to
+--sampling.max_new_tokens) and the entropy and varentropy of every step are plotted with the
+sampler's decisions.
 
     python -m jobs.interp --model=models:/llama-tiny-arith-sft/latest --prompts=configs/prompts/interp-arithmetic.yaml
     python -m jobs.interp --model=models:/llama-tiny/1 --prompts=my-prompts.yaml --patch='[resid_pre, attn.hook_z]'
+    python -m jobs.interp --model=models:/llama-tiny-reason-cot/latest --prompts=P.yaml --generate=true
     make interp      # the arithmetic SFT model (trained first when the registry lacks it)
 
 The prompts file is described in generalmodel/interp/prompts.py: raw text or chat turns, an
@@ -15,16 +19,26 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 
 from pydantic import Field
 
 from generalmodel.cli import run_job
 from generalmodel.config import Section, StorageConfig, Strings, TrackingConfig
+from generalmodel.infer import SamplingParams
 from generalmodel.infer.export import build_with_state, read_export
 from generalmodel.interp.prompts import read_prompts
 from generalmodel.interp.report import Options, write_report
 from generalmodel.tracking import check_reachable, model_tags, tracking_uri
 from generalmodel.tracking.registry import download_model
+
+
+class InterpSampling(SamplingParams):
+    """How --generate continues each prompt: entropy-aware sampling by default (its decisions are plotted)."""
+
+    strategy: Literal["sample", "entropy"] = Field(
+        "entropy", description="entropy: per step, argmax, sample or explore by the entropy and varentropy."
+    )
 
 
 class InterpConfig(Section):
@@ -41,6 +55,8 @@ class InterpConfig(Section):
     patch_heads: bool = Field(True, description="Also patch each attention head's output (layer x head).")
     lens_positions: int = Field(16, gt=0, description="The logit lens shows this many last positions.")
     device: str = Field("cpu", description="cpu or cuda (fp32 either way).")
+    generate: bool = Field(False, description="Continue each prompt (--sampling) and plot the entropy along it.")
+    sampling: InterpSampling = InterpSampling()
     name: str | None = Field(None, description="The MLflow run's name (default: interp: <model>).")
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
@@ -54,12 +70,30 @@ def main(cfg: InterpConfig) -> dict:
     model = model.to(cfg.device).float()
     prompts = read_prompts(cfg.prompts, tokenizer_json, model.cfg.max_seq_len)
     out = cfg.out or os.path.join(".generalmodel", "interp", re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.model).strip("-"))
-    options = Options(tuple(cfg.patch), cfg.patch_heads, cfg.lens_positions)
+    continuation = continuer(model, tokenizer, cfg) if cfg.generate else None
+    options = Options(tuple(cfg.patch), cfg.patch_heads, cfg.lens_positions, continuation)
     metrics, summary = write_report(model, tokenizer, prompts, options, out.rstrip("/"), cfg.model)
     run_id = log_run(cfg, uri, out.rstrip("/"), metrics)
     print("\n".join(summary))
     print(f"figures: {out}/; MLflow: run {run_id} ({uri}, experiment {cfg.tracking.experiment!r})")
     return {"run_id": run_id, "out": out.rstrip("/"), "metrics": metrics}
+
+
+def continuer(model, tokenizer, cfg: InterpConfig):
+    """prompt ids → (the tokens continuing them, the sampler's decisions): the engine with
+    cfg.sampling, stopping at EOS or, for a chat model, at the end of its turn."""
+    from generalmodel.data.chat import ChatFormat, has_chat_tokens
+    from generalmodel.data.tokenizer import eos_id
+    from generalmodel.infer.engine import generate_batch
+
+    stop = {eos_id(tokenizer)} | ({ChatFormat(tokenizer).end_id} if has_chat_tokens(tokenizer) else set())
+    params = cfg.sampling
+
+    def continue_prompt(ids: list[int]) -> tuple[list[int], list[str]]:
+        (request,) = generate_batch(model, [ids], params, stop)
+        return request.tokens, request.decisions
+
+    return continue_prompt
 
 
 def log_run(cfg: InterpConfig, uri: str, out: str, metrics: dict[str, float]) -> str:

@@ -88,11 +88,20 @@ def test_the_job_logs_every_figure_to_a_run_linked_to_the_model_version(mlflow_s
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(yaml.safe_dump(PROMPTS))
     out = tmp_path / "out"
-    cfg = InterpConfig(model=reference, prompts=str(prompts), out=str(out), tracking={"uri": mlflow_server.uri})
+    cfg = InterpConfig(
+        model=reference, prompts=str(prompts), out=str(out), tracking={"uri": mlflow_server.uri}, generate=True,
+        sampling={"max_new_tokens": 8, "entropy_low": 5.0, "entropy_high": 5.5, "varentropy_high": 0.0},
+    )  # fmt: skip
 
     result = main(cfg)
 
     per_prompt = {"attention.png", "logit_lens.png", "dla.png", "dla.csv", "routing.png"}
+    per_prompt |= {"answer_entropy.png", "answer_entropy.csv"}  # --generate: the continuation's entropy
+    steps = list(csv.DictReader(open(out / "chat" / "answer_entropy.csv")))
+    assert 1 <= len(steps) <= 8 and {s["decision"] for s in steps} <= {"argmax", "sample", "explore"}
+    assert result["metrics"]["chat.answer_mean_entropy"] == pytest.approx(
+        sum(float(s["entropy"]) for s in steps) / len(steps), abs=1e-3
+    )
     assert {p.name for p in (out / "chat").iterdir()} == per_prompt | {"patching.png", "patching.csv"}
     assert {p.name for p in (out / "prompt-1").iterdir()} == per_prompt
     rows = list(csv.DictReader(open(out / "chat" / "patching.csv")))

@@ -80,7 +80,7 @@ def solve(
     fmt = ChatFormat.from_json(tokenizer_json)
     stop = frozenset({fmt.end_id, eos_id(fmt.tokenizer)})
     prompts = [fmt.prompt_ids([{"role": "user", "content": row["prompt"]}]) for row in rows]
-    greedy = params.model_copy(update={"temperature": 0.0})
+    greedy = params.model_copy(update={"temperature": 0.0, "strategy": "sample"})
     wanted = []  # (row, params) of every sequence: the greedy one, then the samples
     for i, row in enumerate(rows):
         wanted.append((i, greedy))

@@ -11,6 +11,14 @@ The context ends at the model's `max_seq_len`: a sequence (prompt + generated) n
 (finish reason "length"); a prompt that leaves no room for one new token is refused with a
 ValueError. `generate_batch` is the fixed-batch use of it (tests, benchmarks); `compile=True`
 compiles the decode step while every row is active (static shapes; on a card, CUDA graphs too).
+
+`strategy: entropy` (the "entropix" line of samplers) decides per row and step from the entropy H
+and varentropy V (the variance of −log p) of the unfiltered next-token distribution: below
+`entropy_low` the model is sure and takes the argmax; above `entropy_high` with V above
+`varentropy_high` it is unsure between distinct options and samples hotter
+(`explore_temperature`); otherwise it samples as `strategy: sample` does. Each decision is kept in
+the request (`decisions`). Not built from that line: inserting a "think" token when H is high and V
+low, and branching to pick the best continuation by a score.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from generalmodel.config import Section
+from generalmodel.interp.analysis import entropy_stats
 from models.cache import KVCache
 
 
@@ -35,6 +45,13 @@ class SamplingParams(Section):
     min_p: float = Field(0.0, ge=0, lt=1, description="Drop tokens below min_p × the top token's probability.")
     max_new_tokens: int = Field(100, gt=0, description="Tokens to generate per prompt (at most).")
     seed: int = Field(0, description="Seeds the sampling.")
+    strategy: Literal["sample", "entropy"] = Field(
+        "sample", description="entropy: per step, argmax, sample or explore by the entropy and varentropy."
+    )
+    entropy_low: float = Field(0.3, ge=0, description="entropy: below this entropy (nats), take the argmax.")
+    entropy_high: float = Field(2.5, ge=0, description="entropy: above this entropy (nats) and ...")
+    varentropy_high: float = Field(2.5, ge=0, description="... above this varentropy, sample hotter.")
+    explore_temperature: float = Field(1.2, gt=0, description="entropy: the hotter temperature.")
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -70,6 +87,7 @@ class Request:
     finish_reason: str | None = None
     stop_id: int | None = None
     logprobs: list[float] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)  # strategy entropy: "argmax", "sample" or "explore"
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -172,9 +190,13 @@ class Engine:
     def _sample(self, rows: list[int], logits: torch.Tensor) -> list[Event]:
         logits = logits.float()
         picked, logprobs = [], []
+        entropic = [i for i, row in enumerate(rows) if self.rows[row].params.strategy == "entropy"]
+        stats = dict(zip(entropic, entropy_stats(logits[entropic]).tolist(), strict=True)) if entropic else {}
         for i, row in enumerate(rows):
             request = self.rows[row]
             p = request.params
+            if i in stats:
+                p = _decide(request, p, *stats[i])
             if p.temperature == 0:
                 token = logits[i].argmax(-1)
                 logprobs.append(logits[i].log_softmax(-1)[token])
@@ -209,6 +231,18 @@ class Engine:
                 self.rows[row] = None
                 self._last.pop(row, None)
         self._generators.pop(request.id, None)
+
+
+def _decide(request: Request, p: SamplingParams, entropy: float, varentropy: float) -> SamplingParams:
+    """strategy entropy: the parameters this step samples with, its decision kept in the request."""
+    if entropy < p.entropy_low or p.temperature == 0:
+        request.decisions.append("argmax")
+        return p.model_copy(update={"temperature": 0.0})
+    if entropy > p.entropy_high and varentropy > p.varentropy_high:
+        request.decisions.append("explore")
+        return p.model_copy(update={"temperature": p.explore_temperature})
+    request.decisions.append("sample")
+    return p
 
 
 def generate_batch(

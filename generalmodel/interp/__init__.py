@@ -1,6 +1,6 @@
 """Interpretability on the zoo's own models: named hook points (models/hooks.py), caching and
-rewriting activations, the logit lens, direct logit attribution, activation patching, and the
-figures `jobs/interp.py` logs to MLflow."""
+rewriting activations, the logit lens, direct logit attribution, activation patching, the
+entropy and varentropy along a sequence, and the figures `jobs/interp.py` logs to MLflow."""
 
 from generalmodel.interp.analysis import (
     HEADS,
@@ -8,6 +8,8 @@ from generalmodel.interp.analysis import (
     LogitLens,
     Patching,
     direct_logit_attribution,
+    entropy_along,
+    entropy_stats,
     logit_diff,
     logit_lens,
     patch,
@@ -31,6 +33,8 @@ __all__ = [
     "block_point",
     "direct_logit_attribution",
     "eager_attention",
+    "entropy_along",
+    "entropy_stats",
     "hook_names",
     "hooked",
     "logit_diff",

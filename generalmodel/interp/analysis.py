@@ -1,4 +1,5 @@
-"""What the hook points are for: the logit lens, direct logit attribution and activation patching.
+"""What the hook points are for: the logit lens, direct logit attribution and activation patching;
+and the entropy and varentropy of the next-token distribution along a sequence.
 
 All three work on any decoder of the zoo (every attention kind, MoE), on (B, T) token ids, and
 leave the model as they found it. They run under `torch.no_grad()`; wrap your own call of
@@ -27,6 +28,27 @@ def logit_diff(answer: int, wrong: int | None = None, position: int = -1) -> Met
         return at[:, answer] - (at[:, wrong] if wrong is not None else 0)
 
     return metric
+
+
+# -- how sure the model is ------------------------------------------------------------------------
+
+
+def entropy_stats(logits: torch.Tensor) -> torch.Tensor:
+    """(..., vocab) logits → (..., 2): the entropy H = −Σ p log p and the varentropy Σ p (log p + H)²
+    (the variance of the surprisal) of each softmax, in nats. Entropy-aware sampling
+    (generalmodel.infer.engine, strategy entropy) decides by these."""
+    logp = logits.float().log_softmax(-1)
+    p = logp.exp()
+    entropy = -(p * logp).nansum(-1)
+    varentropy = (p * (logp + entropy[..., None]).square()).nansum(-1)
+    return torch.stack([entropy, varentropy], dim=-1)
+
+
+@torch.no_grad()
+def entropy_along(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(T,) token ids → (T, 2): the entropy and varentropy of the distribution the model predicts
+    the next token from, at every position (teacher-forced: what decoding the same tokens saw)."""
+    return entropy_stats(model(ids[None])[0])
 
 
 # -- the logit lens -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Figures of the interpretability tools (matplotlib, Agg): attention patterns, the patching
-heatmap, the logit lens, direct logit attribution, MoE routing. Each returns a Figure."""
+heatmap, the logit lens, direct logit attribution, MoE routing, entropy and varentropy along a
+sequence. Each returns a Figure."""
 
 from __future__ import annotations
 
@@ -118,5 +119,28 @@ def routing_figure(choices: dict[int, torch.Tensor], n_experts: int, title: str)
         ax.set(title=f"layer {layer}", xlabel="expert")
     axes[0, 0].set_ylabel("token choices")
     fig.suptitle(f"{title}: MoE routing")
+    fig.tight_layout()
+    return fig
+
+
+DECISION_COLOURS = {"argmax": "tab:green", "sample": "tab:blue", "explore": "tab:red"}
+
+
+def entropy_figure(stats: torch.Tensor, labels: list[str], title: str, decisions: list[str] | None = None):
+    """stats (T, 2): the entropy and varentropy of the next-token distribution at each position,
+    labelled by the token predicted there; `decisions` (one per position): entropy-aware
+    sampling's choice at each step, marked on the entropy curve."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(labels)), 3.2))
+    steps = range(len(labels))
+    ax.plot(steps, stats[:, 0].tolist(), label="entropy (nats)", color="black")
+    ax.plot(steps, stats[:, 1].tolist(), label="varentropy", color="tab:orange", linestyle="--")
+    for kind, colour in DECISION_COLOURS.items():
+        at = [i for i, d in enumerate(decisions or []) if d == kind]
+        if at:
+            ax.scatter(at, stats[at, 0].tolist(), color=colour, s=14, zorder=3, label=kind)
+    _token_axis(ax, labels, "x")
+    ax.set_ylabel("nats")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: entropy and varentropy of each next token")
     fig.tight_layout()
     return fig

@@ -1,7 +1,7 @@
 """The interpretability report of a model on a set of prompts: for each prompt a folder of figures
 and tables (attention maps, the logit lens, direct logit attribution, activation patching, MoE
-routing) and its lines of interp.md, published whole (`write_report`). `jobs/interp.py` logs it to
-MLflow."""
+routing; with a continuation, the entropy and varentropy along it) and its lines of interp.md,
+published whole (`write_report`). `jobs/interp.py` logs it to MLflow."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import csv
 import itertools
 import os
 import shutil
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from generalmodel.errors import UserError
 from generalmodel.interp import plots
-from generalmodel.interp.analysis import HEADS, direct_logit_attribution, logit_diff, logit_lens, patch
+from generalmodel.interp.analysis import HEADS, direct_logit_attribution, entropy_along, logit_diff, logit_lens, patch
 from generalmodel.interp.hooks import block_point, hook_names, run_with_cache
 from generalmodel.interp.plots import plt
 from generalmodel.interp.prompts import Prompt, token_labels
@@ -28,6 +30,9 @@ class Options:
     patch: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
     patch_heads: bool = True
     lens_positions: int = 16
+    # prompt ids → (the tokens that continue it, entropy-aware sampling's decision at each step, or
+    # none): jobs/interp.py's engine. With it, the entropy and varentropy along the continuation.
+    continue_prompt: Callable[[list[int]], tuple[list[int], list[str]]] | None = None
 
 
 def write_report(model, tokenizer, prompts: list[Prompt], options: Options, out: str, title: str):
@@ -126,8 +131,37 @@ def analyse(model, tokenizer, prompt: Prompt, options: Options, folder: str) -> 
     }
     if moe:
         report.figure(plots.routing_figure(moe, model.cfg.moe_experts, prompt.name), "routing.png")
+    if options.continue_prompt is not None:
+        entropy_section(report, model, prompt, options.continue_prompt, prompt.name)
     report.lines.append("")
     return report.metrics, report.lines
+
+
+def entropy_section(report: Report, model, prompt: Prompt, continue_prompt, title: str) -> None:
+    """The entropy and varentropy of every step of the prompt's continuation (answer_entropy.png,
+    answer_entropy.csv), with entropy-aware sampling's decisions when it made them."""
+    tokens, decisions = continue_prompt(list(prompt.ids))
+    if not tokens:
+        report.lines.append("continuation: none (the model stopped at once)")
+        return
+    device = next(model.parameters()).device
+    stats = entropy_along(model, torch.tensor(list(prompt.ids) + tokens, device=device))[len(prompt.ids) - 1 : -1]
+    stats = stats.cpu()
+    labels = [report.text(t) for t in tokens]
+    report.figure(plots.entropy_figure(stats, labels, title, decisions or None), "answer_entropy.png")
+    rows = [
+        (i, label, f"{h:.4f}", f"{v:.4f}", decisions[i] if decisions else "")
+        for i, (label, (h, v)) in enumerate(zip(labels, stats.tolist(), strict=True))
+    ]
+    report.table("answer_entropy.csv", ["step", "token", "entropy", "varentropy", "decision"], rows)
+    report.metrics |= {
+        "answer_mean_entropy": float(stats[:, 0].mean()),
+        "answer_mean_varentropy": float(stats[:, 1].mean()),
+    }
+    counts = ", ".join(f"{k} {n}" for k, n in Counter(decisions).most_common()) or "none (strategy: sample)"
+    report.lines.append(
+        f"continuation ({len(tokens)} tokens): {report.tokenizer.decode(tokens)!r}; decisions: {counts}"
+    )
 
 
 def lens_section(report: Report, model, ids, answer: int, positions: int, title: str) -> None:

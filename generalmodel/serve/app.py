@@ -1,7 +1,8 @@
 """An OpenAI-compatible Ray Serve application over a registered model (`jobs/serve.py`, `make serve`).
 
     GET  /v1/models             the model this app serves
-    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream"}
+    POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
+                                 "strategy": "sample" | "entropy" (entropy-aware sampling, ours)}
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}: the chat template
                                 (generalmodel.data.chat) when the model has its tokens, else a 400
     GET  /health                200 once the model is loaded and its decode loop runs
@@ -297,6 +298,7 @@ class OpenAIServer:
             top_p=body.top_p,
             top_k=body.top_k,
             min_p=body.min_p,
+            strategy=body.strategy,
             max_new_tokens=min(limit or self.context, self.context - len(ids)),
             seed=body.seed if body.seed is not None else secrets.randbits(31),
         )

@@ -28,6 +28,8 @@ class _Request(BaseModel):
     # not OpenAI's, but every OpenAI-compatible server (vLLM, SGLang) takes them
     top_k: int | None = Field(None, gt=0)
     min_p: float = Field(0.0, ge=0, lt=1)
+    # ours: entropy-aware sampling (generalmodel.infer.engine), its thresholds the engine's defaults
+    strategy: Literal["sample", "entropy"] = "sample"
 
     @field_validator("stop")
     @classmethod
