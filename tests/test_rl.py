@@ -1,16 +1,21 @@
 """GRPO: the objective's arithmetic, the verifiers, the task data, the sampler's log-probs against
-the learner's, and the learner loop in one process (rollouts in-process) with exact resume. The
-Ray paths (rollout actors, a killed actor, Ray Train's restart) are in test_rl_ray.py."""
+the learner's, the learner loop in one process (rollouts in-process) with exact resume, and the
+learner on two gloo ranks equal to one. The Ray paths (rollout actors, a killed actor, Ray Train's
+restart) are in test_rl_ray.py."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from conftest import spawn_ranks
 
 from generalmodel import UserError
+from generalmodel.cluster import free_port
 from generalmodel.config import load_config
 from generalmodel.data.chat import ChatFormat
 from generalmodel.data.tokenizer import train_bpe
@@ -295,6 +300,39 @@ def test_learner_learns_from_rewards_and_resumes_exactly(tiny_task, tmp_path):
         for key in ("reward_mean", "loss", "grad_norm", "entropy", "heldout_accuracy"):
             if key in full[step]:
                 assert resumed[step][key] == full[step][key], (step, key)  # bit-identical on CPU
+
+
+def _learner_rank(rank, port, cfg, state, prompts, tokenizer_json, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    seen = train_in_process(cfg, state, prompts, tokenizer_json)  # rank 0 samples, both ranks learn
+    if rank == 0:
+        out.update(seen)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_two_rank_learner_equals_one_rank_on_the_same_rollouts(tiny_task, tmp_path):
+    """Rank 0 samples the step's groups and sends them to every rank; each rank learns on half of
+    them (whole groups); the loss is normalised over both ranks and FSDP2 averages the gradients:
+    the same updates as one rank on all of them, so the same rollouts step after step."""
+    root, tokenizer_json = tiny_task
+    torch.set_num_threads(1)
+    one = task_cfg(root, tmp_path / "one")
+    torch.manual_seed(0)
+    state = build_model(one.model).state_dict()
+    prompts = load_prompts(one, tokenizer_json)
+    single = run_local(one, state, prompts, tokenizer_json)
+    two = task_cfg(root, tmp_path / "two", **{"ray.num_workers": 2})
+    out = mp.Manager().dict()
+    spawn_ranks(_learner_rank, (free_port(), two, state, prompts, tokenizer_json, out), 2)
+    ranks = dict(out)
+    assert set(ranks) == set(single) == {0, 1, 2, 3, 4}
+    for step in range(1, 5):
+        assert ranks[step]["reward_mean"] == single[step]["reward_mean"], step  # the same rollouts
+        for key in ("loss", "grad_norm", "entropy"):
+            assert math.isclose(ranks[step][key], single[step][key], rel_tol=1e-5, abs_tol=1e-7), (step, key)
+    assert ranks[4]["heldout_accuracy"] == single[4]["heldout_accuracy"]
+    assert list((tmp_path / "two").rglob("__1_0.distcp"))  # two ranks really learned: rank 1 wrote its shard
 
 
 def test_off_policy_lags_one_step_and_reuses_batches(tiny_task, tmp_path):
