@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: reasoning-data reasoning-sft reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
+.PHONY: reasoning-data reasoning-sft reasoning-rl reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
 	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
@@ -123,16 +123,21 @@ rl: arithmetic
 # worked solutions from the `make pretrain` model (llama-tiny-reason-cot; the answer-only baseline:
 # REASON_SFT_ARGS='--data.source=.generalmodel/reasoning/sft_answer.jsonl
 # --tracking.registered_model=llama-tiny-reason-answer'); held-out pass@1 (greedy, sampled) and
-# pass@8 per task and level of REASON_MODEL (docs/reasoning.md).
+# pass@8 per task and level of REASON_MODEL (docs/reasoning.md); GRPO from the CoT model on the
+# training problems with the `solved` verifier (llama-tiny-reason-cot-rl).
 REASON_DIR := .generalmodel/reasoning
 REASON_MODEL ?= models:/llama-tiny-reason-cot/latest
 REASON_SFT_ARGS ?=
 REASON_EVAL_ARGS ?=
+REASON_RL_ARGS ?=
 reasoning-data: install
 	$(PY) -m jobs.reasoning --out=$(REASON_DIR)
 
 reasoning-sft: reasoning-data
 	$(PY) -m jobs.sft --config configs/reasoning-sft.yaml $(REASON_SFT_ARGS)
+
+reasoning-rl: reasoning-data
+	$(PY) -m jobs.rl --config configs/reasoning-rl.yaml $(REASON_RL_ARGS)
 
 reasoning-eval: reasoning-data
 	$(PY) -m jobs.eval --models='$(REASON_MODEL)' --problems=$(REASON_DIR)/test.jsonl --name=reasoning $(REASON_EVAL_ARGS)
