@@ -273,14 +273,20 @@ def run_local(cfg, state, prompts, tokenizer_json):
     return train_in_process(cfg, state, prompts, tokenizer_json)
 
 
-def test_learner_learns_from_rewards_and_resumes_exactly(tiny_task, tmp_path):
-    root, tokenizer_json = tiny_task
+def one_rank_run(root, tokenizer_json, tmp):
+    """A 4-step run on one rank from a seeded random model: (its config, the model's state, the
+    prompts, the metrics by step)."""
     torch.set_num_threads(1)
-    cfg = task_cfg(root, tmp_path / "one")
+    cfg = task_cfg(root, tmp)
     torch.manual_seed(0)
     state = build_model(cfg.model).state_dict()
     prompts = load_prompts(cfg, tokenizer_json)
-    full = run_local(cfg, state, prompts, tokenizer_json)
+    return cfg, state, prompts, run_local(cfg, state, prompts, tokenizer_json)
+
+
+def test_learner_learns_from_rewards_and_resumes_exactly(tiny_task, tmp_path):
+    root, tokenizer_json = tiny_task
+    cfg, state, prompts, full = one_rank_run(root, tokenizer_json, tmp_path / "one")
     assert set(full) == {0, 1, 2, 3, 4}
     assert {"heldout_accuracy", "heldout_reward", "heldout_exact_number"} <= set(full[0])
     assert full[4]["heldout_accuracy"] == full[4]["heldout_test_rl.digit_share"]  # the first verifier's
@@ -316,12 +322,7 @@ def test_a_two_rank_learner_equals_one_rank_on_the_same_rollouts(tiny_task, tmp_
     them (whole groups); the loss is normalised over both ranks and FSDP2 averages the gradients:
     the same updates as one rank on all of them, so the same rollouts step after step."""
     root, tokenizer_json = tiny_task
-    torch.set_num_threads(1)
-    one = task_cfg(root, tmp_path / "one")
-    torch.manual_seed(0)
-    state = build_model(one.model).state_dict()
-    prompts = load_prompts(one, tokenizer_json)
-    single = run_local(one, state, prompts, tokenizer_json)
+    _, state, prompts, single = one_rank_run(root, tokenizer_json, tmp_path / "one")
     two = task_cfg(root, tmp_path / "two", **{"ray.num_workers": 2})
     out = mp.Manager().dict()
     spawn_ranks(_learner_rank, (free_port(), two, state, prompts, tokenizer_json, out), 2)
