@@ -26,7 +26,7 @@ from generalmodel.post.rl.grpo import group_advantages, grpo_loss, token_logprob
 from generalmodel.post.rl.learner import rl_train, train_in_process
 from generalmodel.post.rl.rewards import Rewards, exact_number
 from generalmodel.post.rl.rollout import sample_seed, shards
-from generalmodel.post.rl.tasks import load_prompts
+from generalmodel.post.rl.tasks import PromptSchedule, load_prompts
 from models import build_model
 
 
@@ -334,6 +334,58 @@ def test_a_two_rank_learner_equals_one_rank_on_the_same_rollouts(tiny_task, tmp_
             assert math.isclose(ranks[step][key], single[step][key], rel_tol=1e-5, abs_tol=1e-7), (step, key)
     assert ranks[4]["heldout_accuracy"] == single[4]["heldout_accuracy"]
     assert list((tmp_path / "two").rglob("__1_0.distcp"))  # two ranks really learned: rank 1 wrote its shard
+
+
+def test_the_prompt_schedule_skips_uniform_groups_for_a_while(tiny_task, tmp_path):
+    root, tokenizer_json = tiny_task
+    prompts = load_prompts(task_cfg(root, tmp_path), tokenizer_json)  # 64 training prompts: 4 steps an epoch
+    plain = PromptSchedule(prompts, 16, seed=0)
+    assert [plain.prompts_for(k) for k in range(6)] == [prompts.step_prompts(k, 16, 0) for k in range(6)]
+    schedule = PromptSchedule(prompts, 16, seed=0, skip_for=5)
+    first = schedule.prompts_for(0)
+    assert first == prompts.step_prompts(0, 16, 0) and schedule.prompts_for(0) == first  # kept until trained
+    uniform = set(first[:6])  # all right or all wrong: skipped for steps 1..5
+    schedule.record(0, [(i, [1.0, 1.0] if i in uniform else [0.0, 1.0]) for i in first])
+    assert schedule.skipped(1) == 6 and schedule.skipped(6) == 0
+    taken = {}
+    for step in range(1, 15):
+        taken[step] = schedule.prompts_for(step)
+        if step == 3:  # a checkpoint after step 3 was requested (on-policy) and before it trained
+            saved = schedule.state_dict()
+        schedule.record(step, [(i, [0.0, 1.0]) for i in taken[step]])
+        assert len(taken[step]) == 16
+    assert not uniform & {i for step in range(1, 6) for i in taken[step]}
+    assert uniform <= {i for step in range(6, 15) for i in taken[step]}  # tried again (next time the stream has them)
+    assert uniform & set(prompts.step_prompts(4, 16, 0))  # the plain order would have taken them at step 4
+    resumed = PromptSchedule(prompts, 16, seed=0, skip_for=5)
+    resumed.load_state_dict(json.loads(json.dumps(saved)))  # through the manifest's JSON
+    for step in range(3, 15):
+        assert resumed.prompts_for(step) == taken[step]
+        resumed.record(step, [(i, [0.0, 1.0]) for i in taken[step]])
+    stuck = PromptSchedule(prompts, 16, seed=0, skip_for=100)
+    for step in range(6):  # every prompt uniform: after a whole epoch, the stream's next ones anyway
+        ids = stuck.prompts_for(step)
+        assert len(ids) == 16
+        stuck.record(step, [(i, [0.0, 0.0]) for i in ids])
+
+
+def test_a_run_that_skips_uniform_groups_resumes_exactly(tiny_task, tmp_path):
+    root, tokenizer_json = tiny_task
+    torch.set_num_threads(1)
+    skip = {"rl.skip_uniform_for": 2, "rl.rewards": {"exact_number": 1.0}}  # a random model: mostly all wrong
+    cfg = task_cfg(root, tmp_path / "one", **skip)
+    torch.manual_seed(0)
+    state = build_model(cfg.model).state_dict()
+    prompts = load_prompts(cfg, tokenizer_json)
+    full = run_local(cfg, state, prompts, tokenizer_json)
+    assert any(full[step]["prompts_skipped"] > 0 for step in range(1, 5))
+    killed = task_cfg(root, tmp_path / "two", **skip, **{"train.fail_at_step": 3})
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        run_local(killed, state, prompts, tokenizer_json)
+    resumed = run_local(killed, state, prompts, tokenizer_json)
+    for step in (3, 4):
+        for key in ("reward_mean", "loss", "prompts_skipped", "zero_variance_groups"):
+            assert resumed[step][key] == full[step][key], (step, key)
 
 
 def test_off_policy_lags_one_step_and_reuses_batches(tiny_task, tmp_path):

@@ -595,6 +595,12 @@ class RlConfig(Section):
     eval_every: int = Field(10, gt=0, description="Held-out accuracy every N steps (and at step 0 and the end).")
     prompts_per_step: int = Field(16, gt=0, description="Prompts per step, over all learner ranks.")
     group_size: int = Field(8, gt=1, description="Completions sampled per prompt (G): the group advantages compare.")
+    skip_uniform_for: int = Field(
+        0,
+        ge=0,
+        description="Skip a training prompt for this many steps after a group of it got equal rewards (all right "
+        "or all wrong: no gradient); then it is tried again (a curriculum by pass rate). 0: every prompt in turn.",
+    )
     max_new_tokens: int = Field(32, gt=0, description="Completion budget (tokens, the end-of-turn token included).")
     temperature: float = Field(1.0, gt=0, description="Rollout temperature; the learner's policy is softmax(logits/T).")
     rewards: dict[str, float] = Field(

@@ -10,8 +10,9 @@ training on step k's, so sampling and learning overlap; the clipped ratio agains
 log-probs corrects for the one-step lag. Held-out accuracy (greedy, rl.eval_prompts prompts) is
 measured by the rollout workers at step 0, every rl.eval_every steps and at the end.
 
-A resumed run takes the step's prompts from (train.seed, step) and the samples' seeds from their
-place in the step, so on-policy it repeats the uninterrupted run; off-policy, the first step after
+A resumed run takes the step's prompts from (train.seed, step) — with rl.skip_uniform_for, from the
+checkpoint's prompt schedule (generalmodel.post.rl.tasks.PromptSchedule) — and the samples' seeds
+from their place in the step, so on-policy it repeats the uninterrupted run; off-policy, the first step after
 the resume samples with the checkpoint's weights (the in-flight rollouts died with the run).
 """
 
@@ -36,26 +37,13 @@ from generalmodel.post.rl.grpo import (
     units,
 )
 from generalmodel.post.rl.rollout import Batch, LocalRollouts, RayRollouts, Rollout
-from generalmodel.post.rl.tasks import PromptSet
+from generalmodel.post.rl.tasks import PromptSchedule, PromptSet
 from generalmodel.storage import RunLayout
 from generalmodel.train.core import Init, Report, TrainingRun, frozen_copy, full_state, sum_across_ranks
 from generalmodel.train.mesh import world_sizes
 from generalmodel.train.resume import TrainingError
 
 log = logging.getLogger(__name__)
-
-
-class StepCounter:
-    """The data position a checkpoint keeps: for RL, the step (the prompts follow from it)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
 
 def check_rl_config(cfg: Config) -> None:
@@ -87,7 +75,8 @@ def rl_train(
     if init is None or prompts is None or tokenizer_json is None or cfg.train.init_from is None:
         raise TrainingError("the RL loop needs the starting model (train.init_from), its tokenizer and the prompts")
     check_rl_config(cfg)
-    run = TrainingRun(cfg, report, layout, init, StepCounter(), prompts.sha256, lambda: tokenizer_json)
+    schedule = PromptSchedule(prompts, cfg.rl.prompts_per_step, cfg.train.seed, cfg.rl.skip_uniform_for)
+    run = TrainingRun(cfg, report, layout, init, schedule, prompts.sha256, lambda: tokenizer_json)
     reference = frozen_copy(cfg, run.env, init) if cfg.rl.beta > 0 else None
     pool = None
     if run.env.is_main:
@@ -125,7 +114,7 @@ class GrpoStep:
 
     def request(self, step: int) -> None:
         if self.pool is not None and step not in self.requested and step < self.run.steps:
-            ids = self.prompts.step_prompts(step, self.rl.prompts_per_step, self.run.cfg.train.seed)
+            ids = self.run.position.prompts_for(step)
             slots = [(j * self.rl.group_size + g, i) for j, i in enumerate(ids) for g in range(self.rl.group_size)]
             self.requested[step] = self.pool.submit(step, slots)
 
@@ -146,6 +135,8 @@ class GrpoStep:
             run.report({"step": step, **first_eval})
         rewards = torch.tensor([r.reward for r in batch["rollouts"]]).view(-1, rl.group_size)
         advantages = group_advantages(rewards, rl.scale_rewards).view(-1)
+        firsts = batch["rollouts"][:: rl.group_size]
+        run.position.record(step, [(r.prompt, g) for r, g in zip(firsts, rewards.tolist(), strict=True)])
         rows = self.per_rank * rl.group_size
         mine = slice(env.rank * rows, (env.rank + 1) * rows)
         tensors = _sequences(self.prompts, batch["rollouts"][mine], advantages[mine], env.device)
@@ -178,6 +169,7 @@ class GrpoStep:
                 rollout_wait_fraction=(step_s - learn_s) / step_s,
                 learner_tokens_per_s=learner_tokens * rl.updates_per_batch / max(learn_s, 1e-9),
                 policy_lag=step - min(r.version for r in batch["rollouts"]),
+                **({"prompts_skipped": run.position.skipped(done)} if rl.skip_uniform_for else {}),
                 elapsed_s=run.elapsed(),
                 eta_s=(run.steps - done) * run.elapsed() / (done - run.start_step),
             )

@@ -5,7 +5,10 @@ message list) and the fields its verifiers read (e.g. `answer`). The held-out pr
 
 The order is a pure function of (train.seed, step): step k takes the prompts at positions
 k·P … k·P+P−1 of an endless sequence of seeded permutations (one per epoch), so a run resumed at
-step k sees exactly the prompts it would have seen.
+step k sees exactly the prompts it would have seen. With rl.skip_uniform_for = S > 0 the order is a
+curriculum by pass rate (`PromptSchedule`): a prompt whose last group's rewards were all equal (all
+right or all wrong: a group that gives no gradient) is passed over for the next S steps, then tried
+again, so the estimate follows the policy; the schedule is part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -131,3 +134,68 @@ def _prompt(cfg: Config, fmt: ChatFormat, where: str, row: dict[str, Any], limit
             f"rl.max_new_tokens {cfg.rl.max_new_tokens} leaves {limit}"
         )
     return Prompt(where, conversation, ids, {k: v for k, v in row.items() if k != name})
+
+
+class PromptSchedule:
+    """Which training prompts each step takes, and where the run is: what a checkpoint keeps.
+
+    skip_for = 0: step k's prompts are `PromptSet.step_prompts(k)`. skip_for = S > 0: steps walk the
+    same stream of seeded permutations from a cursor and pass over the prompts being skipped — a
+    prompt is skipped for S steps after a group of it had equal rewards (`record`); after a whole
+    epoch without enough prompts, the stream's next ones are taken whatever their state. A step's
+    choice is kept until the step has trained (a request made before a checkpoint and repeated
+    after the resume gets the same prompts)."""
+
+    def __init__(self, prompts: PromptSet, per_step: int, seed: int, skip_for: int = 0):
+        self.prompts, self.per_step, self.seed, self.skip_for = prompts, per_step, seed, skip_for
+        self.step = 0
+        self.cursor = 0
+        self.skip_until: dict[int, int] = {}  # prompt -> the first step that may take it again
+        self.chosen: dict[int, list[int]] = {}  # step -> its prompts, until it has trained
+
+    def prompts_for(self, step: int) -> list[int]:
+        if not self.skip_for:
+            return self.prompts.step_prompts(step, self.per_step, self.seed)
+        if step not in self.chosen:
+            self.chosen[step] = self._next(step)
+        return self.chosen[step]
+
+    def _next(self, step: int) -> list[int]:
+        n, out, scanned = len(self.prompts.train), [], 0
+        while len(out) < self.per_step:
+            epoch, pos = divmod(self.cursor, n)
+            prompt = int(_permutation(n, self.seed, epoch)[pos])
+            self.cursor += 1
+            scanned += 1
+            if scanned > n or self.skip_until.get(prompt, 0) <= step:
+                out.append(prompt)
+        return out
+
+    def record(self, step: int, groups: list[tuple[int, list[float]]]) -> None:
+        """Step `step`'s groups, (prompt, its completions' rewards): equal rewards skip the prompt."""
+        self.chosen.pop(step, None)
+        if not self.skip_for:
+            return
+        for prompt, rewards in groups:
+            if max(rewards) == min(rewards):
+                self.skip_until[prompt] = step + 1 + self.skip_for
+            else:
+                self.skip_until.pop(prompt, None)
+
+    def skipped(self, step: int) -> int:
+        """Prompts that step `step` would pass over."""
+        return sum(until > step for until in self.skip_until.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": self.step}
+        if self.skip_for:
+            state["cursor"] = self.cursor
+            state["skip_until"] = {str(k): v for k, v in self.skip_until.items()}
+            state["chosen"] = {str(k): v for k, v in self.chosen.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.cursor = int(state.get("cursor", 0))
+        self.skip_until = {int(k): int(v) for k, v in state.get("skip_until", {}).items()}
+        self.chosen = {int(k): [int(i) for i in v] for k, v in state.get("chosen", {}).items()}
