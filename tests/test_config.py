@@ -96,5 +96,5 @@ def test_a_check_across_the_whole_config_is_one_plain_line():
         load_config(overrides={"models": "models:/x/1"}, cls=EvalConfig)
     assert (
         str(e.value).splitlines()[1].strip()
-        == "nothing to evaluate: give --dataset, --corpus, --tasks or --harness_tasks"
+        == "nothing to evaluate: give --dataset, --corpus, --tasks, --problems or --harness_tasks"
     )
