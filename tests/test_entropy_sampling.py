@@ -105,3 +105,24 @@ def test_the_served_api_takes_the_strategy():
     assert ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}]).strategy == "sample"
     with pytest.raises(ValidationError, match="strategy"):
         ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], strategy="beam")
+
+
+def test_the_interp_report_plots_a_continuation_that_stopped(tmp_path):
+    """A continuation that ended at a stop token has one more decision than tokens (the stop's)."""
+    import csv
+
+    from generalmodel.data.tokenizer import train_bpe
+    from generalmodel.interp.prompts import Prompt
+    from generalmodel.interp.report import Report, entropy_section
+
+    m = model()
+    tokenizer = train_bpe(["one two three four five six seven"] * 4, VOCAB)
+    prompt = Prompt("p", [1, 2, 3], None, None, None)
+    (request,) = generate_batch(m, [prompt.ids], SamplingParams(max_new_tokens=5, strategy="entropy"))
+    stopped = (request.tokens, [*request.decisions, "argmax"])  # as if a stop token came next
+    report = Report(str(tmp_path), tokenizer, prompt)
+    entropy_section(report, m, prompt, lambda ids: stopped, "p")
+    rows = list(csv.DictReader(open(tmp_path / "answer_entropy.csv")))
+    assert [r["decision"] for r in rows] == request.decisions and (tmp_path / "answer_entropy.png").exists()
+    expected = entropy_along(m, torch.tensor(prompt.ids + request.tokens))[2:-1, 0]
+    assert [float(r["entropy"]) for r in rows] == pytest.approx(expected.tolist(), abs=1e-4)

@@ -141,6 +141,7 @@ def entropy_section(report: Report, model, prompt: Prompt, continue_prompt, titl
     """The entropy and varentropy of every step of the prompt's continuation (answer_entropy.png,
     answer_entropy.csv), with entropy-aware sampling's decisions when it made them."""
     tokens, decisions = continue_prompt(list(prompt.ids))
+    decisions = decisions[: len(tokens)]  # the stop token's step is not plotted
     if not tokens:
         report.lines.append("continuation: none (the model stopped at once)")
         return

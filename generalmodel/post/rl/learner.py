@@ -12,8 +12,9 @@ measured by the rollout workers at step 0, every rl.eval_every steps and at the 
 
 A resumed run takes the step's prompts from (train.seed, step) — with rl.skip_uniform_for, from the
 checkpoint's prompt schedule (generalmodel.post.rl.tasks.PromptSchedule) — and the samples' seeds
-from their place in the step, so on-policy it repeats the uninterrupted run; off-policy, the first step after
-the resume samples with the checkpoint's weights (the in-flight rollouts died with the run).
+from their place in the step, so on-policy it repeats the uninterrupted run; off-policy, the first
+step after the resume samples with the checkpoint's weights (the in-flight rollouts died with the
+run).
 """
 
 from __future__ import annotations
