@@ -11,7 +11,7 @@ logit soft-capping and zero-initialised output projections. `gpt2`, `llama` and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -166,7 +166,8 @@ class DecoderConfig:
                 raise ValueError("memory_key_dim must be even and positive, memory_heads positive")
             if not 0 < self.memory_top_k <= self.memory_keys:
                 raise ValueError(f"memory_top_k={self.memory_top_k} must be in 1..memory_keys={self.memory_keys}")
-        ultra = {"memory_rank": 2, "memory_expansion": 4, "memory_value_dim": None, "memory_core_loss_weight": 0.1}
+        ultramem_only = ("memory_rank", "memory_expansion", "memory_value_dim", "memory_core_loss_weight")
+        ultra = {f.name: f.default for f in fields(self) if f.name in ultramem_only}
         if self.memory_kind != "ultramem" and any(getattr(self, k) != v for k, v in ultra.items()):
             changed = ", ".join(f"{k}={getattr(self, k)}" for k, v in ultra.items() if getattr(self, k) != v)
             raise ValueError(f"{changed}: UltraMem's fields, but memory_kind is {self.memory_kind!r}")
