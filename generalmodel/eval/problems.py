@@ -63,8 +63,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def sample_seed(seed: int, prompt: str, sample: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{prompt}/{sample}".encode()).digest()
+def seed_of(*parts) -> int:
+    """A 63-bit sampling seed named by its parts ("seed/…/…" hashed): the same parts, the same seed,
+    wherever it is computed (RL's rollouts use it too)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
@@ -85,7 +87,7 @@ def solve(
     for i, row in enumerate(rows):
         wanted.append((i, greedy))
         wanted += [
-            (i, params.model_copy(update={"seed": sample_seed(params.seed, row["prompt"], s)})) for s in range(samples)
+            (i, params.model_copy(update={"seed": seed_of(params.seed, row["prompt"], s)})) for s in range(samples)
         ]
     capacity = min(model.cfg.max_seq_len, max(map(len, prompts)) + params.max_new_tokens)
     engine = Engine(model, min(slots, len(wanted)), capacity=capacity)

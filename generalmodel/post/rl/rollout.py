@@ -14,7 +14,6 @@ learner's own process, for runs without Ray (tests, the GPU machine).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ import torch
 
 from generalmodel import UserError
 from generalmodel.config import Config
+from generalmodel.eval.problems import seed_of
 from generalmodel.infer import SamplingParams, load_state
 from generalmodel.post.rl.rewards import Rewards
 from generalmodel.post.rl.tasks import PromptSet
@@ -61,8 +61,7 @@ class Batch:
 
 def sample_seed(seed: int, step: int, position: int) -> int:
     """The seed of the completion at `position` (prompt slot × group size + sample) of `step`."""
-    digest = hashlib.sha256(f"{seed}/{step}/{position}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+    return seed_of(seed, step, position)
 
 
 class RolloutWorker:
