@@ -73,21 +73,29 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         cfg = EvalConfig(models=uris, problems=f"{args.out}/test.jsonl", sampling=STRATEGIES[strategy])
         results[strategy] = {r.reference: r.metrics for r in evaluate(cfg)}
+    print(f"\n{args.steps} SFT steps, seeds {args.seeds}; held-out problems, 8 samples per problem:")
+    table(runs, results)
+
+
+def table(runs: dict[str, list[str]], results: dict[str, dict[str, dict[str, float]]]) -> None:
+    """One markdown row per variant, sampling and task level: the mean over a variant's models
+    (its seeds) of each metric, ± half their spread. runs: variant -> model URIs; results: sampling
+    -> model URI -> jobs.eval --problems metrics."""
     any_metrics = next(iter(next(iter(results.values())).values()))
     groups = sorted({k.rsplit(".", 1)[0] for k in any_metrics if k.endswith(".pass8")})
-    print(f"\n{args.steps} SFT steps, seeds {args.seeds}; held-out problems, 8 samples per problem:")
     print("| variant | sampling | problems | " + " | ".join(METRICS) + " |")
     print("|---|---|---|" + "---|" * len(METRICS))
     for variant, group_uris in runs.items():
         for strategy, by_uri in results.items():
             for group in groups:
-                cells = []
-                for metric in METRICS:
-                    values = [by_uri[u][f"{group}.{metric}"] for u in group_uris]
-                    spread = (max(values) - min(values)) / 2
-                    cells.append(f"{statistics.mean(values):.3f}" + (f" ± {spread:.3f}" if len(values) > 1 else ""))
+                cells = [mean_spread([by_uri[u][f"{group}.{metric}"] for u in group_uris]) for metric in METRICS]
                 name = "all" if group == "problems" else group.removeprefix("problems.")
                 print(f"| {variant} | {strategy} | {name} | " + " | ".join(cells) + " |")
+
+
+def mean_spread(values: list[float]) -> str:
+    spread = (max(values) - min(values)) / 2
+    return f"{statistics.mean(values):.3f}" + (f" ± {spread:.3f}" if len(values) > 1 else "")
 
 
 if __name__ == "__main__":

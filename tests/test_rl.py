@@ -23,7 +23,7 @@ from generalmodel.infer import SamplingParams
 from generalmodel.infer.engine import generate_batch
 from generalmodel.post import arithmetic
 from generalmodel.post.rl.grpo import group_advantages, grpo_loss, token_logprobs, token_weights, units
-from generalmodel.post.rl.learner import rl_train, train_in_process
+from generalmodel.post.rl.learner import rl_train, spread_indices, train_in_process
 from generalmodel.post.rl.rewards import Rewards, exact_number
 from generalmodel.post.rl.rollout import sample_seed, shards
 from generalmodel.post.rl.tasks import PromptSchedule, load_prompts
@@ -86,6 +86,15 @@ def test_loss_normalisations():
     w = token_weights(mask, seq)[mask]
     assert torch.allclose(w, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))  # each sequence weighs 1 in total
     assert torch.equal(token_weights(mask, token)[mask], torch.ones(4))
+
+
+def test_held_out_prompts_are_spread_over_the_set():
+    # a suite sorted by task and level (10 problems per level here) is sampled across its length
+    assert spread_indices(40, 4) == [0, 10, 20, 30]
+    assert spread_indices(5, 8) == [0, 1, 2, 3, 4]
+    assert spread_indices(7, 0) == []
+    picked = spread_indices(500, 200)
+    assert len(set(picked)) == 200 and max(picked) >= 497
 
 
 def test_verifiers():

@@ -591,7 +591,12 @@ class RlConfig(Section):
         description="Held-out prompts (same format as data.source); default: the val split of data.source "
         "(data.val_fraction, data.split_key).",
     )
-    eval_prompts: int = Field(256, ge=0, description="Held-out prompts scored (greedy) at each evaluation (0: none).")
+    eval_prompts: int = Field(
+        256,
+        ge=0,
+        description="Held-out prompts scored (greedy) at each evaluation, taken at even strides over the "
+        "held-out set (0: none).",
+    )
     eval_every: int = Field(10, gt=0, description="Held-out accuracy every N steps (and at step 0 and the end).")
     prompts_per_step: int = Field(16, gt=0, description="Prompts per step, over all learner ranks.")
     group_size: int = Field(8, gt=1, description="Completions sampled per prompt (G): the group advantages compare.")

@@ -92,6 +92,13 @@ def rl_train(
     return run.run(step, close)
 
 
+def spread_indices(total: int, count: int) -> list[int]:
+    """`count` of range(total) at even strides: a held-out file sorted by task or difficulty is
+    sampled across its length, not cut to its first rows (the same prompts in every run)."""
+    count = min(count, total)
+    return [i * total // count for i in range(count)]
+
+
 class GrpoStep:
     """One GRPO step on the learner: the step's rollouts (asked for ahead of time off-policy),
     group advantages, rl.updates_per_batch optimizer updates, the new weights published to the
@@ -101,7 +108,7 @@ class GrpoStep:
         self.run, self.prompts, self.pool, self.reference = run, prompts, pool, reference
         self.rl = run.cfg.rl
         self.per_rank = self.rl.prompts_per_step // run.env.world_size
-        self.heldout = list(range(min(self.rl.eval_prompts, len(prompts.heldout))))
+        self.heldout = spread_indices(len(prompts.heldout), self.rl.eval_prompts)
         self.requested: dict[int, Any] = {}
         self.evals: dict[int, Any] = {}
         self.step_started = time.perf_counter()

@@ -1,0 +1,88 @@
+"""GRPO on the reasoning suite, before and after: held-out pass@1 (greedy and sampled) and pass@8 of
+the chain-of-thought SFT models and of the same models after RL, per task and level, and the share
+of the SFT model's pass@1 -> pass@8 gap that RL closed (issue 35's goal: at least half).
+
+    python -m benchmarks.reasoning --variants cot      # the SFT models (seeds 0, 1), once
+    python -m benchmarks.reasoning_rl                  # CPU, 2 cores: ~12 min per RL run + evals
+    python -m benchmarks.reasoning_rl --variants grpo,curriculum --steps 100
+
+For each SFT model in --sft (one per seed) and each variant, runs jobs.rl with
+configs/reasoning-rl.yaml from it (train.seed = the model's position in --sft) on the suite's
+training prompts, registered as llama-tiny-reason-cot-rl-VARIANT; then evaluates the SFT models
+and every RL model with jobs.eval --problems on the held-out problems (the greedy answer and 8
+top-p samples per problem). Variants: grpo (the config as it is), curriculum (rl.skip_uniform_for:
+a prompt whose group got equal rewards sits out 25 steps; DAPO's clip-higher, 0.28). Record the
+output, with the machine, in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks.reasoning import STRATEGIES, mean_spread, table
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {
+    "grpo": {},
+    "curriculum": {"rl.skip_uniform_for": 25, "rl.clip_eps_high": 0.28},
+}
+
+
+def train(sft_uri: str, seed: int, variant: str, args) -> str:
+    from generalmodel.config import load_config
+    from jobs.rl import main as rl
+
+    cfg = load_config(
+        ROOT / "configs/reasoning-rl.yaml",
+        {
+            "data.source": f"{args.out}/train.jsonl",
+            "rl.eval_source": f"{args.out}/test.jsonl",
+            "train.init_from": sft_uri,
+            "train.seed": seed,
+            "train.steps": args.steps,
+            "train.run_name": f"reason-rl-{variant}-s{seed}-{args.tag}",
+            "tracking.registered_model": f"llama-tiny-reason-cot-rl-{variant}",
+            **VARIANTS[variant],
+        },
+    )
+    return rl(cfg)["model_uri"]
+
+
+def main() -> None:
+    from jobs.eval import EvalConfig
+    from jobs.eval import main as evaluate
+    from jobs.reasoning import ReasoningConfig
+    from jobs.reasoning import main as write_suite
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / ".generalmodel/reasoning-bench"))
+    parser.add_argument("--sft", default="models:/llama-tiny-reason-cot/1,models:/llama-tiny-reason-cot/2")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--test", type=int, default=50, help="held-out problems per task and level")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--tag", default=time.strftime("%m%d%H%M"), help="suffix of the RL runs' names")
+    args = parser.parse_args()
+    write_suite(ReasoningConfig(out=args.out, test=args.test))  # the same problems benchmarks.reasoning wrote
+    sft = args.sft.split(",")
+    runs: dict[str, list[str]] = {"sft (before)": sft}
+    for variant in args.variants.split(","):
+        runs[variant] = [train(uri, seed, variant, args) for seed, uri in enumerate(sft)]
+    uris = [uri for group in runs.values() for uri in group]
+    cfg = EvalConfig(models=uris, problems=f"{args.out}/test.jsonl", sampling=STRATEGIES["top_p"])
+    results = {"top_p": {r.reference: r.metrics for r in evaluate(cfg)}}
+    print(f"\n{args.steps} GRPO steps from {args.sft}; held-out problems, 8 samples per problem:")
+    table(runs, results)
+    by_uri = results["top_p"]
+    print("\nshare of the SFT model's pass@1 (greedy) -> pass@8 gap closed by RL, per seed:")
+    for variant, after in list(runs.items())[1:]:
+        closed = []
+        for before, rl_uri in zip(sft, after, strict=True):
+            greedy, best = by_uri[before]["problems.pass1_greedy"], by_uri[before]["problems.pass8"]
+            closed.append((by_uri[rl_uri]["problems.pass1_greedy"] - greedy) / max(best - greedy, 1e-9))
+        print(f"{variant}: " + ", ".join(f"{c:+.2f}" for c in closed) + f" (mean {mean_spread(closed)})")
+
+
+if __name__ == "__main__":
+    main()
