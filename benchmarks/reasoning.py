@@ -1,33 +1,53 @@
-"""Chain-of-thought SFT vs answer-only SFT on the reasoning suite, from the same pretrained base:
-held-out pass@1 (greedy and sampled) and pass@8 per task and level, over seeds.
+"""Chain-of-thought SFT vs answer-only SFT vs Coconut on the reasoning suite, from the same
+pretrained base: held-out pass@1 (greedy and sampled) and pass@8 per task and level, over seeds.
 
     make pretrain && python -m benchmarks.reasoning            # CPU, 2 cores: ~35 min
     python -m benchmarks.reasoning --steps 600 --seeds 0,1 --test 50
+    python -m benchmarks.reasoning --variants coconut --strategies top_p   # from the CoT models
 
 Writes the suite (jobs.reasoning, `--test` held-out problems per task and level) to --out, then for
 each seed and variant runs jobs.sft with configs/reasoning-sft.yaml (Ray Train, from
 models:/llama-tiny/latest; `cot` on sft_cot.jsonl, `answer` on sft_answer.jsonl: the same problems
-and steps, so the CoT run sees more supervised tokens), registered as llama-tiny-reason-VARIANT,
-and evaluates every trained version (and, --base, the base) with jobs.eval --problems: the greedy
-answer and 8 samples per problem, once per --strategies (top_p: temperature 0.8, top-p 0.9;
-entropy: the same with entropy-aware sampling; plain: temperature 0.8). Prints one table row per
-variant, sampling and task level: the seeds' mean (± half their spread). Record the output, with
-the machine, in benchmarks/RESULTS.md.
+and steps, so the CoT run sees more supervised tokens), registered as llama-tiny-reason-VARIANT;
+`coconut` runs jobs.coconut with configs/reasoning-coconut.yaml (--coconut-steps over its 3 stages)
+from the CoT model of the same seed (trained in this invocation, else --cot's versions: the ones
+an earlier invocation registered, by seed); then it evaluates every trained version (and, --base,
+the base) with jobs.eval --problems: the greedy answer and 8 samples per problem, once per
+--strategies (top_p: temperature 0.8, top-p 0.9; entropy: the same with entropy-aware sampling;
+plain: temperature 0.8). Prints one table row per variant, sampling and task level: the seeds'
+mean (± half their spread). Record the output, with the machine, in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("pass1_greedy", "pass1_sampled", "pass8")
 
 
-def train(variant: str, seed: int, args) -> str:
+def train(variant: str, seed: int, args, cot: dict[int, str]) -> str:
     from generalmodel.config import load_config
     from jobs.sft import main as sft
+
+    if variant == "coconut":
+        from jobs.coconut import main as coconut
+
+        return coconut(
+            load_config(
+                ROOT / "configs/reasoning-coconut.yaml",
+                {
+                    "data.source": str(Path(args.out) / "sft_cot.jsonl"),
+                    "train.init_from": cot[seed],
+                    "train.seed": seed,
+                    "train.steps": args.coconut_steps,
+                    "train.run_name": f"reason-coconut-s{seed}-{time.strftime('%m%d%H%M')}",
+                },
+            )
+        )["model_uri"]
 
     cfg = load_config(
         ROOT / "configs/reasoning-sft.yaml",
@@ -60,14 +80,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--test", type=int, default=50, help="held-out problems per task and level")
-    parser.add_argument("--variants", default="cot,answer")
+    parser.add_argument("--variants", default="cot,answer", help="of cot, answer, coconut")
+    parser.add_argument("--coconut-steps", type=int, default=300)
+    parser.add_argument(
+        "--cot",
+        default="models:/llama-tiny-reason-cot/1,models:/llama-tiny-reason-cot/2",
+        help="coconut without cot in --variants: the CoT models it starts from, one per seed in order",
+    )
     parser.add_argument("--strategies", default="top_p,entropy", help=f"sampling for pass@k: {', '.join(STRATEGIES)}")
     parser.add_argument("--base", action="store_true", help="evaluate the base model too (it has not seen the format)")
     args = parser.parse_args()
     write_suite(ReasoningConfig(out=args.out, test=args.test))
     runs: dict[str, list[str]] = {"base": ["models:/llama-tiny/latest"]} if args.base else {}
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    cot = dict(zip(seeds, args.cot.split(","), strict=False))
     for variant in args.variants.split(","):
-        runs[variant] = [train(variant, int(seed), args) for seed in args.seeds.split(",")]
+        if variant == "coconut" and "cot" not in runs:  # the models it starts from, evaluated beside it
+            runs["cot (coconut's start)"] = [cot[seed] for seed in seeds]
+        runs[variant] = [train(variant, seed, args, cot) for seed in seeds]
+        if variant == "cot":
+            cot = dict(zip(seeds, runs[variant], strict=True))
     uris = [uri for group in runs.values() for uri in group]
     results = {}
     for strategy in args.strategies.split(","):

@@ -5,3 +5,8 @@ pretraining time so that a model trained here can be fine-tuned on conversations
 CHAT_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", *CHAT_TOKENS.values())
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte-level alphabet and the special tokens
+
+# Coconut's continuous thoughts (generalmodel.post.coconut): not reserved; added to a model's
+# tokenizer by the job that trains them. A prompt ends with START, each thought position holds
+# THOUGHT (its input is a hidden state, not this token's embedding), END precedes the answer.
+LATENT_TOKENS = {"start": "<|start-latent|>", "thought": "<|latent|>", "end": "<|end-latent|>"}

@@ -11,6 +11,7 @@ JOBS = {
     "sft": "jobs.sft",
     "dpo": "jobs.dpo",
     "rl": "jobs.rl",
+    "coconut": "jobs.coconut",
     "arithmetic": "jobs.arithmetic",
     "reasoning": "jobs.reasoning",
     "sotu-qa": "jobs.sotu_qa",

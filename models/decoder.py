@@ -112,6 +112,12 @@ class DecoderConfig:
     memory_expansion: int = _opt(4, "ultramem: projectors E; the physical table holds N / E rows.")
     memory_value_dim: int | None = _opt(None, "ultramem: width of the physical value rows; null: d_model.")
     memory_core_loss_weight: float = _opt(0.1, "ultramem: weight of the loss that keeps each core near rank one.")
+    # how the model decodes
+    continuous_thoughts: int = _opt(
+        0,
+        "Coconut (continuous thought): after the prompt and <|start-latent|>, this many steps feed the last hidden "
+        "state back as the next input, then <|end-latent|>, then the answer (set by jobs/coconut.py). 0: off.",
+    )
 
     # pydantic (the platform's config tree) validates this dataclass; unknown keys are errors.
     __pydantic_config__ = {"extra": "forbid"}
@@ -131,6 +137,8 @@ class DecoderConfig:
             raise ValueError(f"window must be positive, got {self.window}")
         if self.global_every < 0 or (self.global_every and self.window is None):
             raise ValueError(f"global_every={self.global_every} needs a window and must be >= 0")
+        if self.continuous_thoughts < 0:
+            raise ValueError(f"continuous_thoughts must be >= 0, got {self.continuous_thoughts}")
         if self.kv_share_group <= 0 or self.n_layers % self.kv_share_group:
             raise ValueError(f"kv_share_group={self.kv_share_group} must divide n_layers={self.n_layers}")
         if (self.qk_norm or self.value_residual) and self.attention != "gqa":
@@ -412,6 +420,8 @@ class Decoder(nn.Module):
         docs: torch.Tensor | None = None,
         select: Selection | None = None,
         per_token: bool = False,
+        thoughts: tuple[torch.Tensor, torch.Tensor] | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab), or (B, 1, vocab) for the last position
         only, or (N, vocab) for the N positions a (B, T) boolean `keep` marks (the head, often
@@ -423,7 +433,12 @@ class Decoder(nn.Module):
         (models/loss.py); with `per_token`, each target's cross-entropy (B, T) without a gradient
         (0 where not supervised: a reference model's scores). `docs` (B, T): the document id of
         each token of packed rows (models.attention.document_ids; no cache): each document
-        attends only within itself and its positions start at 0, as if it were alone in its row."""
+        attends only within itself and its positions start at 0, as if it were alone in its row.
+        `thoughts` (where (B, T) bool, states (N, d)): the N marked positions take these vectors
+        as their input in place of their tokens' embeddings, in row-major order (Coconut's
+        continuous thoughts; positions and value embeddings still come from idx). `hidden`: the
+        final norm's output (B, T, d) — what the head reads, the "last hidden state" — instead of
+        logits (with last_only, the last position's)."""
         B, T = idx.shape
         pos = documents = None
         if cache is not None:
@@ -436,6 +451,9 @@ class Decoder(nn.Module):
             documents = None if docs is None else self._documents(docs)
             where = None if documents is None else documents.pos  # None: 0..T-1 in every row
         x = self.embed(idx)  # (B, T, d)
+        if thoughts is not None:
+            where_thought, states = thoughts
+            x = x.masked_scatter(where_thought.unsqueeze(-1), states.to(x.dtype))
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(T, device=idx.device) if where is None else where)
         rope = None
@@ -457,7 +475,7 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         elif keep is not None:
             x = x[keep]
-        return self.unembed(x)
+        return self.final_norm(x) if hidden else self.unembed(x)
 
     def run_blocks(self, x, rope, cache, pos, documents, ves=()) -> torch.Tensor:
         """The blocks in order, with the speedrun's pieces when switched on: every block's input

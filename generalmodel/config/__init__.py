@@ -11,6 +11,7 @@ from generalmodel.config.loading import (
     section_class,
 )
 from generalmodel.config.sections import (
+    CoconutConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -39,6 +40,7 @@ __all__ = [
     "ParallelConfig",
     "RayConfig",
     "RlConfig",
+    "CoconutConfig",
     "Section",
     "StorageConfig",
     "Strings",

@@ -645,6 +645,23 @@ class RlConfig(Section):
     )
 
 
+class CoconutConfig(Section):
+    """Chain of continuous thought (Coconut, Hao et al. 2024; jobs/coconut.py). The rows of
+    data.source are worked conversations (`messages`, the last one the assistant's) with their
+    reasoning steps (a list of strings the assistant's answer starts with, in order); stage k of
+    coconut.stages replaces the first k steps with k·coconut.thoughts_per_step continuous thoughts."""
+
+    steps_field: str = Field("steps", description="The column holding a row's reasoning steps (a list of strings).")
+    thoughts_per_step: int = Field(2, gt=0, description="Continuous thoughts that replace one language step (c).")
+    stages: int = Field(3, gt=0, description="Stages 1..K, each train.steps / K steps; stage k replaces k steps.")
+    drop_remaining: bool = Field(
+        True,
+        description="The last stage also drops the language steps left after its K (the answer follows the "
+        "thoughts); decoding then runs K·c thoughts and answers.",
+    )
+    reset_optimizer: bool = Field(True, description="Clear the optimizer's state at each stage's start (the paper).")
+
+
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -689,6 +706,7 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     dpo: DpoConfig = DpoConfig()
     rl: RlConfig = RlConfig()
+    coconut: CoconutConfig = CoconutConfig()
     mixture: MixtureConfig = MixtureConfig()
     # The model keys the preset and overrides gave (load_config): what train.init_from checks.
     _model_keys: frozenset[str] = PrivateAttr(default=frozenset())

@@ -67,8 +67,13 @@ def has_chat_tokens(tokenizer: Tokenizer) -> bool:
 def add_chat_tokens(tokenizer_json: str) -> tuple[str, list[str]]:
     """The tokenizer with the chat tokens it lacks added as special tokens (new ids at the end of
     its vocabulary), and the names added."""
+    return add_special_tokens(tokenizer_json, CHAT_TOKENS.values())
+
+
+def add_special_tokens(tokenizer_json: str, tokens) -> tuple[str, list[str]]:
+    """The tokenizer with those of `tokens` it lacks added as special tokens, and the names added."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    missing = [t for t in CHAT_TOKENS.values() if tokenizer.token_to_id(t) is None]
+    missing = [t for t in tokens if tokenizer.token_to_id(t) is None]
     if missing:
         tokenizer.add_special_tokens(missing)
     return tokenizer.to_str(), missing

@@ -21,7 +21,7 @@ import torch
 
 from generalmodel import UserError
 from generalmodel.eval.reasoning import solved
-from generalmodel.infer.engine import Engine, Request, SamplingParams
+from generalmodel.infer.engine import Engine, Request, SamplingParams, Thoughts
 
 
 @dataclass
@@ -89,8 +89,10 @@ def solve(
         wanted += [
             (i, params.model_copy(update={"seed": seed_of(params.seed, row["prompt"], s)})) for s in range(samples)
         ]
-    capacity = min(model.cfg.max_seq_len, max(map(len, prompts)) + params.max_new_tokens)
-    engine = Engine(model, min(slots, len(wanted)), capacity=capacity)
+    thoughts = Thoughts.of(model, fmt.tokenizer)  # a Coconut model thinks before it answers
+    reserved = thoughts.positions if thoughts is not None else 0
+    capacity = min(model.cfg.max_seq_len, max(map(len, prompts)) + reserved + params.max_new_tokens)
+    engine = Engine(model, min(slots, len(wanted)), capacity=capacity, thoughts=thoughts)
     requests = [engine.add(Request(list(prompts[i]), p, stop)) for i, p in wanted]
     while not engine.idle():
         engine.step()

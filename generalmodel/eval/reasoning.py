@@ -45,14 +45,15 @@ class Problem:
     level: int
     question: str
     answer: int  # the number asked for (countdown: the target)
-    worked: str  # the steps, then "The answer is X."
+    steps: tuple[str, ...]  # the worked solution's steps, each a sentence
+    final: str  # "The answer is X.": the answer-only response
     key: str  # what defines the problem, for the split
     fields: dict[str, Any] = field(default_factory=dict)  # what the verifier reads besides `answer`
 
     @property
-    def final(self) -> str:
-        """The answer-only response."""
-        return self.worked[self.worked.rindex("The answer is") :]
+    def worked(self) -> str:
+        """The worked solution: the steps, then the answer."""
+        return " ".join((*self.steps, self.final))
 
     def split(self, test_fraction: float) -> str:
         h = int.from_bytes(hashlib.sha256(f"{self.task}:{self.key}".encode()).digest()[:8], "big")
@@ -75,8 +76,9 @@ def addition(rng: random.Random, level: int) -> Problem:
     if carry:
         steps.append(f"Bring down {carry}.")
     answer = a + b
-    worked = " ".join(steps) + f" The answer is {answer}."
-    return Problem("addition", level, f"What is {a} + {b}?", answer, worked, f"{a}+{b}")
+    return Problem(
+        "addition", level, f"What is {a} + {b}?", answer, tuple(steps), f"The answer is {answer}.", f"{a}+{b}"
+    )
 
 
 OPS: dict[str, Callable[[int, int], int | None]] = {
@@ -107,8 +109,8 @@ def expression(rng: random.Random, level: int) -> Problem:
         if result is not None:
             break
     text = f"({a} {op1} {b}) {op2} {c}" if parens else f"{a} {op1} {b} {op2} {c}"
-    worked = f"{steps[0]}. {steps[1]}. The answer is {result}."
-    return Problem("expression", level, f"What is {text}?", result, worked, text)
+    sentences = tuple(f"{s}." for s in steps)
+    return Problem("expression", level, f"What is {text}?", result, sentences, f"The answer is {result}.", text)
 
 
 def countdown(rng: random.Random, level: int) -> Problem:
@@ -137,9 +139,11 @@ def countdown(rng: random.Random, level: int) -> Problem:
     shown = sorted(numbers)
     listed = ", ".join(map(str, shown[:-1])) + f" and {shown[-1]}"
     question = f"Use {listed} to make {target}. Each number once; + - * / allowed."
-    worked = ". ".join(steps) + f". The answer is {solution}."
     key = f"{','.join(map(str, shown))}->{target}"
-    return Problem("countdown", level, question, target, worked, key, {"numbers": shown})
+    sentences = tuple(f"{s}." for s in steps)
+    return Problem(
+        "countdown", level, question, target, sentences, f"The answer is {solution}.", key, {"numbers": shown}
+    )
 
 
 def _wrap(expr: str) -> str:
@@ -255,7 +259,8 @@ def write_suite(
 ) -> dict[str, int]:
     """Write the suite's files (row counts returned):
 
-    sft_cot.jsonl     conversations answered with the worked solution (training problems)
+    sft_cot.jsonl     conversations answered with the worked solution (training problems), and
+                      its `steps` (what jobs/coconut.py replaces with continuous thoughts)
     sft_answer.jsonl  the same conversations answered with "The answer is X." only
     train.jsonl       RL prompts of other training problems: prompt, answer, task, level (numbers)
     test.jsonl        held-out prompts, the same shape
@@ -266,7 +271,7 @@ def write_suite(
         return {"messages": [{"role": "user", "content": p.question}, {"role": "assistant", "content": answer}]}
 
     files = {
-        "sft_cot": [chat(p, p.worked) for p in drawn["sft"]],
+        "sft_cot": [{**chat(p, p.worked), "steps": list(p.steps)} for p in drawn["sft"]],
         "sft_answer": [chat(p, p.final) for p in drawn["sft"]],
         "train": [p.row() for p in drawn["train"]],
         "test": [p.row() for p in drawn["test"]],

@@ -19,6 +19,12 @@ and varentropy V (the variance of −log p) of the unfiltered next-token distrib
 (`explore_temperature`); otherwise it samples as `strategy: sample` does. Each decision is kept in
 the request (`decisions`). Not built from that line: inserting a "think" token when H is high and V
 low, and branching to pick the best continuation by a score.
+
+A Coconut model (model.cfg.continuous_thoughts > 0, generalmodel.post.coconut) decodes with
+`Thoughts`: every request's prefill is its prompt and <|start-latent|>; then that many steps each
+feed the last hidden state (the final norm's output) back as the next input, on the KV cache; then
+<|end-latent|>, whose logits give the first sampled token. The engine refuses such a model without
+them (it would answer without thinking, silently worse).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pydantic import Field
 
 from generalmodel.config import Section
 from generalmodel.interp.analysis import entropy_stats
+from generalmodel.tokens import LATENT_TOKENS
 from models.cache import KVCache
 
 
@@ -72,6 +79,36 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+@dataclass(frozen=True)
+class Thoughts:
+    """How a Coconut model decodes (module doc): `count` continuous thoughts between the ids
+    `start` and `end`, each at the place of the id `thought`."""
+
+    count: int
+    start: int
+    thought: int
+    end: int
+
+    @property
+    def positions(self) -> int:
+        """The context positions the thoughts take (with their delimiters)."""
+        return self.count + 2
+
+    @classmethod
+    def of(cls, model, tokenizer) -> Thoughts | None:
+        """The model's thoughts (None for a model without: model.cfg.continuous_thoughts 0); a
+        ValueError when the tokenizer lacks the latent tokens."""
+        count = getattr(model.cfg, "continuous_thoughts", 0)
+        if not count:
+            return None
+        ids = {name: tokenizer.token_to_id(token) for name, token in LATENT_TOKENS.items()}
+        if None in ids.values():
+            raise ValueError(
+                f"model.continuous_thoughts={count} but the tokenizer lacks {' '.join(LATENT_TOKENS.values())}"
+            )
+        return cls(count, **ids)
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence to continue. `tokens` grows as it decodes; `finish_reason` is set when done:
@@ -105,8 +142,16 @@ class Event:
 
 
 class Engine:
-    def __init__(self, model, slots: int, capacity: int | None = None, compile: bool = False):
-        self.model = model
+    def __init__(
+        self, model, slots: int, capacity: int | None = None, compile: bool = False, thoughts: Thoughts | None = None
+    ):
+        if getattr(model.cfg, "continuous_thoughts", 0) and thoughts is None:
+            raise ValueError(
+                f"the model decodes with {model.cfg.continuous_thoughts} continuous thoughts (Coconut): give the "
+                "engine its Thoughts (Thoughts.of(model, tokenizer))"
+            )
+        self.model, self.thoughts = model, thoughts
+        self.reserved = thoughts.positions if thoughts is not None else 0  # per request, before its tokens
         self.cache = KVCache(model, slots, capacity)
         self.cache.trim = not compile  # compiled: every slot, static shapes
         self.capacity = self.cache.capacity
@@ -123,9 +168,10 @@ class Engine:
         """A ValueError saying why a prompt cannot be continued (empty, or no room left)."""
         if not prompt_ids:
             raise ValueError("a request needs at least one prompt token")
-        if len(prompt_ids) >= self.capacity:
+        if len(prompt_ids) + self.reserved >= self.capacity:
+            thinking = f" and {self.reserved} for its thoughts" if self.reserved else ""
             raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.capacity}, "
+                f"the prompt has {len(prompt_ids)} tokens{thinking}; the model's context is {self.capacity}, "
                 "which leaves no room for a new token"
             )
 
@@ -183,9 +229,26 @@ class Engine:
         self._generators[request.id] = torch.Generator(device=self.device).manual_seed(request.params.seed)
         self.cache.reset([row])
         view = self.cache.view([row])
-        view.reserve(len(request.prompt_ids))
-        logits = self.model(torch.tensor([request.prompt_ids], device=self.device), view, last_only=True)
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        if self.thoughts is None:
+            view.reserve(ids.shape[1])
+            logits = self.model(ids, view, last_only=True)
+        else:
+            logits = self._think(ids, view)
         return self._sample([row], logits[:, -1])
+
+    def _think(self, ids: torch.Tensor, view) -> torch.Tensor:
+        """Coconut: prefill the prompt and <|start-latent|>, run the thoughts, then <|end-latent|>:
+        its logits (1, 1, vocab)."""
+        t, device = self.thoughts, self.device
+        view.reserve(ids.shape[1] + 1)
+        state = self.model(torch.cat([ids, ids.new_tensor([[t.start]])], 1), view, last_only=True, hidden=True)
+        marker, here = torch.tensor([[t.thought]], device=device), torch.ones(1, 1, dtype=torch.bool, device=device)
+        for _ in range(t.count):
+            view.reserve(1)
+            state = self.model(marker, view, last_only=True, hidden=True, thoughts=(here, state[:, -1]))
+        view.reserve(1)
+        return self.model(torch.tensor([[t.end]], device=device), view, last_only=True)
 
     def _sample(self, rows: list[int], logits: torch.Tensor) -> list[Event]:
         logits = logits.float()
@@ -216,7 +279,7 @@ class Engine:
                 self._release(request)
                 continue
             request.tokens.append(token)
-            used = len(request.prompt_ids) + len(request.tokens)
+            used = len(request.prompt_ids) + self.reserved + len(request.tokens)
             if len(request.tokens) >= request.params.max_new_tokens or used >= self.capacity:
                 request.finish_reason = "length"
                 self._release(request)
@@ -252,11 +315,12 @@ def generate_batch(
     stop_ids: set[int] | None = None,
     compile: bool = False,
     capacity: int | None = None,
+    thoughts: Thoughts | None = None,
 ) -> list[Request]:
     """Continue every prompt in one batch (one row each) until all are done; the requests, in
     order, with their tokens and finish reasons."""
     per_row = params if isinstance(params, list) else [params] * len(prompts)
-    engine = Engine(model, len(prompts), capacity=capacity, compile=compile)
+    engine = Engine(model, len(prompts), capacity=capacity, compile=compile, thoughts=thoughts)
     stop = frozenset(stop_ids or ())
     requests = [engine.add(Request(list(p), q, stop)) for p, q in zip(prompts, per_row, strict=True)]
     while not engine.idle():

@@ -9,21 +9,28 @@ from collections.abc import Iterator
 import torch
 
 from generalmodel.data.tokenizer import eos_id
-from generalmodel.infer.engine import Engine, Request, SamplingParams
+from generalmodel.infer.engine import Engine, Request, SamplingParams, Thoughts
 
 
 @torch.no_grad()
 def generate(
-    model, prompt_ids: list[int], params: SamplingParams, eos_id: int | set[int] | None = None
+    model,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    eos_id: int | set[int] | None = None,
+    thoughts: Thoughts | None = None,
 ) -> Iterator[int]:
     """Yields new token ids one at a time (a batch of one on `generalmodel.infer.engine`): prefill
     the prompt, then decode with the static KV cache; stops before `eos_id` (one id, or a set: a
     chat model's end-of-turn and EOS) or when the sequence reaches the model's max_seq_len. A
-    longer prompt keeps its last max_seq_len - 1 tokens; an empty one starts from the stop id."""
+    longer prompt keeps its last max_seq_len - 1 tokens (fewer by a Coconut model's `thoughts`); an
+    empty one starts from the stop id."""
     stop = eos_id if isinstance(eos_id, set) else {eos_id} if eos_id is not None else set()
-    limit = model.cfg.max_seq_len
+    reserved = thoughts.positions if thoughts is not None else 0
+    limit = model.cfg.max_seq_len - reserved
     ids = list(prompt_ids[-limit + 1 :]) or [min(stop, default=0)]
-    engine = Engine(model, 1, capacity=min(limit, len(ids) + params.max_new_tokens))
+    capacity = min(model.cfg.max_seq_len, len(ids) + reserved + params.max_new_tokens)
+    engine = Engine(model, 1, capacity=capacity, thoughts=thoughts)
     request = engine.add(Request(ids, params, frozenset(stop)))
     while not request.done:
         for event in engine.step():
@@ -35,7 +42,7 @@ def sample_text(model, tokenizer, prompt: str, params: SamplingParams) -> Iterat
     """Yields decoded text pieces as tokens arrive (streaming), stopping at EOS; the pieces join
     to the decoded completion."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    return _decoded(tokenizer, generate(model, prompt_ids, params, eos_id(tokenizer)))
+    return _decoded(tokenizer, generate(model, prompt_ids, params, eos_id(tokenizer), Thoughts.of(model, tokenizer)))
 
 
 def sample_chat(model, tokenizer, messages: list[dict[str, str]], params: SamplingParams) -> Iterator[str]:
@@ -45,7 +52,7 @@ def sample_chat(model, tokenizer, messages: list[dict[str, str]], params: Sampli
 
     fmt = ChatFormat.from_json(tokenizer.to_str())
     stop = {fmt.end_id, eos_id(tokenizer)}
-    return _decoded(tokenizer, generate(model, fmt.prompt_ids(messages), params, stop))
+    return _decoded(tokenizer, generate(model, fmt.prompt_ids(messages), params, stop, Thoughts.of(model, tokenizer)))
 
 
 def _decoded(tokenizer, tokens: Iterator[int]) -> Iterator[str]:

@@ -55,11 +55,18 @@ __all__ = [
 
 def adapter_for(cfg, remote_code: bool = True) -> HfAdapter:
     """The native class that reproduces `cfg` exactly; else remote code (`remote_code`), or an
-    ExportError naming every part of `cfg` that the closest native class lacks."""
+    ExportError naming every part of `cfg` that the closest native class lacks (or that remote
+    code cannot run either)."""
     reasons = {name: adapter.mismatches(cfg) for name, adapter in NATIVE.items()}
     fits = [name for name, why in reasons.items() if not why]
     if fits:
         return NATIVE[fits[0]]
+    beyond = REMOTE.mismatches(cfg)
+    if beyond:  # what no transformers class runs, remote code included
+        raise ExportError(
+            f"model {cfg.name!r} cannot be exported for transformers: {'; '.join(beyond)}. Use its native "
+            "export (model.safetensors + model_config.json) with this platform's jobs"
+        )
     if remote_code:
         return REMOTE
     closest = min(reasons.values(), key=len)

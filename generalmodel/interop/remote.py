@@ -53,7 +53,10 @@ class RemoteCodeAdapter(HfAdapter):
     described = "remote code runs every model of the zoo"
 
     def mismatches(self, cfg) -> list[str]:
-        return []
+        # The weights would load, but transformers' generate cannot run the thoughts: a Coconut
+        # model would answer without them, silently worse. The native export keeps the field.
+        thoughts = cfg.continuous_thoughts
+        return [f"continuous_thoughts={thoughts} (Coconut decoding, which generate does not do)"] if thoughts else []
 
     def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
         return {

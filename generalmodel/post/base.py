@@ -13,15 +13,16 @@ import tempfile
 
 from generalmodel import UserError
 from generalmodel.config import Config, TrackingConfig, TrainConfig
-from generalmodel.data.chat import add_chat_tokens, resize_embeddings
+from generalmodel.data.chat import add_special_tokens, resize_embeddings
 from generalmodel.data.tokenizer import tokenizer_hash
 from generalmodel.storage import source_name
+from generalmodel.tokens import CHAT_TOKENS
 from generalmodel.tracking.registry import ModelRef
 from generalmodel.train.init_from import InitSource
 
 log = logging.getLogger(__name__)
 
-STAGE_SUFFIXES = ("-sft", "-dpo", "-rl")
+STAGE_SUFFIXES = ("-sft", "-dpo", "-rl", "-coconut")
 
 
 def base_name(reference: str, default: str) -> str:
@@ -48,6 +49,13 @@ def start(cfg: Config, stage: str, fmt: str) -> tuple[Config, str, InitSource]:
     uri = tracking_uri(cfg)
     check_reachable(uri)
     cfg, init = with_chat_tokens(*load_init(cfg, uri))
+    thoughts = getattr(cfg.model, "continuous_thoughts", 0)
+    if thoughts and stage != "coconut":
+        raise UserError(
+            f"{cfg.train.init_from} decodes with {thoughts} continuous thoughts (a Coconut model): the {stage.upper()} "
+            "job trains without them, so its model would think at decoding what it never learned to; train it "
+            "further with jobs/coconut.py, or start from the model it was trained from"
+        )
     return cfg, uri, init
 
 
@@ -79,29 +87,9 @@ def post_training_config(cfg: Config, stage: str, fmt: str) -> Config:
 
 def with_chat_tokens(cfg: Config, init: InitSource) -> tuple[Config, InitSource]:
     """The base with the chat tokens: a model trained here has them reserved; another one gets
-    them added to its tokenizer and embeddings (mean-initialised rows; tagged chat_tokens_added).
-    The data section then uses that tokenizer, and its dataset is named after it."""
-    tokenizer_json, added = add_chat_tokens(init.tokenizer_json)
-    if added:
-        from tokenizers import Tokenizer
-
-        vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size()
-        log.warning(
-            "%s has no chat tokens: added %s (vocabulary %d -> %d, new embedding rows = the mean embedding)",
-            init.reference,
-            " ".join(added),
-            init.model.vocab_size,
-            vocab,
-        )
-        model = dataclasses.replace(init.model, vocab_size=max(vocab, init.model.vocab_size))
-        init = dataclasses.replace(
-            init,
-            model=model,
-            state=resize_embeddings(init.state, model.vocab_size),
-            tokenizer_json=tokenizer_json,
-            tags={**init.tags, "chat_tokens_added": " ".join(added)},
-        )
-        cfg = cfg.model_copy(update={"model": model})
+    them added (`with_tokens`). The data section then uses that tokenizer, and its dataset is
+    named after it."""
+    cfg, init = with_tokens(cfg, init, CHAT_TOKENS.values(), "chat")
     data = cfg.data
     if cfg.train.dataset is None:
         path = os.path.join(tempfile.mkdtemp(prefix="gm-chat-"), "tokenizer.json")
@@ -112,3 +100,31 @@ def with_chat_tokens(cfg: Config, init: InitSource) -> tuple[Config, InitSource]
         output = data.output or f"datasets/{name}-{tokenizer_hash(init.tokenizer_json)[:8]}"
         cfg = cfg.model_copy(update={"data": data.model_copy(update={"tokenizer": path, "output": output})})
     return cfg, init
+
+
+def with_tokens(cfg: Config, init: InitSource, tokens, kind: str) -> tuple[Config, InitSource]:
+    """The base with the special `tokens` it lacks added to its tokenizer and embeddings
+    (mean-initialised rows; tagged KIND_tokens_added) and cfg.model grown to match."""
+    tokenizer_json, added = add_special_tokens(init.tokenizer_json, tokens)
+    if not added:
+        return cfg, init
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    log.warning(
+        "%s has no %s tokens: added %s (vocabulary %d -> %d, new embedding rows = the mean embedding)",
+        init.reference,
+        kind,
+        " ".join(added),
+        init.model.vocab_size,
+        vocab,
+    )
+    model = dataclasses.replace(init.model, vocab_size=max(vocab, init.model.vocab_size))
+    init = dataclasses.replace(
+        init,
+        model=model,
+        state=resize_embeddings(init.state, model.vocab_size),
+        tokenizer_json=tokenizer_json,
+        tags={**init.tags, f"{kind}_tokens_added": " ".join(added)},
+    )
+    return cfg.model_copy(update={"model": model}), init

@@ -26,6 +26,7 @@ RESUME_KEYS = (
     "train.selection_reference",
     "dpo",
     "rl",
+    "coconut",
     "mixture",
 )
 

@@ -60,18 +60,23 @@ class PromptSet:
 
     def step_prompts(self, step: int, count: int, seed: int) -> list[int]:
         """Indices into `train` of step `step`'s `count` prompts."""
-        n = len(self.train)
-        out = []
-        for i in range(step * count, (step + 1) * count):
-            epoch, pos = divmod(i, n)
-            out.append(int(_permutation(n, seed, epoch)[pos]))
-        return out
+        return step_items(len(self.train), step, count, seed)
+
+
+def step_items(n: int, step: int, count: int, seed: int) -> list[int]:
+    """Indices into n items of step `step`'s `count`: positions step·count … of the endless stream
+    of seeded permutations of range(n), one per epoch (a pure function of seed and step)."""
+    out = []
+    for i in range(step * count, (step + 1) * count):
+        epoch, pos = divmod(i, n)
+        out.append(int(permutation(n, seed, epoch)[pos]))
+    return out
 
 
 _PERMUTATIONS: dict[tuple[int, int, int], np.ndarray] = {}
 
 
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     key = (n, seed, epoch)
     if key not in _PERMUTATIONS:
         _PERMUTATIONS.clear()  # one epoch at a time is what a run walks through
@@ -85,10 +90,10 @@ def load_prompts(cfg: Config, tokenizer_json: str) -> PromptSet:
     fmt = ChatFormat.from_json(tokenizer_json)
     storage = cfg.storage.resolved()
     digest = hashlib.sha256()
-    rows = _read(cfg, cfg.data.source, storage, digest)
+    rows = read_source(cfg, cfg.data.source, storage, digest)
     if cfg.rl.eval_source:
         train = rows
-        heldout = _read(cfg, cfg.rl.eval_source, storage, digest)
+        heldout = read_source(cfg, cfg.rl.eval_source, storage, digest)
     else:
         train, heldout = [], []
         for where, row in rows:
@@ -104,7 +109,7 @@ def load_prompts(cfg: Config, tokenizer_json: str) -> PromptSet:
     return PromptSet(cfg.data.source, train_prompts, heldout_prompts, digest.hexdigest())
 
 
-def _read(cfg: Config, source: str, storage, digest) -> list[tuple[str, dict[str, Any]]]:
+def read_source(cfg: Config, source: str, storage, digest) -> list[tuple[str, dict[str, Any]]]:
     data = cfg.data.model_copy(update={"source": source})
     out = []
     for piece in list_pieces(data, storage):
@@ -164,7 +169,7 @@ class PromptSchedule:
         n, out, scanned = len(self.prompts.train), [], 0
         while len(out) < self.per_step:
             epoch, pos = divmod(self.cursor, n)
-            prompt = int(_permutation(n, self.seed, epoch)[pos])
+            prompt = int(permutation(n, self.seed, epoch)[pos])
             self.cursor += 1
             scanned += 1
             if scanned > n or self.skip_until.get(prompt, 0) <= step:
