@@ -23,7 +23,7 @@ from generalmodel.infer import SamplingParams
 from generalmodel.infer.engine import generate_batch
 from generalmodel.post import arithmetic
 from generalmodel.post.rl.grpo import group_advantages, grpo_loss, token_logprobs, token_weights, units
-from generalmodel.post.rl.learner import rl_train, spread_indices, train_in_process
+from generalmodel.post.rl.learner import informative_first, rl_train, spread_indices, train_in_process
 from generalmodel.post.rl.rewards import Rewards, exact_number
 from generalmodel.post.rl.rollout import sample_seed, shards
 from generalmodel.post.rl.tasks import PromptSchedule, load_prompts
@@ -86,6 +86,13 @@ def test_loss_normalisations():
     w = token_weights(mask, seq)[mask]
     assert torch.allclose(w, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))  # each sequence weighs 1 in total
     assert torch.equal(token_weights(mask, token)[mask], torch.ones(4))
+
+
+def test_dynamic_sampling_keeps_the_groups_with_a_signal_first():
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.5, 0.5]])
+    assert informative_first(rewards, 2) == [1, 3]
+    assert informative_first(rewards, 3) == [0, 1, 3]  # filled up with uniform groups in the order drawn
+    assert informative_first(rewards, 5) == [0, 1, 2, 3, 4]
 
 
 def test_held_out_prompts_are_spread_over_the_set():
@@ -395,6 +402,20 @@ def test_a_run_that_skips_uniform_groups_resumes_exactly(tiny_task, tmp_path):
     for step in (3, 4):
         for key in ("reward_mean", "loss", "prompts_skipped", "zero_variance_groups"):
             assert resumed[step][key] == full[step][key], (step, key)
+
+
+def test_dynamic_sampling_trains_on_the_informative_groups_of_more_prompts(tiny_task, tmp_path):
+    root, tokenizer_json = tiny_task
+    torch.set_num_threads(1)
+    dynamic = {"rl.oversample": 2.0, "rl.rewards": {"exact_number": 1.0}, "train.steps": 2}
+    cfg = task_cfg(root, tmp_path, **dynamic)
+    torch.manual_seed(0)
+    state = build_model(cfg.model).state_dict()
+    prompts = load_prompts(cfg, tokenizer_json)
+    seen = run_local(cfg, state, prompts, tokenizer_json)
+    for step in (1, 2):  # 8 prompts' groups sampled, the 4 trained on chosen for their signal
+        drawn, trained = seen[step]["zero_variance_groups"], seen[step]["trained_zero_variance_groups"]
+        assert trained == max(0.0, 1 - 2 * (1 - drawn)), (drawn, trained)
 
 
 def test_off_policy_lags_one_step_and_reuses_batches(tiny_task, tmp_path):

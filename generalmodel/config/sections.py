@@ -606,6 +606,13 @@ class RlConfig(Section):
         description="Skip a training prompt for this many steps after a group of it got equal rewards (all right "
         "or all wrong: no gradient); then it is tried again (a curriculum by pass rate). 0: every prompt in turn.",
     )
+    oversample: float = Field(
+        1.0,
+        ge=1,
+        description="DAPO's dynamic sampling: sample the groups of this many times rl.prompts_per_step prompts and "
+        "train on rl.prompts_per_step of them, those with unequal rewards first (1: off; costs this many times "
+        "the rollouts).",
+    )
     max_new_tokens: int = Field(32, gt=0, description="Completion budget (tokens, the end-of-turn token included).")
     temperature: float = Field(1.0, gt=0, description="Rollout temperature; the learner's policy is softmax(logits/T).")
     rewards: dict[str, float] = Field(

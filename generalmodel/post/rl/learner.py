@@ -20,6 +20,7 @@ run).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -76,7 +77,7 @@ def rl_train(
     if init is None or prompts is None or tokenizer_json is None or cfg.train.init_from is None:
         raise TrainingError("the RL loop needs the starting model (train.init_from), its tokenizer and the prompts")
     check_rl_config(cfg)
-    schedule = PromptSchedule(prompts, cfg.rl.prompts_per_step, cfg.train.seed, cfg.rl.skip_uniform_for)
+    schedule = PromptSchedule(prompts, drawn_per_step(cfg.rl), cfg.train.seed, cfg.rl.skip_uniform_for)
     run = TrainingRun(cfg, report, layout, init, schedule, prompts.sha256, lambda: tokenizer_json)
     reference = frozen_copy(cfg, run.env, init) if cfg.rl.beta > 0 else None
     pool = None
@@ -90,6 +91,19 @@ def rl_train(
             pool.close()
 
     return run.run(step, close)
+
+
+def drawn_per_step(rl) -> int:
+    """Prompts sampled per step: rl.prompts_per_step, times rl.oversample (dynamic sampling)."""
+    return math.ceil(rl.prompts_per_step * rl.oversample)
+
+
+def informative_first(rewards: torch.Tensor, keep: int) -> list[int]:
+    """DAPO's dynamic sampling: `keep` of the groups (rows of `rewards`), those whose rewards are
+    not all equal first, then the others, each in the order drawn; returned in that order sorted."""
+    varied = (rewards.max(dim=1).values > rewards.min(dim=1).values).tolist()
+    order = [g for g, v in enumerate(varied) if v] + [g for g, v in enumerate(varied) if not v]
+    return sorted(order[:keep])
 
 
 def spread_indices(total: int, count: int) -> list[int]:
@@ -142,9 +156,15 @@ class GrpoStep:
         if first_eval:  # the model it starts from, on the same prompts as every later evaluation
             run.report({"step": step, **first_eval})
         rewards = torch.tensor([r.reward for r in batch["rollouts"]]).view(-1, rl.group_size)
-        advantages = group_advantages(rewards, rl.scale_rewards).view(-1)
         firsts = batch["rollouts"][:: rl.group_size]
         run.position.record(step, [(r.prompt, g) for r, g in zip(firsts, rewards.tolist(), strict=True)])
+        if len(firsts) > rl.prompts_per_step:  # dynamic sampling: the step trains on the informative groups
+            kept = informative_first(rewards, rl.prompts_per_step)
+            rewards = rewards[kept]
+            g = rl.group_size
+            batch["rollouts"] = [r for k in kept for r in batch["rollouts"][k * g : (k + 1) * g]]
+            batch["metrics"]["trained_zero_variance_groups"] = (rewards.std(dim=1) == 0).float().mean().item()
+        advantages = group_advantages(rewards, rl.scale_rewards).view(-1)
         rows = self.per_rank * rl.group_size
         mine = slice(env.rank * rows, (env.rank + 1) * rows)
         tensors = _sequences(self.prompts, batch["rollouts"][mine], advantages[mine], env.device)
