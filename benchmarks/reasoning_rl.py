@@ -4,15 +4,18 @@ of the SFT model's pass@1 -> pass@8 gap that RL closed (issue 35's goal: at leas
 
     python -m benchmarks.reasoning --variants cot      # the SFT models (seeds 0, 1), once
     python -m benchmarks.reasoning_rl                  # CPU, 2 cores: ~12 min per RL run + evals
-    python -m benchmarks.reasoning_rl --variants grpo,curriculum --steps 100
+    python -m benchmarks.reasoning_rl --variants grpo,dynamic --steps 100
+    python -m benchmarks.reasoning_rl --variants grpo,dynamic --trained grpo=URI0,URI1   # reuse runs
 
 For each SFT model in --sft (one per seed) and each variant, runs jobs.rl with
 configs/reasoning-rl.yaml from it (train.seed = the model's position in --sft) on the suite's
 training prompts, registered as llama-tiny-reason-cot-rl-VARIANT; then evaluates the SFT models
 and every RL model with jobs.eval --problems on the held-out problems (the greedy answer and 8
-top-p samples per problem). Variants: grpo (the config as it is), curriculum (rl.skip_uniform_for:
-a prompt whose group got equal rewards sits out 25 steps; DAPO's clip-higher, 0.28). Record the
-output, with the machine, in benchmarks/RESULTS.md.
+top-p samples per problem). Variants: grpo (the config as it is), dynamic (DAPO's dynamic
+sampling: rl.oversample 3), clip-higher (DAPO's, 0.28), curriculum (rl.skip_uniform_for 25: acts
+only when prompts repeat, not in 100 steps × 16 of 3000). --trained VARIANT=URI,URI evaluates
+models an earlier invocation trained (one per --sft model, in order) instead of training them.
+Record the output, with the machine, in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from benchmarks.reasoning import STRATEGIES, mean_spread, table
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "grpo": {},
-    "curriculum": {"rl.skip_uniform_for": 25, "rl.clip_eps_high": 0.28},
+    "dynamic": {"rl.oversample": 3.0},
+    "clip-higher": {"rl.clip_eps_high": 0.28},
+    "curriculum": {"rl.skip_uniform_for": 25},
 }
 
 
@@ -63,12 +68,17 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=50, help="held-out problems per task and level")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--tag", default=time.strftime("%m%d%H%M"), help="suffix of the RL runs' names")
+    parser.add_argument("--trained", action="append", default=[], help="VARIANT=URI,URI: already trained")
     args = parser.parse_args()
+    trained = dict(item.split("=", 1) for item in args.trained)
     write_suite(ReasoningConfig(out=args.out, test=args.test))  # the same problems benchmarks.reasoning wrote
     sft = args.sft.split(",")
     runs: dict[str, list[str]] = {"sft (before)": sft}
     for variant in args.variants.split(","):
-        runs[variant] = [train(uri, seed, variant, args) for seed, uri in enumerate(sft)]
+        if variant in trained:
+            runs[variant] = trained[variant].split(",")
+        else:
+            runs[variant] = [train(uri, seed, variant, args) for seed, uri in enumerate(sft)]
     uris = [uri for group in runs.values() for uri in group]
     cfg = EvalConfig(models=uris, problems=f"{args.out}/test.jsonl", sampling=STRATEGIES["top_p"])
     results = {"top_p": {r.reference: r.metrics for r in evaluate(cfg)}}

@@ -431,6 +431,9 @@ def test_off_policy_lags_one_step_and_reuses_batches(tiny_task, tmp_path):
     assert seen[1]["policy_lag"] == 0  # step 0's rollouts: the starting weights, nothing older exists
     assert seen[2]["policy_lag"] == 1 and seen[3]["policy_lag"] == 1
     assert seen[3]["kl"] > 0 and seen[3]["approx_kl"] != 0  # two updates per batch: the ratio moved
+    stale = task_cfg(root, tmp_path / "stale", **{"rl.mode": "off_policy", "rl.max_staleness": 2, "rl.eval_prompts": 0})
+    seen = run_local(stale, state, load_prompts(stale, tokenizer_json), tokenizer_json)
+    assert [seen[s]["policy_lag"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]  # steps 1, 2 and 3 asked for at step 0
 
 
 def test_an_elastic_learner_must_split_its_prompts_at_every_size():

@@ -642,6 +642,12 @@ class RlConfig(Section):
         description="on_policy: a step's rollouts come from the weights it updates; off_policy: step k+1's are "
         "generated (by the weights before step k) while step k trains, and the ratio corrects for the lag.",
     )
+    max_staleness: int = Field(
+        1,
+        ge=1,
+        description="off_policy: steps k+1 … k+N's rollouts are asked for while step k trains, so a step's samples "
+        "come from weights at most N updates old (the ratio corrects for it); 1: one step ahead.",
+    )
     rollout_workers: int = Field(2, gt=0, description="Rollout actors (each holds a copy of the policy).")
     rollout_cpus: float = Field(1.0, gt=0, description="CPUs each rollout actor reserves.")
     rollout_gpus: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (0: CPU rollouts).")

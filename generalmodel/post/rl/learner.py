@@ -5,10 +5,11 @@ LR schedule, sharded checkpoints with exact resume, the non-finite step guard, t
     publish weights v0 → [rollouts(k): rank 0 asks the rollout workers, scatters the groups]
     → advantages → rl.updates_per_batch optimizer updates → publish v(k+1) → metrics, checkpoint
 
-rl.mode=off_policy asks for step k+1's rollouts (with the weights before step k's update) before
-training on step k's, so sampling and learning overlap; the clipped ratio against the sampler's
-log-probs corrects for the one-step lag. Held-out accuracy (greedy, rl.eval_prompts prompts) is
-measured by the rollout workers at step 0, every rl.eval_every steps and at the end.
+rl.mode=off_policy asks for the rollouts of steps k+1 … k+rl.max_staleness (with the weights before
+step k's update) before training on step k's, so sampling and learning overlap; the clipped ratio
+against the sampler's log-probs corrects for the lag, at most rl.max_staleness versions. Held-out
+accuracy (greedy, rl.eval_prompts prompts) is measured by the rollout workers at step 0, every
+rl.eval_every steps and at the end.
 
 A resumed run takes the step's prompts from (train.seed, step) — with rl.skip_uniform_for, from the
 checkpoint's prompt schedule (generalmodel.post.rl.tasks.PromptSchedule) — and the samples' seeds
@@ -149,8 +150,9 @@ class GrpoStep:
     def __call__(self, step: int, lr: float) -> dict[str, Any]:
         run, rl, env = self.run, self.rl, self.run.env
         self.request(step)
-        if rl.mode == "off_policy":
-            self.request(step + 1)  # sampled by the current weights while this step trains
+        if rl.mode == "off_policy":  # sampled by the current weights while this step trains
+            for ahead in range(1, rl.max_staleness + 1):
+                self.request(step + ahead)
         batch = _gather(self.pool, self.requested.pop(step, None), rl.group_size, rl.rewards, env)
         first_eval = self.heldout_metrics(step) if step == run.start_step else {}
         if first_eval:  # the model it starts from, on the same prompts as every later evaluation
