@@ -1,12 +1,16 @@
-"""Render a RayJob for a pretraining run and submit it to the current kube-context (KubeRay).
+"""Render a RayJob for a training run and submit it to the current kube-context (KubeRay).
 
     python -m jobs.submit_k8s --config configs/llama-tiny.yaml --train.steps=2000 --k8s.dry_run
     python -m jobs.submit_k8s --config configs/llama-tiny.yaml --k8s.namespace=ml --k8s.cluster=generalmodel
+    python -m jobs.submit_k8s --k8s.job=rl --config configs/reasoning-rl.yaml --rl.rollout_workers=8
 
-The run config is validated here, then passed to jobs/pretrain.py in the image (/app) as the
-same preset + dotted overrides. The job runs on an existing RayCluster (k8s/base/raycluster.yaml)
-and takes S3/MLflow settings from its pods' environment (configMap generalmodel-env, Secrets
-generalmodel-s3 and generalmodel-ray): credentials never go on the command line.
+The run config is validated here, then passed to the job (`k8s.job`: jobs/pretrain.py, or a
+post-training job: sft, dpo, rl, coconut) in the image (/app) as the same preset + dotted
+overrides. An RL job's rollout actors are Ray actors of the same cluster, each reserving
+rl.rollout_cpus / rl.rollout_gpus beside the learner's workers. The job runs on an existing
+RayCluster (k8s/base/raycluster.yaml) and takes S3/MLflow settings from its pods' environment
+(configMap generalmodel-env, Secrets generalmodel-s3 and generalmodel-ray): credentials never go
+on the command line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import shlex
 import sys
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field
@@ -34,6 +39,9 @@ class K8sSubmit(Section):
     cluster: str = Field("generalmodel", description="The RayCluster to run on (label ray.io/cluster).")
     name: str | None = Field(None, description="RayJob name (default: from train.run_name and the options).")
     dry_run: bool = Field(False, description="Print the RayJob YAML, submit nothing.")
+    job: Literal["pretrain", "sft", "dpo", "rl", "coconut"] = Field(
+        "pretrain", description="The job the RayJob runs (jobs/JOB.py in the image)."
+    )
 
 
 class SubmitConfig(Config):
@@ -43,21 +51,21 @@ class SubmitConfig(Config):
 
 
 def render(cfg: SubmitConfig, preset: str | None, run_args: dict[str, str]) -> dict:
-    """The RayJob manifest that runs jobs/pretrain.py in the image with the same preset and the
-    same dotted overrides (`run_args`, as typed)."""
+    """The RayJob manifest that runs jobs/JOB.py (k8s.job) in the image with the same preset and
+    the same dotted overrides (`run_args`, as typed)."""
     for key in SECRET_KEYS:
         if key in run_args:
             raise UserError(f"--{key} would put a credential in the RayJob: use the generalmodel-s3 Secret")
     args = [f"--{k}={v}" for k, v in run_args.items()]
     if preset is not None:  # a preset path, relative to the image's /app
         args.insert(0, f"--config={IMAGE_ROOT}/{Path(preset).as_posix().lstrip('./')}")
-    command = ["python", f"{IMAGE_ROOT}/jobs/pretrain.py", *args]
+    command = ["python", f"{IMAGE_ROOT}/jobs/{cfg.k8s.job}.py", *args]
     if "storage.root" not in run_args:
         command.append("--storage.root=$GENERALMODEL_STORE")
     if "tracking.uri" not in run_args:
         command.append("--tracking.uri=$MLFLOW_TRACKING_URI")
     digest = hashlib.sha1(" ".join(args).encode()).hexdigest()[:6]
-    name = cfg.k8s.name or f"pretrain-{cfg.train.run_name}-{digest}".lower().replace("_", "-")[:63]
+    name = cfg.k8s.name or f"{cfg.k8s.job}-{cfg.train.run_name}-{digest}".lower().replace("_", "-")[:63]
     # $VARS expand in the job's shell on the cluster; everything else is quoted.
     entrypoint = " ".join(
         a if a.endswith(("$GENERALMODEL_STORE", "$MLFLOW_TRACKING_URI")) else shlex.quote(a) for a in command

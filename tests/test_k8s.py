@@ -248,6 +248,17 @@ def test_submit_renders_a_valid_rayjob(capsys):
     assert "--storage.root=$GENERALMODEL_STORE" in entry
 
 
+def test_submit_renders_an_rl_rayjob(capsys):
+    args = ["--k8s.job=rl", "--config", "configs/reasoning-rl.yaml", "--rl.rollout_workers=8", "--k8s.dry_run"]
+    manifest = submit_k8s.main(args)
+    validate(manifest)
+    entry = manifest["spec"]["entrypoint"]
+    assert entry.startswith("python /app/jobs/rl.py --config=/app/configs/reasoning-rl.yaml --rl.rollout_workers=8")
+    assert manifest["metadata"]["name"].startswith("rl-")
+    with pytest.raises(SystemExit):  # the RL section is validated before anything is rendered
+        submit_k8s.main(["--k8s.job=rl", "--rl.group_size=1", "--k8s.dry_run"])
+
+
 def test_submit_refuses_bad_config_and_credentials_and_says_when_no_cluster(tmp_path, monkeypatch, capsys):
     for args, message in [
         (["--train.stepz=5", "--k8s.dry_run"], "unknown key 'train.stepz'"),
