@@ -14,7 +14,7 @@ and every RL model with jobs.eval --problems on the held-out problems (the greed
 top-p samples per problem). Variants: grpo (the config as it is), dynamic (DAPO's dynamic
 sampling: rl.oversample 3), clip-higher (DAPO's, 0.28), curriculum (rl.skip_uniform_for 25: acts
 only when prompts repeat, not in 100 steps × 16 of 3000). --trained VARIANT=URI,URI evaluates
-models an earlier invocation trained (one per --sft model, in order) instead of training them.
+models an earlier invocation trained (one per --sft model, in order; an empty one is trained).
 Record the output, with the machine, in benchmarks/RESULTS.md.
 """
 
@@ -68,17 +68,18 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=50, help="held-out problems per task and level")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--tag", default=time.strftime("%m%d%H%M"), help="suffix of the RL runs' names")
-    parser.add_argument("--trained", action="append", default=[], help="VARIANT=URI,URI: already trained")
+    parser.add_argument("--trained", action="append", default=[], help="VARIANT=URI,URI: already trained ('': train)")
     args = parser.parse_args()
     trained = dict(item.split("=", 1) for item in args.trained)
     write_suite(ReasoningConfig(out=args.out, test=args.test))  # the same problems benchmarks.reasoning wrote
     sft = args.sft.split(",")
     runs: dict[str, list[str]] = {"sft (before)": sft}
     for variant in args.variants.split(","):
-        if variant in trained:
-            runs[variant] = trained[variant].split(",")
-        else:
-            runs[variant] = [train(uri, seed, variant, args) for seed, uri in enumerate(sft)]
+        done = trained.get(variant, "").split(",")
+        runs[variant] = [
+            done[seed] if seed < len(done) and done[seed] else train(uri, seed, variant, args)
+            for seed, uri in enumerate(sft)
+        ]
     uris = [uri for group in runs.values() for uri in group]
     cfg = EvalConfig(models=uris, problems=f"{args.out}/test.jsonl", sampling=STRATEGIES["top_p"])
     results = {"top_p": {r.reference: r.metrics for r in evaluate(cfg)}}
