@@ -444,3 +444,40 @@ def test_an_elastic_learner_must_split_its_prompts_at_every_size():
     elastic = {"rl.prompts_per_step": 8, "ray.num_workers": 4, "ray.min_workers": 2}
     with pytest.raises(UserError, match=r"prompts_per_step=8 must divide .*min_workers=2\); it does not among 3"):
         check_rl_config(load_config(overrides=elastic))
+
+
+def _weight_rank(rank, port, size, state, out):
+    from generalmodel.post.rl.weight_sync import Layout, WeightGroup, host_store
+
+    layout = Layout.of(state)
+    store = host_store(port) if rank == 0 else None
+    group = WeightGroup(store, "127.0.0.1", port, rank, size, generation=1)
+    buffers = layout.flatten(state) if rank == 0 else layout.empty()
+    group.broadcast(buffers)
+    out[rank] = layout.unflatten(buffers)
+    if rank == 0:
+        again = WeightGroup(store, "127.0.0.1", port, 0, size, generation=2)  # a new generation, same store
+    else:
+        again = WeightGroup(None, "127.0.0.1", port, rank, size, generation=2)
+    again.broadcast(buffers)
+
+
+def test_the_weight_group_broadcasts_a_state_bit_for_bit():
+    state = {
+        "b.weight": torch.randn(3, 5),
+        "a.weight": torch.randn(7),
+        "c.half": torch.randn(4, 2).to(torch.bfloat16),
+        "d.steps": torch.arange(3),
+    }
+    from generalmodel.post.rl.weight_sync import Layout
+
+    layout = Layout.of(state)
+    assert layout.nbytes == sum(t.nbytes for t in state.values())
+    assert all(torch.equal(layout.unflatten(layout.flatten(state))[k], v) for k, v in state.items())
+    out = mp.Manager().dict()
+    spawn_ranks(_weight_rank, (free_port(), 3, state, out), 3)
+    for rank in (1, 2):
+        got = out[rank]
+        assert set(got) == set(state) and all(
+            torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items()
+        )

@@ -86,3 +86,21 @@ def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ra
     assert max(per_step(faulty["run_id"], "rollout_workers_replaced").values()) >= 1  # the killed actor's
     assert per_step(faulty["run_id"], "reward_mean") == rewards  # same prompts, same samples, same weights
     assert per_step(faulty["run_id"], "heldout_accuracy") == per_step(plain["run_id"], "heldout_accuracy")
+    assert max(per_step(plain["run_id"], "weight_sync_bytes").values()) > 0
+
+    # The weights by a gloo broadcast instead of the object store: bit-identical, so the same samples;
+    # the killed actor's replacement forms the group again with the others.
+    collective = rl.main(
+        job_cfg(
+            root,
+            export,
+            tmp_path / "collective",
+            mlflow_server.uri,
+            **{"train.run_name": "rl-collective", "rl.weight_sync": "collective", "rl.kill_rollout_at_step": 2},
+        )
+    )
+    assert per_step(collective["run_id"], "reward_mean") == rewards
+    assert max(per_step(collective["run_id"], "rollout_workers_replaced").values()) >= 1
+    sizes = per_step(collective["run_id"], "weight_sync_bytes")
+    assert set(sizes.values()) == {max(per_step(plain["run_id"], "weight_sync_bytes").values())}
+    assert all(s > 0 for s in per_step(collective["run_id"], "weight_sync_s").values())

@@ -649,6 +649,11 @@ class RlConfig(Section):
         "come from weights at most N updates old (the ratio corrects for it); 1: one step ahead.",
     )
     rollout_workers: int = Field(2, gt=0, description="Rollout actors (each holds a copy of the policy).")
+    weight_sync: Literal["object_store", "collective"] = Field(
+        "object_store",
+        description="How each new policy version reaches the rollout actors: object_store (one ray.put, one get "
+        "per actor) or collective (a gloo broadcast from the learner's rank 0 over a group of its own).",
+    )
     rollout_cpus: float = Field(1.0, gt=0, description="CPUs each rollout actor reserves.")
     rollout_gpus: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (0: CPU rollouts).")
     rollout_slots: int = Field(64, gt=0, description="Sequences a rollout actor decodes in one batch.")

@@ -208,6 +208,7 @@ class GrpoStep:
             metrics.update(step=done, **evaluation)
         if metrics and self.pool is not None:  # after the held-out collect, which can meet a dead actor too
             metrics["rollout_workers_replaced"] = self.pool.replaced
+            metrics.update(self.pool.sync_metrics())
         if metrics or run.save_due(done):
             metrics.setdefault("loss", reduced[0] / total.item())
         return metrics

@@ -6,8 +6,11 @@ KV-cache engine (generalmodel.infer.engine). Every completion has its own seed, 
 actor died — never changes what it samples.
 
 `RayRollouts` (the learner's rank 0 owns it) spreads a step over `rl.rollout_workers` actors.
-New weights go to them through the object store: one `ray.put` per version, one `get` per actor.
-Each rollout says which version produced it. An actor that dies is replaced (the new one loads
+New weights go to them through the object store (one `ray.put` per version, one `get` per actor)
+or, with rl.weight_sync=collective, by a broadcast over a gloo group of the learner and the actors
+(generalmodel.post.rl.weight_sync); either way a background thread times each version from the
+publish until every actor holds it (`weight_sync_s`, `weight_sync_bytes`), and the learner does
+not wait for it. Each rollout says which version produced it. An actor that dies is replaced (the new one loads
 the current version) and its share of the step runs again. `LocalRollouts` is the same in the
 learner's own process, for runs without Ray (tests, the GPU machine).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -90,6 +94,19 @@ class RolloutWorker:
         self.version = version
         return version
 
+    def join_group(self, host: str, port: int, rank: int, size: int, generation: int, layout) -> bool:
+        """rl.weight_sync=collective: join the learner's weight group (blocks until all have)."""
+        from generalmodel.post.rl.weight_sync import WeightGroup
+
+        self.group = WeightGroup(None, host, port, rank, size, generation)
+        self.layout, self.buffers = layout, layout.empty()
+        return True
+
+    def receive(self, version: int) -> int:
+        """rl.weight_sync=collective: take part in the broadcast of `version`, then load it."""
+        self.group.broadcast(self.buffers)
+        return self.load(version, self.layout.unflatten(self.buffers))
+
     def ready(self) -> bool:
         return True
 
@@ -161,6 +178,9 @@ class LocalRollouts:
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
         self.worker.load(version, state)
 
+    def sync_metrics(self) -> dict[str, float]:
+        return {}
+
     def submit(self, step: int, slots: list[tuple[int, int]]) -> Batch:
         return self.worker.rollouts(step, slots)
 
@@ -186,8 +206,13 @@ class RayRollouts:
         device = "cuda" if rl.rollout_gpus > 0 else "cpu"
         self.args = (cfg, tokenizer_json, ray.put(prompts), device, max(1, int(rl.rollout_cpus)))
         self.actors = [self._spawn() for _ in range(rl.rollout_workers)]
-        self.weights = None  # (version, ObjectRef of the state dict)
+        self.weights = None  # (version, ObjectRef of the state dict; None: sent by the collective)
         self.replaced = 0
+        self.states: dict[int, dict[str, torch.Tensor]] = {}  # collective: the versions a replacement may need
+        self.group = self.store = self.layout = None  # collective: the group, the learner's store
+        self.generation = 0
+        self.syncing: threading.Thread | None = None  # the collective's last broadcast
+        self.last_sync: dict[str, float] = {}
         ready, _ = ray.wait([a.ready.remote() for a in self.actors], num_returns=len(self.actors), timeout=READY_S)
         if len(ready) < len(self.actors):
             raise UserError(
@@ -201,11 +226,75 @@ class RayRollouts:
         return self.cls.remote(*self.args)
 
     def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Send `version` to every actor: it runs before any rollout submitted after it (actor order)."""
         import ray
 
-        self.weights = (version, ray.put(state))  # one put; each actor gets it from the object store
-        for actor in self.actors:
-            actor.load.remote(*self.weights)  # runs before any rollout submitted after it (actor order)
+        started, nbytes = time.perf_counter(), sum(t.nbytes for t in state.values())
+        if self.cfg.rl.weight_sync == "object_store":
+            self.weights = (version, ray.put(state))  # one put; each actor gets it from the object store
+            acks = [actor.load.remote(*self.weights) for actor in self.actors]
+            buffers = None
+        else:
+            self.states[version] = state
+            for old in [v for v in self.states if v < version - self.cfg.rl.max_staleness - 1]:
+                del self.states[old]
+            self.weights = (version, None)
+            if self.syncing is not None:
+                self.syncing.join()  # one broadcast at a time
+            if self.group is None:
+                self._form_group(state)
+            buffers = self.layout.flatten(state)
+            acks = [actor.receive.remote(version) for actor in self.actors]
+        self.syncing = threading.Thread(target=self._sync, args=(started, nbytes, acks, buffers), daemon=True)
+        self.syncing.start()
+
+    def _sync(self, started: float, nbytes: int, acks: list, buffers: list[torch.Tensor] | None) -> None:
+        """The background half of a publish: the broadcast (collective), then every actor's
+        acknowledgement, timed. A dead actor is the next collect's to replace."""
+        import ray
+
+        try:
+            if buffers is not None:
+                self.group.broadcast(buffers)
+            ray.get(acks)
+        except Exception as e:
+            log.warning(
+                "a rollout actor did not take the new weights (%s): it is replaced when its part is collected", e
+            )
+            self.group = None  # formed again, with the replacement, before the next version goes out
+            return
+        self.last_sync = {"weight_sync_s": time.perf_counter() - started, "weight_sync_bytes": float(nbytes)}
+
+    def _form_group(self, state: dict[str, torch.Tensor]) -> None:
+        """The learner (rank 0) and every actor as a new generation of the weight group."""
+        import ray
+
+        from generalmodel.cluster import free_port
+        from generalmodel.post.rl.weight_sync import Layout, WeightGroup, host_store
+
+        self.layout = Layout.of(state)
+        if self.store is None:
+            self.host, self.port = ray.util.get_node_ip_address(), free_port()
+            self.store = host_store(self.port)
+        self.generation += 1
+        size = len(self.actors) + 1
+        joins = [
+            actor.join_group.remote(self.host, self.port, i + 1, size, self.generation, self.layout)
+            for i, actor in enumerate(self.actors)
+        ]
+        self.group = WeightGroup(self.store, self.host, self.port, 0, size, self.generation)
+        ray.get(joins)
+
+    def sync_metrics(self) -> dict[str, float]:
+        """The last version's `weight_sync_s` (publish to every actor holding it) and bytes."""
+        return dict(self.last_sync)
+
+    def _state_ref(self, weights):
+        """The object-store copy of `weights` (a version the collective sent: put now, for a replacement)."""
+        import ray
+
+        version, ref = weights
+        return ref if ref is not None else ray.put(self.states[version])
 
     def submit(self, step: int, slots: list[tuple[int, int]]) -> list:
         # rl.kill_rollout_at_step: actor 0 dies inside this request (its process exits in the call,
@@ -259,12 +348,13 @@ class RayRollouts:
             pass
         self.actors[i] = self._spawn()
         self.replaced += 1
+        self.group = None  # collective: formed again with the replacement before the next version
         if weights is not None:
-            self.actors[i].load.remote(*weights)
+            self.actors[i].load.remote(weights[0], self._state_ref(weights))
         method, *args = call
         ref = getattr(self.actors[i], method).remote(*args)
         if self.weights is not None and weights is not self.weights:
-            self.actors[i].load.remote(*self.weights)  # back to the newest for what comes next
+            self.actors[i].load.remote(self.weights[0], self._state_ref(self.weights))  # the newest, for what's next
         return ref
 
     def close(self) -> None:
