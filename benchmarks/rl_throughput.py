@@ -1,16 +1,21 @@
 """Where an RL step's time goes: rollouts (sampling on the rollout workers) vs the learner, on-policy
-(sample, then learn) against one-step-off-policy (sample step k+1 while step k learns).
+(sample, then learn) against off-policy (sample steps k+1 … k+N while step k learns), and what
+sending each new policy version to the actors costs (object store or a gloo broadcast).
 
     python -m benchmarks.rl_throughput                           # 2 CPUs: llama-tiny, 2 rollout actors
     python -m benchmarks.rl_throughput --device cuda --preset llama-124m --rollouts local   # a card, no Ray
+    python -m benchmarks.rl_throughput --rows on_policy:object_store,on_policy:collective,off_policy2:collective
 
-Both modes run the platform's learner (generalmodel.post.rl.learner.rl_train, one rank in this
+Every row runs the platform's learner (generalmodel.post.rl.learner.rl_train, one rank in this
 process) on the same random model, prompts (2-digit arithmetic) and seeds, for `--steps` steps after
-`--warmup`. Rollouts run on Ray actors (`--rollouts ray`, a local Ray cluster) or in this process
-(`--rollouts local`: nothing overlaps, the card's baseline). Prints per mode: seconds per step, the
+`--warmup`; `--rows` are MODE:WEIGHT_SYNC, MODE one of on_policy, off_policy (one step ahead) or
+off_policyN (rl.max_staleness N), WEIGHT_SYNC object_store or collective (Ray rollouts only).
+Rollouts run on Ray actors (`--rollouts ray`, a local Ray cluster) or in this process
+(`--rollouts local`: nothing overlaps, the card's baseline). Prints per row: seconds per step, the
 learner's share of it, rollout tokens/s (generated tokens over the workers' generation time),
-learner tokens/s (sequence tokens through forward+backward over the learner's time), and the
-off-policy/on-policy step-throughput ratio (the reference is on-policy, in the same run). Record the
+learner tokens/s (sequence tokens through forward+backward over the learner's time), the seconds
+from a version's publish until every actor holds it and its size, and the step-throughput ratio
+to the first row (the reference, in the same run). Record the
 output, with the machine or card, in benchmarks/RESULTS.md.
 """
 
@@ -31,20 +36,24 @@ from generalmodel.post.rl.tasks import load_prompts
 from models import PRESETS, build_model
 
 
-def run(mode: str, args, root: Path, tokenizer_json: str, state) -> dict[str, float]:
+def run(row: str, args, root: Path, tokenizer_json: str, state) -> dict[str, float]:
+    mode, _, sync = row.partition(":")
+    staleness = int(mode.removeprefix("off_policy") or 1) if mode.startswith("off_policy") else 1
     cfg = load_config(
         overrides={
             "model": {**PRESETS[args.preset].__dict__, "vocab_size": 512, "max_seq_len": 128},
             "data.source": str(root / "train.jsonl"),
             "rl.eval_source": str(root / "test.jsonl"),
-            "storage.root": str(root / f"store-{mode}"),
+            "storage.root": str(root / f"store-{row.replace(':', '-')}"),
             "train.init_from": "random weights",
             "train.steps": args.warmup + args.steps,
             "train.batch_size": args.batch_size,
             "train.log_every": 1,
             "train.checkpoint_every": 0,
             "train.device": args.device,
-            "rl.mode": mode,
+            "rl.mode": "off_policy" if mode.startswith("off_policy") else "on_policy",
+            "rl.max_staleness": staleness,
+            "rl.weight_sync": sync or "object_store",
             "rl.prompts_per_step": args.prompts,
             "rl.group_size": args.group,
             "rl.max_new_tokens": args.new,
@@ -62,7 +71,9 @@ def run(mode: str, args, root: Path, tokenizer_json: str, state) -> dict[str, fl
     def median(key: str) -> float:
         return statistics.median(m[key] for m in timed)
 
-    return {key: median(key) for key in ("step_s", "learner_s", "rollout_tokens_per_s", "learner_tokens_per_s")}
+    keys = ["step_s", "learner_s", "rollout_tokens_per_s", "learner_tokens_per_s"]
+    keys += [k for k in ("weight_sync_s", "weight_sync_bytes") if all(k in m for m in timed)]
+    return {key: median(key) for key in keys}
 
 
 def main() -> None:
@@ -78,6 +89,12 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="learner micro-batch (sequences)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--rows",
+        default="on_policy:object_store,off_policy:object_store,on_policy:collective,off_policy:collective,"
+        "off_policy2:object_store",
+        help="MODE:WEIGHT_SYNC per row (see above); the first is the reference",
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="gm-bench-rl-"))
@@ -95,15 +112,20 @@ def main() -> None:
         f"{args.preset}, {args.prompts} prompts x {args.group} completions x <= {args.new} new tokens per step; "
         f"rollouts: {args.rollouts} ({args.workers} workers); device {args.device}"
     )
-    header = ("mode", "s/step", "learner share", "rollout tok/s", "learner tok/s", "vs on-policy")
-    print(f"{header[0]:<11} {header[1]:>7} {header[2]:>13} {header[3]:>13} {header[4]:>13} {header[5]:>12}")
-    results = {}
-    for mode in ("on_policy", "off_policy"):
-        r = results[mode] = run(mode, args, root, tokenizer_json, state)
-        ratio = results["on_policy"]["step_s"] / r["step_s"]
+    header = ("row", "s/step", "learner share", "rollout tok/s", "learner tok/s", "sync s", "sync MB", "vs first")
+    print(
+        f"{header[0]:<24} {header[1]:>7} {header[2]:>13} {header[3]:>13} {header[4]:>13} "
+        + " ".join(f"{h:>9}" for h in header[5:])
+    )
+    first = None
+    for row in args.rows.split(","):
+        r = run(row, args, root, tokenizer_json, state)
+        first = first or r
+        sync = f"{r['weight_sync_s']:>9.3f} {r['weight_sync_bytes'] / 1e6:>9.1f}" if "weight_sync_s" in r else " " * 19
         print(
-            f"{mode:<11} {r['step_s']:>7.2f} {r['learner_s'] / r['step_s']:>13.0%} "
-            f"{r['rollout_tokens_per_s']:>13,.0f} {r['learner_tokens_per_s']:>13,.0f} {ratio:>11.2f}x",
+            f"{row:<24} {r['step_s']:>7.2f} {r['learner_s'] / r['step_s']:>13.0%} "
+            f"{r['rollout_tokens_per_s']:>13,.0f} {r['learner_tokens_per_s']:>13,.0f} {sync} "
+            f"{first['step_s'] / r['step_s']:>8.2f}x",
             flush=True,
         )
 
