@@ -122,6 +122,21 @@ def test_verifiers():
         Rewards({"no_such_module:f": 1.0})
     with pytest.raises(UserError, match="needs an `answer` field"):
         rewards("q", "1", {})
+    worked = Rewards({"worked_format": 1.0})
+    for text in (
+        "5 + 9 = 14, write 4, carry 1. Bring down 1. The answer is 114.",
+        "The answer is 12.5.",
+        "8 * 7 = 56. 56 + 7 = 63. The answer is (8 * 7) + 7.",
+    ):
+        assert worked("q", text, {})[0] == 1, text
+    for text in (
+        "The answer is 3. The answer is 4.",
+        "The answer is 3. Then more.",
+        "So it is 3.",
+        "The answer is 3",
+        "1 + 2 = 3The answer is 3.",
+    ):
+        assert worked("q", text, {})[0] == 0, text
 
 
 def test_arithmetic_task_is_deterministic_with_a_disjoint_held_out_split(tmp_path):

@@ -6,6 +6,9 @@ Built in:
     exact_number   1 when the completion's last number equals the row's `answer` (numerically:
                    "1,024", "1024.0" and "1024" are one number), else 0
     answer_format  1 when the completion is exactly "The answer is N." (N a number), else 0
+    worked_format  1 when the completion ends with its one "The answer is X." sentence (X anything
+                   but a sentence's end), worked steps or none before it — the format of a worked
+                   solution, whether or not the answer is right (a separate reward for the format)
     math_verify    1 when math-verify finds the completion's final answer equal to `answer`
                    (the `math` extra: pip install 'generalmodel[math]')
     solved         1 when the completion solves a reasoning-suite row (generalmodel.eval.reasoning:
@@ -28,6 +31,7 @@ Verifier = Callable[..., float]
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 FORMAT = re.compile(r"^The answer is (-?\d[\d,]*(?:\.\d+)?)\.$")
+WORKED = re.compile(r"^(?:.*[.!?] )?The answer is (?:(?!\. )[^\n])+\.$", re.DOTALL)  # nothing after it
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -54,6 +58,11 @@ def answer_format(prompt: str, completion: str, **fields) -> float:
     return float(FORMAT.match(completion.strip()) is not None)
 
 
+def worked_format(prompt: str, completion: str, **fields) -> float:
+    text = completion.strip()
+    return float(text.count("The answer is") == 1 and WORKED.match(text) is not None)
+
+
 def math_verify(prompt: str, completion: str, answer=None, **fields) -> float:
     try:
         from math_verify import parse, verify
@@ -73,6 +82,7 @@ def solved(prompt: str, completion: str, answer=None, **fields) -> float:
 BUILT_IN: dict[str, Verifier] = {
     "exact_number": exact_number,
     "answer_format": answer_format,
+    "worked_format": worked_format,
     "math_verify": math_verify,
     "solved": solved,
 }
