@@ -84,6 +84,10 @@ SWITCHES: dict[str, dict[str, dict[str, Any]]] = {
     "x0": {"model": {"embed_skip": True}},
     "unet": {"model": {"unet_skips": True}},
     "ve": {"model": {"value_embeds": 1}},  # the CPU size has 4 layers: one table for layers 0 and 3
+    # the speedrun's long/short windows (local layers see 128 of the CPU size's 256; every 2nd global),
+    # and with the window-size warmup: 32 → 128 over the first half of the run (a fraction of --steps)
+    "ls": {"model": {"window": 128, "global_every": 2}},
+    "lsw": {"model": {"window": 128, "global_every": 2}, "train": {"window_warmup_fraction": 0.5}},
     # off-switches, for the default minus what no native transformers class has:
     # `default+novres+nocap+swiglu` exports as Qwen3, `default+novres+nocap+noqk` as Arcee
     "novres": {"model": {"value_residual": False}},
@@ -141,9 +145,14 @@ def recipe_config(name: str, args, seed: int, root: str):
         model, optim = text.get("model", {}), text.get("optim", {})
     else:
         model, optim = dict(recipe["model"]), dict(recipe.get("optim", {}))
+    train_extra: dict[str, Any] = {}
     for switch in switches:
         model.update(SWITCHES[switch].get("model", {}))
         optim.update(SWITCHES[switch].get("optim", {}))
+        train_extra.update(SWITCHES[switch].get("train", {}))
+    if "window_warmup_fraction" in train_extra:  # a share of this run's steps, from a 32-token window
+        fraction = train_extra.pop("window_warmup_fraction")
+        train_extra.update(window_warmup_steps=max(1, round(fraction * args.steps)), window_warmup_start=32)
     if base == "reference":
         optim = {**reference_optim(size, args.steps), **optim}
     elif "warmup_steps" in optim:  # given for the default's 500 steps: the same fraction of this run
@@ -163,6 +172,7 @@ def recipe_config(name: str, args, seed: int, root: str):
         "train.checkpoint_every": 0,
         "train.log_every": args.eval_every,
         "train.run_name": run,
+        **{f"train.{k}": v for k, v in train_extra.items()},
     }
     if args.gpu:
         overrides.update({"train.compile": "regional", "train.device": "cuda"})

@@ -146,6 +146,22 @@ def flex_block_mask(seq_len: int, window: int | None, device):
     return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
 
 
+def set_local_windows(model: nn.Module, window: int) -> None:
+    """Every sliding-window layer of `model` attends over min(`window`, its configured window) — the
+    speedrun's window-size warmup changes it as training goes; global layers stay global. A layer
+    running flex gets the block mask of its new window (made once per window size)."""
+    for module in model.modules():
+        if isinstance(module, (GroupedQueryAttention, MultiHeadLatentAttention)) and module.window is not None:
+            full = module.__dict__.setdefault("configured_window", module.window)
+            module.window = min(window, full)
+            if module.flex is not None:
+                masks = module.__dict__.setdefault("flex_masks", {})
+                seq_len, device = module.flex[0], next(module.parameters()).device
+                if module.window not in masks:
+                    masks[module.window] = flex_block_mask(seq_len, module.window, device)
+                module.flex = (seq_len, masks[module.window])
+
+
 def set_backend(model: nn.Module, backend: str, seq_len: int | None = None) -> int:
     """Every attention module of `model` runs `backend` (see the module doc); `flex` needs the
     training length `seq_len` and the model on its device. Returns the layers running flex."""

@@ -54,3 +54,10 @@ def test_recipes_say_what_they_are(tmp_path):
     assert default.model.name == "llama" and default.train.steps == 125
     both = recipe_config("muon+qk+untied", args(), 0, str(tmp_path))
     assert both.model.qk_norm and not both.model.tie_embeddings and both.optim.name == "muon"
+
+
+def test_the_window_warmup_switch_is_a_share_of_the_run(tmp_path):
+    cfg = recipe_config("default+lsw", args(steps=200), 0, str(tmp_path))
+    assert (cfg.model.window, cfg.model.global_every) == (128, 2)
+    assert (cfg.train.window_warmup_steps, cfg.train.window_warmup_start) == (100, 32)
+    assert recipe_config("default+ls", args(), 0, str(tmp_path)).train.window_warmup_steps == 0

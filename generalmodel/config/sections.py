@@ -442,6 +442,15 @@ class TrainConfig(Section):
     metrics_log: str | None = Field(
         None, description="Also append every report as a JSON line to this local file (rank 0)."
     )
+    window_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="The speedrun's window-size warmup: the sliding-window layers' window grows linearly from "
+        "train.window_warmup_start to model.window over this many steps, in multiples of the start (0: off).",
+    )
+    window_warmup_start: int = Field(
+        64, gt=0, description="The window at step 0 of the warmup, and the step its size grows by (tokens)."
+    )
     fail_at_step: int | None = Field(
         None, description="Testing aid: rank 0 raises once at this step (a run that did not resume)."
     )
@@ -739,5 +748,10 @@ class Config(Section):
             raise ValueError(
                 "train.dataset and mixture.datasets both name what to train on: give one (a mixture of one "
                 "dataset is mixture.datasets={NAME: URI})"
+            )
+        if self.train.window_warmup_steps and getattr(self.model, "window", None) is None:
+            raise ValueError(
+                "train.window_warmup_steps grows the sliding-window layers' window, and the model has none: "
+                "set model.window (and model.global_every for the long/short pattern) or drop the warmup"
             )
         return self

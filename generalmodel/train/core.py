@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from generalmodel.train.parallelize import parallelize
 from generalmodel.train.resume import Position, TrainingError, resume
 from generalmodel.train.step import NonFiniteGuard, optimizer_step
 from models import build_model
+from models.attention import set_local_windows
 
 Report = Callable[[dict[str, Any]], None]
 Init = Callable[[], dict[str, torch.Tensor]]
@@ -138,6 +140,18 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def warm_window(cfg: Config, step: int) -> int:
+    """The sliding-window layers' window at `step` under train.window_warmup_steps: from
+    train.window_warmup_start to model.window, linearly, rounded up to a multiple of the start (few
+    distinct sizes: few block masks and compiled graphs); model.window from the warmup's end on."""
+    full, train = cfg.model.window, cfg.train
+    if step >= train.window_warmup_steps:
+        return full
+    start = train.window_warmup_start
+    grown = start + (full - start) * step / train.window_warmup_steps
+    return min(full, start * math.ceil(grown / start))
+
+
 class TrainingRun:
     """One training run on this worker: everything a loop shares but its step (see the module doc)."""
 
@@ -199,12 +213,17 @@ class TrainingRun:
         `close` releases the loop's own resources, whether the run ends or fails."""
         last: dict[str, Any] = {}
         done = self.start_step
+        window = None
         try:
             for index in range(self.start_step, self.steps):
                 self._inject_failure(index)
                 multiplier = lr_multiplier(index, self.steps, self.cfg.optim)
                 set_lr(self.optimizer, multiplier)
+                if self.cfg.train.window_warmup_steps and window != (window := warm_window(self.cfg, index)):
+                    set_local_windows(self.model, window)
                 metrics = step(index, self.cfg.optim.lr * multiplier)
+                if metrics and window is not None:
+                    metrics["attention_window"] = window
                 done = index + 1
                 if self.save_due(done):
                     metrics.update(step=done, checkpoint_stall_s=self._save(done))
