@@ -36,6 +36,18 @@ def digit_share(prompt: str, completion: str, **fields) -> float:
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 
+SCORED: list[tuple[str, float]] = []
+
+
+def timed_score(prompt: str, completion: str, **fields) -> float:
+    """A verifier that says where and when it ran."""
+    import threading
+    import time
+
+    SCORED.append((threading.current_thread().name, time.perf_counter()))
+    return 0.0
+
+
 def rl_cfg(**overrides):
     return load_config(overrides={"rl.group_size": 4, "rl.max_new_tokens": 6, **overrides}).rl
 
@@ -496,3 +508,21 @@ def test_the_weight_group_broadcasts_a_state_bit_for_bit():
         assert set(got) == set(state) and all(
             torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items()
         )
+
+
+def test_verifiers_score_while_the_engine_decodes(tiny_task, tmp_path):
+    import time
+
+    from generalmodel.post.rl.rollout import RolloutWorker
+
+    root, tokenizer_json = tiny_task
+    cfg = task_cfg(root, tmp_path, **{"rl.rewards": {"test_rl:timed_score": 1.0}, "rl.rollout_slots": 4})
+    torch.manual_seed(0)
+    worker = RolloutWorker(cfg, tokenizer_json, load_prompts(cfg, tokenizer_json))
+    worker.load(0, build_model(cfg.model).state_dict())
+    SCORED.clear()
+    started = time.perf_counter()
+    batch = worker.rollouts(0, [(j, j % 8) for j in range(16)])  # 16 sequences through 4 slots
+    assert len(batch.rollouts) == len(SCORED) == 16 and [r.prompt for r in batch.rollouts] == [j % 8 for j in range(16)]
+    assert all(name.startswith("verifiers") for name, _ in SCORED)  # off the decoding thread
+    assert min(t for _, t in SCORED) < started + batch.generate_s  # the first scored before decoding ended

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -135,25 +136,38 @@ class RolloutWorker:
 
     @torch.no_grad()
     def _run(self, prompts, indices: list[int], params: list[SamplingParams]) -> Batch:
+        """Decode every prompt on the batched engine; each finished sequence is scored by the
+        verifiers in a second thread while the engine decodes the others (the engine's kernels
+        release the GIL), so scoring overlaps generation instead of following it."""
         from generalmodel.infer.engine import Engine, Request
 
         started = time.perf_counter()
         capacity = min(self.cfg.model.max_seq_len, max(len(p.ids) for p in prompts) + self.cfg.rl.max_new_tokens)
         engine = Engine(self.model, min(self.cfg.rl.rollout_slots, len(prompts)), capacity=capacity)
         requests = [engine.add(Request(list(p.ids), q, self.stop_ids)) for p, q in zip(prompts, params, strict=True)]
-        while not engine.idle():
-            engine.step()
-        batch = Batch(generate_s=time.perf_counter() - started)
-        for prompt, index, request in zip(prompts, indices, requests, strict=True):
-            stopped = request.finish_reason == "stop"
-            text = self.tokenizer.decode(request.tokens)
-            reward, scores = self.rewards(prompt.text, text, prompt.fields)
-            completion = request.tokens + ([request.stop_id] if stopped else [])
-            batch.rollouts.append(
-                Rollout(index, completion, list(request.logprobs), reward, scores, stopped, self.version, text)
-            )
-            batch.generated_tokens += len(completion)
+        prompt_of = {r.id: (p, i) for r, p, i in zip(requests, prompts, indices, strict=True)}
+        scored = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifiers") as scorer:
+            while not engine.idle():
+                for event in engine.step():
+                    if event.finished:
+                        scored[event.request.id] = scorer.submit(
+                            self._rollout, event.request, *prompt_of[event.request.id]
+                        )
+            batch = Batch(generate_s=time.perf_counter() - started)
+            for request in requests:
+                rollout = scored[request.id].result()
+                batch.rollouts.append(rollout)
+                batch.generated_tokens += len(rollout.completion)
         return batch
+
+    def _rollout(self, request, prompt, index: int) -> Rollout:
+        """A finished request, scored."""
+        stopped = request.finish_reason == "stop"
+        text = self.tokenizer.decode(request.tokens)
+        reward, scores = self.rewards(prompt.text, text, prompt.fields)
+        completion = request.tokens + ([request.stop_id] if stopped else [])
+        return Rollout(index, completion, list(request.logprobs), reward, scores, stopped, self.version, text)
 
 
 def shards(items: list, n: int) -> list[list]:
