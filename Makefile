@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: reasoning-data reasoning-sft reasoning-rl reasoning-coconut reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
+.PHONY: reasoning-data reasoning-sft reasoning-rl reasoning-coconut reasoning-quiet-star reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
 	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
@@ -125,13 +125,15 @@ rl: arithmetic
 # --tracking.registered_model=llama-tiny-reason-answer'); held-out pass@1 (greedy, sampled) and
 # pass@8 per task and level of REASON_MODEL (docs/reasoning.md); GRPO from the CoT model on the
 # training problems with the `solved` verifier (llama-tiny-reason-cot-rl); Coconut from the CoT
-# model (llama-tiny-reason-coconut: continuous thoughts replace the worked steps, docs/coconut.md).
+# model (llama-tiny-reason-coconut: continuous thoughts replace the worked steps, docs/coconut.md);
+# Quiet-STaR from the base on the answer-only data (llama-tiny-reason-quiet-star, docs/quiet-star.md).
 REASON_DIR := .generalmodel/reasoning
 REASON_MODEL ?= models:/llama-tiny-reason-cot/latest
 REASON_SFT_ARGS ?=
 REASON_EVAL_ARGS ?=
 REASON_RL_ARGS ?=
 REASON_COCONUT_ARGS ?=
+REASON_QUIET_STAR_ARGS ?=
 reasoning-data: install
 	$(PY) -m jobs.reasoning --out=$(REASON_DIR)
 
@@ -143,6 +145,9 @@ reasoning-rl: reasoning-data
 
 reasoning-coconut: reasoning-data
 	$(PY) -m jobs.coconut --config configs/reasoning-coconut.yaml $(REASON_COCONUT_ARGS)
+
+reasoning-quiet-star: reasoning-data
+	$(PY) -m jobs.quiet_star --config configs/reasoning-quiet-star.yaml $(REASON_QUIET_STAR_ARGS)
 
 reasoning-eval: reasoning-data
 	$(PY) -m jobs.eval --models='$(REASON_MODEL)' --problems=$(REASON_DIR)/test.jsonl --name=reasoning $(REASON_EVAL_ARGS)

@@ -10,3 +10,7 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte-level alphabet and the sp
 # tokenizer by the job that trains them. A prompt ends with START, each thought position holds
 # THOUGHT (its input is a hidden state, not this token's embedding), END precedes the answer.
 LATENT_TOKENS = {"start": "<|start-latent|>", "thought": "<|latent|>", "end": "<|end-latent|>"}
+
+# Quiet-STaR's thoughts (generalmodel.post.quiet_star): added to a model's tokenizer by the job that
+# trains them; a thought after every token is START, the thought's tokens, END.
+THOUGHT_TOKENS = {"start": "<|startofthought|>", "end": "<|endofthought|>"}

@@ -12,6 +12,7 @@ JOBS = {
     "dpo": "jobs.dpo",
     "rl": "jobs.rl",
     "coconut": "jobs.coconut",
+    "quiet-star": "jobs.quiet_star",
     "arithmetic": "jobs.arithmetic",
     "reasoning": "jobs.reasoning",
     "sotu-qa": "jobs.sotu_qa",

@@ -108,6 +108,27 @@ class Documents:
         return self._flex[window]
 
 
+@dataclass
+class Explicit(Documents):
+    """An attention layout given outright, for sequences that are not causal rows (Quiet-STaR's
+    thoughts at every position): `pos` (B, T), each token's position (RoPE, learned positions), and
+    `allowed` (B, T, T) bool, which keys each query sees; a layer's sliding window applies on the
+    positions. SDPA only (a dense mask; flex's block masks are for documents)."""
+
+    allowed: torch.Tensor | None = None
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            seen = self.allowed[:, None]
+            if window is not None:
+                seen = seen & (self.pos[:, None, :, None] - self.pos[:, None, None, :] < window)
+            self._masks[window] = seen
+        return self._masks[window]
+
+    def block_mask(self, window: int | None):
+        raise ValueError("an explicit attention layout runs on SDPA, not flex: set_backend(model, 'auto')")
+
+
 def document_ids(tokens: torch.Tensor, separator: int) -> torch.Tensor:
     """(B, T) document ids of packed rows whose documents each end with `separator` (the EOS the
     text pipeline appends): a document runs up to and including its separator, so a token after

@@ -118,6 +118,11 @@ class DecoderConfig:
         "Coconut (continuous thought): after the prompt and <|start-latent|>, this many steps feed the last hidden "
         "state back as the next input, then <|end-latent|>, then the answer (set by jobs/coconut.py). 0: off.",
     )
+    thought_mixer: bool = _opt(
+        False,
+        "Quiet-STaR: a mixing head weighs the prediction after a thought against the one without (set by "
+        "jobs/quiet_star.py).",
+    )
 
     # pydantic (the platform's config tree) validates this dataclass; unknown keys are errors.
     __pydantic_config__ = {"extra": "forbid"}
@@ -289,6 +294,28 @@ def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
     )
 
 
+class ThoughtMixer(nn.Module):
+    """Quiet-STaR's mixing head: how much the prediction after a thought counts against the one
+    without, from both hidden states, w = sigmoid(z), z = v · relu(W [h_thought; h_base]) + b. v = 0
+    and b = −3 at init: the model starts out trusting its thought-free prediction (w ≈ 0.05)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.hidden = nn.Linear(2 * d_model, d_model, bias=False)
+        self.out = nn.Linear(d_model, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def reset_parameters(self, std: float) -> None:
+        init_linear(self.hidden, std)
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.bias, -3.0)
+
+    def forward(self, with_thought: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """(..., d) and (..., d) → z (...), the logit of the weight of the prediction after the thought."""
+        joint = F.relu(self.hidden(torch.cat([with_thought, base], dim=-1)))
+        return self.out(joint).squeeze(-1) + self.bias
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
@@ -369,6 +396,7 @@ class Decoder(nn.Module):
             else None
         )
         self.final_norm = make_norm(cfg)
+        self.mixer = ThoughtMixer(cfg.d_model) if cfg.thought_mixer else None
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -406,6 +434,8 @@ class Decoder(nn.Module):
         for table in self.value_embeds or ():
             nn.init.normal_(table.weight, mean=0.0, std=std)
         self.final_norm.reset_parameters()
+        if self.mixer is not None:
+            self.mixer.reset_parameters(std)
         if not self.cfg.tie_embeddings:
             init_linear(self.head, 0.0 if self.cfg.zero_init else std)
 
@@ -422,6 +452,7 @@ class Decoder(nn.Module):
         per_token: bool = False,
         thoughts: tuple[torch.Tensor, torch.Tensor] | None = None,
         hidden: bool = False,
+        layout: Documents | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids → logits (B, T, vocab), or (B, 1, vocab) for the last position
         only, or (N, vocab) for the N positions a (B, T) boolean `keep` marks (the head, often
@@ -438,7 +469,8 @@ class Decoder(nn.Module):
         as their input in place of their tokens' embeddings, in row-major order (Coconut's
         continuous thoughts; positions and value embeddings still come from idx). `hidden`: the
         final norm's output (B, T, d) — what the head reads, the "last hidden state" — instead of
-        logits (with last_only, the last position's)."""
+        logits (with last_only, the last position's). `layout` (models.attention.Explicit; no
+        cache): each token's position and which tokens it sees, given outright."""
         B, T = idx.shape
         pos = documents = None
         if cache is not None:
@@ -446,9 +478,9 @@ class Decoder(nn.Module):
                 raise ValueError("docs (document masks) are for whole packed rows, not decoding with a cache")
             pos = where = cache.positions(T)  # (B, T)
         else:
-            if T > self.cfg.max_seq_len:
+            if T > self.cfg.max_seq_len and layout is None:  # a layout's positions are its maker's to keep
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-            documents = None if docs is None else self._documents(docs)
+            documents = layout if layout is not None else None if docs is None else self._documents(docs)
             where = None if documents is None else documents.pos  # None: 0..T-1 in every row
         x = self.embed(idx)  # (B, T, d)
         if thoughts is not None:
@@ -508,6 +540,10 @@ class Decoder(nn.Module):
             else:
                 documents.mask(block.attn.window)
         return documents
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the final norm's output (what `hidden=True` returns): the head and soft-cap."""
+        return capped_logits(hidden, self.head.weight, self.cfg.logit_softcap)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream (..., d) → logits: final norm, head, and the soft-cap if configured,

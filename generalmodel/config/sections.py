@@ -689,6 +689,19 @@ class CoconutConfig(Section):
     reset_optimizer: bool = Field(True, description="Clear the optimizer's state at each stage's start (the paper).")
 
 
+class QuietStarConfig(Section):
+    """Quiet-STaR (Zelikman et al. 2024; jobs/quiet_star.py): after every token of the rows of
+    data.source (chat conversations; the assistant's tokens are scored), the model thinks a short
+    thought, and a mixing head weighs its prediction of the next tokens after the thought against the
+    one without; the thoughts learn by REINFORCE on how much they help."""
+
+    thought_tokens: int = Field(4, gt=0, description="Tokens of each thought (between its start and end tokens).")
+    lookahead: int = Field(2, gt=0, description="Future tokens a thought is scored on (teacher-forced after it).")
+    samples: int = Field(2, gt=1, description="Thoughts sampled per position: their mean reward is the baseline.")
+    temperature: float = Field(1.0, gt=0, description="The thoughts' sampling temperature.")
+    policy_weight: float = Field(1.0, ge=0, description="Weight of the REINFORCE term on the thoughts.")
+
+
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -734,6 +747,7 @@ class Config(Section):
     dpo: DpoConfig = DpoConfig()
     rl: RlConfig = RlConfig()
     coconut: CoconutConfig = CoconutConfig()
+    quiet_star: QuietStarConfig = QuietStarConfig()
     mixture: MixtureConfig = MixtureConfig()
     # The model keys the preset and overrides gave (load_config): what train.init_from checks.
     _model_keys: frozenset[str] = PrivateAttr(default=frozenset())

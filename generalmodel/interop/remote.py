@@ -56,7 +56,10 @@ class RemoteCodeAdapter(HfAdapter):
         # The weights would load, but transformers' generate cannot run the thoughts: a Coconut
         # model would answer without them, silently worse. The native export keeps the field.
         thoughts = cfg.continuous_thoughts
-        return [f"continuous_thoughts={thoughts} (Coconut decoding, which generate does not do)"] if thoughts else []
+        out = [f"continuous_thoughts={thoughts} (Coconut decoding, which generate does not do)"] if thoughts else []
+        if cfg.thought_mixer:
+            out.append("thought_mixer=true (Quiet-STaR: a thought at every token, which generate does not do)")
+        return out
 
     def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:
         return {

@@ -22,7 +22,7 @@ from generalmodel.train.init_from import InitSource
 
 log = logging.getLogger(__name__)
 
-STAGE_SUFFIXES = ("-sft", "-dpo", "-rl", "-coconut")
+STAGE_SUFFIXES = ("-sft", "-dpo", "-rl", "-coconut", "-quiet-star")
 
 
 def base_name(reference: str, default: str) -> str:

@@ -28,7 +28,6 @@ prompt and <|start-latent|>, runs model.continuous_thoughts thought steps on the
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +37,11 @@ from generalmodel import UserError
 from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, messages
 from generalmodel.data.tokenizer import eos_id, load_tokenizer
-from generalmodel.post.rl.tasks import read_source, step_items
+from generalmodel.post.rl.tasks import read_source
+from generalmodel.post.rows import RowsStep, StepPosition
 from generalmodel.storage import RunLayout
 from generalmodel.tokens import LATENT_TOKENS
-from generalmodel.train.core import Init, Report, TrainingRun, sum_across_ranks
+from generalmodel.train.core import Init, Report, TrainingRun
 from generalmodel.train.resume import TrainingError
 from models.loss import IGNORE
 
@@ -196,72 +196,34 @@ def coconut_loss(model, chunk: dict[str, torch.Tensor], thought_id: int, autocas
         return model(chunk["inputs"], targets=chunk["targets"], loss_chunk=loss_chunk, thoughts=(where, states))
 
 
-class StepPosition:
-    """Where a Coconut run is: its step (the rows of a step are a function of seed and step)."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-
-
-class CoconutStep:
-    """One optimizer step: this rank's rows of the step at the step's stage, train.grad_accum
-    micro-batches of train.batch_size, the loss the mean over every supervised token of the step."""
+class CoconutStep(RowsStep):
+    """One optimizer step (generalmodel.post.rows) at the step's stage: the loss is the mean over
+    every supervised token of the step; the optimizer's state is cleared when a stage starts."""
 
     def __init__(self, run: TrainingRun, data: WorkedSet, tokenizer_json: str):
-        self.run, self.data = run, data
+        super().__init__(run, data.rows)
         self.ids = LatentIds.of(tokenizer_json)
         # Padding follows a row's end: never attended to by its tokens, never a target.
         self.pad = eos_id(load_tokenizer(tokenizer_json, "tokenizer"))
-        self.window = time.perf_counter(), 0, 0.0  # started, steps, supervised tokens
 
-    def __call__(self, step: int, lr: float) -> dict[str, Any]:
-        run, cfg, env = self.run, self.run.cfg, self.run.env
-        co, per = cfg.coconut, cfg.train.batch_size
-        stage = stage_of(step, run.steps, co.stages)
-        if co.reset_optimizer and step > 0 and stage != stage_of(step - 1, run.steps, co.stages):
-            run.optimizer.state.clear()
-        rows_per_rank = per * cfg.train.grad_accum
-        picked = step_items(len(self.data.rows), step, rows_per_rank * env.world_size, cfg.train.seed)
-        mine = [self.data.rows[i] for i in picked[env.rank * rows_per_rank : (env.rank + 1) * rows_per_rank]]
-        chunks = [batch(mine[i : i + per], stage, cfg, self.ids, self.pad) for i in range(0, len(mine), per)]
-        count = sum(float((c["targets"] != IGNORE).sum()) for c in chunks)
-        total = sum_across_ranks(torch.tensor(count, device=env.device)).clamp(min=1)
-        loss_sum = torch.zeros((), device=env.device)
-        for i, chunk in enumerate(chunks):
-            if hasattr(run.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last
-                run.model.set_requires_gradient_sync(i == len(chunks) - 1)
-            chunk = {k: v.to(env.device) for k, v in chunk.items()}
-            loss = coconut_loss(run.model, chunk, self.ids.thought, run.autocast, cfg.train.loss_chunk)
-            (loss * env.world_size / total).backward()
-            loss_sum += loss.detach()
-        reduced = sum_across_ranks(loss_sum)
-        grad_norm, _ = run.update(reduced, step)
-        run.position.step = done = step + 1
-        started, steps, tokens = self.window
-        self.window = started, steps + 1, tokens + total.item()
-        if not (done % cfg.train.log_every == 0 or done == run.steps or run.save_due(done)):
-            return {}
-        skipped = run.guard.read()
-        elapsed = time.perf_counter() - started
-        self.window = time.perf_counter(), 0, 0.0
-        return {
-            "step": done,
-            "loss": (reduced / total).item(),
-            "stage": stage,
-            "thoughts": stage * co.thoughts_per_step,
-            "lr": lr,
-            "grad_norm": grad_norm.item(),
-            "supervised_tokens_per_s": (tokens + total.item()) / elapsed,
-            "skipped_steps": skipped,
-            "elapsed_s": run.elapsed(),
-            "eta_s": (run.steps - done) * elapsed / (steps + 1),
-        }
+    def stage(self, step: int) -> int:
+        return stage_of(step, self.run.steps, self.run.cfg.coconut.stages)
+
+    def before(self, step: int) -> dict[str, Any]:
+        co, stage = self.run.cfg.coconut, self.stage(step)
+        if co.reset_optimizer and step > 0 and stage != self.stage(step - 1):
+            self.run.optimizer.state.clear()
+        return {"stage": stage, "thoughts": stage * co.thoughts_per_step}
+
+    def batch(self, rows: list[Worked], step: int, first: int) -> dict[str, torch.Tensor]:
+        return batch(rows, self.stage(step), self.run.cfg, self.ids, self.pad)
+
+    def count(self, chunk: dict[str, torch.Tensor]) -> float:
+        return float((chunk["targets"] != IGNORE).sum())
+
+    def loss(self, chunk: dict[str, torch.Tensor], step: int):
+        run = self.run
+        return coconut_loss(run.model, chunk, self.ids.thought, run.autocast, run.cfg.train.loss_chunk), {}
 
 
 def coconut_train(

@@ -27,6 +27,7 @@ RESUME_KEYS = (
     "dpo",
     "rl",
     "coconut",
+    "quiet_star",
     "mixture",
 )
 

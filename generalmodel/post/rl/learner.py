@@ -157,16 +157,7 @@ class GrpoStep:
         first_eval = self.heldout_metrics(step) if step == run.start_step else {}
         if first_eval:  # the model it starts from, on the same prompts as every later evaluation
             run.report({"step": step, **first_eval})
-        rewards = torch.tensor([r.reward for r in batch["rollouts"]]).view(-1, rl.group_size)
-        firsts = batch["rollouts"][:: rl.group_size]
-        run.position.record(step, [(r.prompt, g) for r, g in zip(firsts, rewards.tolist(), strict=True)])
-        if len(firsts) > rl.prompts_per_step:  # dynamic sampling: the step trains on the informative groups
-            kept = informative_first(rewards, rl.prompts_per_step)
-            rewards = rewards[kept]
-            g = rl.group_size
-            batch["rollouts"] = [r for k in kept for r in batch["rollouts"][k * g : (k + 1) * g]]
-            batch["metrics"]["trained_zero_variance_groups"] = (rewards.std(dim=1) == 0).float().mean().item()
-        advantages = group_advantages(rewards, rl.scale_rewards).view(-1)
+        advantages = self.advantages(batch, step)
         rows = self.per_rank * rl.group_size
         mine = slice(env.rank * rows, (env.rank + 1) * rows)
         tensors = _sequences(self.prompts, batch["rollouts"][mine], advantages[mine], env.device)
@@ -212,6 +203,21 @@ class GrpoStep:
         if metrics or run.save_due(done):
             metrics.setdefault("loss", reduced[0] / total.item())
         return metrics
+
+    def advantages(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        """The step's groups recorded in the prompt schedule, cut to rl.prompts_per_step with dynamic
+        sampling (the groups with a signal first; `batch` keeps those), and their advantages."""
+        rl = self.rl
+        rewards = torch.tensor([r.reward for r in batch["rollouts"]]).view(-1, rl.group_size)
+        firsts = batch["rollouts"][:: rl.group_size]
+        self.run.position.record(step, [(r.prompt, g) for r, g in zip(firsts, rewards.tolist(), strict=True)])
+        if len(firsts) > rl.prompts_per_step:
+            kept = informative_first(rewards, rl.prompts_per_step)
+            rewards = rewards[kept]
+            g = rl.group_size
+            batch["rollouts"] = [r for k in kept for r in batch["rollouts"][k * g : (k + 1) * g]]
+            batch["metrics"]["trained_zero_variance_groups"] = (rewards.std(dim=1) == 0).float().mean().item()
+        return group_advantages(rewards, rl.scale_rewards).view(-1)
 
     def learn(self, tensors: dict[str, torch.Tensor], step: int):
         """rl.updates_per_batch optimizer updates on this rank's rollouts: (the last update's

@@ -1,0 +1,102 @@
+"""The optimizer step of a post-training objective over rows held in memory (Coconut's worked
+conversations, Quiet-STaR's), on the training core (generalmodel.train.core.TrainingRun).
+
+Step k takes positions k·N … of the endless stream of seeded permutations of the rows (N = rows per
+step over all ranks: train.batch_size × train.grad_accum × world size), so the rows of a step are a
+function of (train.seed, k) and a resumed run sees what the uninterrupted one saw; each rank takes
+its contiguous share in train.grad_accum micro-batches of train.batch_size. An objective gives the
+micro-batch of some rows (`batch`), its loss *summed* over its units (`loss`) and how many units
+a micro-batch has, counted on the host (`count`); the step divides by the count over every rank and
+micro-batch, so the gradient is the mean over every unit of the step whatever the world size, and
+FSDP2 reduce-scatters once, after the last micro-batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from generalmodel.post.rl.tasks import step_items
+from generalmodel.train.core import TrainingRun, sum_across_ranks
+
+
+class StepPosition:
+    """Where such a run is: its step (a step's rows are a function of seed and step)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+class RowsStep:
+    """One optimizer step over this rank's rows of the step (module doc); subclasses give the
+    objective. `unit` names what the loss is a mean over (for the throughput metric)."""
+
+    unit = "tokens"
+
+    def __init__(self, run: TrainingRun, rows: list):
+        self.run, self.rows = run, rows
+        self.window = time.perf_counter(), 0, 0.0  # started, steps, units
+
+    def batch(self, rows: list, step: int, first: int) -> dict[str, torch.Tensor]:
+        """The micro-batch of `rows`, the first of them at place `first` of the step's rows (over
+        all ranks: what a per-row seed is made from, so draws do not depend on the world size)."""
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, torch.Tensor]) -> float:
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the summed loss of a micro-batch on the device, summed statistics to report as means)."""
+        raise NotImplementedError
+
+    def before(self, step: int) -> dict[str, Any]:
+        """What the objective does before a step; returns metrics of the step (e.g. its stage)."""
+        return {}
+
+    def __call__(self, step: int, lr: float) -> dict[str, Any]:
+        run, cfg, env = self.run, self.run.cfg, self.run.env
+        extra = self.before(step)
+        per, rows_per_rank = cfg.train.batch_size, cfg.train.batch_size * cfg.train.grad_accum
+        picked = step_items(len(self.rows), step, rows_per_rank * env.world_size, cfg.train.seed)
+        mine = [self.rows[i] for i in picked[env.rank * rows_per_rank : (env.rank + 1) * rows_per_rank]]
+        offset = env.rank * rows_per_rank
+        chunks = [self.batch(mine[i : i + per], step, offset + i) for i in range(0, len(mine), per)]
+        count = sum(self.count(c) for c in chunks)
+        total = sum_across_ranks(torch.tensor(count, device=env.device)).clamp(min=1)
+        sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=env.device)}
+        for i, chunk in enumerate(chunks):
+            if hasattr(run.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last
+                run.model.set_requires_gradient_sync(i == len(chunks) - 1)
+            loss, stats = self.loss({k: v.to(env.device) for k, v in chunk.items()}, step)
+            (loss * env.world_size / total).backward()
+            for name, value in {"loss": loss, **stats}.items():
+                sums[name] = sums.get(name, 0) + value.detach()
+        reduced = {name: sum_across_ranks(value) for name, value in sums.items()}
+        grad_norm, _ = run.update(reduced["loss"], step)
+        run.position.step = done = step + 1
+        started, steps, units = self.window
+        self.window = started, steps + 1, units + total.item()
+        if not (done % cfg.train.log_every == 0 or done == run.steps or run.save_due(done)):
+            return {}
+        skipped = run.guard.read()
+        elapsed = time.perf_counter() - started
+        self.window = time.perf_counter(), 0, 0.0
+        return {
+            "step": done,
+            **{name: (value / total).item() for name, value in reduced.items()},
+            **extra,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            f"supervised_{self.unit}_per_s": (units + total.item()) / elapsed,
+            "skipped_steps": skipped,
+            "elapsed_s": run.elapsed(),
+            "eta_s": (run.steps - done) * elapsed / (steps + 1),
+        }
