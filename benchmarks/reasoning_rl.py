@@ -12,8 +12,9 @@ configs/reasoning-rl.yaml from it (train.seed = the model's position in --sft) o
 training prompts, registered as llama-tiny-reason-cot-rl-VARIANT; then evaluates the SFT models
 and every RL model with jobs.eval --problems on the held-out problems (the greedy answer and 8
 top-p samples per problem). Variants: grpo (the config as it is), dynamic (DAPO's dynamic
-sampling: rl.oversample 2), clip-higher (DAPO's, 0.28), curriculum (rl.skip_uniform_for 25: acts
-only when prompts repeat, not in 100 steps × 16 of 3000). --trained VARIANT=URI,URI evaluates
+sampling: rl.oversample 2), lowlr (optim.lr 2e-5, a tenth), dynamic-lowlr (both), clip-higher
+(DAPO's, 0.28), curriculum (rl.skip_uniform_for 25: acts only when prompts repeat, not in 100
+steps × 16 of 3000). --trained VARIANT=URI,URI evaluates
 models an earlier invocation trained (one per --sft model, in order; an empty one is trained).
 Record the output, with the machine, in benchmarks/RESULTS.md.
 """
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "grpo": {},
     "dynamic": {"rl.oversample": 2.0},
+    "lowlr": {"optim.lr": 2e-5},
+    "dynamic-lowlr": {"rl.oversample": 2.0, "optim.lr": 2e-5},
     "clip-higher": {"rl.clip_eps_high": 0.28},
     "curriculum": {"rl.skip_uniform_for": 25},
 }
