@@ -6,7 +6,7 @@ BASE-quiet-star.
 The conversations (`messages`; .jsonl/.parquet, local, s3:// or hf:) are scored on the assistant's
 tokens: after every token the model samples a thought of quiet_star.thought_tokens tokens between
 <|startofthought|> and <|endofthought|> (added to its tokenizer), all positions at once, and a
-mixing head (model.thought_mixer, added) weighs the prediction of the next quiet_star.lookahead
+mixing head (model.quiet_star_thoughts set, the head added) weighs the prediction of the next quiet_star.lookahead
 tokens after the thought against the one without; the thoughts learn by REINFORCE
 (generalmodel.post.quiet_star). Training is the platform's loop on Ray Train (FSDP2, checkpoints,
 exact resume); `base_nll` beside the mixed `loss` says whether the thoughts help. Decoding with a
@@ -36,7 +36,7 @@ def main(cfg: Config) -> dict:
 
     cfg, uri, init = start(cfg, "quiet-star", "chat")
     cfg, init = with_tokens(cfg, init, THOUGHT_TOKENS.values(), "thought")
-    model = dataclasses.replace(cfg.model, thought_mixer=True)
+    model = dataclasses.replace(cfg.model, quiet_star_thoughts=cfg.quiet_star.thought_tokens)
     state = init.state
     if not any(key.startswith("mixer.") for key in state):  # a new mixing head, seeded by the run
         torch.manual_seed(cfg.train.seed)

@@ -118,10 +118,10 @@ class DecoderConfig:
         "Coconut (continuous thought): after the prompt and <|start-latent|>, this many steps feed the last hidden "
         "state back as the next input, then <|end-latent|>, then the answer (set by jobs/coconut.py). 0: off.",
     )
-    thought_mixer: bool = _opt(
-        False,
-        "Quiet-STaR: a mixing head weighs the prediction after a thought against the one without (set by "
-        "jobs/quiet_star.py).",
+    quiet_star_thoughts: int = _opt(
+        0,
+        "Quiet-STaR: the model thinks this many tokens after every token, and a mixing head weighs the prediction "
+        "after the thought against the one without (set by jobs/quiet_star.py). 0: off.",
     )
 
     # pydantic (the platform's config tree) validates this dataclass; unknown keys are errors.
@@ -142,8 +142,11 @@ class DecoderConfig:
             raise ValueError(f"window must be positive, got {self.window}")
         if self.global_every < 0 or (self.global_every and self.window is None):
             raise ValueError(f"global_every={self.global_every} needs a window and must be >= 0")
-        if self.continuous_thoughts < 0:
-            raise ValueError(f"continuous_thoughts must be >= 0, got {self.continuous_thoughts}")
+        if self.continuous_thoughts < 0 or self.quiet_star_thoughts < 0:
+            raise ValueError(
+                f"continuous_thoughts and quiet_star_thoughts must be >= 0, got {self.continuous_thoughts}, "
+                f"{self.quiet_star_thoughts}"
+            )
         if self.kv_share_group <= 0 or self.n_layers % self.kv_share_group:
             raise ValueError(f"kv_share_group={self.kv_share_group} must divide n_layers={self.n_layers}")
         if (self.qk_norm or self.value_residual) and self.attention != "gqa":
@@ -396,7 +399,7 @@ class Decoder(nn.Module):
             else None
         )
         self.final_norm = make_norm(cfg)
-        self.mixer = ThoughtMixer(cfg.d_model) if cfg.thought_mixer else None
+        self.mixer = ThoughtMixer(cfg.d_model) if cfg.quiet_star_thoughts else None
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

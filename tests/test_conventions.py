@@ -74,7 +74,7 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
         ),
         LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, memory_layers=(1, 4), memory_kind="peer"),
         LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, memory_layers=(2,), memory_kind="ultramem"),
-        LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, thought_mixer=True),
+        LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, quiet_star_thoughts=4),
     ],
     ids=["llama", "deepseek-mla-moe", "llama-peer-memory", "llama-ultramem", "llama-quiet-star"],
 )

@@ -50,7 +50,7 @@ def task_cfg(root, tmp, **overrides):
             "model.n_heads": 2,
             "model.n_kv_heads": 1,
             "model.d_model": 32,
-            "model.thought_mixer": True,
+            "model.quiet_star_thoughts": 3,
             "train.steps": 4,
             "train.batch_size": 2,
             "train.log_every": 1,

@@ -29,7 +29,8 @@ def research_parts(cfg) -> dict[str, str]:
         "embed_skip": cfg.embed_skip and "embed_skip=true (every block mixes in the embedding)",
         "unet_skips": cfg.unet_skips and "unet_skips=true (U-net skips between blocks)",
         "value_embeds": cfg.value_embeds and f"value_embeds={cfg.value_embeds} (value embeddings)",
-        "thought_mixer": cfg.thought_mixer and "thought_mixer=true (Quiet-STaR's thoughts at every token)",
+        "quiet_star_thoughts": cfg.quiet_star_thoughts
+        and f"quiet_star_thoughts={cfg.quiet_star_thoughts} (Quiet-STaR's thoughts at every token)",
         "continuous_thoughts": cfg.continuous_thoughts
         and f"continuous_thoughts={cfg.continuous_thoughts} (Coconut decoding: hidden states fed back as inputs)",
     }

@@ -57,8 +57,10 @@ class RemoteCodeAdapter(HfAdapter):
         # model would answer without them, silently worse. The native export keeps the field.
         thoughts = cfg.continuous_thoughts
         out = [f"continuous_thoughts={thoughts} (Coconut decoding, which generate does not do)"] if thoughts else []
-        if cfg.thought_mixer:
-            out.append("thought_mixer=true (Quiet-STaR: a thought at every token, which generate does not do)")
+        if cfg.quiet_star_thoughts:
+            out.append(
+                f"quiet_star_thoughts={cfg.quiet_star_thoughts} (a thought at every token, which generate does not do)"
+            )
         return out
 
     def config(self, cfg, special: dict[str, int | None], dtype: str) -> dict[str, Any]:

@@ -109,7 +109,7 @@ class QuietStar:
     def __init__(self, model, cfg: Config, start: int, end: int, autocast):
         self.model, self.qs, self.start, self.end, self.autocast = model, cfg.quiet_star, start, end, autocast
         if getattr(model, "mixer", None) is None:
-            raise TrainingError("Quiet-STaR needs the model's mixing head: model.thought_mixer=true")
+            raise TrainingError("Quiet-STaR needs the model's mixing head: model.quiet_star_thoughts > 0")
 
     def _hidden(self, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         B, S = ids.shape
