@@ -84,10 +84,10 @@ def continuer(model, tokenizer, cfg: InterpConfig):
     cfg.sampling, stopping at EOS or, for a chat model, at the end of its turn."""
     from generalmodel.data.chat import ChatFormat, has_chat_tokens
     from generalmodel.data.tokenizer import eos_id
-    from generalmodel.infer.engine import Thoughts, generate_batch
+    from generalmodel.infer.engine import generate_batch, thoughts_of
 
     stop = {eos_id(tokenizer)} | ({ChatFormat(tokenizer).end_id} if has_chat_tokens(tokenizer) else set())
-    params, thoughts = cfg.sampling, Thoughts.of(model, tokenizer)
+    params, thoughts = cfg.sampling, thoughts_of(model, tokenizer)
 
     def continue_prompt(ids: list[int]) -> tuple[list[int], list[str]]:
         (request,) = generate_batch(model, [ids], params, stop, thoughts=thoughts)

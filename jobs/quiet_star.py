@@ -9,8 +9,8 @@ tokens: after every token the model samples a thought of quiet_star.thought_toke
 mixing head (model.quiet_star_thoughts set, the head added) weighs the prediction of the next quiet_star.lookahead
 tokens after the thought against the one without; the thoughts learn by REINFORCE
 (generalmodel.post.quiet_star). Training is the platform's loop on Ray Train (FSDP2, checkpoints,
-exact resume); `base_nll` beside the mixed `loss` says whether the thoughts help. Decoding with a
-thought at every token is not built: the registered model samples without thoughts.
+exact resume); `base_nll` beside the mixed `loss` says whether the thoughts help. Every decoder
+here (jobs/sample.py, jobs/eval.py --problems, the served API) thinks before each token of it.
 """
 
 from __future__ import annotations

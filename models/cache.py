@@ -119,6 +119,22 @@ class KVCache:
         if self.trim:
             self._span = max(self.host_lengths[r] for r in self._host_rows)
 
+    def rollback(self, lengths: Sequence[int]) -> None:
+        """The rows of this view back to `lengths` tokens each (fewer than they hold): the entries
+        past them are forgotten (a speculative continuation, e.g. a Quiet-STaR thought, dropped).
+        Ring buffers cannot: what the continuation overwrote is gone (a ValueError)."""
+        if any(layer.ring for layer in self.layers.values()):
+            raise ValueError("a sliding-window (ring buffer) cache cannot roll back: its old entries were overwritten")
+        rows = self._host_rows
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        keep = torch.tensor(list(lengths), dtype=torch.long, device=self.lengths.device)
+        self.lengths[index] = keep
+        for layer in self.layers.values():
+            slots = torch.arange(layer.size, device=keep.device)[None]
+            layer.pos[index] = layer.pos[index].masked_fill(slots >= keep[:, None], -1)
+        for r, n in zip(rows, lengths, strict=True):
+            self.host_lengths[r] = n
+
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers.values())
 

@@ -22,7 +22,7 @@ from generalmodel.config import load_config
 from generalmodel.data.chat import ChatFormat, add_chat_tokens, add_special_tokens
 from generalmodel.data.tokenizer import load_tokenizer, train_bpe
 from generalmodel.eval.reasoning import write_suite
-from generalmodel.infer.engine import Engine, Request, SamplingParams, Thoughts, generate_batch
+from generalmodel.infer.engine import Engine, Request, SamplingParams, Thoughts, generate_batch, thoughts_of
 from generalmodel.interop.adapter import ExportError
 from generalmodel.interop.hf import adapter_for
 from generalmodel.post.coconut import (
@@ -196,7 +196,7 @@ def test_the_engine_decodes_the_thoughts_as_training_computes_them(worked_task, 
     cfg = task_cfg(root, tmp_path, **{"model.continuous_thoughts": 3})
     model = tiny_model(cfg).eval()
     tokenizer = load_tokenizer(tokenizer_json, "test")
-    thoughts = Thoughts.of(model, tokenizer)
+    thoughts = thoughts_of(model, tokenizer)
     ids = LatentIds.of(tokenizer_json)
     assert thoughts == Thoughts(3, ids.start, ids.thought, ids.end)
     with pytest.raises(ValueError, match="continuous thoughts"):

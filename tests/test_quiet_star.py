@@ -186,3 +186,40 @@ def test_two_fsdp2_ranks_equal_one(chat_task, tmp_path):
         for key in ("loss", "grad_norm", "base_nll", "mix_weight"):
             assert math.isclose(ranks[step][key], single[step][key], rel_tol=tolerance), (step, key)
     assert list((tmp_path / "two").rglob("__1_0.distcp"))
+
+
+def test_the_engine_thinks_before_every_token_as_training_computes(chat_task, tmp_path):
+    """Greedy decoding with a thought before every token (sampled on the KV cache, then rolled
+    back): each token is the argmax of the mixed prediction that a plain forward of the context,
+    that thought and <|endofthought|> computes, and its log-prob is that mixture's."""
+    from generalmodel.data.tokenizer import load_tokenizer
+    from generalmodel.infer.engine import Engine, QuietThoughts, SamplingParams, generate_batch, thoughts_of
+
+    root, tokenizer_json = chat_task
+    cfg = task_cfg(root, tmp_path)
+    model = tiny_model(cfg).eval()
+    with torch.no_grad():
+        model.mixer.out.weight.normal_(0, 0.5)  # a head that mixes: both predictions count
+        model.mixer.bias.zero_()
+    thoughts = thoughts_of(model, load_tokenizer(tokenizer_json, "test"))
+    tok = load_tokenizer(tokenizer_json, "test")
+    ids = [tok.token_to_id(t) for t in THOUGHT_TOKENS.values()]
+    assert thoughts == QuietThoughts(3, *ids)
+    with pytest.raises(ValueError, match="decodes with thoughts"):
+        Engine(model, 1)
+    prompts = [[5, 9, 17, 40], [6, 3]]
+    params = SamplingParams(temperature=0, max_new_tokens=5)
+    for prompt, request in zip(prompts, generate_batch(model, prompts, params, thoughts=thoughts), strict=True):
+        assert len(request.tokens) == len(request.thoughts) == 5
+        for k, (token, thought) in enumerate(zip(request.tokens, request.thoughts, strict=True)):
+            context = prompt + request.tokens[:k]
+            with torch.no_grad():
+                h = model(torch.tensor([context + [thoughts.start, *thought, thoughts.end]]), hidden=True)[0]
+                base, after = h[len(context) - 1], h[-1]
+                z = model.mixer(after, base)
+                mixed = torch.logaddexp(
+                    torch.nn.functional.logsigmoid(z) + torch.log_softmax(model.logits_of(after), -1),
+                    torch.nn.functional.logsigmoid(-z) + torch.log_softmax(model.logits_of(base), -1),
+                )
+            assert mixed.argmax().item() == token, k
+            assert math.isclose(request.logprobs[k], mixed.max().item(), abs_tol=1e-4), k

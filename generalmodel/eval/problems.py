@@ -21,7 +21,7 @@ import torch
 
 from generalmodel import UserError
 from generalmodel.eval.reasoning import solved
-from generalmodel.infer.engine import Engine, Request, SamplingParams, Thoughts
+from generalmodel.infer.engine import Engine, Request, SamplingParams, thoughts_of
 
 
 @dataclass
@@ -89,7 +89,7 @@ def solve(
         wanted += [
             (i, params.model_copy(update={"seed": seed_of(params.seed, row["prompt"], s)})) for s in range(samples)
         ]
-    thoughts = Thoughts.of(model, fmt.tokenizer)  # a Coconut model thinks before it answers
+    thoughts = thoughts_of(model, fmt.tokenizer)  # a model that thinks (Coconut, Quiet-STaR)
     reserved = thoughts.positions if thoughts is not None else 0
     capacity = min(model.cfg.max_seq_len, max(map(len, prompts)) + reserved + params.max_new_tokens)
     engine = Engine(model, min(slots, len(wanted)), capacity=capacity, thoughts=thoughts)

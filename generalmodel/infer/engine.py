@@ -23,8 +23,12 @@ low, and branching to pick the best continuation by a score.
 A Coconut model (model.cfg.continuous_thoughts > 0, generalmodel.post.coconut) decodes with
 `Thoughts`: every request's prefill is its prompt and <|start-latent|>; then that many steps each
 feed the last hidden state (the final norm's output) back as the next input, on the KV cache; then
-<|end-latent|>, whose logits give the first sampled token. The engine refuses such a model without
-them (it would answer without thinking, silently worse).
+<|end-latent|>, whose logits give the first sampled token. A Quiet-STaR model
+(model.cfg.quiet_star_thoughts > 0, generalmodel.post.quiet_star) decodes with `QuietThoughts`:
+before every sampled token each row thinks — <|startofthought|>, that many sampled tokens,
+<|endofthought|> on the KV cache — and the model's mixing head weighs the prediction after the
+thought against the one without; the thought's cache entries are then rolled back. The engine
+refuses either model without its thoughts (it would answer without thinking, silently otherwise).
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from generalmodel.config import Section
 from generalmodel.interp.analysis import entropy_stats
-from generalmodel.tokens import LATENT_TOKENS
+from generalmodel.tokens import LATENT_TOKENS, THOUGHT_TOKENS
 from models.cache import KVCache
 
 
@@ -94,19 +99,36 @@ class Thoughts:
         """The context positions the thoughts take (with their delimiters)."""
         return self.count + 2
 
-    @classmethod
-    def of(cls, model, tokenizer) -> Thoughts | None:
-        """The model's thoughts (None for a model without: model.cfg.continuous_thoughts 0); a
-        ValueError when the tokenizer lacks the latent tokens."""
-        count = getattr(model.cfg, "continuous_thoughts", 0)
-        if not count:
-            return None
-        ids = {name: tokenizer.token_to_id(token) for name, token in LATENT_TOKENS.items()}
-        if None in ids.values():
-            raise ValueError(
-                f"model.continuous_thoughts={count} but the tokenizer lacks {' '.join(LATENT_TOKENS.values())}"
-            )
-        return cls(count, **ids)
+
+@dataclass(frozen=True)
+class QuietThoughts:
+    """How a Quiet-STaR model decodes (module doc): before every token, a thought of `count` tokens
+    sampled at `temperature` between the ids `start` and `end`."""
+
+    count: int
+    start: int
+    end: int
+    temperature: float = 1.0
+
+    @property
+    def positions(self) -> int:
+        """The context positions a thought takes while it lasts (with its delimiters)."""
+        return self.count + 2
+
+
+def thoughts_of(model, tokenizer) -> Thoughts | QuietThoughts | None:
+    """How `model` thinks while it decodes: Coconut's continuous thoughts, Quiet-STaR's thought per
+    token, or None; a ValueError when the tokenizer lacks the tokens they need."""
+    for count, tokens, make in (
+        (getattr(model.cfg, "continuous_thoughts", 0), LATENT_TOKENS, Thoughts),
+        (getattr(model.cfg, "quiet_star_thoughts", 0), THOUGHT_TOKENS, QuietThoughts),
+    ):
+        if count:
+            ids = {name: tokenizer.token_to_id(token) for name, token in tokens.items()}
+            if None in ids.values():
+                raise ValueError(f"the model thinks but the tokenizer lacks {' '.join(tokens.values())}")
+            return make(count, **ids)
+    return None
 
 
 @dataclass(eq=False)
@@ -125,6 +147,7 @@ class Request:
     stop_id: int | None = None
     logprobs: list[float] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)  # strategy entropy: "argmax", "sample" or "explore"
+    thoughts: list[list[int]] = field(default_factory=list)  # Quiet-STaR: the thought before each token
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -143,13 +166,21 @@ class Event:
 
 class Engine:
     def __init__(
-        self, model, slots: int, capacity: int | None = None, compile: bool = False, thoughts: Thoughts | None = None
+        self,
+        model,
+        slots: int,
+        capacity: int | None = None,
+        compile: bool = False,
+        thoughts: Thoughts | QuietThoughts | None = None,
     ):
-        if getattr(model.cfg, "continuous_thoughts", 0) and thoughts is None:
+        cfg = model.cfg
+        if (getattr(cfg, "continuous_thoughts", 0) or getattr(cfg, "quiet_star_thoughts", 0)) and thoughts is None:
             raise ValueError(
-                f"the model decodes with {model.cfg.continuous_thoughts} continuous thoughts (Coconut): give the "
-                "engine its Thoughts (Thoughts.of(model, tokenizer))"
+                "the model decodes with thoughts (Coconut's continuous thoughts or Quiet-STaR's): give the engine "
+                "thoughts_of(model, tokenizer)"
             )
+        if isinstance(thoughts, QuietThoughts) and compile:
+            raise ValueError("compiled decoding is not built for Quiet-STaR's thought per token: compile=False")
         self.model, self.thoughts = model, thoughts
         self.reserved = thoughts.positions if thoughts is not None else 0  # per request, before its tokens
         self.cache = KVCache(model, slots, capacity)
@@ -211,7 +242,11 @@ class Engine:
             events.extend(self._admit(self.waiting.popleft(), row))
         if running:
             tokens = torch.tensor([[self._last[i]] for i in running], device=self.device)
-            if len(running) == len(self.rows):
+            if isinstance(self.thoughts, QuietThoughts):
+                view = self.cache.view(running)
+                view.reserve(1)
+                logits = self._quiet(running, view, self.model(tokens, view, last_only=True, hidden=True))
+            elif len(running) == len(self.rows):
                 self.cache.reserve(1)
                 logits = self._decode_all(tokens)
             else:
@@ -230,12 +265,41 @@ class Engine:
         self.cache.reset([row])
         view = self.cache.view([row])
         ids = torch.tensor([request.prompt_ids], device=self.device)
-        if self.thoughts is None:
+        if isinstance(self.thoughts, Thoughts):
+            logits = self._think(ids, view)
+        elif isinstance(self.thoughts, QuietThoughts):
+            view.reserve(ids.shape[1])
+            logits = self._quiet([row], view, self.model(ids, view, last_only=True, hidden=True))
+        else:
             view.reserve(ids.shape[1])
             logits = self.model(ids, view, last_only=True)
-        else:
-            logits = self._think(ids, view)
         return self._sample([row], logits[:, -1])
+
+    def _quiet(self, rows: list[int], view, base: torch.Tensor) -> torch.Tensor:
+        """Quiet-STaR: each row's thought after its last token (sampled with the row's generator),
+        the mixed next-token log-probabilities (n, 1, vocab), the thought's entries rolled back.
+        `base`: the rows' last hidden states (n, 1, d) without the thought."""
+        t, model, device = self.thoughts, self.model, self.device
+        before = [self.cache.host_lengths[r] for r in rows]
+        token = torch.full((len(rows), 1), t.start, device=device)
+        thought = []
+        for j in range(t.count + 1):  # <|startofthought|>, then the thought's tokens
+            view.reserve(1)
+            hidden = model(token, view, last_only=True, hidden=True)
+            if j < t.count:
+                probs = torch.softmax(model.logits_of(hidden[:, -1]).float() / t.temperature, -1)
+                gens = [self._generators[self.rows[r].id] for r in rows]
+                token = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens, strict=True)])
+                thought.append(token)
+        for r, ids in zip(rows, torch.cat(thought, 1).tolist(), strict=True):
+            self.rows[r].thoughts.append(ids)
+        view.reserve(1)
+        end = model(torch.full((len(rows), 1), t.end, device=device), view, last_only=True, hidden=True)[:, -1]
+        view.rollback(before)
+        z = model.mixer(end, base[:, -1]).float()[:, None]
+        after = torch.log_softmax(model.logits_of(end).float(), -1)
+        without = torch.log_softmax(model.logits_of(base[:, -1]).float(), -1)
+        return torch.logaddexp(F.logsigmoid(z) + after, F.logsigmoid(-z) + without)[:, None]
 
     def _think(self, ids: torch.Tensor, view) -> torch.Tensor:
         """Coconut: prefill the prompt and <|start-latent|>, run the thoughts, then <|end-latent|>:
@@ -315,7 +379,7 @@ def generate_batch(
     stop_ids: set[int] | None = None,
     compile: bool = False,
     capacity: int | None = None,
-    thoughts: Thoughts | None = None,
+    thoughts: Thoughts | QuietThoughts | None = None,
 ) -> list[Request]:
     """Continue every prompt in one batch (one row each) until all are done; the requests, in
     order, with their tokens and finish reasons."""

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from generalmodel.data.tokenizer import eos_id
-from generalmodel.infer.engine import Engine, Request, SamplingParams, Thoughts
+from generalmodel.infer.engine import Engine, QuietThoughts, Request, SamplingParams, Thoughts, thoughts_of
 
 
 @torch.no_grad()
@@ -18,7 +18,7 @@ def generate(
     prompt_ids: list[int],
     params: SamplingParams,
     eos_id: int | set[int] | None = None,
-    thoughts: Thoughts | None = None,
+    thoughts: Thoughts | QuietThoughts | None = None,
 ) -> Iterator[int]:
     """Yields new token ids one at a time (a batch of one on `generalmodel.infer.engine`): prefill
     the prompt, then decode with the static KV cache; stops before `eos_id` (one id, or a set: a
@@ -42,7 +42,7 @@ def sample_text(model, tokenizer, prompt: str, params: SamplingParams) -> Iterat
     """Yields decoded text pieces as tokens arrive (streaming), stopping at EOS; the pieces join
     to the decoded completion."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    return _decoded(tokenizer, generate(model, prompt_ids, params, eos_id(tokenizer), Thoughts.of(model, tokenizer)))
+    return _decoded(tokenizer, generate(model, prompt_ids, params, eos_id(tokenizer), thoughts_of(model, tokenizer)))
 
 
 def sample_chat(model, tokenizer, messages: list[dict[str, str]], params: SamplingParams) -> Iterator[str]:
@@ -52,7 +52,7 @@ def sample_chat(model, tokenizer, messages: list[dict[str, str]], params: Sampli
 
     fmt = ChatFormat.from_json(tokenizer.to_str())
     stop = {fmt.end_id, eos_id(tokenizer)}
-    return _decoded(tokenizer, generate(model, fmt.prompt_ids(messages), params, stop, Thoughts.of(model, tokenizer)))
+    return _decoded(tokenizer, generate(model, fmt.prompt_ids(messages), params, stop, thoughts_of(model, tokenizer)))
 
 
 def _decoded(tokenizer, tokens: Iterator[int]) -> Iterator[str]:

@@ -25,8 +25,8 @@ hidden states: p = w·p_thought + (1 − w)·p_base. The loss is
     quiet_star.samples thoughts sampled at the same position (the paper's).
 
 Statistics: `base_nll` (the same tokens without thoughts: the mixed `loss` below it means the
-thoughts help) and `mix_weight` (the mean w). Decoding with a thought at every token is not built:
-a model trained here samples as it does without thoughts (its own head, which trains too).
+thoughts help) and `mix_weight` (the mean w). Decoding thinks the same way, one position at a time
+(generalmodel.infer.engine, `QuietThoughts`).
 """
 
 from __future__ import annotations

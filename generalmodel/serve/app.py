@@ -210,7 +210,7 @@ class OpenAIServer:
 
     def __init__(self, cfg_dict: dict[str, Any]):
         from generalmodel.data.tokenizer import eos_id
-        from generalmodel.infer.engine import Engine, Thoughts
+        from generalmodel.infer.engine import Engine, thoughts_of
         from generalmodel.infer.export import load_model
         from generalmodel.tracking import tracking_uri
         from generalmodel.tracking.registry import download_model
@@ -223,7 +223,7 @@ class OpenAIServer:
         self.chat = chat_format(self.tokenizer)
         self.context = self.model.cfg.max_seq_len
         self.created = int(time.time())
-        thoughts = Thoughts.of(self.model, self.tokenizer)  # a Coconut model thinks before each answer
+        thoughts = thoughts_of(self.model, self.tokenizer)  # a model that thinks (Coconut, Quiet-STaR)
         self.loop = DecodeLoop(Engine(self.model, self.cfg.max_batch, compile=self.cfg.compile, thoughts=thoughts))
         log.info("serving %s as %r (max_batch %d)", self.cfg.model, self.name, self.cfg.max_batch)
 
