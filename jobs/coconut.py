@@ -17,15 +17,11 @@ from __future__ import annotations
 import dataclasses
 
 from generalmodel.cli import RUN_SECTIONS, run_job
-from generalmodel.cluster import ray_session
 from generalmodel.config import Config
 from generalmodel.post.base import start, with_tokens
 from generalmodel.post.coconut import coconut_train, load_worked, rendered_length
-from generalmodel.storage import RunLayout
+from generalmodel.post.rows import fit_and_register
 from generalmodel.tokens import LATENT_TOKENS
-from generalmodel.train.job import register_trained, tracked_fit
-from generalmodel.train.ray_trainer import fit
-from generalmodel.train.resume import refuse_finished
 
 
 def main(cfg: Config) -> dict:
@@ -33,8 +29,6 @@ def main(cfg: Config) -> dict:
     cfg, init = with_tokens(cfg, init, LATENT_TOKENS.values(), "latent")
     model = dataclasses.replace(cfg.model, continuous_thoughts=cfg.coconut.stages * cfg.coconut.thoughts_per_step)
     cfg, init = cfg.model_copy(update={"model": model}), dataclasses.replace(init, model=model)
-    layout = RunLayout.of(cfg)
-    refuse_finished(cfg, layout)
     data = load_worked(cfg, init.tokenizer_json)
     longest = max(rendered_length(row, cfg) for row in data.rows)
     print(
@@ -42,14 +36,7 @@ def main(cfg: Config) -> dict:
         f"steps, {cfg.coconut.thoughts_per_step} thoughts per replaced step; decoding runs "
         f"{model.continuous_thoughts} thoughts"
     )
-    with ray_session(cfg.ray):
-        loop_args = {"data": data, "tokenizer_json": init.tokenizer_json}
-
-        def run(run_id: str) -> None:
-            fit(cfg, layout, longest, run_id, uri, init=init, loop=coconut_train, loop_args=loop_args)
-
-        run_id, lineage = tracked_fit(cfg, uri, data, init, run)
-    trained = register_trained(cfg, uri, run_id, layout, data, lineage)
+    trained = fit_and_register(cfg, uri, init, data, longest, coconut_train)
     return {"run_id": trained.run_id, "model_uri": trained.model_uri, "metrics": trained.metrics}
 
 

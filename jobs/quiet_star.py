@@ -18,15 +18,11 @@ from __future__ import annotations
 import dataclasses
 
 from generalmodel.cli import RUN_SECTIONS, run_job
-from generalmodel.cluster import ray_session
 from generalmodel.config import Config
 from generalmodel.post.base import start, with_tokens
 from generalmodel.post.quiet_star import load_rows, quiet_star_train
-from generalmodel.storage import RunLayout
+from generalmodel.post.rows import fit_and_register
 from generalmodel.tokens import THOUGHT_TOKENS
-from generalmodel.train.job import register_trained, tracked_fit
-from generalmodel.train.ray_trainer import fit
-from generalmodel.train.resume import refuse_finished
 
 
 def main(cfg: Config) -> dict:
@@ -44,8 +40,6 @@ def main(cfg: Config) -> dict:
         mixer.reset_parameters(model.init_std)
         state = {**state, **{f"mixer.{k}": v for k, v in mixer.state_dict().items()}}
     cfg, init = cfg.model_copy(update={"model": model}), dataclasses.replace(init, model=model, state=state)
-    layout = RunLayout.of(cfg)
-    refuse_finished(cfg, layout)
     data = load_rows(cfg, init.tokenizer_json)
     qs = cfg.quiet_star
     longest = max(len(r.ids) for r in data.rows) * (qs.thought_tokens + qs.lookahead + 2) * qs.samples
@@ -53,14 +47,7 @@ def main(cfg: Config) -> dict:
         f"{len(data.rows)} conversations; a thought of {qs.thought_tokens} tokens after every token, scored on the "
         f"next {qs.lookahead}, {qs.samples} thoughts per position"
     )
-    with ray_session(cfg.ray):
-        loop_args = {"data": data, "tokenizer_json": init.tokenizer_json}
-
-        def run(run_id: str) -> None:
-            fit(cfg, layout, longest, run_id, uri, init=init, loop=quiet_star_train, loop_args=loop_args)
-
-        run_id, lineage = tracked_fit(cfg, uri, data, init, run)
-    trained = register_trained(cfg, uri, run_id, layout, data, lineage)
+    trained = fit_and_register(cfg, uri, init, data, longest, quiet_star_train)
     return {"run_id": trained.run_id, "model_uri": trained.model_uri, "metrics": trained.metrics}
 
 

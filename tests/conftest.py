@@ -64,6 +64,55 @@ def spawn_ranks(fn, args: tuple, nprocs: int) -> None:
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 
 
+# A post-training run at test size (RL, Coconut, Quiet-STaR) from a random model.
+TINY_POST_RUN = {
+    "train.init_from": "a random model",
+    "model.max_seq_len": 128,
+    "model.n_layers": 2,
+    "model.n_heads": 2,
+    "model.n_kv_heads": 1,
+    "model.d_model": 32,
+    "train.steps": 4,
+    "train.log_every": 1,
+    "train.checkpoint_every": 2,
+    "optim.lr": 3e-3,
+    "optim.warmup_steps": 0,
+    "ray.num_workers": 1,
+}
+
+
+def seeded_model(cfg, seed: int = 0):
+    """cfg.model built after torch.manual_seed(seed)."""
+    import torch
+
+    from models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg.model)
+
+
+def run_rows_loop(loop, cfg, state, data, tokenizer_json) -> dict[int, dict]:
+    """A rows objective's loop (generalmodel.post.rows: Coconut's, Quiet-STaR's) in this process,
+    from `state`: its reports merged by step."""
+    seen: dict[int, dict] = {}
+    report = lambda m: seen.setdefault(m["step"], {}).update(m)  # noqa: E731
+    loop(cfg, report, init=lambda: state, data=data, tokenizer_json=tokenizer_json)
+    return seen
+
+
+def rows_rank(rank, port, loop, cfg, state, data, tokenizer_json, out) -> None:
+    """One rank of a 2-rank `run_rows_loop` (spawn_ranks); rank 0's reports go to `out`."""
+    import torch
+    import torch.distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    seen = run_rows_loop(loop, cfg, state, data, tokenizer_json)
+    if rank == 0:
+        out.update(seen)
+    torch.distributed.destroy_process_group()
+
+
 def train_worker_pids() -> list[int]:
     """The Ray Train worker processes this test process started (its descendants, through the Ray
     clusters it runs): a test that kills one never touches another test's run beside it (pytest -n)."""

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import spawn_ranks
+from conftest import TINY_POST_RUN, rows_rank, run_rows_loop, seeded_model, spawn_ranks
 
 from generalmodel import UserError
 from generalmodel.cluster import free_port
@@ -37,7 +36,6 @@ from generalmodel.post.coconut import (
     thought_states,
 )
 from generalmodel.tokens import LATENT_TOKENS
-from models import build_model
 from models.loss import IGNORE
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -62,30 +60,14 @@ def task_cfg(root, tmp, **overrides):
         overrides={
             "data.source": str(root / "sft_cot.jsonl"),
             "storage.root": str(tmp),
-            "train.init_from": "a random model",
+            **TINY_POST_RUN,
             "model.vocab_size": 320,
-            "model.max_seq_len": 128,
-            "model.n_layers": 2,
-            "model.n_heads": 2,
-            "model.n_kv_heads": 1,
-            "model.d_model": 32,
-            "train.steps": 4,
             "train.batch_size": 4,
-            "train.log_every": 1,
-            "train.checkpoint_every": 2,
-            "optim.lr": 3e-3,
-            "optim.warmup_steps": 0,
             "coconut.stages": 2,
             "coconut.thoughts_per_step": 2,
-            "ray.num_workers": 1,
             **overrides,
         }
     )
-
-
-def tiny_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg.model)
 
 
 def marked(rows: int, width: int, thoughts: list[tuple[int, int]], seed=0):
@@ -99,7 +81,7 @@ def marked(rows: int, width: int, thoughts: list[tuple[int, int]], seed=0):
 
 def test_a_thought_is_the_previous_positions_last_hidden_state(worked_task, tmp_path):
     cfg = task_cfg(*worked_task[:1], tmp_path)
-    model = tiny_model(cfg)
+    model = seeded_model(cfg)
     inputs, where = marked(3, 20, [(5, 2), (3, 4), (9, 0)])
     states = thought_states(model, inputs, where, NO_AUTOCAST)
     assert states.shape == (6, 32)
@@ -118,7 +100,7 @@ def test_a_thought_is_the_previous_positions_last_hidden_state(worked_task, tmp_
 
 def test_rows_with_different_numbers_of_thoughts_batch_like_each_alone(worked_task, tmp_path):
     cfg = task_cfg(*worked_task[:1], tmp_path)
-    model = tiny_model(cfg)
+    model = seeded_model(cfg)
     inputs, where = marked(3, 24, [(4, 4), (6, 2), (2, 6)], seed=1)
     targets = torch.roll(inputs, -1, 1).masked_fill(where, IGNORE)
     together = coconut_loss(model, {"inputs": inputs, "targets": targets}, 300, NO_AUTOCAST)
@@ -135,7 +117,7 @@ def test_the_gradient_flows_through_the_thoughts(worked_task, tmp_path):
     targets = torch.roll(inputs, -1, 1).masked_fill(where, IGNORE)
 
     def grads(detach: bool):
-        model = tiny_model(cfg)
+        model = seeded_model(cfg)
         states = thought_states(model, inputs, where, NO_AUTOCAST)
         states = states.detach() if detach else states
         model(inputs, targets=targets, thoughts=(where, states)).backward()
@@ -194,7 +176,7 @@ def test_worked_rows_are_split_into_steps_and_bad_rows_are_named(worked_task, tm
 def test_the_engine_decodes_the_thoughts_as_training_computes_them(worked_task, tmp_path):
     root, tokenizer_json, _ = worked_task
     cfg = task_cfg(root, tmp_path, **{"model.continuous_thoughts": 3})
-    model = tiny_model(cfg).eval()
+    model = seeded_model(cfg).eval()
     tokenizer = load_tokenizer(tokenizer_json, "test")
     thoughts = thoughts_of(model, tokenizer)
     ids = LatentIds.of(tokenizer_json)
@@ -219,19 +201,12 @@ def test_the_engine_decodes_the_thoughts_as_training_computes_them(worked_task, 
         adapter_for(cfg.model)  # transformers' generate would answer without the thoughts
 
 
-def run_local(cfg, state, data, tokenizer_json):
-    seen: dict[int, dict] = {}
-    report = lambda m: seen.setdefault(m["step"], {}).update(m)  # noqa: E731
-    coconut_train(cfg, report, init=lambda: state, data=data, tokenizer_json=tokenizer_json)
-    return seen
-
-
 def one_rank_run(root, tokenizer_json, tmp):
     torch.set_num_threads(1)
     cfg = task_cfg(root, tmp)
-    state = tiny_model(cfg).state_dict()
+    state = seeded_model(cfg).state_dict()
     data = load_worked(cfg, tokenizer_json)
-    return cfg, state, data, run_local(cfg, state, data, tokenizer_json)
+    return cfg, state, data, run_rows_loop(coconut_train, cfg, state, data, tokenizer_json)
 
 
 def test_the_loop_runs_the_stages_and_resumes_exactly(worked_task, tmp_path):
@@ -243,21 +218,12 @@ def test_the_loop_runs_the_stages_and_resumes_exactly(worked_task, tmp_path):
     assert all(full[s]["loss"] > 0 and full[s]["grad_norm"] > 0 for s in full)
     killed = task_cfg(root, tmp_path / "two", **{"train.fail_at_step": 3})
     with pytest.raises(RuntimeError, match="injected failure at step 3"):
-        run_local(killed, state, data, tokenizer_json)
-    resumed = run_local(killed, state, data, tokenizer_json)
+        run_rows_loop(coconut_train, killed, state, data, tokenizer_json)
+    resumed = run_rows_loop(coconut_train, killed, state, data, tokenizer_json)
     assert min(resumed) == 3  # from the step-2 checkpoint, after the stage switch's optimizer reset
     for step in (3, 4):
         for key in ("loss", "grad_norm"):
             assert resumed[step][key] == full[step][key], (step, key)  # bit-identical on CPU
-
-
-def _rank(rank, port, cfg, state, data, tokenizer_json, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    seen = run_local(cfg, state, data, tokenizer_json)
-    if rank == 0:
-        out.update(seen)
-    torch.distributed.destroy_process_group()
 
 
 def test_two_fsdp2_ranks_equal_one(worked_task, tmp_path):
@@ -267,7 +233,7 @@ def test_two_fsdp2_ranks_equal_one(worked_task, tmp_path):
     _, state, data, single = one_rank_run(root, tokenizer_json, tmp_path / "one")
     two = task_cfg(root, tmp_path / "two", **{"ray.num_workers": 2, "train.batch_size": 2})
     out = mp.Manager().dict()
-    spawn_ranks(_rank, (free_port(), two, state, data, tokenizer_json, out), 2)
+    spawn_ranks(rows_rank, (free_port(), coconut_train, two, state, data, tokenizer_json, out), 2)
     ranks = dict(out)
     for step in (1, 2, 3, 4):
         for key in ("loss", "grad_norm"):
@@ -286,7 +252,7 @@ def test_the_job_trains_on_ray_registers_and_evaluates_with_thoughts(worked_task
     base.mkdir()
     root, _, plain_tokenizer = worked_task  # the base has no latent tokens: the job adds them
     cfg = task_cfg(root, tmp_path / "store")
-    for name, blob in export_files(cfg.model, tiny_model(cfg).state_dict(), plain_tokenizer).items():
+    for name, blob in export_files(cfg.model, seeded_model(cfg).state_dict(), plain_tokenizer).items():
         (base / name).write_bytes(blob)
     job = task_cfg(
         root,

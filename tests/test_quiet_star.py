@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import spawn_ranks
+from conftest import TINY_POST_RUN, rows_rank, run_rows_loop, seeded_model, spawn_ranks
 
 from generalmodel.cluster import free_port
 from generalmodel.config import load_config
@@ -21,7 +20,6 @@ from generalmodel.data.tokenizer import train_bpe
 from generalmodel.eval.reasoning import write_suite
 from generalmodel.post.quiet_star import QuietStar, load_rows, quiet_star_train, thought_layout
 from generalmodel.tokens import THOUGHT_TOKENS
-from models import build_model
 from models.attention import Explicit
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -43,31 +41,15 @@ def task_cfg(root, tmp, **overrides):
         overrides={
             "data.source": str(root / "sft_cot.jsonl"),
             "storage.root": str(tmp),
-            "train.init_from": "a random model",
+            **TINY_POST_RUN,
             "model.vocab_size": 304,
-            "model.max_seq_len": 128,
-            "model.n_layers": 2,
-            "model.n_heads": 2,
-            "model.n_kv_heads": 1,
-            "model.d_model": 32,
             "model.quiet_star_thoughts": 3,
-            "train.steps": 4,
             "train.batch_size": 2,
-            "train.log_every": 1,
-            "train.checkpoint_every": 2,
-            "optim.lr": 3e-3,
-            "optim.warmup_steps": 0,
             "quiet_star.thought_tokens": 3,
             "quiet_star.lookahead": 2,
-            "ray.num_workers": 1,
             **overrides,
         }
     )
-
-
-def tiny_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg.model)
 
 
 def test_a_thought_sees_the_tokens_up_to_its_position_and_its_own_thought():
@@ -86,7 +68,7 @@ def test_a_thought_sees_the_tokens_up_to_its_position_and_its_own_thought():
 
 def test_the_layout_computes_each_positions_own_sequence(chat_task, tmp_path):
     cfg = task_cfg(chat_task[0], tmp_path)
-    model = tiny_model(cfg)
+    model = seeded_model(cfg)
     T, L, n = 6, 3, 2
     g = torch.Generator().manual_seed(0)
     x = torch.randint(10, 290, (1, T), generator=g)
@@ -112,7 +94,7 @@ def test_the_loss_mixes_and_reinforces_the_thoughts(chat_task, tmp_path):
 
     def run(policy_weight: float):
         c = cfg.model_copy(update={"quiet_star": cfg.quiet_star.model_copy(update={"policy_weight": policy_weight})})
-        model = tiny_model(c)
+        model = seeded_model(c)
         objective = QuietStar(model, c, START, END, NO_AUTOCAST)
         loss, stats = objective.loss(tokens, supervised, [torch.Generator().manual_seed(s) for s in range(4)])
         loss.backward()
@@ -130,19 +112,12 @@ def test_the_loss_mixes_and_reinforces_the_thoughts(chat_task, tmp_path):
     assert not torch.allclose(reinforced.embed.weight.grad, plain_grad)  # the thoughts' tokens get the policy term
 
 
-def run_local(cfg, state, data, tokenizer_json):
-    seen: dict[int, dict] = {}
-    report = lambda m: seen.setdefault(m["step"], {}).update(m)  # noqa: E731
-    quiet_star_train(cfg, report, init=lambda: state, data=data, tokenizer_json=tokenizer_json)
-    return seen
-
-
 def one_rank_run(root, tokenizer_json, tmp):
     torch.set_num_threads(1)
     cfg = task_cfg(root, tmp)
-    state = tiny_model(cfg).state_dict()
+    state = seeded_model(cfg).state_dict()
     data = load_rows(cfg, tokenizer_json)
-    return cfg, state, data, run_local(cfg, state, data, tokenizer_json)
+    return cfg, state, data, run_rows_loop(quiet_star_train, cfg, state, data, tokenizer_json)
 
 
 def test_the_loop_learns_and_resumes_exactly(chat_task, tmp_path):
@@ -152,21 +127,12 @@ def test_the_loop_learns_and_resumes_exactly(chat_task, tmp_path):
     assert all(math.isfinite(full[s]["loss"]) and full[s]["base_nll"] > 0 for s in full)
     killed = task_cfg(root, tmp_path / "two", **{"train.fail_at_step": 3})
     with pytest.raises(RuntimeError, match="injected failure at step 3"):
-        run_local(killed, state, data, tokenizer_json)
-    resumed = run_local(killed, state, data, tokenizer_json)
+        run_rows_loop(quiet_star_train, killed, state, data, tokenizer_json)
+    resumed = run_rows_loop(quiet_star_train, killed, state, data, tokenizer_json)
     assert min(resumed) == 3
     for step in (3, 4):
         for key in ("loss", "grad_norm", "base_nll", "mix_weight"):
             assert resumed[step][key] == full[step][key], (step, key)  # the same thoughts: bit-identical
-
-
-def _rank(rank, port, cfg, state, data, tokenizer_json, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    seen = run_local(cfg, state, data, tokenizer_json)
-    if rank == 0:
-        out.update(seen)
-    torch.distributed.destroy_process_group()
 
 
 def test_two_fsdp2_ranks_equal_one(chat_task, tmp_path):
@@ -176,7 +142,7 @@ def test_two_fsdp2_ranks_equal_one(chat_task, tmp_path):
     _, state, data, single = one_rank_run(root, tokenizer_json, tmp_path / "one")
     cfg = task_cfg(root, tmp_path / "two", **{"ray.num_workers": 2, "train.batch_size": 1})
     out = mp.Manager().dict()
-    spawn_ranks(_rank, (free_port(), cfg, state, data, tokenizer_json, out), 2)
+    spawn_ranks(rows_rank, (free_port(), quiet_star_train, cfg, state, data, tokenizer_json, out), 2)
     ranks = dict(out)
     for step in (1, 2, 3, 4):
         # Step 1 from the same weights: the same thoughts and normalisation, to float precision. Later
@@ -197,7 +163,7 @@ def test_the_engine_thinks_before_every_token_as_training_computes(chat_task, tm
 
     root, tokenizer_json = chat_task
     cfg = task_cfg(root, tmp_path)
-    model = tiny_model(cfg).eval()
+    model = seeded_model(cfg).eval()
     with torch.no_grad():
         model.mixer.out.weight.normal_(0, 0.5)  # a head that mixes: both predictions count
         model.mixer.bias.zero_()

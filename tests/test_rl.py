@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import spawn_ranks
+from conftest import TINY_POST_RUN, spawn_ranks
 
 from generalmodel import UserError
 from generalmodel.cluster import free_port
@@ -195,25 +195,14 @@ def task_cfg(root, tmp, **overrides):
             "data.source": str(root / "train.jsonl"),
             "rl.eval_source": str(root / "test.jsonl"),
             "storage.root": str(tmp),
-            "train.init_from": "a random model",
+            **TINY_POST_RUN,
             "model.vocab_size": 300,
-            "model.max_seq_len": 128,
-            "model.n_layers": 2,
-            "model.n_heads": 2,
-            "model.n_kv_heads": 1,
-            "model.d_model": 32,
-            "train.steps": 4,
             "train.batch_size": 8,
-            "train.log_every": 1,
-            "train.checkpoint_every": 2,
-            "optim.lr": 3e-3,
-            "optim.warmup_steps": 0,
             "rl.prompts_per_step": 4,
             "rl.group_size": 4,
             "rl.max_new_tokens": 4,
             "rl.eval_every": 2,
             "rl.eval_prompts": 8,
-            "ray.num_workers": 1,
             "rl.rewards": {"test_rl:digit_share": 1.0, "exact_number": 0.5},
             **overrides,
         }

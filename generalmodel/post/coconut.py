@@ -38,11 +38,10 @@ from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, messages
 from generalmodel.data.tokenizer import eos_id, load_tokenizer
 from generalmodel.post.rl.tasks import read_source
-from generalmodel.post.rows import RowsStep, StepPosition
+from generalmodel.post.rows import RowsStep, train_rows
 from generalmodel.storage import RunLayout
 from generalmodel.tokens import LATENT_TOKENS
 from generalmodel.train.core import Init, Report, TrainingRun
-from generalmodel.train.resume import TrainingError
 from models.loss import IGNORE
 
 
@@ -234,10 +233,5 @@ def coconut_train(
     data: WorkedSet | None = None,
     tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
-    """The per-worker Coconut loop on the platform's TrainingRun (FSDP2, checkpoints, exact
-    resume, export); returns the last metrics."""
-    if init is None or data is None or tokenizer_json is None or cfg.train.init_from is None:
-        raise TrainingError("the Coconut loop needs the starting model (train.init_from), its tokenizer and the rows")
-    layout = layout or RunLayout.of(cfg)
-    run = TrainingRun(cfg, report, layout, init, StepPosition(), data.sha256, lambda: tokenizer_json)
-    return run.run(CoconutStep(run, data, tokenizer_json))
+    """The per-worker Coconut loop (generalmodel.post.rows.train_rows); returns the last metrics."""
+    return train_rows(cfg, report, layout, init, data, tokenizer_json, CoconutStep)

@@ -44,7 +44,7 @@ from generalmodel.data.chat import ChatFormat, Rendered, messages
 from generalmodel.data.tokenizer import eos_id, load_tokenizer
 from generalmodel.eval.problems import seed_of
 from generalmodel.post.rl.tasks import read_source
-from generalmodel.post.rows import RowsStep, StepPosition
+from generalmodel.post.rows import RowsStep, train_rows
 from generalmodel.storage import RunLayout
 from generalmodel.tokens import THOUGHT_TOKENS
 from generalmodel.train.core import Init, Report, TrainingRun
@@ -240,10 +240,5 @@ def quiet_star_train(
     data: ChatRows | None = None,
     tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
-    """The per-worker Quiet-STaR loop on the platform's TrainingRun (FSDP2, checkpoints, exact
-    resume, export); returns the last metrics."""
-    if init is None or data is None or tokenizer_json is None or cfg.train.init_from is None:
-        raise TrainingError("the Quiet-STaR loop needs the starting model (train.init_from), its tokenizer and rows")
-    layout = layout or RunLayout.of(cfg)
-    run = TrainingRun(cfg, report, layout, init, StepPosition(), data.sha256, lambda: tokenizer_json)
-    return run.run(QuietStarStep(run, data, tokenizer_json))
+    """The per-worker Quiet-STaR loop (generalmodel.post.rows.train_rows); returns the last metrics."""
+    return train_rows(cfg, report, layout, init, data, tokenizer_json, QuietStarStep)

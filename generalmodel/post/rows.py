@@ -18,8 +18,11 @@ from typing import Any
 
 import torch
 
+from generalmodel.config import Config
 from generalmodel.post.rl.tasks import step_items
-from generalmodel.train.core import TrainingRun, sum_across_ranks
+from generalmodel.storage import RunLayout
+from generalmodel.train.core import Init, Report, TrainingRun, sum_across_ranks
+from generalmodel.train.resume import TrainingError
 
 
 class StepPosition:
@@ -100,3 +103,35 @@ class RowsStep:
             "elapsed_s": run.elapsed(),
             "eta_s": (run.steps - done) * elapsed / (steps + 1),
         }
+
+
+def train_rows(
+    cfg: Config, report: Report | None, layout: RunLayout | None, init: Init | None, data, tokenizer_json, step_class
+) -> dict[str, Any]:
+    """The per-worker loop of a rows objective (`step_class(run, data, tokenizer_json)`) on the
+    platform's TrainingRun (FSDP2, checkpoints, exact resume, export); returns the last metrics."""
+    if init is None or data is None or tokenizer_json is None or cfg.train.init_from is None:
+        raise TrainingError(f"{step_class.__name__} needs the starting model (train.init_from), its tokenizer and rows")
+    layout = layout or RunLayout.of(cfg)
+    run = TrainingRun(cfg, report, layout, init, StepPosition(), data.sha256, lambda: tokenizer_json)
+    return run.run(step_class(run, data, tokenizer_json))
+
+
+def fit_and_register(cfg: Config, uri: str, init, data, seq_len: int, loop):
+    """A rows objective's job on Ray Train: `loop` (train_rows of its step) over `data`, tracked
+    in MLflow and registered (generalmodel.train.job). Returns the Trained."""
+    from generalmodel.cluster import ray_session
+    from generalmodel.train.job import register_trained, tracked_fit
+    from generalmodel.train.ray_trainer import fit
+    from generalmodel.train.resume import refuse_finished
+
+    layout = RunLayout.of(cfg)
+    refuse_finished(cfg, layout)
+    with ray_session(cfg.ray):
+        loop_args = {"data": data, "tokenizer_json": init.tokenizer_json}
+
+        def run(run_id: str) -> None:
+            fit(cfg, layout, seq_len, run_id, uri, init=init, loop=loop, loop_args=loop_args)
+
+        run_id, lineage = tracked_fit(cfg, uri, data, init, run)
+    return register_trained(cfg, uri, run_id, layout, data, lineage)
