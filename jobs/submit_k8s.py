@@ -5,7 +5,7 @@
     python -m jobs.submit_k8s --k8s.job=rl --config configs/reasoning-rl.yaml --rl.rollout_workers=8
 
 The run config is validated here, then passed to the job (`k8s.job`: jobs/pretrain.py, or a
-post-training job: sft, dpo, rl, coconut) in the image (/app) as the same preset + dotted
+post-training job: sft, dpo, rl, coconut, quiet_star) in the image (/app) as the same preset + dotted
 overrides. An RL job's rollout actors are Ray actors of the same cluster, each reserving
 rl.rollout_cpus / rl.rollout_gpus beside the learner's workers. The job runs on an existing
 RayCluster (k8s/base/raycluster.yaml) and takes S3/MLflow settings from its pods' environment
@@ -39,7 +39,7 @@ class K8sSubmit(Section):
     cluster: str = Field("generalmodel", description="The RayCluster to run on (label ray.io/cluster).")
     name: str | None = Field(None, description="RayJob name (default: from train.run_name and the options).")
     dry_run: bool = Field(False, description="Print the RayJob YAML, submit nothing.")
-    job: Literal["pretrain", "sft", "dpo", "rl", "coconut"] = Field(
+    job: Literal["pretrain", "sft", "dpo", "rl", "coconut", "quiet_star"] = Field(
         "pretrain", description="The job the RayJob runs (jobs/JOB.py in the image)."
     )
 
