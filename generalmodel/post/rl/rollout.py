@@ -10,8 +10,8 @@ New weights go to them through the object store (one `ray.put` per version, one 
 or, with rl.weight_sync=collective, by a broadcast over a gloo group of the learner and the actors
 (generalmodel.post.rl.weight_sync); either way a background thread times each version from the
 publish until every actor holds it (`weight_sync_s`, `weight_sync_bytes`), and the learner does
-not wait for it. Each rollout says which version produced it. An actor that dies is replaced (the new one loads
-the current version) and its share of the step runs again. `LocalRollouts` is the same in the
+not wait for it. Each rollout says which version produced it. An actor that dies is replaced (the
+new one loads the current version) and its share of the step runs again. `LocalRollouts` is the same in the
 learner's own process, for runs without Ray (tests, the GPU machine).
 """
 
