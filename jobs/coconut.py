@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from generalmodel import UserError
 from generalmodel.cli import RUN_SECTIONS, run_job
 from generalmodel.config import Config
 from generalmodel.post.base import start, with_tokens
@@ -25,6 +26,11 @@ from generalmodel.tokens import LATENT_TOKENS
 
 
 def main(cfg: Config) -> dict:
+    if cfg.train.steps < cfg.coconut.stages:
+        raise UserError(
+            f"train.steps={cfg.train.steps} is fewer than coconut.stages={cfg.coconut.stages}: every stage needs a "
+            "step (the model decodes with the last stage's thoughts)"
+        )
     cfg, uri, init = start(cfg, "coconut", "chat")
     cfg, init = with_tokens(cfg, init, LATENT_TOKENS.values(), "latent")
     model = dataclasses.replace(cfg.model, continuous_thoughts=cfg.coconut.stages * cfg.coconut.thoughts_per_step)

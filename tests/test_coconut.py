@@ -173,6 +173,13 @@ def test_worked_rows_are_split_into_steps_and_bad_rows_are_named(worked_task, tm
         assert "bad.jsonl:2" in str(e.value)
 
 
+def test_a_run_shorter_than_its_stages_is_refused(worked_task, tmp_path):
+    from jobs import coconut
+
+    with pytest.raises(UserError, match="fewer than coconut.stages=3"):
+        coconut.main(task_cfg(worked_task[0], tmp_path, **{"train.steps": 2, "coconut.stages": 3}))
+
+
 def test_the_engine_decodes_the_thoughts_as_training_computes_them(worked_task, tmp_path):
     root, tokenizer_json, _ = worked_task
     cfg = task_cfg(root, tmp_path, **{"model.continuous_thoughts": 3})

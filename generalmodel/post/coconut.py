@@ -37,8 +37,7 @@ from generalmodel import UserError
 from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, messages
 from generalmodel.data.tokenizer import eos_id, load_tokenizer
-from generalmodel.post.rl.tasks import read_source
-from generalmodel.post.rows import RowsStep, train_rows
+from generalmodel.post.rows import RowSet, RowsStep, read_source, train_rows
 from generalmodel.storage import RunLayout
 from generalmodel.tokens import LATENT_TOKENS
 from generalmodel.train.core import Init, Report, TrainingRun
@@ -53,23 +52,6 @@ class Worked:
     prompt: list[int]  # the conversation before the answer, and <|assistant|>
     steps: list[list[int]]  # each reasoning step's ids (with the whitespace before it)
     answer: list[int]  # what follows the steps, and <|end|>
-
-
-@dataclass
-class WorkedSet:
-    """The rows of a Coconut run and the digest that names them (a resumed run must see the same)."""
-
-    uri: str
-    rows: list[Worked]
-    sha256: str
-
-    @property
-    def manifest_sha256(self) -> str:  # what MLflow's dataset inputs and checkpoint manifests read
-        return self.sha256
-
-    @property
-    def parts(self) -> dict[str, WorkedSet]:
-        return {"worked": self}
 
 
 @dataclass(frozen=True)
@@ -90,7 +72,7 @@ class LatentIds:
         return cls(**ids)
 
 
-def load_worked(cfg: Config, tokenizer_json: str) -> WorkedSet:
+def load_worked(cfg: Config, tokenizer_json: str) -> RowSet:
     """data.source's worked conversations, tokenized; a UserError names the file and line of a row
     without messages or steps, or whose steps are not where its answer starts, or that is too long."""
     fmt = ChatFormat.from_json(tokenizer_json)
@@ -105,7 +87,7 @@ def load_worked(cfg: Config, tokenizer_json: str) -> WorkedSet:
             f"{longest.where}: the row renders to {rendered_length(longest, cfg)} tokens with its thoughts (the "
             f"longest of data.source), above model.max_seq_len={cfg.model.max_seq_len}"
         )
-    return WorkedSet(cfg.data.source, worked, digest.hexdigest())
+    return RowSet(cfg.data.source, worked, digest.hexdigest())
 
 
 def _worked(cfg: Config, fmt: ChatFormat, where: str, row: dict[str, Any]) -> Worked:
@@ -199,7 +181,7 @@ class CoconutStep(RowsStep):
     """One optimizer step (generalmodel.post.rows) at the step's stage: the loss is the mean over
     every supervised token of the step; the optimizer's state is cleared when a stage starts."""
 
-    def __init__(self, run: TrainingRun, data: WorkedSet, tokenizer_json: str):
+    def __init__(self, run: TrainingRun, data: RowSet, tokenizer_json: str):
         super().__init__(run, data.rows)
         self.ids = LatentIds.of(tokenizer_json)
         # Padding follows a row's end: never attended to by its tokens, never a target.
@@ -230,7 +212,7 @@ def coconut_train(
     report: Report | None = None,
     layout: RunLayout | None = None,
     init: Init | None = None,
-    data: WorkedSet | None = None,
+    data: RowSet | None = None,
     tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
     """The per-worker Coconut loop (generalmodel.post.rows.train_rows); returns the last metrics."""

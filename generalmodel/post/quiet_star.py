@@ -32,7 +32,6 @@ thoughts help) and `mix_weight` (the mean w). Decoding thinks the same way, one 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,8 +42,7 @@ from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, Rendered, messages
 from generalmodel.data.tokenizer import eos_id, load_tokenizer
 from generalmodel.eval.problems import seed_of
-from generalmodel.post.rl.tasks import read_source
-from generalmodel.post.rows import RowsStep, train_rows
+from generalmodel.post.rows import RowSet, RowsStep, read_source, train_rows
 from generalmodel.storage import RunLayout
 from generalmodel.tokens import THOUGHT_TOKENS
 from generalmodel.train.core import Init, Report, TrainingRun
@@ -52,24 +50,7 @@ from generalmodel.train.resume import TrainingError
 from models.attention import Explicit
 
 
-@dataclass
-class ChatRows:
-    """The rendered conversations of a run and the digest that names them."""
-
-    uri: str
-    rows: list[Rendered]
-    sha256: str
-
-    @property
-    def manifest_sha256(self) -> str:  # what MLflow's dataset inputs and checkpoint manifests read
-        return self.sha256
-
-    @property
-    def parts(self) -> dict[str, ChatRows]:
-        return {"conversations": self}
-
-
-def load_rows(cfg: Config, tokenizer_json: str) -> ChatRows:
+def load_rows(cfg: Config, tokenizer_json: str) -> RowSet:
     """data.source's conversations (`messages`), rendered with their loss masks; a UserError names
     the file and line of a malformed row or of one too long for its thoughts."""
     fmt = ChatFormat.from_json(tokenizer_json)
@@ -88,7 +69,7 @@ def load_rows(cfg: Config, tokenizer_json: str) -> ChatRows:
         rows.append(rendered)
     if not rows:
         raise UserError(f"data.source {cfg.data.source!r} has no rows")
-    return ChatRows(cfg.data.source, rows, digest.hexdigest())
+    return RowSet(cfg.data.source, rows, digest.hexdigest())
 
 
 def thought_layout(T: int, thought: int, lookahead: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +178,7 @@ class QuietStarStep(RowsStep):
 
     unit = "pairs"
 
-    def __init__(self, run: TrainingRun, data: ChatRows, tokenizer_json: str):
+    def __init__(self, run: TrainingRun, data: RowSet, tokenizer_json: str):
         super().__init__(run, data.rows)
         tokenizer = load_tokenizer(tokenizer_json, "tokenizer")
         ids = {name: tokenizer.token_to_id(token) for name, token in THOUGHT_TOKENS.items()}
@@ -237,7 +218,7 @@ def quiet_star_train(
     report: Report | None = None,
     layout: RunLayout | None = None,
     init: Init | None = None,
-    data: ChatRows | None = None,
+    data: RowSet | None = None,
     tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
     """The per-worker Quiet-STaR loop (generalmodel.post.rows.train_rows); returns the last metrics."""

@@ -8,21 +8,79 @@ its contiguous share in train.grad_accum micro-batches of train.batch_size. An o
 micro-batch of some rows (`batch`), its loss *summed* over its units (`loss`) and how many units
 a micro-batch has, counted on the host (`count`); the step divides by the count over every rank and
 micro-batch, so the gradient is the mean over every unit of the step whatever the world size, and
-FSDP2 reduce-scatters once, after the last micro-batch.
+FSDP2 reduce-scatters once, after the last micro-batch. RL's prompt sets read their sources and
+walk their prompts with the same helpers (`read_source`, `step_items`).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from generalmodel.config import Config
-from generalmodel.post.rl.tasks import step_items
+from generalmodel.data.sources import RowError, list_pieces, read_rows
 from generalmodel.storage import RunLayout
 from generalmodel.train.core import Init, Report, TrainingRun, sum_across_ranks
 from generalmodel.train.resume import TrainingError
+
+
+def read_source(cfg: Config, source: str, storage, digest) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of `source` (.jsonl/.parquet, local, s3:// or hf:), each with its file:line, every
+    row fed to `digest` (what names a run's data); a malformed row raises its UserError."""
+    data = cfg.data.model_copy(update={"source": source})
+    out = []
+    for piece in list_pieces(data, storage):
+        for where, row in read_rows(piece, storage):
+            if isinstance(row, RowError):
+                raise row
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+            out.append((where, row))
+    return out
+
+
+def step_items(n: int, step: int, count: int, seed: int) -> list[int]:
+    """Indices into n items of step `step`'s `count`: positions step·count … of the endless stream
+    of seeded permutations of range(n), one per epoch (a pure function of seed and step)."""
+    out = []
+    for i in range(step * count, (step + 1) * count):
+        epoch, pos = divmod(i, n)
+        out.append(int(permutation(n, seed, epoch)[pos]))
+    return out
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (n, seed, epoch)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS.clear()  # one epoch at a time is what a run walks through
+        _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERMUTATIONS[key]
+
+
+@dataclass
+class RowSet:
+    """The rows of such a run and the digest that names them (a resumed run must see the same);
+    `uri`, `manifest_sha256` and `parts` are what MLflow's dataset inputs and the checkpoint
+    manifests read (a TokenDataset's names)."""
+
+    uri: str
+    rows: list
+    sha256: str
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.sha256
+
+    @property
+    def parts(self) -> dict[str, RowSet]:
+        return {"rows": self}
 
 
 class StepPosition:

@@ -14,17 +14,14 @@ again, so the estimate follows the policy; the schedule is part of the checkpoin
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from generalmodel import UserError
 from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, messages
 from generalmodel.data.conversations import split_of
-from generalmodel.data.sources import RowError, list_pieces, read_rows
+from generalmodel.post.rows import permutation, read_source, step_items
 
 
 @dataclass
@@ -63,27 +60,6 @@ class PromptSet:
         return step_items(len(self.train), step, count, seed)
 
 
-def step_items(n: int, step: int, count: int, seed: int) -> list[int]:
-    """Indices into n items of step `step`'s `count`: positions step·count … of the endless stream
-    of seeded permutations of range(n), one per epoch (a pure function of seed and step)."""
-    out = []
-    for i in range(step * count, (step + 1) * count):
-        epoch, pos = divmod(i, n)
-        out.append(int(permutation(n, seed, epoch)[pos]))
-    return out
-
-
-_PERMUTATIONS: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERMUTATIONS:
-        _PERMUTATIONS.clear()  # one epoch at a time is what a run walks through
-        _PERMUTATIONS[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERMUTATIONS[key]
-
-
 def load_prompts(cfg: Config, tokenizer_json: str) -> PromptSet:
     """The run's prompts, rendered with the chat format of `tokenizer_json`. A UserError names the
     file and line of a malformed row, or says which split came out empty."""
@@ -107,18 +83,6 @@ def load_prompts(cfg: Config, tokenizer_json: str) -> PromptSet:
         where = cfg.rl.eval_source or f"the val split of {cfg.data.source!r} (raise data.val_fraction)"
         raise UserError(f"no held-out prompts in {where}; or set rl.eval_prompts=0")
     return PromptSet(cfg.data.source, train_prompts, heldout_prompts, digest.hexdigest())
-
-
-def read_source(cfg: Config, source: str, storage, digest) -> list[tuple[str, dict[str, Any]]]:
-    data = cfg.data.model_copy(update={"source": source})
-    out = []
-    for piece in list_pieces(data, storage):
-        for where, row in read_rows(piece, storage):
-            if isinstance(row, RowError):
-                raise row
-            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
-            out.append((where, row))
-    return out
 
 
 def _prompt(cfg: Config, fmt: ChatFormat, where: str, row: dict[str, Any], limit: int) -> Prompt:
