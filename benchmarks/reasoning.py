@@ -4,6 +4,7 @@ pretrained base: held-out pass@1 (greedy and sampled) and pass@8 per task and le
     make pretrain && python -m benchmarks.reasoning            # CPU, 2 cores: ~35 min
     python -m benchmarks.reasoning --steps 600 --seeds 0,1 --test 50
     python -m benchmarks.reasoning --variants coconut --strategies top_p   # from the CoT models
+    python -m benchmarks.reasoning --variants quiet_star          # from the answer-only models
 
 Writes the suite (jobs.reasoning, `--test` held-out problems per task and level) to --out, then for
 each seed and variant runs jobs.sft with configs/reasoning-sft.yaml (Ray Train, from
@@ -11,7 +12,10 @@ models:/llama-tiny/latest; `cot` on sft_cot.jsonl, `answer` on sft_answer.jsonl:
 and steps, so the CoT run sees more supervised tokens), registered as llama-tiny-reason-VARIANT;
 `coconut` runs jobs.coconut with configs/reasoning-coconut.yaml (--coconut-steps over its 3 stages)
 from the CoT model of the same seed (trained in this invocation, else --cot's versions: the ones
-an earlier invocation registered, by seed); then it evaluates every trained version (and, --base,
+an earlier invocation registered, by seed); `quiet_star` runs jobs.quiet_star with
+configs/reasoning-quiet-star.yaml (--quiet-star-steps) on sft_answer.jsonl from the answer-only
+model of the same seed (likewise, else --answer's versions), so the comparison is the same model
+with and without learning to think; then it evaluates every trained version (and, --base,
 the base) with jobs.eval --problems: the greedy answer and 8 samples per problem, once per
 --strategies (top_p: temperature 0.8, top-p 0.9; entropy: the same with entropy-aware sampling;
 plain: temperature 0.8). Prints one table row per variant, sampling and task level: the seeds'
@@ -29,10 +33,27 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("pass1_greedy", "pass1_sampled", "pass8")
 
 
-def train(variant: str, seed: int, args, cot: dict[int, str]) -> str:
+def train(variant: str, seed: int, args, starts: dict[str, dict[int, str]]) -> str:
+    """The registered model URI of `variant`'s run for `seed`; starts: the SFT variant a
+    continued objective begins from ("cot" for coconut, "answer" for quiet_star) -> seed -> URI."""
     from generalmodel.config import load_config
     from jobs.sft import main as sft
 
+    if variant == "quiet_star":
+        from jobs.quiet_star import main as quiet_star
+
+        return quiet_star(
+            load_config(
+                ROOT / "configs/reasoning-quiet-star.yaml",
+                {
+                    "data.source": str(Path(args.out) / "sft_answer.jsonl"),
+                    "train.init_from": starts["answer"][seed],
+                    "train.seed": seed,
+                    "train.steps": args.quiet_star_steps,
+                    "train.run_name": f"reason-quiet-star-s{seed}-{time.strftime('%m%d%H%M')}",
+                },
+            )
+        )["model_uri"]
     if variant == "coconut":
         from jobs.coconut import main as coconut
 
@@ -41,7 +62,7 @@ def train(variant: str, seed: int, args, cot: dict[int, str]) -> str:
                 ROOT / "configs/reasoning-coconut.yaml",
                 {
                     "data.source": str(Path(args.out) / "sft_cot.jsonl"),
-                    "train.init_from": cot[seed],
+                    "train.init_from": starts["cot"][seed],
                     "train.seed": seed,
                     "train.steps": args.coconut_steps,
                     "train.run_name": f"reason-coconut-s{seed}-{time.strftime('%m%d%H%M')}",
@@ -62,6 +83,7 @@ def train(variant: str, seed: int, args, cot: dict[int, str]) -> str:
     return sft(cfg)["model_uri"]
 
 
+CONTINUES = {"coconut": "cot", "quiet_star": "answer"}  # objective -> the SFT variant it starts from
 STRATEGIES = {
     "top_p": {"temperature": 0.8, "top_p": 0.9},
     "entropy": {"temperature": 0.8, "top_p": 0.9, "strategy": "entropy"},
@@ -80,26 +102,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--test", type=int, default=50, help="held-out problems per task and level")
-    parser.add_argument("--variants", default="cot,answer", help="of cot, answer, coconut")
+    parser.add_argument("--variants", default="cot,answer", help="of cot, answer, coconut, quiet_star")
     parser.add_argument("--coconut-steps", type=int, default=300)
-    parser.add_argument(
-        "--cot",
-        default="models:/llama-tiny-reason-cot/1,models:/llama-tiny-reason-cot/2",
-        help="coconut without cot in --variants: the CoT models it starts from, one per seed in order",
-    )
+    parser.add_argument("--quiet-star-steps", type=int, default=200)
+    for start, variant in (("cot", "coconut"), ("answer", "quiet_star")):
+        parser.add_argument(
+            f"--{start}",
+            default=f"models:/llama-tiny-reason-{start}/1,models:/llama-tiny-reason-{start}/2",
+            help=f"{variant} without {start} in --variants: the models it starts from, one per seed in order",
+        )
     parser.add_argument("--strategies", default="top_p,entropy", help=f"sampling for pass@k: {', '.join(STRATEGIES)}")
     parser.add_argument("--base", action="store_true", help="evaluate the base model too (it has not seen the format)")
     args = parser.parse_args()
     write_suite(ReasoningConfig(out=args.out, test=args.test))
     runs: dict[str, list[str]] = {"base": ["models:/llama-tiny/latest"]} if args.base else {}
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    cot = dict(zip(seeds, args.cot.split(","), strict=False))
+    starts = {start: dict(zip(seeds, getattr(args, start).split(","), strict=False)) for start in CONTINUES.values()}
     for variant in args.variants.split(","):
-        if variant == "coconut" and "cot" not in runs:  # the models it starts from, evaluated beside it
-            runs["cot (coconut's start)"] = [cot[seed] for seed in seeds]
-        runs[variant] = [train(variant, seed, args, cot) for seed in seeds]
-        if variant == "cot":
-            cot = dict(zip(seeds, runs[variant], strict=True))
+        start = CONTINUES.get(variant)
+        if start and start not in runs:  # the models it starts from, evaluated beside it
+            runs[f"{start} ({variant}'s start)"] = [starts[start][seed] for seed in seeds]
+        runs[variant] = [train(variant, seed, args, starts) for seed in seeds]
+        if variant in starts:
+            starts[variant] = dict(zip(seeds, runs[variant], strict=True))
     uris = [uri for group in runs.values() for uri in group]
     results = {}
     for strategy in args.strategies.split(","):
