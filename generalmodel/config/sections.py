@@ -451,6 +451,18 @@ class TrainConfig(Section):
     window_warmup_start: int = Field(
         64, gt=0, description="The window at step 0 of the warmup, and the step its size grows by (tokens)."
     )
+    adapter: Literal["none", "svf"] = Field(
+        "none",
+        description="svf: Transformer2's singular-value fine-tuning of train.init_from: its weights stay frozen, a "
+        "vector scaling the singular values of each linear in train.adapter_targets trains, and the registry stores "
+        "only the vectors, as a version naming its base (models/svf.py; docs/adapters.md).",
+    )
+    adapter_targets: list[str] = Field(
+        ["blocks.*"],
+        min_length=1,
+        description="train.adapter: the linear layers adapted, as fnmatch patterns of module names "
+        "(blocks.*: every linear of every block; blocks.*.mlp.*: the MLPs only).",
+    )
     fail_at_step: int | None = Field(
         None, description="Testing aid: rank 0 raises once at this step (a run that did not resume)."
     )
@@ -478,6 +490,17 @@ class TrainConfig(Section):
                 "selection_reference is set but token_selection is 1 (every token counts, the reference is "
                 "unused): set train.token_selection below 1, e.g. 0.6, or drop the reference"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_has_a_base(self) -> TrainConfig:
+        if self.adapter != "none" and self.init_from is None:
+            raise ValueError(
+                f"adapter={self.adapter!r} adapts a trained model and keeps its weights: set train.init_from "
+                "(e.g. models:/llama-tiny/1)"
+            )
+        if self.adapter != "none" and self.fp8 != "none":
+            raise ValueError(f"adapter={self.adapter!r} with fp8={self.fp8!r}: the adapted linears stay bf16; drop one")
         return self
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """Object storage as a URI (`location`) and where a run's things live on it (`layout`)."""
 
 from generalmodel.storage.layout import (
+    ADAPTER_FILES,
     EXPORT_FILES,
     HF_PREFIX,
     RunLayout,
@@ -25,7 +26,7 @@ from generalmodel.storage.location import (
 )
 
 __all__ = [
-    "EXPORT_FILES", "HF_PREFIX", "MANIFEST", "Location", "RunLayout", "StorageError", "StorageFull",
+    "ADAPTER_FILES", "EXPORT_FILES", "HF_PREFIX", "MANIFEST", "Location", "RunLayout", "StorageError", "StorageFull",
     "StorageUnavailable", "check_bucket", "download_export", "publish_manifest", "read_manifest", "resolve",
     "s3_filesystem", "sha256_hex", "source_name", "trial_checkpoint_dir", "under_root", "with_retries",
 ]  # fmt: skip

@@ -29,6 +29,8 @@ HF_PREFIX = "hf:"
 SWEEPS = "sweeps"
 # An exported model, as training writes it and sampling, tracking and the registry read it.
 EXPORT_FILES = ("model.safetensors", "model_config.json", "tokenizer.json")
+# An adapter (train.adapter): its vectors and the base it adapts, with the base's config and tokenizer.
+ADAPTER_FILES = ("adapter.safetensors", "adapter.json", "model_config.json", "tokenizer.json")
 
 
 def under_root(name: str, storage: StorageConfig) -> str:
@@ -89,12 +91,12 @@ def trial_checkpoint_dir(sweep: str, trial_id: str) -> str:
 
 
 def download_export(uri: str, storage: StorageConfig) -> str:
-    """A local directory holding a copy of the export at `uri` (local or s3://)."""
+    """A local directory holding a copy of the export (or adapter export) at `uri` (local or s3://)."""
     import tempfile
 
     loc = resolve(uri, storage)
     local = tempfile.mkdtemp(prefix="gm-export-")
-    for name in EXPORT_FILES:
+    for name in ADAPTER_FILES if loc.join("adapter.json").exists() else EXPORT_FILES:
         if not loc.join(name).exists():
             raise StorageError(f"{loc.uri} is not an exported model: {name} is missing")
         with open(os.path.join(local, name), "wb") as f:

@@ -27,7 +27,15 @@ from typing import Any
 
 from generalmodel.errors import UserError
 from generalmodel.infer.engine import SamplingParams
-from generalmodel.infer.export import EXPORT_SUBDIR, HF_SUBDIR, load_model, read_export
+from generalmodel.infer.export import (
+    EXPORT_SUBDIR,
+    HF_SUBDIR,
+    is_adapter,
+    load_model,
+    merge_adapter,
+    read_adapter,
+    read_export,
+)
 from generalmodel.infer.sampling import sample_chat, sample_text
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,8 @@ def save(export: str, path: str, hf_dtype: str = "float32") -> str | None:
 def _add_hf(path: str, dtype: str) -> str | None:
     from generalmodel.interop.hf import ExportError, write_hf
 
+    if is_adapter(path):
+        return "an adapter (train.adapter): jobs/export.py writes the merged model of its reference"
     cfg, state, tokenizer_json, _ = read_export(os.path.join(path, EXPORT_SUBDIR))
     try:
         write_hf(cfg, state, tokenizer_json, os.path.join(path, HF_SUBDIR), dtype)
@@ -105,6 +115,14 @@ class GeneralModelPyfunc:
     """What `mlflow.pyfunc.load_model` returns the predictions of: our model and sampler."""
 
     def __init__(self, directory: str):
+        if is_adapter(directory):  # its base, from the registry MLflow loads this model from
+            import mlflow
+
+            from generalmodel.config import StorageConfig
+            from generalmodel.tracking.registry import download_model
+
+            base = download_model(read_adapter(directory)[0]["base"], mlflow.get_tracking_uri(), StorageConfig())
+            directory = merge_adapter(directory, base)
         self.model, self.tokenizer = load_model(directory)
 
     def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from generalmodel.config import Config, StorageConfig
 from generalmodel.errors import UserError
-from generalmodel.infer.export import EXPORT_SUBDIR
+from generalmodel.infer.export import EXPORT_SUBDIR, is_adapter, merge_adapter, read_adapter
 from generalmodel.storage import download_export
 from generalmodel.tracking.store import tracking_uri
 
@@ -123,10 +123,21 @@ def lineage_tags(reference: str, uri: str | None) -> dict[str, str]:
     return {"init_from": reference, **{f"init_{k}": v for k, v in model_tags(reference, uri).items()}}
 
 
-def download_model(reference: str, uri: str | None, storage: StorageConfig) -> str:
+def download_model(reference: str, uri: str | None, storage: StorageConfig, _seen: tuple[str, ...] = ()) -> str:
     """A local directory holding the model of `reference` (read it with
     `generalmodel.infer.export.load_model` / `read_export`). From MLflow only the native export is
-    downloaded (not the transformers copy beside it)."""
+    downloaded (not the transformers copy beside it). An adapter (train.adapter) comes merged into
+    the base model it names, which is downloaded the same way (an adapter of an adapter too)."""
+    directory = _download(reference, uri, storage)
+    if not is_adapter(directory):
+        return directory
+    base = read_adapter(directory)[0]["base"]
+    if base in _seen:
+        raise UserError(f"adapter {reference} names a base that leads back to itself: {' -> '.join((*_seen, base))}")
+    return merge_adapter(directory, download_model(base, uri, storage, (*_seen, reference)))
+
+
+def _download(reference: str, uri: str | None, storage: StorageConfig) -> str:
     ref = ModelRef.parse(reference)
     if ref.in_mlflow:
         import mlflow

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from generalmodel.config import Config, dump_config
-from generalmodel.infer.export import export_files, load_state
+from generalmodel.infer.export import adapter_files, export_files, load_state
 from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
 from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
@@ -36,8 +37,10 @@ from generalmodel.train.mesh import build_mesh, check_groups_within_node, mesh_s
 from generalmodel.train.parallelize import parallelize
 from generalmodel.train.resume import Position, TrainingError, resume
 from generalmodel.train.step import NonFiniteGuard, optimizer_step
-from models import build_model
+from models import build_model, svf
 from models.attention import set_local_windows
+
+log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
 Init = Callable[[], dict[str, torch.Tensor]]
@@ -113,13 +116,18 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 
 def export_with_tokenizer(model, cfg: Config, tokenizer_json: str, env: Dist, layout: RunLayout) -> None:
-    """The final model as safetensors + model config + tokenizer, written by rank 0 (every rank
-    takes part in gathering the state)."""
+    """The final model as safetensors + model config + tokenizer (an adapter: its vectors, adapter.json
+    naming train.init_from, the config and tokenizer), written by rank 0 (every rank takes part in
+    gathering the state)."""
     state = full_state(model)
     if not env.is_main:
         return
     out = resolve(layout.export, layout.storage)
-    for name, data in export_files(cfg.model, state, tokenizer_json).items():
+    if cfg.train.adapter != "none":
+        files = adapter_files(cfg.model, state, tokenizer_json, cfg.train.init_from)
+    else:
+        files = export_files(cfg.model, state, tokenizer_json)
+    for name, data in files.items():
         with_retries(f"writing {out.uri}/{name}", layout.storage.retry_timeout_s, out.join(name).write_bytes, data)
 
 
@@ -182,6 +190,11 @@ class TrainingRun:
             load_state(model, init(), f"train.init_from {cfg.train.init_from!r}")
         self.num_params = model.num_params()
         self.flops_per_token = model.flops_per_token(seq_len) if seq_len else None  # active parameters (MoE)
+        if cfg.train.adapter == "svf":  # after the base's weights are in: their singular vectors are frozen
+            adapted = svf.attach(model, cfg.train.adapter_targets)
+            if env.is_main:
+                trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                log.info("SVF: %d linears adapted, %d trained parameters", len(adapted), trained)
         self.after_step = parallelize(model, cfg.train, env.device, env.mesh, log_info=env.is_main, seq_len=seq_len)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last)

@@ -106,3 +106,30 @@ def check_tokenizer(source: InitSource, dataset_tokenizer_json: str, dataset_uri
             f"{source.reference!r}: prepare the corpus with the source's tokenizer (leave data.tokenizer unset "
             f"and let this job prepare a dataset of its own, e.g. --data.output=datasets/NAME)"
         )
+
+
+def adapter_config(cfg: Config, source: InitSource) -> Config:
+    """`cfg` checked for train.adapter before any worker starts: the base must be used as it is (no
+    tokens added: their embedding rows would be new weights the adapter does not store), the
+    targets must match linears of the model, and train.init_from is pinned to the registered
+    version it resolved to (models:/NAME/latest would name another base later)."""
+    from models import build_model, svf
+
+    added = sorted(key for key in source.tags if key.endswith("_tokens_added"))
+    if added:
+        raise UserError(
+            f"train.adapter={cfg.train.adapter!r} keeps {source.reference} as it is, but the job added tokens to it "
+            f"({', '.join(f'{k}: {source.tags[k]}' for k in added)}): adapt a model that has them (one trained "
+            "here reserves the chat tokens), or train without an adapter"
+        )
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    try:
+        svf.attach(model, cfg.train.adapter_targets)
+    except ValueError as e:
+        raise UserError(f"train.adapter_targets: {e}") from None
+    name, version = source.tags.get("init_model_name"), source.tags.get("init_model_version")
+    if name and version:
+        train = cfg.train.model_copy(update={"init_from": f"models:/{name}/{version}"})
+        cfg = cfg.model_copy(update={"train": train})
+    return cfg

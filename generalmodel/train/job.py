@@ -16,7 +16,8 @@ from generalmodel.cluster import ray_session
 from generalmodel.config import Config
 from generalmodel.storage import MANIFEST, RunLayout, download_export, resolve
 from generalmodel.tracking import end_failed_run, finish_run, start_run
-from generalmodel.train.init_from import InitSource, load_model_source
+from generalmodel.tracking.registry import download_model
+from generalmodel.train.init_from import InitSource, adapter_config, load_model_source
 from generalmodel.train.ray_trainer import fit
 from generalmodel.train.readiness import ensure_dataset
 from generalmodel.train.reference import check_selection_reference, with_token_references
@@ -32,7 +33,7 @@ BeforeFit = Callable[[Config, RunLayout, Any], RunLayout]
 class Trained:
     run_id: str
     model_uri: str
-    export_dir: str  # a local copy of the exported model
+    export_dir: str  # a local copy of the exported model (an adapter: merged into its base)
     cfg: Config  # as trained (the dataset's vocabulary, the source's model)
     layout: RunLayout
     metrics: dict[str, float] = field(default_factory=dict)
@@ -40,6 +41,8 @@ class Trained:
 
 
 def train_and_register(cfg: Config, uri: str, init: InitSource | None, before_fit: BeforeFit | None = None) -> Trained:
+    if cfg.train.adapter != "none":
+        cfg = adapter_config(cfg, init)
     layout = RunLayout.of(cfg)
     refuse_finished(cfg, layout)
     # A mixture prepares nothing: its datasets are checked before a Ray cluster starts.
@@ -101,7 +104,11 @@ def register_trained(cfg: Config, uri: str, run_id: str, layout: RunLayout, data
         "dataset_sha256": data.manifest_sha256,
         "run_name": cfg.train.run_name,
     }
+    if cfg.train.adapter != "none":  # the version holds only the vectors: which base they adapt
+        lineage |= {"adapter": cfg.train.adapter, "adapter_base": cfg.train.init_from}
     model_uri = finish_run(cfg, run_id, export_dir, lineage)
+    if cfg.train.adapter != "none":  # what readers of the version get: the vectors merged into the base
+        export_dir = download_model(model_uri, uri, layout.storage)
     val = val_history(uri, run_id)
     print(f"registered {model_uri} (run {run_id})")
     if val:
