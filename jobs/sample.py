@@ -6,6 +6,8 @@ python -m jobs.sample --model=runs:/<run_id> | --model=.generalmodel/store/check
 python -m jobs.sample --model=... --prompt='["Fellow citizens", "In the year"]'   # several prompts
 python -m jobs.sample --model=models:/llama-tiny-sft/1 --chat --prompt="Which president said: ..."
 python -m jobs.sample --model=models:/llama-tiny/1 --quant=int8-weight      # torchao (see --help)
+python -m jobs.sample --model=models:/llama-tiny/1 --chat --prompt="What is 3 plus 4?" \
+    --experts='[models:/llama-tiny-qa-svf/1, models:/llama-tiny-arith-svf/1]'   # Transformer²'s two passes
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from pydantic import Field
 
 from generalmodel.cli import run_job
 from generalmodel.config import Section, StorageConfig, Strings, TrackingConfig
+from generalmodel.errors import UserError
 from generalmodel.infer import SamplingParams, load_model, sample_chat, sample_text
+from generalmodel.infer.experts import Mix
 from generalmodel.infer.quant import Quant, check_quant
 from generalmodel.tracking import tracking_uri
-from generalmodel.tracking.registry import download_model
+from generalmodel.tracking.registry import download_model, load_experts
 
 
 class SampleConfig(Section):
@@ -33,6 +37,13 @@ class SampleConfig(Section):
         "none", description="torchao quantization: int8-weight, int8-dynamic; on a CUDA card also fp8-*, int4-weight."
     )
     device: str = Field("cpu", description="cpu or cuda.")
+    experts: Strings = Field(
+        [],
+        description="SVF adapters of --model (versions trained with train.adapter=svf): each prompt is scored "
+        "under each expert first, then answered with the base adapted by their mix (docs/adapters.md).",
+    )
+    experts_mix: Mix = Field("top1", description="experts: top1 (the expert the prompt is likeliest under) or softmax.")
+    experts_temperature: float = Field(0.1, gt=0, description="experts_mix=softmax: softmax(-prompt loss / this).")
     sampling: SamplingParams = SamplingParams()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
@@ -40,14 +51,26 @@ class SampleConfig(Section):
 
 def main(cfg: SampleConfig) -> list[str]:
     check_quant(cfg.quant, cfg.device)  # before any download
-    directory = download_model(cfg.model, tracking_uri(cfg), cfg.storage.resolved())
-    model, tokenizer = load_model(directory, cfg.device, cfg.quant)
+    experts = None
+    if cfg.experts:
+        if cfg.quant != "none" or cfg.device != "cpu":
+            raise UserError("--experts runs on the CPU without quantization (each prompt adapts the weights)")
+        uri, storage = tracking_uri(cfg), cfg.storage.resolved()
+        experts = load_experts(cfg.model, cfg.experts, uri, storage, cfg.experts_mix, cfg.experts_temperature)
+        model, tokenizer = experts.model, experts.tokenizer
+    else:
+        directory = download_model(cfg.model, tracking_uri(cfg), cfg.storage.resolved())
+        model, tokenizer = load_model(directory, cfg.device, cfg.quant)
     outputs = []
     for prompt in cfg.prompt:
         print(f"--- {prompt!r}", flush=True)
+        messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        messages.append({"role": "user", "content": prompt})
+        if experts is not None:
+            model, alpha = experts.adapt(experts.prompt_ids(messages if cfg.chat else prompt))
+            print("experts: " + ", ".join(f"{name} {a:.2f}" for name, a in alpha.items()), flush=True)
         if cfg.chat:
-            messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
-            stream = sample_chat(model, tokenizer, [*messages, {"role": "user", "content": prompt}], cfg.sampling)
+            stream = sample_chat(model, tokenizer, messages, cfg.sampling)
         else:
             print(prompt, end="", flush=True)
             stream = sample_text(model, tokenizer, prompt, cfg.sampling)

@@ -13,6 +13,9 @@ from conftest import spawn_ranks
 from safetensors.torch import load_file
 from test_post import post_data, tiny  # noqa: F401  (the module's chat dataset)
 from test_train import free_port
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 
 from generalmodel import UserError
 from generalmodel.config import load_config
@@ -83,6 +86,54 @@ def test_the_job_side_check_refuses_added_tokens_and_pins_the_base():
         adapter_config(narrow, source)
     with pytest.raises(ValueError, match="adapts a trained model and keeps its weights: set train.init_from"):
         load_config(overrides={"train.adapter": "svf"})
+
+
+def write_export(directory, files: dict[str, bytes]) -> str:
+    directory.mkdir()
+    for name, blob in files.items():
+        (directory / name).write_bytes(blob)
+    return str(directory)
+
+
+def test_two_pass_inference_picks_or_mixes_expert_vectors(tmp_path):
+    from generalmodel.infer.experts import Experts
+    from generalmodel.infer.export import adapter_files, merge_adapter
+
+    model = small_model()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tokenizer = Tokenizer(WordLevel({"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 64)}}, unk_token="w1"))
+    tokenizer.pre_tokenizer = Whitespace()
+    base_dir = write_export(tmp_path / "base", export_files(model.cfg, base, tokenizer.to_str()))
+    svf.attach(model, ["blocks.*.attn.*"])
+    experts, vectors = {}, {}
+    for name, low in (("a", 0.2), ("b", 1.5)):
+        for module in svf.vectors(model.state_dict()):
+            model.get_submodule(module).z.data.uniform_(low, low + 0.3)
+        vectors[name] = {k: v.clone() for k, v in svf.vectors(model.state_dict()).items()}
+        files = adapter_files(model.cfg, model.state_dict(), tokenizer.to_str(), base_dir)
+        experts[name] = write_export(tmp_path / name, files)
+
+    prompt = list(range(1, 20))
+    top1 = Experts(base_dir, experts, "top1")
+    losses = top1.prompt_losses(prompt)
+    best = min(losses, key=losses.get)
+    chosen, alpha = top1.adapt(prompt)
+    assert alpha == {name: float(name == best) for name in experts} and losses["a"] != losses["b"]
+    merged, _ = load_model(merge_adapter(experts[best], base_dir))
+    tokens = torch.tensor([prompt])
+    torch.testing.assert_close(chosen(tokens), merged(tokens), rtol=1e-4, atol=1e-5)
+
+    mixed, alpha = Experts(base_dir, experts, "softmax", temperature=10.0).adapt(prompt)
+    assert math.isclose(sum(alpha.values()), 1.0, rel_tol=1e-6) and 0.01 < alpha["a"] < 0.99
+    z = {m: alpha["a"] * vectors["a"][m] + alpha["b"] * vectors["b"][m] for m in vectors["a"]}
+    reference = small_model()
+    reference.load_state_dict(svf.merge(base, z))
+    torch.testing.assert_close(mixed(tokens), reference(tokens), rtol=1e-4, atol=1e-5)
+
+    other = Tokenizer(WordLevel({"<|endoftext|>": 0, "v": 1}, unk_token="v")).to_str()
+    stranger = write_export(tmp_path / "stranger", adapter_files(model.cfg, model.state_dict(), other, base_dir))
+    with pytest.raises(UserError, match="expert 'c' .* was trained with another tokenizer"):
+        Experts(base_dir, {**experts, "c": stranger})
 
 
 ADAPTER = {"train.init_from": "a random model", "train.adapter": "svf", "optim.lr": 0.3, "train.batch_size": 8}
@@ -205,5 +256,22 @@ def test_an_svf_sft_version_holds_only_vectors_names_its_base_and_loads_merged(
     merged = model.state_dict()
     changed = {k for k in base_weights if not torch.equal(merged[k], base_weights[k])}
     assert changed == {f"blocks.{i}.mlp.{w}.weight" for i in range(2) for w in ("up", "down")}
+    # Two-pass sampling with the one expert equals sampling from the version itself.
+    from generalmodel.config import TrackingConfig
+    from jobs.sample import SampleConfig
+    from jobs.sample import main as sample
+
+    asked = {
+        "model": "models:/svf-base/latest",
+        "prompt": ["What is 3 plus 4?"],
+        "chat": True,
+        "tracking": TrackingConfig(uri=mlflow_server.uri),
+        "sampling": {"max_new_tokens": 6, "temperature": 0},
+    }
+    assert sample(SampleConfig(**asked, experts=[tuned["model_uri"]])) == sample(
+        SampleConfig(**{**asked, "model": tuned["model_uri"]})
+    )
+    with pytest.raises(UserError, match=f"expert {base} is not an adapter"):
+        sample(SampleConfig(**asked, experts=[base]))
     with pytest.raises(UserError, match="train.adapter='svf': the COCONUT job trains the whole model"):
         coconut.main(load_config(overrides={**overrides, "train.init_from": base}))

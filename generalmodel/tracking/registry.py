@@ -137,6 +137,36 @@ def download_model(reference: str, uri: str | None, storage: StorageConfig, _see
     return merge_adapter(directory, download_model(base, uri, storage, (*_seen, reference)))
 
 
+def pinned(reference: str, uri: str | None) -> str:
+    """A registered reference as models:/NAME/VERSION (what latest or an alias resolves to now); any
+    other reference as it is."""
+    ref = ModelRef.parse(reference)
+    if ref.kind != "registered":
+        return reference
+    from mlflow.tracking import MlflowClient
+
+    mv = model_version(MlflowClient(uri), reference)
+    return f"{MODELS}{mv.name}/{mv.version}"
+
+
+def load_experts(base: str, references: list[str], uri: str | None, storage: StorageConfig, mix, temperature: float):
+    """Two-pass inference (generalmodel.infer.experts.Experts) over the adapters `references`, each
+    an SVF adapter of the model `base` (checked: the base each names resolves to the same version)."""
+    from generalmodel.infer.experts import Experts
+
+    adapters = {}
+    for reference in references:
+        directory = _download(reference, uri, storage)
+        if not is_adapter(directory):
+            raise UserError(f"expert {reference} is not an adapter (a version trained with train.adapter=svf)")
+        named = read_adapter(directory)[0]["base"]
+        if pinned(named, uri) != pinned(base, uri):
+            raise UserError(f"expert {reference} adapts {named}, not the model {base}: experts must share their base")
+        name = ModelRef.parse(reference).display_name
+        adapters[reference if name in adapters else name] = directory
+    return Experts(download_model(base, uri, storage), adapters, mix, temperature)
+
+
 def _download(reference: str, uri: str | None, storage: StorageConfig) -> str:
     ref = ModelRef.parse(reference)
     if ref.in_mlflow:
