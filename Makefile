@@ -3,7 +3,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
 .PHONY: reasoning-data reasoning-sft reasoning-rl reasoning-coconut reasoning-quiet-star reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
-	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft dpo \
+	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft sft-svf dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
 install: $(VENV_STAMP)
@@ -96,6 +96,12 @@ sotu-qa: install
 
 sft: sotu-qa
 	$(PY) -m jobs.sft --config configs/sft.yaml $(SFT_ARGS)
+
+# Singular-value fine-tuning (docs/adapters.md): the sft demo training only each block linear's
+# singular-value scales; the registry stores the vectors as llama-tiny-sft-svf, naming its base.
+sft-svf: sotu-qa
+	$(PY) -m jobs.sft --config configs/sft.yaml --train.adapter=svf --optim.lr=0.02 \
+	  --tracking.registered_model=llama-tiny-sft-svf $(SFT_ARGS)
 
 dpo: sotu-qa
 	$(PY) -m jobs.dpo --config configs/dpo.yaml $(DPO_ARGS)

@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -438,3 +439,59 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for nodeid in no_s3:
             terminalreporter.write_line(f"  skipped: {nodeid}")
         terminalreporter.write_line(bar, yellow=True, bold=True)
+
+
+# The post-training tests' data (test_post.py, test_svf.py): rows of SEQ tokens.
+SEQ = 48
+
+
+def qa_rows(n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Arithmetic conversations (some with a system prompt, some two turns) and preference pairs."""
+    rng = random.Random(seed)
+    chats, pairs = [], []
+    for i in range(n):
+        a, b = rng.randrange(50), rng.randrange(50)
+        messages = [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "Answer with a number."})
+        if i % 4 == 0:
+            messages += [{"role": "user", "content": "Doubled?"}, {"role": "assistant", "content": str(2 * (a + b))}]
+        chats.append({"messages": messages, "group": i % 20})
+        wrong = a + b + rng.choice([-2, -1, 1, 2])
+        pairs.append(
+            {"prompt": f"What is {a} plus {b}?", "chosen": str(a + b), "rejected": str(wrong), "group": i % 20}
+        )
+    return chats, pairs
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(extra_lines))
+    return path
+
+
+@pytest.fixture(scope="session")
+def post_data(ray_cluster, tmp_path_factory):
+    """Chat conversations and preference pairs about arithmetic, their tokenizer, and both prepared
+    (ROOT/chat-ds, ROOT/pref-ds; SEQ-token rows): (ROOT, chats, pairs). Shared by the post-training tests."""
+    from generalmodel.config import load_config
+    from generalmodel.data.tokenizer import train_bpe
+    from jobs import prepare_data
+
+    root = tmp_path_factory.mktemp("post")
+    chats, pairs = qa_rows(240, seed=5)
+    texts = make_documents(30, seed=4) + [m["content"] for c in chats for m in c["messages"]]
+    (root / "tokenizer.json").write_text(train_bpe(texts, 320).to_str())
+    common = {
+        "data.tokenizer": str(root / "tokenizer.json"),
+        "data.seq_len": SEQ,
+        "data.split_key": "group",
+        "data.val_fraction": 0.25,
+    }
+    for name, rows, fmt in (("chat", chats, "chat"), ("pref", pairs, "preference")):
+        source = str(write_jsonl(root / f"{name}s.jsonl" if name == "chat" else root / "pairs.jsonl", rows))
+        prepare_data.main(
+            load_config(
+                overrides={**common, "data.source": source, "data.format": fmt, "data.output": str(root / f"{name}-ds")}
+            )
+        )
+    return root, chats, pairs

@@ -5,19 +5,17 @@ from a registered base that lacks chat tokens."""
 
 import json
 import math
-import random
 import time
 
 import pytest
 import torch
-from conftest import make_documents
+from conftest import SEQ, make_documents, write_jsonl
 from test_train import run, two_processes
 
 from generalmodel import UserError
 from generalmodel.config import load_config
 from generalmodel.data.chat import ChatFormat
 from generalmodel.data.loader import TokenDataset
-from generalmodel.data.tokenizer import train_bpe
 from generalmodel.storage import RunLayout
 from generalmodel.train.loop import train
 from generalmodel.train.reference import ensure_reference
@@ -25,54 +23,6 @@ from jobs import dpo, prepare_data, sft
 from models import build_model
 
 pytestmark = pytest.mark.integration
-
-SEQ = 48
-
-
-def qa_rows(n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Arithmetic conversations (some with a system prompt, some two turns) and preference pairs."""
-    rng = random.Random(seed)
-    chats, pairs = [], []
-    for i in range(n):
-        a, b = rng.randrange(50), rng.randrange(50)
-        messages = [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
-        if i % 3 == 0:
-            messages.insert(0, {"role": "system", "content": "Answer with a number."})
-        if i % 4 == 0:
-            messages += [{"role": "user", "content": "Doubled?"}, {"role": "assistant", "content": str(2 * (a + b))}]
-        chats.append({"messages": messages, "group": i % 20})
-        wrong = a + b + rng.choice([-2, -1, 1, 2])
-        pairs.append(
-            {"prompt": f"What is {a} plus {b}?", "chosen": str(a + b), "rejected": str(wrong), "group": i % 20}
-        )
-    return chats, pairs
-
-
-def write_jsonl(path, rows, extra_lines=()):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(extra_lines))
-    return path
-
-
-@pytest.fixture(scope="module")
-def post_data(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("post")
-    chats, pairs = qa_rows(240, seed=5)
-    texts = make_documents(30, seed=4) + [m["content"] for c in chats for m in c["messages"]]
-    (root / "tokenizer.json").write_text(train_bpe(texts, 320).to_str())
-    common = {
-        "data.tokenizer": str(root / "tokenizer.json"),
-        "data.seq_len": SEQ,
-        "data.split_key": "group",
-        "data.val_fraction": 0.25,
-    }
-    for name, rows, fmt in (("chat", chats, "chat"), ("pref", pairs, "preference")):
-        source = str(write_jsonl(root / f"{name}s.jsonl" if name == "chat" else root / "pairs.jsonl", rows))
-        prepare_data.main(
-            load_config(
-                overrides={**common, "data.source": source, "data.format": fmt, "data.output": str(root / f"{name}-ds")}
-            )
-        )
-    return root, chats, pairs
 
 
 def test_the_chat_dataset_supervises_exactly_the_assistant_tokens(post_data):

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import spawn_ranks
 from safetensors.torch import load_file
-from test_post import post_data, tiny  # noqa: F401  (the module's chat dataset)
+from test_post import tiny
 from test_train import free_port
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -155,7 +155,7 @@ def _rank(rank, port, cfg, out):
 
 
 @pytest.mark.integration
-def test_svf_sft_on_two_ranks_equals_one_resumes_exactly_and_exports_only_vectors(post_data, tmp_path):  # noqa: F811
+def test_svf_sft_on_two_ranks_equals_one_resumes_exactly_and_exports_only_vectors(post_data, tmp_path):
     root, _, _ = post_data
     data = str(root / "chat-ds")
     torch.set_num_threads(1)
@@ -200,7 +200,7 @@ def test_svf_sft_on_two_ranks_equals_one_resumes_exactly_and_exports_only_vector
 
 @pytest.mark.e2e
 def test_an_svf_sft_version_holds_only_vectors_names_its_base_and_loads_merged(
-    post_data,  # noqa: F811
+    post_data,
     mlflow_server,
     tmp_path,
 ):
