@@ -1,6 +1,7 @@
 """Singular-value fine-tuning (train.adapter=svf): all vectors at 1 are the base model, the merged
 weights equal the adapted layers, only the vectors train, SFT with an adapter on 2 FSDP2 ranks
-equals 1 rank and resumes exactly, and the registry stores only the vectors as a version naming its
+equals 1 rank and resumes exactly, DPO with an adapter starts at log 2, two-pass inference picks or
+mixes experts, and the registry stores only the vectors as a version naming its
 base, which every reader gets merged."""
 
 import math
@@ -175,6 +176,12 @@ def test_svf_sft_on_two_ranks_equals_one_resumes_exactly_and_exports_only_vector
     resumed = {}
     train(killed, lambda m: resumed.__setitem__(m["step"], m["loss"]), init=lambda: base_state(cfg))
     assert min(resumed) == 4 and all(resumed[s] == losses[s] for s in resumed)  # bit-identical on CPU
+
+    # DPO with an adapter: the policy at z = 1 is its frozen reference (log 2), then the vectors learn.
+    pref = tiny(str(root / "pref-ds"), tmp_path / "dpo", **{**ADAPTER, "dpo.reference": "online"})
+    dpo = {}
+    train(pref, lambda m: dpo.__setitem__(m["step"], m["loss"]), init=lambda: base_state(cfg))
+    assert abs(dpo[1] - math.log(2)) < 1e-6 and dpo[8] < dpo[1]
 
     export = tmp_path / "one/checkpoints/pretrain/export"
     assert sorted(os.listdir(export)) == ["adapter.json", "adapter.safetensors", "model_config.json", "tokenizer.json"]
