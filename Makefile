@@ -100,7 +100,7 @@ sft: sotu-qa
 # Singular-value fine-tuning (docs/adapters.md): the sft demo training only each block linear's
 # singular-value scales; the registry stores the vectors as llama-tiny-sft-svf, naming its base.
 sft-svf: sotu-qa
-	$(PY) -m jobs.sft --config configs/sft.yaml --train.adapter=svf --optim.lr=0.02 \
+	$(PY) -m jobs.sft --config configs/sft.yaml --train.adapter=svf --optim.lr=0.05 \
 	  --tracking.registered_model=llama-tiny-sft-svf $(SFT_ARGS)
 
 dpo: sotu-qa

@@ -3,7 +3,7 @@ over the experts, on the platform's two chat tasks: questions about the speeches
 and arithmetic word problems (jobs.arithmetic).
 
     make pretrain && python -m benchmarks.adapters                 # CPU, 2 cores: ~40 min
-    python -m benchmarks.adapters --steps 300 --seeds 0,1 --svf-lr 0.02 --questions 100
+    python -m benchmarks.adapters --steps 300 --seeds 0,1 --svf-lr 0.05 --questions 100
 
 For each task and seed: jobs.sft from models:/llama-tiny/latest with the task's config
 (configs/sft.yaml, configs/arithmetic-sft.yaml) for --steps steps, once training every weight
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--svf-lr", type=float, default=0.02)
+    parser.add_argument("--svf-lr", type=float, default=0.05)
     parser.add_argument("--questions", type=int, default=100, help="held-out questions per task")
     args = parser.parse_args()
     uri, storage = tracking_uri(load_config()), load_config().storage.resolved()
