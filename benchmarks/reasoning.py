@@ -39,36 +39,19 @@ def train(variant: str, seed: int, args, starts: dict[str, dict[int, str]]) -> s
     from generalmodel.config import load_config
     from jobs.sft import main as sft
 
-    if variant == "quiet_star":
-        from jobs.quiet_star import main as quiet_star
+    if variant in CONTINUES:  # an objective continued from an SFT variant's model of the same seed
+        import importlib
 
-        return quiet_star(
-            load_config(
-                ROOT / "configs/reasoning-quiet-star.yaml",
-                {
-                    "data.source": str(Path(args.out) / "sft_answer.jsonl"),
-                    "train.init_from": starts["answer"][seed],
-                    "train.seed": seed,
-                    "train.steps": args.quiet_star_steps,
-                    "train.run_name": f"reason-quiet-star-s{seed}-{time.strftime('%m%d%H%M')}",
-                },
-            )
-        )["model_uri"]
-    if variant == "coconut":
-        from jobs.coconut import main as coconut
-
-        return coconut(
-            load_config(
-                ROOT / "configs/reasoning-coconut.yaml",
-                {
-                    "data.source": str(Path(args.out) / "sft_cot.jsonl"),
-                    "train.init_from": starts["cot"][seed],
-                    "train.seed": seed,
-                    "train.steps": args.coconut_steps,
-                    "train.run_name": f"reason-coconut-s{seed}-{time.strftime('%m%d%H%M')}",
-                },
-            )
-        )["model_uri"]
+        start, data, config = CONTINUES[variant]
+        job = importlib.import_module(f"jobs.{variant}")
+        overrides = {
+            "data.source": str(Path(args.out) / data),
+            "train.init_from": starts[start][seed],
+            "train.seed": seed,
+            "train.steps": getattr(args, f"{variant}_steps"),
+            "train.run_name": f"reason-{variant.replace('_', '-')}-s{seed}-{time.strftime('%m%d%H%M')}",
+        }
+        return job.main(load_config(ROOT / config, overrides))["model_uri"]
 
     cfg = load_config(
         ROOT / "configs/reasoning-sft.yaml",
@@ -83,7 +66,11 @@ def train(variant: str, seed: int, args, starts: dict[str, dict[int, str]]) -> s
     return sft(cfg)["model_uri"]
 
 
-CONTINUES = {"coconut": "cot", "quiet_star": "answer"}  # objective -> the SFT variant it starts from
+# objective -> (the SFT variant it starts from, its data, its config)
+CONTINUES = {
+    "coconut": ("cot", "sft_cot.jsonl", "configs/reasoning-coconut.yaml"),
+    "quiet_star": ("answer", "sft_answer.jsonl", "configs/reasoning-quiet-star.yaml"),
+}
 STRATEGIES = {
     "top_p": {"temperature": 0.8, "top_p": 0.9},
     "entropy": {"temperature": 0.8, "top_p": 0.9, "strategy": "entropy"},
@@ -117,9 +104,9 @@ def main() -> None:
     write_suite(ReasoningConfig(out=args.out, test=args.test))
     runs: dict[str, list[str]] = {"base": ["models:/llama-tiny/latest"]} if args.base else {}
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    starts = {start: dict(zip(seeds, getattr(args, start).split(","), strict=False)) for start in CONTINUES.values()}
+    starts = {s: dict(zip(seeds, getattr(args, s).split(","), strict=False)) for s, _, _ in CONTINUES.values()}
     for variant in args.variants.split(","):
-        start = CONTINUES.get(variant)
+        start = CONTINUES.get(variant, (None,))[0]
         if start and start not in runs:  # the models it starts from, evaluated beside it
             runs[f"{start} ({variant}'s start)"] = [starts[start][seed] for seed in seeds]
         runs[variant] = [train(variant, seed, args, starts) for seed in seeds]
