@@ -278,6 +278,16 @@ def test_an_svf_sft_version_holds_only_vectors_names_its_base_and_loads_merged(
     assert sample(SampleConfig(**asked, experts=[tuned["model_uri"]])) == sample(
         SampleConfig(**{**asked, "model": tuned["model_uri"]})
     )
+    # The MLflow model of the version (`mlflow models serve`, pyfunc) loads its base from the registry.
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    pyfunc = mlflow.pyfunc.load_model(tuned["model_uri"])
+    chat = {"max_new_tokens": 6, "temperature": 0.0, "chat": True}
+    assert list(pyfunc.predict(pd.DataFrame({"prompt": ["What is 3 plus 4?"]}), params=chat)) == sample(
+        SampleConfig(**{**asked, "model": tuned["model_uri"]})
+    )
     with pytest.raises(UserError, match=f"expert {base} is not an adapter"):
         sample(SampleConfig(**asked, experts=[base]))
     with pytest.raises(UserError, match="train.adapter='svf': the COCONUT job trains the whole model"):
