@@ -7,6 +7,7 @@ dataset's name, the registered name and the run name.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import tempfile
@@ -94,7 +95,7 @@ def post_training_config(cfg: Config, stage: str, fmt: str) -> Config:
 def with_chat_tokens(cfg: Config, init: InitSource) -> tuple[Config, InitSource]:
     """The base with the chat tokens: a model trained here has them reserved; another one gets
     them added (`with_tokens`). The data section then uses that tokenizer, and its dataset is
-    named after it."""
+    named after the source file, the source's URI (hashed) and the tokenizer."""
     cfg, init = with_tokens(cfg, init, CHAT_TOKENS.values(), "chat")
     data = cfg.data
     if cfg.train.dataset is None:
@@ -103,7 +104,9 @@ def with_chat_tokens(cfg: Config, init: InitSource) -> tuple[Config, InitSource]
             f.write(init.tokenizer_json)
         name = source_name(data.source)
         name += "" if data.format in name else f"-{data.format}"  # sft-chat-…, preference-…
-        output = data.output or f"datasets/{name}-{tokenizer_hash(init.tokenizer_json)[:8]}"
+        # Two sources with one file name (sotu-qa/sft.jsonl, arithmetic/sft.jsonl) are two datasets.
+        where = hashlib.sha256(data.source.encode()).hexdigest()[:6]
+        output = data.output or f"datasets/{name}-{where}-{tokenizer_hash(init.tokenizer_json)[:8]}"
         cfg = cfg.model_copy(update={"data": data.model_copy(update={"tokenizer": path, "output": output})})
     return cfg, init
 
