@@ -24,6 +24,7 @@ from generalmodel.post.rl.learner import check_rl_config, rl_train
 from generalmodel.post.rl.progress_plot import accuracy_report
 from generalmodel.post.rl.tasks import load_prompts
 from generalmodel.storage import RunLayout
+from generalmodel.train.init_from import adapter_config
 from generalmodel.train.job import register_trained, tracked_fit
 from generalmodel.train.ray_trainer import fit
 from generalmodel.train.resume import refuse_finished
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 def main(cfg: Config) -> dict:
     check_rl_config(cfg)
     cfg, uri, init = start(cfg, "rl", "chat")
+    if cfg.train.adapter != "none":  # Transformer²'s way: REINFORCE on the singular-value vectors
+        cfg = adapter_config(cfg, init)
     layout = RunLayout.of(cfg)
     refuse_finished(cfg, layout)
     with ray_session(cfg.ray):

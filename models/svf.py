@@ -5,6 +5,7 @@ adapted matrix (min(in, out) numbers) is the whole adapter, and z = 1 is the bas
     names = attach(model, ["blocks.*"])   # every nn.Linear under blocks: SVF; everything else frozen
     vectors(model.state_dict())           # {"blocks.0.attn.wq": z, ...}: what an adapter stores
     merge(base_state, vectors)            # the base's state dict with W' in place of each W
+    merged(model.state_dict())            # the same from an SVF model's own state (its U, s, Vᵀ)
 
 The layer computes W' as W + U·diag(s·(z − 1))·Vᵀ, so z = 1 gives W bit for bit and the base
 weight keeps its name (`NAME.weight`), its dtype and its place in every state dict; U, s, Vᵀ are
@@ -75,6 +76,17 @@ def base_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     adapted = vectors(state)
     extra = {f"{name}.{p}" for name in adapted for p in ("u", "s", "vh", "z")}
     return {key: v for key, v in state.items() if key not in extra}
+
+
+def merged(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of an SVF model as the plain model's: each adapted weight replaced by the
+    layer's forward weight (its own U, s, Vᵀ, z), the SVF parameters dropped — what a model
+    without the layers (an RL rollout's) loads."""
+    plain = base_state(state)
+    for name, z in vectors(state).items():
+        u, s, vh, weight = (state[f"{name}.{p}"] for p in ("u", "s", "vh", "weight"))
+        plain[f"{name}.weight"] = weight + ((u * (s * (z - 1))) @ vh).to(weight.dtype)
+    return plain
 
 
 def merge(state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

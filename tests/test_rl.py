@@ -515,3 +515,24 @@ def test_verifiers_score_while_the_engine_decodes(tiny_task, tmp_path):
     assert len(batch.rollouts) == len(SCORED) == 16 and [r.prompt for r in batch.rollouts] == [j % 8 for j in range(16)]
     assert all(name.startswith("verifiers") for name, _ in SCORED)  # off the decoding thread
     assert min(t for _, t in SCORED) < started + batch.generate_s  # the first scored before decoding ended
+
+
+def test_rl_on_svf_vectors_samples_the_adapted_policy_and_exports_only_them(tiny_task, tmp_path):
+    """Transformer²'s way of training the vectors: the rollouts load the policy with the vectors
+    folded in (their models are plain), so the learner scores what they sampled (approx_kl ~ 0)."""
+    from safetensors.torch import load_file
+
+    from generalmodel.storage import RunLayout
+
+    root, tokenizer_json = tiny_task
+    torch.set_num_threads(1)
+    cfg = task_cfg(root, tmp_path, **{"train.adapter": "svf", "optim.lr": 0.05})
+    torch.manual_seed(0)
+    state = build_model(cfg.model).state_dict()
+    seen = run_local(cfg, state, load_prompts(cfg, tokenizer_json), tokenizer_json)
+    # approx_kl sums old − new log-probs over the step's tokens: ~1e-8 here; the base's weights in the
+    # rollouts instead (the vectors not folded in) give -4e-6, -3e-5, -6e-5 at steps 2-4.
+    assert all(abs(seen[step]["approx_kl"]) < 1e-6 for step in range(2, 5)), [seen[s]["approx_kl"] for s in seen]
+    export = RunLayout.of(cfg).export
+    assert sorted(os.listdir(export)) == ["adapter.json", "adapter.safetensors", "model_config.json", "tokenizer.json"]
+    assert any(not torch.all(z == 1) for z in load_file(os.path.join(export, "adapter.safetensors")).values())

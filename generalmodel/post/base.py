@@ -24,7 +24,7 @@ from generalmodel.train.init_from import InitSource
 log = logging.getLogger(__name__)
 
 STAGE_SUFFIXES = ("-sft", "-dpo", "-rl", "-coconut", "-quiet-star")
-ADAPTER_STAGES = ("sft", "dpo")  # the jobs that may train an adapter (train.adapter)
+ADAPTER_STAGES = ("sft", "dpo", "rl")  # the jobs that may train an adapter (train.adapter)
 
 
 def base_name(reference: str, default: str) -> str:
@@ -53,8 +53,8 @@ def start(cfg: Config, stage: str, fmt: str) -> tuple[Config, str, InitSource]:
     cfg, init = with_chat_tokens(*load_init(cfg, uri))
     if cfg.train.adapter != "none" and stage not in ADAPTER_STAGES:
         raise UserError(
-            f"train.adapter={cfg.train.adapter!r}: the {stage.upper()} job trains the whole model (it adds weights or "
-            f"syncs them to rollouts); adapters train with {' or '.join(s.upper() for s in ADAPTER_STAGES)}"
+            f"train.adapter={cfg.train.adapter!r}: the {stage.upper()} job trains the whole model (it adds "
+            f"weights); adapters train with {', '.join(s.upper() for s in ADAPTER_STAGES)}"
         )
     thoughts = getattr(cfg.model, "continuous_thoughts", 0)
     if thoughts and stage != "coconut":

@@ -45,6 +45,7 @@ from generalmodel.storage import RunLayout
 from generalmodel.train.core import Init, Report, TrainingRun, frozen_copy, full_state, sum_across_ranks
 from generalmodel.train.mesh import world_sizes
 from generalmodel.train.resume import TrainingError
+from models import svf
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class GrpoStep:
 
     def publish(self, version: int) -> None:
         state = full_state(self.run.model)  # a collective: every rank
+        if self.run.cfg.train.adapter != "none":  # the rollouts' models are plain: the vectors folded in
+            state = svf.merged(state)
         if self.pool is not None:
             self.pool.publish(version, state)
             if self.heldout and (version % self.rl.eval_every == 0 or version == self.run.steps):
