@@ -132,6 +132,13 @@ def test_dpo_starts_at_log_2_and_the_precomputed_reference_equals_the_online_one
     train(cfg, lambda m: online.__setitem__(m["step"], m), init=lambda: state)
     assert abs(online[1]["loss"] - math.log(2)) < 1e-6  # policy == reference before the first update
     assert online[1]["rewards_chosen"] == 0 and online[8]["val_preference_accuracy"] >= 0
+    # Only the SVF vectors (train.adapter): at z = 1 the policy is its frozen reference, then they move it.
+    adapter = {"train.init_from": "a random model", "dpo.reference": "online", "train.adapter": "svf", "optim.lr": 0.3}
+    vectors = {}
+    train(
+        tiny(data, tmp_path / "svf", **adapter), lambda m: vectors.__setitem__(m["step"], m["loss"]), init=lambda: state
+    )
+    assert abs(vectors[1] - math.log(2)) < 1e-6 and all(abs(vectors[s] - math.log(2)) > 1e-4 for s in (6, 7, 8))
 
     pre_cfg = tiny(data, tmp_path / "pre", **{"train.init_from": "a random model"})
     layout = RunLayout.of(pre_cfg)
