@@ -83,8 +83,9 @@ def main() -> None:
     base = "models:/llama-tiny/latest"
     base_model, tokenizer = load_model(download_model(base, uri, storage))
     tokenizer_json = tokenizer.to_str()
+    base_scores = {t: answer_accuracy(base_model, tokenizer_json, q).accuracy for t, q in questions.items()}
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows = {"base": {t: answer_accuracy(base_model, tokenizer_json, q).accuracy for t, q in questions.items()}}
+        rows = {"base": base_scores}
         svf = {}
         for task in TASKS:
             for variant in ("full", "svf"):

@@ -22,6 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
+def decompose(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, s, Vᵀ) of a weight, fp32 and contiguous (FSDP2 shards only contiguous tensors)."""
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    return u.contiguous(), s, vh.contiguous()
+
+
+def scaled(weight: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """W + U·diag(s·(z − 1))·Vᵀ: `weight` (= U·diag(s)·Vᵀ) with its singular values scaled by z, in
+    its own dtype; exactly `weight` where z = 1."""
+    return weight + ((u * (s * (z.to(s.dtype) - 1))) @ vh).to(weight.dtype)
+
+
 UNADAPTABLE = frozenset({"head"})  # the decoder's loss and logits read head.weight directly
 
 
@@ -33,15 +46,14 @@ class SVFLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        u, s, vh = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
-        self.u = nn.Parameter(u.contiguous(), requires_grad=False)  # FSDP2 shards only contiguous tensors
+        u, s, vh = decompose(linear.weight.detach())
+        self.u = nn.Parameter(u, requires_grad=False)
         self.s = nn.Parameter(s, requires_grad=False)
-        self.vh = nn.Parameter(vh.contiguous(), requires_grad=False)
+        self.vh = nn.Parameter(vh, requires_grad=False)
         self.z = nn.Parameter(torch.ones_like(s))
 
     def adapted_weight(self) -> torch.Tensor:
-        delta = (self.u * (self.s * (self.z - 1))) @ self.vh
-        return self.weight + delta.to(self.weight.dtype)
+        return scaled(self.weight, self.u, self.s, self.vh, self.z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.adapted_weight(), self.bias)
@@ -84,8 +96,7 @@ def merged(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     without the layers (an RL rollout's) loads."""
     plain = base_state(state)
     for name, z in vectors(state).items():
-        u, s, vh, weight = (state[f"{name}.{p}"] for p in ("u", "s", "vh", "weight"))
-        plain[f"{name}.weight"] = weight + ((u * (s * (z - 1))) @ vh).to(weight.dtype)
+        plain[f"{name}.weight"] = scaled(*(state[f"{name}.{p}"] for p in ("weight", "u", "s", "vh")), z)
     return plain
 
 
@@ -102,6 +113,5 @@ def merge(state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor]) -> d
                 f"the adapter's vector for {name!r} has shape {tuple(z.shape)}; its {tuple(weight.shape)} weight has "
                 f"{min(weight.shape)} singular values"
             )
-        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-        merged[f"{name}.weight"] = weight + ((u * (s * (z.float() - 1))) @ vh).to(weight.dtype)
+        merged[f"{name}.weight"] = scaled(weight, *decompose(weight), z)
     return merged

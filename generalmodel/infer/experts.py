@@ -22,6 +22,7 @@ import torch
 from generalmodel.data.tokenizer import tokenizer_hash
 from generalmodel.errors import UserError
 from generalmodel.infer.export import build_with_state, read_adapter, read_export
+from models import svf
 
 Mix = Literal["top1", "softmax"]
 
@@ -46,7 +47,7 @@ class Experts:
                 raise UserError(f"expert {name!r} adapts {missing[:3]}, which {where} does not have")
             self.vectors[name] = vectors
         modules = sorted({m for vectors in self.vectors.values() for m in vectors})
-        self.svd = {m: torch.linalg.svd(self.state[f"{m}.weight"].float(), full_matrices=False) for m in modules}
+        self.svd = {m: svf.decompose(self.state[f"{m}.weight"]) for m in modules}
         self.models = {name: self._build({name: 1.0}) for name in self.vectors}
         self.model, self.tokenizer = build_with_state(self.cfg, self.state, self.tokenizer_json, where)
 
@@ -56,8 +57,7 @@ class Experts:
         state = dict(self.state)
         for module, (u, s, vh) in self.svd.items():
             z = sum(a * self.vectors[name].get(module, torch.ones_like(s)).float() for name, a in alpha.items())
-            weight = self.state[f"{module}.weight"]
-            state[f"{module}.weight"] = weight + ((u * (s * (z - 1))) @ vh).to(weight.dtype)
+            state[f"{module}.weight"] = svf.scaled(self.state[f"{module}.weight"], u, s, vh, z)
         return state
 
     def _build(self, alpha: dict[str, float]):

@@ -64,14 +64,12 @@ def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return _PERMUTATIONS[key]
 
 
-@dataclass
-class RowSet:
-    """The rows of such a run and the digest that names them (a resumed run must see the same);
-    `uri`, `manifest_sha256` and `parts` are what MLflow's dataset inputs and the checkpoint
-    manifests read (a TokenDataset's names)."""
+class InMemoryData:
+    """Data a run holds in memory, named by a digest (a resumed run must see the same): `uri`,
+    `manifest_sha256` and `parts` are what MLflow's dataset inputs and the checkpoint manifests read
+    (a TokenDataset's names). Subclasses are dataclasses with `uri` and `sha256`; PART names them."""
 
-    uri: str
-    rows: list
+    PART = "rows"
     sha256: str
 
     @property
@@ -79,8 +77,17 @@ class RowSet:
         return self.sha256
 
     @property
-    def parts(self) -> dict[str, RowSet]:
-        return {"rows": self}
+    def parts(self) -> dict[str, InMemoryData]:
+        return {self.PART: self}
+
+
+@dataclass
+class RowSet(InMemoryData):
+    """The rows of such a run and the digest that names them."""
+
+    uri: str
+    rows: list
+    sha256: str
 
 
 class StepPosition:

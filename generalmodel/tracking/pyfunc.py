@@ -32,8 +32,6 @@ from generalmodel.infer.export import (
     HF_SUBDIR,
     is_adapter,
     load_model,
-    merge_adapter,
-    read_adapter,
     read_export,
 )
 from generalmodel.infer.sampling import sample_chat, sample_text
@@ -115,14 +113,13 @@ class GeneralModelPyfunc:
     """What `mlflow.pyfunc.load_model` returns the predictions of: our model and sampler."""
 
     def __init__(self, directory: str):
-        if is_adapter(directory):  # its base, from the registry MLflow loads this model from
+        if is_adapter(directory):  # merged into its base, from the registry MLflow loads this model from
             import mlflow
 
             from generalmodel.config import StorageConfig
-            from generalmodel.tracking.registry import download_model
+            from generalmodel.tracking.registry import with_base
 
-            base = download_model(read_adapter(directory)[0]["base"], mlflow.get_tracking_uri(), StorageConfig())
-            directory = merge_adapter(directory, base)
+            directory = with_base(directory, mlflow.get_tracking_uri(), StorageConfig().resolved(), ("this model",))
         self.model, self.tokenizer = load_model(directory)
 
     def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:

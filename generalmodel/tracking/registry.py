@@ -128,13 +128,18 @@ def download_model(reference: str, uri: str | None, storage: StorageConfig, _see
     `generalmodel.infer.export.load_model` / `read_export`). From MLflow only the native export is
     downloaded (not the transformers copy beside it). An adapter (train.adapter) comes merged into
     the base model it names, which is downloaded the same way (an adapter of an adapter too)."""
-    directory = _download(reference, uri, storage)
+    return with_base(_download(reference, uri, storage), uri, storage, (*_seen, reference))
+
+
+def with_base(directory: str, uri: str | None, storage: StorageConfig, _seen: tuple[str, ...] = ()) -> str:
+    """A downloaded model directory as a reader loads it: an adapter merged into the base it names
+    (downloaded by `download_model`), anything else as it is."""
     if not is_adapter(directory):
         return directory
     base = read_adapter(directory)[0]["base"]
     if base in _seen:
-        raise UserError(f"adapter {reference} names a base that leads back to itself: {' -> '.join((*_seen, base))}")
-    return merge_adapter(directory, download_model(base, uri, storage, (*_seen, reference)))
+        raise UserError(f"adapter {_seen[-1]} names a base that leads back to itself: {' -> '.join((*_seen, base))}")
+    return merge_adapter(directory, download_model(base, uri, storage, _seen))
 
 
 def pinned(reference: str, uri: str | None) -> str:

@@ -21,7 +21,7 @@ from generalmodel import UserError
 from generalmodel.config import Config
 from generalmodel.data.chat import ChatFormat, messages
 from generalmodel.data.conversations import split_of
-from generalmodel.post.rows import permutation, read_source, step_items
+from generalmodel.post.rows import InMemoryData, permutation, read_source, step_items
 
 
 @dataclass
@@ -37,23 +37,15 @@ class Prompt:
 
 
 @dataclass
-class PromptSet:
+class PromptSet(InMemoryData):
     """The training and held-out prompts of a run, and the digest that names them (a resumed run
     must see the same prompts)."""
 
+    PART = "prompts"
     uri: str
     train: list[Prompt]
     heldout: list[Prompt]
     sha256: str
-
-    # What MLflow's dataset inputs and the checkpoint manifests read (a TokenDataset's names).
-    @property
-    def manifest_sha256(self) -> str:
-        return self.sha256
-
-    @property
-    def parts(self) -> dict[str, PromptSet]:
-        return {"prompts": self}
 
     def step_prompts(self, step: int, count: int, seed: int) -> list[int]:
         """Indices into `train` of step `step`'s `count` prompts."""
