@@ -14,3 +14,8 @@ LATENT_TOKENS = {"start": "<|start-latent|>", "thought": "<|latent|>", "end": "<
 # Quiet-STaR's thoughts (generalmodel.post.quiet_star): added to a model's tokenizer by the job that
 # trains them; a thought after every token is START, the thought's tokens, END.
 THOUGHT_TOKENS = {"start": "<|startofthought|>", "end": "<|endofthought|>"}
+
+# Tool use (generalmodel.data.chat): a tool's result is a turn of its own, TOOL; an assistant's
+# call is CALL followed by {"name": ..., "arguments": {...}} as JSON, inside the assistant's turn.
+# Not reserved; added to a model's tokenizer by the SFT job when its data use tools (data.tools).
+TOOL_TOKENS = {"tool": "<|tool|>", "call": "<|tool_call|>"}

@@ -10,6 +10,8 @@ the comparison table, a child run per model).
         --tasks='[evals/hellaswag-val.jsonl]'
     python -m jobs.eval --models=models:/llama-tiny-reason-cot/latest \\
         --problems=.generalmodel/reasoning/test.jsonl --samples=8 --pass_k='[8]'
+    python -m jobs.eval --models=models:/llama-tiny-reason-tools/latest \
+        --problems=.generalmodel/reasoning/test.jsonl --tools='[calculator]'   # with the calculator
     python -m jobs.eval --models=... --harness_tasks='[hellaswag]'      # needs the eval extra, online
 """
 
@@ -24,6 +26,7 @@ from generalmodel.config import RayConfig, Section, StorageConfig, Strings, Trac
 from generalmodel.eval.runner import LoadedModel, ModelResult, comparison, evaluate, log_to_mlflow
 from generalmodel.infer import SamplingParams
 from generalmodel.infer.export import read_export
+from generalmodel.infer.tools import BUILTIN
 from generalmodel.tracking import check_reachable, model_tags, tracking_uri
 from generalmodel.tracking.registry import download_model
 
@@ -48,6 +51,11 @@ class EvalConfig(Section):
     )
     samples: int = Field(8, ge=0, description="--problems: sampled answers per problem (besides the greedy one).")
     pass_k: list[int] = Field([8], description="--problems: the k of each pass@k reported (each <= samples).")
+    tools: Strings = Field(
+        [],
+        description=f"--problems: built-in tools the model is told of and whose calls are run ({', '.join(BUILTIN)}; "
+        "a model fine-tuned with data.tools): tool_use and tool_call_errors are reported besides.",
+    )
     sampling: ProblemSampling = ProblemSampling()
     harness_tasks: Strings = Field([], description="lm-evaluation-harness task names (the eval extra).")
     harness_include: str | None = Field(None, description="A directory of lm-eval task YAMLs of your own.")
@@ -63,6 +71,11 @@ class EvalConfig(Section):
     def _something_to_do(self):
         if not (self.dataset or self.corpus or self.tasks or self.problems or self.harness_tasks):
             raise ValueError("nothing to evaluate: give --dataset, --corpus, --tasks, --problems or --harness_tasks")
+        unknown = [t for t in self.tools if t not in BUILTIN]
+        if unknown:
+            raise ValueError(f"tools {unknown}: the built-in tools are {', '.join(BUILTIN)}")
+        if self.tools and not self.problems:
+            raise ValueError("tools: only --problems answers with tools")
         bad = [k for k in self.pass_k if not 0 < k <= self.samples]
         if self.problems and bad:
             raise ValueError(f"pass_k {bad}: each k must be in 1..samples={self.samples}")

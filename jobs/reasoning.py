@@ -2,9 +2,10 @@
 Countdown, in difficulty levels, with worked solutions and a held-out split by problem.
 
     python -m jobs.reasoning --out=.generalmodel/reasoning
-Writes sft_cot.jsonl (worked solutions) and sft_answer.jsonl (the same problems, the answer only)
-for SFT, train.jsonl (RL prompts) and test.jsonl (held-out problems, for `jobs/eval.py
---problems`); see generalmodel.eval.reasoning. Counts are per task and level.
+Writes sft_cot.jsonl (worked solutions), sft_answer.jsonl (the same problems, the answer only) and
+sft_tools.jsonl (the same, half of them with the calculator tool: docs/tools.md) for SFT,
+train.jsonl (RL prompts) and test.jsonl (held-out problems, for `jobs/eval.py --problems`); see
+generalmodel.eval.reasoning. Counts are per task and level.
 """
 
 from __future__ import annotations

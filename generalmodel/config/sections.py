@@ -137,6 +137,11 @@ class DataConfig(Section):
         "message lists). Chat and preference sources are .jsonl/.parquet files or hf: datasets.",
     )
     messages_field: str = Field("messages", description="chat: the column holding a row's list of messages.")
+    tools: bool = Field(
+        False,
+        description="chat: the conversations use tools (a row's `tools`, assistants' `tool_calls`, `tool` turns; "
+        "see docs/tools.md): the SFT job adds the tool tokens to a tokenizer that lacks them.",
+    )
     truncation: Literal["right", "drop"] = Field(
         "right",
         description="chat/preference rows longer than seq_len+1 tokens: 'right' cuts the end (the response, for "

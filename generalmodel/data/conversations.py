@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from generalmodel.config import DataConfig, StorageConfig
-from generalmodel.data.chat import ChatFormat, ChatFormatError, Rendered, messages, preference_pair
+from generalmodel.data.chat import ChatFormat, ChatFormatError, Rendered, messages, preference_pair, tool_names
 from generalmodel.data.shards import ITEMS, SPLITS, is_val, token_dtype
 from generalmodel.data.sources import Piece, RowError, read_rows
 
@@ -85,7 +85,11 @@ class Unit:
                 raise ChatFormatError(
                     f"{where}: no field {self.data.messages_field!r} (data.messages_field); fields: {', '.join(row)}"
                 )
-            return self.fmt.render(messages(row[self.data.messages_field], where))
+            msgs = messages(row[self.data.messages_field], where)
+            try:
+                return self.fmt.render(msgs, tools=tool_names(row.get("tools"), where))
+            except ChatFormatError as e:
+                raise ChatFormatError(e if str(e).startswith(where) else f"{where}: {e}") from None
         pair = preference_pair(row, where)
         start = len(pair.prompt)
         return [

@@ -32,6 +32,8 @@ class Solved:
     correct: int  # right answers among the samples
     samples: int
     example: str = ""  # the greedy completion (for the report)
+    calls: int | None = None  # with tools: the tool calls the greedy answer made
+    call_error: bool = False  # with tools: the greedy answer wrote a call that does not parse
 
 
 def read_problems(source: str, storage, limit: int | None = None) -> list[dict[str, Any]]:
@@ -72,16 +74,25 @@ def seed_of(*parts) -> int:
 
 @torch.no_grad()
 def solve(
-    model, tokenizer_json: str, rows: list[dict[str, Any]], samples: int, params: SamplingParams, slots: int = 32
+    model,
+    tokenizer_json: str,
+    rows: list[dict[str, Any]],
+    samples: int,
+    params: SamplingParams,
+    slots: int = 32,
+    tools: list[str] | None = None,
 ) -> list[Solved]:
     """Greedy and `samples` sampled chat answers (params' temperature, filters and max_new_tokens)
-    to every row, `slots` sequences decoding at once, each verified."""
+    to every row, `slots` sequences decoding at once, each verified. With `tools` (built-in
+    tools' names, generalmodel.infer.tools) the model is told of them and its calls are run: the
+    answer verified is the turn after the last call."""
     from generalmodel.data.chat import ChatFormat
     from generalmodel.data.tokenizer import eos_id
 
     fmt = ChatFormat.from_json(tokenizer_json)
     stop = frozenset({fmt.end_id, eos_id(fmt.tokenizer)})
-    prompts = [fmt.prompt_ids([{"role": "user", "content": row["prompt"]}]) for row in rows]
+    conversations = [[{"role": "user", "content": row["prompt"]}] for row in rows]
+    prompts = [fmt.prompt_ids(c, tools=tools) for c in conversations]  # a ChatFormatError before any work
     greedy = params.model_copy(update={"temperature": 0.0, "strategy": "sample"})
     wanted = []  # (row, params) of every sequence: the greedy one, then the samples
     for i, row in enumerate(rows):
@@ -90,25 +101,40 @@ def solve(
             (i, params.model_copy(update={"seed": seed_of(params.seed, row["prompt"], s)})) for s in range(samples)
         ]
     thoughts = thoughts_of(model, fmt.tokenizer)  # a model that thinks (Coconut, Quiet-STaR)
-    reserved = thoughts.positions if thoughts is not None else 0
-    capacity = min(model.cfg.max_seq_len, max(map(len, prompts)) + reserved + params.max_new_tokens)
-    engine = Engine(model, min(slots, len(wanted)), capacity=capacity, thoughts=thoughts)
-    requests = [engine.add(Request(list(prompts[i]), p, stop)) for i, p in wanted]
-    while not engine.idle():
-        engine.step()
+    calls: list[int | None] = [None] * len(wanted)
+    errors = [False] * len(wanted)
+    if tools:
+        from generalmodel.infer.tools import converse
+
+        asked = [conversations[i] for i, _ in wanted]
+        talks = converse(model, fmt, asked, tools, [p for _, p in wanted], stop, slots=slots, thoughts=thoughts)
+        texts = [t.answer for t in talks]
+        calls = [t.calls for t in talks]
+        errors = [t.error is not None for t in talks]
+        shown = [" | ".join(t.turns) for t in talks]
+    else:
+        reserved = thoughts.positions if thoughts is not None else 0
+        capacity = min(model.cfg.max_seq_len, max(map(len, prompts)) + reserved + params.max_new_tokens)
+        engine = Engine(model, min(slots, len(wanted)), capacity=capacity, thoughts=thoughts)
+        requests = [engine.add(Request(list(prompts[i]), p, stop)) for i, p in wanted]
+        while not engine.idle():
+            engine.step()
+        texts = shown = [fmt.tokenizer.decode(r.tokens) for r in requests]
     out = []
     per_row = 1 + samples
     for i, row in enumerate(rows):
-        texts = [fmt.tokenizer.decode(r.tokens) for r in requests[i * per_row : (i + 1) * per_row]]
-        right = [solved(text, row) for text in texts]
+        first = i * per_row
+        right = [solved(text, row) for text in texts[first : first + per_row]]
         task, level = str(row.get("task", "problems")), int(row.get("level", 0))
-        out.append(Solved(task, level, right[0], sum(right[1:]), samples, texts[0]))
+        out.append(Solved(task, level, right[0], sum(right[1:]), samples, shown[first], calls[first], errors[first]))
     return out
 
 
 def summarize(results: list[Solved], ks: list[int]) -> dict[str, float]:
     """problems.{TASK}.L{LEVEL}.{metric}, problems.{TASK}.{metric} and problems.{metric}, metric:
-    pass1_greedy, pass1_sampled, pass{k} for each k, and count (the problems)."""
+    pass1_greedy, pass1_sampled, pass{k} for each k, and count (the problems); with tools,
+    tool_use (the share of greedy answers that called one) and tool_call_errors (that wrote a
+    call that does not parse)."""
     groups: dict[str, list[Solved]] = defaultdict(list)
     for r in results:
         for name in (f"problems.{r.task}.L{r.level}", f"problems.{r.task}", "problems"):
@@ -117,6 +143,9 @@ def summarize(results: list[Solved], ks: list[int]) -> dict[str, float]:
     for name, group in sorted(groups.items()):
         metrics[f"{name}.count"] = float(len(group))
         metrics[f"{name}.pass1_greedy"] = sum(r.greedy for r in group) / len(group)
+        if group[0].calls is not None:  # answered with tools: how often the greedy answer called one
+            metrics[f"{name}.tool_use"] = sum(bool(r.calls) for r in group) / len(group)
+            metrics[f"{name}.tool_call_errors"] = sum(r.call_error for r in group) / len(group)
         if group[0].samples:
             metrics[f"{name}.pass1_sampled"] = sum(r.correct / r.samples for r in group) / len(group)
             for k in ks:

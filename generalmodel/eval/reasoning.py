@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from generalmodel import UserError
+from generalmodel.infer.tools import BUILTIN
+
+CALCULATOR = BUILTIN["calculator"]
 
 ANSWER = re.compile(r"The answer is\s+(.+?)\.?\s*$", re.DOTALL)
 
@@ -49,6 +52,7 @@ class Problem:
     final: str  # "The answer is X.": the answer-only response
     key: str  # what defines the problem, for the split
     fields: dict[str, Any] = field(default_factory=dict)  # what the verifier reads besides `answer`
+    calculation: str | None = None  # what a calculator answers it with (addition, expression)
 
     @property
     def worked(self) -> str:
@@ -77,7 +81,14 @@ def addition(rng: random.Random, level: int) -> Problem:
         steps.append(f"Bring down {carry}.")
     answer = a + b
     return Problem(
-        "addition", level, f"What is {a} + {b}?", answer, tuple(steps), f"The answer is {answer}.", f"{a}+{b}"
+        "addition",
+        level,
+        f"What is {a} + {b}?",
+        answer,
+        tuple(steps),
+        f"The answer is {answer}.",
+        f"{a}+{b}",
+        calculation=f"{a} + {b}",
     )
 
 
@@ -110,7 +121,9 @@ def expression(rng: random.Random, level: int) -> Problem:
             break
     text = f"({a} {op1} {b}) {op2} {c}" if parens else f"{a} {op1} {b} {op2} {c}"
     sentences = tuple(f"{s}." for s in steps)
-    return Problem("expression", level, f"What is {text}?", result, sentences, f"The answer is {result}.", text)
+    return Problem(
+        "expression", level, f"What is {text}?", result, sentences, f"The answer is {result}.", text, calculation=text
+    )
 
 
 def countdown(rng: random.Random, level: int) -> Problem:
@@ -254,6 +267,24 @@ def draw(tasks: list[str], per_level: dict[str, int], seed: int, test_fraction: 
     return out
 
 
+def tool_conversation(p: Problem, declared: bool) -> dict:
+    """A problem as SFT data for tool use: with the calculator `declared`, a problem it answers
+    (addition, expression) is one call, its result, then "The answer is X."; otherwise (no tools,
+    or countdown, whose search a calculator does not do) the answer at once. The same model thus
+    learns to call the calculator when it has one and to answer without it when not."""
+    row: dict[str, Any] = {"messages": [{"role": "user", "content": p.question}]}
+    if declared:
+        row["tools"] = [CALCULATOR.spec]
+        if p.calculation is not None:
+            arguments = {"expression": p.calculation}
+            row["messages"] += [
+                {"role": "assistant", "content": "", "tool_calls": [{"name": "calculator", "arguments": arguments}]},
+                {"role": "tool", "content": CALCULATOR.run(**arguments)},
+            ]
+    row["messages"].append({"role": "assistant", "content": p.final})
+    return row
+
+
 def write_suite(
     out_dir: str | Path, tasks: list[str], sft: int, train: int, test: int, seed: int = 0, test_fraction: float = 0.2
 ) -> dict[str, int]:
@@ -262,6 +293,8 @@ def write_suite(
     sft_cot.jsonl     conversations answered with the worked solution (training problems), and
                       its `steps` (what jobs/coconut.py replaces with continuous thoughts)
     sft_answer.jsonl  the same conversations answered with "The answer is X." only
+    sft_tools.jsonl   the same problems for tool use (`tool_conversation`): every other one
+                      declares the calculator, and is answered through it where it helps
     train.jsonl       RL prompts of other training problems: prompt, answer, task, level (numbers)
     test.jsonl        held-out prompts, the same shape
     """
@@ -273,6 +306,7 @@ def write_suite(
     files = {
         "sft_cot": [{**chat(p, p.worked), "steps": list(p.steps)} for p in drawn["sft"]],
         "sft_answer": [chat(p, p.final) for p in drawn["sft"]],
+        "sft_tools": [tool_conversation(p, declared=i % 2 == 0) for i, p in enumerate(drawn["sft"])],
         "train": [p.row() for p in drawn["train"]],
         "test": [p.row() for p in drawn["test"]],
     }

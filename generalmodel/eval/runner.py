@@ -59,11 +59,11 @@ def _loglikelihood_task(loaded: LoadedModel, pairs: list[tuple[str, str]]) -> li
     return loglikelihoods(model, tokenizer, pairs, eos_id(tokenizer))
 
 
-def _solve_task(loaded: LoadedModel, rows: list[dict], samples: int, params) -> list:
+def _solve_task(loaded: LoadedModel, rows: list[dict], samples: int, params, tools: list[str] | None) -> list:
     from generalmodel.eval.problems import solve
 
     model, _ = loaded.build()
-    return solve(model, loaded.tokenizer_json, rows, samples, params)
+    return solve(model, loaded.tokenizer_json, rows, samples, params, tools=tools)
 
 
 def chunks(items: list, n: int) -> list[list]:
@@ -99,12 +99,13 @@ class ClusterScorer:
         parts = ray.get([task.remote(self.loaded_ref, c) for c in chunks(pairs, self.parallelism)])
         return [score for part in parts for score in part]
 
-    def solve(self, rows: list[dict], samples: int, params) -> list:
+    def solve(self, rows: list[dict], samples: int, params, tools: list[str] | None = None) -> list:
         """generalmodel.eval.problems.solve over chunks of the rows, in order."""
         import ray
 
         task = ray.remote(num_cpus=1)(_solve_task)
-        parts = ray.get([task.remote(self.loaded_ref, c, samples, params) for c in chunks(rows, self.parallelism)])
+        parts = [task.remote(self.loaded_ref, c, samples, params, tools) for c in chunks(rows, self.parallelism)]
+        parts = ray.get(parts)
         return [solved for part in parts for solved in part]
 
 
@@ -168,7 +169,8 @@ def evaluate(loaded: LoadedModel, cfg, storage) -> dict[str, float]:
     if cfg.problems:
         from generalmodel.eval.problems import read_problems, summarize
 
-        solved = scorer.solve(read_problems(cfg.problems, storage, cfg.limit), cfg.samples, cfg.sampling)
+        rows = read_problems(cfg.problems, storage, cfg.limit)
+        solved = scorer.solve(rows, cfg.samples, cfg.sampling, list(cfg.tools) or None)
         metrics |= summarize(solved, cfg.pass_k)
         wrong = next((s for s in solved if not s.greedy), None)
         if wrong is not None:

@@ -35,7 +35,8 @@ class Question:
 
 def heldout_questions(cfg: Config, limit: int) -> list[Question]:
     """Up to `limit` questions of the val split of cfg.data.source, in source order (malformed rows
-    are left out: the dataset's preparation has reported them)."""
+    are left out: the dataset's preparation has reported them; so are conversations with tools,
+    which `jobs/eval.py --problems --tools` measures by running their calls)."""
     data, storage = cfg.data, cfg.storage.resolved()
     out: list[Question] = []
     for piece in list_pieces(data, storage):
@@ -51,6 +52,8 @@ def heldout_questions(cfg: Config, limit: int) -> list[Question]:
                     continue
                 conversation = messages(row.get(data.messages_field), where)
             except ChatFormatError:
+                continue
+            if row.get("tools") or any(m["role"] == "tool" or m.get("tool_calls") for m in conversation):
                 continue
             last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
             out.append(Question(where, conversation[:last], conversation[last]["content"]))

@@ -17,7 +17,7 @@ from generalmodel.config import Config, TrackingConfig, TrainConfig
 from generalmodel.data.chat import add_special_tokens, resize_embeddings
 from generalmodel.data.tokenizer import tokenizer_hash
 from generalmodel.storage import source_name
-from generalmodel.tokens import CHAT_TOKENS
+from generalmodel.tokens import CHAT_TOKENS, TOOL_TOKENS
 from generalmodel.tracking.registry import ModelRef
 from generalmodel.train.init_from import InitSource
 
@@ -93,10 +93,13 @@ def post_training_config(cfg: Config, stage: str, fmt: str) -> Config:
 
 
 def with_chat_tokens(cfg: Config, init: InitSource) -> tuple[Config, InitSource]:
-    """The base with the chat tokens: a model trained here has them reserved; another one gets
-    them added (`with_tokens`). The data section then uses that tokenizer, and its dataset is
-    named after the source file, the source's URI (hashed) and the tokenizer."""
+    """The base with the chat tokens (and the tool tokens, for data.tools): a model trained here
+    has the chat tokens reserved; another one gets them added (`with_tokens`). The data section
+    then uses that tokenizer, and its dataset is named after the source file, the source's URI
+    (hashed) and the tokenizer."""
     cfg, init = with_tokens(cfg, init, CHAT_TOKENS.values(), "chat")
+    if cfg.data.tools:
+        cfg, init = with_tokens(cfg, init, TOOL_TOKENS.values(), "tool")
     data = cfg.data
     if cfg.train.dataset is None:
         path = os.path.join(tempfile.mkdtemp(prefix="gm-chat-"), "tokenizer.json")

@@ -4,7 +4,10 @@
     POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
                                  "strategy": "sample" | "entropy" (entropy-aware sampling, ours)}
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}: the chat template
-                                (generalmodel.data.chat) when the model has its tokens, else a 400
+                                (generalmodel.data.chat) when the model has its tokens, else a 400;
+                                with "tools" (and "tool_choice": "auto" | "none"), OpenAI's tool calls:
+                                the answer's "tool_calls" and finish_reason "tool_calls", or, for a
+                                call the model wrote wrong, its text and a "tool_call_error" naming it
     GET  /health                200 once the model is loaded and its decode loop runs
     GET  /stats                 the replica's counters: requests, cancelled, tokens, rows in use
 
@@ -29,7 +32,7 @@ from pydantic import Field
 from ray import serve
 
 from generalmodel.config import Section, StorageConfig, TrackingConfig
-from generalmodel.data.chat import ChatFormatError
+from generalmodel.data.chat import ChatFormatError, Reply, messages
 from generalmodel.infer import SamplingParams
 from generalmodel.infer.engine import Event
 from generalmodel.infer.engine import Request as Sequence
@@ -45,6 +48,7 @@ from generalmodel.serve.protocol import (
     error_body,
     new_id,
     sse,
+    tool_calls_body,
     validation_message,
 )
 from generalmodel.tracking.registry import ModelRef
@@ -116,8 +120,17 @@ class Answer:
     """One request's answer as its tokens arrive from the decode loop: text pieces, then the
     whole body or the server-sent events of a stream."""
 
-    def __init__(self, server: "OpenAIServer", sequence, events: asyncio.Queue, text: TextStream, chat: bool):
+    def __init__(
+        self,
+        server: "OpenAIServer",
+        sequence,
+        events: asyncio.Queue,
+        text: TextStream,
+        chat: bool,
+        tools: list[str] | None = None,
+    ):
         self.server, self.sequence, self.events, self.text, self.chat = server, sequence, events, text, chat
+        self.tools = tools  # the declared tools' names: the answer is parsed for calls
         self.id = new_id("chatcmpl" if chat else "cmpl")
 
     async def pieces(self):
@@ -174,7 +187,21 @@ class Answer:
         async for piece, reason in self.pieces():
             out.append(piece)
             finish = reason
+        if self.tools is not None:
+            return self._with_calls(finish, chunk=False)
         return completion_body(self.id, self.server.name, "".join(out), finish, self.usage(), self.chat, chunk=False)
+
+    def _with_calls(self, finish: str | None, chunk: bool) -> dict[str, Any]:
+        """The answer parsed for tool calls (a body, or its stream's one chunk before the last)."""
+        reply: Reply = self.server.chat.reply(self.text.tokens, self.tools)
+        calls = tool_calls_body(reply.calls, chunk) if reply.calls else None
+        finish = "tool_calls" if calls else finish
+        body = completion_body(
+            self.id, self.server.name, reply.content, finish, None if chunk else self.usage(), True, chunk, calls
+        )
+        if reply.error is not None:  # the model's call is not one: its text, and why (not a server error)
+            body["choices"][0]["tool_call_error"] = {"message": reply.error, "type": "tool_call_parse_error"}
+        return body
 
     async def stream(self):
         name, chat = self.server.name, self.chat
@@ -182,6 +209,17 @@ class Answer:
             first = completion_body(self.id, name, "", None, None, chat, chunk=True)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             yield sse(first)
+        if self.tools is not None:  # calls are whole JSON: the answer goes out parsed, in one chunk
+            finish = None
+            async for _piece, reason in self.pieces():
+                finish = reason
+            body = self._with_calls(finish, chunk=True)
+            finish = body["choices"][0]["finish_reason"]
+            body["choices"][0]["finish_reason"] = None
+            yield sse(body)
+            yield sse(completion_body(self.id, name, "", finish, self.usage(), chat, chunk=True))
+            yield sse("[DONE]")
+            return
         async for piece, finish in self.pieces():
             if piece:
                 yield sse(completion_body(self.id, name, piece, None, None, chat, chunk=True))
@@ -268,18 +306,22 @@ class OpenAIServer:
                 "use /v1/completions, or fine-tune it with jobs/sft.py",
                 "messages",
             )
+        tools = body.tool_names
+        if tools and body.stops:
+            raise BadRequest("stop strings are not supported with tools (a call's JSON may hold them)", "stop")
         try:
-            ids = self.chat.prompt_ids([m.model_dump() for m in body.messages])
+            checked = messages([m.model_dump(exclude_none=True) for m in body.messages], "messages", False)
+            ids = self.chat.prompt_ids(checked, tools=tools)
         except ChatFormatError as e:
-            raise BadRequest(str(e), "messages") from None
-        return await self._answer(body, ids, {self.chat.end_id, self.eos}, chat=True)
+            raise BadRequest(str(e), "tools" if tools and not self.chat.tools else "messages") from None
+        return await self._answer(body, ids, {self.chat.end_id, self.eos}, chat=True, tools=tools)
 
-    async def _answer(self, body, ids: list[int], stop_ids: set[int], chat: bool):
+    async def _answer(self, body, ids: list[int], stop_ids: set[int], chat: bool, tools: list[str] | None = None):
         """The whole answer, or its stream of server-sent events (`body.stream`)."""
         sequence = Sequence(ids, self._params(body, ids, chat), frozenset(stop_ids))
         events: asyncio.Queue = asyncio.Queue()
         self.loop.submit(sequence, events)
-        answer = Answer(self, sequence, events, TextStream(self.tokenizer, body.stops), chat)
+        answer = Answer(self, sequence, events, TextStream(self.tokenizer, body.stops), chat, tools)
         if not body.stream:
             return await answer.body()
         return StreamingResponse(answer.stream(), media_type="text/event-stream")

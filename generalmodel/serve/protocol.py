@@ -62,17 +62,49 @@ class CompletionRequest(_Request):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None  # None only for an assistant's turn that calls tools
+    tool_calls: list[dict[str, Any]] | None = None  # checked by generalmodel.data.chat.messages
+    tool_call_id: str | None = None
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: Function
 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, gt=0)
+    tools: list[Tool] | None = None
+    # "auto": the model may call the tools; "none": it is not told of them (answers from its weights)
+    tool_choice: Literal["auto", "none"] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct(cls, v):
+        names = [t.function.name for t in v or ()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool names must differ (got {', '.join(names)})")
+        return v
 
     @property
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def tool_names(self) -> list[str] | None:
+        """The tools the model is told of (None: none, or tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.function.name for t in self.tools]
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
@@ -93,14 +125,27 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, usage: dict | None, chat: bool, chunk: bool):
+def completion_body(
+    rid: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    usage: dict | None,
+    chat: bool,
+    chunk: bool,
+    calls: list[dict[str, Any]] | None = None,
+):
     """A response (chunk=False) or a stream chunk of /v1/completions (chat=False) or
-    /v1/chat/completions (chat=True)."""
+    /v1/chat/completions (chat=True); `calls` are a chat answer's tool calls in OpenAI's form
+    (`tool_calls_body`)."""
     if chat:
+        message: dict[str, Any] = {"content": text} if text or not chunk else {}
+        if calls:
+            message = {"content": text or None, "tool_calls": calls}
         if chunk:
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+            choice = {"index": 0, "delta": message, "finish_reason": finish}
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}
         kind = "chat.completion.chunk" if chunk else "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -109,6 +154,16 @@ def completion_body(rid: str, model: str, text: str, finish: str | None, usage: 
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def tool_calls_body(calls: list[dict[str, Any]], chunk: bool) -> list[dict[str, Any]]:
+    """Parsed calls ({name, arguments}) as OpenAI's `tool_calls` (arguments a JSON string; a
+    stream chunk's entries carry their index)."""
+    out = []
+    for i, call in enumerate(calls):
+        function = {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}
+        out.append({**({"index": i} if chunk else {}), "id": new_id("call"), "type": "function", "function": function})
+    return out
 
 
 def sse(body: dict[str, Any] | str) -> str:
