@@ -495,3 +495,42 @@ def post_data(ray_cluster, tmp_path_factory):
             )
         )
     return root, chats, pairs
+
+
+def tool_conversations() -> list[dict]:
+    """Three calculator conversations in the suite's format (generalmodel.eval.reasoning)."""
+    from generalmodel.eval.reasoning import Problem, tool_conversation
+
+    rows = []
+    for a, b in ((12, 7), (345, 78), (9, 40)):
+        p = Problem("addition", 1, f"What is {a} + {b}?", a + b, (), f"The answer is {a + b}.", "", {}, f"{a} + {b}")
+        rows.append(tool_conversation(p, declared=True))
+    return rows
+
+
+def train_on_conversations(model, tokenizer_json: str, rows: list[dict], steps: int, lr: float = 3e-3):
+    """`model` trained in place (AdamW, full batch) on the assistant tokens of chat rows with
+    optional `tools`: a tiny model learns them by heart in a few dozen steps."""
+    import torch
+    import torch.nn.functional as F
+
+    from generalmodel.data.chat import ChatFormat, messages, tool_names
+
+    fmt = ChatFormat.from_json(tokenizer_json)
+    rendered = [fmt.render(messages(r["messages"], "row"), tools=tool_names(r.get("tools"), "row")) for r in rows]
+    width = max(len(r.ids) for r in rendered)
+    ids = torch.zeros(len(rendered), width, dtype=torch.long)
+    mask = torch.zeros(len(rendered), width, dtype=torch.bool)
+    for i, r in enumerate(rendered):
+        ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        mask[i, : len(r.mask)] = torch.tensor(r.mask, dtype=torch.bool)
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return float(loss.detach())

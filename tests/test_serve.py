@@ -2,8 +2,11 @@
 cluster, the model loaded from the real MLflow registry, talked to with the `openai` client and raw
 HTTP: completions and chat completions equal our sampler's output, streamed or not (SSE ending in
 `data: [DONE]`); stop strings; bad requests are 400s naming the field; concurrent streams share
-decode steps and each still gets its own tokens; a client that goes away frees its row. The text
-side (TextStream: multi-byte characters, stop strings across tokens) is tested without a server."""
+decode steps and each still gets its own tokens; a client that goes away frees its row; tool calls
+(a second app, a tiny model that learned to call the calculator): `tool_calls` out, the client's
+tool result back in, streamed or not, a malformed call a `tool_call_error` in the answer. The
+text side (TextStream: multi-byte characters, stop strings across tokens) is tested without a
+server."""
 
 import json
 import threading
@@ -12,14 +15,16 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import make_documents
+from conftest import make_documents, tool_conversations, train_on_conversations
 
 from generalmodel.cluster import free_port
-from generalmodel.data.chat import ChatFormat
+from generalmodel.data.chat import ChatFormat, add_special_tokens
 from generalmodel.data.tokenizer import EOS, train_bpe
 from generalmodel.infer import SamplingParams, generate, load_model
 from generalmodel.infer.export import export_files
+from generalmodel.infer.tools import BUILTIN, call
 from generalmodel.serve.protocol import TextStream
+from generalmodel.tokens import TOOL_TOKENS
 from generalmodel.tracking.runs import log_model, register
 from models import build_model
 from models.llama import LlamaConfig
@@ -45,25 +50,44 @@ def local(export):
     return load_model(str(export))
 
 
-@pytest.fixture(scope="module")
-def server(export, mlflow_server, ray_cluster):
-    """The app deployed on the session's Ray cluster from models:/served-openai/1 (MLflow server)."""
+def deploy(directory, name: str, tracking_uri: str, **options) -> str:
+    """models:/NAME/1 registered from an export directory and served; its base URL."""
     from mlflow.tracking import MlflowClient
-    from ray import serve
 
     from jobs.serve import ServeJobConfig, main
 
-    client = MlflowClient(mlflow_server.uri)
-    run = client.create_run(client.create_experiment(f"serve-openai-{time.time_ns()}"))
-    log_model(client, run.info.run_id, str(export))
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.create_experiment(f"serve-{name}-{time.time_ns()}"))
+    log_model(client, run.info.run_id, str(directory))
     client.set_terminated(run.info.run_id)
-    register(client, NAME, run.info.run_id)
-    cfg = ServeJobConfig(
-        model=f"models:/{NAME}/1", port=free_port(), max_batch=8, num_cpus=0.5, tracking={"uri": mlflow_server.uri}
-    )
-    url = main(cfg, block=False)
-    yield url
+    register(client, name, run.info.run_id)
+    cfg = ServeJobConfig(model=f"models:/{name}/1", num_cpus=0.5, tracking={"uri": tracking_uri}, **options)
+    return main(cfg, block=False)
+
+
+@pytest.fixture(scope="module")
+def server(export, mlflow_server, ray_cluster):
+    """The app deployed on the session's Ray cluster from models:/served-openai/1 (MLflow server)."""
+    from ray import serve
+
+    yield deploy(export, NAME, mlflow_server.uri, port=free_port(), max_batch=8)
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tool_server(server, mlflow_server, tmp_path_factory):
+    """A second app beside `server` (same proxy, route /tools): a tiny model that learned
+    tool_conversations() by heart, its tokenizer with the tool tokens."""
+    tokenizer = add_special_tokens(train_bpe(make_documents(30, seed=5), 320).to_str(), TOOL_TOKENS.values())[0]
+    cfg = LlamaConfig(vocab_size=322, max_seq_len=256, n_layers=2, n_heads=4, n_kv_heads=2, d_model=128)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert train_on_conversations(model, tokenizer, tool_conversations(), steps=120) < 0.05
+    directory = tmp_path_factory.mktemp("served-tools")
+    for name, data in export_files(cfg, model.state_dict(), tokenizer).items():
+        (directory / name).write_bytes(data)
+    port = int(server.split(":")[2].split("/")[0])
+    return deploy(directory, "served-tools", mlflow_server.uri, port=port, app_name="tools", route_prefix="/tools")
 
 
 def greedy_ids(local, prompt: str, n: int) -> list[int]:
@@ -263,3 +287,69 @@ def test_the_server_job_refuses_what_cannot_serve_before_deploying(tmp_path):
         check_model(ServeJobConfig(model="models:/nope/1", tracking=db))
     with pytest.raises(UserError, match="--quant=int4-weight needs a CUDA card"):
         check_model(ServeJobConfig(model="models:/nope/1", quant="int4-weight", tracking=db))
+
+
+CALCULATOR = BUILTIN["calculator"].spec
+
+
+@pytest.mark.integration
+def test_tool_calls_go_out_and_their_results_come_back(tool_server):
+    client = openai_client(tool_server)
+    asked = [{"role": "user", "content": "What is 345 + 78?"}]
+    out = client.chat.completions.create(
+        model="served-tools", messages=asked, tools=[CALCULATOR], temperature=0, max_tokens=100
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    (made,) = choice.message.tool_calls
+    assert made.type == "function" and made.function.name == "calculator"
+    arguments = json.loads(made.function.arguments)
+    assert arguments == {"expression": "345 + 78"}
+    # the client runs the tool and sends its result back: the model answers with it
+    result = call(made.function.name, arguments)
+    follow = [
+        *asked,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": made.id, "content": result},
+    ]
+    answer = client.chat.completions.create(
+        model="served-tools", messages=follow, tools=[CALCULATOR], temperature=0, max_tokens=100
+    ).choices[0]
+    assert answer.message.content == "The answer is 423." and answer.finish_reason == "stop"
+    assert not answer.message.tool_calls
+    # streamed: the call comes whole in one delta, then the finish reason
+    chunks = list(
+        client.chat.completions.create(
+            model="served-tools", messages=asked, tools=[CALCULATOR], temperature=0, max_tokens=100, stream=True
+        )
+    )
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and json.loads(deltas[0][0].function.arguments) == arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.integration
+def test_a_malformed_call_is_an_error_in_the_answer_not_a_crash(tool_server, server):
+    """Told of a tool it never saw, the model still writes a call (garbled, or to the calculator):
+    either way a 200 whose choice names what is wrong, with the text as generated."""
+    search = {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}
+    body = {
+        "model": "served-tools",
+        "messages": [{"role": "user", "content": "What is 12 + 7?"}],
+        "tools": [search],
+        "temperature": 0,
+        "max_tokens": 100,
+    }
+    response = httpx.post(f"{tool_server}/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    error = choice["tool_call_error"]
+    assert error["type"] == "tool_call_parse_error" and error["message"].startswith("tool call 1 of 1: "), error
+    assert "not JSON" in error["message"] or "which is not a declared tool (search)" in error["message"]
+    assert "<|tool_call|>" in choice["message"]["content"] and "tool_calls" not in choice["message"]
+    assert choice["finish_reason"] == "stop"
+    # a model without the tool tokens cannot be given tools: a 400 naming them
+    plain = {**body, "model": NAME, "tools": [CALCULATOR]}
+    response = httpx.post(f"{server}/chat/completions", json=plain, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
+    assert "data.tools=true" in response.json()["error"]["message"]
