@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: reasoning-data reasoning-sft reasoning-rl reasoning-coconut reasoning-quiet-star reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
+.PHONY: reasoning-data reasoning-sft reasoning-tools reasoning-rl reasoning-coconut reasoning-quiet-star reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
 	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft sft-svf dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
@@ -140,6 +140,7 @@ REASON_EVAL_ARGS ?=
 REASON_RL_ARGS ?=
 REASON_COCONUT_ARGS ?=
 REASON_QUIET_STAR_ARGS ?=
+REASON_TOOLS_ARGS ?=
 reasoning-data: install
 	$(PY) -m jobs.reasoning --out=$(REASON_DIR)
 
@@ -154,6 +155,15 @@ reasoning-coconut: reasoning-data
 
 reasoning-quiet-star: reasoning-data
 	$(PY) -m jobs.quiet_star --config configs/reasoning-quiet-star.yaml $(REASON_QUIET_STAR_ARGS)
+
+# Tool use (docs/tools.md): SFT on sft_tools.jsonl (half the problems declare the calculator and
+# answer through one call) with the tool tokens added (data.tools), then held-out pass@1 with the
+# calculator's calls run (tool_use, tool_call_errors per level); llama-tiny-reason-tools.
+reasoning-tools: reasoning-data
+	$(PY) -m jobs.sft --config configs/reasoning-sft.yaml --data.source=$(REASON_DIR)/sft_tools.jsonl \
+	  --data.tools=true --tracking.registered_model=llama-tiny-reason-tools $(REASON_TOOLS_ARGS)
+	$(PY) -m jobs.eval --models=models:/llama-tiny-reason-tools/latest --problems=$(REASON_DIR)/test.jsonl \
+	  --samples=0 --pass_k='[]' --tools='[calculator]' --name=reasoning-tools
 
 reasoning-eval: reasoning-data
 	$(PY) -m jobs.eval --models='$(REASON_MODEL)' --problems=$(REASON_DIR)/test.jsonl --name=reasoning $(REASON_EVAL_ARGS)

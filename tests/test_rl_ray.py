@@ -1,7 +1,8 @@
 """GRPO on the real Ray cluster: rollouts on Ray actors, the learner on Ray Train, tracked and
 registered in MLflow. A rollout actor killed mid-step is replaced and the step completes with the
 same samples; a learner failure resumes from the last checkpoint with the same prompts, so the
-interrupted run's rewards equal the uninterrupted run's, step by step."""
+interrupted run's rewards equal the uninterrupted run's, step by step (the faulty run syncs its
+weights by a collective broadcast, the plain one through the object store: the same samples)."""
 
 from __future__ import annotations
 
@@ -74,33 +75,26 @@ def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ra
     assert sorted(rewards) == [1, 2, 3, 4]
     assert any(v < 1 for v in per_step(plain["run_id"], "zero_variance_groups").values())  # a reward signal
 
+    # Faults, with the weights by a gloo broadcast instead of the object store (bit-identical, so
+    # the same samples): the killed actor's replacement forms the group again with the others, the
+    # failed learner resumes from its checkpoint; the rewards are the plain run's, step by step.
     faulty = rl.main(
         job_cfg(
             root,
             export,
             tmp_path / "faulty",
             mlflow_server.uri,
-            **{"train.run_name": "rl-faulty", "rl.kill_rollout_at_step": 1, "train.fail_at_step": 3},
+            **{
+                "train.run_name": "rl-faulty",
+                "rl.weight_sync": "collective",
+                "rl.kill_rollout_at_step": 1,
+                "train.fail_at_step": 3,
+            },
         )
     )
     assert max(per_step(faulty["run_id"], "rollout_workers_replaced").values()) >= 1  # the killed actor's
     assert per_step(faulty["run_id"], "reward_mean") == rewards  # same prompts, same samples, same weights
     assert per_step(faulty["run_id"], "heldout_accuracy") == per_step(plain["run_id"], "heldout_accuracy")
-    assert max(per_step(plain["run_id"], "weight_sync_bytes").values()) > 0
-
-    # The weights by a gloo broadcast instead of the object store: bit-identical, so the same samples;
-    # the killed actor's replacement forms the group again with the others.
-    collective = rl.main(
-        job_cfg(
-            root,
-            export,
-            tmp_path / "collective",
-            mlflow_server.uri,
-            **{"train.run_name": "rl-collective", "rl.weight_sync": "collective", "rl.kill_rollout_at_step": 2},
-        )
-    )
-    assert per_step(collective["run_id"], "reward_mean") == rewards
-    assert max(per_step(collective["run_id"], "rollout_workers_replaced").values()) >= 1
-    sizes = per_step(collective["run_id"], "weight_sync_bytes")
-    assert set(sizes.values()) == {max(per_step(plain["run_id"], "weight_sync_bytes").values())}
-    assert all(s > 0 for s in per_step(collective["run_id"], "weight_sync_s").values())
+    sizes = per_step(faulty["run_id"], "weight_sync_bytes")
+    assert set(sizes.values()) == {max(per_step(plain["run_id"], "weight_sync_bytes").values())} != {0}
+    assert all(s > 0 for s in per_step(faulty["run_id"], "weight_sync_s").values())
