@@ -191,3 +191,52 @@ def test_evaluation_with_tools_reports_their_use(caller, tokenizer_json):
     without = summarize(solve(caller, tokenizer_json, rows, 0, params), [])
     assert "problems.tool_use" not in without
     assert json.dumps(without)  # plain floats, for MLflow
+
+
+def test_rl_rollouts_call_the_calculator_and_the_learner_leaves_the_results_out(caller, tokenizer_json, tmp_path):
+    """rl.tools: the prompts declare the calculator; a rollout is the policy's call, the result's
+    tool turn (not sampled: logprob 0, out of the learner's mask), then its answer, which the
+    verifiers score."""
+    from generalmodel.config import load_config
+    from generalmodel.post.rl.learner import _sequences
+    from generalmodel.post.rl.rollout import RolloutWorker
+    from generalmodel.post.rl.tasks import load_prompts
+
+    source = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": r["messages"][0]["content"], "answer": int(r["messages"][2]["content"])}
+        for r in tool_conversations()
+    ]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = {"vocab_size": 322, "max_seq_len": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_model": 128}
+    cfg = load_config(
+        overrides={
+            **{f"model.{k}": v for k, v in tiny.items()},
+            "data.source": str(source),
+            "rl.eval_source": str(source),
+            "rl.tools": ["calculator"],
+            "rl.max_new_tokens": 100,
+            "rl.rewards": {"exact_number": 1.0},
+            "storage.root": str(tmp_path),
+        }
+    )
+    fmt = ChatFormat.from_json(tokenizer_json)
+    prompts = load_prompts(cfg, tokenizer_json)
+    assert fmt.tokenizer.decode(prompts.train[0].ids, False).startswith("<|system|>tools: calculator<|end|><|user|>")
+    worker = RolloutWorker(cfg, tokenizer_json, prompts)
+    worker.load(0, caller.state_dict())
+    batch = worker.evaluate([0, 1, 2])
+    for rollout, row in zip(batch.rollouts, rows, strict=True):
+        results = fmt.tool_results([str(row["answer"])])
+        assert rollout.reward == 1.0 and rollout.stopped and rollout.text == f"The answer is {row['answer']}."
+        assert len(rollout.logprobs) == len(rollout.completion) == len(rollout.policy)
+        at = rollout.policy.index(False)
+        assert rollout.completion[at : at + len(results)] == results  # the tool turn and <|assistant|>
+        assert rollout.policy.count(False) == len(results) and rollout.completion[at - 1] == fmt.end_id  # the call's
+        assert all(lp == 0 for lp, p in zip(rollout.logprobs, rollout.policy, strict=True) if not p)
+    assert batch.generated_tokens == sum(r.sampled for r in batch.rollouts)
+    tensors = _sequences(prompts, batch.rollouts, torch.zeros(3), "cpu")
+    assert int(tensors["mask"].sum()) == batch.generated_tokens  # the results are not trained on
+    first = batch.rollouts[0]
+    start = len(prompts.train[0].ids) - 1 + first.policy.index(False)
+    assert not tensors["mask"][0, start : start + first.policy.count(False)].any()

@@ -694,6 +694,13 @@ class RlConfig(Section):
     rollout_cpus: float = Field(1.0, gt=0, description="CPUs each rollout actor reserves.")
     rollout_gpus: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (0: CPU rollouts).")
     rollout_slots: int = Field(64, gt=0, description="Sequences a rollout actor decodes in one batch.")
+    tools: Strings = Field(
+        [],
+        description="Built-in tools (calculator) the prompts declare and whose calls rollouts run (docs/tools.md): a "
+        "rollout is the policy's turns with the tools' results between them (not trained on); the verifiers score "
+        "the last turn. rl.max_new_tokens is per turn.",
+    )
+    tool_rounds: int = Field(3, gt=0, description="rl.tools: turns a rollout may take (calls, then the answer).")
     kill_rollout_at_step: int | None = Field(
         None,
         description="Testing aid: one rollout actor's process exits while this step's rollouts run (it is replaced).",

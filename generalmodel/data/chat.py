@@ -203,6 +203,12 @@ class ChatFormat:
         """What a model continues to answer the conversation: its ids and `<|assistant|>`."""
         return self.render(messages, generation_prompt=True, tools=tools).ids
 
+    def tool_results(self, results: list[str]) -> list[int]:
+        """What follows an assistant's calls until it answers: a tool turn per result, then
+        `<|assistant|>` (what `prompt_ids` of the conversation with those turns ends with)."""
+        ids = [i for r in results for i in (self.role_ids["tool"], *self.encode(r), self.end_id)]
+        return ids + [self.role_ids["assistant"]]
+
     def reply(self, ids: list[int], tools: list[str] | None = None) -> Reply:
         """What a model generated after `<|assistant|>` (without the end-of-turn token) as content
         and tool calls. Strict: each call must be `{"name": ..., "arguments": {...}}` naming one of

@@ -295,8 +295,10 @@ def rollout_metrics(batch: Batch, group_size: int, weights: dict[str, float]) ->
     rollouts = batch.rollouts
     rewards = torch.tensor([r.reward for r in rollouts])
     groups = rewards.view(-1, group_size)
-    lengths = torch.tensor([len(r.completion) for r in rollouts], dtype=torch.float)
+    lengths = torch.tensor([r.sampled for r in rollouts], dtype=torch.float)  # the policy's tokens
     metrics = scores("rollout", rollouts, weights)
+    if any(r.policy is not None for r in rollouts):  # rl.tools: the share of rollouts that called one
+        metrics["tool_use"] = sum(r.policy is not None and not all(r.policy) for r in rollouts) / len(rollouts)
     metrics.update(
         reward_mean=rewards.mean().item(),
         reward_std=rewards.std().item() if len(rollouts) > 1 else 0.0,
@@ -322,7 +324,8 @@ def _gather(pool, handle, group_size: int, weights: dict[str, float], env) -> di
 
 def _sequences(prompts: PromptSet, rows: list[Rollout], advantages: torch.Tensor, device) -> dict[str, torch.Tensor]:
     """Prompt + completion rows, right-padded: inputs, targets, the completion mask over the
-    targets, the sampler's log-probs there, and each row's advantage."""
+    targets (the ids the policy sampled: not the tools' results of rl.tools), the sampler's
+    log-probs there, and each row's advantage."""
     seqs = [prompts.train[r.prompt].ids + r.completion for r in rows]
     length = max(len(s) for s in seqs)
     tokens = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -331,7 +334,7 @@ def _sequences(prompts: PromptSet, rows: list[Rollout], advantages: torch.Tensor
     for i, (seq, r) in enumerate(zip(seqs, rows, strict=True)):
         tokens[i, : len(seq)] = torch.tensor(seq)
         start = len(seq) - len(r.completion) - 1  # the target index of the first completion token
-        mask[i, start : start + len(r.completion)] = True
+        mask[i, start : start + len(r.completion)] = True if r.policy is None else torch.tensor(r.policy)
         old[i, start : start + len(r.completion)] = torch.tensor(r.logprobs)
     return {
         "inputs": tokens[:, :-1].to(device),

@@ -48,6 +48,14 @@ class Rollout:
     stopped: bool  # ended with the end-of-turn (or EOS) token, not at the token budget
     version: int  # the policy version (learner steps taken) that sampled it
     text: str = ""
+    # rl.tools: which completion ids the policy sampled (the tools' results between its turns are
+    # not: the learner leaves them out, and their logprobs are 0); None: all of them
+    policy: list[bool] | None = None
+
+    @property
+    def sampled(self) -> int:
+        """Completion ids the policy sampled."""
+        return len(self.completion) if self.policy is None else sum(self.policy)
 
 
 @dataclass
@@ -86,6 +94,7 @@ class RolloutWorker:
         self.model = build_model(cfg.model).to(self.device).eval()
         fmt = ChatFormat.from_json(tokenizer_json)
         self.tokenizer = fmt.tokenizer
+        self.fmt = fmt
         self.stop_ids = frozenset({fmt.end_id, eos_id(fmt.tokenizer)})
         self.rewards = Rewards(cfg.rl.rewards)
         self.version = -1
@@ -141,6 +150,8 @@ class RolloutWorker:
         release the GIL), so scoring overlaps generation instead of following it."""
         from generalmodel.infer.engine import Engine, Request
 
+        if self.cfg.rl.tools:
+            return self._run_with_tools(prompts, indices, params)
         started = time.perf_counter()
         capacity = min(self.cfg.model.max_seq_len, max(len(p.ids) for p in prompts) + self.cfg.rl.max_new_tokens)
         engine = Engine(self.model, min(self.cfg.rl.rollout_slots, len(prompts)), capacity=capacity)
@@ -159,6 +170,66 @@ class RolloutWorker:
                 rollout = scored[request.id].result()
                 batch.rollouts.append(rollout)
                 batch.generated_tokens += len(rollout.completion)
+        return batch
+
+    def _run_with_tools(self, prompts, indices: list[int], params: list[SamplingParams]) -> Batch:
+        """rl.tools: each rollout takes up to rl.tool_rounds turns, batched turn by turn; a turn
+        whose calls parse has them run (generalmodel.infer.tools.call) and their results appended
+        as tool turns, then the policy answers again. Round r > 0 samples with the seed of
+        (the completion's seed, r). The verifiers score the last turn's content."""
+        from generalmodel.infer.engine import Engine, Request
+        from generalmodel.infer.tools import call
+
+        started = time.perf_counter()
+        rl, tools, fmt = self.cfg.rl, list(self.cfg.rl.tools), self.fmt
+        completions: list[list[int]] = [[] for _ in prompts]
+        policy: list[list[bool]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        last: list = [None] * len(prompts)  # (request, reply) of each rollout's last turn
+        open_ = list(range(len(prompts)))
+        for round_ in range(rl.tool_rounds):
+            room = self.cfg.model.max_seq_len - rl.max_new_tokens
+            open_ = [i for i in open_ if len(prompts[i].ids) + len(completions[i]) <= room]
+            if not open_:
+                break
+            longest = max(len(prompts[i].ids) + len(completions[i]) for i in open_)
+            engine = Engine(self.model, min(rl.rollout_slots, len(open_)), capacity=longest + rl.max_new_tokens)
+            turn = [
+                p if round_ == 0 else p.model_copy(update={"seed": seed_of(p.seed, "turn", round_)})
+                for p in (params[i] for i in open_)
+            ]
+            requests = [
+                engine.add(Request(prompts[i].ids + completions[i], q, self.stop_ids))
+                for i, q in zip(open_, turn, strict=True)
+            ]
+            while not engine.idle():
+                engine.step()
+            still = []
+            for i, request in zip(open_, requests, strict=True):
+                stopped = request.finish_reason == "stop"
+                sampled = request.tokens + ([request.stop_id] if stopped else [])
+                completions[i] += sampled
+                policy[i] += [True] * len(sampled)
+                logprobs[i] += list(request.logprobs)
+                reply = fmt.reply(request.tokens, tools)
+                last[i] = (request, reply)
+                if stopped and request.stop_id == fmt.end_id and reply.calls and reply.error is None:
+                    results = fmt.tool_results([call(c["name"], c["arguments"]) for c in reply.calls])
+                    completions[i] += results
+                    policy[i] += [False] * len(results)
+                    logprobs[i] += [0.0] * len(results)
+                    still.append(i)
+            open_ = still
+        batch = Batch(generate_s=time.perf_counter() - started)
+        for i, (prompt, index) in enumerate(zip(prompts, indices, strict=True)):
+            request, reply = last[i]
+            reward, scores = self.rewards(prompt.text, reply.content, prompt.fields)
+            stopped = request.finish_reason == "stop" and i not in open_  # answered, not cut off mid-calls
+            rollout = Rollout(
+                index, completions[i], logprobs[i], reward, scores, stopped, self.version, reply.content, policy[i]
+            )
+            batch.rollouts.append(rollout)
+            batch.generated_tokens += rollout.sampled
         return batch
 
     def _rollout(self, request, prompt, index: int) -> Rollout:

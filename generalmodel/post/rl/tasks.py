@@ -1,7 +1,8 @@
 """The prompts an RL run learns from and is scored on: rows of `data.source` (.jsonl/.parquet,
 local, s3:// or hf:) holding a prompt (`rl.prompt_field`: a string, the user's message, or a
 message list) and the fields its verifiers read (e.g. `answer`). The held-out prompts are
-`rl.eval_source`, or else the val split of data.source (the SFT/DPO datasets' hash split).
+`rl.eval_source`, or else the val split of data.source (the SFT/DPO datasets' hash split). With
+rl.tools, the prompts declare those tools (docs/tools.md).
 
 The order is a pure function of (train.seed, step): step k takes the prompts at positions
 k·P … k·P+P−1 of an endless sequence of seeded permutations (one per epoch), so a run resumed at
@@ -55,6 +56,11 @@ class PromptSet(InMemoryData):
 def load_prompts(cfg: Config, tokenizer_json: str) -> PromptSet:
     """The run's prompts, rendered with the chat format of `tokenizer_json`. A UserError names the
     file and line of a malformed row, or says which split came out empty."""
+    from generalmodel.infer.tools import BUILTIN
+
+    unknown = [t for t in cfg.rl.tools if t not in BUILTIN]
+    if unknown:
+        raise UserError(f"rl.tools {unknown}: the built-in tools are {', '.join(BUILTIN)}")
     fmt = ChatFormat.from_json(tokenizer_json)
     storage = cfg.storage.resolved()
     digest = hashlib.sha256()
@@ -88,7 +94,7 @@ def _prompt(cfg: Config, fmt: ChatFormat, where: str, row: dict[str, Any], limit
         conversation = messages(value, where, require_assistant=False)
         if conversation[-1]["role"] == "assistant":
             raise UserError(f"{where}: the prompt ends with an assistant message; the model answers after a user's")
-    ids = fmt.prompt_ids(conversation)
+    ids = fmt.prompt_ids(conversation, tools=list(cfg.rl.tools) or None)  # rl.tools declared to the policy
     if len(ids) > limit:
         raise UserError(
             f"{where}: the prompt has {len(ids)} tokens; model.max_seq_len {cfg.model.max_seq_len} - "
