@@ -129,7 +129,7 @@ def test_summaries_per_task_and_level():
 
 def test_the_suite_files(tmp_path):
     counts = write_suite(tmp_path, ["addition", "countdown"], sft=5, train=4, test=3, seed=1)
-    assert counts == {"sft_cot": 35, "sft_answer": 35, "train": 28, "test": 21}  # 4 + 3 levels
+    assert counts == {"sft_cot": 35, "sft_answer": 35, "sft_tools": 35, "train": 28, "test": 21}  # 4 + 3 levels
     read = {
         name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()] for name in counts
     }
@@ -137,6 +137,17 @@ def test_the_suite_files(tmp_path):
         assert cot["messages"][0] == answer["messages"][0]
         assert cot["messages"][1]["content"].endswith(answer["messages"][1]["content"])
         assert answer["messages"][1]["content"].startswith("The answer is ")
+    for i, (tools, answer) in enumerate(zip(read["sft_tools"], read["sft_answer"], strict=True)):
+        # every other problem declares the calculator and, for addition, answers through one call
+        assert tools["messages"][0] == answer["messages"][0] and tools["messages"][-1] == answer["messages"][1]
+        assert ("tools" in tools) == (i % 2 == 0)
+        calls = [m for m in tools["messages"] if m.get("tool_calls")]
+        addition = answer["messages"][0]["content"].startswith("What is")
+        assert len(calls) == (1 if "tools" in tools and addition else 0)
+        if calls:
+            (made,) = calls[0]["tool_calls"]
+            assert answer["messages"][0]["content"] == f"What is {made['arguments']['expression']}?"
+            assert tools["messages"][2] == {"role": "tool", "content": answer["messages"][1]["content"][14:-1]}
     assert {r["task"] for r in read["test"]} == {"addition", "countdown"}
     assert all("numbers" in r for r in read["test"] if r["task"] == "countdown")
     assert not list(tmp_path.glob(".*.tmp"))
