@@ -168,6 +168,10 @@ def test_a_conversation_runs_its_calls_and_answers_after_the_result(caller, fmt)
         result = calculate(row["messages"][1]["tool_calls"][0]["arguments"]["expression"])
         assert talk.messages[2] == {"role": "tool", "content": result}  # the calculator ran, its result went back
         assert talk.answer == f"The answer is {result}."
+    # a conversation the context cannot hold ends with an error, not an exception, beside the others
+    crowded = [{"role": "user", "content": "What is 12 + 7?" + " 1" * 300}]
+    talks = converse(caller, fmt, [crowded, asked[0]], ["calculator"], greedy, stop)
+    assert "no room left in the model's 256" in talks[0].error and talks[1].finished
     # without tools declared nothing is run: a call the model writes anyway ends it as an error
     untold = converse(caller, fmt, asked[:2], None, greedy, stop, slots=1)
     assert all(t.calls == 0 and len(t.messages) == 1 for t in untold)

@@ -160,10 +160,18 @@ def converse(
     stop = frozenset(stop_ids | {fmt.end_id})
     reserved = thoughts.positions if thoughts is not None else 0
     for _ in range(max_rounds):
-        open_ = [i for i, c in enumerate(out) if not c.finished and c.error is None]
+        open_, prompts = [], []
+        for i, c in enumerate(out):
+            if c.finished or c.error is not None:
+                continue
+            ids = fmt.prompt_ids(c.messages, tools=tools)
+            if len(ids) + reserved >= model.cfg.max_seq_len:  # the tools' results filled the context
+                c.error = f"the conversation has {len(ids)} tokens: no room left in the model's {model.cfg.max_seq_len}"
+                continue
+            open_.append(i)
+            prompts.append(ids)
         if not open_:
             break
-        prompts = [fmt.prompt_ids(out[i].messages, tools=tools) for i in open_]
         longest = max(len(p) + per_row[i].max_new_tokens for p, i in zip(prompts, open_, strict=True))
         capacity = min(model.cfg.max_seq_len, longest + reserved)
         engine = Engine(model, min(slots, len(open_)), capacity=capacity, thoughts=thoughts)
