@@ -131,6 +131,9 @@ def test_bad_tool_messages_and_declarations_are_named_errors(tokenizer_json):
     openai = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
     read = messages([{"role": "assistant", "content": None, "tool_calls": [openai]}], "here")
     assert read == [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"x": 1}}]}]
+    assert messages([{"role": "assistant", "content": "hi", "tool_calls": []}], "here") == [
+        {"role": "assistant", "content": "hi"}
+    ]
     # a tokenizer without the tool tokens cannot render them: the error says how to get them
     plain = ChatFormat.from_json(train_bpe(make_documents(10, seed=1), 300).to_str())
     with pytest.raises(ChatFormatError, match="lacks: fine-tune .* data.tools=true"):

@@ -307,7 +307,7 @@ def messages(value: Any, where: str, require_assistant: bool = True) -> list[dic
             raise ChatFormatError(f"{where}: message {i} has no 'role' (keys: {', '.join(map(str, message))})")
         if role not in ROLES:
             raise ChatFormatError(f"{where}: message {i} has role {role!r}; roles: {', '.join(roles)}")
-        calls = message.get("tool_calls")
+        calls = message.get("tool_calls") or None  # [] (some clients send it): no calls
         if calls is not None and role != "assistant":
             raise ChatFormatError(f"{where}: message {i} ({role}) has tool_calls: only an assistant calls tools")
         if calls is not None and content is None:

@@ -224,7 +224,7 @@ class RolloutWorker:
         for i, (prompt, index) in enumerate(zip(prompts, indices, strict=True)):
             request, reply = last[i]
             reward, scores = self.rewards(prompt.text, reply.content, prompt.fields)
-            stopped = request.finish_reason == "stop" and i not in open_  # answered, not cut off mid-calls
+            stopped = request.finish_reason == "stop" and not reply.calls  # answered, not left after calls
             rollout = Rollout(
                 index, completions[i], logprobs[i], reward, scores, stopped, self.version, reply.content, policy[i]
             )
