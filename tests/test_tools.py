@@ -156,6 +156,7 @@ def test_the_calculator_is_exact_and_refuses_what_is_not_arithmetic():
     assert call("calculator", {"expression": "1 / 0"}) == "error: division by zero"
     assert call("calculator", {"expr": "1"}) == "error: calculator takes expression; missing expression"
     assert call("search", {}) == "error: no tool 'search'"
+    assert call("calculator", {"expression": 12}) == "error: the expression must be a string, got 12"
     assert BUILTIN["calculator"].spec["function"]["parameters"]["required"] == ["expression"]
 
 

@@ -14,6 +14,7 @@ The chat format (tool turns, calls, strict parsing) is generalmodel.data.chat's.
 from __future__ import annotations
 
 import ast
+import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 def calculate(expression: str) -> str:
     """The value of an arithmetic expression, exactly: "7 / 2" → "3.5", "1 / 3" → "0.3333333333"
     (ten significant digits when it does not end), "2 ** 10" → "1024"."""
+    if not isinstance(expression, str):
+        raise ToolError(f"the expression must be a string, got {json.dumps(expression)[:40]}")
     text = expression.replace("×", "*").replace("÷", "/").replace("^", "**").replace(",", "")
     try:
         tree = ast.parse(text.strip(), mode="eval").body
