@@ -11,6 +11,7 @@ server."""
 import json
 import threading
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -86,7 +87,7 @@ def tool_server(server, mlflow_server, tmp_path_factory):
     directory = tmp_path_factory.mktemp("served-tools")
     for name, data in export_files(cfg, model.state_dict(), tokenizer).items():
         (directory / name).write_bytes(data)
-    port = int(server.split(":")[2].split("/")[0])
+    port = urlsplit(server).port
     return deploy(directory, "served-tools", mlflow_server.uri, port=port, app_name="tools", route_prefix="/tools")
 
 

@@ -198,7 +198,7 @@ def test_evaluation_with_tools_reports_their_use(caller, tokenizer_json):
     assert with_tools["problems.tool_call_errors"] == 0.0
     without = summarize(solve(caller, tokenizer_json, rows, 0, params), [])
     assert "problems.tool_use" not in without
-    assert json.dumps(without)  # plain floats, for MLflow
+    assert without["problems.pass1_greedy"] < 1.0  # the calculator's results made the difference
 
 
 def test_rl_rollouts_call_the_calculator_and_the_learner_leaves_the_results_out(caller, tokenizer_json, tmp_path):

@@ -157,7 +157,10 @@ def converse(
 ) -> list[Conversation]:
     """Run each conversation (messages ending with the user's) to an answer, `slots` sequences
     decoding at once, calling `tools` (names declared to the model; None: no tools) from
-    `available` (default: the built-ins). `params`: one for all, or one per conversation."""
+    `available` (default: the built-ins). `params`: one for all, or one per conversation.
+    Each turn is re-rendered from the messages, calls in their canonical JSON — what a client of
+    the served API sends back; RL's rollouts (post/rl/rollout.py) keep the sampled ids instead,
+    which the learner must score exactly."""
     per_row = params if isinstance(params, list) else [params] * len(conversations)
     out = [Conversation([dict(m) for m in c]) for c in conversations]
     stop = frozenset(stop_ids | {fmt.end_id})
