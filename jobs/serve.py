@@ -3,6 +3,7 @@
 python -m jobs.serve --model=models:/llama-tiny-sft/latest          # http://127.0.0.1:8000/v1
 python -m jobs.serve --model=models:/llama-tiny@champion --max_batch=32 --quant=int8-weight
 python -m jobs.serve --model=... --autoscaling.max_replicas=4 --ray.address=auto   # on a cluster
+python -m jobs.serve --model=models:/llama-tiny-rag/latest --index=.generalmodel/indexes/sotu-qa  # RAG
 curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
   -d '{"model": "llama-tiny", "prompt": "Fellow citizens,", "max_tokens": 32}'
 
@@ -29,11 +30,15 @@ def check_model(cfg: ServeConfig) -> None:
     """Fail before deploying when the model reference does not resolve (a replica would only
     crash-loop) or the quantization cannot run on the device."""
     from generalmodel.infer.quant import check_quant
+    from generalmodel.retrieval.index import KIND as INDEX_KIND
+    from generalmodel.storage import read_manifest, resolve
     from generalmodel.tracking import ModelRef, artifact_uri, tracking_uri
 
     check_quant(cfg.quant, cfg.device)
     if ModelRef.parse(cfg.model).in_mlflow:
         artifact_uri(cfg.model, tracking_uri(cfg))
+    if cfg.index:
+        read_manifest(resolve(cfg.index, cfg.storage.resolved()), INDEX_KIND)
 
 
 def main(cfg: ServeJobConfig, block: bool = True) -> str:

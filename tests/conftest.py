@@ -310,6 +310,25 @@ def train_dataset(ray_cluster, tmp_path_factory):
     return str(root / "ds")
 
 
+# A sentence no generated document has: what retrieval must find.
+PLANTED = "The lighthouse keeper of Vardo counted ninety-seven whales in the frozen harbour."
+
+
+@pytest.fixture(scope="session")
+def planted_index(ray_cluster, tmp_path_factory) -> str:
+    """A retrieval index (tfidf, flat) of 30 generated documents and planted.txt, which holds PLANTED
+    among generated sentences; its URI."""
+    from generalmodel.config import StorageConfig
+    from generalmodel.retrieval import IndexConfig, build_index
+
+    root = write_corpus(tmp_path_factory.mktemp("retrieval") / "corpus", 30, seed=21)
+    filler = make_documents(2, seed=22, words_per_doc=120)
+    (root / "planted.txt").write_text(f"{filler[0]} {PLANTED} {filler[1]}")
+    out = str(root.parent / "index")
+    build_index(IndexConfig(source=str(root), out=out, passage_words=40), StorageConfig())
+    return out
+
+
 @pytest.fixture
 def txt_corpus(tmp_path) -> Path:
     root = tmp_path / "corpus"

@@ -2,7 +2,8 @@
 cluster, the model loaded from the real MLflow registry, talked to with the `openai` client and raw
 HTTP: completions and chat completions equal our sampler's output, streamed or not (SSE ending in
 `data: [DONE]`); stop strings; bad requests are 400s naming the field; concurrent streams share
-decode steps and each still gets its own tokens; a client that goes away frees its row; tool calls
+decode steps and each still gets its own tokens; a client that goes away frees its row; retrieval
+(the index's passages in the prompt, cited in the answer; a 400 without an index); tool calls
 (a second app, a tiny model that learned to call the calculator): `tool_calls` out, the client's
 tool result back in, streamed or not, a malformed call a `tool_call_error` in the answer. The
 text side (TextStream: multi-byte characters, stop strings across tokens) is tested without a
@@ -16,14 +17,16 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import torch
-from conftest import make_documents, tool_conversations, train_on_conversations
+from conftest import PLANTED, make_documents, tool_conversations, train_on_conversations
 
 from generalmodel.cluster import free_port
+from generalmodel.config import StorageConfig
 from generalmodel.data.chat import ChatFormat, add_special_tokens
 from generalmodel.data.tokenizer import EOS, train_bpe
 from generalmodel.infer import SamplingParams, generate, load_model
 from generalmodel.infer.export import export_files
 from generalmodel.infer.tools import BUILTIN, call
+from generalmodel.retrieval import Index, context
 from generalmodel.serve.protocol import TextStream
 from generalmodel.tokens import TOOL_TOKENS
 from generalmodel.tracking.runs import log_model, register
@@ -67,11 +70,12 @@ def deploy(directory, name: str, tracking_uri: str, **options) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(export, mlflow_server, ray_cluster):
-    """The app deployed on the session's Ray cluster from models:/served-openai/1 (MLflow server)."""
+def server(export, mlflow_server, ray_cluster, planted_index):
+    """The app deployed on the session's Ray cluster from models:/served-openai/1 (MLflow server),
+    with the planted retrieval index."""
     from ray import serve
 
-    yield deploy(export, NAME, mlflow_server.uri, port=free_port(), max_batch=8)
+    yield deploy(export, NAME, mlflow_server.uri, port=free_port(), max_batch=8, index=planted_index)
     serve.shutdown()
 
 
@@ -354,3 +358,37 @@ def test_a_malformed_call_is_an_error_in_the_answer_not_a_crash(tool_server, ser
     response = httpx.post(f"{server}/chat/completions", json=plain, timeout=60)
     assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
     assert "data.tools=true" in response.json()["error"]["message"]
+
+
+@pytest.mark.integration
+def test_retrieval_puts_the_passages_in_the_prompt_and_cites_them(server, local, planted_index, tool_server):
+    model, tokenizer = local
+    question = [{"role": "user", "content": "How many whales did the lighthouse keeper count?"}]
+    body = {"model": NAME, "messages": question, "max_tokens": 8, "temperature": 0}
+    response = httpx.post(f"{server}/chat/completions", json={**body, "retrieval": {"k": 2, "words": 12}}, timeout=60)
+    assert response.status_code == 200, response.text
+    cited = response.json()["retrieval"]
+    assert cited["index"] == planted_index and [p["rank"] for p in cited["passages"]] == [1, 2]
+    assert cited["passages"][0]["title"] == "planted" and PLANTED in cited["passages"][0]["text"]
+    # what the model answered is what our sampler writes after the passages' system turn
+    hits = Index.load(planted_index, StorageConfig()).search([question[0]["content"]], 2)[0]
+    assert [h.id for h in hits] == [p["id"] for p in cited["passages"]]
+    fmt = ChatFormat.from_json(tokenizer.to_str())
+    prompt = fmt.prompt_ids([{"role": "system", "content": context(hits, 12)}, *question])
+    expected = tokenizer.decode(
+        list(generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=8), {fmt.end_id, eos(local)}))
+    )
+    assert response.json()["choices"][0]["message"]["content"] == expected
+    assert response.json()["usage"]["prompt_tokens"] == len(prompt)
+    # streamed: the citations come in the first chunk
+    with httpx.stream(
+        "POST", f"{server}/chat/completions", json={**body, "stream": True, "retrieval": {"k": 1}}, timeout=60
+    ) as streamed:
+        first = json.loads(next(line for line in streamed.iter_lines() if line)[6:])
+    assert first["retrieval"]["passages"][0]["title"] == "planted"
+    # a server without an index, or a bad option: 400s naming retrieval
+    refused = httpx.post(f"{tool_server}/chat/completions", json={**body, "model": "served-tools", "retrieval": {}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "retrieval"
+    assert "no retrieval index" in refused.json()["error"]["message"]
+    bad = httpx.post(f"{server}/chat/completions", json={**body, "retrieval": {"k": 0}}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "retrieval"

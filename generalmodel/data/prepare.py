@@ -172,7 +172,7 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
             removal = Removal(drops.get(unit, {}), eval_keys, plan.difficulty)
             return process_unit(unit, pieces, ray.get(tok_ref), data, storage, version_loc.uri, removal)
 
-        metas = map_units(plan, run_unit)
+        metas = map_units(plan.units, run_unit)
         val_split = "documents" if data.format == "text" else "rows"
         if (
             data.format == "text"
@@ -191,15 +191,15 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
     return manifest
 
 
-def map_units(plan: Plan, run: Callable[[int, list[Piece]], dict[str, Any]]) -> list[dict[str, Any]]:
+def map_units(units: list[list[Piece]], run: Callable[[int, list[Piece]], dict[str, Any]]) -> list[dict[str, Any]]:
     """`run(unit, pieces)` for every unit as a Ray Data task (one CPU each); the results by unit. A
     task's UserError or RunFailed is raised here, with its message."""
     import ray
 
-    items = [{"unit": i, "pieces": json.dumps([asdict(p) for p in u])} for i, u in enumerate(plan.units)]
+    items = [{"unit": i, "pieces": json.dumps([asdict(p) for p in u])} for i, u in enumerate(units)]
     # Largest units first, so that the last tasks to start are short (results are keyed by
     # unit, so the order of execution does not change the output).
-    items.sort(key=lambda item: -sum(p.size for p in plan.units[item["unit"]]))
+    items.sort(key=lambda item: -sum(p.size for p in units[item["unit"]]))
 
     def run_batch(batch: dict[str, Any]) -> dict[str, Any]:
         results = []
@@ -248,7 +248,7 @@ def find_duplicates(plan: Plan) -> dict[int, dict[int, str]]:
     exact: set[str] = set()
     index = NearDuplicates(data.dedup_threshold, data.dedup_num_perm) if near else None
     drops: dict[int, dict[int, str]] = {}
-    for meta in map_units(plan, sign):
+    for meta in map_units(plan.units, sign):
         unit = meta["unit"]
         signatures = (
             np.frombuffer(base64.b64decode(meta["minhash"]), dtype=np.uint64).reshape(-1, data.dedup_num_perm)

@@ -7,7 +7,10 @@
                                 (generalmodel.data.chat) when the model has its tokens, else a 400;
                                 with "tools" (and "tool_choice": "auto" | "none"), OpenAI's tool calls:
                                 the answer's "tool_calls" and finish_reason "tool_calls", or, for a
-                                call the model wrote wrong, its text and a "tool_call_error" naming it
+                                call the model wrote wrong, its text and a "tool_call_error" naming it;
+                                with "retrieval": {"k", "words"} (a server started with an index):
+                                the last user message's top-k passages as a system turn before it,
+                                cited in the answer's "retrieval" field (generalmodel.retrieval)
     GET  /health                200 once the model is loaded and its decode loop runs
     GET  /stats                 the replica's counters: requests, cancelled, tokens, rows in use
 
@@ -88,6 +91,9 @@ class ServeConfig(Section):
     autoscaling: Autoscaling | None = None
     num_cpus: float = Field(1.0, gt=0, description="CPUs each replica reserves.")
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="How long a stopping replica finishes requests.")
+    index: str | None = Field(
+        None, description="A retrieval index (python -m jobs.index): requests may ask for passages from it."
+    )
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -128,9 +134,11 @@ class Answer:
         text: TextStream,
         chat: bool,
         tools: list[str] | None = None,
+        extra: dict[str, Any] | None = None,
     ):
         self.server, self.sequence, self.events, self.text, self.chat = server, sequence, events, text, chat
         self.tools = tools  # the declared tools' names: the answer is parsed for calls
+        self.extra = extra or {}  # fields of the body (a stream's first chunk) beyond OpenAI's: "retrieval"
         self.id = new_id("chatcmpl" if chat else "cmpl")
 
     async def pieces(self):
@@ -188,8 +196,9 @@ class Answer:
             out.append(piece)
             finish = reason
         if self.tools is not None:
-            return self._with_calls(finish, chunk=False)
-        return completion_body(self.id, self.server.name, "".join(out), finish, self.usage(), self.chat, chunk=False)
+            return {**self._with_calls(finish, chunk=False), **self.extra}
+        body = completion_body(self.id, self.server.name, "".join(out), finish, self.usage(), self.chat, chunk=False)
+        return {**body, **self.extra}
 
     def _with_calls(self, finish: str | None, chunk: bool) -> dict[str, Any]:
         """The answer parsed for tool calls (a body, or its stream's one chunk before the last)."""
@@ -208,7 +217,7 @@ class Answer:
         if chat:  # OpenAI's first chunk names the role
             first = completion_body(self.id, name, "", None, None, chat, chunk=True)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield sse(first)
+            yield sse({**first, **self.extra})
         if self.tools is not None:  # calls are whole JSON: the answer goes out parsed, in one chunk
             finish = None
             async for _piece, reason in self.pieces():
@@ -250,11 +259,14 @@ class OpenAIServer:
         from generalmodel.data.tokenizer import eos_id
         from generalmodel.infer.engine import Engine, thoughts_of
         from generalmodel.infer.export import load_model
+        from generalmodel.retrieval import open_index
         from generalmodel.tracking import tracking_uri
         from generalmodel.tracking.registry import download_model
 
         self.cfg = ServeConfig.model_validate(cfg_dict)
-        directory = download_model(self.cfg.model, tracking_uri(self.cfg), self.cfg.storage.resolved())
+        storage = self.cfg.storage.resolved()
+        directory = download_model(self.cfg.model, tracking_uri(self.cfg), storage)
+        self.index = open_index(self.cfg.index, storage, tracking_uri(self.cfg)) if self.cfg.index else None
         self.model, self.tokenizer = load_model(directory, self.cfg.device, self.cfg.quant)
         self.name = self.cfg.name or served_name(self.cfg.model)
         self.eos = eos_id(self.tokenizer)
@@ -311,17 +323,47 @@ class OpenAIServer:
             raise BadRequest("stop strings are not supported with tools (a call's JSON may hold them)", "stop")
         try:
             checked = messages([m.model_dump(exclude_none=True) for m in body.messages], "messages", False)
+        except ChatFormatError as e:
+            raise BadRequest(str(e), "messages") from None
+        extra = None
+        if body.retrieval is not None:
+            checked, extra = await self._retrieve(checked, body.retrieval)
+        try:
             ids = self.chat.prompt_ids(checked, tools=tools)
         except ChatFormatError as e:
             raise BadRequest(str(e), "tools" if tools and not self.chat.tools else "messages") from None
-        return await self._answer(body, ids, {self.chat.end_id, self.eos}, chat=True, tools=tools)
+        return await self._answer(body, ids, {self.chat.end_id, self.eos}, chat=True, tools=tools, extra=extra)
 
-    async def _answer(self, body, ids: list[int], stop_ids: set[int], chat: bool, tools: list[str] | None = None):
+    async def _retrieve(self, checked: list[dict], options) -> tuple[list[dict], dict[str, Any]]:
+        """The conversation with the passages retrieved for its last user message as a system turn
+        before that message, and the answer's "retrieval" field citing them."""
+        from generalmodel.retrieval import context
+
+        if self.index is None:
+            raise BadRequest("this server has no retrieval index (start it with --index=URI)", "retrieval")
+        last = max((i for i, m in enumerate(checked) if m["role"] == "user"), default=None)
+        if last is None:
+            raise BadRequest("retrieval searches with the last user message: the conversation has none", "retrieval")
+        query = checked[last]["content"]
+        hits = (await asyncio.to_thread(self.index.search, [query], options.k))[0]
+        turn = {"role": "system", "content": context(hits, options.words)}
+        cited = {"index": self.index.uri, "passages": [h.cited(rank) for rank, h in enumerate(hits, 1)]}
+        return [*checked[:last], turn, *checked[last:]], {"retrieval": cited}
+
+    async def _answer(
+        self,
+        body,
+        ids: list[int],
+        stop_ids: set[int],
+        chat: bool,
+        tools: list[str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
         """The whole answer, or its stream of server-sent events (`body.stream`)."""
         sequence = Sequence(ids, self._params(body, ids, chat), frozenset(stop_ids))
         events: asyncio.Queue = asyncio.Queue()
         self.loop.submit(sequence, events)
-        answer = Answer(self, sequence, events, TextStream(self.tokenizer, body.stops), chat, tools)
+        answer = Answer(self, sequence, events, TextStream(self.tokenizer, body.stops), chat, tools, extra)
         if not body.stream:
             return await answer.body()
         return StreamingResponse(answer.stream(), media_type="text/event-stream")

@@ -80,8 +80,19 @@ class Tool(BaseModel):
     function: Function
 
 
+class Retrieval(BaseModel):
+    """Ours: retrieval-augmented generation from the server's index (`ServeConfig.index`): the
+    last user message's `k` best passages go into the prompt as a system turn before it, each cut
+    to `words` words, and come back in the answer's "retrieval" field."""
+
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(3, gt=0, le=20)
+    words: int | None = Field(None, gt=0)
+
+
 class ChatRequest(_Request):
     messages: list[Message] = Field(..., min_length=1)
+    retrieval: Retrieval | None = None
     max_completion_tokens: int | None = Field(None, gt=0)
     tools: list[Tool] | None = None
     # "auto": the model may call the tools; "none": it is not told of them (answers from its weights)
