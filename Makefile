@@ -3,7 +3,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
 .PHONY: reasoning-data reasoning-sft reasoning-tools reasoning-rl reasoning-coconut reasoning-quiet-star reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
-	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft sft-svf dpo \
+	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft rag sft-svf dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
 install: $(VENV_STAMP)
@@ -96,6 +96,15 @@ sotu-qa: install
 
 sft: sotu-qa
 	$(PY) -m jobs.sft --config configs/sft.yaml $(SFT_ARGS)
+
+# Retrieval (docs/retrieval.md): the speeches indexed (jobs/index.py, FAISS), every question given
+# its two best passages, SFT on that (registered llama-tiny-rag); serve it with --index to answer
+# with passages retrieved per request.
+INDEX_DIR := .generalmodel/indexes/sotu-qa
+rag: sotu-qa
+	$(PY) -m jobs.index --source=$(QA_DIR)/corpus.jsonl --title_field=title --out=$(INDEX_DIR) --overwrite=true
+	$(PY) -m jobs.sotu_qa --out=$(QA_DIR) --index=$(INDEX_DIR)
+	$(PY) -m jobs.sft --config configs/sft-rag.yaml $(SFT_ARGS)
 
 # Singular-value fine-tuning (docs/adapters.md): the sft demo training only each block linear's
 # singular-value scales; the registry stores the vectors as llama-tiny-sft-svf, naming its base.

@@ -292,6 +292,8 @@ def test_the_server_job_refuses_what_cannot_serve_before_deploying(tmp_path):
         check_model(ServeJobConfig(model="models:/nope/1", tracking=db))
     with pytest.raises(UserError, match="--quant=int4-weight needs a CUDA card"):
         check_model(ServeJobConfig(model="models:/nope/1", quant="int4-weight", tracking=db))
+    with pytest.raises(UserError, match=r"/no-index is not a published retrieval_index: it holds nothing"):
+        check_model(ServeJobConfig(model=str(tmp_path), index=str(tmp_path / "no-index"), tracking=db))
 
 
 CALCULATOR = BUILTIN["calculator"].spec

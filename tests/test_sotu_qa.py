@@ -24,6 +24,11 @@ def test_questions_and_pairs_about_the_speeches(tmp_path):
         assert pair["chosen"] == by_id[pair["speech"]].answer(pair["question"])
         assert pair["rejected"] != pair["chosen"] and pair["rejected"] in answers[pair["question"]]
     assert {r["question"] for r in sft} == set(QUESTIONS)
+    corpus = [json.loads(line) for line in (tmp_path / "a/corpus.jsonl").read_text().splitlines()]
+    assert [r["speech"] for r in corpus] == [s.fileid for s in speeches()]  # the knowledge base to index
+    lincoln = next(r for r in corpus if r["speech"] == "1862-Lincoln-1")
+    assert lincoln["title"] == "Abraham Lincoln, State of the Union 1862 (Republican)"
+    assert lincoln["text"] == by_id["1862-Lincoln-1"].text
     build(tmp_path / "b", per_speech=2, seed=1)  # the same seed writes the same files
     assert (tmp_path / "a/sft.jsonl").read_bytes() == (tmp_path / "b/sft.jsonl").read_bytes()
     assert (tmp_path / "a/preference.jsonl").read_bytes() == (tmp_path / "b/preference.jsonl").read_bytes()

@@ -171,17 +171,18 @@ def build_index(cfg: IndexConfig, storage: StorageConfig, embedder_dir: str | No
     try:
 
         def split(unit: int, unit_pieces: list[Piece]) -> dict[str, Any]:
-            titles, texts, skipped = [], [], []
+            titles, texts, skipped, count = [], [], [], 0
             for piece in unit_pieces:
                 docs, skips = documents(piece, cfg, storage)
                 skipped += skips
+                count += len(docs)
                 for title, text in docs:
                     for passage in chunk(text, cfg.passage_words):
                         titles.append(title)
                         texts.append(passage)
             where = resolve(parts_uri, storage).join(f"passages-{unit:05d}.parquet")
             _write_parquet(where, pa.table({"title": titles, "text": texts}))
-            return {"unit": unit, "passages": len(texts), "documents": len(set(titles)), "skipped": skipped}
+            return {"unit": unit, "passages": len(texts), "documents": count, "skipped": skipped}
 
         metas = map_units(units, split)
         total = sum(m["passages"] for m in metas)
