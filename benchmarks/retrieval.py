@@ -114,18 +114,13 @@ KINDS = ("president", "party", "decade", "all")
 
 
 def accuracy(reference: str, rows: list[dict], passages: bool) -> dict[str, float]:
-    from generalmodel.post.answers import Question, answer_accuracy
+    """Greedy answers to the held-out questions, with the passages' system turn or without it."""
+    from generalmodel.infer import SamplingParams, sample_chat
 
     model, tokenizer = load(reference)
-    out = {}
-    for kind in KINDS:
-        chosen = [r for r in rows if kind in ("all", r["question"])]
-        questions = [
-            Question(r["speech"], r["messages"][0 if passages else 1 : -1], r["messages"][-1]["content"])
-            for r in chosen
-        ]
-        out[kind] = answer_accuracy(model, tokenizer.to_str(), questions).accuracy
-    return out
+    params = SamplingParams(temperature=0, max_new_tokens=48)
+    first = 0 if passages else 1  # sft_rag.jsonl's rows start with the passages' system turn
+    return per_kind(["".join(sample_chat(model, tokenizer, r["messages"][first:-1], params)) for r in rows], rows)
 
 
 def search_accuracy(reference: str, rows: list[dict], index) -> dict[str, float]:
@@ -135,7 +130,6 @@ def search_accuracy(reference: str, rows: list[dict], index) -> dict[str, float]
     from generalmodel.data.tokenizer import eos_id
     from generalmodel.infer import SamplingParams
     from generalmodel.infer.tools import converse
-    from generalmodel.post.answers import normalize_answer
     from generalmodel.retrieval import search_tool
 
     model, tokenizer = load(reference)
@@ -143,13 +137,21 @@ def search_accuracy(reference: str, rows: list[dict], index) -> dict[str, float]
     params = SamplingParams(temperature=0, max_new_tokens=64)
     tool = {"search": search_tool(index, k=2, words=20)}  # as sft_search.jsonl's results
     done = converse(model, fmt, [[r["messages"][1]] for r in rows], ["search"], params, {eos_id(tokenizer)}, 2, tool)
-    right = [
-        normalize_answer(c.answer) == normalize_answer(r["messages"][-1]["content"])
-        for c, r in zip(done, rows, strict=True)
-    ]
-    out = {k: _mean([x for x, r in zip(right, rows, strict=True) if k in ("all", r["question"])]) for k in KINDS}
+    out = per_kind([c.answer for c in done], rows)
     out["called"] = _mean([c.calls > 0 for c in done])
     return out
+
+
+def per_kind(answers: list[str], rows: list[dict]) -> dict[str, float]:
+    """The share of `answers` equal to the rows' own (exact match, as post.answers), per question
+    kind and over all."""
+    from generalmodel.post.answers import normalize_answer
+
+    right = [
+        normalize_answer(a) == normalize_answer(r["messages"][-1]["content"])
+        for a, r in zip(answers, rows, strict=True)
+    ]
+    return {k: _mean([x for x, r in zip(right, rows, strict=True) if k in ("all", r["question"])]) for k in KINDS}
 
 
 def _mean(values: list) -> float:
@@ -164,16 +166,18 @@ def main() -> None:
     parser.add_argument("--embedders", default="tfidf,lsa,models:/llama-tiny/latest")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--plain", default=None, help="the plain SFT models, one per seed (else trained here)")
-    parser.add_argument("--rag", default=None, help="the retrieval SFT models, one per seed (else trained here)")
-    parser.add_argument("--search", default=None, help="the search-tool SFT models, one per seed (else trained here)")
-    parser.add_argument("--skip_retrieval", action="store_true")
+    parser.add_argument("--plain", default=None, help="the plain SFT models of the first seeds (the rest trained here)")
+    parser.add_argument("--rag", default=None, help="the retrieval SFT models, likewise")
+    parser.add_argument("--search", default=None, help="the search-tool SFT models, likewise")
+    parser.add_argument("--skip_retrieval", action="store_true", help="no embedder table (only the answers)")
     args = parser.parse_args()
     with ray_session(RayConfig()):  # one local cluster for the index builds and the SFT runs
         run(args)
 
 
 def run(args) -> None:
+    from generalmodel.config import StorageConfig
+    from generalmodel.retrieval import Index
     from jobs.index import IndexJobConfig
     from jobs.index import main as build
     from jobs.sotu_qa import SotuQaConfig
@@ -185,21 +189,29 @@ def run(args) -> None:
     if not args.skip_retrieval:
         retrieval_table(args.embedders.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
-    models = {
-        "plain SFT": args.plain.split(",") if args.plain else [train("configs/sft.yaml", s, args.steps) for s in seeds],
-        "retrieval SFT": args.rag.split(",")
-        if args.rag
-        else [train("configs/sft-rag.yaml", s, args.steps) for s in seeds],
+    given = {
+        "plain SFT": (args.plain, "configs/sft.yaml", None),
+        "retrieval SFT": (args.rag, "configs/sft-rag.yaml", None),
+        "search-tool SFT": (args.search, "configs/sft-rag.yaml", SEARCH),
     }
+    models = {}
+    for name, (refs, config, extra) in given.items():  # the models named, then trained for the other seeds
+        named = refs.split(",") if refs else []
+        models[name] = named + [train(config, s, args.steps, extra) for s in seeds[len(named) :]]
     rows = heldout()
     print(f"\n{len(rows)} held-out questions (speeches training never saw), greedy exact match, seeds {args.seeds}:")
-    print("| model | passages in the prompt | president | party | decade | all |")
+    print("| model | passages | president | party | decade | all |")
     print("|---|---|---|---|---|---|")
-    for name, references in models.items():
+    for name in ("plain SFT", "retrieval SFT"):
         for passages in (False, True):
-            runs = [accuracy(ref, rows, passages) for ref in references]
-            cells = [mean_spread([r[k] for r in runs]) for k in ("president", "party", "decade", "all")]
-            print(f"| {name} | {'yes' if passages else 'no'} | " + " | ".join(cells) + " |")
+            runs = [accuracy(ref, rows, passages) for ref in models[name]]
+            cells = [mean_spread([r[k] for r in runs]) for k in KINDS]
+            print(f"| {name} | {'in the prompt' if passages else 'none'} | " + " | ".join(cells) + " |")
+    index = Index.load(str(INDEX), StorageConfig())
+    runs = [search_accuracy(ref, rows, index) for ref in models["search-tool SFT"]]
+    cells = [mean_spread([r[k] for r in runs]) for k in KINDS]
+    called = mean_spread([r["called"] for r in runs])
+    print(f"| search-tool SFT | its own search calls (made: {called}) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from generalmodel.config import RayConfig, StorageConfig, TrackingConfig
 from generalmodel.retrieval import IndexConfig, build_index, open_index
 from generalmodel.retrieval.embedders import FITTED
 from generalmodel.tracking import tracking_uri
-from generalmodel.tracking.registry import download_model, pinned
+from generalmodel.tracking.registry import pinned
 
 
 class IndexJobConfig(IndexConfig):
@@ -42,13 +42,10 @@ def main(cfg: IndexJobConfig) -> dict[str, Any]:
         for rank, hit in enumerate(hits, 1):
             print(f"[{rank}] {hit.score:.3f} {hit.title}: {hit.text}")
         return {"hits": [h.cited(r) for r, h in enumerate(hits, 1)]}
-    directory = None
-    if cfg.embedder not in FITTED:
-        reference = pinned(cfg.embedder, tracking_uri(cfg))
-        directory = download_model(reference, tracking_uri(cfg), storage)
-        cfg = cfg.model_copy(update={"embedder": reference})
+    if cfg.embedder not in FITTED:  # the version `latest` or an alias names now
+        cfg = cfg.model_copy(update={"embedder": pinned(cfg.embedder, tracking_uri(cfg))})
     with ray_session(cfg.ray):
-        manifest = build_index(cfg, storage, directory)
+        manifest = build_index(cfg, storage, tracking_uri(cfg))
     print(
         f"indexed {manifest['passages']} passages of {manifest['documents']} documents from {cfg.source} "
         f"({manifest['embedder']['kind']}, {manifest['index']['dim']} dims, {manifest['index']['kind']}) "

@@ -153,11 +153,8 @@ def build_dataset(plan: Plan) -> dict[str, Any]:
     (see generalmodel.cluster.ray_session). On any failure the new version is deleted."""
     import ray
 
-    from generalmodel.cluster import alive_node_count
-
     data, storage, out = plan.cfg.data, plan.storage, plan.out
-    if alive_node_count() > 1:
-        _refuse_node_local(plan.pieces, out)
+    refuse_node_local(plan.pieces, out)
     version = f"v-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     version_loc = out.join(version)
     log.info("tokenizing %d units into %s", len(plan.units), version_loc.uri)
@@ -282,13 +279,19 @@ class Removal:
         return why_removed(text, data, self.eval_keys, self.difficulty)
 
 
-def _refuse_node_local(pieces: list[Piece], out: Location) -> None:
+def refuse_node_local(pieces: list[Piece], out: Location, names: tuple[str, str] = ("data.source", "data.output")):
+    """On a Ray cluster of several nodes, refuse local input or output paths (`names`: what the
+    message calls them): the nodes do not share a disk."""
+    from generalmodel.cluster import alive_node_count
+
+    if alive_node_count() <= 1:
+        return
     local_input = any(not p.uri.startswith((SOTU_PREFIX, "s3://", "hf://")) for p in pieces)
     if out.is_local or local_input:
-        what = "data.output" if out.is_local else "data.source"
+        what = names[1] if out.is_local else names[0]
         raise UserError(
             f"{what} is a local path but the Ray cluster has several nodes, which do not share a "
-            "disk: use s3:// for corpora and datasets on a multi-node cluster"
+            "disk: use s3:// for corpora and outputs on a multi-node cluster"
         )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import logging
 import posixpath
 import re
@@ -38,7 +39,7 @@ from pydantic import Field
 
 from generalmodel import UserError
 from generalmodel.config import DataConfig, Section, StorageConfig
-from generalmodel.data.prepare import map_units, plan_units, unit_bytes
+from generalmodel.data.prepare import map_units, plan_units, refuse_node_local, unit_bytes
 from generalmodel.data.sources import (
     Piece,
     SourceError,
@@ -149,9 +150,10 @@ def _read_parquet(loc: Location) -> pa.Table:
 # Building (a Ray session)
 
 
-def build_index(cfg: IndexConfig, storage: StorageConfig, embedder_dir: str | None = None) -> dict[str, Any]:
-    """Build and publish the index at `cfg.out`; returns its manifest. `embedder_dir`: the
-    downloaded model when `cfg.embedder` is a model reference (pinned by the caller)."""
+def build_index(cfg: IndexConfig, storage: StorageConfig, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Build and publish the index at `cfg.out`; returns its manifest. A model embedder
+    (`cfg.embedder`, pinned by the caller) is downloaded from the registry at `tracking_uri` by
+    the driver and by each worker process."""
     import ray
 
     out = resolve(cfg.out, storage)
@@ -161,6 +163,7 @@ def build_index(cfg: IndexConfig, storage: StorageConfig, embedder_dir: str | No
     previous = read_manifest(out, KIND)[0]["version"] if out.join(MANIFEST).exists() else None
     started = time.time()
     pieces = list_pieces(cfg.data(), storage)
+    refuse_node_local(pieces, out, ("--source", "--out"))
     target = unit_bytes(pieces, UNIT_MB)
     units = plan_units(split_pieces(pieces, target, storage, txt_above=UNIT_MB * 1e6), target)
     version = f"v-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
@@ -188,13 +191,13 @@ def build_index(cfg: IndexConfig, storage: StorageConfig, embedder_dir: str | No
         total = sum(m["passages"] for m in metas)
         if total == 0:
             raise SourceError(f"source {cfg.source!r}: no text to index in {len(pieces)} files")
-        embedder = _embedder(cfg, parts, metas, embedder_dir)
+        embedder = _embedder(cfg, parts, metas, storage, tracking_uri)
         files = embedder.files()
         files_ref = ray.put(files)
         spec = embedder.spec
 
         def embed(unit: int, _pieces: list[Piece]) -> dict[str, Any]:
-            local = load_embedder(spec, ray.get(files_ref).__getitem__, embedder_dir)
+            local = cached_embedder(spec, lambda: ray.get(files_ref), storage, tracking_uri)
             here = resolve(parts_uri, storage)
             texts = _read_parquet(here.join(f"passages-{unit:05d}.parquet")).column("text").to_pylist()
             vectors = local.embed(texts) if texts else np.zeros((0, local.dim), np.float32)
@@ -244,9 +247,11 @@ def build_index(cfg: IndexConfig, storage: StorageConfig, embedder_dir: str | No
     return manifest
 
 
-def _embedder(cfg: IndexConfig, parts: Location, metas: list[dict], embedder_dir: str | None) -> Embedder:
+def _embedder(
+    cfg: IndexConfig, parts: Location, metas: list[dict], storage: StorageConfig, tracking_uri: str | None
+) -> Embedder:
     if cfg.embedder not in FITTED:
-        return ModelEmbedder.from_directory(cfg.embedder, embedder_dir)
+        return cached_embedder({"kind": "model", "model": cfg.embedder}, dict, storage, tracking_uri)
     total = sum(m["passages"] for m in metas)
     stride = max(1, -(-total // cfg.fit_passages))  # every stride-th passage, over the whole corpus
     texts: list[str] = []
@@ -271,7 +276,8 @@ def _faiss_bytes(vectors: np.ndarray, kind: str) -> bytes:
 
 
 def load_embedder(spec: dict[str, Any], read, model_dir: str | None = None) -> Embedder:
-    """The embedder a manifest describes; `read(name)`: the bytes of one of its files."""
+    """The embedder a manifest describes; `read(name)`: the bytes of one of its files;
+    `model_dir`: the download of a model embedder."""
     if spec["kind"] in FITTED:
         return TfidfEmbedder.from_files(spec["kind"], read)
     if spec["kind"] == "model":
@@ -279,6 +285,22 @@ def load_embedder(spec: dict[str, Any], read, model_dir: str | None = None) -> E
             raise UserError(f"the index embeds with {spec['model']}: its download is needed to load it")
         return ModelEmbedder.from_directory(spec["model"], model_dir)
     raise UserError(f"unknown embedder kind {spec['kind']!r} in the index manifest")
+
+
+_EMBEDDERS: dict[str, Embedder] = {}  # per process: a worker embeds many units with one
+
+
+def cached_embedder(spec: dict[str, Any], files, storage: StorageConfig, tracking_uri: str | None) -> Embedder:
+    """The embedder `spec` describes, loaded once per process (`files()`: its files by name; a
+    model embedder is downloaded from the registry)."""
+    from generalmodel.tracking.registry import download_model
+
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS.clear()
+        model_dir = download_model(spec["model"], tracking_uri, storage) if spec["kind"] == "model" else None
+        _EMBEDDERS[key] = load_embedder(spec, files().__getitem__, model_dir)
+    return _EMBEDDERS[key]
 
 
 # ---------------------------------------------------------------------------------------------
