@@ -127,7 +127,7 @@ def accuracy(reference: str, rows: list[dict], passages: bool) -> dict[str, floa
     return per_kind(["".join(sample_chat(model, tokenizer, r["messages"][first:-1], params)) for r in rows], rows)
 
 
-def search_accuracy(reference: str, rows: list[dict], index) -> dict[str, float]:
+def search_accuracy(reference: str, rows: list[dict], index, words: int = 20) -> dict[str, float]:
     """Each held-out question answered through the search tool (`converse`: the model's call run
     on the index, its result fed back, the answer after it), greedy; and the share that called."""
     from generalmodel.data.chat import ChatFormat
@@ -139,7 +139,7 @@ def search_accuracy(reference: str, rows: list[dict], index) -> dict[str, float]
     model, tokenizer = load(reference)
     fmt = ChatFormat.from_json(tokenizer.to_str())
     params = SamplingParams(temperature=0, max_new_tokens=64)
-    tool = {"search": search_tool(index, k=2, words=20)}  # as sft_search.jsonl's results
+    tool = {"search": search_tool(index, k=2, words=words)}  # as sft_search.jsonl's results
     done = converse(model, fmt, [[r["messages"][1]] for r in rows], ["search"], params, {eos_id(tokenizer)}, 2, tool)
     out = per_kind([c.answer for c in done], rows)
     out["called"] = _mean([c.calls > 0 for c in done])
