@@ -28,7 +28,7 @@ class ServeJobConfig(ServeConfig):
 
 def check_model(cfg: ServeConfig) -> None:
     """Fail before deploying when the model reference does not resolve (a replica would only
-    crash-loop) or the quantization cannot run on the device."""
+    crash-loop), the quantization cannot run on the device or `--index` is not a published index."""
     from generalmodel.infer.quant import check_quant
     from generalmodel.retrieval.index import KIND as INDEX_KIND
     from generalmodel.storage import read_manifest, resolve
