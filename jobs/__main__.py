@@ -16,6 +16,7 @@ JOBS = {
     "arithmetic": "jobs.arithmetic",
     "reasoning": "jobs.reasoning",
     "sotu-qa": "jobs.sotu_qa",
+    "index": "jobs.index",
     "sweep": "jobs.sweep",
     "sample": "jobs.sample",
     "serve": "jobs.serve",

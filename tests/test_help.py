@@ -74,3 +74,11 @@ def test_the_command_line_entry_points_answer():
     assert "scheduler" in sweep.stdout
     listing = subprocess.run([sys.executable, "-m", "jobs", "--help"], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and all(f"gm {name} " in listing.stdout for name in JOBS)
+
+
+def test_every_job_module_is_a_gm_command():
+    from pathlib import Path
+
+    jobs = Path(__file__).resolve().parent.parent / "jobs"
+    with_cli = {f"jobs.{p.stem}" for p in jobs.glob("*.py") if "\ndef cli(" in p.read_text()}
+    assert with_cli == set(JOBS.values())
