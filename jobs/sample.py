@@ -8,6 +8,8 @@ python -m jobs.sample --model=models:/llama-tiny-sft/1 --chat --prompt="Which pr
 python -m jobs.sample --model=models:/llama-tiny/1 --quant=int8-weight      # torchao (see --help)
 python -m jobs.sample --model=models:/llama-tiny/1 --chat --prompt="What is 3 plus 4?" \
     --experts='[models:/llama-tiny-qa-svf/1, models:/llama-tiny-arith-svf/1]'   # Transformer²'s two passes
+python -m jobs.sample --model=models:/llama-tiny-rag/1 --chat --index=.generalmodel/indexes/sotu-qa \
+    --prompt='Which president delivered this passage of a State of the Union address? "..."'  # retrieval
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from generalmodel.errors import UserError
 from generalmodel.infer import SamplingParams, load_model, sample_chat, sample_text
 from generalmodel.infer.experts import Mix
 from generalmodel.infer.quant import Quant, check_quant
+from generalmodel.retrieval import context, open_index
 from generalmodel.tracking import tracking_uri
 from generalmodel.tracking.registry import download_model, load_experts
 
@@ -44,6 +47,13 @@ class SampleConfig(Section):
     )
     experts_mix: Mix = Field("top1", description="experts: top1 (the expert the prompt is likeliest under) or softmax.")
     experts_temperature: float = Field(0.1, gt=0, description="experts_mix=softmax: softmax(-prompt loss / this).")
+    index: str | None = Field(
+        None,
+        description="chat: a retrieval index (python -m jobs.index): each prompt's best passages go in a system "
+        "turn before it, as the served API's `retrieval` option does (docs/retrieval.md).",
+    )
+    retrieval_k: int = Field(3, gt=0, description="index: passages per prompt.")
+    retrieval_words: int | None = Field(None, gt=0, description="index: words kept of each passage (default all).")
     sampling: SamplingParams = SamplingParams()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
@@ -51,6 +61,9 @@ class SampleConfig(Section):
 
 def main(cfg: SampleConfig) -> list[str]:
     check_quant(cfg.quant, cfg.device)  # before any download
+    if cfg.index and not cfg.chat:
+        raise UserError("--index puts passages in a system turn: it needs --chat")
+    index = open_index(cfg.index, cfg.storage.resolved(), tracking_uri(cfg)) if cfg.index else None
     experts = None
     if cfg.experts:
         if cfg.quant != "none" or cfg.device != "cpu":
@@ -65,6 +78,10 @@ def main(cfg: SampleConfig) -> list[str]:
     for prompt in cfg.prompt:
         print(f"--- {prompt!r}", flush=True)
         messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        if index is not None:
+            hits = index.search([prompt], cfg.retrieval_k)[0]
+            print("passages: " + "; ".join(f"[{r}] {h.title} ({h.score:.2f})" for r, h in enumerate(hits, 1)))
+            messages.append({"role": "system", "content": context(hits, cfg.retrieval_words)})
         messages.append({"role": "user", "content": prompt})
         if experts is not None:
             model, alpha = experts.adapt(experts.prompt_ids(messages if cfg.chat else prompt))

@@ -2,7 +2,8 @@
 the lsa embedder reads back from its stored files bit for bit; the model embedder's mean of hidden
 states does not depend on padding; an index built by Ray Data returns the planted passage and equals
 brute-force search; on S3, with titles from a column and an HNSW graph; the search tool; bad input
-names the row and publishes nothing; an index is replaced only when asked, a damaged one refused."""
+names the row and publishes nothing; an index is replaced only when asked, a damaged one refused;
+jobs.sample --index answers after the passages."""
 
 import json
 
@@ -146,3 +147,30 @@ def test_bad_input_names_the_row_and_publishes_nothing_and_an_index_is_replaced_
     (out / second["version"] / "passages.parquet").write_bytes(b"damaged")
     with pytest.raises(UserError, match="passages.parquet: its sha256 differs"):
         Index.load(str(out), StorageConfig())
+
+
+@pytest.mark.integration
+def test_sampling_with_an_index_answers_after_the_passages(planted_index, tmp_path, capsys):
+    from generalmodel.data.chat import ChatFormat
+    from generalmodel.data.tokenizer import eos_id
+    from generalmodel.infer import SamplingParams, generate
+    from generalmodel.infer.export import export_files
+    from jobs.sample import SampleConfig
+    from jobs.sample import main as sample
+
+    tokenizer = train_bpe(make_documents(10, seed=4), 300)  # reserves the chat tokens
+    cfg = LlamaConfig(vocab_size=300, max_seq_len=256, n_layers=2, n_heads=2, d_model=32)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for name, data in export_files(cfg, model.state_dict(), tokenizer.to_str()).items():
+        (tmp_path / name).write_bytes(data)
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    asked = SampleConfig(model=str(tmp_path), chat=True, prompt=[QUERY], index=planted_index, retrieval_k=2)
+    (answer,) = sample(asked.model_copy(update={"sampling": params}))
+    assert "passages: [1] planted (" in capsys.readouterr().out
+    hits = Index.load(planted_index, StorageConfig()).search([QUERY], 2)[0]
+    fmt = ChatFormat.from_json(tokenizer.to_str())
+    prompt = fmt.prompt_ids([{"role": "system", "content": context(hits)}, {"role": "user", "content": QUERY}])
+    assert answer == tokenizer.decode(list(generate(model, prompt, params, {fmt.end_id, eos_id(tokenizer)})))
+    with pytest.raises(UserError, match="--index puts passages in a system turn: it needs --chat"):
+        sample(SampleConfig(model=str(tmp_path), prompt=[QUERY], index=planted_index))
