@@ -26,7 +26,7 @@ from generalmodel.tracking import tracking_uri
 class SotuQaConfig(Section):
     """Where to write the demo data, and how much of it."""
 
-    out: str = Field(".generalmodel/sotu-qa", description="Directory to write sft.jsonl and preference.jsonl to.")
+    out: str = Field(".generalmodel/sotu-qa", description="Directory to write the files to.")
     per_speech: int = Field(6, gt=0, description="Passages per speech in each file.")
     seed: int = Field(0, description="Seeds the choice of passages, questions and wrong answers.")
     index: str | None = Field(None, description="A retrieval index of corpus.jsonl: write sft_rag.jsonl from it.")
