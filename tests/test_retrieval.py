@@ -130,6 +130,9 @@ def test_bad_input_names_the_row_and_publishes_nothing_and_an_index_is_replaced_
     with pytest.raises(UserError, match=r"bad.jsonl:2: field 'title' should be a string, got NoneType"):
         build_index(IndexConfig(source=str(bad), out=str(out), title_field="title"), StorageConfig())
     assert not out.exists() or not any(out.iterdir())  # no manifest, no half-written version
+    with pytest.raises(UserError, match=r"--embedder 'nope' is not 'tfidf', 'lsa' or a model that loads"):
+        build_index(IndexConfig(source=str(bad), out=str(out), embedder="nope"), StorageConfig())
+    assert not out.exists() or not any(out.iterdir())
 
     from jobs.index import IndexJobConfig, main
 

@@ -46,10 +46,14 @@ def normalized(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
-def _npy(a: np.ndarray) -> bytes:
+def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class TfidfEmbedder:
@@ -104,25 +108,24 @@ class TfidfEmbedder:
         import scipy.sparse
 
         vocabulary = json.dumps(self.vectorizer.vocabulary, sort_keys=True).encode()
-        out = {"vocabulary.json": vocabulary, "idf.npy": _npy(self.vectorizer.idf_)}
+        out = {"vocabulary.json": vocabulary, "idf.npy": npy_bytes(self.vectorizer.idf_)}
         if scipy.sparse.issparse(self.projection):
             buf = io.BytesIO()
             scipy.sparse.save_npz(buf, self.projection)
             out["projection.npz"] = buf.getvalue()
         else:
-            out["projection.npy"] = _npy(self.projection)
+            out["projection.npy"] = npy_bytes(self.projection)
         return out
 
     @classmethod
     def from_files(cls, kind: str, read: Callable[[str], bytes]) -> TfidfEmbedder:
         import scipy.sparse
 
-        load = lambda b: np.load(io.BytesIO(b), allow_pickle=False)  # noqa: E731
         if kind == "lsa":
-            projection = load(read("projection.npy"))
+            projection = load_npy(read("projection.npy"))
         else:
             projection = scipy.sparse.load_npz(io.BytesIO(read("projection.npz"))).tocsr()
-        return cls(kind, json.loads(read("vocabulary.json")), load(read("idf.npy")), projection)
+        return cls(kind, json.loads(read("vocabulary.json")), load_npy(read("idf.npy")), projection)
 
 
 class ModelEmbedder:
@@ -130,10 +133,7 @@ class ModelEmbedder:
     pinned model reference the manifest records)."""
 
     def __init__(self, reference: str, model, tokenizer, batch: int = 32):
-        import torch
-
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.torch, self.batch = torch, batch
+        self.model, self.tokenizer, self.batch = model.eval(), tokenizer, batch
         self.dim = int(self.model.cfg.d_model)
         self.context = int(self.model.cfg.max_seq_len)
         self.spec = {"kind": "model", "model": reference, "dim": self.dim}
@@ -145,7 +145,8 @@ class ModelEmbedder:
         return cls(reference, *load_model(directory, "cpu"))
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        torch = self.torch
+        import torch
+
         out = []
         for i in range(0, len(texts), self.batch):
             ids = [e.ids[: self.context] or [0] for e in self.tokenizer.encode_batch(texts[i : i + self.batch])]

@@ -49,7 +49,7 @@ from generalmodel.data.sources import (
     read_rows,
     split_pieces,
 )
-from generalmodel.retrieval.embedders import FITTED, Embedder, ModelEmbedder, TfidfEmbedder
+from generalmodel.retrieval.embedders import FITTED, Embedder, ModelEmbedder, TfidfEmbedder, load_npy, npy_bytes
 from generalmodel.storage import MANIFEST, Location, check_bucket, publish_manifest, read_manifest, resolve
 from generalmodel.storage.location import sha256_hex
 
@@ -131,15 +131,16 @@ def documents(piece: Piece, cfg: IndexConfig, storage: StorageConfig) -> tuple[l
         if not isinstance(text, str) or not isinstance(title, str):
             field, got = (cfg.text_field, text) if not isinstance(text, str) else (cfg.title_field, title)
             raise SourceError(f"{where}: field {field!r} should be a string, got {type(got).__name__}")
-        if normalize(text):
-            out.append((title, normalize(text)))
+        text = normalize(text)
+        if text:
+            out.append((title, text))
     return out, []
 
 
-def _write_parquet(loc: Location, table: pa.Table) -> None:
+def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    loc.write_bytes(buf.getvalue())
+    return buf.getvalue()
 
 
 def _read_parquet(loc: Location) -> pa.Table:
@@ -158,9 +159,12 @@ def build_index(cfg: IndexConfig, storage: StorageConfig, tracking_uri: str | No
 
     out = resolve(cfg.out, storage)
     check_bucket(out)
-    if out.join(MANIFEST).exists() and not cfg.overwrite:
-        raise IndexExistsError(f"{out.uri} already holds an index ({MANIFEST} exists); pass --overwrite=true")
-    previous = read_manifest(out, KIND)[0]["version"] if out.join(MANIFEST).exists() else None
+    previous = None
+    if out.join(MANIFEST).exists():
+        if not cfg.overwrite:
+            raise IndexExistsError(f"{out.uri} already holds an index ({MANIFEST} exists); pass --overwrite=true")
+        previous = read_manifest(out, KIND)[0]["version"]  # another kind of artifact there: an error
+    model = None if cfg.embedder in FITTED else _model_embedder(cfg.embedder, storage, tracking_uri)
     started = time.time()
     pieces = list_pieces(cfg.data(), storage)
     refuse_node_local(pieces, out, ("--source", "--out"))
@@ -184,14 +188,15 @@ def build_index(cfg: IndexConfig, storage: StorageConfig, tracking_uri: str | No
                         titles.append(title)
                         texts.append(passage)
             where = resolve(parts_uri, storage).join(f"passages-{unit:05d}.parquet")
-            _write_parquet(where, pa.table({"title": titles, "text": texts}))
-            return {"unit": unit, "passages": len(texts), "documents": count, "skipped": skipped}
+            where.write_bytes(_parquet_bytes(pa.table({"title": titles, "text": texts})))
+            return {"unit": unit, "documents": count, "skipped": skipped}
 
         metas = map_units(units, split)
-        total = sum(m["passages"] for m in metas)
-        if total == 0:
+        # read once: what the embedder is fitted on and what passages.parquet holds
+        passages = pa.concat_tables([_read_parquet(parts.join(f"passages-{m['unit']:05d}.parquet")) for m in metas])
+        if len(passages) == 0:
             raise SourceError(f"source {cfg.source!r}: no text to index in {len(pieces)} files")
-        embedder = _embedder(cfg, parts, metas, storage, tracking_uri)
+        embedder = model or _fit(cfg, passages.column("text").to_pylist())
         files = embedder.files()
         files_ref = ray.put(files)
         spec = embedder.spec
@@ -201,23 +206,18 @@ def build_index(cfg: IndexConfig, storage: StorageConfig, tracking_uri: str | No
             here = resolve(parts_uri, storage)
             texts = _read_parquet(here.join(f"passages-{unit:05d}.parquet")).column("text").to_pylist()
             vectors = local.embed(texts) if texts else np.zeros((0, local.dim), np.float32)
-            buf = io.BytesIO()
-            np.save(buf, vectors, allow_pickle=False)
-            here.join(f"vectors-{unit:05d}.npy").write_bytes(buf.getvalue())
+            here.join(f"vectors-{unit:05d}.npy").write_bytes(npy_bytes(vectors))
             return {"unit": unit}
 
         map_units(units, embed)
-        tables = [_read_parquet(parts.join(f"passages-{m['unit']:05d}.parquet")) for m in metas]
-        passages = pa.concat_tables(tables)
         passages = passages.add_column(0, "id", pa.array(np.arange(len(passages), dtype=np.int64)))
-        vectors = np.concatenate(
-            [np.load(io.BytesIO(parts.join(f"vectors-{m['unit']:05d}.npy").read_bytes())) for m in metas]
-        )
+        vectors = np.concatenate([load_npy(parts.join(f"vectors-{m['unit']:05d}.npy").read_bytes()) for m in metas])
         index_bytes = _faiss_bytes(vectors, cfg.kind)
-        written = {"index.faiss": index_bytes, **{f"embedder/{k}": v for k, v in files.items()}}
-        buf = io.BytesIO()
-        pq.write_table(passages, buf)
-        written["passages.parquet"] = buf.getvalue()
+        written = {
+            "passages.parquet": _parquet_bytes(passages),
+            "index.faiss": index_bytes,
+            **{f"embedder/{k}": v for k, v in files.items()},
+        }
         for name, data in written.items():
             vloc.join(name).write_bytes(data)
         parts.delete_dir()
@@ -247,19 +247,18 @@ def build_index(cfg: IndexConfig, storage: StorageConfig, tracking_uri: str | No
     return manifest
 
 
-def _embedder(
-    cfg: IndexConfig, parts: Location, metas: list[dict], storage: StorageConfig, tracking_uri: str | None
-) -> Embedder:
-    if cfg.embedder not in FITTED:
-        return cached_embedder({"kind": "model", "model": cfg.embedder}, dict, storage, tracking_uri)
-    total = sum(m["passages"] for m in metas)
-    stride = max(1, -(-total // cfg.fit_passages))  # every stride-th passage, over the whole corpus
-    texts: list[str] = []
-    seen = 0
-    for m in metas:
-        column = _read_parquet(parts.join(f"passages-{m['unit']:05d}.parquet")).column("text").to_pylist()
-        texts += [t for i, t in enumerate(column) if (seen + i) % stride == 0]
-        seen += len(column)
+def _model_embedder(reference: str, storage: StorageConfig, tracking_uri: str | None) -> Embedder:
+    """The model embedder, loaded on the driver before any work: a reference that does not resolve
+    is an error naming the option."""
+    try:
+        return cached_embedder({"kind": "model", "model": reference}, dict, storage, tracking_uri)
+    except UserError as e:
+        raise UserError(f"--embedder {reference!r} is not 'tfidf', 'lsa' or a model that loads: {e}") from None
+
+
+def _fit(cfg: IndexConfig, passages: list[str]) -> Embedder:
+    """A tfidf or lsa embedder fitted on every stride-th passage, up to cfg.fit_passages."""
+    texts = passages[:: max(1, -(-len(passages) // cfg.fit_passages))]  # spread over the whole corpus
     t0 = time.time()
     embedder = TfidfEmbedder.fit(texts, cfg.embedder, cfg.dim, cfg.seed)
     log.info("fitted %s (%d dims) on %d passages in %.1fs", cfg.embedder, embedder.dim, len(texts), time.time() - t0)
