@@ -17,7 +17,11 @@ retrieved passages do for held-out answers.
    question) and on sft_search.jsonl (the same questions through the search tool), per seed
    (train.seed), unless --plain/--rag/--search name the models. Held-out speeches' questions
    (data.split_key speech), greedy, exact match, per question kind: the first two models with
-   the passages in the prompt and without them, the third calling the search tool itself.
+   the passages in the prompt and without them, the third calling the search tool itself
+   (its data under .generalmodel/sotu-qa-search: --query_words of the quotation per call,
+   --search_words per result, --search_steps of SFT; the second try in RESULTS.md:
+   --seeds 0 --skip_retrieval --query_words 8 --search_words 12 --search_steps 600 with the
+   seed-0 plain and retrieval models named).
 Record the output, with the machine, in benchmarks/RESULTS.md.
 """
 
@@ -33,6 +37,7 @@ from benchmarks.reasoning import mean_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 QA = ROOT / ".generalmodel/sotu-qa"
+QA_SEARCH = ROOT / ".generalmodel/sotu-qa-search"  # the search-tool data, with its own query and result lengths
 INDEX = ROOT / ".generalmodel/indexes/sotu-qa"
 
 
@@ -77,7 +82,7 @@ def _shingles(text: str, n: int = 6) -> set[tuple[str, ...]]:
 
 
 SEARCH = {  # the search-tool variant of configs/sft-rag.yaml
-    "data.source": str(QA / "sft_search.jsonl"),
+    "data.source": str(QA_SEARCH / "sft_search.jsonl"),
     "data.tools": True,
     "tracking.registered_model": "llama-tiny-rag-search",
 }
@@ -173,6 +178,9 @@ def main() -> None:
     parser.add_argument("--plain", default=None, help="the plain SFT models of the first seeds (the rest trained here)")
     parser.add_argument("--rag", default=None, help="the retrieval SFT models, likewise")
     parser.add_argument("--search", default=None, help="the search-tool SFT models, likewise")
+    parser.add_argument("--query_words", type=int, default=16, help="search data: words of the quotation queried")
+    parser.add_argument("--search_words", type=int, default=20, help="search data and tool: words of each result")
+    parser.add_argument("--search_steps", type=int, default=300, help="SFT steps of the search-tool model")
     parser.add_argument("--skip_retrieval", action="store_true", help="no embedder table (only the answers)")
     args = parser.parse_args()
     with ray_session(RayConfig()):  # one local cluster for the index builds and the SFT runs
@@ -181,6 +189,7 @@ def main() -> None:
 
 def run(args) -> None:
     from generalmodel.config import StorageConfig
+    from generalmodel.post.sotu_qa import write_rag
     from generalmodel.retrieval import Index
     from jobs.index import IndexJobConfig
     from jobs.index import main as build
@@ -190,6 +199,10 @@ def run(args) -> None:
     write_data(SotuQaConfig(out=str(QA)))
     build(IndexJobConfig(source=str(QA / "corpus.jsonl"), title_field="title", out=str(INDEX), overwrite=True))
     write_data(SotuQaConfig(out=str(QA), index=str(INDEX)))
+    QA_SEARCH.mkdir(parents=True, exist_ok=True)
+    (QA_SEARCH / "sft.jsonl").write_bytes((QA / "sft.jsonl").read_bytes())
+    index = Index.load(str(INDEX), StorageConfig())
+    write_rag(QA_SEARCH, index, 2, args.search_words, args.query_words)
     if not args.skip_retrieval:
         retrieval_table(args.embedders.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -201,7 +214,8 @@ def run(args) -> None:
     models = {}
     for name, (refs, config, extra) in given.items():  # the models named, then trained for the other seeds
         named = refs.split(",") if refs else []
-        models[name] = named + [train(config, s, args.steps, extra) for s in seeds[len(named) :]]
+        steps = args.search_steps if extra is SEARCH else args.steps
+        models[name] = named + [train(config, s, steps, extra) for s in seeds[len(named) :]]
     rows = heldout()
     print(f"\n{len(rows)} held-out questions (speeches training never saw), greedy exact match, seeds {args.seeds}:")
     print("| model | passages | president | party | decade | all |")
@@ -211,8 +225,7 @@ def run(args) -> None:
             runs = [accuracy(ref, rows, passages) for ref in models[name]]
             cells = [mean_spread([r[k] for r in runs]) for k in KINDS]
             print(f"| {name} | {'in the prompt' if passages else 'none'} | " + " | ".join(cells) + " |")
-    index = Index.load(str(INDEX), StorageConfig())
-    runs = [search_accuracy(ref, rows, index) for ref in models["search-tool SFT"]]
+    runs = [search_accuracy(ref, rows, index, args.search_words) for ref in models["search-tool SFT"]]
     cells = [mean_spread([r[k] for r in runs]) for k in KINDS]
     called = mean_spread([r["called"] for r in runs])
     print(f"| search-tool SFT | its own search calls (made: {called}) | " + " | ".join(cells) + " |")
