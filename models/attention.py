@@ -40,6 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from models.cache import KVCache, attention_mask
 from models.common import RMSNorm, apply_rope
 from models.hooks import HookPoint
+from models.longmem import LongMemory, far_mask
 
 
 def init_linear(linear: nn.Linear, std: float) -> None:
@@ -88,9 +89,18 @@ class Documents:
         """(B, 1, T, T) bool: the query sees a key of its own document at or before it (within the
         window). Made once per window and batch, not once per layer."""
         if window not in self._masks:
-            same = self.ids[:, None, :, None] == self.ids[:, None, None, :]
-            self._masks[window] = same & attention_mask(self.pos, self.pos, window)
+            self._masks[window] = self._same() & attention_mask(self.pos, self.pos, window)
         return self._masks[window]
+
+    def far_mask(self, window: int) -> torch.Tensor:
+        """(B, 1, T, T) bool: the keys of the query's own document that have left its window — what
+        a long-memory layer reads (models/longmem.py)."""
+        if ("far", window) not in self._masks:
+            self._masks["far", window] = self._same() & far_mask(self.pos, self.pos, window)
+        return self._masks["far", window]
+
+    def _same(self) -> torch.Tensor:
+        return self.ids[:, None, :, None] == self.ids[:, None, None, :]
 
     def block_mask(self, window: int | None):
         """FlexAttention's block mask of these rows (causal within each document and the window)."""
@@ -124,6 +134,13 @@ class Explicit(Documents):
                 seen = seen & (self.pos[:, None, :, None] - self.pos[:, None, None, :] < window)
             self._masks[window] = seen
         return self._masks[window]
+
+    def far_mask(self, window: int) -> torch.Tensor:
+        if ("far", window) not in self._masks:
+            self._masks["far", window] = self.allowed[:, None] & (
+                self.pos[:, None, :, None] - self.pos[:, None, None, :] >= window
+            )
+        return self._masks["far", window]
 
     def block_mask(self, window: int | None):
         raise ValueError("an explicit attention layout runs on SDPA, not flex: set_backend(model, 'auto')")
@@ -233,8 +250,11 @@ class GroupedQueryAttention(nn.Module):
         value_residual: bool = False,
         norm_eps: float = 1e-5,
         value_embed: bool = False,
+        memory: LongMemory | None = None,
     ):
         super().__init__()
+        if memory is not None and (window is None or not owns_kv or shares_kv):
+            raise ValueError("a long-memory layer needs a sliding window and its own K/V, not shared")
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.layer, self.window, self.owns_kv = layer, window, owns_kv
@@ -251,6 +271,7 @@ class GroupedQueryAttention(nn.Module):
         self.v_mix = nn.Parameter(torch.full((1,), 0.5)) if value_residual and layer > 0 else None  # FSDP2: 1-D
         # Value embeddings (the speedrun): v ← a·v + b·ve, (a, b) learned from (0.5, 0.5).
         self.ve_mix = nn.Parameter(torch.full((2,), 0.5)) if value_embed else None
+        self.memory = memory  # what the heads read beyond the window (models/longmem.py)
         self.hook_pattern = HookPoint()  # (B, H, T, S), eager only
         self.hook_z = HookPoint()  # (B, T, H, head_dim): each head's output before out_proj
 
@@ -266,10 +287,15 @@ class GroupedQueryAttention(nn.Module):
         for mix in (self.v_mix, self.ve_mix):
             if mix is not None:
                 nn.init.constant_(mix, 0.5)
+        if self.memory is not None:
+            self.memory.init_weights()
 
     def cache_shapes(self) -> list[tuple[int, int]] | None:
-        """K and V, (heads, dim) each; None for a layer that reuses its group's."""
-        return [(self.n_kv_heads, self.head_dim)] * 2 if self.owns_kv else None
+        """K and V, (heads, dim) each (a long-memory layer also the keys before RoPE, which its
+        memory is read by); None for a layer that reuses its group's."""
+        if not self.owns_kv:
+            return None
+        return [(self.n_kv_heads, self.head_dim)] * (3 if self.memory is not None else 2)
 
     def forward(self, x, rope=None, cache: KVCache | None = None, shared_kv=None, pos=None, docs=None, ve=None):
         """x: (B, T, d). Returns (output (B, T, d), what later layers take as `shared_kv`): the K/V
@@ -281,6 +307,7 @@ class GroupedQueryAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
+        q_content = q  # before RoPE: what a long memory is read with
         if rope is not None:
             q = apply_rope(q, *rope)
         passed = None
@@ -297,10 +324,13 @@ class GroupedQueryAttention(nn.Module):
                 else:
                     passed = shared_kv
                     v = v + self.v_mix.to(v.dtype) * (shared_kv[1] - v)
+            k_content = k
             if rope is not None:
                 k = apply_rope(k, *rope)
             key_pos = None
-            if cache is not None:
+            if cache is not None and self.memory is not None:
+                (k, v, k_content), key_pos = cache.update(self.layer, pos, k, v, k_content)
+            elif cache is not None:
                 (k, v), key_pos = cache.update(self.layer, pos, k, v)  # (B, H_kv, S, hd), (B, S)
         else:
             k, v, key_pos = shared_kv
@@ -319,9 +349,25 @@ class GroupedQueryAttention(nn.Module):
                 if self.eager
                 else sdpa(q, k, v, mask, gqa, self.backend)
             )
+        if self.memory is not None:
+            y = self.memory.mix(y, self._far_read(q_content, k_content, v, pos, key_pos, docs, cache))
         out = self.out_proj(self.hook_z(y.transpose(1, 2)).reshape(B, T, -1))
         # Only a group that shares K/V passes them on (FSDP2 warns about view outputs otherwise).
         return out, (k, v, key_pos) if self.shares_kv else passed
+
+    def _far_read(self, q, k, v, pos, key_pos, docs, cache: KVCache | None) -> torch.Tensor:
+        """The long memory's read of the positions that have left the window (models/longmem.py):
+        over the whole sequence, or, decoding, over the cached memory and the entries of this step;
+        then the entries leaving the window are folded into the memory."""
+        if key_pos is None:
+            if docs is not None:
+                return self.memory.read(q, k, v, docs.far_mask(self.window))
+            positions = torch.arange(q.shape[2], device=q.device)[None]
+            return self.memory.read(q, k, v, far_mask(positions, positions, self.window))
+        state, rows = cache.memory(self.layer)
+        far = self.memory.read(q, k, v, far_mask(pos, key_pos, self.window), state, rows)
+        state.fold(rows, k, v, key_pos, pos[:, -1:] - self.window)
+        return far
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -12,6 +12,10 @@ from those positions: rows of one batch can hold prompts of different lengths, a
 emptied and refilled while the others keep decoding (continuous batching). Buffers are only
 written in place, so a decode step over all rows has static shapes (torch.compile, CUDA graphs).
 
+A long-memory layer (models/longmem.py) also keeps its memory of the positions that have left its
+window (`LayerCache.memory`, a `MemoryState` per row: bounded, emptied by `reset` with the row);
+its ring folds each entry into that memory as the entry leaves.
+
 Capacity is checked on the host by `reserve` before a forward (the model itself never syncs); it
 also tells the next forward how many slots of the full-length buffers are in use, so attention
 reads only those (unless `trim` is off: then every slot, masked, for static shapes under compile).
@@ -32,6 +36,7 @@ class LayerCache:
         self.tensors = [torch.zeros(batch, h, size, d, device=device, dtype=dtype) for h, d in shapes]
         self.pos = torch.full((batch, size), -1, dtype=torch.long, device=device)
         self.size, self.ring = size, ring
+        self.memory = None  # a long-memory layer's MemoryState (models/longmem.py)
 
     def write(self, rows: torch.Tensor, pos: torch.Tensor, new: Sequence[torch.Tensor]) -> None:
         slots = pos % self.size if self.ring else pos  # (b, T)
@@ -50,7 +55,12 @@ class LayerCache:
         return [t[rows] for t in tensors], pos[rows]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors) + self.pos.numel() * self.pos.element_size()
+        memory = self.memory.nbytes() if self.memory is not None else 0
+        return (
+            sum(t.numel() * t.element_size() for t in self.tensors)
+            + self.pos.numel() * self.pos.element_size()
+            + memory
+        )
 
 
 class KVCache:
@@ -78,6 +88,10 @@ class KVCache:
             local = all(w is not None for w in windows) and max(windows) < self.capacity
             size = max(windows) if local else self.capacity
             self.layers[layer] = LayerCache(attns[layer].cache_shapes(), batch, size, local, device, dtype)
+            if getattr(attns[layer], "memory", None) is not None:
+                self.layers[layer].memory = attns[layer].memory.new_state(
+                    batch, self.capacity, attns[layer].window, device, dtype
+                )
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.host_lengths = [0] * batch  # the same, on the host: capacity checks without a sync
         self._rows: torch.Tensor | None = None
@@ -102,6 +116,8 @@ class KVCache:
         self.lengths[index] = 0
         for layer in self.layers.values():
             layer.pos[index] = -1
+            if layer.memory is not None:
+                layer.memory.reset(index)
         for r in rows:
             self.host_lengths[r] = 0
 
@@ -151,9 +167,10 @@ class KVCache:
         cache = self.layers[layer]
         rows = self._rows if self._rows is not None else self._all_rows
         T = pos.shape[1]
-        if cache.ring and T > 1:
+        if cache.ring and (T > 1 or cache.memory is not None):
             # A chunk would overwrite entries its own earlier queries still see: attend over the
-            # ring as it was plus the chunk, then keep the chunk's last `size` entries.
+            # ring as it was plus the chunk, then keep the chunk's last `size` entries. (A long
+            # memory reads and folds the entries leaving the ring: it takes this path for T = 1 too.)
             past, past_pos = cache.read(self._rows)  # a ring: all of it
             out = [torch.cat([p, n.to(p.dtype)], dim=2) for p, n in zip(past, new, strict=True)]
             key_pos = torch.cat([past_pos, pos], dim=1)  # copies: before the write below
@@ -162,6 +179,10 @@ class KVCache:
             return out, key_pos
         cache.write(rows, pos, new)
         return cache.read(self._rows, self._span)
+
+    def memory(self, layer: int):
+        """A long-memory layer's MemoryState and the rows of this view (an index tensor)."""
+        return self.layers[layer].memory, self._rows if self._rows is not None else self._all_rows
 
     def advance(self, T: int) -> None:
         """The rows of this view took T tokens (the model calls it at the end of a forward)."""

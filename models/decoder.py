@@ -3,7 +3,8 @@ RoPE), norm (LayerNorm without bias or RMSNorm), MLP (GELU 4×, SwiGLU, ReLU² 4
 MoE after `moe_first_dense` dense layers), attention (grouped KV heads, or MLA), sliding-window
 layers with a global layer every `global_every`, cross-layer KV sharing in groups of
 `kv_share_group`, product-key memory layers (PKM, PEER or UltraMem) in place of the MLP of chosen
-blocks (models/memory.py), tied or separate embeddings, and the recipe switches QK-norm, value residual,
+blocks (models/memory.py), a memory beyond the window on chosen sliding-window layers (compressive
+or kNN, models/longmem.py), tied or separate embeddings, and the recipe switches QK-norm, value residual,
 logit soft-capping and zero-initialised output projections. `gpt2`, `llama` and `deepseek`
 (models/gpt2.py, llama.py, deepseek.py) are defaults of it. Single-device PyTorch.
 """
@@ -22,6 +23,7 @@ from models.attention import Documents, GroupedQueryAttention, MultiHeadLatentAt
 from models.cache import KVCache
 from models.common import RMSNorm, matmul_flops_per_token, rope_tables
 from models.hooks import HookPoint
+from models.longmem import LongMemory
 from models.loss import Selection, capped_logits, linear_cross_entropy, selected_cross_entropy, token_losses
 from models.memory import ProductKeyMemory, UltraMemory
 from models.moe import MoE
@@ -86,6 +88,17 @@ class DecoderConfig:
     qk_rope_head_dim: int = _opt(16, "MLA: the decoupled RoPE part of each head's query/key.")
     qk_nope_head_dim: int | None = _opt(None, "MLA: the non-RoPE part of each query/key head; null: head_dim.")
     v_head_dim: int | None = _opt(None, "MLA: value head size; null: head_dim.")
+    # memory beyond the window (models/longmem.py)
+    long_memory: Literal["none", "compressive", "knn"] = _opt(
+        "none",
+        "What the long_memory_layers read of the positions that left their window: compressive (Infini-attention: "
+        "one linear memory per head) or knn (Memorizing Transformers: the top-k past keys/values); none: off.",
+    )
+    long_memory_layers: tuple[int, ...] = _opt((), "Sliding-window blocks with a long memory, e.g. [2].")
+    long_memory_top_k: int = _opt(32, "knn: past entries each query reads.")
+    long_memory_size: int | None = _opt(
+        None, "knn: past entries a decoding row keeps per layer, oldest dropped first; null: all its context can hold."
+    )
     # mixture of experts (0 experts: dense MLP everywhere)
     moe_experts: int = _opt(0, "Routed experts per MoE layer; 0: dense MLP everywhere.")
     moe_top_k: int = _opt(2, "Experts each token is routed to.")
@@ -195,11 +208,37 @@ class DecoderConfig:
                 )
             if (self.memory_value_dim is not None and self.memory_value_dim <= 0) or self.memory_core_loss_weight < 0:
                 raise ValueError("memory_value_dim must be positive (or null), memory_core_loss_weight >= 0")
+        self._check_long_memory()
         if self.moe_experts:
             if self.moe_experts < 2 or not 0 < self.moe_top_k <= self.moe_experts:
                 raise ValueError(f"moe_top_k={self.moe_top_k} must be in 1..moe_experts={self.moe_experts}")
             if not 0 <= self.moe_first_dense <= self.n_layers:
                 raise ValueError(f"moe_first_dense={self.moe_first_dense} must be in 0..n_layers={self.n_layers}")
+
+    def _check_long_memory(self) -> None:
+        if self.long_memory == "none":
+            if self.long_memory_layers:
+                raise ValueError(
+                    f"long_memory_layers={list(self.long_memory_layers)} needs long_memory: compressive or knn"
+                )
+            return
+        if not self.long_memory_layers:
+            raise ValueError(f"long_memory={self.long_memory!r} needs long_memory_layers (the blocks that read it)")
+        if self.attention != "gqa" or self.kv_share_group != 1:
+            raise ValueError(
+                "long_memory is a switch of GQA layers with their own K/V (attention='gqa', kv_share_group=1)"
+            )
+        bad = [i for i in self.long_memory_layers if not 0 <= i < self.n_layers or self.is_global(i)]
+        if bad:
+            raise ValueError(
+                f"long_memory_layers {bad} must be sliding-window blocks of this model (0..{self.n_layers - 1}, a "
+                f"window set and not a global layer): the memory holds what leaves the window"
+            )
+        if self.long_memory_top_k <= 0 or (self.long_memory_size is not None and self.long_memory_size <= 0):
+            raise ValueError(
+                f"long_memory_top_k={self.long_memory_top_k} and long_memory_size={self.long_memory_size} must be "
+                f"positive (size may be null)"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -281,6 +320,11 @@ def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
             window,
         )
     owns_kv = layer % cfg.kv_share_group == 0
+    memory = None
+    if layer in cfg.long_memory_layers:
+        memory = LongMemory(
+            cfg.long_memory, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.long_memory_top_k, cfg.long_memory_size
+        )
     return GroupedQueryAttention(
         cfg.d_model,
         cfg.n_heads,
@@ -294,6 +338,7 @@ def make_attention(cfg: DecoderConfig, layer: int) -> nn.Module:
         value_residual=cfg.value_residual,
         norm_eps=cfg.norm_eps,
         value_embed=cfg.value_embed_table(layer) is not None,
+        memory=memory,
     )
 
 
@@ -542,6 +587,8 @@ class Decoder(nn.Module):
                 documents.block_mask(block.attn.window)
             else:
                 documents.mask(block.attn.window)
+            if getattr(block.attn, "memory", None) is not None:
+                documents.far_mask(block.attn.window)
         return documents
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,15 @@ PRESETS: dict[str, DecoderConfig] = {
     "ultramem-tiny": LlamaConfig(
         **_TINY, n_kv_heads=2, memory_layers=(1,), memory_kind="ultramem", memory_keys=64, memory_expansion=4
     ),
+    # Sliding windows of 64 in every block, and block 1 also reads what has left its window
+    # (models/longmem.py): one linear memory per head (Infini-attention), or the 32 best-matching
+    # past keys/values (Memorizing Transformers). Trained on rows of 256, they read 4096 tokens.
+    "infini-tiny": LlamaConfig(
+        **{**_TINY, "max_seq_len": 4096}, n_kv_heads=2, window=64, long_memory="compressive", long_memory_layers=(1,)
+    ),
+    "memorizing-tiny": LlamaConfig(
+        **{**_TINY, "max_seq_len": 4096}, n_kv_heads=2, window=64, long_memory="knn", long_memory_layers=(1,)
+    ),
     "gpt2-124m": GPT2Config(**_124M),
     "llama-124m": LlamaConfig(**_124M),
     "llama-350m": LlamaConfig(**{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 1024}, n_kv_heads=4),

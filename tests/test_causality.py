@@ -17,7 +17,10 @@ from generalmodel.train.leak import MODES, check
 from models import PRESETS, build_model
 
 VOCAB = 128
-TINY = {name: {} for name in PRESETS if name.endswith("-tiny")}
+# (the long-memory presets with a window of 8: their memory layers read the positions it leaves)
+TINY = {
+    name: dict(window=8) if PRESETS[name].long_memory != "none" else {} for name in PRESETS if name.endswith("-tiny")
+}
 CASES = {
     **TINY,
     "hybrid-wrapping": dict(base="hybrid-tiny", window=8),  # the window bites inside the 32 positions

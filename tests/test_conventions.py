@@ -33,6 +33,8 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
             if module.kv_proj is not None:
                 out[prefix + "kv_proj.weight"] = std
             out[prefix + "out_proj.weight"] = residual
+            if module.memory is not None:  # the gate starts at 0 (tests/test_long_memory.py)
+                out[prefix + "memory.gate"] = None
         elif isinstance(module, MultiHeadLatentAttention):
             for part in ("q_down", "q_up", "q_proj", "kv_down", "kv_up"):
                 if hasattr(module, part):
@@ -75,8 +77,11 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
         LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, memory_layers=(1, 4), memory_kind="peer"),
         LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, memory_layers=(2,), memory_kind="ultramem"),
         LlamaConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, quiet_star_thoughts=4),
+        LlamaConfig(
+            vocab_size=2048, d_model=256, n_layers=6, n_heads=4, window=16, long_memory="knn", long_memory_layers=(2,)
+        ),
     ],
-    ids=["llama", "deepseek-mla-moe", "llama-peer-memory", "llama-ultramem", "llama-quiet-star"],
+    ids=["llama", "deepseek-mla-moe", "llama-peer-memory", "llama-ultramem", "llama-quiet-star", "llama-knn-memory"],
 )
 def test_every_parameter_kind_has_its_intended_std(cfg):
     torch.manual_seed(0)

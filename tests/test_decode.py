@@ -18,7 +18,8 @@ from models.cache import KVCache
 VOCAB = 256
 WRAP = dict(window=8)  # a small window, so that prompts and generations wrap the ring many times
 VARIANTS = {
-    **{name: {} for name in PRESETS if name.endswith("-tiny")},
+    # (the long-memory presets with a window that wraps: their memories fill and are read)
+    **{name: WRAP if PRESETS[name].long_memory != "none" else {} for name in PRESETS if name.endswith("-tiny")},
     "llama-mha": dict(n_kv_heads=None),
     "llama-mqa": dict(n_kv_heads=1),
     "hybrid-wrapping": dict(base="hybrid-tiny", **WRAP),
@@ -68,7 +69,9 @@ def test_batched_greedy_equals_one_at_a_time_and_a_full_recomputation(variant):
     assert len({tuple(t) for t in batched}) == len(batch)  # the rows really differ
 
 
-@pytest.mark.parametrize("variant", ["llama-tiny", "mla-hybrid", "kvshare-hybrid", "local-only"])
+@pytest.mark.parametrize(
+    "variant", ["llama-tiny", "mla-hybrid", "kvshare-hybrid", "local-only", "infini-tiny", "memorizing-tiny"]
+)
 @torch.no_grad()
 def test_cached_logits_equal_the_full_forward_at_each_rows_own_position(variant):
     model = model_for(variant)
@@ -107,8 +110,10 @@ def test_local_layers_keep_a_ring_of_window_entries_whatever_the_length():
     assert {k: c.size for k, c in KVCache(model_for("kvshare-local-groups"), batch=1).layers.items()} == {0: 8, 2: 256}
 
 
-def test_requests_join_and_leave_a_running_batch_without_changing_their_tokens():
-    model = model_for("hybrid-wrapping")
+# (with a long memory: a row's memory is emptied for its next request)
+@pytest.mark.parametrize("variant", ["hybrid-wrapping", "infini-tiny", "memorizing-tiny"])
+def test_requests_join_and_leave_a_running_batch_without_changing_their_tokens(variant):
+    model = model_for(variant)
     params = [
         SamplingParams(temperature=0, max_new_tokens=5),
         SamplingParams(temperature=0.9, top_k=20, seed=3, max_new_tokens=17),

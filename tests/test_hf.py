@@ -276,7 +276,10 @@ EXPECTED_CLASS = {
     "gpt2-tiny": "gpt2",
     "llama-tiny": "llama",
     "deepseek-tiny": "deepseek_v3",
-    **{f"{name}-tiny": "generalmodel" for name in ("mla", "moe", "hybrid", "kvshare", "memory", "peer", "ultramem")},
+    **{
+        f"{name}-tiny": "generalmodel"
+        for name in ("mla", "moe", "hybrid", "kvshare", "memory", "peer", "ultramem", "infini", "memorizing")
+    },
 }
 
 

@@ -25,6 +25,8 @@ TINY = [name for name in PRESETS if name.endswith("-tiny")]
 def small(name, **changes):
     from dataclasses import replace
 
+    if PRESETS[name].long_memory != "none":  # a window short enough for the memory to be read
+        changes.setdefault("window", 8)
     return replace(PRESETS[name], vocab_size=256, **changes)
 
 

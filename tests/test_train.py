@@ -1,5 +1,5 @@
 """The per-worker training loop without Ray: loss goes down, 2-process FSDP2 == one process,
-exact resume, NaN handling, incompatible resume; LR schedules; sampling parameters."""
+exact resume (with a long memory too), NaN handling, incompatible resume; LR schedules; sampling parameters."""
 
 import math
 import os
@@ -325,6 +325,29 @@ def test_two_process_fsdp_matches_one_process(train_dataset, tmp_path):
     assert min(resumed) == 4
     for step, loss in resumed.items():
         assert math.isclose(loss, single[step], rel_tol=1e-4), (step, loss, single[step])
+
+
+# A long memory (models/longmem.py) whose window of 8 the 32-token rows overrun.
+MEMORY = {"model.window": 8, "model.long_memory_layers": [1], "model.long_memory_top_k": 4}
+
+
+def test_training_with_a_knn_memory_resumes_exactly(train_dataset, tmp_path):
+    cfg = dict(MEMORY, **{"model.long_memory": "knn"})
+    reference, _ = run(tiny(train_dataset, tmp_path / "a", **cfg))
+    with pytest.raises(RuntimeError, match="injected failure at step 8"):
+        run(tiny(train_dataset, tmp_path / "b", **cfg, **{"train.fail_at_step": 8}))
+    resumed, _ = run(tiny(train_dataset, tmp_path / "b", **cfg))
+    assert min(resumed) in (4, 7)
+    assert all(loss == reference[step] for step, loss in resumed.items())
+
+
+def test_a_compressive_memory_under_fsdp2_on_two_processes_equals_one(train_dataset, tmp_path):
+    torch.set_num_threads(1)
+    cfg = dict(MEMORY, **{"model.long_memory": "compressive", "train.steps": 6})
+    single, _ = run(tiny(train_dataset, tmp_path / "one", **cfg, **{"train.batch_size": 8}))
+    out = two_processes(tiny(train_dataset, tmp_path / "two", **cfg, **{"train.batch_size": 4}))
+    for step, loss in single.items():
+        assert math.isclose(out[step], loss, rel_tol=1e-5), (step, out[step], loss)
 
 
 def test_gradient_accumulation_under_fsdp_reduce_scatters_once_per_step(train_dataset, tmp_path):
