@@ -1,5 +1,6 @@
 """The memory floor of a training worker (generalmodel/train/memory.py): the logits term follows
-train.loss_chunk (one chunk's logits live at a time, not the whole batch's)."""
+train.loss_chunk (one chunk's logits live at a time, not the whole batch's); a long memory adds its
+far read."""
 
 from generalmodel.config import load_config
 from generalmodel.train.memory import estimate
@@ -27,3 +28,21 @@ def test_each_rank_holds_its_shard_groups_share():
     assert alone.params_bytes == 8 * fsdp.params_bytes and alone.gathered_bytes == 0
     assert fsdp.gathered_bytes == hsdp.gathered_bytes > 0
     assert "HSDP: 2 replicas x 4 shards" in hsdp.describe() and "FSDP over 8 ranks" in fsdp.describe()
+
+
+def test_a_long_memory_layer_adds_its_dense_far_read():
+    """Each memory layer keeps (B, heads, T, T) fp32 scores and weights: 8 bytes a pair per head;
+    under full activation checkpointing one layer's at a time."""
+    base = {"model.preset": "memorizing-tiny", "train.batch_size": 4}
+    one = estimate(load_config(overrides=base), seq_len=256, world_size=1)
+    two = estimate(load_config(overrides={**base, "model.long_memory_layers": [1, 2]}), seq_len=256, world_size=1)
+    plain = estimate(
+        load_config(overrides={**base, "model.long_memory": "none", "model.long_memory_layers": []}), 256, 1
+    )
+    assert two.activations_bytes - one.activations_bytes == one.activations_bytes - plain.activations_bytes
+    assert one.activations_bytes - plain.activations_bytes == 4 * 4 * 256 * 256 * 8
+    full = {"train.activation_checkpointing": "full"}
+    recomputed = estimate(load_config(overrides={**base, **full, "model.long_memory_layers": [1, 2]}), 256, 1)
+    none = {"model.long_memory": "none", "model.long_memory_layers": []}
+    recomputed_plain = estimate(load_config(overrides={**base, **full, **none}), 256, 1)
+    assert recomputed.activations_bytes - recomputed_plain.activations_bytes == 4 * 4 * 256 * 256 * 8

@@ -11,7 +11,9 @@ activations kept for the backward pass, after Korthikanti et al. (2022): at leas
 token and layer in 16-bit (twice that in fp32 on CPU; the 5·n_heads·T attention term is left out,
 flash attention does not keep it),
 only the block inputs (2·d) with full activation checkpointing, plus the logits and their
-gradient (fp32) — of all B·T positions, or of one chunk of train.loss_chunk positions. It is a
+gradient (fp32) — of all B·T positions, or of one chunk of train.loss_chunk positions — and a
+long-memory layer's far read (models/longmem.py), which is dense: its (B, heads, T, T) scores and
+weights in fp32, 8·heads·T² bytes per row and memory layer (one layer's under full checkpointing). It is a
 floor, not a bound: allocator slack, the compile cache and communication buffers come on top, so
 only a model whose floor exceeds the memory is refused.
 """
@@ -70,6 +72,10 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
         per_token_layer = 34 * m.d_model * act_bytes / 2
     logit_rows = min(cfg.train.loss_chunk, B * T) if cfg.train.loss_chunk else B * T
     activations = B * T * m.n_layers * per_token_layer + 2 * logit_rows * m.vocab_size * 4
+    memory_layers = len(m.long_memory_layers) if m.long_memory != "none" else 0
+    if cfg.train.activation_checkpointing == "full":
+        memory_layers = min(memory_layers, 1)
+    activations += memory_layers * B * m.n_heads * T * T * 8
     return MemoryEstimate(n, 4 * n / shard, 4 * n / shard, 8 * n / shard, activations, gathered, shape.describe())
 
 
