@@ -3,7 +3,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
 .PHONY: reasoning-data reasoning-sft reasoning-tools reasoning-rl reasoning-coconut reasoning-quiet-star reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
-	bench-tinystories eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft rag sft-svf dpo \
+	bench-tinystories long-memory bench-long-memory eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft rag sft-svf dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
 install: $(VENV_STAMP)
@@ -105,6 +105,20 @@ rag: sotu-qa
 	$(PY) -m jobs.index --source=$(QA_DIR)/corpus.jsonl --title_field=title --out=$(INDEX_DIR) --overwrite=true
 	$(PY) -m jobs.sotu_qa --out=$(QA_DIR) --index=$(INDEX_DIR)
 	$(PY) -m jobs.sft --config configs/sft-rag.yaml $(SFT_ARGS)
+
+# Memory beyond the window (docs/long-memory.md): `make pretrain`'s recipe with sliding windows of
+# 64 in every block and a kNN memory (Memorizing Transformers) in block 1, trained on sotu's
+# 256-token rows with Ray Train, registered as llama-tiny-knn-memory; it reads up to 4096 tokens.
+# LONG_MEMORY=compressive: Infini-attention's memory instead. bench-long-memory: the measurements.
+LONG_MEMORY ?= knn
+long-memory: install
+	$(PY) -m jobs.pretrain --config configs/llama-tiny.yaml --model.window=64 --model.max_seq_len=4096 \
+	  --model.long_memory=$(LONG_MEMORY) --model.long_memory_layers='[1]' \
+	  --train.run_name=llama-tiny-$(LONG_MEMORY)-memory --tracking.registered_model=llama-tiny-$(LONG_MEMORY)-memory \
+	  $(PRETRAIN_ARGS)
+
+bench-long-memory: install
+	$(PY) -m benchmarks.long_memory
 
 # Singular-value fine-tuning (docs/adapters.md): the sft demo training only each block linear's
 # singular-value scales; the registry stores the vectors as llama-tiny-sft-svf, naming its base.
