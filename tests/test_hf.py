@@ -294,6 +294,9 @@ def test_every_tiny_preset_exports_as_its_class():
     assert tiny == set(EXPECTED_CLASS)  # a new preset gets its expected class here
     assert {name: hf_architecture(PRESETS[name]) for name in tiny} == EXPECTED_CLASS
     assert hf_architecture(recipe_model()) == "qwen3"
+    # make long-memory's model: Qwen3's fields plus a memory Qwen3 does not have
+    long_memory = dict(window=64, long_memory="knn", long_memory_layers=(1,))
+    assert hf_architecture(dataclasses.replace(recipe_model(), **long_memory)) == "generalmodel"
     assert hf_architecture(previous_recipe_model()) == "generalmodel"
 
 

@@ -23,6 +23,7 @@ def research_parts(cfg) -> dict[str, str]:
         "memory_layers": cfg.memory_layers and f"memory_layers={list(cfg.memory_layers)} (product-key memory layers)",
         "window": cfg.window is not None and f"window={cfg.window} (sliding-window layers)",
         "kv_share_group": cfg.kv_share_group != 1 and f"kv_share_group={cfg.kv_share_group} (cross-layer KV sharing)",
+        "long_memory": cfg.long_memory != "none" and f"long_memory={cfg.long_memory!r} (memory beyond the window)",
         "qk_norm": cfg.qk_norm and "qk_norm=true (per-head query/key norms)",
         "value_residual": cfg.value_residual and "value_residual=true (first-layer value mixing)",
         "logit_softcap": cfg.logit_softcap is not None and f"logit_softcap={cfg.logit_softcap} (logit soft-capping)",
