@@ -234,6 +234,10 @@ class DecoderConfig:
                 f"long_memory_layers {bad} must be sliding-window blocks of this model (0..{self.n_layers - 1}, a "
                 f"window set and not a global layer): the memory holds what leaves the window"
             )
+        knn_only = {f.name: f.default for f in fields(self) if f.name in ("long_memory_top_k", "long_memory_size")}
+        changed = [f"{k}={getattr(self, k)}" for k, v in knn_only.items() if getattr(self, k) != v]
+        if self.long_memory == "compressive" and changed:
+            raise ValueError(f"{', '.join(changed)}: the knn memory's fields, but long_memory is 'compressive'")
         if self.long_memory_top_k <= 0 or (self.long_memory_size is not None and self.long_memory_size <= 0):
             raise ValueError(
                 f"long_memory_top_k={self.long_memory_top_k} and long_memory_size={self.long_memory_size} must be "

@@ -125,6 +125,7 @@ def test_the_gate_starts_at_one_half_and_bad_configs_are_clear_errors():
             "a switch of GQA layers",
         ),
         (["--model.preset=memorizing-tiny", "--model.long_memory_top_k=0"], "must be positive"),
+        (["--model.preset=infini-tiny", "--model.long_memory_size=64"], "the knn memory's fields"),
     ]
     for args, message in cases:
         with pytest.raises(ConfigError) as e:
