@@ -34,6 +34,7 @@ Prints one table per task (mean ± half the spread over seeds) and writes the re
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -66,6 +67,7 @@ def model_config(variant: str, vocab: int, window: int, max_len: int):
 # -- data ---------------------------------------------------------------------------------------
 
 
+@functools.cache  # once per worker process, not once per run
 def sotu_tokens(vocab: int) -> tuple[list[list[int]], list[list[int]]]:
     """(training speeches, held-out speeches) as token ids, each ending with EOS."""
     from generalmodel.data.tokenizer import eos_id, train_bpe

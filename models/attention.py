@@ -328,10 +328,11 @@ class GroupedQueryAttention(nn.Module):
             if rope is not None:
                 k = apply_rope(k, *rope)
             key_pos = None
-            if cache is not None and self.memory is not None:
-                (k, v, k_content), key_pos = cache.update(self.layer, pos, k, v, k_content)
-            elif cache is not None:
-                (k, v), key_pos = cache.update(self.layer, pos, k, v)  # (B, H_kv, S, hd), (B, S)
+            if cache is not None:  # a long-memory layer caches its keys before RoPE too
+                new = (k, v, k_content) if self.memory is not None else (k, v)
+                cached, key_pos = cache.update(self.layer, pos, *new)  # (B, H_kv, S, hd) each, (B, S)
+                k, v = cached[:2]
+                k_content = cached[2] if self.memory is not None else None
         else:
             k, v, key_pos = shared_kv
         gqa = self.n_kv_heads != self.n_heads
@@ -360,6 +361,8 @@ class GroupedQueryAttention(nn.Module):
         over the whole sequence, or, decoding, over the cached memory and the entries of this step;
         then the entries leaving the window are folded into the memory."""
         if key_pos is None:
+            if q.shape[2] <= self.window:  # nothing has left the window yet
+                return torch.zeros_like(q)
             if docs is not None:
                 return self.memory.read(q, k, v, docs.far_mask(self.window))
             positions = torch.arange(q.shape[2], device=q.device)[None]
@@ -373,6 +376,7 @@ class GroupedQueryAttention(nn.Module):
 class MultiHeadLatentAttention(nn.Module):
     eager = False  # True: the written-out attention, whose pattern the hook point sees
     backend = "auto"  # an SDPA backend (set_backend)
+    memory = None  # no long memory (models/longmem.py: GQA layers only)
 
     def __init__(
         self,

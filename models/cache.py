@@ -88,7 +88,7 @@ class KVCache:
             local = all(w is not None for w in windows) and max(windows) < self.capacity
             size = max(windows) if local else self.capacity
             self.layers[layer] = LayerCache(attns[layer].cache_shapes(), batch, size, local, device, dtype)
-            if getattr(attns[layer], "memory", None) is not None:
+            if attns[layer].memory is not None:
                 self.layers[layer].memory = attns[layer].memory.new_state(
                     batch, self.capacity, attns[layer].window, device, dtype
                 )

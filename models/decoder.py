@@ -591,7 +591,7 @@ class Decoder(nn.Module):
                 documents.block_mask(block.attn.window)
             else:
                 documents.mask(block.attn.window)
-            if getattr(block.attn, "memory", None) is not None:
+            if block.attn.memory is not None:
                 documents.far_mask(block.attn.window)
         return documents
 

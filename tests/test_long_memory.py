@@ -103,8 +103,7 @@ def test_a_decoding_rows_knn_memory_is_bounded_and_keeps_the_newest():
     cache.reset([0])
     assert (state.pos == -1).all()
     # compressive: one matrix per KV head, whatever the length
-    shapes = [m.shape for m in (KVCache(model("compressive"), batch=3).layers[1].memory.M,)]
-    assert shapes == [torch.Size([3, 2, 16, 16])]
+    assert KVCache(model("compressive"), batch=3).layers[1].memory.M.shape == (3, 2, 16, 16)
 
 
 def test_the_gate_starts_at_one_half_and_bad_configs_are_clear_errors():

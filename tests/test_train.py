@@ -328,11 +328,11 @@ def test_two_process_fsdp_matches_one_process(train_dataset, tmp_path):
 
 
 # A long memory (models/longmem.py) whose window of 8 the 32-token rows overrun.
-MEMORY = {"model.window": 8, "model.long_memory_layers": [1], "model.long_memory_top_k": 4}
+MEMORY = {"model.window": 8, "model.long_memory_layers": [1]}
 
 
 def test_training_with_a_knn_memory_resumes_exactly(train_dataset, tmp_path):
-    cfg = dict(MEMORY, **{"model.long_memory": "knn"})
+    cfg = dict(MEMORY, **{"model.long_memory": "knn", "model.long_memory_top_k": 4})
     reference, _ = run(tiny(train_dataset, tmp_path / "a", **cfg))
     with pytest.raises(RuntimeError, match="injected failure at step 8"):
         run(tiny(train_dataset, tmp_path / "b", **cfg, **{"train.fail_at_step": 8}))
