@@ -107,7 +107,7 @@ def shape_of(preset: str, seq_len: int) -> ModelShape:
     with torch.device("meta"):
         model = build_model(cfg)
     moe_layers = list(model.moe_layers())
-    experts = sum(m.w_up.numel() + m.w_down.numel() for m in moe_layers)
+    experts = sum(m.experts.w_up.numel() + m.experts.w_down.numel() for m in moe_layers)
     return ModelShape(
         preset,
         model.num_params(),

@@ -649,7 +649,7 @@ class Decoder(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if active:
             for moe in self.moe_layers():
-                n -= (moe.n_experts - moe.top_k) * (moe.w_up[0].numel() + moe.w_down[0].numel())
+                n -= (moe.n_experts - moe.top_k) * (moe.experts.w_up[0].numel() + moe.experts.w_down[0].numel())
             memories = (ProductKeyMemory, UltraMemory)
             n -= sum(m.inactive_params() for m in self.modules() if isinstance(m, memories))
         if not embeddings:

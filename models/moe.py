@@ -40,14 +40,14 @@ class MoE(nn.Module):
         self.n_experts, self.top_k, self.hidden = n_experts, top_k, hidden
         self.score, self.bias_update_rate, self.aux_loss_weight = score, bias_update_rate, aux_loss_weight
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))  # gate|value
-        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.experts = GroupedExperts(n_experts, d_model, hidden)
         self.shared = SharedExperts(d_model, hidden * n_shared) if n_shared else None
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         # Set by generalmodel.train.expert_parallel: the experts live on several ranks.
         self.expert_parallel = None
+        self._register_load_state_dict_pre_hook(_experts_renamed)
         self.hook_router_logits = HookPoint()  # (B, T, E), fp32
         self.hook_expert_ids = HookPoint()  # (B, T, top_k): the experts each token goes to
         # Usable on its own (like nn.Linear); a Decoder re-initializes it with its residual scale.
@@ -57,8 +57,8 @@ class MoE(nn.Module):
         """Router and expert input weights N(0, std); expert (and shared expert) output weights,
         which write into the residual stream, N(0, residual_std); routing biases zero."""
         nn.init.normal_(self.router.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w_up, mean=0.0, std=std)
-        nn.init.normal_(self.w_down, mean=0.0, std=residual_std)
+        nn.init.normal_(self.experts.w_up, mean=0.0, std=std)
+        nn.init.normal_(self.experts.w_down, mean=0.0, std=residual_std)
         if self.shared is not None:
             self.shared.init_weights(std, residual_std)
         self.expert_bias.zero_()
@@ -95,9 +95,8 @@ class MoE(nn.Module):
         idx, gates, scores = self.route(x)
         idx, gates, scores = idx.reshape(B * T, -1), gates.reshape(B * T, -1), scores.reshape(B * T, -1)
         self.aux_loss = self._aux(scores, idx, B, T)
-        routed = self._grouped(flat, idx, gates)
-        out = routed if self.shared is None else routed + self.shared(flat)
-        return out.view(B, T, d)
+        routed = self._grouped(flat, idx, gates).view(B, T, d)
+        return routed if self.shared is None else routed + self.shared(x)
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Sort the (token, expert) pairs by expert, run every expert's contiguous slice (here, or
@@ -116,8 +115,7 @@ class MoE(nn.Module):
 
     def run_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The SwiGLU experts this module holds on rows grouped by expert (counts[e] rows each)."""
-        gate, value = _grouped_matmul(rows, self.w_up, counts).chunk(2, dim=-1)
-        return _grouped_matmul(F.silu(gate) * value, self.w_down, counts)
+        return self.experts(rows, counts)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The definition: for every token, Σ over its chosen experts of gate · expert(token)."""
@@ -128,8 +126,8 @@ class MoE(nn.Module):
         for e in range(self.n_experts):
             token, slot = (idx == e).nonzero(as_tuple=True)
             if len(token):
-                gate, value = (flat[token] @ self.w_up[e]).chunk(2, dim=-1)
-                out.index_add_(0, token, (F.silu(gate) * value) @ self.w_down[e] * gates[token, slot, None])
+                gate, value = (flat[token] @ self.experts.w_up[e]).chunk(2, dim=-1)
+                out.index_add_(0, token, (F.silu(gate) * value) @ self.experts.w_down[e] * gates[token, slot, None])
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(B, T, d)
@@ -153,6 +151,26 @@ class MoE(nn.Module):
         return counts.max() / mean.clamp(min=1e-9) * routed
 
 
+class GroupedExperts(nn.Module):
+    """The routed experts' SwiGLU weights as stacks — w_up (E, d, 2h: gate|value), w_down (E, h, d)
+    — run on rows grouped by expert. A module of their own, so that expert parallelism can shard
+    them apart from the router and the shared experts (generalmodel/train/expert_parallel.py);
+    there they are DTensors over the expert ranks (`sharded`), and each rank runs its own shard."""
+
+    sharded = False  # set by expert parallelism: the weights are DTensors, this rank runs its own shard
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows (M, d) grouped by expert, counts[e] rows for expert e of those held here."""
+        w_up, w_down = (w.to_local() if self.sharded else w for w in (self.w_up, self.w_down))
+        gate, value = _grouped_matmul(rows, w_up, counts).chunk(2, dim=-1)
+        return _grouped_matmul(F.silu(gate) * value, w_down, counts)
+
+
 class SharedExperts(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -166,6 +184,13 @@ class SharedExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * value)
+
+
+def _experts_renamed(state_dict, prefix, *args) -> None:
+    """Weights saved before the experts had their module (`mlp.w_up`) load as `mlp.experts.w_up`."""
+    for name in ("w_up", "w_down"):
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}experts.{name}"] = state_dict.pop(prefix + name)
 
 
 def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -193,13 +218,14 @@ def _grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Ten
 
 
 def _grouped_loop_eager(rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    out = rows.new_empty(rows.shape[0], weights.shape[-1])
-    start = 0
+    # Empty groups too: every weight and the rows stay in the autograd graph (a zero gradient for
+    # an expert without rows), so that every expert-parallel rank runs the same collectives in
+    # backward even when no row reached its experts.
+    parts, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        if n:
-            out[start : start + n] = rows[start : start + n] @ weights[e].to(rows.dtype)
+        parts.append(rows[start : start + n] @ weights[e].to(rows.dtype))
         start += n
-    return out
+    return torch.cat(parts)
 
 
 # The loop, kept out of compiled graphs by `torch.compiler.disable` once the first MoE layer is

@@ -18,16 +18,30 @@ from models.decoder import Decoder, DecoderConfig
 from models.deepseek import DeepSeekConfig
 from models.gpt2 import GPT2Config
 from models.llama import LlamaConfig
+from models.moe import MoE
 
 
-def fsdp_decoder(model: Decoder, mesh=None, mp_policy=None) -> Decoder:
-    """FSDP2: shard each block, then the root (embeddings, final norm, head)."""
+def fsdp_decoder(model: Decoder, mesh=None, mp_policy=None, expert_mesh=None) -> Decoder:
+    """FSDP2: shard each block, then the root (embeddings, final norm, head). `expert_mesh`: the
+    routed experts are DTensors over an expert axis already (expert parallel) and are sharded
+    over this mesh instead, in a unit of their own; the router and the shared experts stay in
+    their block's, as torchtitan's `parallelize_deepseekv3` does. Within the MoE layer's backward
+    the only collectives are then on the routed path (all-to-all, the experts' all-gather and
+    reduce-scatter), in one order on every rank."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": mesh} if mesh is not None else {}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in model.blocks:
+        for moe in [m for m in block.modules() if isinstance(m, MoE)] if expert_mesh is not None else ():
+            experts = fully_shard(moe.experts, **{**kwargs, "mesh": expert_mesh})
+            # An expert's gradient arrives summed over the tokens of its expert group's ranks:
+            # the mean over all ranks divides by the world size (expert_mesh has world / E ranks).
+            experts.set_gradient_divide_factor(float(mesh.size()))
+            # A reduce-scatter as a plain sum and one division after (gloo has no PREMUL_SUM); not
+            # over a single rank, where FSDP2 (torch 2.13) would divide twice.
+            experts.set_force_sum_reduction_for_comms(expert_mesh.size(expert_mesh.ndim - 1) > 1)
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
@@ -71,7 +85,7 @@ class LanguageModel(Protocol):
 class ModelSpec:
     config_cls: type[DecoderConfig]
     build: Callable[[DecoderConfig], LanguageModel]
-    shard: Callable[..., nn.Module]  # FSDP2: (model, mesh=None, mp_policy=None) -> model
+    shard: Callable[..., nn.Module]  # FSDP2: (model, mesh=None, mp_policy=None, expert_mesh=None) -> model
 
 
 REGISTRY: dict[str, ModelSpec] = {

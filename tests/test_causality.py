@@ -88,7 +88,7 @@ def test_the_moe_layer_compiles_to_one_graph_in_bf16():
         reference = moe.forward_reference(x)
     torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)
     out.float().pow(2).sum().backward()
-    assert x.grad.abs().sum() > 0 and moe.w_up.grad.abs().sum() > 0 and moe.router.weight.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0 and moe.experts.w_up.grad.abs().sum() > 0 and moe.router.weight.grad.abs().sum() > 0
 
 
 def test_training_on_fresh_random_tokens_never_beats_ln_vocab():

@@ -43,7 +43,11 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
         elif isinstance(module, MLP | SharedExperts):
             out[prefix + "up.weight"], out[prefix + "down.weight"] = std, residual
         elif isinstance(module, MoE):
-            out[prefix + "router.weight"], out[prefix + "w_up"], out[prefix + "w_down"] = std, std, residual
+            out[prefix + "router.weight"], out[prefix + "experts.w_up"], out[prefix + "experts.w_down"] = (
+                std,
+                std,
+                residual,
+            )
         elif isinstance(module, ProductKeyMemory):
             out[prefix + "query.weight"], out[prefix + "values"] = std, residual
             out[prefix + "sub_keys"] = 1 / math.sqrt(module.key_dim // 2)

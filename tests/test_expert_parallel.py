@@ -1,5 +1,5 @@
-"""Expert parallelism (generalmodel/train/expert_parallel.py) on 2 gloo ranks equals one process
-running both ranks' tokens: the outputs, the input gradients, each rank's experts' gradients and
+"""Expert parallelism (generalmodel/train/expert_parallel.py) on a 2-rank gloo mesh equals one
+process running both ranks' tokens: the outputs, the input gradients, each rank's experts' gradients and
 the router's (summed over ranks), in fp32 and in the bf16 grouped-GEMM path."""
 
 import os
@@ -35,7 +35,7 @@ def single_process(dtype):
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         y = moe(x)
     (y.float() * torch.cat(gs)).sum().backward()
-    return y.detach().float(), x.grad, moe.w_up.grad, moe.w_down.grad, moe.router.weight.grad
+    return y.detach().float(), x.grad, moe.experts.w_up.grad, moe.experts.w_down.grad, moe.router.weight.grad
 
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -47,10 +47,15 @@ def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("expert",))
     for dtype in DTYPES:
         moe = layer()
-        experts = apply_expert_parallel(moe)
-        assert experts[0].shape[0] == E // 2
+        assert apply_expert_parallel(moe, mesh) == 1
+        assert (
+            moe.experts.w_up.shape[0] == E and moe.experts.w_up.to_local().shape[0] == E // 2
+        )  # a DTensor: global shape
         x, g = inputs(rank)
         x.requires_grad_()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -58,7 +63,8 @@ def _worker(rank, port, out):
         (y.float() * g).sum().backward()
         router = moe.router.weight.grad.clone()
         torch.distributed.all_reduce(router)
-        out[rank, str(dtype)] = (y.detach().float(), x.grad, moe.w_up.grad, moe.w_down.grad, router)
+        up, down = moe.experts.w_up.grad.to_local(), moe.experts.w_down.grad.to_local()
+        out[rank, str(dtype)] = (y.detach().float(), x.grad, up, down, router)
     torch.distributed.destroy_process_group()
 
 

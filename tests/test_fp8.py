@@ -74,7 +74,7 @@ def test_torchao_converts_exactly_the_filtered_linears():
         assert converted == names, recipe
         assert isinstance(model.head, nn.Linear) and not isinstance(model.head, Float8Linear)
         moe = model.blocks[1].mlp
-        assert type(moe.router) is nn.Linear and moe.w_up.dim() == 3  # experts: bf16 grouped GEMM
+        assert type(moe.router) is nn.Linear and moe.experts.w_up.dim() == 3  # experts: bf16 grouped GEMM
 
 
 def test_fp8_needs_cuda_and_torchao(monkeypatch):

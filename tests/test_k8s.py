@@ -84,7 +84,27 @@ def test_rendered_overlays_are_valid(overlay):
         g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
         for g in cluster["spec"]["workerGroupSpecs"]
     ]
-    assert gpus == (["1"] if overlay == "gpu" else [None])
+    assert gpus == {"gpu": ["1"], "gpu-2x8-moe": ["8"]}.get(overlay, [None])
+
+
+def test_the_moe_overlay_runs_hsdp_with_expert_parallel_on_two_nodes_of_eight():
+    """Its RayJob's command line is a config that loads, with a mesh for its 16 workers: a shard
+    group and the experts of every layer on each node of 8 GPUs, 2 replicas across the 2 nodes."""
+    from generalmodel.config import load_config
+    from generalmodel.train.mesh import MeshShape, check_node_capacity, check_world_sizes
+
+    objs = rendered("gpu-2x8-moe")
+    job = next(o for o in objs if o["kind"] == "RayJob" and o["metadata"]["name"] == "generalmodel-pretrain")
+    args = job["spec"]["entrypoint"].split()
+    assert args[:2] == ["python", "/app/jobs/pretrain.py"]
+    overrides = dict(a[2:].split("=", 1) for a in args[2:] if "$" not in a)
+    cfg = load_config(overrides=overrides)
+    assert cfg.model.name == "deepseek" and cfg.model.moe_experts % cfg.parallel.expert == 0
+    shape = check_world_sizes(cfg)
+    assert shape == MeshShape(replicate=2, shard=8, expert=8)
+    check_node_capacity(cfg.parallel, shape, [8, 8])  # the RayCluster's 2 worker pods of 8 GPUs
+    cluster = next(o for o in objs if o["kind"] == "RayCluster")
+    assert cluster["spec"]["workerGroupSpecs"][0]["replicas"] == 2
 
 
 def rendered(overlay):

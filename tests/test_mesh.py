@@ -28,6 +28,9 @@ WORLD, STEPS = 4, 3
 HSDP = {"parallel.replicate": 2, "parallel.shard": 2}
 # Newton–Schulz in fp32: in bf16 the ranks' fp32-rounding differences grow to ~1% of a weight in 3 steps.
 MUON = {"optim.name": "muon", "optim.muon_ns_dtype": "float32", "model.tie_embeddings": False}
+# An MoE model (4 routed experts of which each token takes 2, a shared expert) and expert parallelism.
+MOE = {"model.moe_experts": 4, "model.moe_top_k": 2, "model.moe_hidden": 16}
+EP2, EP4 = {"parallel.expert": 2}, {"parallel.expert": 4}
 
 
 def config(dataset, root, **extra):
@@ -98,6 +101,15 @@ def four_ranks(train_dataset, tmp_path_factory):
         # Resharding: 4-rank FSDP dies after step 2; HSDP 2 x 2 resumes from its last checkpoint.
         "reshard-fsdp": ("reshard", {**rows, "train.fail_at_step": 2}, True),
         "reshard-hsdp": ("reshard", {**rows, **HSDP}, False),
+        # Expert parallel: experts over 2 ranks, FSDP2 over the other 2 (efsdp), blocks recomputed in
+        # backward (all-to-alls included); all 4 ranks' experts over 4; HSDP 2 x 2 with experts
+        # over the 2 ranks of a shard group, with Muon.
+        "ep2": ("ep2", {**rows, **MOE, **EP2, "train.activation_checkpointing": "full"}, False),
+        "ep4": ("ep4", {**rows, **MOE, **EP4}, False),
+        "hsdp-ep2-muon": ("hsdp-ep2-muon", {**rows, **MOE, **MUON, **HSDP, **EP2}, False),
+        # An expert-parallel checkpoint (HSDP 2 x 2, experts over 2) resumed by plain FSDP over 4.
+        "reshard-ep2": ("reshard-ep", {**rows, **MOE, **HSDP, **EP2, "train.fail_at_step": 2}, True),
+        "reshard-ep-fsdp": ("reshard-ep", {**rows, **MOE}, False),
     }
     plans = [
         (name, config(train_dataset, root / where, **extra), fails) for name, (where, extra, fails) in runs.items()
@@ -113,7 +125,7 @@ def one_process(train_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("mesh-one")
     return {
         name: (run(config(train_dataset, root / name, **{"train.batch_size": 8, **extra}))[0], root / name)
-        for name, extra in (("adamw", {}), ("muon", MUON))
+        for name, extra in (("adamw", {}), ("muon", MUON), ("moe", MOE), ("moe-muon", {**MOE, **MUON}))
     }
 
 
@@ -137,6 +149,34 @@ def test_four_ranks_equal_one_process_on_the_union_batch(four_ranks, one_process
             key,
             ((mine[key] - value).norm() / value.norm()).item(),
         )
+
+
+@pytest.mark.parametrize("mesh", ["ep2", "ep4", "hsdp-ep2-muon"])
+def test_expert_parallel_equals_one_process_on_the_union_batch(four_ranks, one_process, mesh):
+    """Routed experts as DTensors over an expert axis, FSDP2 over the rest; the gradient norm over
+    both meshes clipped as one; Muon orthogonalising each rank's own experts; the routing bias
+    from every rank's tokens — the same losses and the same exported model as one process."""
+    losses, _, root = four_ranks[mesh]
+    reference, reference_root = one_process["moe-muon" if "muon" in mesh else "moe"]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in reference.items():
+        assert math.isclose(losses[step], loss, rel_tol=1e-5), (step, losses[step], loss)
+    mine, theirs = export(root), export(reference_root)
+    assert mine.keys() == theirs.keys() and "blocks.1.mlp.experts.w_up" in mine and "blocks.1.mlp.expert_bias" in mine
+    for key, value in theirs.items():
+        assert (mine[key] - value).norm() <= 1e-5 * value.norm(), (
+            key,
+            ((mine[key] - value).norm() / value.norm()).item(),
+        )
+
+
+def test_an_expert_parallel_checkpoint_resumes_without_expert_parallel(four_ranks, one_process):
+    failed, _, _ = four_ranks["reshard-ep2"]
+    resumed, _, _ = four_ranks["reshard-ep-fsdp"]
+    reference, _ = one_process["moe"]
+    assert failed == {} and min(resumed) in (2, 3)
+    for step, loss in resumed.items():
+        assert math.isclose(loss, reference[step], rel_tol=1e-5), (step, loss, reference[step])
 
 
 def test_hsdp_reduces_gradients_once_per_step_inside_a_group_and_once_across(four_ranks):
@@ -163,6 +203,7 @@ def test_a_checkpoint_written_by_four_rank_fsdp_resumes_under_hsdp(four_ranks, o
         ({"replicate": 3}, 4, "parallel.replicate=3 does not divide the 4 train workers (ray.num_workers)"),
         ({"shard": 3, "replicate": -1}, 4, "parallel.shard=3 does not divide the 4 train workers"),
         ({"replicate": 2, "shard": 4}, 4, "parallel.replicate=2 x parallel.shard=4 = 8 ranks, but there are 4"),
+        ({"replicate": 2, "expert": 4}, 4, "parallel.expert=4 does not divide parallel.shard=2: an expert group lies"),
     ],
 )
 def test_a_mesh_that_cannot_be_laid_out_is_one_clear_line(parallel, world, message):
@@ -187,6 +228,14 @@ def test_mesh_shapes_and_the_node_check():
             load_config(overrides={"parallel.shard": bad})
     with pytest.raises(ConfigError, match="cannot both be -1"):
         load_config(overrides={"parallel.replicate": -1})
+    assert mesh_shape(ParallelConfig(replicate=2, expert=2), 8) == MeshShape(2, 4, 2)
+    assert MeshShape(2, 4, 2).describe() == "HSDP: 2 replicas x 4 shards, experts over 2 ranks"
+    with pytest.raises(ConfigError, match=r"parallel.expert=2 .* model 'llama' has none \(model.moe_experts=0\)"):
+        load_config(overrides={"parallel.expert": 2})
+    with pytest.raises(ConfigError, match="parallel.expert=3 does not divide model.moe_experts=8"):
+        load_config(overrides={"model.preset": "moe-tiny", "parallel.expert": 3})
+    with pytest.raises(ConfigError, match="must be a positive number of ranks"):
+        load_config(overrides={"parallel.expert": 0})
 
 
 def test_an_elastic_run_keeps_its_global_batch_at_every_size_or_is_refused():

@@ -123,6 +123,23 @@ def test_moe_grouped_path_equals_reference(score):
     torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
+def test_moe_experts_without_rows_still_get_a_gradient_and_old_exports_load():
+    """An expert that no token chose gets a zero gradient (not none: expert-parallel ranks run the
+    same collectives whatever the routing); weights saved before the experts had their own
+    module (`w_up`, `w_down` on the layer) load into `experts.w_up`, `experts.w_down`."""
+    moe = make_moe()
+    with torch.no_grad():
+        moe.expert_bias[2:] = -100.0  # only experts 0 and 1 are ever chosen
+    moe(torch.randn(2, 5, 32)).sum().backward()
+    grad = moe.experts.w_up.grad
+    assert grad[:2].abs().sum() > 0 and torch.equal(grad[2:], torch.zeros_like(grad[2:]))
+    old = {k.replace("experts.", ""): v.clone() for k, v in moe.state_dict().items()}
+    assert "w_up" in old and "experts.w_up" not in old
+    fresh = make_moe()
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.experts.w_down, moe.experts.w_down)
+
+
 def test_moe_top_k_is_respected():
     moe = make_moe()
     idx, gates, _ = moe.route(torch.randn(50, 32))

@@ -92,7 +92,7 @@ def test_parameter_groups():
     listed = {g: sorted(names[id(p)] for p in groups[g]["params"]) for g in groups}
     assert listed["embed"] == ["embed.weight"] and listed["head"] == ["head.weight"]
     assert groups["embed"]["lr"] == 0.1 and groups["head"]["lr"] == 0.2 and groups["matrices"]["lr"] == 0.02
-    assert "blocks.1.mlp.w_up" in listed["matrices"] and "blocks.1.attn.q_proj.weight" in listed["matrices"]
+    assert "blocks.1.mlp.experts.w_up" in listed["matrices"] and "blocks.1.attn.q_proj.weight" in listed["matrices"]
     assert "blocks.0.mlp.values" in listed["decayed"]  # a memory table is a lookup, not a matrix for Muon
     assert all("norm" in n or n.endswith("bias") or "gate" in n for n in listed["other"]), listed["other"]
     assert sum(len(v) for v in listed.values()) == len(names)  # every parameter once

@@ -83,7 +83,7 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(name, poison
     if poison == "inf_loss":  # a finite gradient, a non-finite loss sum
         loss = loss + float("inf")
     else:
-        model.blocks[1].mlp.w_up.grad[0, 0, 0] = float("nan" if poison == "nan_grad" else "inf")
+        model.blocks[1].mlp.experts.w_up.grad[0, 0, 0] = float("nan" if poison == "nan_grad" else "inf")
     norm, _ = optimizer_step(model, optimizer, loss, 1.0, guard, 2)
     assert_identical(before, snapshot(model, optimizer))
     assert all(p.grad is None for p in model.parameters())  # the bad gradients are dropped
@@ -91,7 +91,7 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(name, poison
 
     optimizer_step(model, optimizer, backward(model, 3), 1.0, guard, 3)  # the next good step steps
     after = snapshot(model, optimizer)
-    assert not torch.equal(after["model"]["blocks.1.mlp.w_up"], before["model"]["blocks.1.mlp.w_up"])
+    assert not torch.equal(after["model"]["blocks.1.mlp.experts.w_up"], before["model"]["blocks.1.mlp.experts.w_up"])
     steps = {float(s["step"]) for s in after["optimizer"]["state"].values() if "step" in s}
     assert steps == {3.0}  # two good steps, one skipped, one good: the skipped one is not counted
     assert guard.read() == 1

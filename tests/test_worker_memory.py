@@ -46,3 +46,15 @@ def test_a_long_memory_layer_adds_its_dense_far_read():
     none = {"model.long_memory": "none", "model.long_memory_layers": []}
     recomputed_plain = estimate(load_config(overrides={**base, **full, **none}), 256, 1)
     assert recomputed.activations_bytes - recomputed_plain.activations_bytes == 4 * 4 * 256 * 256 * 8
+
+
+def test_expert_parallel_gathers_only_a_ranks_own_experts():
+    """deepseek-16b on 8 ranks: FSDP all-gathers every routed expert of a block; with the experts
+    over the 8 ranks each gathers its 8 of 64; the shards held are 1/8 either way."""
+    base = {"model.preset": "deepseek-16b", "ray.num_workers": 8, "ray.use_gpu": True}
+    fsdp = estimate(load_config(overrides=base), seq_len=4096, world_size=8)
+    ep = estimate(load_config(overrides={**base, "parallel.expert": 8}), seq_len=4096, world_size=8)
+    assert ep.params_bytes == fsdp.params_bytes and ep.optimizer_bytes == fsdp.optimizer_bytes
+    moe_block = 2 * 64 * 2048 * 1408 * 3  # bf16 (2 bytes) x 64 experts of d x 3h, two blocks
+    assert fsdp.gathered_bytes - ep.gathered_bytes == moe_block * 7 / 8 * 2
+    assert "experts over 8 ranks" in ep.describe()

@@ -279,11 +279,24 @@ class ParallelConfig(Section):
 
     replicate: int = Field(1, description="Data-parallel replicas (HSDP across nodes); -1: the world size / shard.")
     shard: int = Field(-1, description="Ranks each replica shards over (FSDP2); -1: the world size / replicate.")
+    expert: int = Field(
+        1,
+        description="Expert-parallel degree: the routed experts of every MoE layer split over groups of this many "
+        "ranks inside each shard group (tokens sent to them and back by all-to-all); FSDP2 shards each rank's "
+        "experts over the rest of its shard group. 1: the experts are sharded like any weight.",
+    )
     shard_within_node: bool = Field(
         False,
         description="Refuse a mesh whose shard groups would span nodes (checked before the workers start "
         "against the nodes' capacity, and on the workers against Ray Train's node ranks).",
     )
+
+    @field_validator("expert")
+    @classmethod
+    def _expert_degree(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be a positive number of ranks (1: no expert parallelism)")
+        return v
 
     @field_validator("replicate", "shard")
     @classmethod
@@ -802,5 +815,16 @@ class Config(Section):
             raise ValueError(
                 "train.window_warmup_steps grows the sliding-window layers' window, and the model has none: "
                 "set model.window (and model.global_every for the long/short pattern) or drop the warmup"
+            )
+        expert, experts = self.parallel.expert, getattr(self.model, "moe_experts", 0)
+        if expert > 1 and not experts:
+            raise ValueError(
+                f"parallel.expert={expert} spreads the routed experts over ranks, and model {self.model.name!r} has "
+                f"none (model.moe_experts=0): use parallel.expert=1 or an MoE model"
+            )
+        if expert > 1 and experts % expert:
+            raise ValueError(
+                f"parallel.expert={expert} does not divide model.moe_experts={experts}: every rank of an expert "
+                f"group holds the same number of experts"
             )
         return self

@@ -137,8 +137,8 @@ class DeepseekV3Adapter(HfAdapter):
                 continue
             out[hf + "gate.weight"] = state[mlp + "router.weight"]
             out[hf + "gate.e_score_correction_bias"] = state[mlp + "expert_bias"]
-            for e in range(cfg.moe_experts):  # ours: x @ w_up[e] (d, 2h); theirs: Linear weights (out, in)
-                up, down = state[mlp + "w_up"][e].t(), state[mlp + "w_down"][e].t()
+            for e in range(cfg.moe_experts):  # ours: x @ experts.w_up[e] (d, 2h); theirs: Linear weights (out, in)
+                up, down = state[mlp + "experts.w_up"][e].t(), state[mlp + "experts.w_down"][e].t()
                 out |= _swiglu_to_hf(up, down, f"{hf}experts.{e}.")
             out |= _swiglu_to_hf(
                 state[mlp + "shared.up.weight"], state[mlp + "shared.down.weight"], hf + "shared_experts."
@@ -167,8 +167,8 @@ class DeepseekV3Adapter(HfAdapter):
             state[mlp + "router.weight"] = hf[their + "gate.weight"]
             state[mlp + "expert_bias"] = hf[their + "gate.e_score_correction_bias"].float()
             experts = [_swiglu_from_hf(hf, f"{their}experts.{e}.") for e in range(cfg.moe_experts)]
-            state[mlp + "w_up"] = torch.stack([up.t() for up, _ in experts])
-            state[mlp + "w_down"] = torch.stack([down.t() for _, down in experts])
+            state[mlp + "experts.w_up"] = torch.stack([up.t() for up, _ in experts])
+            state[mlp + "experts.w_down"] = torch.stack([down.t() for _, down in experts])
             state[mlp + "shared.up.weight"], state[mlp + "shared.down.weight"] = _swiglu_from_hf(
                 hf, their + "shared_experts."
             )

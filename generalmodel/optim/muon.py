@@ -11,6 +11,8 @@ weight decay carry over). This is what `torch.optim.Muon` computes for a plain 2
 tests hold it to that); this class also takes
 
 - stacks of matrices (3-D: an MoE layer's experts), each `[i]` orthogonalised on its own, batched;
+  a stack sharded on its stack index only (FSDP2's dim-0 shards, expert parallelism's experts)
+  holds whole matrices on every rank, which orthogonalises its own, with no communication;
 - FSDP2's sharded DTensors: orthogonalisation needs the whole matrix, so each matrix is given to
   one rank of its shard group (the matrices are dealt round-robin, so the work is shared), its
   shards gathered there by one all-to-all per round, orthogonalised, and the result scattered
@@ -240,11 +242,11 @@ class Muon(torch.optim.Optimizer):
     def _orthogonalize_all(self, updates: list[Tensor], steps: int) -> list[Tensor]:
         """The orthogonalised updates as local tensors (this rank's shards of sharded ones)."""
         out: list[Tensor | None] = [None] * len(updates)
-        dims = [_shard_dim(u) for u in updates]
+        dims = [None if _whole_matrices_here(u) else _shard_dim(u) for u in updates]
         sharded = [i for i, d in enumerate(dims) if d is not None]
         by_shape: dict[tuple, list[int]] = {}  # matrices of one shape go through NS as one batch
         for i in sorted(set(range(len(updates))) - set(sharded)):
-            by_shape.setdefault((updates[i].shape, updates[i].dtype), []).append(i)
+            by_shape.setdefault((_local(updates[i]).shape, updates[i].dtype), []).append(i)
         for same in by_shape.values():
             done = self._orthogonalize(torch.stack([_local(updates[i]) for i in same]), steps)
             for i, o in zip(same, done, strict=True):
@@ -265,6 +267,19 @@ class Muon(torch.optim.Optimizer):
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _whole_matrices_here(t: Tensor) -> bool:
+    """A stack of matrices (3-D) split over ranks along its stack index only: each rank's shard is
+    whole matrices (an MoE layer's experts under FSDP2 and expert parallelism)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    def on_stack_index(p) -> bool:
+        return p.is_shard(0) or (isinstance(p, _StridedShard) and p.dim == 0)
+
+    placements = getattr(t, "placements", ())
+    split = [p for p in placements if not p.is_replicate()]
+    return t.dim() == 3 and bool(split) and all(on_stack_index(p) for p in split)
 
 
 def _shard_dim(t: Tensor) -> int | None:

@@ -33,7 +33,7 @@ from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
 from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
 from generalmodel.train.checkpoint import Checkpointer
-from generalmodel.train.mesh import build_mesh, check_groups_within_node, mesh_shape
+from generalmodel.train.mesh import ExpertMeshes, build_mesh, check_groups_within_node, mesh_shape
 from generalmodel.train.parallelize import parallelize
 from generalmodel.train.resume import Position, TrainingError, resume
 from generalmodel.train.step import NonFiniteGuard, optimizer_step
@@ -53,6 +53,7 @@ class Dist:
     world_size: int
     device: torch.device
     mesh: Any = None  # the DeviceMesh FSDP2 shards over (generalmodel.train.mesh); None in one process
+    experts: ExpertMeshes | None = None  # parallel.expert > 1: the routed experts' meshes
 
     @property
     def is_main(self) -> bool:
@@ -76,9 +77,9 @@ def setup_distributed(cfg: Config) -> Dist:
     else:
         device = torch.device("cpu")
     node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))  # Ray Train's; torchrun's
-    mesh = build_mesh(mesh_shape(cfg.parallel, world), device)
+    mesh, experts = build_mesh(mesh_shape(cfg.parallel, world), device)
     check_groups_within_node(cfg.parallel, mesh, rank, node_rank)
-    return Dist(rank, world, device, mesh)
+    return Dist(rank, world, device, mesh, experts)
 
 
 def check_fp8(cfg: Config, env: Dist) -> None:
@@ -139,7 +140,7 @@ def frozen_copy(cfg: Config, env: Dist, init: Init):
     load_state(reference, init(), f"train.init_from {cfg.train.init_from!r}")
     reference.requires_grad_(False)
     frozen = cfg.train.model_copy(update={"activation_checkpointing": "none"})  # no backward through it
-    parallelize(reference, frozen, env.device, env.mesh, log_info=False)
+    parallelize(reference, frozen, env.device, env.mesh, log_info=False, experts=env.experts)
     return reference.eval()
 
 
@@ -195,7 +196,9 @@ class TrainingRun:
             if env.is_main:
                 trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 log.info("SVF: %d linears adapted, %d trained parameters", len(adapted), trained)
-        self.after_step = parallelize(model, cfg.train, env.device, env.mesh, log_info=env.is_main, seq_len=seq_len)
+        self.after_step = parallelize(
+            model, cfg.train, env.device, env.mesh, log_info=env.is_main, seq_len=seq_len, experts=env.experts
+        )
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last)
         self.config_dump = dump_config(cfg)

@@ -6,7 +6,8 @@ Per worker: fp32 parameters, gradients and AdamW's two moments (16 bytes per par
 by the ranks of a shard group under FSDP2 — all of them under FSDP, parallel.shard of them under
 HSDP, whose replicas each hold a whole copy; under Muon the matrices keep one momentum instead, so
 less), the full weights of the blocks FSDP2 has all-gathered (the one computing and the next,
-prefetched: two of the largest block, in the compute dtype), plus
+prefetched: two of the largest block, in the compute dtype; under expert parallelism a block's
+routed experts count 1/parallel.expert, the rank's own), plus
 activations kept for the backward pass, after Korthikanti et al. (2022): at least 34·d bytes per
 token and layer in 16-bit (twice that in fp32 on CPU; the 5·n_heads·T attention term is left out,
 flash attention does not keep it),
@@ -27,6 +28,7 @@ import torch
 from generalmodel.config import Config
 from generalmodel.train.mesh import for_world, mesh_shape
 from models import build_model
+from models.moe import MoE
 
 GIB = 2**30
 
@@ -64,7 +66,7 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
     shard = shape.shard  # FSDP2 shards weights, gradients and optimizer state over a shard group
     m, B, T = cfg.model, cfg.train.batch_size, seq_len
     act_bytes = 2 if cfg.ray.use_gpu else 4  # bf16 autocast on GPU, fp32 on CPU
-    largest_block = max((sum(p.numel() for p in block.parameters()) for block in model.blocks), default=0)
+    largest_block = max((_gathered(block, shape.expert) for block in model.blocks), default=0)
     gathered = 2 * largest_block * act_bytes if shard > 1 else 0  # bf16 params under FSDP2's mixed precision
     if cfg.train.activation_checkpointing == "full":
         per_token_layer = 2 * m.d_model * act_bytes / 2
@@ -77,6 +79,13 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
         memory_layers = min(memory_layers, 1)
     activations += memory_layers * B * m.n_heads * T * T * 8
     return MemoryEstimate(n, 4 * n / shard, 4 * n / shard, 8 * n / shard, activations, gathered, shape.describe())
+
+
+def _gathered(block, expert: int) -> int:
+    """The parameters of `block` a rank holds whole while it computes: all of them, but only its
+    1/expert of the routed experts under expert parallelism (FSDP2 gathers those over `efsdp`)."""
+    experts = sum(p.numel() for m in block.modules() if isinstance(m, MoE) for p in m.experts.parameters())
+    return sum(p.numel() for p in block.parameters()) - experts + experts // expert
 
 
 def check_fits(cfg: Config, seq_len: int, memory_per_worker: float | None) -> MemoryEstimate:

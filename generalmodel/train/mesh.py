@@ -9,6 +9,13 @@ Every rank is a data-parallel rank; the mesh says how FSDP2 shards over them:
   over the `shard` ranks of a group and replicated across groups; the gradients are
   reduce-scattered inside a group and all-reduced across groups, once per optimizer step.
 
+With `expert=E > 1` (expert parallel) each shard group is split further, into `shard/E` groups of
+`E` consecutive ranks: the `shard` dimension unflattens into `("efsdp", "expert")`, the routed experts of every
+MoE layer are spread over the `expert` ranks (DTensors sharded on the expert index; tokens go to
+them and back by all-to-all, generalmodel/train/expert_parallel.py), and FSDP2 shards each rank's
+experts over `efsdp` (replicated over `replicate`), as torchtitan does; every other weight is
+sharded over `shard` as without experts.
+
 Ranks `g·shard … (g+1)·shard − 1` form shard group `g` (torch's `init_device_mesh` lays the
 last dimension fastest). Ray Train numbers its workers node by node (`NODE_RANK`, then
 `LOCAL_RANK`), so with `shard` = the workers of a node, a group is a node and only the gradient
@@ -18,6 +25,7 @@ all-reduce crosses the network; `parallel.shard_within_node` makes that a checke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +38,7 @@ from generalmodel.config import Config, ParallelConfig
 class MeshShape:
     replicate: int
     shard: int
+    expert: int = 1  # expert-parallel ranks inside each shard group
 
     @property
     def world(self) -> int:
@@ -37,16 +46,19 @@ class MeshShape:
 
     @property
     def dims(self) -> tuple[tuple[str, int], ...]:
-        """(name, size) of each mesh dimension, outermost first."""
+        """(name, size) of each dimension of the mesh FSDP2 shards over, outermost first."""
         shard = ("shard", self.shard)
         return (("replicate", self.replicate), shard) if self.replicate > 1 else (shard,)
 
     def describe(self) -> str:
         if self.world == 1:
             return "one process"
-        if self.replicate == 1:
-            return f"FSDP over {self.shard} ranks"
-        return f"HSDP: {self.replicate} replicas x {self.shard} shards"
+        mesh = (
+            f"FSDP over {self.shard} ranks"
+            if self.replicate == 1
+            else f"HSDP: {self.replicate} replicas x {self.shard} shards"
+        )
+        return mesh + (f", experts over {self.expert} ranks" if self.expert > 1 else "")
 
 
 def mesh_shape(parallel: ParallelConfig, world: int) -> MeshShape:
@@ -61,7 +73,12 @@ def mesh_shape(parallel: ParallelConfig, world: int) -> MeshShape:
             f"parallel.replicate={replicate} x parallel.shard={shard} = {replicate * shard} ranks, "
             f"but there are {world} train workers (ray.num_workers): the product must equal it"
         )
-    return MeshShape(replicate, shard)
+    if shard % parallel.expert:
+        raise UserError(
+            f"parallel.expert={parallel.expert} does not divide parallel.shard={shard}: an expert group lies "
+            f"inside a shard group (so inside a node when a shard group is a node)"
+        )
+    return MeshShape(replicate, shard, parallel.expert)
 
 
 def _rest(world: int, given: str, degree: int, free: str) -> int:
@@ -126,14 +143,29 @@ def check_node_capacity(parallel: ParallelConfig, shape: MeshShape, workers_per_
         )
 
 
-def build_mesh(shape: MeshShape, device: torch.device):
-    """The DeviceMesh (None for one process). Needs the default process group."""
+@dataclass(frozen=True)
+class ExpertMeshes:
+    """The meshes of expert parallelism (submeshes of one root mesh)."""
+
+    expert: Any  # ("expert",): the ranks one layer's routed experts are spread over
+    fsdp: Any  # what FSDP2 shards each rank's experts over: ("efsdp",), or ("replicate", "efsdp") for HSDP
+
+
+def build_mesh(shape: MeshShape, device: torch.device) -> tuple[Any, ExpertMeshes | None]:
+    """The DeviceMesh FSDP2 shards the model over (None for one process) and, with expert
+    parallelism, the experts' meshes. Needs the default process group."""
     if shape.world == 1:
-        return None
+        return None, None
     from torch.distributed.device_mesh import init_device_mesh
 
     names, sizes = zip(*shape.dims, strict=True)
-    return init_device_mesh(device.type, sizes, mesh_dim_names=names)
+    mesh = init_device_mesh(device.type, sizes, mesh_dim_names=names)
+    if shape.expert == 1:
+        return mesh, None
+    # The shard dimension split in two, the expert ranks innermost (consecutive ranks, so on one node).
+    split = mesh._unflatten("shard", (shape.shard // shape.expert, shape.expert), ("efsdp", "expert"))
+    fsdp = split["replicate", "efsdp"] if shape.replicate > 1 else split["efsdp"]
+    return mesh, ExpertMeshes(split["expert"], fsdp)
 
 
 def shard_group_nodes(mesh, node_rank: int) -> list[int]:

@@ -1,7 +1,7 @@
 """The one place that decides how a built model is prepared for training, and in which order:
 
-    move to the device → attention backend → fp8 linears (torchao) → activation checkpointing →
-    compile → FSDP2
+    move to the device → attention backend → fp8 linears (torchao) → expert parallel →
+    activation checkpointing → compile → FSDP2
 
 torchao converts plain `nn.Linear`s, so fp8 comes first; activation checkpointing wraps whole
 blocks (torch's `checkpoint_wrapper`, whose state-dict hooks keep parameter names unchanged);
@@ -22,6 +22,8 @@ from torch import nn
 from generalmodel import UserError
 from generalmodel.config import TrainConfig
 from generalmodel.train import fp8
+from generalmodel.train.expert_parallel import apply_expert_parallel
+from generalmodel.train.mesh import ExpertMeshes
 from models import LanguageModel, get_spec
 from models.attention import CUDA_ONLY, set_backend
 
@@ -35,11 +37,12 @@ def parallelize(
     mesh=None,
     log_info: bool = True,
     seq_len: int | None = None,
+    experts: ExpertMeshes | None = None,
 ) -> Callable[[], None]:
     """Prepare `model` in place; returns what to call after each optimizer step. `mesh`: the
     DeviceMesh FSDP2 shards over (generalmodel.train.mesh: 1-D FSDP, 2-D HSDP), None for one
     process. `seq_len`: the length of the training rows (train.attention=flex makes its block
-    masks for it)."""
+    masks for it). `experts`: parallel.expert > 1, the routed experts' meshes."""
     fsdp = mesh is not None
     after_step: Callable[[], None] = lambda: None  # noqa: E731
     if train.attention in CUDA_ONLY and device.type != "cuda":
@@ -60,6 +63,12 @@ def parallelize(
                 len(converted),
                 train.fp8_min_dim,
             )
+    if experts is not None:
+        layers = apply_expert_parallel(model, experts.expert)
+        if log_info:
+            log.info(
+                "expert parallel: the routed experts of %d MoE layers over %d ranks", layers, experts.expert.size()
+            )
     checkpoint_blocks(model, train.activation_checkpointing, train.ac_every)
     if train.compile == "regional":
         for block in model.blocks:
@@ -76,7 +85,8 @@ def parallelize(
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        get_spec(model.cfg.name).shard(model, mesh=mesh, mp_policy=mp)
+        shard = get_spec(model.cfg.name).shard
+        shard(model, mesh=mesh, mp_policy=mp, **({"expert_mesh": experts.fsdp} if experts is not None else {}))
     return after_step
 
 

@@ -21,6 +21,8 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 from generalmodel import RunFailed
@@ -84,9 +86,7 @@ def optimizer_step(
     optimizer unless the loss sum (reduced over ranks) or the gradient norm is not finite, zero
     the gradients, update the MoE routing biases. Returns (grad norm, routing metrics), device
     tensors; nothing here waits for the device."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the sharded norms; the same on every rank
-        norm = norm.full_tensor()
+    norm = clip_grad_norm(list(model.parameters()), max_norm if max_norm > 0 else math.inf)
     bad = ~(torch.isfinite(norm) & torch.isfinite(loss_sum))
     guard.record(step, bad)
     optimizer.found_inf = bad.float()
@@ -97,6 +97,34 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     routing: dict[str, Any] = model.after_optimizer_step((~bad).float())
     return norm, routing
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_, also for gradients sharded over different device meshes (expert
+    parallel: the routed experts' DTensors live on another mesh than the dense weights'): each
+    rank sums the squares of its shards — a replicated dimension's copies counted once — and one
+    all-reduce over all ranks gives the norm, bit-identical on every rank. Returns the norm (0-d)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):  # one process (or nothing sharded)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    copies = [_copies(g) for g in grads]
+    squares = torch.stack([n.float() ** 2 / c for n, c in zip(torch._foreach_norm(local), copies, strict=True)]).sum()
+    dist.all_reduce(squares)
+    total = squares.sqrt()
+    torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
+def _copies(grad: torch.Tensor) -> int:
+    """How many ranks hold each element of `grad`: the product of its mesh's replicated
+    dimensions, and every rank for a plain tensor in a multi-rank run."""
+    if not isinstance(grad, DTensor):
+        return dist.get_world_size()
+    mesh = grad.device_mesh
+    return math.prod(mesh.size(i) for i, p in enumerate(grad.placements) if p.is_replicate()) * (
+        dist.get_world_size() // mesh.size()
+    )
 
 
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__")
