@@ -88,6 +88,9 @@ SWITCHES: dict[str, dict[str, dict[str, Any]]] = {
     # and with the window-size warmup: 32 → 128 over the first half of the run (a fraction of --steps)
     "ls": {"model": {"window": 128, "global_every": 2}},
     "lsw": {"model": {"window": 128, "global_every": 2}, "train": {"window_warmup_fraction": 0.5}},
+    # a batch-size schedule: the global batch (4 micro-batches of a quarter of --batch-size rows) grows
+    # from a quarter to all of it over the first half of the run; fewer tokens in the same steps
+    "bw": {"train": {"batch_warmup_fraction": 0.5}},
     # off-switches, for the default minus what no native transformers class has:
     # `default+novres+nocap+swiglu` exports as Qwen3, `default+novres+nocap+noqk` as Arcee
     "novres": {"model": {"value_residual": False}},
@@ -153,6 +156,9 @@ def recipe_config(name: str, args, seed: int, root: str):
     if "window_warmup_fraction" in train_extra:  # a share of this run's steps, from a 32-token window
         fraction = train_extra.pop("window_warmup_fraction")
         train_extra.update(window_warmup_steps=max(1, round(fraction * args.steps)), window_warmup_start=32)
+    if "batch_warmup_fraction" in train_extra:  # the same global batch, as 4 micro-batches, warmed up
+        fraction = train_extra.pop("batch_warmup_fraction")
+        train_extra.update(batch_warmup_steps=max(1, round(fraction * args.steps)), grad_accum=4)
     if base == "reference":
         optim = {**reference_optim(size, args.steps), **optim}
     elif "warmup_steps" in optim:  # given for the default's 500 steps: the same fraction of this run
@@ -165,7 +171,7 @@ def recipe_config(name: str, args, seed: int, root: str):
         "train.dataset": args.dataset,
         "storage.root": root,
         "train.steps": args.steps,
-        "train.batch_size": args.batch_size,
+        "train.batch_size": args.batch_size // train_extra.get("grad_accum", 1),
         "train.seed": seed,
         "train.eval_every": args.eval_every,
         "train.eval_batches": args.eval_batches,
@@ -189,11 +195,10 @@ def train_recipe(name: str, seed: int, args, threads: int | None = None) -> dict
 
     cfg = recipe_config(name, args, seed, tempfile.mkdtemp(prefix="gm-lr-eff-"))
     curve: list[tuple[int, float]] = []
-    tokens_per_step = cfg.train.batch_size * cfg.model.max_seq_len
 
     def report(m: dict[str, Any]) -> None:
-        if "val_loss" in m:
-            curve.append((m["step"] * tokens_per_step, m["val_loss"]))
+        if "val_loss" in m:  # a log step too (train.log_every = train.eval_every): its tokens so far
+            curve.append((m["tokens"], m["val_loss"]))
 
     t0 = time.perf_counter()
     train(cfg, report)

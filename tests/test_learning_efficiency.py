@@ -61,3 +61,9 @@ def test_the_window_warmup_switch_is_a_share_of_the_run(tmp_path):
     assert (cfg.model.window, cfg.model.global_every) == (128, 2)
     assert (cfg.train.window_warmup_steps, cfg.train.window_warmup_start) == (100, 32)
     assert recipe_config("default+ls", args(), 0, str(tmp_path)).train.window_warmup_steps == 0
+
+
+def test_the_batch_warmup_switch_keeps_the_global_batch_in_four_micro_batches(tmp_path):
+    cfg = recipe_config("default+bw", args(steps=200), 0, str(tmp_path))
+    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.batch_warmup_steps) == (4, 4, 100)
+    assert recipe_config("default", args(), 0, str(tmp_path)).train.grad_accum == 1

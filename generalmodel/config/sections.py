@@ -469,6 +469,16 @@ class TrainConfig(Section):
     window_warmup_start: int = Field(
         64, gt=0, description="The window at step 0 of the warmup, and the step its size grows by (tokens)."
     )
+    batch_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="A batch-size schedule: the micro-batches each rank accumulates per optimizer step grow "
+        "linearly from train.batch_warmup_start x train.grad_accum (rounded up) to train.grad_accum over this "
+        "many steps; the rows of a micro-batch, so every compiled shape, stay (0: off).",
+    )
+    batch_warmup_start: float = Field(
+        0.25, gt=0, le=1, description="The global batch at step 0 of the batch warmup, as a share of the full one."
+    )
     adapter: Literal["none", "svf"] = Field(
         "none",
         description="svf: Transformer2's singular-value fine-tuning of train.init_from: its weights stay frozen, a "
@@ -815,6 +825,17 @@ class Config(Section):
             raise ValueError(
                 "train.window_warmup_steps grows the sliding-window layers' window, and the model has none: "
                 "set model.window (and model.global_every for the long/short pattern) or drop the warmup"
+            )
+        if self.train.batch_warmup_steps and self.train.grad_accum == 1:
+            raise ValueError(
+                "train.batch_warmup_steps grows the micro-batches a rank accumulates per step up to "
+                "train.grad_accum=1, so it has nothing to grow: give train.grad_accum > 1 (and a smaller "
+                "train.batch_size for the same global batch)"
+            )
+        if self.train.batch_warmup_steps and self.mixture.datasets:
+            raise ValueError(
+                "train.batch_warmup_steps with mixture.datasets: the mixture's schedule counts steps of a fixed "
+                "batch; use one of them"
             )
         expert, experts = self.parallel.expert, getattr(self.model, "moe_experts", 0)
         if expert > 1 and not experts:

@@ -161,6 +161,22 @@ def warm_window(cfg: Config, step: int) -> int:
     return min(full, start * math.ceil(grown / start))
 
 
+def micro_batches(cfg: Config, step: int) -> int:
+    """Micro-batches per rank at `step` under train.batch_warmup_steps: from train.batch_warmup_start of
+    train.grad_accum (rounded up, at least one) to all of them, linearly; train.grad_accum after."""
+    train = cfg.train
+    if step >= train.batch_warmup_steps:
+        return train.grad_accum
+    share = train.batch_warmup_start + (1 - train.batch_warmup_start) * step / train.batch_warmup_steps
+    return max(1, min(train.grad_accum, math.ceil(train.grad_accum * share - 1e-9)))
+
+
+def micro_batches_before(cfg: Config, step: int) -> int:
+    """Micro-batches per rank in the steps before `step` (what the loader has served by then)."""
+    warm = min(step, cfg.train.batch_warmup_steps)
+    return sum(micro_batches(cfg, i) for i in range(warm)) + (step - warm) * cfg.train.grad_accum
+
+
 class TrainingRun:
     """One training run on this worker: everything a loop shares but its step (see the module doc)."""
 

@@ -36,6 +36,8 @@ from generalmodel.train.core import (
     TrainingRun,
     check_fp8,
     frozen_copy,
+    micro_batches,
+    micro_batches_before,
     setup_distributed,
     sum_across_ranks,
 )
@@ -119,17 +121,17 @@ class TokenStep:
         self.per_dataset = isinstance(loader, MixtureLoader)  # val_loss_NAME for each dataset mixed
         cfg, env = run.cfg, run.env
         # A preference pair is two sequences.
-        self.tokens_per_step = (
-            cfg.train.batch_size * cfg.train.grad_accum * env.world_size * loader.dataset.seq_len * per_row
-        )
+        # tokens of one micro-batch on every rank (a step has train.grad_accum of them, fewer in a batch warmup)
+        self.tokens_per_micro = cfg.train.batch_size * env.world_size * loader.dataset.seq_len * per_row
         self.peak_flops = device_peak_flops(env.device) if env.is_main else None
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window_start, self.window_steps, self.window_micro = time.perf_counter(), 0, 0
 
     def __call__(self, step: int, lr: float) -> dict[str, Any]:
         run, cfg = self.run, self.run.cfg
         sums, total = self.accumulate(step)
         grad_norm, routing = run.update(sums[0], step)
         self.window_steps += 1
+        self.window_micro += micro_batches(cfg, step)
         done = step + 1
         log_step = done % cfg.train.log_every == 0 or done == run.steps
         eval_step = done % cfg.train.eval_every == 0 or done == run.steps
@@ -154,7 +156,7 @@ class TokenStep:
         """Forward and backward over train.grad_accum micro-batches: (the sums of the loss and its
         statistics over this step's units on all ranks, the number of those units)."""
         run, cfg, env, objective = self.run, self.run.cfg, self.run.env, self.objective
-        host_batches = [self.loader.next_batch() for _ in range(cfg.train.grad_accum)]
+        host_batches = [self.loader.next_batch() for _ in range(micro_batches(cfg, step))]
         # The step's loss is the mean over all its units (tokens or pairs) on all ranks: each
         # rank's sums are scaled by world/total, and FSDP averages the gradients over the ranks.
         # The units are counted on the host batches: no device value is read back.
@@ -177,13 +179,13 @@ class TokenStep:
     def log_metrics(self, done: int, lr: float, grad_norm, routing, skipped: int) -> dict[str, Any]:
         run, env = self.run, self.run.env
         elapsed = time.perf_counter() - self.window_start  # the device has caught up: the loss was read
-        tok_s = self.tokens_per_step * self.window_steps / elapsed
+        tok_s = self.tokens_per_micro * self.window_micro / elapsed
         metrics = {
             "step": done,
             "lr": lr,
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tok_s,
-            "tokens": done * self.tokens_per_step,
+            "tokens": micro_batches_before(run.cfg, done) * self.tokens_per_micro,
             "skipped_steps": skipped,
             **self.loader.metrics(),
             **{k: v.item() for k, v in routing.items()},
@@ -196,7 +198,7 @@ class TokenStep:
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
         else:
             metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window_start, self.window_steps, self.window_micro = time.perf_counter(), 0, 0
         return metrics
 
 
