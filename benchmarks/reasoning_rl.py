@@ -6,6 +6,7 @@ of the SFT model's pass@1 -> pass@8 gap that RL closed (issue 35's goal: at leas
     python -m benchmarks.reasoning_rl                  # CPU, 2 cores: ~12 min per RL run + evals
     python -m benchmarks.reasoning_rl --variants grpo,dynamic --steps 100
     python -m benchmarks.reasoning_rl --variants grpo,dynamic --trained grpo=URI0,URI1   # reuse runs
+    python -m benchmarks.reasoning_rl --variants dynamic-lowlr --levels addition:2,addition:3,expression:1
 
 For each SFT model in --sft (one per seed) and each variant, runs jobs.rl with
 configs/reasoning-rl.yaml from it (train.seed = the model's position in --sft) on the suite's
@@ -45,7 +46,7 @@ def train(sft_uri: str, seed: int, variant: str, args) -> str:
     cfg = load_config(
         ROOT / "configs/reasoning-rl.yaml",
         {
-            "data.source": f"{args.out}/train.jsonl",
+            "data.source": training_prompts(args),
             "rl.eval_source": f"{args.out}/test.jsonl",
             "train.init_from": sft_uri,
             "train.seed": seed,
@@ -56,6 +57,23 @@ def train(sft_uri: str, seed: int, variant: str, args) -> str:
         },
     )
     return rl(cfg)["model_uri"]
+
+
+def training_prompts(args) -> str:
+    """The suite's training prompts, or (--levels) those of the named task levels only: a file
+    beside them, written once per selection."""
+    if not args.levels:
+        return f"{args.out}/train.jsonl"
+    import json
+
+    keep = {(task, int(level)) for task, level in (item.split(":") for item in args.levels.split(","))}
+    path = Path(args.out) / f"train-{'-'.join(sorted(f'{t}{lv}' for t, lv in keep))}.jsonl"
+    rows = [json.loads(line) for line in open(f"{args.out}/train.jsonl")]
+    chosen = [row for row in rows if (row["task"], row["level"]) in keep]
+    if not chosen:
+        raise SystemExit(f"--levels {args.levels}: no training prompt of those task levels")
+    path.write_text("".join(json.dumps(row) + "\n" for row in chosen))
+    return str(path)
 
 
 def main() -> None:
@@ -72,6 +90,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--tag", default=time.strftime("%m%d%H%M"), help="suffix of the RL runs' names")
     parser.add_argument("--trained", action="append", default=[], help="VARIANT=URI,URI: already trained ('': train)")
+    parser.add_argument(
+        "--levels", default="", help="train on these task levels only, e.g. addition:2,expression:1 (default: all)"
+    )
     args = parser.parse_args()
     trained = dict(item.split("=", 1) for item in args.trained)
     write_suite(ReasoningConfig(out=args.out, test=args.test))  # the same problems benchmarks.reasoning wrote
@@ -86,7 +107,8 @@ def main() -> None:
     uris = [uri for group in runs.values() for uri in group]
     cfg = EvalConfig(models=uris, problems=f"{args.out}/test.jsonl", sampling=STRATEGIES["top_p"])
     results = {"top_p": {r.reference: r.metrics for r in evaluate(cfg)}}
-    print(f"\n{args.steps} GRPO steps from {args.sft}; held-out problems, 8 samples per problem:")
+    trained_on = f"the task levels {args.levels}" if args.levels else "every task level"
+    print(f"\n{args.steps} GRPO steps from {args.sft} on {trained_on}; held-out problems, 8 samples per problem:")
     table(runs, results)
     by_uri = results["top_p"]
     print("\nshare of the SFT model's pass@1 (greedy) -> pass@8 gap closed by RL, per seed:")
