@@ -48,6 +48,9 @@ class ExpertParallel:
     def __call__(self, moe: MoE, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """`rows` (M, d) sorted by their (global) `experts` → the experts' outputs, same order."""
         per_rank = moe.n_experts // self.world  # the experts this rank holds
+        device = rows.device.type
+        if torch.is_autocast_enabled(device):  # the experts compute in it anyway: half the bytes to send
+            rows = rows.to(torch.get_autocast_dtype(device))
         send = expert_counts(experts, moe.n_experts).view(self.world, per_rank).sum(1)  # rows per owner
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
