@@ -49,3 +49,15 @@ def test_a_warmed_up_run_serves_the_scheduled_rows_and_resumes_exactly(train_dat
     again = {m["step"]: m for m in resumed if "lr" in m}
     assert min(again) in (4, 7) and all(again[s]["loss"] == steps[s]["loss"] for s in again)
     assert all(again[s]["tokens"] == steps[s]["tokens"] for s in again)
+
+
+def test_the_row_objectives_refuse_a_batch_warmup_by_name():
+    """Coconut, Quiet-STaR and the RL learner step over rows in fixed batches (generalmodel/post/rows.py)."""
+    from types import SimpleNamespace
+
+    from generalmodel import UserError
+    from generalmodel.post.rows import RowsStep
+
+    cfg = load_config(overrides={"train.grad_accum": 2, "train.batch_warmup_steps": 3})
+    with pytest.raises(UserError, match=r"train.batch_warmup_steps=3: the batch warmup is the dataset loop's"):
+        RowsStep(SimpleNamespace(cfg=cfg), [])

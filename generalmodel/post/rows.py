@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from generalmodel import UserError
 from generalmodel.config import Config
 from generalmodel.data.sources import RowError, list_pieces, read_rows
 from generalmodel.storage import RunLayout
@@ -110,6 +111,12 @@ class RowsStep:
     unit = "tokens"
 
     def __init__(self, run: TrainingRun, rows: list):
+        if run.cfg.train.batch_warmup_steps:
+            raise UserError(
+                f"train.batch_warmup_steps={run.cfg.train.batch_warmup_steps}: the batch warmup is the dataset "
+                f"loop's (jobs.pretrain, jobs.sft, jobs.dpo); {type(self).__name__} steps over rows in batches "
+                f"of train.batch_size x train.grad_accum. Drop it"
+            )
         self.run, self.rows = run, rows
         self.window = time.perf_counter(), 0, 0.0  # started, steps, units
 

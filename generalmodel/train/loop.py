@@ -153,7 +153,8 @@ class TokenStep:
         return metrics
 
     def accumulate(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over train.grad_accum micro-batches: (the sums of the loss and its
+        """Forward and backward over this step's micro-batches (train.grad_accum; fewer during a
+        batch warmup, generalmodel.train.core.micro_batches): (the sums of the loss and its
         statistics over this step's units on all ranks, the number of those units)."""
         run, cfg, env, objective = self.run, self.run.cfg, self.run.env, self.objective
         host_batches = [self.loader.next_batch() for _ in range(micro_batches(cfg, step))]
@@ -170,7 +171,7 @@ class TokenStep:
             _gradient_sync(run.model, i == len(host_batches) - 1)
             loss, stats = objective.loss(run.model, _to(host_batch, env.device), run.autocast)
             aux = run.model.aux_loss()  # MoE balance loss, None unless configured
-            (loss * scale + (0 if aux is None else aux / cfg.train.grad_accum)).backward()
+            (loss * scale + (0 if aux is None else aux / len(host_batches))).backward()
             sums += torch.stack([loss.detach(), *(stats[k] for k in objective.stats)])
         if cfg.train.nan_grad_at_step == step and env.is_main:  # testing aid: a finite loss, a NaN gradient
             next(run.model.parameters()).grad.fill_(float("nan"))
