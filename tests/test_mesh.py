@@ -170,6 +170,20 @@ def test_expert_parallel_equals_one_process_on_the_union_batch(four_ranks, one_p
         )
 
 
+def test_expert_gradients_reduce_once_per_step_over_their_own_shard_group(four_ranks):
+    """Each MoE layer's experts are an FSDP2 unit of their own: with experts over 2 ranks and FSDP
+    over the other 2, one more reduce-scatter per layer and step; with experts over all 4 ranks
+    (a shard group of one for them) none; under HSDP 2 x 2 their gradients join the cross-replica
+    all-reduce, once per step."""
+    dense_units, moe_layers = 2 + 1, 1  # tiny()'s 2 blocks and the root; block 1 is MoE (block 0 dense)
+    assert four_ranks["ep2"][1] == {"reduce_scatter": STEPS * (dense_units + moe_layers)}
+    assert four_ranks["ep4"][1] == {"reduce_scatter": STEPS * dense_units}
+    assert four_ranks["hsdp-ep2-muon"][1] == {
+        "reduce_scatter": STEPS * dense_units,
+        "all_reduce_across_replicas": STEPS * (dense_units + moe_layers),
+    }
+
+
 def test_an_expert_parallel_checkpoint_resumes_without_expert_parallel(four_ranks, one_process):
     failed, _, _ = four_ranks["reshard-ep2"]
     resumed, _, _ = four_ranks["reshard-ep-fsdp"]
