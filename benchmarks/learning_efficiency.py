@@ -91,6 +91,8 @@ SWITCHES: dict[str, dict[str, dict[str, Any]]] = {
     # a batch-size schedule: the global batch (4 micro-batches of a quarter of --batch-size rows) grows
     # from a quarter to all of it over the first half of the run; fewer tokens in the same steps
     "bw": {"train": {"batch_warmup_fraction": 0.5}},
+    # the speedrun's accumulation: embedding and head step every 2 steps on the mean of their gradients
+    "eh2": {"optim": {"embed_head_every": 2}},
     # off-switches, for the default minus what no native transformers class has:
     # `default+novres+nocap+swiglu` exports as Qwen3, `default+novres+nocap+noqk` as Arcee
     "novres": {"model": {"value_residual": False}},

@@ -350,6 +350,13 @@ class OptimConfig(Section):
         "moving average of each gradient back to it before the optimizer (AdamW or Muon) uses it, amplifying its "
         "slow component; none: off.",
     )
+    embed_head_every: int = Field(
+        1,
+        ge=1,
+        description="The speedrun's accumulation for the embedding and the untied head: they step every N "
+        "optimizer steps, on the mean of those steps' (clipped) gradients; every other weight steps every step. "
+        "train.checkpoint_every must be a multiple of N (a checkpoint never holds half a window).",
+    )
     grad_filter_alpha: float = Field(0.98, ge=0, lt=1, description="grad_filter ema: the average's decay per step.")
     grad_filter_lambda: float = Field(2.0, ge=0, description="grad_filter ema: the amplification (the paper: 2-5).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
@@ -836,6 +843,12 @@ class Config(Section):
             raise ValueError(
                 "train.batch_warmup_steps with mixture.datasets: the mixture's schedule counts steps of a fixed "
                 "batch; use one of them"
+            )
+        every, saves = self.optim.embed_head_every, self.train.checkpoint_every
+        if every > 1 and saves % every:
+            raise ValueError(
+                f"optim.embed_head_every={every} holds the embedding's and head's gradients over {every} steps, "
+                f"and train.checkpoint_every={saves} would save in the middle of a window: use a multiple of {every}"
             )
         expert, experts = self.parallel.expert, getattr(self.model, "moe_experts", 0)
         if expert > 1 and not experts:

@@ -52,8 +52,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> t
     """AdamW, or Muon + AdamW, over `param_groups`. `fused`: torch's fused AdamW kernel (CPU and CUDA),
     the one that honours `optimizer.found_inf` — the training step's skip without a host sync
     (generalmodel.train.step) needs it. optim.grad_filter=ema: with Grokfast's gradient filter
-    (generalmodel.optim.grokfast)."""
+    (generalmodel.optim.grokfast). optim.embed_head_every=N: `group_every` names the groups the
+    training step updates every N steps."""
     optimizer = _optimizer(model, cfg, fused)
+    if cfg.embed_head_every > 1:  # generalmodel.train.step holds their gradients in between
+        optimizer.group_every = {"embed": cfg.embed_head_every, "head": cfg.embed_head_every}
     if cfg.grad_filter == "ema":
         attach_grokfast(optimizer, cfg.grad_filter_alpha, cfg.grad_filter_lambda)
     return optimizer

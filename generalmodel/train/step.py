@@ -89,6 +89,7 @@ def optimizer_step(
     norm = clip_grad_norm(list(model.parameters()), max_norm if max_norm > 0 else math.inf)
     bad = ~(torch.isfinite(norm) & torch.isfinite(loss_sum))
     guard.record(step, bad)
+    hold_gradients(optimizer, step, bad)
     optimizer.found_inf = bad.float()
     try:
         optimizer.step()
@@ -97,6 +98,31 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     routing: dict[str, Any] = model.after_optimizer_step((~bad).float())
     return norm, routing
+
+
+def hold_gradients(optimizer: torch.optim.Optimizer, step: int, bad: torch.Tensor) -> None:
+    """optim.embed_head_every=N (`optimizer.group_every`: group name -> N): the parameters of those
+    groups step on steps N-1, 2N-1, ... only, on the mean of the (clipped) gradients of their N
+    steps; in between their gradient is added to a held sum (`optimizer.held_grads`) and taken
+    away, so the optimizer passes them over. A skipped step's gradient is left out of the sum (on
+    the device: no host read). Checkpoints fall on window ends (the config checks it), where
+    nothing is held."""
+    every = getattr(optimizer, "group_every", None)
+    if not every:
+        return
+    held: dict[torch.Tensor, torch.Tensor] = optimizer.__dict__.setdefault("held_grads", {})
+    for group in optimizer.param_groups:
+        n = every.get(group.get("name"), 1)
+        for p in group["params"] if n > 1 else ():
+            if p.grad is None:
+                continue
+            before = held.pop(p, None)
+            total = p.grad if before is None else before + p.grad
+            total = torch.where(bad, torch.zeros_like(total) if before is None else before, total)
+            if (step + 1) % n:
+                held[p], p.grad = total, None
+            else:
+                p.grad = total / n
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
