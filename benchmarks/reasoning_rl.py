@@ -66,7 +66,10 @@ def training_prompts(args) -> str:
         return f"{args.out}/train.jsonl"
     import json
 
-    keep = {(task, int(level)) for task, level in (item.split(":") for item in args.levels.split(","))}
+    try:
+        keep = {(task, int(level)) for task, level in (item.split(":") for item in args.levels.split(","))}
+    except ValueError:
+        raise SystemExit(f"--levels {args.levels!r}: expected TASK:LEVEL[,TASK:LEVEL...], e.g. addition:2") from None
     path = Path(args.out) / f"train-{'-'.join(sorted(f'{t}{lv}' for t, lv in keep))}.jsonl"
     rows = [json.loads(line) for line in open(f"{args.out}/train.jsonl")]
     chosen = [row for row in rows if (row["task"], row["level"]) in keep]

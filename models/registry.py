@@ -34,7 +34,8 @@ def fsdp_decoder(model: Decoder, mesh=None, mp_policy=None, expert_mesh=None) ->
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for block in model.blocks:
-        for moe in [m for m in block.modules() if isinstance(m, MoE)] if expert_mesh is not None else ():
+        moe_layers = [m for m in block.modules() if isinstance(m, MoE)] if expert_mesh is not None else []
+        for moe in moe_layers:
             experts = fully_shard(moe.experts, **{**kwargs, "mesh": expert_mesh})
             # An expert's gradient arrives summed over the tokens of its expert group's ranks:
             # the mean over all ranks divides by the world size (expert_mesh has world / E ranks).

@@ -128,10 +128,11 @@ class TokenStep:
 
     def __call__(self, step: int, lr: float) -> dict[str, Any]:
         run, cfg = self.run, self.run.cfg
-        sums, total = self.accumulate(step)
+        micro = micro_batches(cfg, step)  # train.grad_accum, fewer in a batch warmup
+        sums, total = self.accumulate(step, micro)
         grad_norm, routing = run.update(sums[0], step)
         self.window_steps += 1
-        self.window_micro += micro_batches(cfg, step)
+        self.window_micro += micro
         done = step + 1
         log_step = done % cfg.train.log_every == 0 or done == run.steps
         eval_step = done % cfg.train.eval_every == 0 or done == run.steps
@@ -152,12 +153,12 @@ class TokenStep:
             )
         return metrics
 
-    def accumulate(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over this step's micro-batches (train.grad_accum; fewer during a
-        batch warmup, generalmodel.train.core.micro_batches): (the sums of the loss and its
-        statistics over this step's units on all ranks, the number of those units)."""
+    def accumulate(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over `micro` micro-batches (train.grad_accum; fewer during a batch
+        warmup, generalmodel.train.core.micro_batches): (the sums of the loss and its statistics
+        over this step's units on all ranks, the number of those units)."""
         run, cfg, env, objective = self.run, self.run.cfg, self.run.env, self.objective
-        host_batches = [self.loader.next_batch() for _ in range(micro_batches(cfg, step))]
+        host_batches = [self.loader.next_batch() for _ in range(micro)]
         # The step's loss is the mean over all its units (tokens or pairs) on all ranks: each
         # rank's sums are scaled by world/total, and FSDP averages the gradients over the ranks.
         # The units are counted on the host batches: no device value is read back.

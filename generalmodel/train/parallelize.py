@@ -85,8 +85,8 @@ def parallelize(
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        shard = get_spec(model.cfg.name).shard
-        shard(model, mesh=mesh, mp_policy=mp, **({"expert_mesh": experts.fsdp} if experts is not None else {}))
+        expert_mesh = experts.fsdp if experts is not None else None
+        get_spec(model.cfg.name).shard(model, mesh=mesh, mp_policy=mp, expert_mesh=expert_mesh)
     return after_step
 
 
