@@ -231,6 +231,15 @@ def eager_attention(q, k, v, mask: torch.Tensor | None, hook_pattern: HookPoint)
     return hook_pattern(pattern) @ v
 
 
+def _kv_unfused(state_dict, prefix, *args) -> None:
+    """Weights saved when K and V were one projection (`kv_proj`, rows [k | v]) load as `k_proj`
+    and `v_proj`."""
+    for kind in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}kv_proj.{kind}", None)
+        if fused is not None:
+            state_dict[f"{prefix}k_proj.{kind}"], state_dict[f"{prefix}v_proj.{kind}"] = fused.chunk(2, dim=0)
+
+
 class GroupedQueryAttention(nn.Module):
     eager = False  # True: the written-out attention, whose pattern the hook point sees
     backend = "auto"  # an SDPA backend (set_backend)
@@ -260,8 +269,11 @@ class GroupedQueryAttention(nn.Module):
         self.layer, self.window, self.owns_kv = layer, window, owns_kv
         self.shares_kv = shares_kv  # later layers of its group reuse its K/V: return them
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        # A layer that reuses another layer's K/V has no K/V projection at all.
-        self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=bias) if owns_kv else None
+        # A layer that reuses another layer's K/V has no K/V projections at all. Q, K and V are
+        # separate matrices (not one fused [k | v]): tensor parallel splits each by heads.
+        kv_width = n_kv_heads * self.head_dim
+        self.k_proj = nn.Linear(d_model, kv_width, bias=bias) if owns_kv else None
+        self.v_proj = nn.Linear(d_model, kv_width, bias=bias) if owns_kv else None
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         # QK-norm: one RMSNorm over head_dim for all query heads, one for all key heads.
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
@@ -274,11 +286,12 @@ class GroupedQueryAttention(nn.Module):
         self.memory = memory  # what the heads read beyond the window (models/longmem.py)
         self.hook_pattern = HookPoint()  # (B, H, T, S), eager only
         self.hook_z = HookPoint()  # (B, T, H, head_dim): each head's output before out_proj
+        self._register_load_state_dict_pre_hook(_kv_unfused)
 
     def init_weights(self, std: float, residual_std: float) -> None:
         """Input projections N(0, std); the output projection, which writes into the residual
         stream, N(0, residual_std); biases zero."""
-        for linear, s in ((self.q_proj, std), (self.kv_proj, std), (self.out_proj, residual_std)):
+        for linear, s in ((self.q_proj, std), (self.k_proj, std), (self.v_proj, std), (self.out_proj, residual_std)):
             if linear is not None:
                 init_linear(linear, s)
         for norm in (self.q_norm, self.k_norm):
@@ -304,7 +317,8 @@ class GroupedQueryAttention(nn.Module):
         (Documents, whole sequences only): attention within each document. `ve` (B, T, kv width):
         the tokens' value embeddings, for a layer made with `value_embed`."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        # Head counts from the shapes (-1): under tensor parallel a rank holds some of the heads.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q_content = q  # before RoPE: what a long memory is read with
@@ -312,7 +326,8 @@ class GroupedQueryAttention(nn.Module):
             q = apply_rope(q, *rope)
         passed = None
         if self.owns_kv:
-            k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+            v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             if self.ve_mix is not None:

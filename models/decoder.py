@@ -280,23 +280,40 @@ class DecoderConfig:
         return None
 
 
+def _gate_unfused(module, state_dict, prefix, *args) -> None:
+    """Weights saved when SwiGLU's gate and value were one projection (`up`, rows [gate | value],
+    twice the hidden width) load as `gate` and `up`."""
+    if f"{prefix}gate.weight" in state_dict:
+        return
+    for kind in ("weight", "bias"):
+        fused = state_dict.get(f"{prefix}up.{kind}")
+        if fused is not None and fused.shape[0] == 2 * module.up.out_features:
+            state_dict[f"{prefix}gate.{kind}"], state_dict[f"{prefix}up.{kind}"] = fused.chunk(2, dim=0)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig, bias: bool):
         super().__init__()
         self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
-        self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.hidden, bias=bias)
+        # SwiGLU's gate and value projections are separate matrices (tensor parallel splits each
+        # by columns); the other kinds have `up` only.
+        self.gate = nn.Linear(cfg.d_model, cfg.hidden, bias=bias) if self.swiglu else None
+        self.up = nn.Linear(cfg.d_model, cfg.hidden, bias=bias)
         self.down = nn.Linear(cfg.hidden, cfg.d_model, bias=bias)
+        if self.swiglu:
+            self._register_load_state_dict_pre_hook(_gate_unfused, with_module=True)
 
     def init_weights(self, std: float, residual_std: float) -> None:
+        if self.gate is not None:
+            init_linear(self.gate, std)
         init_linear(self.up, std)
         init_linear(self.down, residual_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         if self.swiglu:
-            gate, value = h.chunk(2, dim=-1)
-            return self.down(F.silu(gate) * value)
+            return self.down(F.silu(self.gate(x)) * h)
         if self.kind == "relu2":
             return self.down(F.relu(h).square())
         return self.down(F.gelu(h, approximate="tanh"))

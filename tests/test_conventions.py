@@ -30,8 +30,8 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
         prefix = f"{name}." if name else ""
         if isinstance(module, GroupedQueryAttention):
             out[prefix + "q_proj.weight"] = std
-            if module.kv_proj is not None:
-                out[prefix + "kv_proj.weight"] = std
+            if module.owns_kv:
+                out[prefix + "k_proj.weight"] = out[prefix + "v_proj.weight"] = std
             out[prefix + "out_proj.weight"] = residual
             if module.memory is not None:  # the gate starts at 0 (tests/test_long_memory.py)
                 out[prefix + "memory.gate"] = None
@@ -42,6 +42,8 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
             out[prefix + "out_proj.weight"] = residual
         elif isinstance(module, MLP | SharedExperts):
             out[prefix + "up.weight"], out[prefix + "down.weight"] = std, residual
+            if getattr(module, "gate", None) is not None:
+                out[prefix + "gate.weight"] = std
         elif isinstance(module, MoE):
             out[prefix + "router.weight"], out[prefix + "experts.w_up"], out[prefix + "experts.w_down"] = (
                 std,

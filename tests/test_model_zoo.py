@@ -97,7 +97,8 @@ def test_mla_cache_holds_only_the_latent_and_rope_key():
 def test_kv_shared_layers_equal_an_explicit_copy():
     torch.manual_seed(0)
     model = build_model(small("kvshare-tiny", n_layers=2)).eval()
-    assert model.blocks[1].attn.kv_proj is None  # the second layer of the group has no K/V weights
+    second = model.blocks[1].attn
+    assert second.k_proj is None and second.v_proj is None  # the second layer of the group has no K/V weights
     idx = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         out = model(idx)
@@ -138,6 +139,33 @@ def test_moe_experts_without_rows_still_get_a_gradient_and_old_exports_load():
     fresh = make_moe()
     fresh.load_state_dict(old)
     assert torch.equal(fresh.experts.w_down, moe.experts.w_down)
+
+
+def test_weights_saved_with_fused_projections_load_into_the_split_ones():
+    """Exports written when K and V were one `kv_proj` (rows [k | v]) and SwiGLU's gate and value
+    one `up` (rows [gate | value]) load into `k_proj`/`v_proj` and `gate`/`up`: the same logits."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["llama-tiny"], vocab_size=64, max_seq_len=16, n_layers=2, d_model=64, bias=True)
+    model = build_model(cfg).eval()
+    old = {}
+    for key, value in model.state_dict().items():
+        if ".attn.v_proj." in key or ".mlp.gate." in key:
+            continue  # folded into the fused tensor below
+        if ".attn.k_proj." in key:
+            key, value = (
+                key.replace("k_proj", "kv_proj"),
+                torch.cat([value, model.state_dict()[key.replace("k_", "v_")]]),
+            )
+        elif ".mlp.up." in key:
+            value = torch.cat([model.state_dict()[key.replace("up", "gate")], value])
+        old[key] = value.clone()
+    assert "blocks.0.attn.kv_proj.weight" in old and old["blocks.0.mlp.up.weight"].shape[0] == 2 * cfg.hidden
+    fresh = build_model(replace(cfg, init_std=0.5)).eval()
+    fresh.load_state_dict(old)
+    ids = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
 
 
 def test_moe_top_k_is_respected():

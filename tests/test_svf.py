@@ -41,7 +41,7 @@ def test_vectors_at_one_are_the_base_and_merging_equals_the_adapted_layers():
     before = model(tokens)
     names = svf.attach(model, ["blocks.*"])
     linears = [n for n, m in small_model().named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks")]
-    assert names == linears and len(names) == 2 * 5  # q, kv, out and the MLP's up and down, per block
+    assert names == linears and len(names) == 2 * 7  # q, k, v, out and the MLP's gate, up and down, per block
     assert torch.equal(model(tokens), before)  # z = 1: bit for bit
     assert svf.base_state(model.state_dict()).keys() == base.keys()
 
@@ -62,7 +62,7 @@ def test_vectors_at_one_are_the_base_and_merging_equals_the_adapted_layers():
 
 def test_targets_and_bad_vectors_are_named():
     model = small_model()
-    mlps = [f"blocks.{i}.mlp.{w}" for i in range(2) for w in ("up", "down")]
+    mlps = [f"blocks.{i}.mlp.{w}" for i in range(2) for w in ("gate", "up", "down")]
     assert svf.attach(model, ["blocks.*.mlp.*"]) == mlps
     with pytest.raises(ValueError, match=r"no linear layer matches \['decoder\.\*'\]"):
         svf.attach(small_model(), ["decoder.*"])
@@ -264,7 +264,7 @@ def test_an_svf_sft_version_holds_only_vectors_names_its_base_and_loads_merged(m
     model, _ = load_model(download_model(tuned["model_uri"], mlflow_server.uri, load_config().storage))
     merged = model.state_dict()
     changed = {k for k in base_weights if not torch.equal(merged[k], base_weights[k])}
-    assert changed == {f"blocks.{i}.mlp.{w}.weight" for i in range(2) for w in ("up", "down")}
+    assert changed == {f"blocks.{i}.mlp.{w}.weight" for i in range(2) for w in ("gate", "up", "down")}
     # Two-pass sampling with the one expert equals sampling from the version itself.
     from generalmodel.config import TrackingConfig
     from jobs.sample import SampleConfig

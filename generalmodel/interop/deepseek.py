@@ -132,8 +132,8 @@ class DeepseekV3Adapter(HfAdapter):
             out[theirs + "input_layernorm.weight"] = state[ours + "attn_norm.weight"]
             out[theirs + "post_attention_layernorm.weight"] = state[ours + "mlp_norm.weight"]
             mlp, hf = ours + "mlp.", theirs + "mlp."
-            if not cfg.is_moe(i):
-                out |= _swiglu_to_hf(state[mlp + "up.weight"], state[mlp + "down.weight"], hf)
+            if not cfg.is_moe(i):  # the dense MLP: one tensor for one
+                out |= {f"{hf}{part}_proj.weight": state[f"{mlp}{part}.weight"] for part in ("gate", "up", "down")}
                 continue
             out[hf + "gate.weight"] = state[mlp + "router.weight"]
             out[hf + "gate.e_score_correction_bias"] = state[mlp + "expert_bias"]
@@ -162,7 +162,7 @@ class DeepseekV3Adapter(HfAdapter):
             state[ours + "mlp_norm.weight"] = hf[theirs + "post_attention_layernorm.weight"]
             mlp, their = ours + "mlp.", theirs + "mlp."
             if not cfg.is_moe(i):
-                state[mlp + "up.weight"], state[mlp + "down.weight"] = _swiglu_from_hf(hf, their)
+                state |= {f"{mlp}{part}.weight": hf[f"{their}{part}_proj.weight"] for part in ("gate", "up", "down")}
                 continue
             state[mlp + "router.weight"] = hf[their + "gate.weight"]
             state[mlp + "expert_bias"] = hf[their + "gate.e_score_correction_bias"].float()

@@ -47,17 +47,15 @@ class GPT2Adapter(HfAdapter):
 
     def to_hf(self, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        kv_dim = cfg.kv_heads * cfg.head_dim
         for i in range(cfg.n_layers):
             ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-            k, v = state[ours + "attn.kv_proj.weight"].split(kv_dim, dim=0)
             bias = _biases(cfg, state, ours)
-            qkv = torch.cat([state[ours + "attn.q_proj.weight"], k, v], dim=0)
+            qkv = torch.cat([state[f"{ours}attn.{x}_proj.weight"] for x in "qkv"], dim=0)
             out |= {
                 theirs + "ln_1.weight": state[ours + "attn_norm.weight"],
                 theirs + "ln_1.bias": bias["attn_norm"],
                 theirs + "attn.c_attn.weight": qkv.t(),  # Conv1D: (in, out)
-                theirs + "attn.c_attn.bias": torch.cat([bias["attn.q_proj"], bias["attn.kv_proj"]]),
+                theirs + "attn.c_attn.bias": torch.cat([bias[f"attn.{x}_proj"] for x in "qkv"]),
                 theirs + "attn.c_proj.weight": state[ours + "attn.out_proj.weight"].t(),
                 theirs + "attn.c_proj.bias": bias["attn.out_proj"],
                 theirs + "ln_2.weight": state[ours + "mlp_norm.weight"],
@@ -82,12 +80,13 @@ class GPT2Adapter(HfAdapter):
         state: dict[str, torch.Tensor] = {}
         for i in range(cfg.n_layers):
             ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-            q, kv = hf[theirs + "attn.c_attn.weight"].t().split([cfg.d_model, 2 * cfg.d_model])
-            q_bias, kv_bias = hf[theirs + "attn.c_attn.bias"].split([cfg.d_model, 2 * cfg.d_model])
+            q, k, v = hf[theirs + "attn.c_attn.weight"].t().split(cfg.d_model)
+            q_bias, k_bias, v_bias = hf[theirs + "attn.c_attn.bias"].split(cfg.d_model)
             state |= {
                 ours + "attn_norm.weight": hf[theirs + "ln_1.weight"],
                 ours + "attn.q_proj.weight": q,
-                ours + "attn.kv_proj.weight": kv,
+                ours + "attn.k_proj.weight": k,
+                ours + "attn.v_proj.weight": v,
                 ours + "attn.out_proj.weight": hf[theirs + "attn.c_proj.weight"].t(),
                 ours + "mlp_norm.weight": hf[theirs + "ln_2.weight"],
                 ours + "mlp.up.weight": hf[theirs + "mlp.c_fc.weight"].t(),
@@ -97,7 +96,8 @@ class GPT2Adapter(HfAdapter):
                 state |= {
                     ours + "attn_norm.bias": hf[theirs + "ln_1.bias"],
                     ours + "attn.q_proj.bias": q_bias,
-                    ours + "attn.kv_proj.bias": kv_bias,
+                    ours + "attn.k_proj.bias": k_bias,
+                    ours + "attn.v_proj.bias": v_bias,
                     ours + "attn.out_proj.bias": hf[theirs + "attn.c_proj.bias"],
                     ours + "mlp_norm.bias": hf[theirs + "ln_2.bias"],
                     ours + "mlp.up.bias": hf[theirs + "mlp.c_fc.bias"],
@@ -148,7 +148,8 @@ def _biases(cfg, state, prefix: str) -> dict[str, torch.Tensor]:
     shapes = {
         "attn_norm": cfg.d_model,
         "attn.q_proj": cfg.d_model,
-        "attn.kv_proj": 2 * cfg.d_model,
+        "attn.k_proj": cfg.d_model,
+        "attn.v_proj": cfg.d_model,
         "attn.out_proj": cfg.d_model,
         "mlp_norm": cfg.d_model,
         "mlp.up": cfg.hidden,

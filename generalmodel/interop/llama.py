@@ -2,9 +2,9 @@
 `LlamaForCausalLM` (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA, tied or not), `Qwen3ForCausalLM` (the same
 with per-head query/key RMSNorm before RoPE, and sliding-window layers by `layer_types`) and
 `ArceeForCausalLM` (Llama with a non-gated ReLU² MLP: `up_proj`/`down_proj`). They share the tensor
-mapping: our fused `kv_proj` splits into `k_proj`/`v_proj`, the SwiGLU `up` into
-`gate_proj`/`up_proj` (gate first, as our MLP chunks it); our RoPE rotates halves, as transformers'
-`rotate_half` does, so no query/key permutation is needed."""
+mapping, one tensor for one tensor (`k_proj`, `v_proj`; SwiGLU's `gate` → `gate_proj`, `up` →
+`up_proj`); our RoPE rotates halves, as transformers' `rotate_half` does, so no query/key
+permutation is needed."""
 
 from __future__ import annotations
 
@@ -38,15 +38,14 @@ class LlamaAdapter(HfAdapter):
 
     def to_hf(self, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        kv_dim = cfg.kv_heads * cfg.head_dim
         for i in range(cfg.n_layers):
             ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-            k, v = state[ours + "attn.kv_proj.weight"].split(kv_dim, dim=0)
             out |= {
                 theirs + "input_layernorm.weight": state[ours + "attn_norm.weight"],
                 theirs + "self_attn.q_proj.weight": state[ours + "attn.q_proj.weight"],
-                theirs + "self_attn.k_proj.weight": k,
-                theirs + "self_attn.v_proj.weight": v,
+                theirs + "self_attn.k_proj.weight": state[ours + "attn.k_proj.weight"],
+                theirs + "self_attn.v_proj.weight": state[ours + "attn.v_proj.weight"],
+                theirs + "mlp.up_proj.weight": state[ours + "mlp.up.weight"],
                 theirs + "self_attn.o_proj.weight": state[ours + "attn.out_proj.weight"],
                 theirs + "post_attention_layernorm.weight": state[ours + "mlp_norm.weight"],
                 theirs + "mlp.down_proj.weight": state[ours + "mlp.down.weight"],
@@ -55,11 +54,7 @@ class LlamaAdapter(HfAdapter):
                 out[theirs + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
                 out[theirs + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
             if cfg.mlp == "swiglu":
-                gate, up = state[ours + "mlp.up.weight"].chunk(2, dim=0)
-                out[theirs + "mlp.gate_proj.weight"] = gate
-                out[theirs + "mlp.up_proj.weight"] = up
-            else:
-                out[theirs + "mlp.up_proj.weight"] = state[ours + "mlp.up.weight"]
+                out[theirs + "mlp.gate_proj.weight"] = state[ours + "mlp.gate.weight"]
         out["model.embed_tokens.weight"] = state["embed.weight"]
         out["model.norm.weight"] = state["final_norm.weight"]
         if not cfg.tie_embeddings:
@@ -73,9 +68,9 @@ class LlamaAdapter(HfAdapter):
             state |= {
                 ours + "attn_norm.weight": hf[theirs + "input_layernorm.weight"],
                 ours + "attn.q_proj.weight": hf[theirs + "self_attn.q_proj.weight"],
-                ours + "attn.kv_proj.weight": torch.cat(
-                    [hf[theirs + "self_attn.k_proj.weight"], hf[theirs + "self_attn.v_proj.weight"]]
-                ),
+                ours + "attn.k_proj.weight": hf[theirs + "self_attn.k_proj.weight"],
+                ours + "attn.v_proj.weight": hf[theirs + "self_attn.v_proj.weight"],
+                ours + "mlp.up.weight": hf[theirs + "mlp.up_proj.weight"],
                 ours + "attn.out_proj.weight": hf[theirs + "self_attn.o_proj.weight"],
                 ours + "mlp_norm.weight": hf[theirs + "post_attention_layernorm.weight"],
                 ours + "mlp.down.weight": hf[theirs + "mlp.down_proj.weight"],
@@ -83,10 +78,8 @@ class LlamaAdapter(HfAdapter):
             if cfg.qk_norm:
                 state[ours + "attn.q_norm.weight"] = hf[theirs + "self_attn.q_norm.weight"]
                 state[ours + "attn.k_norm.weight"] = hf[theirs + "self_attn.k_norm.weight"]
-            up = hf[theirs + "mlp.up_proj.weight"]
             if cfg.mlp == "swiglu":
-                up = torch.cat([hf[theirs + "mlp.gate_proj.weight"], up])
-            state[ours + "mlp.up.weight"] = up
+                state[ours + "mlp.gate.weight"] = hf[theirs + "mlp.gate_proj.weight"]
         state["embed.weight"] = hf["model.embed_tokens.weight"]
         state["final_norm.weight"] = hf["model.norm.weight"]
         state["head.weight"] = state["embed.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
