@@ -24,7 +24,14 @@ from models.cache import KVCache
 from models.common import RMSNorm, matmul_flops_per_token, rope_tables
 from models.hooks import HookPoint
 from models.longmem import LongMemory
-from models.loss import Selection, capped_logits, linear_cross_entropy, selected_cross_entropy, token_losses
+from models.loss import (
+    Selection,
+    capped_logits,
+    linear_cross_entropy,
+    selected_cross_entropy,
+    token_losses,
+    whole,
+)
 from models.memory import ProductKeyMemory, UltraMemory
 from models.moe import MoE
 
@@ -614,12 +621,12 @@ class Decoder(nn.Module):
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the final norm's output (what `hidden=True` returns): the head and soft-cap."""
-        return capped_logits(hidden, self.head.weight, self.cfg.logit_softcap)
+        return capped_logits(hidden, whole(self.head.weight), self.cfg.logit_softcap)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream (..., d) → logits: final norm, head, and the soft-cap if configured,
         c·tanh(head(x)/c) with 1/c folded into the head's weight (one pass fewer over the logits)."""
-        return capped_logits(self.final_norm(x), self.head.weight, self.cfg.logit_softcap)
+        return capped_logits(self.final_norm(x), whole(self.head.weight), self.cfg.logit_softcap)
 
     def lm_loss(
         self, x: torch.Tensor, targets: torch.Tensor, chunk: int = 0, select: Selection | None = None
@@ -630,13 +637,14 @@ class Decoder(nn.Module):
         Regional compile compiles this too (generalmodel.train.parallelize)."""
         x = self.final_norm(x).flatten(0, -2)
         if select is not None:
-            return selected_cross_entropy(x, self.head.weight, targets.flatten(), select, self.cfg.logit_softcap, chunk)
+            head = whole(self.head.weight)  # tensor parallel: gathered (only the plain loss is vocab-parallel)
+            return selected_cross_entropy(x, head, targets.flatten(), select, self.cfg.logit_softcap, chunk)
         return linear_cross_entropy(x, self.head.weight, targets.flatten(), self.cfg.logit_softcap, chunk)
 
     def token_losses(self, x: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         """The residual stream (B, T, d) and targets (B, T) → each target's cross-entropy (B, T), no gradient."""
         flat = token_losses(
-            self.final_norm(x).flatten(0, -2), self.head.weight, targets.flatten(), self.cfg.logit_softcap, chunk
+            self.final_norm(x).flatten(0, -2), whole(self.head.weight), targets.flatten(), self.cfg.logit_softcap, chunk
         )
         return flat.view(targets.shape)
 

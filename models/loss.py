@@ -13,6 +13,13 @@ logits (3.3 GB, plus their gradient) replaced by n × 50304 — the idea of Lige
 linear cross-entropy, written here with torch ops. Matmuls run in the autocast dtype like the
 head's; softmax, log-sum-exp and the loss in fp32, as `F.cross_entropy(logits.float())` does.
 
+Under tensor parallel the head's weight is split by vocabulary over a group of ranks (a DTensor
+`Shard(0)`): `linear_cross_entropy` then runs the chunked computation on this rank's rows of the
+weight — its columns of the logits — with each position's max and sum of exponentials, and its
+target's logit, combined over the group by two all-reduces per chunk (Megatron's vocab-parallel
+cross-entropy); the gradient for x, a partial sum over the vocabulary, is all-reduced once. No
+rank holds all the logits.
+
     token_losses(x, weight, targets, softcap, chunk)  →  each target's cross-entropy (N,), no gradient
     selected_cross_entropy(x, weight, targets, Selection(reference, fraction), softcap, chunk)
 
@@ -31,7 +38,9 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 IGNORE = -100  # cross_entropy's ignore_index: targets outside the loss mask
 
@@ -51,18 +60,51 @@ def linear_cross_entropy(
     chunk: int = 0,
     ignore_index: int = IGNORE,
 ) -> torch.Tensor:
-    """x (N, d), weight (V, d), targets (N,) → the summed cross-entropy (0-d fp32). See the module doc."""
-    if chunk <= 0:
+    """x (N, d), weight (V, d), targets (N,) → the summed cross-entropy (0-d fp32). See the module
+    doc; `weight` a DTensor split by vocabulary: the vocab-parallel computation."""
+    group, first = None, 0  # first: the first vocabulary row of this rank's part of the weight
+    if _is_dtensor(weight):
+        mesh = weight.device_mesh
+        weight = weight.to_local()
+        group, first = mesh.get_group(), mesh.get_local_rank() * weight.shape[0]
+        chunk = chunk if chunk > 0 else x.shape[0]
+    elif chunk <= 0:
         logits = capped_logits(x, weight, softcap)
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
     # ctx.needs_input_grad does not see the caller's no_grad (evaluation): say it here
     with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(x, weight, targets, softcap, chunk, ignore_index, with_grad)
+    return _ChunkedLinearCrossEntropy.apply(x, weight, targets, softcap, chunk, ignore_index, with_grad, group, first)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor)  # (an isinstance check torch.compile traces; hasattr it does not)
+
+
+def whole(weight: torch.Tensor) -> torch.Tensor:
+    """The whole weight of a DTensor split over ranks (gathered; differentiable), else the weight."""
+    return weight.full_tensor() if _is_dtensor(weight) else weight
+
+
+def _normaliser_and_target(logits, targets, valid, group, first: int):
+    """Each row's log-sum-exp over the whole vocabulary, its target's logit, and where the target is
+    among these columns ([first, first + columns) of the vocabulary: all of it without a group)."""
+    columns = logits.shape[1]
+    local = targets - first
+    here = valid & (local >= 0) & (local < columns)
+    safe = torch.where(here, local, 0).unsqueeze(1)
+    target = torch.where(here, logits.gather(1, safe).squeeze(1), 0.0)
+    if group is None:
+        return torch.logsumexp(logits, dim=-1), target, safe, here
+    top = logits.max(dim=-1).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([torch.exp(logits - top.unsqueeze(1)).sum(dim=-1), target])
+    dist.all_reduce(sums, group=group)
+    return top + sums[0].log(), sums[1], safe, here
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, softcap, chunk, ignore_index, with_grad):
+    def forward(ctx, x, weight, targets, softcap, chunk, ignore_index, with_grad, group=None, first=0):
         need_x, need_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
         w = weight if softcap is None else weight / softcap
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -77,14 +119,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 t = torch.tanh(logits)
                 logits = softcap * t
             valid = ys != ignore_index
-            safe = torch.where(valid, ys, 0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = loss + ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+            lse, target, safe, here = _normaliser_and_target(logits, ys, valid, group, first)
+            loss = loss + ((lse - target) * valid).sum()
             if not (need_x or need_w):
                 continue
             # d loss / d logits = softmax − one-hot, on the supervised rows only
             g = torch.exp(logits - lse.unsqueeze(1))
-            g.scatter_add_(1, safe, torch.full_like(lse, -1.0).unsqueeze(1))
+            g.scatter_add_(1, safe, -here.to(g.dtype).unsqueeze(1))
             g.mul_(valid.unsqueeze(1))
             if t is not None:  # through c·tanh(z), z = x·(W/c)ᵀ: d logits / dz = c·(1 − tanh²)
                 g.mul_(softcap * (1 - t * t))
@@ -95,6 +136,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_w += (g.t() @ xs.to(g.dtype)).float()
         if need_w and softcap is not None:
             grad_w /= softcap  # w = weight / c
+        if need_x and group is not None:  # each rank's part of the vocabulary: a partial sum
+            dist.all_reduce(grad_x, group=group)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_x, grad_w)
         return loss
@@ -104,7 +147,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         gx = None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype)
         gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
-        return gx, gw, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None
 
 
 def token_losses(

@@ -51,13 +51,19 @@ def test_a_warmed_up_run_serves_the_scheduled_rows_and_resumes_exactly(train_dat
     assert all(again[s]["tokens"] == steps[s]["tokens"] for s in again)
 
 
-def test_the_row_objectives_refuse_a_batch_warmup_by_name():
+def test_the_row_objectives_refuse_a_batch_warmup_and_tensor_parallel_by_name():
     """Coconut, Quiet-STaR and the RL learner step over rows in fixed batches (generalmodel/post/rows.py)."""
     from types import SimpleNamespace
 
     from generalmodel import UserError
+    from generalmodel.post.rl.learner import GrpoStep
     from generalmodel.post.rows import RowsStep
 
     cfg = load_config(overrides={"train.grad_accum": 2, "train.batch_warmup_steps": 3})
     with pytest.raises(UserError, match=r"train.batch_warmup_steps=3: the batch warmup is the dataset loop's"):
         RowsStep(SimpleNamespace(cfg=cfg), [])
+    # Tensor parallel too: its ranks must read the same rows, and these steps hand each rank its own.
+    cfg = load_config(overrides={"parallel.tensor": 2, "model.tie_embeddings": False})
+    for step in (RowsStep, GrpoStep):
+        with pytest.raises(UserError, match=rf"parallel.tensor=2: .* {step.__name__} hands each rank rows of its own"):
+            step(SimpleNamespace(cfg=cfg), *([[]] if step is RowsStep else [None, None, None]))

@@ -135,3 +135,46 @@ def test_the_chunked_loss_compiles():
     loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     assert x.grad is not None and w.grad is not None
+
+
+def _vocab_parallel_rank(rank, port, out):
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (2,))
+    for chunk in (0, 64):
+        for softcap in (None, 15.0):
+            x, w, y = inputs()
+            split = torch.nn.Parameter(distribute_tensor(w.detach(), mesh, [Shard(0)]))
+            loss = linear_cross_entropy(x, split, y, softcap, chunk)
+            (loss * 0.5).backward()  # as loss_and_grads
+            if rank == 0:
+                out[(chunk, softcap)] = (loss.detach(), x.grad, split.grad.full_tensor())
+            else:
+                split.grad.full_tensor()  # a collective: both ranks take part
+    dist.destroy_process_group()
+
+
+def test_the_vocab_parallel_loss_equals_the_whole_one():
+    """The head's weight split by vocabulary over 2 ranks (tensor parallel): each rank's part of the
+    logits, combined by all-reduces, gives the loss and the gradients of the whole computation."""
+    import torch.multiprocessing as mp
+    from conftest import spawn_ranks
+
+    from generalmodel.cluster import free_port
+
+    out = mp.Manager().dict()
+    spawn_ranks(_vocab_parallel_rank, (free_port(), out), 2)
+    for (_, softcap), (loss, grad_x, grad_w) in out.items():  # chunked or not, against the whole one
+        want_loss, want_x, want_w = loss_and_grads(0, softcap)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grad_x, want_x, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad_w, want_w, rtol=1e-4, atol=1e-6)
+    assert len(out) == 4

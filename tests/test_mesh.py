@@ -1,9 +1,11 @@
 """The device mesh (`parallel` section): FSDP2 over 4 ranks and HSDP 2 x 2 each equal one process
-on the union batch (losses and every parameter), with AdamW and with Muon; HSDP reduces each
-step's gradients once inside a shard group and once across the replicas; a checkpoint written by
-4-rank FSDP resumes under HSDP (DCP reshards it) on the uninterrupted run's losses; a mesh that
-cannot be laid out is one clear line. Four gloo processes on this box's CPUs: a tiny model, few
-steps, and every 4-rank run in one spawn (`four_ranks`)."""
+on the union batch (losses and every parameter), with AdamW and with Muon; so do expert parallel
+and tensor parallel (FSDP 2 x TP 2, HSDP 2 x 1 x TP 2); HSDP reduces each step's gradients once
+inside a shard group and once across the replicas; a checkpoint written by 4-rank FSDP resumes
+under HSDP, one written under tensor or expert parallel by plain FSDP (DCP reshards them), on the
+uninterrupted run's losses; a mesh that cannot be laid out is one clear line. Four gloo
+processes on this box's CPUs: a tiny model, few steps, and every 4-rank run in one spawn
+(`four_ranks`)."""
 
 import math
 import os
@@ -31,6 +33,12 @@ MUON = {"optim.name": "muon", "optim.muon_ns_dtype": "float32", "model.tie_embed
 # An MoE model (4 routed experts of which each token takes 2, a shared expert) and expert parallelism.
 MOE = {"model.moe_experts": 4, "model.moe_top_k": 2, "model.moe_hidden": 16}
 EP2, EP4 = {"parallel.expert": 2}, {"parallel.expert": 4}
+# Tensor parallel over 2 ranks, on a model with the parameters that act on a rank's heads only
+# (QK-norm, value residual) and the chunked vocab-parallel loss; 4 rows per data-parallel rank
+# (2 of them): the union batch of 8 rows.
+TP_MODEL = {**MUON, "model.qk_norm": True, "model.value_residual": True, "train.loss_chunk": 16}
+TP2 = {"parallel.tensor": 2, "train.batch_size": 4}
+HSDP_TP = {"parallel.replicate": 2, "parallel.shard": 1}
 
 
 def config(dataset, root, **extra):
@@ -110,6 +118,12 @@ def four_ranks(train_dataset, tmp_path_factory):
         # An expert-parallel checkpoint (HSDP 2 x 2, experts over 2) resumed by plain FSDP over 4.
         "reshard-ep2": ("reshard-ep", {**rows, **MOE, **HSDP, **EP2, "train.fail_at_step": 2}, True),
         "reshard-ep-fsdp": ("reshard-ep", {**rows, **MOE}, False),
+        # Tensor parallel: FSDP 2 x TP 2 (sequence parallel); HSDP 2 x 1 x TP 2 without sequence
+        # parallel; a TP checkpoint resumed by FSDP over 4.
+        "tp2": ("tp2", {**TP_MODEL, **TP2}, False),
+        "hsdp-tp2": ("hsdp-tp2", {**TP_MODEL, **TP2, **HSDP_TP, "parallel.sequence_parallel": False}, False),
+        "reshard-tp2": ("reshard-tp", {**TP_MODEL, **TP2, "train.fail_at_step": 2}, True),
+        "reshard-tp-fsdp": ("reshard-tp", {**rows, **TP_MODEL}, False),
     }
     plans = [
         (name, config(train_dataset, root / where, **extra), fails) for name, (where, extra, fails) in runs.items()
@@ -125,7 +139,13 @@ def one_process(train_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("mesh-one")
     return {
         name: (run(config(train_dataset, root / name, **{"train.batch_size": 8, **extra}))[0], root / name)
-        for name, extra in (("adamw", {}), ("muon", MUON), ("moe", MOE), ("moe-muon", {**MOE, **MUON}))
+        for name, extra in (
+            ("adamw", {}),
+            ("muon", MUON),
+            ("moe", MOE),
+            ("moe-muon", {**MOE, **MUON}),
+            ("tp", TP_MODEL),
+        )
     }
 
 
@@ -133,22 +153,28 @@ def export(root) -> dict[str, torch.Tensor]:
     return load_file(str(root / "checkpoints/pretrain/export/model.safetensors"))
 
 
-@pytest.mark.parametrize("mesh", ["fsdp", "hsdp"])
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_four_ranks_equal_one_process_on_the_union_batch(four_ranks, one_process, mesh, optimizer):
-    name = mesh if optimizer == "adamw" else f"{mesh}-muon"
-    losses, _, root = four_ranks[name]
-    reference, reference_root = one_process[optimizer]
+def assert_same_run(losses, root, reference, reference_root) -> dict[str, torch.Tensor]:
+    """Every step's loss rel 1e-5 and every exported tensor within 1e-5 of its norm (elementwise,
+    AdamW's near-zero moments amplify) of the one-process run; returns the export."""
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, loss in reference.items():
         assert math.isclose(losses[step], loss, rel_tol=1e-5), (step, losses[step], loss)
     mine, theirs = export(root), export(reference_root)
     assert mine.keys() == theirs.keys()
-    for key, value in theirs.items():  # relative to the tensor's norm (elementwise, AdamW's near-zero moments amplify)
+    for key, value in theirs.items():
         assert (mine[key] - value).norm() <= 1e-5 * value.norm(), (
             key,
             ((mine[key] - value).norm() / value.norm()).item(),
         )
+    return mine
+
+
+@pytest.mark.parametrize("mesh", ["fsdp", "hsdp"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_four_ranks_equal_one_process_on_the_union_batch(four_ranks, one_process, mesh, optimizer):
+    name = mesh if optimizer == "adamw" else f"{mesh}-muon"
+    losses, _, root = four_ranks[name]
+    assert_same_run(losses, root, *one_process[optimizer])
 
 
 @pytest.mark.parametrize("mesh", ["ep2", "ep4", "hsdp-ep2-muon"])
@@ -157,17 +183,20 @@ def test_expert_parallel_equals_one_process_on_the_union_batch(four_ranks, one_p
     both meshes clipped as one; Muon orthogonalising each rank's own experts; the routing bias
     from every rank's tokens — the same losses and the same exported model as one process."""
     losses, _, root = four_ranks[mesh]
-    reference, reference_root = one_process["moe-muon" if "muon" in mesh else "moe"]
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, loss in reference.items():
-        assert math.isclose(losses[step], loss, rel_tol=1e-5), (step, losses[step], loss)
-    mine, theirs = export(root), export(reference_root)
-    assert mine.keys() == theirs.keys() and "blocks.1.mlp.experts.w_up" in mine and "blocks.1.mlp.expert_bias" in mine
-    for key, value in theirs.items():
-        assert (mine[key] - value).norm() <= 1e-5 * value.norm(), (
-            key,
-            ((mine[key] - value).norm() / value.norm()).item(),
-        )
+    mine = assert_same_run(losses, root, *one_process["moe-muon" if "muon" in mesh else "moe"])
+    assert "blocks.1.mlp.experts.w_up" in mine and "blocks.1.mlp.expert_bias" in mine
+
+
+@pytest.mark.parametrize("mesh", ["tp2", "hsdp-tp2"])
+def test_tensor_parallel_equals_one_process_on_the_union_batch(four_ranks, one_process, mesh):
+    """Attention split by heads and the MLP by columns over 2 ranks, the head by vocabulary with the
+    loss computed on each rank's part of the logits; QK-norm's weights and value residual's λ,
+    whole on each rank but used on its heads only (and with sequence parallel, the norms, used on
+    its positions), summed over the pair; FSDP2 (or HSDP) over the other dimension; Muon on
+    matrices split two ways — the same losses and exported model as one process."""
+    losses, _, root = four_ranks[mesh]
+    mine = assert_same_run(losses, root, *one_process["tp"])
+    assert "blocks.1.attn.v_mix" in mine and "blocks.1.attn.q_norm.weight" in mine
 
 
 def test_expert_gradients_reduce_once_per_step_over_their_own_shard_group(four_ranks):
@@ -184,15 +213,6 @@ def test_expert_gradients_reduce_once_per_step_over_their_own_shard_group(four_r
     }
 
 
-def test_an_expert_parallel_checkpoint_resumes_without_expert_parallel(four_ranks, one_process):
-    failed, _, _ = four_ranks["reshard-ep2"]
-    resumed, _, _ = four_ranks["reshard-ep-fsdp"]
-    reference, _ = one_process["moe"]
-    assert failed == {} and min(resumed) in (2, 3)
-    for step, loss in resumed.items():
-        assert math.isclose(loss, reference[step], rel_tol=1e-5), (step, loss, reference[step])
-
-
 def test_hsdp_reduces_gradients_once_per_step_inside_a_group_and_once_across(four_ranks):
     groups = 2 + 1  # FSDP2 units: tiny()'s 2 blocks and the root (embedding, final norm, head)
     _, fsdp, _ = four_ranks["fsdp"]
@@ -202,13 +222,23 @@ def test_hsdp_reduces_gradients_once_per_step_inside_a_group_and_once_across(fou
     assert hsdp == {"reduce_scatter": STEPS * groups, "all_reduce_across_replicas": STEPS * groups}, hsdp
 
 
-def test_a_checkpoint_written_by_four_rank_fsdp_resumes_under_hsdp(four_ranks, one_process):
-    failed, _, _ = four_ranks["reshard-fsdp"]
-    resumed, _, _ = four_ranks["reshard-hsdp"]
-    reference, _ = one_process["adamw"]
-    assert failed == {} and min(resumed) in (2, 3)  # from a checkpoint it wrote (step 1 or 2), not from scratch
-    for step, loss in resumed.items():
-        assert math.isclose(loss, reference[step], rel_tol=1e-5), (step, loss, reference[step])
+@pytest.mark.parametrize(
+    "failed, resumed, reference",
+    [
+        ("reshard-fsdp", "reshard-hsdp", "adamw"),  # FSDP 4 → HSDP 2 x 2
+        ("reshard-ep2", "reshard-ep-fsdp", "moe"),  # HSDP 2 x 2 + experts over 2 → FSDP 4
+        ("reshard-tp2", "reshard-tp-fsdp", "tp"),  # FSDP 2 x TP 2 → FSDP 4
+    ],
+)
+def test_a_checkpoint_resumes_on_another_mesh(four_ranks, one_process, failed, resumed, reference):
+    """DCP reshards the checkpoint the first run wrote before it died; the second run, on another
+    mesh, continues on the uninterrupted run's losses."""
+    before, _, _ = four_ranks[failed]
+    after, _, _ = four_ranks[resumed]
+    losses, _ = one_process[reference]
+    assert before == {} and min(after) in (2, 3)  # from a checkpoint it wrote (step 1 or 2), not from scratch
+    for step, loss in after.items():
+        assert math.isclose(loss, losses[step], rel_tol=1e-5), (step, loss, losses[step])
 
 
 @pytest.mark.parametrize(
@@ -218,6 +248,13 @@ def test_a_checkpoint_written_by_four_rank_fsdp_resumes_under_hsdp(four_ranks, o
         ({"shard": 3, "replicate": -1}, 4, "parallel.shard=3 does not divide the 4 train workers"),
         ({"replicate": 2, "shard": 4}, 4, "parallel.replicate=2 x parallel.shard=4 = 8 ranks, but there are 4"),
         ({"replicate": 2, "expert": 4}, 4, "parallel.expert=4 does not divide parallel.shard=2: an expert group lies"),
+        ({"tensor": 3}, 4, "parallel.tensor=3 does not divide the 4 train workers (ray.num_workers)"),
+        (
+            {"tensor": 2, "replicate": 3},
+            4,
+            "parallel.replicate=3 does not divide the 2 data-parallel ranks (4 train workers / parallel.tensor=2)",
+        ),
+        ({"tensor": 2, "replicate": 2, "shard": 2}, 4, "x parallel.tensor=2 = 8 ranks, but there are 4"),
     ],
 )
 def test_a_mesh_that_cannot_be_laid_out_is_one_clear_line(parallel, world, message):
@@ -250,6 +287,34 @@ def test_mesh_shapes_and_the_node_check():
         load_config(overrides={"model.preset": "moe-tiny", "parallel.expert": 3})
     with pytest.raises(ConfigError, match="must be a positive number of ranks"):
         load_config(overrides={"parallel.expert": 0})
+
+
+def test_tensor_parallel_meshes_and_what_it_refuses():
+    assert mesh_shape(ParallelConfig(tensor=2), 8) == MeshShape(1, 4, 1, 2)
+    assert mesh_shape(ParallelConfig(tensor=2, replicate=2), 8) == MeshShape(2, 2, 1, 2)
+    assert MeshShape(1, 4, 1, 2).describe() == "FSDP over 4 ranks, tensor parallel over 2 ranks"
+    assert MeshShape(1, 1, 1, 4).describe() == "no data parallel, tensor parallel over 4 ranks"
+    assert MeshShape(2, 2, 1, 2).data == 4 and MeshShape(2, 2, 1, 2).world == 8
+    within = ParallelConfig(shard=4, tensor=2, shard_within_node=True)
+    check_node_capacity(within, MeshShape(1, 4, 1, 2), [8])
+    with pytest.raises(UserError, match=r"parallel.shard=4 x parallel.tensor=2 with .* Use parallel.shard<=2"):
+        check_node_capacity(within, MeshShape(1, 4, 1, 2), [4, 4])
+    untied = {"model.tie_embeddings": False}
+    load_config(overrides={**untied, "parallel.tensor": 2})
+    refusals = [
+        ({"model.preset": "moe-tiny"}, "MoE layers (model.moe_experts) are not tensor-parallel: use parallel.expert"),
+        ({"model.attention": "mla"}, "MLA attention (model.attention=mla) is not split by heads"),
+        ({"model.tie_embeddings": True}, "a tied head (model.tie_embeddings=true)"),
+        ({"model.value_embeds": 1}, "value embeddings (model.value_embeds) are not split by heads"),
+        ({"model.n_heads": 6, "model.d_model": 96}, "model.n_heads=6 is not a multiple of it"),
+        ({"model.vocab_size": 1001}, "model.vocab_size=1001 is not a multiple of it"),
+        ({"train.compile": "regional", "train.activation_checkpointing": "full"}, "use one of the two"),
+        ({"train.adapter": "svf", "train.init_from": "models:/base/1"}, "an adapter (train.adapter=svf) wraps"),
+    ]
+    for overrides, why in refusals:
+        with pytest.raises(ConfigError) as e:
+            load_config(overrides={**untied, "parallel.tensor": 4, **overrides})
+        assert "parallel.tensor=4: " in str(e.value) and why in str(e.value), (overrides, str(e.value))
 
 
 def test_an_elastic_run_keeps_its_global_batch_at_every_size_or_is_refused():

@@ -1,9 +1,12 @@
 """The memory floor of a training worker (generalmodel/train/memory.py): the logits term follows
 train.loss_chunk (one chunk's logits live at a time, not the whole batch's); a long memory adds its
-far read."""
+far read; expert and tensor parallel hold their parts."""
+
+import torch
 
 from generalmodel.config import load_config
 from generalmodel.train.memory import estimate
+from models import PRESETS, build_model
 
 
 def test_the_logits_term_is_one_chunk_with_a_chunked_loss():
@@ -58,3 +61,34 @@ def test_expert_parallel_gathers_only_a_ranks_own_experts():
     moe_block = 2 * 64 * 2048 * 1408 * 3  # bf16 (2 bytes) x 64 experts of d x 3h, two blocks
     assert fsdp.gathered_bytes - ep.gathered_bytes == moe_block * 7 / 8 * 2
     assert "experts over 8 ranks" in ep.describe()
+
+
+def test_tensor_parallel_holds_a_slice_of_each_linear_layer():
+    """llama-8b on 8 GPUs of a node with 8 tensor ranks (no data parallel): each holds 1/8 of every
+    linear layer and the head but a whole embedding and the norms; the split activations and
+    logits are 1/8 too. FSDP over the same 8 ranks holds 1/8 of everything but all-gathers whole
+    blocks. 8 × 8 ranks (FSDP 8 × TP 8) hold 1/64 of the split parts."""
+    base = {"model.preset": "llama-8b", "ray.num_workers": 8, "ray.use_gpu": True, "train.batch_size": 1}
+    tp = estimate(load_config(overrides={**base, "parallel.tensor": 8}), seq_len=4096, world_size=8)
+    fsdp = estimate(load_config(overrides=base), seq_len=4096, world_size=8)
+    both = estimate(
+        load_config(overrides={**base, "ray.num_workers": 64, "parallel.tensor": 8}), seq_len=4096, world_size=64
+    )
+    with torch.device("meta"):
+        model = build_model(PRESETS["llama-8b"])
+    embed, norms = model.embed.weight.numel(), sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    split = model.num_params() - embed - norms
+    assert tp.params_bytes == 4 * (split / 8 + embed + norms)
+    assert both.params_bytes == tp.params_bytes / 8
+    assert fsdp.params_bytes == 4 * model.num_params() / 8
+    assert tp.gathered_bytes == 0 < fsdp.gathered_bytes  # no FSDP: nothing all-gathered
+    assert tp.activations_bytes < fsdp.activations_bytes
+    assert "no data parallel, tensor parallel over 8 ranks" in tp.describe()
+    # Sequence parallel (the default) splits the 34·d bytes of a token's layer; without it 10·d stay whole.
+    whole_stream = estimate(
+        load_config(overrides={**base, "parallel.tensor": 8, "parallel.sequence_parallel": False}), 4096, 8
+    )
+    logits = 2 * 4096 * PRESETS["llama-8b"].vocab_size / 8 * 4
+    layers = 4096 * PRESETS["llama-8b"].n_layers * PRESETS["llama-8b"].d_model * 2 / 2  # tokens x layers x d x bf16/2
+    assert tp.activations_bytes - logits == layers * 34 / 8
+    assert whole_stream.activations_bytes - logits == layers * (10 + 24 / 8)

@@ -285,17 +285,29 @@ class ParallelConfig(Section):
         "ranks inside each shard group (tokens sent to them and back by all-to-all); FSDP2 shards each rank's "
         "experts over the rest of its shard group. 1: the experts are sharded like any weight.",
     )
+    tensor: int = Field(
+        1,
+        description="Tensor-parallel degree: each dense block's attention split by heads and its MLP by columns over "
+        "groups of this many consecutive ranks (innermost: on one node), the head by vocabulary; those ranks see the "
+        "same batch. replicate x shard x tensor = the world size. 1: no tensor parallelism.",
+    )
+    sequence_parallel: bool = Field(
+        True,
+        description="With parallel.tensor > 1: the residual stream between the split layers is split along the "
+        "sequence over the tensor ranks (norms and residual adds on 1/tensor of the positions; each block's "
+        "all-reduces become an all-gather and a reduce-scatter). False: replicated on every tensor rank.",
+    )
     shard_within_node: bool = Field(
         False,
         description="Refuse a mesh whose shard groups would span nodes (checked before the workers start "
         "against the nodes' capacity, and on the workers against Ray Train's node ranks).",
     )
 
-    @field_validator("expert")
+    @field_validator("expert", "tensor")
     @classmethod
-    def _expert_degree(cls, v: int) -> int:
+    def _inner_degree(cls, v: int) -> int:
         if v < 1:
-            raise ValueError("must be a positive number of ranks (1: no expert parallelism)")
+            raise ValueError("must be a positive number of ranks (1: not split)")
         return v
 
     @field_validator("replicate", "shard")
@@ -861,4 +873,47 @@ class Config(Section):
                 f"parallel.expert={expert} does not divide model.moe_experts={experts}: every rank of an expert "
                 f"group holds the same number of experts"
             )
+        if self.parallel.tensor > 1:
+            problems = _tensor_parallel_problems(self.model, self.train, self.parallel.tensor)
+            if problems:
+                raise ValueError(f"parallel.tensor={self.parallel.tensor}: " + "; ".join(problems))
         return self
+
+
+def _tensor_parallel_problems(model, train: TrainConfig, tensor: int) -> list[str]:
+    """Why `model` cannot be split over `tensor` ranks: what tensor parallel does not cover (named),
+    and sizes it does not divide."""
+    out = []
+    unsplit = {
+        "attention": ("mla", "MLA attention (model.attention=mla) is not split by heads"),
+        "moe_experts": (None, "MoE layers (model.moe_experts) are not tensor-parallel: use parallel.expert"),
+        "memory_layers": (None, "memory layers (model.memory_layers) are not tensor-parallel"),
+        "long_memory_layers": (None, "long-memory layers (model.long_memory_layers) are not tensor-parallel"),
+        "value_embeds": (None, "value embeddings (model.value_embeds) are not split by heads"),
+        "tie_embeddings": (
+            None,
+            "a tied head (model.tie_embeddings=true): the head is split by vocabulary, the embedding is not; untie it",
+        ),
+    }
+    for key, (bad, why) in unsplit.items():
+        value = getattr(model, key, None)
+        if (value == bad) if bad is not None else bool(value):
+            out.append(why)
+    if train.fp8 != "none":
+        out.append(f"train.fp8={train.fp8} with tensor parallel is not built")
+    if train.adapter != "none":
+        out.append(f"an adapter (train.adapter={train.adapter}) wraps the linear layers tensor parallel splits")
+    if train.compile != "none" and train.activation_checkpointing != "none":
+        out.append(
+            f"train.compile={train.compile} with train.activation_checkpointing={train.activation_checkpointing}: "
+            "torch 2.13's compiler cannot trace a recomputed block of split weights (it saves a DeviceMesh for "
+            "the backward); use one of the two"
+        )
+    sizes = {
+        "model.n_heads": getattr(model, "n_heads", 0),
+        "model.n_kv_heads (key/value heads)": getattr(model, "kv_heads", 0),
+        "the MLP's hidden width": getattr(model, "hidden", 0),
+        "model.vocab_size": model.vocab_size,
+    }
+    out += [f"{name}={n} is not a multiple of it" for name, n in sizes.items() if n % tensor]
+    return out

@@ -243,9 +243,14 @@ class Muon(torch.optim.Optimizer):
         """The orthogonalised updates as local tensors (this rank's shards of sharded ones)."""
         out: list[Tensor | None] = [None] * len(updates)
         dims = [None if _whole_matrices_here(u) else _shard_dim(u) for u in updates]
-        sharded = [i for i, d in enumerate(dims) if d is not None]
+        # Split some other way (tensor parallel's columns or rows, under FSDP2 also its rows):
+        # gathered whole on every rank of its mesh, orthogonalised there, this rank's part kept.
+        split = [i for i, d in enumerate(dims) if d == _OTHER]
+        for i in split:
+            out[i] = _local_part(self._orthogonalize(updates[i].full_tensor(), steps), updates[i])
+        sharded = [i for i, d in enumerate(dims) if d is not None and d != _OTHER]
         by_shape: dict[tuple, list[int]] = {}  # matrices of one shape go through NS as one batch
-        for i in sorted(set(range(len(updates))) - set(sharded)):
+        for i in sorted(set(range(len(updates))) - set(sharded) - set(split)):
             by_shape.setdefault((_local(updates[i]).shape, updates[i].dtype), []).append(i)
         for same in by_shape.values():
             done = self._orthogonalize(torch.stack([_local(updates[i]) for i in same]), steps)
@@ -282,16 +287,29 @@ def _whole_matrices_here(t: Tensor) -> bool:
     return t.dim() == 3 and bool(split) and all(on_stack_index(p) for p in split)
 
 
+_OTHER = -1  # _shard_dim: split in a way the one-round exchange does not handle
+
+
 def _shard_dim(t: Tensor) -> int | None:
     """The mesh dimension `t` is sharded over (on its dim 0: FSDP2's layout; under HSDP the other
-    dimension replicates), None when every rank holds it whole."""
+    dimension replicates), None when every rank holds it whole, _OTHER when split another way
+    (tensor parallel)."""
     placements = getattr(t, "placements", ())
     split = [i for i, p in enumerate(placements) if not p.is_replicate()]
     if not split:
         return None
     if len(split) != 1 or not placements[split[0]].is_shard(0):
-        raise NotImplementedError(f"Muon expects parameters sharded on dim 0 over one mesh dim, got {placements}")
+        return _OTHER
     return split[0]
+
+
+def _local_part(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's part of `whole`, laid out as the DTensor `like` (slicing, no communication)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements).to_local()
 
 
 def _row_splits(rows: int, world: int) -> list[int]:

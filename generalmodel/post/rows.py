@@ -104,6 +104,23 @@ class StepPosition:
         self.step = int(state["step"])
 
 
+def refuse_dataset_loop_switches(run: TrainingRun, step: str) -> None:
+    """A UserError for what only the dataset loop (jobs.pretrain, jobs.sft, jobs.dpo) does: the
+    batch warmup, and tensor parallel (whose ranks must read the same rows)."""
+    cfg = run.cfg
+    if cfg.train.batch_warmup_steps:
+        raise UserError(
+            f"train.batch_warmup_steps={cfg.train.batch_warmup_steps}: the batch warmup is the dataset loop's "
+            f"(jobs.pretrain, jobs.sft, jobs.dpo); {step} steps over rows in batches of train.batch_size x "
+            f"train.grad_accum. Drop it"
+        )
+    if cfg.parallel.tensor > 1:
+        raise UserError(
+            f"parallel.tensor={cfg.parallel.tensor}: tensor parallel is the dataset loop's (jobs.pretrain, "
+            f"jobs.sft, jobs.dpo); {step} hands each rank rows of its own. Use parallel.tensor=1"
+        )
+
+
 class RowsStep:
     """One optimizer step over this rank's rows of the step (module doc); subclasses give the
     objective. `unit` names what the loss is a mean over (for the throughput metric)."""
@@ -111,12 +128,7 @@ class RowsStep:
     unit = "tokens"
 
     def __init__(self, run: TrainingRun, rows: list):
-        if run.cfg.train.batch_warmup_steps:
-            raise UserError(
-                f"train.batch_warmup_steps={run.cfg.train.batch_warmup_steps}: the batch warmup is the dataset "
-                f"loop's (jobs.pretrain, jobs.sft, jobs.dpo); {type(self).__name__} steps over rows in batches "
-                f"of train.batch_size x train.grad_accum. Drop it"
-            )
+        refuse_dataset_loop_switches(run, type(self).__name__)
         self.run, self.rows = run, rows
         self.window = time.perf_counter(), 0, 0.0  # started, steps, units
 

@@ -81,9 +81,12 @@ def _file_entry(path: str) -> dict[str, Any]:
 
 
 class Checkpointer:
-    def __init__(self, uri: str, storage: StorageConfig, rank: int, world_size: int, keep_last: int = 3):
+    def __init__(
+        self, uri: str, storage: StorageConfig, rank: int, world_size: int, keep_last: int = 3, data_world: int = 0
+    ):
         self.root = resolve(uri, storage)
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.data_world = data_world or world_size  # data-parallel ranks (fewer under tensor parallel)
         self.retry_timeout_s = storage.retry_timeout_s  # a restarting store is waited for, with backoff
         self._uploads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
@@ -205,7 +208,7 @@ class Checkpointer:
         files: dict[str, Any] = {}
         for marker in markers:
             files.update(json.loads(self._retry(f"reading {marker.uri}", marker.read_bytes)))
-        manifest = {**manifest, "world_size": self.world_size, "files": files}
+        manifest = {**manifest, "world_size": self.world_size, "data_world": self.data_world, "files": files}
         self._retry(f"publishing {target.uri}", publish_manifest, target, manifest)
 
     def _prune(self) -> None:

@@ -52,12 +52,35 @@ class Dist:
     rank: int
     world_size: int
     device: torch.device
-    mesh: Any = None  # the DeviceMesh FSDP2 shards over (generalmodel.train.mesh); None in one process
+    mesh: Any = None  # the DeviceMesh FSDP2 shards over (generalmodel.train.mesh); None without data parallel
     experts: ExpertMeshes | None = None  # parallel.expert > 1: the routed experts' meshes
+    tensor: Any = None  # parallel.tensor > 1: the mesh of this rank's tensor-parallel group
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tensor_ranks(self) -> int:
+        return self.tensor.size() if self.tensor is not None else 1
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel rank: which batch it reads (the tensor ranks, innermost, share one)."""
+        return self.rank // self.tensor_ranks
+
+    @property
+    def data_world(self) -> int:
+        """Data-parallel ranks: distinct batches per micro-step."""
+        return self.world_size // self.tensor_ranks
+
+    def sum_over_data(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of `value` over the data-parallel ranks (each tensor-parallel group's ranks hold
+        the same value: the sum over all ranks divided by their number)."""
+        total = sum_across_ranks(value)
+        if self.tensor_ranks == 1:
+            return total
+        return total / self.tensor_ranks if total.is_floating_point() else total // self.tensor_ranks
 
 
 def setup_distributed(cfg: Config) -> Dist:
@@ -77,9 +100,9 @@ def setup_distributed(cfg: Config) -> Dist:
     else:
         device = torch.device("cpu")
     node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))  # Ray Train's; torchrun's
-    mesh, experts = build_mesh(mesh_shape(cfg.parallel, world), device)
-    check_groups_within_node(cfg.parallel, mesh, rank, node_rank)
-    return Dist(rank, world, device, mesh, experts)
+    meshes = build_mesh(mesh_shape(cfg.parallel, world), device)
+    check_groups_within_node(cfg.parallel, meshes, rank, node_rank)
+    return Dist(rank, world, device, meshes.fsdp, meshes.experts, meshes.tensor)
 
 
 def check_fp8(cfg: Config, env: Dist) -> None:
@@ -140,7 +163,16 @@ def frozen_copy(cfg: Config, env: Dist, init: Init):
     load_state(reference, init(), f"train.init_from {cfg.train.init_from!r}")
     reference.requires_grad_(False)
     frozen = cfg.train.model_copy(update={"activation_checkpointing": "none"})  # no backward through it
-    parallelize(reference, frozen, env.device, env.mesh, log_info=False, experts=env.experts)
+    parallelize(
+        reference,
+        frozen,
+        env.device,
+        env.mesh,
+        log_info=False,
+        experts=env.experts,
+        tensor=env.tensor,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+    )
     return reference.eval()
 
 
@@ -212,14 +244,24 @@ class TrainingRun:
             if env.is_main:
                 trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 log.info("SVF: %d linears adapted, %d trained parameters", len(adapted), trained)
-        self.after_step = parallelize(
-            model, cfg.train, env.device, env.mesh, log_info=env.is_main, seq_len=seq_len, experts=env.experts
+        self.hooks = parallelize(
+            model,
+            cfg.train,
+            env.device,
+            env.mesh,
+            log_info=env.is_main,
+            seq_len=seq_len,
+            experts=env.experts,
+            tensor=env.tensor,
+            sequence_parallel=cfg.parallel.sequence_parallel,
         )
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.ckpt = Checkpointer(layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last)
+        self.ckpt = Checkpointer(
+            layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last, env.data_world
+        )
         self.config_dump = dump_config(cfg)
         self.start_step = resume(
-            self.ckpt, cfg, self.config_dump, dataset_sha, env.world_size, model, self.optimizer, position
+            self.ckpt, cfg, self.config_dump, dataset_sha, env.data_world, model, self.optimizer, position
         )
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps, env.device)
         self.autocast = autocast_for(env.device)
@@ -232,8 +274,9 @@ class TrainingRun:
     def update(self, loss_sum: torch.Tensor, step: int):
         """One optimizer step on the accumulated gradients (skipped on the device when not finite):
         (grad norm, routing metrics), both device tensors."""
+        self.hooks.before_step()  # tensor parallel: the head-local parameters' gradients summed
         out = optimizer_step(self.model, self.optimizer, loss_sum, self.cfg.optim.grad_clip, self.guard, step)
-        self.after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
+        self.hooks.after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
         return out
 
     def save_due(self, done: int) -> bool:

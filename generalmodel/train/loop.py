@@ -39,7 +39,6 @@ from generalmodel.train.core import (
     micro_batches,
     micro_batches_before,
     setup_distributed,
-    sum_across_ranks,
 )
 from generalmodel.train.mfu import device_peak_flops
 from generalmodel.train.objectives import objective_for
@@ -67,7 +66,7 @@ def train(
         ds.parts[name].attach_published(uri, layout.storage, TOKEN_REFERENCE_KIND)
     loader = training_loader(cfg, ds, env)
     val_loaders = {
-        name: TokenLoader(part, "val", cfg.train.batch_size, env.rank, env.world_size, shuffle=False)
+        name: TokenLoader(part, "val", cfg.train.batch_size, env.data_rank, env.data_world, shuffle=False)
         for name, part in ds.parts.items()
     }
     run = TrainingRun(cfg, report, layout, init, loader, ds.manifest_sha256, ds.tokenizer_json, ds.seq_len, env)
@@ -103,13 +102,14 @@ def open_training_data(cfg: Config, layout: RunLayout) -> TokenDataset | MixedDa
 
 
 def training_loader(cfg: Config, ds: TokenDataset | MixedDataset, env: Dist) -> TokenLoader | MixtureLoader:
-    """This rank's training batches: the mixed stream of a mixture, else the dataset's stream."""
+    """This rank's training batches: the mixed stream of a mixture, else the dataset's stream (the
+    ranks of a tensor-parallel group read the same ones)."""
     if isinstance(ds, MixedDataset):
-        rows_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
+        rows_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.data_world
         return MixtureLoader(
-            ds, cfg.mixture, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed, rows_per_step
+            ds, cfg.mixture, cfg.train.batch_size, env.data_rank, env.data_world, cfg.train.seed, rows_per_step
         )
-    return TokenLoader(ds, "train", cfg.train.batch_size, env.rank, env.world_size, seed=cfg.train.seed)
+    return TokenLoader(ds, "train", cfg.train.batch_size, env.data_rank, env.data_world, seed=cfg.train.seed)
 
 
 class TokenStep:
@@ -122,7 +122,7 @@ class TokenStep:
         cfg, env = run.cfg, run.env
         # A preference pair is two sequences.
         # tokens of one micro-batch on every rank (a step has train.grad_accum of them, fewer in a batch warmup)
-        self.tokens_per_micro = cfg.train.batch_size * env.world_size * loader.dataset.seq_len * per_row
+        self.tokens_per_micro = cfg.train.batch_size * env.data_world * loader.dataset.seq_len * per_row
         self.peak_flops = device_peak_flops(env.device) if env.is_main else None
         self.window_start, self.window_steps, self.window_micro = time.perf_counter(), 0, 0
 
@@ -159,12 +159,13 @@ class TokenStep:
         over this step's units on all ranks, the number of those units)."""
         run, cfg, env, objective = self.run, self.run.cfg, self.run.env, self.objective
         host_batches = [self.loader.next_batch() for _ in range(micro)]
-        # The step's loss is the mean over all its units (tokens or pairs) on all ranks: each
-        # rank's sums are scaled by world/total, and FSDP averages the gradients over the ranks.
-        # The units are counted on the host batches: no device value is read back.
+        # The step's loss is the mean over all its units (tokens or pairs) on all data-parallel
+        # ranks: each rank's sums are scaled by data_world/total, and FSDP averages the gradients
+        # over the data-parallel ranks. The units are counted on the host batches: no device value
+        # is read back.
         count = torch.tensor(sum(objective.count(b) for b in host_batches))
-        total = sum_across_ranks(count.to(env.device, non_blocking=True)).clamp(min=1)
-        scale = env.world_size / total
+        total = env.sum_over_data(count.to(env.device, non_blocking=True)).clamp(min=1)
+        scale = env.data_world / total
         sums = torch.zeros(1 + len(objective.stats), device=env.device)
         for i, host_batch in enumerate(host_batches):
             # FSDP2 reduce-scatters the gradients once per optimizer step, after the last micro-batch
@@ -176,7 +177,7 @@ class TokenStep:
             sums += torch.stack([loss.detach(), *(stats[k] for k in objective.stats)])
         if cfg.train.nan_grad_at_step == step and env.is_main:  # testing aid: a finite loss, a NaN gradient
             next(run.model.parameters()).grad.fill_(float("nan"))
-        return sum_across_ranks(sums), total
+        return env.sum_over_data(sums), total
 
     def log_metrics(self, done: int, lr: float, grad_norm, routing, skipped: int) -> dict[str, Any]:
         run, env = self.run, self.run.env
@@ -263,10 +264,10 @@ def evaluate(
     sums = {name: _eval_sums(model, loader, cfg, env, autocast, objective) for name, loader in loaders.items()}
     model.train()
     names = ("loss", *objective.stats)
-    count, *values = sum_across_ranks(torch.stack(list(sums.values())).sum(0)).tolist()
+    count, *values = env.sum_over_data(torch.stack(list(sums.values())).sum(0)).tolist()
     metrics = {f"val_{name}": v / max(count, 1) for name, v in zip(names, values, strict=True)}
     if each:
-        per_dataset = sum_across_ranks(torch.stack([s[:2] for s in sums.values()])).tolist()
+        per_dataset = env.sum_over_data(torch.stack([s[:2] for s in sums.values()])).tolist()
         metrics.update({f"val_loss_{name}": v / max(n, 1) for name, (n, v) in zip(sums, per_dataset, strict=True)})
     return metrics
 

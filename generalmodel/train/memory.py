@@ -7,7 +7,10 @@ by the ranks of a shard group under FSDP2 — all of them under FSDP, parallel.s
 HSDP, whose replicas each hold a whole copy; under Muon the matrices keep one momentum instead, so
 less), the full weights of the blocks FSDP2 has all-gathered (the one computing and the next,
 prefetched: two of the largest block, in the compute dtype; under expert parallelism a block's
-routed experts count 1/parallel.expert, the rank's own), plus
+routed experts count 1/parallel.expert, the rank's own). Under tensor parallel the blocks'
+linear layers and the head count 1/parallel.tensor before FSDP2's division (the rest — embedding,
+norms — is whole on every rank of the group), and so do the activations (Korthikanti's 34·d/t
+per token and layer with sequence parallel, (10 + 24/t)·d without) and the logits; plus
 activations kept for the backward pass, after Korthikanti et al. (2022): at least 34·d bytes per
 token and layer in 16-bit (twice that in fp32 on CPU; the 5·n_heads·T attention term is left out,
 flash attention does not keep it),
@@ -24,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from generalmodel.config import Config
 from generalmodel.train.mesh import for_world, mesh_shape
@@ -63,29 +67,40 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
         model = build_model(cfg.model)
     n = model.num_params()
     shape = mesh_shape(cfg.parallel, world_size)
-    shard = shape.shard  # FSDP2 shards weights, gradients and optimizer state over a shard group
+    shard, t = shape.shard, shape.tensor  # FSDP2 shards weights, gradients and optimizer state over a shard group
+    held = (n - _split(model) + _split(model) / t) if t > 1 else n  # on each rank of a tensor group
     m, B, T = cfg.model, cfg.train.batch_size, seq_len
     act_bytes = 2 if cfg.ray.use_gpu else 4  # bf16 autocast on GPU, fp32 on CPU
-    largest_block = max((_gathered(block, shape.expert) for block in model.blocks), default=0)
+    largest_block = max((_gathered(block, shape.expert, t) for block in model.blocks), default=0)
     gathered = 2 * largest_block * act_bytes if shard > 1 else 0  # bf16 params under FSDP2's mixed precision
-    if cfg.train.activation_checkpointing == "full":
-        per_token_layer = 2 * m.d_model * act_bytes / 2
+    if cfg.train.activation_checkpointing == "full":  # the block inputs (split along the sequence: 1/t)
+        per_token_layer = 2 * m.d_model * act_bytes / 2 / (t if cfg.parallel.sequence_parallel else 1)
     else:
-        per_token_layer = 34 * m.d_model * act_bytes / 2
+        kept = 34 / t if cfg.parallel.sequence_parallel else 10 + 24 / t
+        per_token_layer = kept * m.d_model * act_bytes / 2
     logit_rows = min(cfg.train.loss_chunk, B * T) if cfg.train.loss_chunk else B * T
-    activations = B * T * m.n_layers * per_token_layer + 2 * logit_rows * m.vocab_size * 4
+    activations = B * T * m.n_layers * per_token_layer + 2 * logit_rows * m.vocab_size / t * 4
     memory_layers = len(m.long_memory_layers) if m.long_memory != "none" else 0
     if cfg.train.activation_checkpointing == "full":
         memory_layers = min(memory_layers, 1)
     activations += memory_layers * B * m.n_heads * T * T * 8
-    return MemoryEstimate(n, 4 * n / shard, 4 * n / shard, 8 * n / shard, activations, gathered, shape.describe())
+    per_rank = held / shard
+    return MemoryEstimate(n, 4 * per_rank, 4 * per_rank, 8 * per_rank, activations, gathered, shape.describe())
 
 
-def _gathered(block, expert: int) -> int:
+def _split(module) -> int:
+    """Parameters tensor parallel splits: every linear layer of the blocks (MLA, MoE and memory
+    layers, which it refuses, aside) and the head."""
+    return sum(p.numel() for sub in module.modules() if isinstance(sub, nn.Linear) for p in sub.parameters())
+
+
+def _gathered(block, expert: int, tensor: int = 1) -> int:
     """The parameters of `block` a rank holds whole while it computes: all of them, but only its
-    1/expert of the routed experts under expert parallelism (FSDP2 gathers those over `efsdp`)."""
+    1/expert of the routed experts under expert parallelism (FSDP2 gathers those over `efsdp`) and
+    1/tensor of its linear layers under tensor parallelism."""
     experts = sum(p.numel() for m in block.modules() if isinstance(m, MoE) for p in m.experts.parameters())
-    return sum(p.numel() for p in block.parameters()) - experts + experts // expert
+    whole = sum(p.numel() for p in block.parameters()) - experts + experts // expert
+    return whole - _split(block) + _split(block) // tensor if tensor > 1 else whole
 
 
 def check_fits(cfg: Config, seq_len: int, memory_per_worker: float | None) -> MemoryEstimate:

@@ -55,10 +55,11 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 def check_resumable(
-    loc, manifest: dict[str, Any], cfg: Config, config_dump: dict[str, Any], dataset_sha: str, world_size: int
+    loc, manifest: dict[str, Any], cfg: Config, config_dump: dict[str, Any], dataset_sha: str, data_world: int
 ) -> None:
     """A TrainingError unless continuing `manifest`'s run with `cfg` is the same run: same model,
-    optimizer, seed, steps and dataset, the same global batch, and not already finished."""
+    optimizer, seed, steps and dataset, the same global batch (`data_world`: the data-parallel
+    ranks, the workers but for tensor parallel), and not already finished."""
     hint = " (start a new run: another --train.run_name or --train.checkpoint_dir)"
     if "name" not in manifest["config"].get("optim", {}):
         raise TrainingError(
@@ -72,14 +73,15 @@ def check_resumable(
     if conflicts:
         raise TrainingError(f"cannot resume from {loc.uri}: the config differs in " + "; ".join(conflicts) + hint)
     saved = manifest["config"]["train"]
-    before = (saved["batch_size"], saved["grad_accum"], manifest["world_size"])
-    now = (cfg.train.batch_size, cfg.train.grad_accum, world_size)
+    before = (saved["batch_size"], saved["grad_accum"], manifest.get("data_world", manifest["world_size"]))
+    now = (cfg.train.batch_size, cfg.train.grad_accum, data_world)
     if math.prod(before) != math.prod(now):
         raise TrainingError(
-            f"cannot resume from {loc.uri} on {world_size} workers: the global batch would change from "
-            f"{before[0]} x {before[1]} x {before[2]} workers = {math.prod(before)} to "
+            f"cannot resume from {loc.uri} on {data_world} data-parallel workers: the global batch would change "
+            f"from {before[0]} x {before[1]} x {before[2]} workers = {math.prod(before)} to "
             f"{now[0]} x {now[1]} x {now[2]} = {math.prod(now)} sequences per step; keep train.batch_size x "
-            f"train.grad_accum x workers = {math.prod(before)} (e.g. raise train.grad_accum on fewer workers)"
+            f"train.grad_accum x workers (over parallel.tensor) = {math.prod(before)} (e.g. raise "
+            f"train.grad_accum on fewer workers)"
         )
 
 
@@ -103,7 +105,7 @@ def resume(
     cfg: Config,
     config_dump: dict[str, Any],
     dataset_sha: str,
-    world_size: int,
+    data_world: int,
     model,
     optimizer,
     position: Position,
@@ -121,7 +123,7 @@ def resume(
     for loc, manifest in ckpt.checkpoints():
         try:
             ckpt.check(loc, manifest)
-            check_resumable(loc, manifest, cfg, config_dump, dataset_sha, world_size)
+            check_resumable(loc, manifest, cfg, config_dump, dataset_sha, data_world)
             ckpt.load(loc, manifest, model, optimizer)
         except CheckpointDamaged as e:
             log.warning("checkpoint damaged, trying the one before it: %s", e)

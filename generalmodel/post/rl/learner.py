@@ -41,6 +41,7 @@ from generalmodel.post.rl.grpo import (
 )
 from generalmodel.post.rl.rollout import Batch, LocalRollouts, RayRollouts, Rollout
 from generalmodel.post.rl.tasks import PromptSchedule, PromptSet
+from generalmodel.post.rows import refuse_dataset_loop_switches
 from generalmodel.storage import RunLayout
 from generalmodel.train.core import Init, Report, TrainingRun, frozen_copy, full_state, sum_across_ranks
 from generalmodel.train.mesh import world_sizes
@@ -121,6 +122,7 @@ class GrpoStep:
     rollout workers, held-out accuracy at its steps."""
 
     def __init__(self, run: TrainingRun, prompts: PromptSet, pool, reference):
+        refuse_dataset_loop_switches(run, type(self).__name__)
         self.run, self.prompts, self.pool, self.reference = run, prompts, pool, reference
         self.rl = run.cfg.rl
         self.per_rank = self.rl.prompts_per_step // run.env.world_size
