@@ -36,7 +36,8 @@ EP2, EP4 = {"parallel.expert": 2}, {"parallel.expert": 4}
 # Tensor parallel over 2 ranks, on a model with the parameters that act on a rank's heads only
 # (QK-norm, value residual) and the chunked vocab-parallel loss; 4 rows per data-parallel rank
 # (2 of them): the union batch of 8 rows.
-TP_MODEL = {**MUON, "model.qk_norm": True, "model.value_residual": True, "train.loss_chunk": 16}
+TP_ADAMW = {"model.tie_embeddings": False, "model.qk_norm": True, "model.value_residual": True, "train.loss_chunk": 16}
+TP_MODEL = {**MUON, **TP_ADAMW}
 TP2 = {"parallel.tensor": 2, "train.batch_size": 4}
 HSDP_TP = {"parallel.replicate": 2, "parallel.shard": 1}
 
@@ -121,9 +122,12 @@ def four_ranks(train_dataset, tmp_path_factory):
         # Tensor parallel: FSDP 2 x TP 2 (sequence parallel); HSDP 2 x 1 x TP 2 without sequence
         # parallel; a TP checkpoint resumed by FSDP over 4.
         "tp2": ("tp2", {**TP_MODEL, **TP2}, False),
+        "tp2-adamw": ("tp2-adamw", {**TP_ADAMW, **TP2}, False),
         "hsdp-tp2": ("hsdp-tp2", {**TP_MODEL, **TP2, **HSDP_TP, "parallel.sequence_parallel": False}, False),
         "reshard-tp2": ("reshard-tp", {**TP_MODEL, **TP2, "train.fail_at_step": 2}, True),
         "reshard-tp-fsdp": ("reshard-tp", {**rows, **TP_MODEL}, False),
+        # ... and one resumed by a single process (test_a_tensor_parallel_checkpoint_resumes_in_one_process).
+        "reshard-tp-one": ("reshard-tp-one", {**TP_MODEL, **TP2, "train.fail_at_step": 2}, True),
     }
     plans = [
         (name, config(train_dataset, root / where, **extra), fails) for name, (where, extra, fails) in runs.items()
@@ -145,6 +149,7 @@ def one_process(train_dataset, tmp_path_factory):
             ("moe", MOE),
             ("moe-muon", {**MOE, **MUON}),
             ("tp", TP_MODEL),
+            ("tp-adamw", TP_ADAMW),
         )
     }
 
@@ -187,7 +192,7 @@ def test_expert_parallel_equals_one_process_on_the_union_batch(four_ranks, one_p
     assert "blocks.1.mlp.experts.w_up" in mine and "blocks.1.mlp.expert_bias" in mine
 
 
-@pytest.mark.parametrize("mesh", ["tp2", "hsdp-tp2"])
+@pytest.mark.parametrize("mesh", ["tp2", "tp2-adamw", "hsdp-tp2"])
 def test_tensor_parallel_equals_one_process_on_the_union_batch(four_ranks, one_process, mesh):
     """Attention split by heads and the MLP by columns over 2 ranks, the head by vocabulary with the
     loss computed on each rank's part of the logits; QK-norm's weights and value residual's λ,
@@ -195,8 +200,19 @@ def test_tensor_parallel_equals_one_process_on_the_union_batch(four_ranks, one_p
     its positions), summed over the pair; FSDP2 (or HSDP) over the other dimension; Muon on
     matrices split two ways — the same losses and exported model as one process."""
     losses, _, root = four_ranks[mesh]
-    mine = assert_same_run(losses, root, *one_process["tp"])
+    mine = assert_same_run(losses, root, *one_process["tp-adamw" if "adamw" in mesh else "tp"])
     assert "blocks.1.attn.v_mix" in mine and "blocks.1.attn.q_norm.weight" in mine
+
+
+def test_a_tensor_parallel_checkpoint_resumes_in_one_process(four_ranks, one_process, train_dataset):
+    """FSDP 2 x TP 2 dies after step 2; one process (the union batch of 8 rows) continues from its
+    checkpoint on the uninterrupted run's losses."""
+    failed, _, root = four_ranks["reshard-tp-one"]
+    reference, _ = one_process["tp"]
+    resumed, _ = run(config(train_dataset, root, **{**TP_MODEL, "train.batch_size": 8}))
+    assert failed == {} and min(resumed) in (2, 3)
+    for step, loss in resumed.items():
+        assert math.isclose(loss, reference[step], rel_tol=1e-5), (step, loss, reference[step])
 
 
 def test_expert_gradients_reduce_once_per_step_over_their_own_shard_group(four_ranks):
