@@ -34,6 +34,9 @@ VARIANTS = {
     "dynamic": {"rl.oversample": 2.0},
     "lowlr": {"optim.lr": 2e-5},
     "dynamic-lowlr": {"rl.oversample": 2.0, "optim.lr": 2e-5},
+    # between the lr that kept the CoT model (2e-5) and the one that broke it (2e-4), held near the
+    # start by the KL term
+    "dynamic-midlr-kl": {"rl.oversample": 2.0, "optim.lr": 6e-5, "rl.beta": 0.04},
     "clip-higher": {"rl.clip_eps_high": 0.28},
     "curriculum": {"rl.skip_uniform_for": 25},
 }
