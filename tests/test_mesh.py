@@ -55,17 +55,21 @@ def _rank(rank, port, runs, out):
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a hung collective fails the test
     # Count the gradient collectives FSDP2 issues (the real ones run): reduce-scatters, and the
-    # all-reduces over this rank's replica group ({rank mod 2, rank mod 2 + 2} under HSDP 2 x 2).
+    # all-reduces over this rank's replica group ({rank mod 2, rank mod 2 + 2} under HSDP 2 x 2);
+    # and those over its pair of consecutive ranks (a tensor group under tensor parallel).
     reduce_scatter, all_reduce, calls = dist.reduce_scatter_single, dist.all_reduce, []
-    across = sorted({rank % 2, rank % 2 + 2})
+    across, pair = sorted({rank % 2, rank % 2 + 2}), sorted({rank - rank % 2, rank - rank % 2 + 1})
 
     def counted_reduce_scatter(*args, **kwargs):
         calls.append("reduce_scatter")
         return reduce_scatter(*args, **kwargs)
 
     def counted_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        if group is not None and sorted(dist.get_process_group_ranks(group)) == across:
+        ranks = sorted(dist.get_process_group_ranks(group)) if group is not None else None
+        if ranks == across:
             calls.append("all_reduce_across_replicas")
+        elif ranks == pair:
+            calls.append("all_reduce_over_the_pair")
         return all_reduce(tensor, op=op, group=group, async_op=async_op)
 
     dist.reduce_scatter_single, dist.all_reduce = counted_reduce_scatter, counted_all_reduce
@@ -227,6 +231,21 @@ def test_expert_gradients_reduce_once_per_step_over_their_own_shard_group(four_r
         "reduce_scatter": STEPS * dense_units,
         "all_reduce_across_replicas": STEPS * (dense_units + moe_layers),
     }
+
+
+def test_tensor_parallel_collectives_per_step(four_ranks):
+    """FSDP 2 x TP 2, counted on the tensor pair: the vocab-parallel loss's two all-reduces per
+    chunk of 16 positions (each position's max, then its sum of exponentials with its target's
+    logit) and one for the input gradient per micro-batch; and one per optimizer step summing the
+    gradients of the parameters a rank uses on its own heads or positions — beside FSDP2's one
+    reduce-scatter per unit and step over the other pair. (The split layers' own collectives are
+    DTensor's, not counted here.)"""
+    units = 2 + 1  # tiny()'s 2 blocks and the root
+    chunks = TP2["train.batch_size"] * 32 // TP_MODEL["train.loss_chunk"]  # rows of 32 positions
+    per_micro_batch = 2 * chunks + 1
+    evaluation = 2 * 2 * chunks  # train.eval_batches=2 at the last step, no gradient
+    pair = STEPS * (2 * per_micro_batch + 1) + evaluation  # 2 micro-batches a step
+    assert four_ranks["tp2"][1] == {"reduce_scatter": STEPS * units, "all_reduce_over_the_pair": pair}
 
 
 def test_hsdp_reduces_gradients_once_per_step_inside_a_group_and_once_across(four_ranks):
