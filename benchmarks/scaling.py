@@ -14,9 +14,9 @@ The model (per GPU, per optimizer step, weak scaling: every GPU processes `token
   (s-1)/s of the unit's bytes through every rank; HSDP adds an all-reduce of the gradient shard
   over the `replicate` axis (size r): 2(r-1)/r of its bytes;
 - tensor parallel (t, inside a node): per layer, 2 all-gathers + 2 reduce-scatters of the
-  sequence-parallel activations forward and as many backward, on the critical path; each rank
-  holds 1/t of the dense weights but the token embedding, whole on every rank (as built:
-  generalmodel/train/tensor_parallel.py; tensor parallel of MoE layers is on paper only);
+  sequence-parallel activations forward and as many backward, on the critical path; 1/t of the
+  dense weights on each rank (as generalmodel/train/tensor_parallel.py splits them; the norms,
+  left whole there, are too small to count; tensor parallel of MoE layers is on paper only);
 - expert parallel (e): per MoE layer, the tokens' top-k copies sent out and back (all-to-all),
   forward and backward, on the critical path;
 - a collective runs at the bandwidth of its slowest link: NVLink when the axis stays in a node,
@@ -102,7 +102,6 @@ class ModelShape:
     top_k: int
     largest_block: int
     moe: bool
-    embedding: int  # the token embedding: tensor parallel keeps it whole on each rank of a group
 
 
 def shape_of(preset: str, seq_len: int) -> ModelShape:
@@ -123,7 +122,6 @@ def shape_of(preset: str, seq_len: int) -> ModelShape:
         cfg.moe_top_k,
         max(sum(p.numel() for p in b.parameters()) for b in model.blocks),
         bool(moe_layers),
-        model.embed.weight.numel(),
     )
 
 
@@ -157,15 +155,13 @@ class Plan:
 def plan(m: ModelShape, mesh: Mesh, hw: Hardware, nodes: int, per_node: int, tokens: int) -> Plan:
     dense = m.params - m.expert_params
     expert_shard = mesh.expert if mesh.expert > 1 else mesh.shard  # experts: over EP, else FSDP like the rest
-    # What a rank of a tensor group holds of the dense weights: 1/t of all but the embedding.
-    dense_per_tensor_rank = (dense - m.embedding) / mesh.tensor + m.embedding
-    on_shard_axis = dense_per_tensor_rank + (m.expert_params if mesh.expert == 1 else 0) / mesh.tensor
+    on_shard_axis = dense / mesh.tensor + (m.expert_params if mesh.expert == 1 else 0) / mesh.tensor
     # Memory: fp32 weights + fp32 gradients + AdamW's two fp32 moments (16 B/parameter) over the
     # shard group (and TP), experts over their own axis; 2 all-gathered bf16 blocks; activations
     # 34·d bytes per token and layer in bf16 (Korthikanti et al.); with full activation
     # checkpointing 2·d (the block inputs) plus one layer's 34·d while it is recomputed; a TP
     # group's tokens split over its ranks (sequence parallel), so the per-GPU figure is unchanged.
-    held = 16 * (dense_per_tensor_rank / mesh.shard + m.expert_params / (expert_shard * mesh.tensor))
+    held = 16 * (dense / (mesh.shard * mesh.tensor) + m.expert_params / (expert_shard * mesh.tensor))
     gathered = 2 * 2 * m.largest_block / mesh.tensor if mesh.shard > 1 else 0
     per_layer = m.d_model * tokens  # bytes per layer of one bf16 value per token and channel
     activations = {"none": 34 * per_layer * m.n_layers, "full": 2 * per_layer * m.n_layers + 34 * per_layer}

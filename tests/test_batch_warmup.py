@@ -63,7 +63,7 @@ def test_the_row_objectives_refuse_a_batch_warmup_and_tensor_parallel_by_name():
     with pytest.raises(UserError, match=r"train.batch_warmup_steps=3: the batch warmup is the dataset loop's"):
         RowsStep(SimpleNamespace(cfg=cfg), [])
     # Tensor parallel too: its ranks must read the same rows, and these steps hand each rank its own.
-    cfg = load_config(overrides={"parallel.tensor": 2, "model.tie_embeddings": False})
+    cfg = load_config(overrides={"parallel.tensor": 2})
     for step in (RowsStep, GrpoStep):
         with pytest.raises(UserError, match=rf"parallel.tensor=2: .* {step.__name__} hands each rank rows of its own"):
             step(SimpleNamespace(cfg=cfg), *([[]] if step is RowsStep else [None, None, None]))

@@ -38,6 +38,9 @@ EP2, EP4 = {"parallel.expert": 2}, {"parallel.expert": 4}
 # (2 of them): the union batch of 8 rows.
 TP_ADAMW = {"model.tie_embeddings": False, "model.qk_norm": True, "model.value_residual": True, "train.loss_chunk": 16}
 TP_MODEL = {**MUON, **TP_ADAMW}
+# One vocab-split parameter for the embedding and the head (with AdamW its near-zero moments lift one
+# weight's difference to 1.8e-5 of its norm after 3 steps, the losses still equal to 1e-7: Muon here).
+TP_TIED = {**TP_MODEL, "model.tie_embeddings": True}
 TP2 = {"parallel.tensor": 2, "train.batch_size": 4}
 HSDP_TP = {"parallel.replicate": 2, "parallel.shard": 1}
 
@@ -127,6 +130,7 @@ def four_ranks(train_dataset, tmp_path_factory):
         # parallel; a TP checkpoint resumed by FSDP over 4.
         "tp2": ("tp2", {**TP_MODEL, **TP2}, False),
         "tp2-adamw": ("tp2-adamw", {**TP_ADAMW, **TP2}, False),
+        "tp2-tied": ("tp2-tied", {**TP_TIED, **TP2}, False),
         "hsdp-tp2": ("hsdp-tp2", {**TP_MODEL, **TP2, **HSDP_TP, "parallel.sequence_parallel": False}, False),
         "reshard-tp2": ("reshard-tp", {**TP_MODEL, **TP2, "train.fail_at_step": 2}, True),
         "reshard-tp-fsdp": ("reshard-tp", {**rows, **TP_MODEL}, False),
@@ -154,6 +158,7 @@ def one_process(train_dataset, tmp_path_factory):
             ("moe-muon", {**MOE, **MUON}),
             ("tp", TP_MODEL),
             ("tp-adamw", TP_ADAMW),
+            ("tp-tied", TP_TIED),
         )
     }
 
@@ -196,7 +201,7 @@ def test_expert_parallel_equals_one_process_on_the_union_batch(four_ranks, one_p
     assert "blocks.1.mlp.experts.w_up" in mine and "blocks.1.mlp.expert_bias" in mine
 
 
-@pytest.mark.parametrize("mesh", ["tp2", "tp2-adamw", "hsdp-tp2"])
+@pytest.mark.parametrize("mesh", ["tp2", "tp2-adamw", "tp2-tied", "hsdp-tp2"])
 def test_tensor_parallel_equals_one_process_on_the_union_batch(four_ranks, one_process, mesh):
     """Attention split by heads and the MLP by columns over 2 ranks, the head by vocabulary with the
     loss computed on each rank's part of the logits; QK-norm's weights and value residual's λ,
@@ -204,7 +209,8 @@ def test_tensor_parallel_equals_one_process_on_the_union_batch(four_ranks, one_p
     its positions), summed over the pair; FSDP2 (or HSDP) over the other dimension; Muon on
     matrices split two ways — the same losses and exported model as one process."""
     losses, _, root = four_ranks[mesh]
-    mine = assert_same_run(losses, root, *one_process["tp-adamw" if "adamw" in mesh else "tp"])
+    reference = {"tp2-adamw": "tp-adamw", "tp2-tied": "tp-tied"}.get(mesh, "tp")
+    mine = assert_same_run(losses, root, *one_process[reference])
     assert "blocks.1.attn.v_mix" in mine and "blocks.1.attn.q_norm.weight" in mine
 
 
@@ -334,12 +340,10 @@ def test_tensor_parallel_meshes_and_what_it_refuses():
     check_node_capacity(within, MeshShape(1, 4, 1, 2), [8])
     with pytest.raises(UserError, match=r"parallel.shard=4 x parallel.tensor=2 with .* Use parallel.shard<=2"):
         check_node_capacity(within, MeshShape(1, 4, 1, 2), [4, 4])
-    untied = {"model.tie_embeddings": False}
-    load_config(overrides={**untied, "parallel.tensor": 2})
+    load_config(overrides={"parallel.tensor": 2})  # the default model: tied embedding and head, split as one
     refusals = [
         ({"model.preset": "moe-tiny"}, "MoE layers (model.moe_experts) are not tensor-parallel: use parallel.expert"),
         ({"model.attention": "mla"}, "MLA attention (model.attention=mla) is not split by heads"),
-        ({"model.tie_embeddings": True}, "a tied head (model.tie_embeddings=true)"),
         ({"model.value_embeds": 1}, "value embeddings (model.value_embeds) are not split by heads"),
         ({"model.n_heads": 6, "model.d_model": 96}, "model.n_heads=6 is not a multiple of it"),
         ({"model.vocab_size": 1001}, "model.vocab_size=1001 is not a multiple of it"),
@@ -348,7 +352,7 @@ def test_tensor_parallel_meshes_and_what_it_refuses():
     ]
     for overrides, why in refusals:
         with pytest.raises(ConfigError) as e:
-            load_config(overrides={**untied, "parallel.tensor": 4, **overrides})
+            load_config(overrides={"parallel.tensor": 4, **overrides})
         assert "parallel.tensor=4: " in str(e.value) and why in str(e.value), (overrides, str(e.value))
 
 

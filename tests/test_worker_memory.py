@@ -65,8 +65,8 @@ def test_expert_parallel_gathers_only_a_ranks_own_experts():
 
 def test_tensor_parallel_holds_a_slice_of_each_linear_layer():
     """llama-8b on 8 GPUs of a node with 8 tensor ranks (no data parallel): each holds 1/8 of every
-    linear layer and the head but a whole embedding and the norms; the split activations and
-    logits are 1/8 too. FSDP over the same 8 ranks holds 1/8 of everything but all-gathers whole
+    linear layer, the embedding and the head but whole norms; the activations and logits are 1/8
+    too. FSDP over the same 8 ranks holds 1/8 of everything but all-gathers whole
     blocks. 8 × 8 ranks (FSDP 8 × TP 8) hold 1/64 of the split parts."""
     base = {"model.preset": "llama-8b", "ray.num_workers": 8, "ray.use_gpu": True, "train.batch_size": 1}
     tp = estimate(load_config(overrides={**base, "parallel.tensor": 8}), seq_len=4096, world_size=8)
@@ -76,9 +76,9 @@ def test_tensor_parallel_holds_a_slice_of_each_linear_layer():
     )
     with torch.device("meta"):
         model = build_model(PRESETS["llama-8b"])
-    embed, norms = model.embed.weight.numel(), sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
-    split = model.num_params() - embed - norms
-    assert tp.params_bytes == 4 * (split / 8 + embed + norms)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    split = model.num_params() - norms  # every linear, the embedding and the head
+    assert tp.params_bytes == 4 * (split / 8 + norms)
     assert both.params_bytes == tp.params_bytes / 8
     assert fsdp.params_bytes == 4 * model.num_params() / 8
     assert tp.gathered_bytes == 0 < fsdp.gathered_bytes  # no FSDP: nothing all-gathered

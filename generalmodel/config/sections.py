@@ -890,10 +890,6 @@ def _tensor_parallel_problems(model, train: TrainConfig, tensor: int) -> list[st
         "memory_layers": (None, "memory layers (model.memory_layers) are not tensor-parallel"),
         "long_memory_layers": (None, "long-memory layers (model.long_memory_layers) are not tensor-parallel"),
         "value_embeds": (None, "value embeddings (model.value_embeds) are not split by heads"),
-        "tie_embeddings": (
-            None,
-            "a tied head (model.tie_embeddings=true): the head is split by vocabulary, the embedding is not; untie it",
-        ),
     }
     for key, (bad, why) in unsplit.items():
         value = getattr(model, key, None)

@@ -8,8 +8,9 @@ HSDP, whose replicas each hold a whole copy; under Muon the matrices keep one mo
 less), the full weights of the blocks FSDP2 has all-gathered (the one computing and the next,
 prefetched: two of the largest block, in the compute dtype; under expert parallelism a block's
 routed experts count 1/parallel.expert, the rank's own). Under tensor parallel the blocks'
-linear layers and the head count 1/parallel.tensor before FSDP2's division (the rest — embedding,
-norms — is whole on every rank of the group), and so do the activations (Korthikanti's 34·d/t
+linear layers, the token embedding and the head count 1/parallel.tensor before FSDP2's division
+(the rest — norms, learned positions — is whole on every rank of the group), and so do the
+activations (Korthikanti's 34·d/t
 per token and layer with sequence parallel, (10 + 24/t)·d without) and the logits; plus
 activations kept for the backward pass, after Korthikanti et al. (2022): at least 34·d bytes per
 token and layer in 16-bit (twice that in fp32 on CPU; the 5·n_heads·T attention term is left out,
@@ -89,9 +90,13 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
 
 
 def _split(module) -> int:
-    """Parameters tensor parallel splits: every linear layer of the blocks (MLA, MoE and memory
-    layers, which it refuses, aside) and the head."""
-    return sum(p.numel() for sub in module.modules() if isinstance(sub, nn.Linear) for p in sub.parameters())
+    """Parameters tensor parallel splits: every linear layer (of the blocks: MLA, MoE and memory
+    layers, which it refuses, aside; the head) and the token embedding (a tied head counted once)."""
+    linears = {p for sub in module.modules() if isinstance(sub, nn.Linear) for p in sub.parameters()}
+    embed = getattr(module, "embed", None)
+    if embed is not None:
+        linears.add(embed.weight)
+    return sum(p.numel() for p in linears)
 
 
 def _gathered(block, expert: int, tensor: int = 1) -> int:

@@ -16,10 +16,12 @@ residual stream, the norms and what runs between blocks are replicated: every ra
 computes them on the same batch. The embedding and the final norm see the whole sequence either
 way (the split happens after the embedding, the gather before the final norm).
 
-The head is split by vocabulary (`Shard(0)`) and the training loss comes from each rank's slice
-of the logits (models/loss.py, vocab-parallel cross-entropy: two all-reduces of a few numbers per
-position and chunk; no rank holds all the logits); what needs whole logits (sampling, per-token
-scores) gathers the head's weight.
+The token embedding and the head are split by vocabulary (`Shard(0)`; one parameter when tied):
+a rank looks up the tokens in its rows and the ranks' partial embeddings are summed (one
+all-reduce), and the training loss comes from each rank's slice of the logits (models/loss.py,
+vocab-parallel cross-entropy: two all-reduces of a few numbers per position and chunk; no rank
+holds all the logits); what needs whole logits (sampling, per-token scores) gathers the head's
+weight.
 
 Parameters that stay whole but act on a rank's own heads — QK-norm's weights, value residual's λ
 — or, under sequence parallel, on its own positions — the blocks' norms, the speedrun's skip
@@ -29,7 +31,7 @@ per optimizer step (after FSDP2's reduce-scatter; they are a few vectors per lay
 FSDP2 then shards every parameter over the data-parallel mesh: the split ones as 2-D DTensors
 (data × tensor). Tensor parallel first, then activation checkpointing, compile and FSDP2, the
 order torch's FSDP2 + TP composition and torchtitan's `parallelize_llama` use. What the config
-refuses (MLA, MoE, memory layers, value embeddings, a tied head, fp8, adapters) is named in
+refuses (MLA, MoE, memory layers, value embeddings, fp8, adapters) is named in
 generalmodel/config/sections.py.
 """
 
@@ -66,7 +68,7 @@ class PartialGrads:
 def apply_tensor_parallel(model: LanguageModel, mesh, sequence_parallel: bool = True) -> PartialGrads:
     """Split `model`'s blocks and head over the 1-D `mesh` in place (every rank holds the same
     full model before: the same seed); returns what sums the partial gradients."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     partial = PartialGrads(mesh.get_group())
@@ -94,8 +96,13 @@ def apply_tensor_parallel(model: LanguageModel, mesh, sequence_parallel: bool = 
     if sequence_parallel:
         _split_sequence_between_blocks(model, mesh)
         partial.params += [(model, name) for name in ("x0_mix", "skip_weights") if getattr(model, name) is not None]
-    # The head is read by the loss as a weight (models/loss.py), not called: split it by hand.
-    model.head.weight = nn.Parameter(distribute_tensor(model.head.weight.detach(), mesh, [Shard(0)]))
+    # The token embedding split by vocabulary: each rank looks up the rows it holds, the ranks'
+    # partial embeddings summed (an all-reduce; the gradient reaches only a rank's own rows).
+    parallelize_module(model.embed, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    if model.cfg.tie_embeddings:  # the head is the embedding: the same split parameter
+        model.head.weight = model.embed.weight
+    else:  # read by the loss as a weight (models/loss.py), not called: split by hand
+        model.head.weight = nn.Parameter(distribute_tensor(model.head.weight.detach(), mesh, [Shard(0)]))
     return partial
 
 
@@ -114,8 +121,9 @@ def _gathered_input(mesh):
 
 def _split_sequence_between_blocks(model: LanguageModel, mesh) -> None:
     """`model.run_blocks` on this rank's positions: its input (the embeddings, replicated) split
-    along the sequence (backward: the gradient all-gathered, so the embeddings' gradients are whole
-    on every rank), its output gathered (backward: this rank's part of the replicated gradient)."""
+    along the sequence (backward: the gradient all-gathered, so the embedding sees every position's
+    gradient on every rank), its output gathered (backward: this rank's part of the replicated
+    gradient)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     inner, ranks = model.run_blocks, mesh.size()
