@@ -883,18 +883,17 @@ class Config(Section):
 def _tensor_parallel_problems(model, train: TrainConfig, tensor: int) -> list[str]:
     """Why `model` cannot be split over `tensor` ranks: what tensor parallel does not cover (named),
     and sizes it does not divide."""
-    out = []
-    unsplit = {
-        "attention": ("mla", "MLA attention (model.attention=mla) is not split by heads"),
-        "moe_experts": (None, "MoE layers (model.moe_experts) are not tensor-parallel: use parallel.expert"),
-        "memory_layers": (None, "memory layers (model.memory_layers) are not tensor-parallel"),
-        "long_memory_layers": (None, "long-memory layers (model.long_memory_layers) are not tensor-parallel"),
-        "value_embeds": (None, "value embeddings (model.value_embeds) are not split by heads"),
-    }
-    for key, (bad, why) in unsplit.items():
-        value = getattr(model, key, None)
-        if (value == bad) if bad is not None else bool(value):
-            out.append(why)
+    unsplit = [
+        (getattr(model, "attention", None) == "mla", "MLA attention (model.attention=mla) is not split by heads"),
+        (
+            getattr(model, "moe_experts", 0),
+            "MoE layers (model.moe_experts) are not tensor-parallel: use parallel.expert",
+        ),
+        (getattr(model, "memory_layers", ()), "memory layers (model.memory_layers) are not tensor-parallel"),
+        (getattr(model, "long_memory_layers", ()), "long-memory layers (model.long_memory_layers) are not split"),
+        (getattr(model, "value_embeds", 0), "value embeddings (model.value_embeds) are not split by heads"),
+    ]
+    out = [why for found, why in unsplit if found]
     if train.fp8 != "none":
         out.append(f"train.fp8={train.fp8} with tensor parallel is not built")
     if train.adapter != "none":
