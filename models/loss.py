@@ -35,12 +35,12 @@ from the batch (`kept`).
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 IGNORE = -100  # cross_entropy's ignore_index: targets outside the loss mask
 
@@ -77,7 +77,13 @@ def linear_cross_entropy(
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    return isinstance(t, DTensor)  # (an isinstance check torch.compile traces; hasattr it does not)
+    """Whether `t` is a DTensor; without importing torch.distributed.tensor (half a second a process)
+    when nothing has (then nothing is one). An isinstance check, which torch.compile traces."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def whole(weight: torch.Tensor) -> torch.Tensor:
