@@ -69,7 +69,8 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
     n = model.num_params()
     shape = mesh_shape(cfg.parallel, world_size)
     shard, t = shape.shard, shape.tensor  # FSDP2 shards weights, gradients and optimizer state over a shard group
-    held = (n - _split(model) + _split(model) / t) if t > 1 else n  # on each rank of a tensor group
+    split = _split(model) if t > 1 else 0
+    held = n - split + split / t  # on each rank of a tensor group
     m, B, T = cfg.model, cfg.train.batch_size, seq_len
     act_bytes = 2 if cfg.ray.use_gpu else 4  # bf16 autocast on GPU, fp32 on CPU
     largest_block = max((_gathered(block, shape.expert, t) for block in model.blocks), default=0)
