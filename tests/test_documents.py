@@ -135,9 +135,9 @@ def test_packed_conversations_lose_what_each_loses_alone(fmt):  # noqa: F811 (th
     assert abs(unmasked.item() - apart.item()) > 1e-3  # packed without the mask: conversations see each other
 
 
-def dataset(tmp_path, kind: str, columns: list[str]) -> TokenDataset:
-    manifest = {"format_version": FORMAT_VERSION, "format": kind, "row_len": 33, "seq_len": 32, "column": columns[0],
-                "columns": columns, "tokenizer": {"vocab_size": 320}, "splits": {}}  # fmt: skip
+def dataset(tmp_path, kind: str, columns: list[str], seq_len: int = 32) -> TokenDataset:
+    manifest = {"format_version": FORMAT_VERSION, "format": kind, "row_len": seq_len + 1, "seq_len": seq_len,
+                "column": columns[0], "columns": columns, "tokenizer": {"vocab_size": 320}, "splits": {}}  # fmt: skip
     return TokenDataset(resolve(str(tmp_path / kind)), manifest, "0" * 64, 1.0)
 
 
@@ -149,3 +149,14 @@ def test_document_masks_refuse_pairs_and_chat_rows_without_their_documents(tmp_p
         check_compatible(cfg, dataset(tmp_path, "preference", ["chosen", "chosen_mask", "rejected", "rejected_mask"]))
     with pytest.raises(TrainingError, match=r"without the conversations' document ids \(the docs column\)"):
         check_compatible(cfg, dataset(tmp_path, "chat", ["tokens", "mask"]))
+
+
+def test_sequence_parallel_refuses_rows_its_ranks_cannot_split(tmp_path):
+    """Before any worker starts: rows of 30 positions cannot be split over 4 tensor ranks (without
+    sequence parallel they need not be); rows of 32 can."""
+    tp = {"model.vocab_size": 320, "model.max_seq_len": 32, "parallel.tensor": 4, "model.n_heads": 4}
+    check_compatible(load_config(overrides=tp), dataset(tmp_path, "text", ["tokens"]))
+    whole = load_config(overrides={**tp, "parallel.sequence_parallel": False})
+    check_compatible(whole, dataset(tmp_path, "text", ["tokens"], seq_len=30))
+    with pytest.raises(TrainingError, match=r"parallel.tensor=4 ranks, and dataset .* has rows of 30 positions"):
+        check_compatible(load_config(overrides=tp), dataset(tmp_path, "text", ["tokens"], seq_len=30))

@@ -274,7 +274,7 @@ class TrainingRun:
     def update(self, loss_sum: torch.Tensor, step: int):
         """One optimizer step on the accumulated gradients (skipped on the device when not finite):
         (grad norm, routing metrics), both device tensors."""
-        self.hooks.before_step()  # tensor parallel: the head-local parameters' gradients summed
+        self.hooks.before_step()  # tensor parallel: the head- and position-local parameters' gradients summed
         out = optimizer_step(self.model, self.optimizer, loss_sum, self.cfg.optim.grad_clip, self.guard, step)
         self.hooks.after_step()  # fp8 all-gather: the new weights' scales, in one batched computation
         return out

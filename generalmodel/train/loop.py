@@ -225,6 +225,13 @@ def check_compatible(cfg: Config, ds: TokenDataset) -> None:
             f"train.token_selection is for next-token losses (data.format text or chat); dataset {ds.uri} holds "
             "preference pairs (DPO)"
         )
+    tensor = cfg.parallel.tensor
+    if tensor > 1 and cfg.parallel.sequence_parallel and ds.seq_len % tensor:
+        raise TrainingError(
+            f"parallel.sequence_parallel splits rows over the parallel.tensor={tensor} ranks, and dataset {ds.uri} "
+            f"has rows of {ds.seq_len} positions: prepare it with a data.seq_len that {tensor} divides, or set "
+            f"--parallel.sequence_parallel=false"
+        )
     if cfg.train.document_mask and ds.format == "chat" and "docs" not in ds.columns:
         raise TrainingError(
             f"train.document_mask: dataset {ds.uri} was prepared without the conversations' document ids "

@@ -41,7 +41,7 @@ def _nothing() -> None:
 class StepHooks:
     """What the optimizer step calls around itself for the parallelism chosen."""
 
-    before_step: Callable[[], None] = _nothing  # tensor parallel: the head-local gradients summed
+    before_step: Callable[[], None] = _nothing  # tensor parallel: the partial gradients summed (PartialGrads)
     after_step: Callable[[], None] = _nothing  # fp8 under FSDP2: the new weights' scales
 
 
