@@ -20,6 +20,9 @@ equals the dense MLP's):
     ultramem   ultramem-tiny: block 1's MLP an UltraMem of 64² virtual slots, 1024 physical rows
              read through 4 projectors, rank-2 Tucker cores, 4 heads × 16 read
     ultramem-2 the same in blocks 1 and 3 (the paper's several smaller layers; fewer FLOPs)
+    moeut    moeut-tiny: 2 shared layers used twice each, SwitchHead (4 experts per head, top-1)
+             and σ-MoE (16 ReLU experts of 160, top-4): dense's active FLOPs, 1.34x its parameters
+    dense-7L llama-tiny with 7 layers: about moeut-tiny's parameters (1.75x dense's FLOPs)
 
 Prints per variant: total and active parameters, training FLOPs per token (active), final val
 loss (mean and spread over seeds), tokens/s, and the val-loss difference to dense. Record the
@@ -46,6 +49,8 @@ VARIANTS = {
     "peer": ("peer-tiny", {}),
     "ultramem": ("ultramem-tiny", {}),
     "ultramem-2": ("ultramem-tiny", {"memory_layers": (1, 3)}),
+    "moeut": ("moeut-tiny", {}),
+    "dense-7L": ("llama-tiny", {"n_layers": 7}),
 }
 
 

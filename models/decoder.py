@@ -460,7 +460,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = self.make_blocks(cfg)
         # Learned scalars of the speedrun's skips, 1-D (FSDP2 shards dim 0): per block (a_i, b_i),
         # and one weight per U-net pair.
         self.x0_mix = nn.Parameter(torch.empty(2 * cfg.n_layers)) if cfg.embed_skip else None
@@ -479,6 +479,15 @@ class Decoder(nn.Module):
         if cfg.positions == "rope":
             self.reset_rope()
         self.init_weights()
+
+    def make_blocks(self, cfg: DecoderConfig) -> nn.ModuleList:
+        """The n_layers blocks, in order (a shared-layer model makes its own: models/moeut.py)."""
+        return nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+
+    def layer_modules(self) -> nn.Module:
+        """The modules that own the blocks' parameters (the blocks themselves here; the optimizer
+        takes their matrices): a shared-layer model's blocks own none."""
+        return self.blocks
 
     def reset_rope(self) -> None:
         """(Re)compute the RoPE tables, buffers that checkpoints do not hold (a loader that builds

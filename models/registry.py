@@ -19,6 +19,7 @@ from models.deepseek import DeepSeekConfig
 from models.gpt2 import GPT2Config
 from models.llama import LlamaConfig
 from models.moe import MoE
+from models.moeut import MoEUT, MoEUTConfig, fsdp_whole
 
 
 def fsdp_decoder(model: Decoder, mesh=None, mp_policy=None, expert_mesh=None) -> Decoder:
@@ -78,6 +79,9 @@ class LanguageModel(Protocol):
 
     def num_params(self, embeddings: bool = True, active: bool = False) -> int: ...
 
+    def layer_modules(self) -> nn.Module:
+        """The modules owning the blocks' parameters (`blocks`, or a shared-layer model's units)."""
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token over the active parameters (for MFU)."""
 
@@ -93,6 +97,7 @@ REGISTRY: dict[str, ModelSpec] = {
     "gpt2": ModelSpec(GPT2Config, Decoder, fsdp_decoder),
     "llama": ModelSpec(LlamaConfig, Decoder, fsdp_decoder),
     "deepseek": ModelSpec(DeepSeekConfig, Decoder, fsdp_decoder),
+    "moeut": ModelSpec(MoEUTConfig, MoEUT, fsdp_whole),
 }
 
 # Named presets: `--model.preset=NAME` (fields given beside it override the preset's).
@@ -123,6 +128,10 @@ PRESETS: dict[str, DecoderConfig] = {
     "memorizing-tiny": LlamaConfig(
         **{**_TINY, "max_seq_len": 4096}, n_kv_heads=2, window=64, long_memory="knn", long_memory_layers=(1,)
     ),
+    # MoEUT (models/moeut.py): 2 shared layers used twice each; SwitchHead with 4 value/output
+    # experts per head (top-1), σ-MoE with 16 ReLU experts of 160 (top-4): about llama-tiny's
+    # active FLOPs per token with 1.7x its parameters.
+    "moeut-tiny": MoEUTConfig(**_TINY),
     "gpt2-124m": GPT2Config(**_124M),
     "llama-124m": LlamaConfig(**_124M),
     "llama-350m": LlamaConfig(**{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 1024}, n_kv_heads=4),

@@ -278,7 +278,7 @@ EXPECTED_CLASS = {
     "deepseek-tiny": "deepseek_v3",
     **{
         f"{name}-tiny": "generalmodel"
-        for name in ("mla", "moe", "hybrid", "kvshare", "memory", "peer", "ultramem", "infini", "memorizing")
+        for name in ("mla", "moe", "hybrid", "kvshare", "memory", "peer", "ultramem", "infini", "memorizing", "moeut")
     },
 }
 

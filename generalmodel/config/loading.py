@@ -31,7 +31,8 @@ def load_config(
     tree: dict[str, Any] = {}
     if preset is not None:
         tree = read_preset(Path(preset))
-    for key, value in (overrides or {}).items():
+    # The preset first: it names the model family whose fields the other model.* keys are.
+    for key, value in sorted((overrides or {}).items(), key=lambda kv: kv[0] != "model.preset"):
         if key == "model.preset":  # not a field: expands into fields below
             tree.setdefault("model", {})["preset"] = value
             continue
@@ -108,6 +109,8 @@ def section_class(annotation: Any, node: Any = None) -> type | None:
         if len(members) > 1:  # the model union: members differ by their `name` default
             by_name = {m.__dataclass_fields__["name"].default: m for m in members}
             name = node.get("name") if isinstance(node, dict) else None
+            if name is None and isinstance(node, dict) and node.get("preset") in PRESETS:
+                name = PRESETS[node["preset"]].name  # model.preset: NAME, expanded later
             if name is None:
                 return _DEFAULT_MODEL
             if name not in by_name:

@@ -868,6 +868,11 @@ class Config(Section):
                 f"parallel.expert={expert} spreads the routed experts over ranks, and model {self.model.name!r} has "
                 f"none (model.moe_experts=0): use parallel.expert=1 or an MoE model"
             )
+        if expert > 1 and self.model.name == "moeut":
+            raise ValueError(
+                f"parallel.expert={expert}: expert parallel is not built for model 'moeut' (its σ-MoE experts are "
+                f"shared by several layers); use parallel.expert=1"
+            )
         if expert > 1 and experts % expert:
             raise ValueError(
                 f"parallel.expert={expert} does not divide model.moe_experts={experts}: every rank of an expert "
@@ -884,6 +889,7 @@ def _tensor_parallel_problems(model, train: TrainConfig, tensor: int) -> list[st
     """Why `model` cannot be split over `tensor` ranks: what tensor parallel does not cover (named),
     and sizes it does not divide."""
     unsplit = [
+        (model.name == "moeut", "MoEUT's SwitchHead attention and shared layers (model.name=moeut) are not split"),
         (getattr(model, "attention", None) == "mla", "MLA attention (model.attention=mla) is not split by heads"),
         (
             getattr(model, "moe_experts", 0),

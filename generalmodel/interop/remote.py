@@ -26,13 +26,14 @@ ZOO_IMPORT = re.compile(r"^(\s*)from models\.(\w+) import", flags=re.M)
 
 
 def code_files() -> dict[str, str]:
-    """The remote code: file name → source. The zoo's modules are `models/decoder.py` and every
-    module of `models/` it imports, followed transitively, each with its imports made relative."""
+    """The remote code: file name → source. The zoo's modules are `models/decoder.py`,
+    `models/moeut.py` (a family with its own model class) and every module of `models/` they
+    import, followed transitively, each with its imports made relative."""
     import models
 
     zoo = Path(models.__file__).resolve().parent
     files = {name: (HERE / "remote_code" / name).read_text() for name in CODE}
-    todo = ["decoder"]
+    todo = ["decoder", "moeut"]
     while todo:
         module = todo.pop()
         if f"{module}.py" in files:

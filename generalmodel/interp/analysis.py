@@ -121,12 +121,23 @@ def direct_logit_attribution(
             f"model.{'/'.join(skips)} rescale and re-add it between blocks: not supported (the logit lens is)"
         )
     L = model.cfg.n_layers
-    points = [block_point(0, "resid_pre"), "blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
+    # A head's part of the output: its z through its columns of out_proj; an attention whose heads
+    # have output projections of their own (MoEUT's SwitchHead) hands each head's output out.
+    per_head = all(hasattr(model.blocks[layer].attn, "hook_head_out") for layer in range(L))
+    heads = "blocks.*.attn.hook_head_out" if per_head else "blocks.*.attn.hook_z"
+    points = [block_point(0, "resid_pre"), heads, "blocks.*.hook_mlp_out"]
     logits, cache = run_with_cache(model, ids, points)
     head = model.head.weight
     direction = head[answer] - (head[wrong] if wrong is not None else 0)  # (d,)
     names, parts = ["embed"], [cache[block_point(0, "resid_pre")][:, position]]
     for layer in range(L):
+        if per_head:
+            outputs = cache[block_point(layer, "attn.hook_head_out")][:, position]  # (B, H, d)
+            names += [f"L{layer}.H{h}" for h in range(outputs.shape[1])]
+            parts += list(outputs.transpose(0, 1))
+            names.append(f"L{layer}.mlp")
+            parts.append(cache[block_point(layer, "mlp_out")][:, position])
+            continue
         out_proj = model.blocks[layer].attn.out_proj
         z = cache[block_point(layer, "attn.hook_z")][:, position]  # (B, H, dh)
         H, dh = z.shape[1:]

@@ -23,7 +23,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     embed, head = [p for p in embed if p.requires_grad], [p for p in head if p.requires_grad]
     taken = {id(p) for p in embed + head}
     matrices = []
-    for module in model.blocks.modules():
+    for module in model.layer_modules().modules():
         candidates = [module.weight] if isinstance(module, nn.Linear) else []
         candidates += [p for p in module.parameters(recurse=False) if p.dim() == 3]  # MoE expert stacks
         matrices += [p for p in candidates if p.requires_grad and id(p) not in taken]

@@ -17,13 +17,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .cache import KVCache
 from .configuration_generalmodel import GeneralModelConfig
 from .decoder import Decoder, DecoderConfig
+from .moeut import MoEUT, MoEUTConfig
 
 # transformers 5.x names the cache `cache` (`past_key_values` before, still accepted with a warning).
 CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
-def decoder_config(fields: dict) -> DecoderConfig:
-    return DecoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+# The families with a model class of their own (the others are the plain Decoder's defaults).
+FAMILIES = {"moeut": (MoEUTConfig, MoEUT)}
+
+
+def build_decoder(fields: dict) -> Decoder:
+    config_cls, model_cls = FAMILIES.get(fields.get("name"), (DecoderConfig, Decoder))
+    return model_cls(config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}))
 
 
 class GeneralModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -33,7 +39,7 @@ class GeneralModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: GeneralModelConfig):
         super().__init__(config)
-        self.model = Decoder(decoder_config(config.zoo_config))
+        self.model = build_decoder(config.zoo_config)
         self.post_init()
 
     def _init_weights(self, module):
