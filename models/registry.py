@@ -157,6 +157,9 @@ PRESETS: dict[str, DecoderConfig] = {
         memory_top_k=32,
         memory_key_dim=256,
     ),
+    # MoEUT at 124M: 2 shared layers used 6 times each; SwitchHead (4 experts per head, top-1),
+    # σ-MoE with 64 ReLU experts of 384 (top-8): about llama-124m's active FLOPs and parameters.
+    "moeut-124m": MoEUTConfig(**_124M, moe_experts=64, moe_top_k=8, moe_hidden=384),
     # Llama 3 8B's shape (8.03B parameters): for planning a cluster run (benchmarks/scaling.py).
     "llama-8b": LlamaConfig(
         vocab_size=128256,

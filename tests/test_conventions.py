@@ -19,6 +19,7 @@ from models.deepseek import DeepSeekConfig
 from models.llama import LlamaConfig
 from models.memory import ProductKeyMemory, UltraMemory
 from models.moe import MoE, SharedExperts
+from models.moeut import MoEUTConfig, SwitchHeadAttention
 
 
 def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
@@ -35,6 +36,10 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
             out[prefix + "out_proj.weight"] = residual
             if module.memory is not None:  # the gate starts at 0 (tests/test_long_memory.py)
                 out[prefix + "memory.gate"] = None
+        elif isinstance(module, SwitchHeadAttention):
+            for part in ("q_proj", "k_proj", "v_select", "o_select"):
+                out[f"{prefix}{part}.weight"] = std
+            out[prefix + "v_experts"], out[prefix + "o_experts"] = std, residual
         elif isinstance(module, MultiHeadLatentAttention):
             for part in ("q_down", "q_up", "q_proj", "kv_down", "kv_up"):
                 if hasattr(module, part):
@@ -86,8 +91,17 @@ def expected_stds(model, cfg: DecoderConfig) -> dict[str, float | None]:
         LlamaConfig(
             vocab_size=2048, d_model=256, n_layers=6, n_heads=4, window=16, long_memory="knn", long_memory_layers=(2,)
         ),
+        MoEUTConfig(vocab_size=2048, d_model=256, n_layers=6, n_heads=4, moe_hidden=256),
     ],
-    ids=["llama", "deepseek-mla-moe", "llama-peer-memory", "llama-ultramem", "llama-quiet-star", "llama-knn-memory"],
+    ids=[
+        "llama",
+        "deepseek-mla-moe",
+        "llama-peer-memory",
+        "llama-ultramem",
+        "llama-quiet-star",
+        "llama-knn-memory",
+        "moeut",
+    ],
 )
 def test_every_parameter_kind_has_its_intended_std(cfg):
     torch.manual_seed(0)

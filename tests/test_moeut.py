@@ -25,7 +25,8 @@ VOCAB = 128
 
 def tiny(**changes) -> MoEUT:
     torch.manual_seed(0)
-    cfg = replace(PRESETS["moeut-tiny"], vocab_size=VOCAB, max_seq_len=32, d_model=64, **changes)
+    changes = {"vocab_size": VOCAB, "max_seq_len": 32, "d_model": 64, **changes}
+    cfg = replace(PRESETS["moeut-tiny"], **changes)
     return build_model(cfg)
 
 
@@ -219,3 +220,14 @@ def test_bad_moeut_configs_are_clear_errors(args, message):
 def test_pick_keeps_the_top_k_scores():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
     assert torch.equal(pick(scores, 2), torch.tensor([[0.0, 0.9, 0.0, 0.7]]))
+
+
+def test_quantization_and_fp8_take_the_units_linears_but_not_the_selections():
+    from generalmodel.infer.quant import quantizable
+    from generalmodel.train.fp8 import fp8_linears
+
+    model = tiny(d_model=128)
+    keep = quantizable(model)
+    chosen = {n for n, m in model.named_modules() if keep(m, n)}
+    assert chosen == {f"units.{u}.attn.{p}" for u in (0, 1) for p in ("q_proj", "k_proj")}
+    assert set(fp8_linears(model, 16)) == chosen

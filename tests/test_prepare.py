@@ -249,3 +249,34 @@ def test_a_job_refuses_a_dataset_prepared_from_an_older_source(ray_cluster, txt_
     cfg = config(txt_corpus, tmp_path / "ds", val_fraction=0.1, overwrite=True)
     _, fresh = ensure_dataset(cfg, layout)
     assert fresh.manifest["source"]["files"] == 61
+
+
+def test_byte_tokenizer_dataset_holds_every_byte_and_is_not_mixed_up_with_bpe(ray_cluster, txt_corpus, tmp_path):
+    """data.tokenizer=bytes: every document's UTF-8 bytes (then EOS) are its tokens, through the same
+    Ray Data path and manifest; a job asking for bytes refuses a BPE dataset at its output, and the
+    other way round."""
+    from generalmodel.storage import RunLayout
+    from generalmodel.train.readiness import ensure_dataset, tokenizer_changed
+
+    (txt_corpus / "accents.txt").write_text("Naïve café — 日本語, déjà vu.")
+    manifest = prepare_data.main(config(txt_corpus, tmp_path / "bytes", tokenizer="bytes", val_fraction=0.0))
+    assert manifest["tokenizer"]["vocab_size"] == 263
+    split = manifest["splits"]["train"]
+    texts = make_documents(60) + ["Naïve café — 日本語, déjà vu."]
+    assert split["tokens"] + split["dropped_tail_tokens"] == sum(len(t.encode()) + 1 for t in texts)
+    ds = TokenDataset.open(str(tmp_path / "bytes"))
+    tokenizer = load_tokenizer(ds.tokenizer_json(), "tokenizer")
+    rows = ds.read_shard(ds.shards["train"][0]).reshape(-1).tolist()
+    eos = manifest["tokenizer"]["special_tokens"]["<|eos|>"]
+    document = rows[: rows.index(eos)]
+    assert bytes(i - 7 for i in document).decode() == tokenizer.decode(document)
+    assert tokenizer.decode(document) in texts
+
+    asks_bpe = config(txt_corpus, tmp_path / "bytes")
+    with pytest.raises(UserError, match=r"prepared from .* with the byte tokenizer, and data.tokenizer is None"):
+        ensure_dataset(asks_bpe, RunLayout.of(asks_bpe))
+    asks_bytes = config(txt_corpus, tmp_path / "bytes", tokenizer="bytes")
+    assert tokenizer_changed(asks_bytes, manifest) is None
+    bpe_manifest = {"tokenizer": {"sha256": "a trained BPE's"}}
+    assert "another tokenizer than the byte one" in tokenizer_changed(asks_bytes, bpe_manifest)
+    assert tokenizer_changed(asks_bpe, bpe_manifest) is None

@@ -4,6 +4,7 @@ data.tokenizer prepares a dataset whose documents end with that tokenizer's EOS,
 transformers export names its special tokens."""
 
 import json
+import random
 
 import pytest
 from conftest import make_documents
@@ -76,3 +77,21 @@ def test_a_hugging_face_tokenizer_directory_prepares_and_exports(ray_cluster, tx
     assert config["eos_token"] == "<|endoftext|>" and config["bos_token"] is None
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == eos
     assert directory
+
+
+def test_the_byte_tokenizer_gives_each_utf8_byte_its_own_token():
+    from generalmodel.data.tokenizer import byte_tokenizer, special_ids
+    from generalmodel.tokens import SPECIAL_TOKENS
+
+    tokenizer = byte_tokenizer()
+    offset = len(SPECIAL_TOKENS)
+    assert tokenizer.get_vocab_size() == 256 + offset
+    assert special_ids(tokenizer) == {"bos": 0, "eos": 1, "pad": 2}
+    rng = random.Random(0)
+    alphabet = "abc XYZ\n\t\r!~ éüß—日本語🙂\x00\x7f"
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == [b + offset for b in text.encode()]
+        assert tokenizer.decode(ids) == text
+    assert [tokenizer.id_to_token(b + offset) for b in b"Az"] == ["A", "z"]

@@ -114,7 +114,8 @@ class DataConfig(Section):
     tokenizer: str | None = Field(
         None,
         description="Use this tokenizer instead of training one: a tokenizer.json (path or URI) or a directory "
-        "holding one (e.g. a Hugging Face model's); it needs an end-of-sequence token.",
+        "holding one (e.g. a Hugging Face model's); it needs an end-of-sequence token. `bytes`: one token per "
+        "UTF-8 byte (263 tokens with the special ones; byte-level models).",
     )
     vocab_size: int = Field(8192, description="BPE vocabulary size, special tokens included.")
     seq_len: int = Field(256, gt=0, description="Tokens per training example (rows hold seq_len+1).")

@@ -54,6 +54,8 @@ from generalmodel.data.quality import (
 from generalmodel.data.shards import COLUMNS, ITEMS, SPLITS, is_val, shard_bytes, token_dtype
 from generalmodel.data.sources import SOTU_PREFIX, Piece, SourceError, list_pieces, read_documents, split_pieces
 from generalmodel.data.tokenizer import (
+    BYTES,
+    byte_tokenizer,
     eos_id,
     load_tokenizer,
     read_tokenizer_file,
@@ -130,7 +132,8 @@ def plan_dataset(cfg: Config, layout: RunLayout | None = None) -> Plan:
     # A large file is read in ranges, by several tasks (a .txt only when over shard_input_mb)
     parts = split_pieces(pieces, target, storage, txt_above=data.shard_input_mb * 1e6)
     # The driver's deterministic corpus sample: what a tokenizer is trained on and difficulty bounds come from
-    sample = sample_texts(parts, data, storage) if data.tokenizer is None or data.difficulty != "none" else []
+    trains = data.tokenizer is None
+    sample = sample_texts(parts, data, storage) if trains or data.difficulty != "none" else []
     tok_text, tok_origin = _tokenizer(data, storage, sample, len(parts))
     vocab = load_tokenizer(tok_text, tok_origin).get_vocab_size()
     if data.format != "text":
@@ -296,7 +299,10 @@ def refuse_node_local(pieces: list[Piece], out: Location, names: tuple[str, str]
 
 
 def _tokenizer(data: DataConfig, storage: StorageConfig, sample: list[str], files: int) -> tuple[str, str]:
-    """The tokenizer JSON and where it came from: a given file, or trained on the corpus sample."""
+    """The tokenizer JSON and where it came from: the byte tokenizer, a given file, or trained on the
+    corpus sample."""
+    if data.tokenizer == BYTES:
+        return byte_tokenizer().to_str(), "the byte tokenizer (data.tokenizer=bytes)"
     if data.tokenizer is not None:
         return read_tokenizer_file(resolve(data.tokenizer, storage), "data.tokenizer")
     if not sample:

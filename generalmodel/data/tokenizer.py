@@ -36,6 +36,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+BYTES = "bytes"  # data.tokenizer's value for the byte tokenizer
+
+
+def byte_tokenizer() -> Tokenizer:
+    """One token per UTF-8 byte: the special tokens at ids 0, 1, 2, ... and the 256 bytes after
+    them (GPT-2's byte-to-symbol alphabet, in byte order), no merges. Any text encodes to exactly
+    its bytes, and decodes back. The vocabulary of byte-level models (`data.tokenizer: bytes`)."""
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *symbols))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+def _byte_of(symbol: str) -> int:
+    """The byte GPT-2's byte-level alphabet maps to `symbol` (printable bytes are themselves)."""
+    code = ord(symbol)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
 # Special tokens by role: ours first, then the names of common tokenizers (GPT-2, Llama 2 and 3,
 # Gemma, Mistral, BERT-style pads).
 ROLE_NAMES = {

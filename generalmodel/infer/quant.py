@@ -65,7 +65,8 @@ def _config(kind: str):
 
 
 def quantizable(model: nn.Module):
-    """torchao's filter: the blocks' nn.Linear layers but the MoE router; an untied head."""
+    """torchao's filter: the blocks' nn.Linear layers (a shared-layer model's: its units') but the
+    expert selections (MoE's router, SwitchHead's); an untied head."""
     tied = getattr(model.cfg, "tie_embeddings", False)
 
     def keep(module: nn.Module, fqn: str) -> bool:
@@ -73,7 +74,7 @@ def quantizable(model: nn.Module):
             return False
         if fqn == "head":
             return not tied
-        return fqn.startswith("blocks.") and not fqn.endswith(".router")
+        return fqn.startswith(("blocks.", "units.")) and not fqn.endswith((".router", ".v_select", ".o_select"))
 
     return keep
 

@@ -20,7 +20,9 @@ from torch import nn
 from generalmodel import UserError
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-NEVER = ("head", "router")  # module names (last fqn part) kept in bf16 whatever their size
+# Module names (last fqn part) kept in bf16 whatever their size: the head, and the expert selections
+# (MoE's router, SwitchHead's value/output selections), whose top-k a rounding can flip.
+NEVER = ("head", "router", "v_select", "o_select")
 
 
 class Fp8Error(UserError):

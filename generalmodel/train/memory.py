@@ -73,7 +73,9 @@ def estimate(cfg: Config, seq_len: int, world_size: int) -> MemoryEstimate:
     held = n - split + split / t  # on each rank of a tensor group
     m, B, T = cfg.model, cfg.train.batch_size, seq_len
     act_bytes = 2 if cfg.ray.use_gpu else 4  # bf16 autocast on GPU, fp32 on CPU
-    largest_block = max((_gathered(block, shape.expert, t) for block in model.blocks), default=0)
+    # FSDP2's units: the blocks, or the whole model for one whose layers share parameters (moeut).
+    units = [model] if getattr(model, "fsdp_whole", False) else model.blocks
+    largest_block = max((_gathered(unit, shape.expert, t) for unit in units), default=0)
     gathered = 2 * largest_block * act_bytes if shard > 1 else 0  # bf16 params under FSDP2's mixed precision
     if cfg.train.activation_checkpointing == "full":  # the block inputs (split along the sequence: 1/t)
         per_token_layer = 2 * m.d_model * act_bytes / 2 / (t if cfg.parallel.sequence_parallel else 1)

@@ -27,7 +27,11 @@ def ensure_dataset(cfg: Config, layout: RunLayout, init: InitSource | None = Non
         return _checked(cfg, open_mixture(layout), init)
     uri, storage = layout.dataset, layout.storage
     exists = resolve(uri, storage).join(MANIFEST).exists()
-    changed = exists and not cfg.train.dataset and source_changed(cfg, TokenDataset.open(uri, storage).manifest)
+    if exists and not cfg.train.dataset:
+        manifest = TokenDataset.open(uri, storage).manifest
+        changed = source_changed(cfg, manifest) or tokenizer_changed(cfg, manifest)
+    else:
+        changed = None
     if changed and not cfg.data.overwrite:
         raise UserError(
             f"dataset {uri} was prepared from {changed}: pass --data.overwrite=true to prepare it again "
@@ -65,6 +69,19 @@ def _checked(cfg: Config, ds, init: InitSource | None) -> tuple[Config, Any]:
     for part in ds.parts.values():
         check_compatible(cfg, part)
     return cfg, ds
+
+
+def tokenizer_changed(cfg: Config, manifest: dict[str, Any]) -> str | None:
+    """The byte tokenizer asked for and another one in the dataset, or the other way round (a
+    byte-level model must not train on BPE tokens, nor a BPE run on bytes), or None."""
+    from generalmodel.data.tokenizer import BYTES, byte_tokenizer, tokenizer_hash
+
+    is_bytes = manifest.get("tokenizer", {}).get("sha256") == tokenizer_hash(byte_tokenizer().to_str())
+    if (cfg.data.tokenizer == BYTES) == is_bytes:
+        return None
+    if is_bytes:
+        return f"{cfg.data.source} with the byte tokenizer, and data.tokenizer is {cfg.data.tokenizer!r}"
+    return f"{cfg.data.source} with another tokenizer than the byte one (data.tokenizer=bytes)"
 
 
 def source_changed(cfg: Config, manifest: dict[str, Any]) -> str | None:
