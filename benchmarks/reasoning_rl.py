@@ -7,6 +7,7 @@ of the SFT model's pass@1 -> pass@8 gap that RL closed (issue 35's goal: at leas
     python -m benchmarks.reasoning_rl --variants grpo,dynamic --steps 100
     python -m benchmarks.reasoning_rl --variants grpo,dynamic --trained grpo=URI0,URI1   # reuse runs
     python -m benchmarks.reasoning_rl --variants dynamic-lowlr --levels addition:2,addition:3,expression:1
+    python -m benchmarks.reasoning_rl --sft models:/M/1,models:/M/1 ...   # two RL seeds from one SFT model
 
 For each SFT model in --sft (one per seed) and each variant, runs jobs.rl with
 configs/reasoning-rl.yaml from it (train.seed = the model's position in --sft) on the suite's
@@ -110,7 +111,7 @@ def main() -> None:
             done[seed] if seed < len(done) and done[seed] else train(uri, seed, variant, args)
             for seed, uri in enumerate(sft)
         ]
-    uris = [uri for group in runs.values() for uri in group]
+    uris = list(dict.fromkeys(uri for group in runs.values() for uri in group))  # a model once (seeds of one SFT)
     cfg = EvalConfig(models=uris, problems=f"{args.out}/test.jsonl", sampling=STRATEGIES["top_p"])
     results = {"top_p": {r.reference: r.metrics for r in evaluate(cfg)}}
     trained_on = f"the task levels {args.levels}" if args.levels else "every task level"
