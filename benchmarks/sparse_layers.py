@@ -22,7 +22,8 @@ equals the dense MLP's):
     ultramem-2 the same in blocks 1 and 3 (the paper's several smaller layers; fewer FLOPs)
     moeut    moeut-tiny: 2 shared layers used twice each, SwitchHead (4 experts per head, top-1)
              and σ-MoE (16 ReLU experts of 160, top-4): dense's active FLOPs, 1.34x its parameters
-    dense-7L llama-tiny with 7 layers: about moeut-tiny's parameters (1.75x dense's FLOPs)
+    dense-7L llama-tiny with 7 layers: about moeut-tiny's parameters (1.42x dense's FLOPs)
+    recipe   configs/llama-tiny.yaml's own model (make pretrain's): QK-norm, zero-init, untied head
 
 Prints per variant: total and active parameters, training FLOPs per token (active), final val
 loss (mean and spread over seeds), tokens/s, and the val-loss difference to dense. Record the
@@ -51,6 +52,7 @@ VARIANTS = {
     "ultramem-2": ("ultramem-tiny", {"memory_layers": (1, 3)}),
     "moeut": ("moeut-tiny", {}),
     "dense-7L": ("llama-tiny", {"n_layers": 7}),
+    "recipe": ("llama-tiny", {"qk_norm": True, "zero_init": True, "tie_embeddings": False}),
 }
 
 
