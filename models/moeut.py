@@ -25,8 +25,9 @@ share their parameters — made competitive by mixtures of experts in both subla
   layer use and head, weighted by `moe_entropy_weight`, shifted by log E to be ≥ 0 — in `aux_loss`.
 
 Not built: the paper's relative positions (RoPE here), expert dropout, a separate head width
-(head_dim is d_model / n_heads), a sparse SwitchHead kernel, tensor and expert parallelism, and an
-export (transformers has no such class; remote code builds the plain decoder): refused by name.
+(head_dim is d_model / n_heads), a sparse SwitchHead kernel, FlexAttention (SDPA only), tensor and
+expert parallelism (refused by name). No native transformers class: it exports as remote code,
+which carries this module.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class MoEUTConfig(DecoderConfig):
             raise ValueError(f"moe_entropy_weight must be >= 0, got {self.moe_entropy_weight}")
 
     def is_moe(self, layer: int) -> bool:
-        return True
+        return True  # every layer's MLP is a σ-MoE
 
 
 def selection_imbalance(logits: torch.Tensor) -> torch.Tensor:
