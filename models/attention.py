@@ -207,7 +207,7 @@ def set_backend(model: nn.Module, backend: str, seq_len: int | None = None) -> i
         raise ValueError(f"unknown attention backend {backend!r}; one of {', '.join(BACKENDS)}")
     flex = 0
     for module in model.modules():
-        if isinstance(module, (GroupedQueryAttention, MultiHeadLatentAttention)):
+        if hasattr(module, "backend"):  # an attention with an SDPA backend: GQA, MLA, MoEUT's SwitchHead
             module.backend = "auto" if backend == "flex" else backend
             module.flex = None  # another backend (again): no block mask left behind
             if backend == "flex" and isinstance(module, GroupedQueryAttention) and seq_len is not None:

@@ -131,7 +131,8 @@ class SwitchHeadAttention(_Regularised):
     """The parameters and the computation; each layer that uses it passes its `LayerAttention`,
     which holds that layer's hook points and eager switch."""
 
-    backend = "auto"  # an SDPA backend
+    backend = "auto"  # an SDPA backend (set_backend; `flex` leaves it on auto)
+    flex = None  # FlexAttention is not built for it
 
     def __init__(self, cfg: MoEUTConfig):
         super().__init__()

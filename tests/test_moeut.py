@@ -231,3 +231,15 @@ def test_quantization_and_fp8_take_the_units_linears_but_not_the_selections():
     chosen = {n for n, m in model.named_modules() if keep(m, n)}
     assert chosen == {f"units.{u}.attn.{p}" for u in (0, 1) for p in ("q_proj", "k_proj")}
     assert set(fp8_linears(model, 16)) == chosen
+
+
+def test_an_sdpa_backend_reaches_the_shared_attention():
+    from models.attention import set_backend
+
+    model = tiny().eval()
+    x = ids()
+    with torch.no_grad():
+        auto = model(x)
+        assert set_backend(model, "math") == 0 and all(u.attn.backend == "math" for u in model.units)
+        torch.testing.assert_close(model(x), auto, atol=1e-5, rtol=0)
+        assert set_backend(model, "flex", 16) == 0 and all(u.attn.backend == "auto" for u in model.units)
