@@ -109,8 +109,9 @@ def section_class(annotation: Any, node: Any = None) -> type | None:
         if len(members) > 1:  # the model union: members differ by their `name` default
             by_name = {m.__dataclass_fields__["name"].default: m for m in members}
             name = node.get("name") if isinstance(node, dict) else None
-            if name is None and isinstance(node, dict) and node.get("preset") in PRESETS:
-                name = PRESETS[node["preset"]].name  # model.preset: NAME, expanded later
+            preset = node.get("preset") if isinstance(node, dict) else None
+            if name is None and isinstance(preset, str) and preset in PRESETS:
+                name = PRESETS[preset].name  # model.preset: NAME, expanded later
             if name is None:
                 return _DEFAULT_MODEL
             if name not in by_name:
