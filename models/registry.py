@@ -130,7 +130,7 @@ PRESETS: dict[str, DecoderConfig] = {
     ),
     # MoEUT (models/moeut.py): 2 shared layers used twice each; SwitchHead with 4 value/output
     # experts per head (top-1), σ-MoE with 16 ReLU experts of 160 (top-4): about llama-tiny's
-    # active FLOPs per token with 1.7x its parameters.
+    # active FLOPs per token with 1.34x its parameters.
     "moeut-tiny": MoEUTConfig(**_TINY),
     "gpt2-124m": GPT2Config(**_124M),
     "llama-124m": LlamaConfig(**_124M),

@@ -280,3 +280,5 @@ def test_byte_tokenizer_dataset_holds_every_byte_and_is_not_mixed_up_with_bpe(ra
     bpe_manifest = {"tokenizer": {"sha256": "a trained BPE's"}}
     assert "another tokenizer than the byte one" in tokenizer_changed(asks_bytes, bpe_manifest)
     assert tokenizer_changed(asks_bpe, bpe_manifest) is None
+    shares_its_tokenizer = config(txt_corpus, tmp_path / "bytes", tokenizer=str(tmp_path / "bytes"))
+    assert tokenizer_changed(shares_its_tokenizer, manifest) is None  # a file: not judged

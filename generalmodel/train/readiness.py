@@ -72,10 +72,13 @@ def _checked(cfg: Config, ds, init: InitSource | None) -> tuple[Config, Any]:
 
 
 def tokenizer_changed(cfg: Config, manifest: dict[str, Any]) -> str | None:
-    """The byte tokenizer asked for and another one in the dataset, or the other way round (a
-    byte-level model must not train on BPE tokens, nor a BPE run on bytes), or None."""
+    """The byte tokenizer asked for and another one in the dataset, or a trained BPE asked for and
+    the byte tokenizer in it (a byte-level model must not train on BPE tokens, nor a BPE run on
+    bytes), or None. A tokenizer file given by path is not judged (it may be the byte one)."""
     from generalmodel.data.tokenizer import BYTES, byte_tokenizer, tokenizer_hash
 
+    if cfg.data.tokenizer not in (None, BYTES):
+        return None
     is_bytes = manifest.get("tokenizer", {}).get("sha256") == tokenizer_hash(byte_tokenizer().to_str())
     if (cfg.data.tokenizer == BYTES) == is_bytes:
         return None
