@@ -454,6 +454,12 @@ class Block(nn.Module):
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.mlp_norm(x)))), kv
 
 
+def inactive_params(module: nn.Module) -> int:
+    """The parameters of `module` one token does not use: every sparse part's `inactive_params()`
+    (the experts an MoE does not route it to, the memory rows it does not retrieve)."""
+    return sum(m.inactive_params() for m in module.modules() if hasattr(type(m), "inactive_params"))
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -682,10 +688,7 @@ class Decoder(nn.Module):
         rows of memory tables)."""
         n = sum(p.numel() for p in self.parameters())
         if active:
-            for moe in self.moe_layers():
-                n -= (moe.n_experts - moe.top_k) * (moe.experts.w_up[0].numel() + moe.experts.w_down[0].numel())
-            memories = (ProductKeyMemory, UltraMemory)
-            n -= sum(m.inactive_params() for m in self.modules() if isinstance(m, memories))
+            n -= inactive_params(self)
         if not embeddings:
             n -= self.embed.weight.numel() + (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
             n -= sum(table.weight.numel() for table in self.value_embeds or ())

@@ -34,13 +34,16 @@ class MoE(nn.Module):
         score: str = "sigmoid",
         bias_update_rate: float = 1e-3,
         aux_loss_weight: float = 0.0,
+        experts: nn.Module | None = None,
     ):
+        """`experts`: stacks `w_up`, `w_down` run on rows grouped by expert (default: SwiGLU's,
+        `GroupedExperts`; MoEUT's σ-MoE passes ReLU experts)."""
         super().__init__()
         _outside_compiled_graphs()
         self.n_experts, self.top_k, self.hidden = n_experts, top_k, hidden
         self.score, self.bias_update_rate, self.aux_loss_weight = score, bias_update_rate, aux_loss_weight
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.experts = GroupedExperts(n_experts, d_model, hidden)
+        self.experts = experts if experts is not None else GroupedExperts(n_experts, d_model, hidden)
         self.shared = SharedExperts(d_model, hidden * n_shared) if n_shared else None
         self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts), persistent=False)
@@ -62,6 +65,10 @@ class MoE(nn.Module):
         if self.shared is not None:
             self.shared.init_weights(std, residual_std)
         self.expert_bias.zero_()
+
+    def inactive_params(self) -> int:
+        """Routed-expert parameters a token does not use (all but its top-k experts)."""
+        return (self.n_experts - self.top_k) * (self.experts.w_up[0].numel() + self.experts.w_down[0].numel())
 
     # -- routing ---------------------------------------------------------------------------------
 

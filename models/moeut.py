@@ -41,7 +41,7 @@ from torch import nn
 
 from models.attention import eager_attention, init_linear, layer_mask, sdpa
 from models.common import apply_rope, matmul_flops_per_token
-from models.decoder import Decoder, DecoderConfig, _opt, make_norm
+from models.decoder import Decoder, DecoderConfig, _opt, inactive_params, make_norm
 from models.hooks import HookPoint
 from models.moe import MoE, _grouped_matmul, expert_counts
 
@@ -219,16 +219,17 @@ class SigmaMoE(_Regularised, MoE):
     input (peri-layernorm) while the experts read the input itself."""
 
     def __init__(self, cfg: MoEUTConfig):
-        MoE.__init__(self, cfg.d_model, cfg.expert_hidden, cfg.moe_experts, cfg.moe_top_k, 0, "sigmoid", 0.0)
-        self.experts = ReluExperts(cfg.moe_experts, cfg.d_model, cfg.expert_hidden)
-        self.norm = make_norm(cfg)
+        experts = ReluExperts(cfg.moe_experts, cfg.d_model, cfg.expert_hidden)
+        MoE.__init__(
+            self, cfg.d_model, cfg.expert_hidden, cfg.moe_experts, cfg.moe_top_k, 0, "sigmoid", 0.0, 0.0, experts
+        )
+        self.norm = make_norm(cfg)  # (MoE's init ran before it existed: new, it holds its init values)
         self.entropy_weight = cfg.moe_entropy_weight
         del self.hook_router_logits, self.hook_expert_ids  # each layer's `LayerMoE` has its own
-        self.init_weights(cfg.init_std, cfg.init_std)
 
     def init_weights(self, std: float, residual_std: float) -> None:
         super().init_weights(std, residual_std)
-        if hasattr(self, "norm"):
+        if hasattr(self, "norm"):  # not yet while MoE.__init__ runs
             self.norm.reset_parameters()
 
     def route(self, x: torch.Tensor, view: LayerMoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -367,26 +368,13 @@ class MoEUT(Decoder):
         losses = [m.aux_loss for m in self._regularised() if m.aux_loss is not None]
         return sum(losses) if losses else None
 
-    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
-        n = super().num_params(embeddings, active)
-        if active:  # the routed experts were taken off by the decoder; the attention experts here
-            n -= sum(unit.attn.inactive_params() for unit in self.units)
-        return n
-
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: each unit's active parameters counted once per layer that uses
         it (parameters are shared, FLOPs are not), plus attention scores over n_layers."""
         uses = self.cfg.n_layers // self.cfg.layer_group
-        unit_active = sum(
-            sum(p.numel() for p in unit.parameters()) - unit.attn.inactive_params() - _inactive_experts(unit.mlp)
-            for unit in self.units
-        )
+        unit_active = sum(sum(p.numel() for p in unit.parameters()) - inactive_params(unit) for unit in self.units)
         active = self.num_params(embeddings=False, active=True) + (uses - 1) * unit_active
         return matmul_flops_per_token(active, self.cfg.n_layers, self.cfg.d_model, seq_len)
-
-
-def _inactive_experts(moe: MoE) -> int:
-    return (moe.n_experts - moe.top_k) * (moe.experts.w_up[0].numel() + moe.experts.w_down[0].numel())
 
 
 def fsdp_whole(model: MoEUT, mesh=None, mp_policy=None, expert_mesh=None) -> MoEUT:
