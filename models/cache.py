@@ -193,6 +193,13 @@ class KVCache:
         self._span = None  # the next forward reserves again (or reads every slot)
 
 
+def new_cache(model, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None):
+    """The decoding cache of `model`: its own (`model.new_cache`, e.g. a byte model's several caches
+    and patch state, models/blt.py) or a `KVCache`."""
+    make = getattr(model, "new_cache", None)
+    return make(batch, capacity, dtype) if make is not None else KVCache(model, batch, capacity, dtype)
+
+
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """(b, 1, T, S) bool for SDPA: a query at position p sees the filled slots at positions ≤ p
     (and > p - window)."""

@@ -251,6 +251,11 @@ class DecoderConfig:
                 f"positive (size may be null)"
             )
 
+    def tied_keys(self) -> list[str]:
+        """State-dict keys that are another key's tensor (a tied head: the embedding's weight),
+        left out of exports and rebuilt by the model."""
+        return ["head.weight"] if self.tie_embeddings else []
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads

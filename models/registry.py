@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from models.blt import BLT, BLTConfig
 from models.decoder import Decoder, DecoderConfig
 from models.deepseek import DeepSeekConfig
 from models.gpt2 import GPT2Config
@@ -98,11 +99,13 @@ REGISTRY: dict[str, ModelSpec] = {
     "llama": ModelSpec(LlamaConfig, Decoder, fsdp_decoder),
     "deepseek": ModelSpec(DeepSeekConfig, Decoder, fsdp_decoder),
     "moeut": ModelSpec(MoEUTConfig, MoEUT, fsdp_whole),
+    "blt": ModelSpec(BLTConfig, BLT, fsdp_decoder),
 }
 
 # Named presets: `--model.preset=NAME` (fields given beside it override the preset's).
 _TINY = dict(vocab_size=8192, max_seq_len=256, n_layers=4, n_heads=4, d_model=192, tie_embeddings=True)
 _124M = dict(vocab_size=50304, max_seq_len=1024, n_layers=12, n_heads=12, d_model=768, tie_embeddings=True)
+_BYTES = dict(vocab_size=263, max_seq_len=1024, n_layers=4, n_heads=4, n_kv_heads=2, d_model=192, tie_embeddings=True)
 PRESETS: dict[str, DecoderConfig] = {
     "gpt2-tiny": GPT2Config(**_TINY),
     "llama-tiny": LlamaConfig(**_TINY, n_kv_heads=2),
@@ -132,6 +135,12 @@ PRESETS: dict[str, DecoderConfig] = {
     # experts per head (top-1), σ-MoE with 16 ReLU experts of 160 (top-4): about llama-tiny's
     # active FLOPs per token with 1.34x its parameters.
     "moeut-tiny": MoEUTConfig(**_TINY),
+    # Byte Latent Transformer (models/blt.py) over a bytes dataset (263 ids: 7 specials + 256 bytes),
+    # 1024 bytes a row: llama-tiny's latent shape over patches, a byte encoder (1 block) and decoder
+    # (2 blocks) of width 96. Entropy patches (blt-tiny: the job loads model.entropy_model, a byte
+    # llama of 2 × 64 trained first) or a patch every 4 bytes (blt-static-tiny).
+    "blt-tiny": BLTConfig(**_BYTES, patching="entropy", entropy_threshold=2.0),
+    "blt-static-tiny": BLTConfig(**_BYTES, patching="static"),
     "gpt2-124m": GPT2Config(**_124M),
     "llama-124m": LlamaConfig(**_124M),
     "llama-350m": LlamaConfig(**{**_124M, "n_layers": 24, "n_heads": 16, "d_model": 1024}, n_kv_heads=4),

@@ -45,7 +45,7 @@ from pydantic import Field
 from generalmodel.config import Section
 from generalmodel.interp.analysis import entropy_stats
 from generalmodel.tokens import LATENT_TOKENS, THOUGHT_TOKENS
-from models.cache import KVCache
+from models.cache import new_cache
 
 
 class SamplingParams(Section):
@@ -183,7 +183,7 @@ class Engine:
             raise ValueError("compiled decoding is not built for Quiet-STaR's thought per token: compile=False")
         self.model, self.thoughts = model, thoughts
         self.reserved = thoughts.positions if thoughts is not None else 0  # per request, before its tokens
-        self.cache = KVCache(model, slots, capacity)
+        self.cache = new_cache(model, slots, capacity)
         self.cache.trim = not compile  # compiled: every slot, static shapes
         self.capacity = self.cache.capacity
         self.device = model.embed.weight.device

@@ -39,8 +39,8 @@ def export_files(cfg, state: dict[str, torch.Tensor], tokenizer_json: str) -> di
 
     from safetensors.torch import save
 
-    if cfg.tie_embeddings:
-        state = {k: v for k, v in state.items() if k != "head.weight"}  # embed.weight; rebuilt by the model
+    tied = set(cfg.tied_keys())  # each the embedding's weight; the model rebuilds the tie
+    state = {k: v for k, v in state.items() if k not in tied}
     return {
         "model.safetensors": save({k: v.detach().cpu().contiguous() for k, v in state.items()}),
         "tokenizer.json": tokenizer_json.encode(),
@@ -147,7 +147,7 @@ def load_state(model, state: dict[str, torch.Tensor], where: str) -> None:
     """A full state dict into a freshly built (unsharded) model; a tied head may be absent (the
     export leaves it out: it is embed.weight). A UserError naming `where` when it does not fit."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "head.weight")]
+    missing = [k for k in missing if k not in model.cfg.tied_keys()]
     if missing or unexpected:
         raise UserError(f"{where}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
 
