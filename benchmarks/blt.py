@@ -129,7 +129,9 @@ def main() -> None:
         ecfg = config(dataclasses.asdict(static.entropy_config()), byte_ds, args.entropy_steps, 0, "blt-entropy-model")
         entropy_model, seconds = train(ecfg)
         theta = threshold(entropy_model, byte_ds, entropy_cfg.patch_size)
-        print(f"entropy model: {bits_per_byte(entropy_model, byte_ds):.4f} bpb ({seconds:.0f} s); threshold {theta:.3f}")
+        print(
+            f"entropy model: {bits_per_byte(entropy_model, byte_ds):.4f} bpb ({seconds:.0f} s); threshold {theta:.3f}"
+        )
         entropy_cfg = dataclasses.replace(entropy_cfg, entropy_threshold=theta)
     rows = {}
     for variant in variants:

@@ -58,7 +58,8 @@ from generalmodel.train.fp8 import convert as fp8_convert
 from generalmodel.train.mfu import device_peak_flops
 from models import PRESETS, build_model
 
-DEFAULT_PRESETS = "gpt2-124m,llama-124m,llama-350m,deepseek-124m,memory-124m,ultramem-124m,moeut-124m"
+# (blt-static-124m: tokens are bytes, about 4 to a BPE token: compare its tok/s / 4 and MFU)
+DEFAULT_PRESETS = "gpt2-124m,llama-124m,llama-350m,deepseek-124m,memory-124m,ultramem-124m,moeut-124m,blt-static-124m"
 FP8_PRESETS = "gpt2-124m,llama-1.3b,llama-d4096"
 PARITY_TOLERANCE = 0.05  # largest |loss_fp8 - loss_bf16| accepted over the parity run
 REFERENCE = "gpt2-124m"

@@ -86,7 +86,9 @@ class BLTConfig(DecoderConfig):
         "entropy exceeds entropy_threshold; monotonic: where it rose by more than entropy_threshold.",
     )
     patch_size: int = _opt(4, "static: bytes per patch; entropy/monotonic: the mean assumed by the FLOP count.")
-    patch_pad: int = _opt(8, "Round each batch's patch count up to a multiple of this (fewer shapes for torch.compile).")
+    patch_pad: int = _opt(
+        8, "Round each batch's patch count up to a multiple of this (fewer shapes for torch.compile)."
+    )
     entropy_threshold: float = _opt(1.5, "entropy/monotonic: the threshold, in nats.")
     entropy_model: str | None = _opt(
         None,
@@ -230,6 +232,8 @@ class PatchPooling(nn.Module):
 class BLT(nn.Module):
     """The byte model: `blocks` holds the encoder's, the latent transformer's and the decoder's
     blocks in that order (what activation checkpointing, regional compile and FSDP2 wrap)."""
+
+    one_stream = False  # the interp tools that follow one residual stream refuse it
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()

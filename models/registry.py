@@ -169,6 +169,16 @@ PRESETS: dict[str, DecoderConfig] = {
     # MoEUT at 124M: 2 shared layers used 6 times each; SwitchHead (4 experts per head, top-1),
     # σ-MoE with 64 ReLU experts of 384 (top-8): about llama-124m's active FLOPs and parameters.
     "moeut-124m": MoEUTConfig(**_124M, moe_experts=64, moe_top_k=8, moe_hidden=384),
+    # BLT at llama-124m's latent shape over patches of 4 bytes (the GPU table's throughput row; its
+    # entropy preset needs a trained entropy model), byte blocks of width 384, rows of 4096 bytes.
+    "blt-static-124m": BLTConfig(
+        **{**_124M, "vocab_size": 263, "max_seq_len": 4096},
+        patching="static",
+        local_d_model=384,
+        local_heads=6,
+        local_window=512,
+        ngram_buckets=65536,
+    ),
     # Llama 3 8B's shape (8.03B parameters): for planning a cluster run (benchmarks/scaling.py).
     "llama-8b": LlamaConfig(
         vocab_size=128256,

@@ -289,10 +289,16 @@ def recipe_model():
     return load_config("configs/llama-tiny.yaml").model
 
 
+REFUSED = {"blt-tiny", "blt-static-tiny"}  # byte models: the native export only, refused by name
+
+
 def test_every_tiny_preset_exports_as_its_class():
-    tiny = {name for name in PRESETS if name.endswith("-tiny")}
+    tiny = {name for name in PRESETS if name.endswith("-tiny")} - REFUSED
     assert tiny == set(EXPECTED_CLASS)  # a new preset gets its expected class here
     assert {name: hf_architecture(PRESETS[name]) for name in tiny} == EXPECTED_CLASS
+    for name in REFUSED:
+        with pytest.raises(ExportError, match="model 'blt' cannot be exported for transformers: a byte latent model"):
+            hf_architecture(PRESETS[name])
     assert hf_architecture(recipe_model()) == "qwen3"
     # make long-memory's model: Qwen3's fields plus a memory Qwen3 does not have
     long_memory = dict(window=64, long_memory="knn", long_memory_layers=(1,))

@@ -28,7 +28,7 @@ from generalmodel.interp import (
     run_with_hooks,
 )
 from models import PRESETS, build_model
-from models.cache import KVCache
+from models.cache import new_cache
 
 T = 40  # longer than the windows (8) of the wrapping variants
 ALL = {
@@ -36,6 +36,9 @@ ALL = {
     "gpt2-bias": dict(base="gpt2-tiny", bias=True),  # LayerNorm + biases (DLA's bias terms)
     "llama-softcap": dict(base="llama-tiny", logit_softcap=2.0),  # DLA adds up before the cap
 }
+# One residual stream through every block (a byte model's blocks hold a byte and a patch stream:
+# hooks and patching work, the stream's tools refuse it — tests/test_blt.py)
+STREAM = [v for v in ALL if not v.startswith("blt")]
 
 
 def any_model(variant):
@@ -58,7 +61,7 @@ def perturbed(variant):
     return model
 
 
-@pytest.mark.parametrize("variant", ALL)
+@pytest.mark.parametrize("variant", STREAM)
 @torch.no_grad()
 def test_caching_leaves_the_logits_bit_identical(variant):
     model = perturbed(variant)
@@ -87,7 +90,7 @@ def test_eager_attention_equals_sdpa_for_whole_sequences_and_cached_decoding(var
     assert not any(getattr(m, "eager", False) for m in model.modules())  # switched back
 
     def decode(m):
-        cache = KVCache(m, batch=2)
+        cache = new_cache(m, batch=2)
         cache.reserve(T)
         out = [m(x[:, :13], cache)]
         for t in range(13, T):
@@ -101,7 +104,7 @@ def test_eager_attention_equals_sdpa_for_whole_sequences_and_cached_decoding(var
     assert (fused_steps - fused).abs().max() <= 1e-4  # the cache decodes what the full forward computes
 
 
-@pytest.mark.parametrize("variant", ALL)
+@pytest.mark.parametrize("variant", STREAM)
 @torch.no_grad()
 def test_attention_rows_sum_to_one_and_see_only_what_the_mask_allows(variant):
     model = perturbed(variant)
@@ -130,7 +133,7 @@ def test_patching_every_activation_from_the_clean_run_reproduces_the_clean_logit
     assert not torch.equal(model(corrupted), model(clean))
 
 
-@pytest.mark.parametrize("variant", ALL)
+@pytest.mark.parametrize("variant", STREAM)
 @torch.no_grad()
 def test_the_logit_lens_ends_at_the_models_logits(variant):
     model = perturbed(variant)
@@ -143,7 +146,7 @@ def test_the_logit_lens_ends_at_the_models_logits(variant):
     torch.testing.assert_close(lens.prob(7)[-1], model(x).softmax(-1)[..., 7])
 
 
-@pytest.mark.parametrize("variant", ALL)
+@pytest.mark.parametrize("variant", STREAM)
 def test_direct_logit_attribution_sums_to_the_logit_difference(variant):
     model = perturbed(variant)
     x = ids()

@@ -16,7 +16,7 @@ from generalmodel.cli import parse_args
 from generalmodel.config import ConfigError
 from models import PRESETS, build_model, get_spec
 from models.attention import causal_mask
-from models.cache import KVCache, attention_mask
+from models.cache import KVCache, attention_mask, new_cache
 from models.moe import MoE
 
 TINY = [name for name in PRESETS if name.endswith("-tiny")]
@@ -41,7 +41,7 @@ def test_kv_cache_decoding_reproduces_full_forward(variant):
     idx = torch.randint(0, 256, (2, 90))
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache(model, batch=2)
+        cache = new_cache(model, batch=2)
         steps = [model(idx[:, :25], cache)] + [model(idx[:, t : t + 1], cache) for t in range(25, 90)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
 

@@ -18,7 +18,10 @@ class ExportError(UserError):
 def research_parts(cfg) -> dict[str, str]:
     """The parts of `cfg` beyond a plain dense decoder, by config field, each described with its value."""
     parts = {
-        "name": cfg.name == "moeut" and "model.name='moeut' (shared layers, SwitchHead attention, σ-MoE)",
+        "name": {
+            "moeut": "model.name='moeut' (shared layers, SwitchHead attention, σ-MoE)",
+            "blt": "model.name='blt' (a byte latent model: patches, byte encoder and decoder)",
+        }.get(cfg.name, False),
         "attention": cfg.attention != "gqa" and f"attention={cfg.attention!r} (multi-head latent attention)",
         "moe_experts": cfg.moe_experts and f"moe_experts={cfg.moe_experts} (mixture of experts)",
         "memory_layers": cfg.memory_layers and f"memory_layers={list(cfg.memory_layers)} (product-key memory layers)",

@@ -58,6 +58,8 @@ class RemoteCodeAdapter(HfAdapter):
         # model would answer without them, silently worse. The native export keeps the field.
         thoughts = cfg.continuous_thoughts
         out = [f"continuous_thoughts={thoughts} (Coconut decoding, which generate does not do)"] if thoughts else []
+        if cfg.name == "blt":
+            out.append("a byte latent model (patches, an entropy model: caches transformers' generate does not keep)")
         if cfg.quiet_star_thoughts:
             out.append(
                 f"quiet_star_thoughts={cfg.quiet_star_thoughts} (a thought at every token, which generate does not do)"

@@ -69,10 +69,22 @@ class LogitLens:
 
 
 @torch.no_grad()
+def one_stream(model: nn.Module, tool: str) -> None:
+    """A UserError unless `model`'s blocks all read and write one residual stream (a byte model's
+    blocks are a byte encoder's, a latent transformer's over patches and a byte decoder's)."""
+    if not getattr(model, "one_stream", True):
+        raise UserError(
+            f"{tool} reads one residual stream through every block; model.name={model.cfg.name!r} has a byte "
+            "stream and a patch stream (blocks.* are its encoder's, latent transformer's and decoder's): not "
+            "supported (hook points, run_with_cache and activation patching are)"
+        )
+
+
 def logit_lens(model: nn.Module, ids: torch.Tensor) -> LogitLens:
     """The final norm and the head applied to the residual stream after the embedding and after
     every block: what the model would predict if it stopped there (nostalgebraist 2020). The last
     stage is the model's own logits."""
+    one_stream(model, "the logit lens")
     L = model.cfg.n_layers
     _, cache = run_with_cache(model, ids, [block_point(0, "resid_pre"), "blocks.*.hook_resid_post"])
     stream = [cache[block_point(0, "resid_pre")]] + [cache[block_point(i, "resid_post")] for i in range(L)]
@@ -114,6 +126,7 @@ def direct_logit_attribution(
     the actual stream (the norm is linear once its scale is fixed; LayerNorm's centring is).
     Models whose blocks rescale or re-add the stream (model.embed_skip, model.unet_skips) are
     refused: their stream is not the plain sum of the components."""
+    one_stream(model, "direct logit attribution")
     skips = [name for name in ("embed_skip", "unet_skips") if getattr(model.cfg, name, False)]
     if skips:
         raise UserError(

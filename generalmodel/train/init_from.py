@@ -46,7 +46,7 @@ def load_init(cfg: Config, tracking_uri: str | None) -> tuple[Config, InitSource
     prepared), and the loaded source of `cfg.train.init_from`; (cfg, None) when it is not set."""
     reference = cfg.train.init_from
     if reference is None:
-        return cfg, None
+        return cfg, entropy_init(cfg, tracking_uri)
     loaded = load_model_source(reference, tracking_uri, cfg)
     source = dataclasses.replace(loaded, model=merged_model(cfg, loaded.model, reference))
     updates: dict[str, Any] = {"model": source.model}
@@ -57,6 +57,42 @@ def load_init(cfg: Config, tracking_uri: str | None) -> tuple[Config, InitSource
         updates["data"] = cfg.data.model_copy(update={"tokenizer": path})
     log.info("initialising from %s (%s)", reference, type(source.model).__name__)
     return cfg.model_copy(update=updates), source
+
+
+def entropy_init(cfg: Config, tracking_uri: str | None) -> InitSource | None:
+    """A byte latent model patched by entropy (models/blt.py) starts from its seed's random init
+    with the trained byte LM `model.entropy_model` in its frozen `entropy` part: that full state,
+    as a source the workers load like train.init_from's (its tokenizer is the dataset's). None for
+    every other model."""
+    model = cfg.model
+    if getattr(model, "patching", "static") == "static":
+        return None
+    if model.entropy_model is None:
+        raise UserError(
+            f"model.patching={model.patching!r} needs model.entropy_model: the trained byte LM that places the "
+            "patches (train it first: make blt-entropy, configs/blt-entropy.yaml), or model.patching=static"
+        )
+    from models import build_model
+
+    source = load_model_source(model.entropy_model, tracking_uri, cfg)
+    want = dataclasses.asdict(model.entropy_config())
+    got = dataclasses.asdict(source.model)
+    differ = [f"{k}={got.get(k)!r} (needs {v!r})" for k, v in want.items() if k != "max_seq_len" and got.get(k) != v]
+    if got.get("max_seq_len", 0) < model.max_seq_len:
+        differ.append(f"max_seq_len={got.get('max_seq_len')!r} (needs at least {model.max_seq_len})")
+    if differ:
+        raise UserError(
+            f"model.entropy_model {model.entropy_model!r} is not the entropy model this config describes "
+            f"(model.entropy_*): {'; '.join(differ)}"
+        )
+    torch.manual_seed(cfg.train.seed)  # the init every rank builds (TrainingRun seeds the same)
+    built = build_model(model)
+    from generalmodel.infer.export import load_state
+
+    load_state(built.entropy, source.state, f"model.entropy_model {model.entropy_model!r}")
+    tags = {"entropy_model": model.entropy_model}
+    log.info("the entropy model is %s", model.entropy_model)
+    return InitSource(model.entropy_model, model, built.state_dict(), source.tokenizer_json, tags)
 
 
 def load_model_source(reference: str, tracking_uri: str | None, cfg: Config) -> InitSource:
