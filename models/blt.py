@@ -33,7 +33,7 @@ parallel and export to transformers (refused by name).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Literal
 
@@ -44,7 +44,7 @@ from torch import nn
 from models.attention import Documents, init_linear
 from models.cache import KVCache
 from models.common import rope_tables
-from models.decoder import Block, Decoder, DecoderConfig, _opt, make_norm
+from models.decoder import Block, Decoder, DecoderConfig, _opt, make_norm, unused_fields
 from models.llama import LlamaConfig
 from models.loss import capped_logits, linear_cross_entropy, token_losses, whole
 
@@ -101,8 +101,7 @@ class BLTConfig(DecoderConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base = {f.name: f.default for f in fields(DecoderConfig)}
-        changed = [f"{k}={getattr(self, k)!r}" for k in _NOT_BLT if getattr(self, k) != base[k]]
+        changed = unused_fields(self, _NOT_BLT)
         if changed:
             raise ValueError(f"model.name='blt' does not use {', '.join(changed)}")
         for name in ("local_d_model", "local_heads", "ngram_buckets", "patch_size", "patch_pad", "entropy_layers"):

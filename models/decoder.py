@@ -292,6 +292,13 @@ class DecoderConfig:
         return None
 
 
+def unused_fields(cfg: DecoderConfig, names: tuple[str, ...]) -> list[str]:
+    """`name=value` for each of the DecoderConfig fields `names` that `cfg` sets away from its
+    default: fields a model family does not read, which its config refuses by name."""
+    base = {f.name: f.default for f in fields(DecoderConfig)}
+    return [f"{k}={getattr(cfg, k)!r}" for k in names if getattr(cfg, k) != base[k]]
+
+
 def _gate_unfused(module, state_dict, prefix, *args) -> None:
     """Weights saved when SwiGLU's gate and value were one projection (`up`, rows [gate | value],
     twice the hidden width) load as `gate` and `up`."""

@@ -32,7 +32,7 @@ which carries this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -41,7 +41,7 @@ from torch import nn
 
 from models.attention import eager_attention, init_linear, layer_mask, sdpa
 from models.common import apply_rope, matmul_flops_per_token
-from models.decoder import Decoder, DecoderConfig, _opt, inactive_params, make_norm
+from models.decoder import Decoder, DecoderConfig, _opt, inactive_params, make_norm, unused_fields
 from models.hooks import HookPoint
 from models.moe import MoE, _grouped_matmul, expert_counts
 
@@ -81,8 +81,7 @@ class MoEUTConfig(DecoderConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base = {f.name: f.default for f in fields(DecoderConfig)}
-        changed = [f"{k}={getattr(self, k)!r}" for k in _NOT_MOEUT if getattr(self, k) != base[k]]
+        changed = unused_fields(self, _NOT_MOEUT)
         if self.moe_shared_experts or self.moe_first_dense or self.moe_bias_update_rate:
             changed.append("moe_shared_experts, moe_first_dense and moe_bias_update_rate must be 0")
         if changed:
