@@ -10,7 +10,7 @@ from models.gpt2 import GPT2Config
 
 
 def test_registry_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown model 'gpt3'; registered models: deepseek, gpt2, llama"):
+    with pytest.raises(ValueError, match="unknown model 'gpt3'; registered models: blt, deepseek, gpt2, llama, moeut"):
         get_spec("gpt3")
     with pytest.raises(ConfigError, match="unknown model 'gpt3'.*deepseek, gpt2, llama"):
         parse_args(["--model.name=gpt3"])

@@ -68,7 +68,6 @@ class LogitLens:
         return self.logits.float().softmax(-1)[..., token]
 
 
-@torch.no_grad()
 def one_stream(model: nn.Module, tool: str) -> None:
     """A UserError unless `model`'s blocks all read and write one residual stream (a byte model's
     blocks are a byte encoder's, a latent transformer's over patches and a byte decoder's)."""
@@ -80,6 +79,7 @@ def one_stream(model: nn.Module, tool: str) -> None:
         )
 
 
+@torch.no_grad()
 def logit_lens(model: nn.Module, ids: torch.Tensor) -> LogitLens:
     """The final norm and the head applied to the residual stream after the embedding and after
     every block: what the model would predict if it stopped there (nostalgebraist 2020). The last

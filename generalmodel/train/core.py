@@ -236,7 +236,8 @@ class TrainingRun:
         if cfg.train.init_from is not None and init is None:
             raise TrainingError(f"train.init_from {cfg.train.init_from!r}: the job did not load it (load_init)")
         if init is not None:  # train.init_from, or a fresh model with parts loaded (a BLT's entropy model)
-            load_state(model, init(), f"train.init_from {cfg.train.init_from!r}" if cfg.train.init_from else "init")
+            where = f"train.init_from {cfg.train.init_from!r}" if cfg.train.init_from else "the job's initial state"
+            load_state(model, init(), where)
         self.num_params = model.num_params()
         self.flops_per_token = model.flops_per_token(seq_len) if seq_len else None  # active parameters (MoE)
         if cfg.train.adapter == "svf":  # after the base's weights are in: their singular vectors are frozen

@@ -43,7 +43,8 @@ class InitSource:
 
 def load_init(cfg: Config, tracking_uri: str | None) -> tuple[Config, InitSource | None]:
     """`cfg` with the source's model config (and its tokenizer for a dataset still to be
-    prepared), and the loaded source of `cfg.train.init_from`; (cfg, None) when it is not set."""
+    prepared), and the loaded source of `cfg.train.init_from`; when it is not set, (cfg, None) — or,
+    for a byte model patched by entropy, its initial state with the entropy model (`entropy_init`)."""
     reference = cfg.train.init_from
     if reference is None:
         return cfg, entropy_init(cfg, tracking_uri)
