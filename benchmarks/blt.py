@@ -123,7 +123,7 @@ def main() -> None:
     bpe_cfg = PRESETS["llama-tiny"]
     bpe_flops = build_model(bpe_cfg).flops_per_token(bpe_cfg.max_seq_len) * 8 * bpe_cfg.max_seq_len * args.steps
     static = PRESETS["blt-static-tiny"]
-    entropy_cfg = dataclasses.replace(PRESETS["blt-tiny"])
+    entropy_cfg = PRESETS["blt-tiny"]
     theta, entropy_model = None, None
     if "blt-entropy" in variants:
         ecfg = config(dataclasses.asdict(static.entropy_config()), byte_ds, args.entropy_steps, 0, "blt-entropy-model")

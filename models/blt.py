@@ -397,7 +397,7 @@ class BLT(nn.Module):
     def _step(self, byte: torch.Tensor, cache: BLTCache) -> torch.Tensor:
         """One byte per row of the cache's view (b,) → the decoder's output (b, 1, dl)."""
         rows, s = cache.rows(), cache.state
-        pos = s.lengths[rows]  # (b,)
+        pos = cache.encoder.positions(1)[:, 0]  # (b,): the byte's position (the encoder's length)
         ent = s.entropy[rows]  # (b, 2): the entropies at t−1 and t−2
         doc_pos = pos[:, None]
         # the rule over positions t−2, t−1, t (what it reads of t−2 and t−1), for byte t
@@ -412,28 +412,27 @@ class BLT(nn.Module):
         h = self._run("encoder", x, None, doc_pos, cache.encoder)
         opening = starts.nonzero().flatten()
         if len(opening):
-            self._next_patch(cache, opening, rows)
+            self._next_patch(cache, opening, rows, int(pos[opening].max()))
         s.states[rows, pos] = h[:, 0].to(s.states.dtype)
         s.pid[rows, pos] = s.patches[rows] - 1
         x = self._run("decoder", h + s.up[rows][:, None].to(h.dtype), None, doc_pos, cache.decoder)
         if self.entropy is not None:
             e = entropies(self.entropy(byte[:, None], cache.entropy)[:, 0])
             s.entropy[rows] = torch.stack([e, ent[:, 0]], dim=1)
-        s.lengths[rows] += 1
         return x
 
-    def _next_patch(self, cache: BLTCache, opening: torch.Tensor, rows: torch.Tensor) -> None:
+    def _next_patch(self, cache: BLTCache, opening: torch.Tensor, rows: torch.Tensor, span: int) -> None:
         """The rows at `opening` (indices into the view's rows) start a patch: the one they close is
-        pooled and the latent transformer takes it (a document's first patch: the start vector)."""
+        pooled and the latent transformer takes it (a document's first patch: the start vector).
+        `span`: the bytes the longest of them held before this one."""
         s = cache.state
         sub = rows[opening]
-        span = int(s.lengths[sub].max()) if len(sub) else 0
         member = (s.pid[sub, :span] == (s.patches[sub] - 1)[:, None]) & (s.patches[sub] > 0)[:, None]
         inputs = self.latent_start.expand(len(sub), -1).to(s.states.dtype)
         if span:
             pooled = self.pool(s.states[sub, :span], member[:, None])[:, 0]
             inputs = torch.where((s.patches[sub] > 0)[:, None], pooled, inputs)
-        view = cache.latent_view([cache.host_rows[i] for i in opening.tolist()])
+        view = cache.latent.view([cache.host_rows[i] for i in opening.tolist()])
         view.reserve(1)
         out = self._run("latent", inputs[:, None], None, view.positions(1), view)
         s.up[sub] = self.latent_out(self.latent_norm(out))[:, 0].to(s.up.dtype)
@@ -503,7 +502,6 @@ class BLTCache:
         self.entropy = KVCache(model.entropy, batch, self.capacity, dtype) if model.entropy is not None else None
         cap, dl = self.capacity, cfg.local_d_model
         self.state = SimpleNamespace(
-            lengths=torch.zeros(batch, dtype=torch.long, device=device),
             ids=torch.zeros(batch, cap, dtype=torch.long, device=device),
             states=torch.zeros(batch, cap, dl, dtype=dtype, device=device),
             pid=torch.full((batch, cap), -1, dtype=torch.long, device=device),
@@ -512,7 +510,6 @@ class BLTCache:
             entropy=torch.zeros(batch, 2, device=device),
         )
         self.batch = batch
-        self.host_lengths = [0] * batch
         self.host_rows = list(range(batch))
         self._all = torch.arange(batch, device=device)
         self._rows: torch.Tensor | None = None
@@ -531,7 +528,12 @@ class BLTCache:
 
     @property
     def lengths(self) -> torch.Tensor:
-        return self.state.lengths
+        """The bytes each row holds: the encoder cache's count (every byte passes through it)."""
+        return self.encoder.lengths
+
+    @property
+    def host_lengths(self) -> list[int]:
+        return self.encoder.host_lengths
 
     def rows(self) -> torch.Tensor:
         return self._all if self._rows is None else self._rows
@@ -540,35 +542,24 @@ class BLTCache:
         view = object.__new__(BLTCache)
         view.__dict__.update(self.__dict__)
         view.host_rows = list(rows)
-        view._rows = torch.tensor(view.host_rows, dtype=torch.long, device=self.state.lengths.device)
+        view._rows = torch.tensor(view.host_rows, dtype=torch.long, device=self._all.device)
         view.encoder, view.decoder = self.encoder.view(rows), self.decoder.view(rows)
         view.entropy = self.entropy.view(rows) if self.entropy is not None else None
         return view
 
-    def latent_view(self, rows: list[int]) -> KVCache:
-        return self.latent.view(rows)
-
     def reset(self, rows) -> None:
         for c in self._caches():
             c.reset(rows)
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.state.lengths.device)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self._all.device)
         s = self.state
-        s.lengths[index], s.patches[index], s.pid[index], s.entropy[index] = 0, 0, -1, 0.0
-        for r in rows:
-            self.host_lengths[r] = 0
+        s.patches[index], s.pid[index], s.entropy[index] = 0, -1, 0.0
 
     def reserve(self, T: int) -> None:
-        for r in self.host_rows:
-            if self.host_lengths[r] + T > self.capacity:
-                raise ValueError(
-                    f"row {r} would hold {self.host_lengths[r] + T} bytes, over the cache's capacity {self.capacity} "
-                    "(the model's max_seq_len or less)"
-                )
+        """As KVCache.reserve (the encoder's checks the capacity before any cache counts); the latent
+        cache reserves a step per patch as the model starts one."""
         for c in (self.encoder, self.decoder, self.entropy):
             if c is not None:
                 c.reserve(T)
-        for r in self.host_rows:
-            self.host_lengths[r] += T
 
     def rollback(self, lengths) -> None:
         raise ValueError("a byte model's cache cannot roll back (its patches and latent steps are not undone)")
