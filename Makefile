@@ -141,7 +141,8 @@ dpo: sotu-qa
 # RL with verifiable rewards on the offline demo: arithmetic word problems (jobs/arithmetic.py); an
 # SFT stage from the `make pretrain` model teaches the answer format (llama-tiny-arith-sft, trained
 # once, when the registry lacks it); then GRPO with rollouts on Ray actors (llama-tiny-arith-rl).
-# Prints held-out accuracy before -> after and logs the accuracy-vs-step plot to the MLflow run.
+# Prints held-out pass@1 (greedy, sampled) and pass@8 before -> after, the share of the pass@1 -> pass@8
+# gap closed, and logs the accuracy-vs-step plot to the MLflow run (RL_ARGS=--rl.prime=true: PRIME).
 ARITH_DIR := .generalmodel/arithmetic
 RL_SFT_ARGS ?=
 RL_ARGS ?=

@@ -14,10 +14,12 @@ configs/reasoning-rl.yaml from it (train.seed = the model's position in --sft) o
 training prompts, registered as llama-tiny-reason-cot-rl-VARIANT; then evaluates the SFT models
 and every RL model with jobs.eval --problems on the held-out problems (the greedy answer and 8
 top-p samples per problem). Variants: grpo (the config as it is), dynamic (DAPO's dynamic
-sampling: rl.oversample 2), lowlr (optim.lr 2e-5, a tenth), dynamic-lowlr (both), clip-higher
-(DAPO's, 0.28), curriculum (rl.skip_uniform_for 25: acts only when prompts repeat, not in 100
-steps × 16 of 3000). --trained VARIANT=URI,URI evaluates
-models an earlier invocation trained (one per --sft model, in order; an empty one is trained).
+sampling: rl.oversample 2), lowlr (optim.lr 2e-5, a tenth), dynamic-lowlr (both),
+dynamic-midlr-kl (lr 6e-5, dynamic sampling, rl.beta 0.04), dynamic-midlr-kl-prime (the same
+with PRIME's implicit process rewards), clip-higher (DAPO's, 0.28), curriculum
+(rl.skip_uniform_for 25: acts only when prompts repeat, not in 100 steps × 16 of 3000).
+--trained VARIANT=URI,URI evaluates models an earlier invocation trained (one per --sft model, in
+order; an empty one is trained).
 Record the output, with the machine, in benchmarks/RESULTS.md.
 """
 
@@ -38,6 +40,8 @@ VARIANTS = {
     # between the lr that kept the CoT model (2e-5) and the one that broke it (2e-4), held near the
     # start by the KL term
     "dynamic-midlr-kl": {"rl.oversample": 2.0, "optim.lr": 6e-5, "rl.beta": 0.04},
+    # PRIME's implicit process rewards on top of the best setting above
+    "dynamic-midlr-kl-prime": {"rl.oversample": 2.0, "optim.lr": 6e-5, "rl.beta": 0.04, "rl.prime": True},
     "clip-higher": {"rl.clip_eps_high": 0.28},
     "curriculum": {"rl.skip_uniform_for": 25},
 }

@@ -7,8 +7,9 @@ The prompts (`prompt`: a string or a message list, plus the fields the verifiers
 rl.rollout_workers Ray actors on the batched KV-cache engine and scored by the verifiers
 (rl.rewards); the learner runs on Ray Train (FSDP2 over ray.num_workers ranks, checkpoints, exact
 resume) and sends each new version of the weights to the actors through the object store.
-Held-out accuracy (greedy) is measured at the start, every rl.eval_every steps and at the end,
-plotted, and the model is registered as BASE-rl with the starting version and the prompts as its
+Held-out accuracy (greedy) is measured at the start, every rl.eval_every steps and at the end
+(with rl.eval_samples, pass@1 sampled and pass@k at the start and the end: the job prints the gap
+closed), plotted, and the model is registered as BASE-rl with the starting version and the prompts as its
 lineage. The loss is ~0 by construction (centred advantages): watch the reward and the accuracy.
 """
 

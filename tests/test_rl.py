@@ -23,9 +23,17 @@ from generalmodel.infer import SamplingParams
 from generalmodel.infer.engine import generate_batch
 from generalmodel.post import arithmetic
 from generalmodel.post.rl.grpo import group_advantages, grpo_loss, token_logprobs, token_weights, units
-from generalmodel.post.rl.learner import informative_first, rl_train, spread_indices, train_in_process
+from generalmodel.post.rl.learner import (
+    informative_first,
+    rl_train,
+    sampled_scores,
+    spread_indices,
+    train_in_process,
+)
+from generalmodel.post.rl.prime import process_advantages, sequence_sums
+from generalmodel.post.rl.progress_plot import pass_report
 from generalmodel.post.rl.rewards import Rewards, exact_number
-from generalmodel.post.rl.rollout import sample_seed, shards
+from generalmodel.post.rl.rollout import Rollout, sample_seed, shards
 from generalmodel.post.rl.tasks import PromptSchedule, load_prompts
 from models import build_model
 
@@ -100,6 +108,26 @@ def test_loss_normalisations():
     assert torch.equal(token_weights(mask, token)[mask], torch.ones(4))
 
 
+def test_prime_process_advantages_are_leave_one_out_returns_to_go():
+    # one group of 3 completions, lengths 2, 3, 1 (T = 3); rewards off the mask are 0
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    rewards = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 3.0], [2.0, 0.0, 0.0]])
+    means = [2.0, 1.0, 2.0]  # per token
+    baseline = [(means[1] + means[2]) / 2, (means[0] + means[2]) / 2, (means[0] + means[1]) / 2]
+    want = torch.tensor(
+        [
+            [(1 - baseline[0]) + (3 - baseline[0]), 3 - baseline[0], 0.0],
+            [3 * (0 - baseline[1]) + 3, 2 * (0 - baseline[1]) + 3, 3 - baseline[1]],
+            [2 - baseline[2], 0.0, 0.0],
+        ]
+    )
+    assert torch.allclose(process_advantages(rewards, mask, 3), want)
+    # groups are separate: two copies of the group side by side give the same rows
+    twice = process_advantages(torch.cat([rewards, rewards]), torch.cat([mask, mask]), 3)
+    assert torch.equal(twice, torch.cat([want, want]))
+    assert torch.equal(sequence_sums(torch.tensor([1.0, 3.0, 2.0]), mask[[0, 2]]), torch.tensor([4.0, 2.0]))
+
+
 def test_dynamic_sampling_keeps_the_groups_with_a_signal_first():
     rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.5, 0.5]])
     assert informative_first(rewards, 2) == [1, 3]
@@ -114,6 +142,22 @@ def test_held_out_prompts_are_spread_over_the_set():
     assert spread_indices(7, 0) == []
     picked = spread_indices(500, 200)
     assert len(set(picked)) == 200 and max(picked) >= 497
+
+
+def test_held_out_pass_at_k_and_the_gap_closed(capsys):
+    def rollout(score):
+        return Rollout(0, [1], [0.0], score, {"exact_number": score}, True, 0)
+
+    # two prompts, each its greedy rollout then 3 samples: the first solved by 1 of 3, the second by
+    # none (a partial score is not a solve)
+    rollouts = [rollout(s) for s in (1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.5)]
+    got = sampled_scores(rollouts, 3, "exact_number")
+    assert got == pytest.approx({"heldout_pass1_sampled": (1 / 3 + 0) / 2, "heldout_pass3": 0.5})
+    out = pass_report({0: 0.2, 5: 0.3, 10: 0.4}, {0: 0.25, 10: 0.3}, {0: 0.6, 10: 0.62}, 3)
+    assert out["gap_closed"] == pytest.approx((0.4 - 0.2) / (0.6 - 0.2))  # from the first step's gap
+    assert out["pass1_start"] == 0.2 and out["pass3_end"] == 0.62
+    assert "gap closed: +0.50" in capsys.readouterr().out
+    assert "gap_closed" not in pass_report({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}, {0: 0.5, 1: 0.7}, 3)
 
 
 def test_verifiers():
@@ -203,6 +247,7 @@ def task_cfg(root, tmp, **overrides):
             "rl.max_new_tokens": 4,
             "rl.eval_every": 2,
             "rl.eval_prompts": 8,
+            "rl.eval_samples": 2,
             "rl.rewards": {"test_rl:digit_share": 1.0, "exact_number": 0.5},
             **overrides,
         }
@@ -248,7 +293,7 @@ def test_one_update_moves_each_completion_the_way_its_advantage_says(tiny_task, 
     worker.load(0, model.state_dict())
     batch = worker.rollouts(0, [(j * 4 + g, j) for j in range(4) for g in range(4)])
     advantages = group_advantages(torch.tensor([r.reward for r in batch.rollouts]).view(-1, 4), True).view(-1)
-    t = _sequences(prompts, batch.rollouts, advantages, "cpu")
+    t = _sequences(prompts, batch.rollouts, advantages, "exact_number", "cpu")
     keep = t["mask"]
 
     def sequence_logps():
@@ -305,11 +350,11 @@ def run_local(cfg, state, prompts, tokenizer_json):
     return train_in_process(cfg, state, prompts, tokenizer_json)
 
 
-def one_rank_run(root, tokenizer_json, tmp):
+def one_rank_run(root, tokenizer_json, tmp, **overrides):
     """A 4-step run on one rank from a seeded random model: (its config, the model's state, the
     prompts, the metrics by step)."""
     torch.set_num_threads(1)
-    cfg = task_cfg(root, tmp)
+    cfg = task_cfg(root, tmp, **overrides)
     torch.manual_seed(0)
     state = build_model(cfg.model).state_dict()
     prompts = load_prompts(cfg, tokenizer_json)
@@ -322,6 +367,10 @@ def test_learner_learns_from_rewards_and_resumes_exactly(tiny_task, tmp_path):
     assert set(full) == {0, 1, 2, 3, 4}
     assert {"heldout_accuracy", "heldout_reward", "heldout_exact_number"} <= set(full[0])
     assert full[4]["heldout_accuracy"] == full[4]["heldout_test_rl.digit_share"]  # the first verifier's
+    # pass@1 sampled and pass@2 at the first and the last evaluation only (rl.eval_samples: 2)
+    assert [s for s in sorted(full) if "heldout_pass2" in full[s]] == [0, 4]
+    assert "heldout_accuracy" in full[2] and "heldout_pass1_sampled" not in full[2]
+    assert 0 <= full[4]["heldout_pass1_sampled"] <= full[4]["heldout_pass2"] <= 1
     for step in range(1, 5):
         m = full[step]
         assert 0 <= m["reward_mean"] <= 1.5 and 0 <= m["zero_variance_groups"] <= 1 and m["policy_lag"] == 0
@@ -335,7 +384,7 @@ def test_learner_learns_from_rewards_and_resumes_exactly(tiny_task, tmp_path):
     resumed = run_local(killed, state, prompts, tokenizer_json)
     assert min(resumed) == 2  # from the step-2 checkpoint: its evaluation, then steps 3 and 4
     for step in (3, 4):
-        for key in ("reward_mean", "loss", "grad_norm", "entropy", "heldout_accuracy"):
+        for key in ("reward_mean", "loss", "grad_norm", "entropy", "heldout_accuracy", "heldout_pass2"):
             if key in full[step]:
                 assert resumed[step][key] == full[step][key], (step, key)  # bit-identical on CPU
 
@@ -349,20 +398,44 @@ def _learner_rank(rank, port, cfg, state, prompts, tokenizer_json, out):
     torch.distributed.destroy_process_group()
 
 
+def test_prime_learns_process_rewards_and_resumes_exactly(tiny_task, tmp_path):
+    """rl.prime: the implicit PRM updates on the outcomes every step and its process advantages
+    change the policy's update; the PRM and its optimizer are in the checkpoint, so a killed and
+    resumed run repeats the uninterrupted one."""
+    root, tokenizer_json = tiny_task
+    prime = {"rl.prime": True, "rl.prime_lr": 1e-2}
+    _, state, prompts, plain = one_rank_run(root, tokenizer_json, tmp_path / "plain")
+    _, _, _, full = one_rank_run(root, tokenizer_json, tmp_path / "full", **prime)
+    assert full[1]["reward_mean"] == plain[1]["reward_mean"]  # the same start, the same first rollouts
+    assert full[1]["grad_norm"] != plain[1]["grad_norm"]  # ... and another update: the process advantages
+    for step in range(1, 5):
+        assert full[step]["prm_loss"] > 0 and 0 <= full[step]["prm_accuracy"] <= 1
+    assert full[4]["prm_loss"] < full[1]["prm_loss"]  # it learns the outcomes
+    killed = task_cfg(root, tmp_path / "killed", **prime, **{"train.fail_at_step": 3})
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        run_local(killed, state, prompts, tokenizer_json)
+    resumed = run_local(killed, state, prompts, tokenizer_json)
+    for step in (3, 4):
+        for key in ("reward_mean", "loss", "grad_norm", "prm_loss", "prm_accuracy"):
+            assert resumed[step][key] == full[step][key], (step, key)
+
+
 def test_a_two_rank_learner_equals_one_rank_on_the_same_rollouts(tiny_task, tmp_path):
     """Rank 0 samples the step's groups and sends them to every rank; each rank learns on half of
     them (whole groups); the loss is normalised over both ranks and FSDP2 averages the gradients:
-    the same updates as one rank on all of them, so the same rollouts step after step."""
+    the same updates as one rank on all of them, so the same rollouts step after step. With
+    rl.prime, whose reward model learns on the ranks' shares the same way."""
     root, tokenizer_json = tiny_task
-    _, state, prompts, single = one_rank_run(root, tokenizer_json, tmp_path / "one")
-    two = task_cfg(root, tmp_path / "two", **{"ray.num_workers": 2})
+    prime = {"rl.prime": True, "rl.prime_lr": 1e-2}
+    _, state, prompts, single = one_rank_run(root, tokenizer_json, tmp_path / "one", **prime)
+    two = task_cfg(root, tmp_path / "two", **prime, **{"ray.num_workers": 2})
     out = mp.Manager().dict()
     spawn_ranks(_learner_rank, (free_port(), two, state, prompts, tokenizer_json, out), 2)
     ranks = dict(out)
     assert set(ranks) == set(single) == {0, 1, 2, 3, 4}
     for step in range(1, 5):
         assert ranks[step]["reward_mean"] == single[step]["reward_mean"], step  # the same rollouts
-        for key in ("loss", "grad_norm", "entropy"):
+        for key in ("loss", "grad_norm", "entropy", "prm_loss", "prm_accuracy"):
             assert math.isclose(ranks[step][key], single[step][key], rel_tol=1e-5, abs_tol=1e-7), (step, key)
     assert ranks[4]["heldout_accuracy"] == single[4]["heldout_accuracy"]
     assert list((tmp_path / "two").rglob("__1_0.distcp"))  # two ranks really learned: rank 1 wrote its shard

@@ -57,6 +57,7 @@ def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ra
     plain = rl.main(job_cfg(root, export, tmp_path / "plain", mlflow_server.uri, **{"train.run_name": "rl-plain"}))
     assert plain["model_uri"].startswith("models:/rl-test/")
     assert 0 <= plain["accuracy_start"] <= 1 and "accuracy_end" in plain
+    assert plain["pass1_start"] == plain["accuracy_start"] and 0 <= plain["pass2_start"] <= 1  # rl.eval_samples 2
     run = client.get_run(plain["run_id"])
     assert {
         "reward_mean",
@@ -94,7 +95,8 @@ def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ra
     )
     assert max(per_step(faulty["run_id"], "rollout_workers_replaced").values()) >= 1  # the killed actor's
     assert per_step(faulty["run_id"], "reward_mean") == rewards  # same prompts, same samples, same weights
-    assert per_step(faulty["run_id"], "heldout_accuracy") == per_step(plain["run_id"], "heldout_accuracy")
+    for key in ("heldout_accuracy", "heldout_pass2"):  # the held-out samples are seeded by their prompt
+        assert per_step(faulty["run_id"], key) == per_step(plain["run_id"], key), key
     sizes = per_step(faulty["run_id"], "weight_sync_bytes")
     assert set(sizes.values()) == {max(per_step(plain["run_id"], "weight_sync_bytes").values())} != {0}
     assert all(s > 0 for s in per_step(faulty["run_id"], "weight_sync_s").values())

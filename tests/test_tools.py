@@ -243,7 +243,7 @@ def test_rl_rollouts_call_the_calculator_and_the_learner_leaves_the_results_out(
         assert rollout.policy.count(False) == len(results) and rollout.completion[at - 1] == fmt.end_id  # the call's
         assert all(lp == 0 for lp, p in zip(rollout.logprobs, rollout.policy, strict=True) if not p)
     assert batch.generated_tokens == sum(r.sampled for r in batch.rollouts)
-    tensors = _sequences(prompts, batch.rollouts, torch.zeros(3), "cpu")
+    tensors = _sequences(prompts, batch.rollouts, torch.zeros(3), next(iter(cfg.rl.rewards)), "cpu")
     assert int(tensors["mask"].sum()) == batch.generated_tokens  # the results are not trained on
     first = batch.rollouts[0]
     start = len(prompts.train[0].ids) - 1 + first.policy.index(False)

@@ -678,6 +678,13 @@ class RlConfig(Section):
         "held-out set (0: none).",
     )
     eval_every: int = Field(10, gt=0, description="Held-out accuracy every N steps (and at step 0 and the end).")
+    eval_samples: int = Field(
+        0,
+        ge=0,
+        description="At the first and the last held-out evaluation, also sample k completions per prompt (at "
+        "rl.temperature): pass@1 sampled and pass@k beside the greedy accuracy, and the share of the starting "
+        "model's greedy -> pass@k gap the run closed (0: greedy only).",
+    )
     prompts_per_step: int = Field(16, gt=0, description="Prompts per step, over all learner ranks.")
     group_size: int = Field(8, gt=1, description="Completions sampled per prompt (G): the group advantages compare.")
     skip_uniform_for: int = Field(
@@ -711,6 +718,15 @@ class RlConfig(Section):
     )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip: [1 - eps, 1 + eps_high].")
     clip_eps_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); default clip_eps.")
+    prime: bool = Field(
+        False,
+        description="PRIME: dense per-token rewards from an implicit process reward model (a copy of the starting "
+        "model trained online on the outcomes, beside the policy; generalmodel/post/rl/prime.py), their "
+        "return-to-go added to the outcome advantage. Costs ~2x the learner's compute.",
+    )
+    prime_beta: float = Field(0.05, gt=0, description="rl.prime: β of the implicit reward β·log(π_φ/π_ref).")
+    prime_lr: float | None = Field(None, gt=0, description="rl.prime: the PRM's learning rate (default optim.lr).")
+    prime_weight: float = Field(1.0, ge=0, description="rl.prime: weight of the process advantage.")
     updates_per_batch: int = Field(
         1, gt=0, description="Optimizer updates on each step's rollouts (>1: PPO-style reuse, the ratio clipped)."
     )

@@ -62,6 +62,22 @@ STEP_DIR = re.compile(r"^step-(\d{8})-([0-9a-f]+)$")
 MARKER = ".uploaded-{rank}"
 
 
+Companions = dict[str, tuple[Any, Any]] | None  # a run's other trained models: name -> (model, optimizer)
+
+
+def _pairs(model, optimizer, companions: Companions) -> dict[str, tuple[Any, Any]]:
+    """The state keys' prefix of each (model, optimizer): "" for the run's, "NAME_" for a companion's."""
+    return {"": (model, optimizer), **{f"{name}_": pair for name, pair in (companions or {}).items()}}
+
+
+def _states(model, optimizer, companions: Companions) -> dict[str, Any]:
+    """What DCP saves and loads: "model"/"optim", and "NAME_model"/"NAME_optim" for each companion."""
+    states: dict[str, Any] = {}
+    for prefix, (m, o) in _pairs(model, optimizer, companions).items():
+        states[f"{prefix}model"], states[f"{prefix}optim"] = get_state_dict(m, o)
+    return states
+
+
 class CheckpointError(UserError):
     pass
 
@@ -147,17 +163,17 @@ class Checkpointer:
 
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, step: int, model, optimizer, manifest: dict[str, Any]) -> float:
+    def save(self, step: int, model, optimizer, manifest: dict[str, Any], companions: Companions = None) -> float:
         """Checkpoint `step` into a fresh directory; returns the seconds training was stalled
-        (the local DCP write, plus waiting for the previous save's upload if it is still running)."""
+        (the local DCP write, plus waiting for the previous save's upload if it is still running).
+        `companions`: other trained models of the run (name -> (model, optimizer)), saved beside it."""
         started = time.perf_counter()
         self.wait()  # one upload at a time: retention never races an older save's upload
         save_id = [f"{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:6]}"]
         if dist.is_initialized():
             dist.broadcast_object_list(save_id, src=0)
         local = tempfile.mkdtemp(prefix=f"gm-ckpt-{step}-")
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
+        dcp.save(_states(model, optimizer, companions), checkpoint_id=local)
         torch.save({"torch_rng": torch.get_rng_state()}, os.path.join(local, f"rank-{self.rank}.pt"))
         target = self.root.join(step_dir(step, save_id[0]))
         thread = threading.Thread(
@@ -251,10 +267,10 @@ class Checkpointer:
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def load(self, loc: Location, manifest: dict[str, Any], model, optimizer) -> None:
+    def load(self, loc: Location, manifest: dict[str, Any], model, optimizer, companions: Companions = None) -> None:
         """Download the checkpoint, check every file against the manifest (CheckpointDamaged
-        before anything is restored), then restore model and optimizer (resharded to this world
-        size by DCP) and this rank's RNG."""
+        before anything is restored), then restore model and optimizer (and the companions; all
+        resharded to this world size by DCP) and this rank's RNG."""
         local = tempfile.mkdtemp(prefix="gm-ckpt-load-")
         try:
             for name, entry in sorted(manifest["files"].items()):
@@ -265,10 +281,10 @@ class Checkpointer:
                     raise CheckpointDamaged(f"{loc.uri}: {name} does not match its sha256 in the manifest")
                 with open(os.path.join(local, name), "wb") as f:
                     f.write(data)
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
+            state = _states(model, optimizer, companions)
             dcp.load(state, checkpoint_id=local)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            for prefix, (m, o) in _pairs(model, optimizer, companions).items():
+                set_state_dict(m, o, model_state_dict=state[f"{prefix}model"], optim_state_dict=state[f"{prefix}optim"])
             rng_file = os.path.join(local, f"rank-{self.rank}.pt")
             if os.path.exists(rng_file):
                 torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch_rng"])

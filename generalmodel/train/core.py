@@ -32,7 +32,7 @@ from generalmodel.infer.export import adapter_files, export_files, load_state
 from generalmodel.optim import build_optimizer, lr_multiplier, set_lr
 from generalmodel.storage import RunLayout, resolve, with_retries
 from generalmodel.train import fp8
-from generalmodel.train.checkpoint import Checkpointer
+from generalmodel.train.checkpoint import Checkpointer, Companions
 from generalmodel.train.mesh import ExpertMeshes, build_mesh, check_groups_within_node, mesh_shape
 from generalmodel.train.parallelize import parallelize
 from generalmodel.train.resume import Position, TrainingError, resume
@@ -155,17 +155,18 @@ def export_with_tokenizer(model, cfg: Config, tokenizer_json: str, env: Dist, la
         with_retries(f"writing {out.uri}/{name}", layout.storage.retry_timeout_s, out.join(name).write_bytes, data)
 
 
-def frozen_copy(cfg: Config, env: Dist, init: Init):
-    """A frozen copy of train.init_from on this worker, sharded like the policy (a reference). Its
-    random init is overwritten: it draws from a forked generator, leaving the run's as it was."""
+def frozen_copy(cfg: Config, env: Dist, init: Init, trainable: bool = False):
+    """A frozen copy of train.init_from on this worker, sharded like the policy (a reference);
+    `trainable`: a copy that trains beside it (RL's implicit process reward model). Its random init
+    is overwritten: it draws from a forked generator, leaving the run's as it was."""
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
-        reference = build_model(cfg.model)
-    load_state(reference, init(), f"train.init_from {cfg.train.init_from!r}")
-    reference.requires_grad_(False)
-    frozen = cfg.train.model_copy(update={"activation_checkpointing": "none"})  # no backward through it
+        copy = build_model(cfg.model)
+    load_state(copy, init(), f"train.init_from {cfg.train.init_from!r}")
+    copy.requires_grad_(trainable)
+    train = cfg.train if trainable else cfg.train.model_copy(update={"activation_checkpointing": "none"})
     parallelize(
-        reference,
-        frozen,
+        copy,
+        train,
         env.device,
         env.mesh,
         log_info=False,
@@ -173,7 +174,14 @@ def frozen_copy(cfg: Config, env: Dist, init: Init):
         tensor=env.tensor,
         sequence_parallel=cfg.parallel.sequence_parallel,
     )
-    return reference.eval()
+    return copy.train(trainable)
+
+
+def trained_copy(cfg: Config, env: Dist, init: Init, lr: float):
+    """A copy of train.init_from that trains beside the run's model (sharded like it), and its
+    optimizer (optim's kind, at `lr`, held constant): a companion of the run."""
+    copy = frozen_copy(cfg, env, init, trainable=True)
+    return copy, build_optimizer(copy, cfg.optim.model_copy(update={"lr": lr}))
 
 
 def autocast_for(device: torch.device):
@@ -210,7 +218,9 @@ def micro_batches_before(cfg: Config, step: int) -> int:
 
 
 class TrainingRun:
-    """One training run on this worker: everything a loop shares but its step (see the module doc)."""
+    """One training run on this worker: everything a loop shares but its step (see the module doc).
+    `companions(env)`: the run's other trained models (name -> (model, optimizer), built on this
+    worker), checkpointed and resumed with it (`self.companions`)."""
 
     def __init__(
         self,
@@ -223,6 +233,7 @@ class TrainingRun:
         tokenizer_json: Callable[[], str],
         seq_len: int | None = None,
         env: Dist | None = None,
+        companions: Callable[[Dist], Companions] | None = None,
     ):
         self.cfg, self.layout, self.position, self.dataset_sha = cfg, layout, position, dataset_sha
         self.tokenizer_json = tokenizer_json
@@ -257,13 +268,13 @@ class TrainingRun:
             sequence_parallel=cfg.parallel.sequence_parallel,
         )
         self.optimizer = build_optimizer(model, cfg.optim)
+        self.companions = companions(env) if companions is not None else {}
         self.ckpt = Checkpointer(
             layout.checkpoints, layout.storage, env.rank, env.world_size, cfg.train.keep_last, env.data_world
         )
         self.config_dump = dump_config(cfg)
-        self.start_step = resume(
-            self.ckpt, cfg, self.config_dump, dataset_sha, env.data_world, model, self.optimizer, position
-        )
+        args = (cfg, self.config_dump, dataset_sha, env.data_world, model, self.optimizer, position)
+        self.start_step = resume(self.ckpt, *args, self.companions)
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps, env.device)
         self.autocast = autocast_for(env.device)
         self.started = time.perf_counter()
@@ -334,7 +345,7 @@ class TrainingRun:
             "config": self.config_dump,
             "dataset": self.dataset_sha,
         }
-        return self.ckpt.save(done, self.model, self.optimizer, state)
+        return self.ckpt.save(done, self.model, self.optimizer, state, self.companions)
 
     def _inject_failure(self, step: int) -> None:
         """train.fail_at_step: a failure of the first attempt at that step (a test of recovery)."""

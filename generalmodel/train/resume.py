@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from generalmodel.config import Config, dump_config, flatten
 from generalmodel.errors import UserError
 from generalmodel.storage import RunLayout
-from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer
+from generalmodel.train.checkpoint import CheckpointDamaged, Checkpointer, Companions
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,11 @@ def resume(
     model,
     optimizer,
     position: Position,
+    companions: Companions = None,
 ) -> int:
     """The step to start from: 0 for a fresh run, else the step of the newest usable checkpoint,
-    restored into model, optimizer and data position. Damaged checkpoints are skipped with a warning."""
+    restored into model, optimizer, the companions and data position. Damaged checkpoints are
+    skipped with a warning."""
     if cfg.train.resume == "never":
         existing = next(ckpt.checkpoints(), None)
         if existing is not None:
@@ -124,7 +126,7 @@ def resume(
         try:
             ckpt.check(loc, manifest)
             check_resumable(loc, manifest, cfg, config_dump, dataset_sha, data_world)
-            ckpt.load(loc, manifest, model, optimizer)
+            ckpt.load(loc, manifest, model, optimizer, companions)
         except CheckpointDamaged as e:
             log.warning("checkpoint damaged, trying the one before it: %s", e)
             continue

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from generalmodel import UserError
 from generalmodel.config import Config
+from generalmodel.eval.problems import pass_at_k
 from generalmodel.post.rl.grpo import (
     STATS,
     group_advantages,
@@ -39,6 +40,7 @@ from generalmodel.post.rl.grpo import (
     token_weights,
     units,
 )
+from generalmodel.post.rl.prime import ImplicitPRM, implicit_prm
 from generalmodel.post.rl.rollout import Batch, LocalRollouts, RayRollouts, Rollout
 from generalmodel.post.rl.tasks import PromptSchedule, PromptSet
 from generalmodel.post.rows import refuse_dataset_loop_switches
@@ -81,8 +83,11 @@ def rl_train(
         raise TrainingError("the RL loop needs the starting model (train.init_from), its tokenizer and the prompts")
     check_rl_config(cfg)
     schedule = PromptSchedule(prompts, drawn_per_step(cfg.rl), cfg.train.seed, cfg.rl.skip_uniform_for)
-    run = TrainingRun(cfg, report, layout, init, schedule, prompts.sha256, lambda: tokenizer_json)
-    reference = frozen_copy(cfg, run.env, init) if cfg.rl.beta > 0 else None
+    companions = (lambda env: {"prm": implicit_prm(cfg, env, init)}) if cfg.rl.prime else None
+    run = TrainingRun(
+        cfg, report, layout, init, schedule, prompts.sha256, lambda: tokenizer_json, companions=companions
+    )
+    reference = frozen_copy(cfg, run.env, init) if cfg.rl.beta > 0 or cfg.rl.prime else None
     pool = None
     if run.env.is_main:
         pool = (RayRollouts if rollouts == "ray" else LocalRollouts)(cfg, tokenizer_json, prompts)
@@ -129,6 +134,9 @@ class GrpoStep:
         self.heldout = spread_indices(len(prompts.heldout), self.rl.eval_prompts)
         self.requested: dict[int, Any] = {}
         self.evals: dict[int, Any] = {}
+        self.prime = None
+        if self.rl.prime:
+            self.prime = ImplicitPRM(run.cfg, run.env, *run.companions["prm"], run.autocast)
         self.step_started = time.perf_counter()
 
     def publish(self, version: int) -> None:
@@ -138,7 +146,8 @@ class GrpoStep:
         if self.pool is not None:
             self.pool.publish(version, state)
             if self.heldout and (version % self.rl.eval_every == 0 or version == self.run.steps):
-                self.evals[version] = self.pool.submit_eval(self.heldout)
+                samples = self.rl.eval_samples if version in (self.run.start_step, self.run.steps) else 0
+                self.evals[version] = (self.pool.submit_eval(self.heldout, samples), samples)
 
     def request(self, step: int) -> None:
         if self.pool is not None and step not in self.requested and step < self.run.steps:
@@ -149,8 +158,13 @@ class GrpoStep:
     def heldout_metrics(self, version: int) -> dict[str, float]:
         if self.pool is None or version not in self.evals:
             return {}
-        batch = self.pool.collect(self.evals.pop(version))
-        return scores("heldout", batch.rollouts, self.rl.rewards)
+        handle, samples = self.evals.pop(version)
+        rollouts = self.pool.collect(handle).rollouts  # per prompt: the greedy one, then its samples
+        greedy = rollouts[:: 1 + samples]
+        metrics = scores("heldout", greedy, self.rl.rewards)
+        if samples:
+            metrics.update(sampled_scores(rollouts, samples, next(iter(self.rl.rewards))))
+        return metrics
 
     def __call__(self, step: int, lr: float) -> dict[str, Any]:
         run, rl, env = self.run, self.rl, self.run.env
@@ -165,9 +179,10 @@ class GrpoStep:
         advantages = self.advantages(batch, step)
         rows = self.per_rank * rl.group_size
         mine = slice(env.rank * rows, (env.rank + 1) * rows)
-        tensors = _sequences(self.prompts, batch["rollouts"][mine], advantages[mine], env.device)
+        outcome = next(iter(rl.rewards))
+        tensors = _sequences(self.prompts, batch["rollouts"][mine], advantages[mine], outcome, env.device)
         learn_started = time.perf_counter()
-        reduced, total, token_total, grad_norm = self.learn(tensors, step)
+        reduced, total, token_total, grad_norm, prm = self.learn(tensors, step)
         learn_s = time.perf_counter() - learn_started
         step_s, self.step_started = time.perf_counter() - self.step_started, time.perf_counter()
         done = step + 1
@@ -185,6 +200,7 @@ class GrpoStep:
                 step=done,
                 loss=reduced[0] / total.item(),
                 **stats,
+                **prm,
                 **batch["metrics"],
                 lr=lr,
                 grad_norm=grad_norm,
@@ -225,9 +241,16 @@ class GrpoStep:
         return group_advantages(rewards, rl.scale_rewards).view(-1)
 
     def learn(self, tensors: dict[str, torch.Tensor], step: int):
-        """rl.updates_per_batch optimizer updates on this rank's rollouts: (the last update's
-        summed loss and statistics over all ranks, the loss's unit count, the token count, its grad norm)."""
+        """rl.updates_per_batch optimizer updates on this rank's rollouts (with rl.prime, after the
+        PRM's update gave their process advantages): (the last update's summed loss and statistics
+        over all ranks, the loss's unit count, the token count, its grad norm, the PRM's metrics)."""
         run, rl, env = self.run, self.rl, self.run.env
+        prm: dict[str, float] = {}
+        if self.reference is not None:  # the frozen start's log-probs: rl.beta's KL term and rl.prime's rewards
+            tensors["ref_logp"] = self.reference_logps(tensors)
+        if self.prime is not None:
+            process, prm = self.prime.step(list(_chunks(tensors, run.cfg.train.batch_size)), step)
+            tensors["process"] = process * rl.prime_weight
         total = sum_across_ranks(units(tensors["mask"], rl)).clamp(min=1)
         token_total = sum_across_ranks(tensors["mask"].float().sum()).clamp(min=1)
         sums = torch.zeros(1 + len(STATS), device=env.device)
@@ -242,7 +265,19 @@ class GrpoStep:
             reduced = reduced_sums.tolist()  # RL syncs every step anyway (rollouts)
             grad_norm = norm.item()
             run.guard.read()
-        return reduced, total, token_total, grad_norm
+        return reduced, total, token_total, grad_norm, prm
+
+    @torch.no_grad()
+    def reference_logps(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference's log-prob of every completion token, (rows, T) like the mask (once a step,
+        whatever rl.updates_per_batch)."""
+        dense = torch.zeros(tensors["mask"].shape, device=self.run.env.device)
+        for chunk in _chunks({**tensors, "ref_logp": dense}, self.run.cfg.train.batch_size):
+            keep = chunk["mask"]
+            with self.run.autocast:
+                logits = self.reference(chunk["inputs"], keep=keep)
+            chunk["ref_logp"][keep] = token_logprobs(logits, chunk["targets"][keep], self.rl.temperature)  # a view
+        return dense
 
     def chunk_loss(self, chunk: dict[str, torch.Tensor]):
         """The GRPO loss of a chunk of rows. Only the completion tokens are scored: the head runs
@@ -252,12 +287,10 @@ class GrpoStep:
         with autocast:
             completion = model(chunk["inputs"], keep=keep)
         logp = token_logprobs(completion, chunk["targets"][keep], rl.temperature)
-        ref_logp = None
-        if self.reference is not None:
-            with torch.no_grad(), autocast:
-                ref_logits = self.reference(chunk["inputs"], keep=keep)
-            ref_logp = token_logprobs(ref_logits, chunk["targets"][keep], rl.temperature)
+        ref_logp = chunk["ref_logp"][keep] if "ref_logp" in chunk else None
         row_adv = chunk["advantages"].unsqueeze(1).expand_as(keep)[keep]
+        if "process" in chunk:  # rl.prime: each token's process advantage added to its row's
+            row_adv = row_adv + chunk["process"][keep]
         weights = token_weights(keep, rl)[keep]
         entropy = token_entropy(completion, rl.temperature)
         return grpo_loss(logp, chunk["old_logp"][keep], row_adv, weights, entropy, ref_logp, rl)
@@ -287,6 +320,19 @@ def scores(prefix: str, rollouts: list[Rollout], weights: dict[str, float]) -> d
         out[f"{prefix}_{_metric_name(name)}"] = sum(r.scores[name] for r in rollouts) / n
     out[f"{prefix}_accuracy"] = out[f"{prefix}_{_metric_name(next(iter(weights)))}"]
     return out
+
+
+def sampled_scores(rollouts: list[Rollout], samples: int, verifier: str) -> dict[str, float]:
+    """pass@1 of the sampled completions and pass@k (k = `samples`) over held-out prompts whose
+    rollouts are the greedy one and then k samples each; a sample solves its prompt when the first
+    verifier gives it its full score (1)."""
+    per_prompt = [rollouts[i + 1 : i + 1 + samples] for i in range(0, len(rollouts), 1 + samples)]
+    solved = [sum(r.scores[verifier] >= 1.0 for r in group) for group in per_prompt]
+    n = max(len(per_prompt), 1)
+    return {
+        "heldout_pass1_sampled": sum(pass_at_k(samples, c, 1) for c in solved) / n,
+        f"heldout_pass{samples}": sum(pass_at_k(samples, c, samples) for c in solved) / n,
+    }
 
 
 def _metric_name(verifier: str) -> str:
@@ -324,10 +370,13 @@ def _gather(pool, handle, group_size: int, weights: dict[str, float], env) -> di
     return payload[0]
 
 
-def _sequences(prompts: PromptSet, rows: list[Rollout], advantages: torch.Tensor, device) -> dict[str, torch.Tensor]:
+def _sequences(
+    prompts: PromptSet, rows: list[Rollout], advantages: torch.Tensor, outcome: str, device
+) -> dict[str, torch.Tensor]:
     """Prompt + completion rows, right-padded: inputs, targets, the completion mask over the
     targets (the ids the policy sampled: not the tools' results of rl.tools), the sampler's
-    log-probs there, and each row's advantage."""
+    log-probs there, each row's advantage and its outcome (the `outcome` verifier's score in [0, 1]:
+    what rl.prime's reward model learns)."""
     seqs = [prompts.train[r.prompt].ids + r.completion for r in rows]
     length = max(len(s) for s in seqs)
     tokens = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -344,6 +393,7 @@ def _sequences(prompts: PromptSet, rows: list[Rollout], advantages: torch.Tensor
         "mask": mask.to(device),
         "old_logp": old.to(device),
         "advantages": advantages.float().to(device),
+        "outcomes": torch.tensor([min(max(r.scores[outcome], 0.0), 1.0) for r in rows], device=device),
     }
 
 

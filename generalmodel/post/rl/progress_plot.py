@@ -1,5 +1,7 @@
 """What the RL job prints and logs at the end: held-out accuracy from the first evaluation (the
-starting model) to the last, and the plot of accuracy, reward and the zero-variance groups vs step."""
+starting model) to the last — with rl.eval_samples, pass@1 greedy and sampled, pass@k and the share
+of the greedy -> pass@k gap closed — and the plot of accuracy, reward and the zero-variance groups
+vs step."""
 
 from __future__ import annotations
 
@@ -46,4 +48,34 @@ def accuracy_report(trained: Trained, uri: str) -> dict[str, float]:
         f"held-out accuracy: step {first_step} {start:.1%} -> step {last_step} {end:.1%} "
         f"({ratio:.2f}x; plot: run artifact {PLOT})"
     )
-    return {"accuracy_start": start, "accuracy_end": end, "accuracy_ratio": ratio}
+    out = {"accuracy_start": start, "accuracy_end": end, "accuracy_ratio": ratio}
+    k = trained.cfg.rl.eval_samples
+    sampled, at_k = history("heldout_pass1_sampled"), history(f"heldout_pass{k}")
+    if k and len(at_k) >= 2:
+        out.update(pass_report(dict(accuracy), dict(sampled), dict(at_k), k))
+        if "gap_closed" in out:
+            client.log_metric(trained.run_id, "heldout_gap_closed", out["gap_closed"])
+    return out
+
+
+def pass_report(greedy: dict[int, float], sampled: dict[int, float], at_k: dict[int, float], k: int) -> dict:
+    """Print pass@1 (greedy, sampled) and pass@k at the first and the last step that measured
+    pass@k, and the share of the first's greedy -> pass@k gap the greedy answer closed by the last."""
+    first, last = min(at_k), max(at_k)
+    rows = {"pass@1 greedy": greedy, "pass@1 sampled": sampled, f"pass@{k}": at_k}
+    print(f"held-out, step {first} -> step {last}:")
+    for name, values in rows.items():
+        print(f"  {name:<15} {values[first]:.1%} -> {values[last]:.1%}")
+    out = {
+        "pass1_start": greedy[first],
+        "pass1_end": greedy[last],
+        f"pass{k}_start": at_k[first],
+        f"pass{k}_end": at_k[last],
+    }
+    gap = at_k[first] - greedy[first]
+    if gap > 0:
+        out["gap_closed"] = (greedy[last] - greedy[first]) / gap
+        print(f"  greedy pass@1 -> pass@{k} gap closed: {out['gap_closed']:+.2f} (of {gap:.1%})")
+    else:
+        print(f"  no pass@1 -> pass@{k} gap at step {first}: nothing to close")
+    return out

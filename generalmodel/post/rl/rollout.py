@@ -138,10 +138,24 @@ class RolloutWorker:
         ]
         return self._run([self.prompts.train[i] for _, i in slots], [i for _, i in slots], params)
 
-    def evaluate(self, indices: list[int]) -> Batch:
-        """Greedy completions of held-out prompts, scored."""
-        params = SamplingParams(temperature=0, max_new_tokens=self.cfg.rl.max_new_tokens)
-        return self._run([self.prompts.heldout[i] for i in indices], indices, [params] * len(indices))
+    def evaluate(self, indices: list[int], samples: int = 0) -> Batch:
+        """Held-out prompts, scored: for each, its greedy completion and then `samples` sampled ones
+        (rl.temperature; seeds named by the prompt, so every version is sampled with the same ones)."""
+        rl = self.cfg.rl
+        greedy = SamplingParams(temperature=0, max_new_tokens=rl.max_new_tokens)
+        params = [
+            greedy
+            if j == 0
+            else SamplingParams(
+                temperature=rl.temperature,
+                max_new_tokens=rl.max_new_tokens,
+                seed=seed_of(self.cfg.train.seed, "heldout", i, j),
+            )
+            for i in indices
+            for j in range(1 + samples)
+        ]
+        repeated = [i for i in indices for _ in range(1 + samples)]
+        return self._run([self.prompts.heldout[i] for i in repeated], repeated, params)
 
     @torch.no_grad()
     def _run(self, prompts, indices: list[int], params: list[SamplingParams]) -> Batch:
@@ -269,8 +283,8 @@ class LocalRollouts:
     def submit(self, step: int, slots: list[tuple[int, int]]) -> Batch:
         return self.worker.rollouts(step, slots)
 
-    def submit_eval(self, indices: list[int]) -> Batch:
-        return self.worker.evaluate(indices)
+    def submit_eval(self, indices: list[int], samples: int = 0) -> Batch:
+        return self.worker.evaluate(indices, samples)
 
     def collect(self, handle: Batch) -> Batch:
         return handle
@@ -388,8 +402,8 @@ class RayRollouts:
         crash = self.cfg.rl.kill_rollout_at_step == step
         return self._submit("rollouts", [(step, part) for part in shards(slots, len(self.actors))], crash)
 
-    def submit_eval(self, indices: list[int]) -> list:
-        return self._submit("evaluate", [(part,) for part in shards(indices, len(self.actors))])
+    def submit_eval(self, indices: list[int], samples: int = 0) -> list:
+        return self._submit("evaluate", [(part, samples) for part in shards(indices, len(self.actors))])
 
     def _submit(self, method: str, parts: list[tuple], crash_first: bool = False) -> list:
         """Part i to actor i: (actor index, the weights it runs with, the call, its result ref)."""
