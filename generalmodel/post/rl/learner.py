@@ -193,7 +193,7 @@ class GrpoStep:
         metrics: dict[str, Any] = {}
         if done % run.cfg.train.log_every == 0 or done == run.steps:
             stats = dict(zip(STATS, (v / token_total.item() for v in reduced[1:]), strict=True))
-            if self.reference is None:
+            if rl.beta == 0:  # no KL term (rl.prime keeps a reference for its rewards alone)
                 stats.pop("kl")
             learner_tokens = sum_across_ranks(torch.tensor(float(tensors["inputs"].numel()))).item()
             metrics.update(
