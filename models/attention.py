@@ -103,18 +103,20 @@ class Documents:
         return self.ids[:, None, :, None] == self.ids[:, None, None, :]
 
     def block_mask(self, window: int | None):
-        """FlexAttention's block mask of these rows (causal within each document and the window)."""
+        """FlexAttention's block mask of these rows (causal within each document and the window), at
+        flex_length (the padding a document of its own)."""
         if window not in self._flex:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            ids = self.ids
+            T = self.ids.shape[1]
+            ids = F.pad(self.ids, (0, flex_length(T, self.ids.device) - T), value=-1)
 
             def mask_mod(b, h, q, k):
                 seen = (ids[b, q] == ids[b, k]) & (k <= q)
                 return seen if window is None else seen & (q - k < window)
 
-            B, T = ids.shape
-            self._flex[window] = create_block_mask(mask_mod, B, None, T, T, device=ids.device)
+            B, length = ids.shape
+            self._flex[window] = create_block_mask(mask_mod, B, None, length, length, device=ids.device)
         return self._flex[window]
 
 
@@ -173,15 +175,30 @@ def sdpa(q, k, v, mask: torch.Tensor | None, gqa: bool, backend: str = "auto") -
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+FLEX_BLOCK = 128  # FlexAttention's default block size (tokens)
+
+
+def flex_length(seq_len: int, device) -> int:
+    """The length flex runs sequences of `seq_len` at: on the CPU, padded to whole 128-token blocks
+    (torch 2.13's compiled CPU kernel reads past a partial last block — wrong or NaN outputs, seen
+    on an AVX2 machine without AVX-512); the length itself elsewhere. The padding comes after every
+    real token, so causal masks keep it out of every real query's view."""
+    if torch.device(device).type != "cpu":
+        return seq_len
+    return -(-seq_len // FLEX_BLOCK) * FLEX_BLOCK
+
+
 def flex_block_mask(seq_len: int, window: int | None, device):
-    """FlexAttention's block mask of a whole sequence: causal, and within `window` if given."""
+    """FlexAttention's block mask of a whole sequence: causal, and within `window` if given (at
+    flex_length: the CPU's padded length)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     if window is None:
         mask_mod = lambda b, h, q, k: k <= q  # noqa: E731
     else:
         mask_mod = lambda b, h, q, k: (k <= q) & (q - k < window)  # noqa: E731
-    return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+    length = flex_length(seq_len, device)
+    return create_block_mask(mask_mod, None, None, length, length, device=device)
 
 
 def set_local_windows(model: nn.Module, window: int) -> None:
@@ -357,7 +374,9 @@ class GroupedQueryAttention(nn.Module):
             if q.device.type == "cpu":  # compiled CPU flex mis-reads these strided views (torch 2.13)
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             block_mask = self.flex[1] if docs is None else docs.block_mask(self.window)
-            y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+            pad = block_mask.seq_lengths[0] - T  # flex_length's padding (CPU); k, v pass on unpadded
+            qkv = (q, k, v) if not pad else tuple(F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            y = flex_attention(*qkv, block_mask=block_mask, enable_gqa=gqa)[:, :, :T]
         else:
             mask = layer_mask(T, self.window, pos, key_pos, x.device) if docs is None else docs.mask(self.window)
             y = (
