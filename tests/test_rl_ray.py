@@ -95,8 +95,12 @@ def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ra
     )
     assert max(per_step(faulty["run_id"], "rollout_workers_replaced").values()) >= 1  # the killed actor's
     assert per_step(faulty["run_id"], "reward_mean") == rewards  # same prompts, same samples, same weights
-    for key in ("heldout_accuracy", "heldout_pass2"):  # the held-out samples are seeded by their prompt
-        assert per_step(faulty["run_id"], key) == per_step(plain["run_id"], key), key
+    assert per_step(faulty["run_id"], "heldout_accuracy") == per_step(plain["run_id"], "heldout_accuracy")
+    # the held-out samples are seeded by their prompt; the resumed attempt's first evaluation (step 2)
+    # samples too, as every attempt's first does
+    sampled, plain_sampled = per_step(faulty["run_id"], "heldout_pass2"), per_step(plain["run_id"], "heldout_pass2")
+    assert sorted(plain_sampled) == [0, 4] and sorted(sampled) == [0, 2, 4]
+    assert {s: sampled[s] for s in plain_sampled} == plain_sampled
     sizes = per_step(faulty["run_id"], "weight_sync_bytes")
     assert set(sizes.values()) == {max(per_step(plain["run_id"], "weight_sync_bytes").values())} != {0}
     assert all(s > 0 for s in per_step(faulty["run_id"], "weight_sync_s").values())
