@@ -24,7 +24,9 @@ from generalmodel.infer.engine import generate_batch
 from generalmodel.post import arithmetic
 from generalmodel.post.rl.grpo import group_advantages, grpo_loss, token_logprobs, token_weights, units
 from generalmodel.post.rl.learner import (
+    gap_k,
     informative_first,
+    pass_ks,
     rl_train,
     sampled_scores,
     spread_indices,
@@ -153,11 +155,24 @@ def test_held_out_pass_at_k_and_the_gap_closed(capsys):
     rollouts = [rollout(s) for s in (1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.5)]
     got = sampled_scores(rollouts, 3, "exact_number")
     assert got == pytest.approx({"heldout_pass1_sampled": (1 / 3 + 0) / 2, "heldout_pass3": 0.5})
-    out = pass_report({0: 0.2, 5: 0.3, 10: 0.4}, {0: 0.25, 10: 0.3}, {0: 0.6, 10: 0.62}, 3)
+    out = pass_report({0: 0.2, 5: 0.3, 10: 0.4}, {0: 0.25, 10: 0.3}, {3: {0: 0.6, 10: 0.62}}, 3)
     assert out["gap_closed"] == pytest.approx((0.4 - 0.2) / (0.6 - 0.2))  # from the first step's gap
     assert out["pass1_start"] == 0.2 and out["pass3_end"] == 0.62
     assert "gap closed: +0.50" in capsys.readouterr().out
-    assert "gap_closed" not in pass_report({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}, {0: 0.5, 1: 0.7}, 3)
+    assert "gap_closed" not in pass_report({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.5}, {3: {0: 0.5, 1: 0.7}}, 3)
+
+    # 32 samples a prompt: pass@8 is the unbiased estimate from them, pass@32 beside it; the gap is
+    # measured against pass@8 (the goal's k)
+    assert pass_ks(32) == [8, 32] and pass_ks(8) == [8] and pass_ks(3) == [3] and gap_k(32) == 8 == gap_k(8)
+    rollouts = [rollout(1.0)] + [rollout(float(j < 2)) for j in range(32)]  # one prompt, 2 of 32 right
+    got = sampled_scores(rollouts, 32, "exact_number")
+    assert got["heldout_pass1_sampled"] == pytest.approx(2 / 32) and got["heldout_pass32"] == 1.0
+    assert got["heldout_pass8"] == pytest.approx(
+        1 - (30 * 29 * 28 * 27 * 26 * 25 * 24 * 23) / (32 * 31 * 30 * 29 * 28 * 27 * 26 * 25)
+    )
+    out = pass_report({0: 0.1, 9: 0.3}, {0: 0.1, 9: 0.2}, {8: {0: 0.5, 9: 0.5}, 32: {0: 0.8, 9: 0.7}}, 8)
+    assert out["gap_closed"] == pytest.approx(0.5) and out["pass32_end"] == 0.7
+    assert "pass@32" in capsys.readouterr().out
 
 
 def test_verifiers():

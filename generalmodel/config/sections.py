@@ -682,8 +682,9 @@ class RlConfig(Section):
         0,
         ge=0,
         description="At the first and the last held-out evaluation, also sample k completions per prompt (at "
-        "rl.temperature): pass@1 sampled and pass@k beside the greedy accuracy, and the share of the starting "
-        "model's greedy -> pass@k gap the run closed (0: greedy only).",
+        "rl.temperature): pass@1 sampled and pass@k beside the greedy accuracy (k = 8 and 32 where k < n, "
+        "estimated from the n samples, and n), and the share of the starting model's greedy -> pass@8 gap (pass@n "
+        "under 8) the run closed (0: greedy only).",
     )
     prompts_per_step: int = Field(16, gt=0, description="Prompts per step, over all learner ranks.")
     group_size: int = Field(8, gt=1, description="Completions sampled per prompt (G): the group advantages compare.")

@@ -322,17 +322,28 @@ def scores(prefix: str, rollouts: list[Rollout], weights: dict[str, float]) -> d
     return out
 
 
+def pass_ks(samples: int) -> list[int]:
+    """The k of pass@k reported from `samples` completions a prompt: 8 and 32 where there are that
+    many (the unbiased estimate from n samples), and n itself."""
+    return sorted({k for k in (8, 32) if k < samples} | {samples})
+
+
+def gap_k(samples: int) -> int:
+    """The pass@k the greedy answer's gap is measured against: pass@8, or pass@n under 8 samples."""
+    return min(8, samples)
+
+
 def sampled_scores(rollouts: list[Rollout], samples: int, verifier: str) -> dict[str, float]:
-    """pass@1 of the sampled completions and pass@k (k = `samples`) over held-out prompts whose
-    rollouts are the greedy one and then k samples each; a sample solves its prompt when the first
-    verifier gives it its full score (1)."""
+    """pass@1 of the sampled completions and pass@k (k in `pass_ks(samples)`) over held-out prompts
+    whose rollouts are the greedy one and then `samples` samples each; a sample solves its prompt
+    when the first verifier gives it its full score (1)."""
     per_prompt = [rollouts[i + 1 : i + 1 + samples] for i in range(0, len(rollouts), 1 + samples)]
     solved = [sum(r.scores[verifier] >= 1.0 for r in group) for group in per_prompt]
     n = max(len(per_prompt), 1)
-    return {
-        "heldout_pass1_sampled": sum(pass_at_k(samples, c, 1) for c in solved) / n,
-        f"heldout_pass{samples}": sum(pass_at_k(samples, c, samples) for c in solved) / n,
-    }
+    out = {"heldout_pass1_sampled": sum(pass_at_k(samples, c, 1) for c in solved) / n}
+    for k in pass_ks(samples):
+        out[f"heldout_pass{k}"] = sum(pass_at_k(samples, c, k) for c in solved) / n
+    return out
 
 
 def _metric_name(verifier: str) -> str:

@@ -5,6 +5,7 @@ vs step."""
 
 from __future__ import annotations
 
+from generalmodel.post.rl.learner import gap_k, pass_ks
 from generalmodel.train.job import Trained
 
 PLOT = "rl_progress.png"
@@ -49,33 +50,33 @@ def accuracy_report(trained: Trained, uri: str) -> dict[str, float]:
         f"({ratio:.2f}x; plot: run artifact {PLOT})"
     )
     out = {"accuracy_start": start, "accuracy_end": end, "accuracy_ratio": ratio}
-    k = trained.cfg.rl.eval_samples
-    sampled, at_k = history("heldout_pass1_sampled"), history(f"heldout_pass{k}")
-    if k and len(at_k) >= 2:
-        out.update(pass_report(dict(accuracy), dict(sampled), dict(at_k), k))
+    n = trained.cfg.rl.eval_samples
+    at_k = {k: dict(history(f"heldout_pass{k}")) for k in pass_ks(n)} if n else {}
+    if at_k and len(at_k[gap_k(n)]) >= 2:
+        out.update(pass_report(dict(accuracy), dict(history("heldout_pass1_sampled")), at_k, gap_k(n)))
         if "gap_closed" in out:
             client.log_metric(trained.run_id, "heldout_gap_closed", out["gap_closed"])
     return out
 
 
-def pass_report(greedy: dict[int, float], sampled: dict[int, float], at_k: dict[int, float], k: int) -> dict:
-    """Print pass@1 (greedy, sampled) and pass@k at the first and the last step that measured
-    pass@k, and the share of the first's greedy -> pass@k gap the greedy answer closed by the last."""
-    first, last = min(at_k), max(at_k)
-    rows = {"pass@1 greedy": greedy, "pass@1 sampled": sampled, f"pass@{k}": at_k}
+def pass_report(
+    greedy: dict[int, float], sampled: dict[int, float], at_k: dict[int, dict[int, float]], gap: int
+) -> dict:
+    """Print pass@1 (greedy, sampled) and each pass@k (k -> {step: value}) at the first and the last
+    step that measured them, and the share of the first's greedy -> pass@`gap` gap the greedy answer
+    closed by the last."""
+    first, last = min(at_k[gap]), max(at_k[gap])
+    rows = {"pass@1 greedy": greedy, "pass@1 sampled": sampled, **{f"pass@{k}": v for k, v in sorted(at_k.items())}}
     print(f"held-out, step {first} -> step {last}:")
     for name, values in rows.items():
         print(f"  {name:<15} {values[first]:.1%} -> {values[last]:.1%}")
-    out = {
-        "pass1_start": greedy[first],
-        "pass1_end": greedy[last],
-        f"pass{k}_start": at_k[first],
-        f"pass{k}_end": at_k[last],
-    }
-    gap = at_k[first] - greedy[first]
-    if gap > 0:
-        out["gap_closed"] = (greedy[last] - greedy[first]) / gap
-        print(f"  greedy pass@1 -> pass@{k} gap closed: {out['gap_closed']:+.2f} (of {gap:.1%})")
+    out = {"pass1_start": greedy[first], "pass1_end": greedy[last]}
+    for k, values in at_k.items():
+        out.update({f"pass{k}_start": values[first], f"pass{k}_end": values[last]})
+    width = at_k[gap][first] - greedy[first]
+    if width > 0:
+        out["gap_closed"] = (greedy[last] - greedy[first]) / width
+        print(f"  greedy pass@1 -> pass@{gap} gap closed: {out['gap_closed']:+.2f} (of {width:.1%})")
     else:
-        print(f"  no pass@1 -> pass@{k} gap at step {first}: nothing to close")
+        print(f"  no pass@1 -> pass@{gap} gap at step {first}: nothing to close")
     return out
