@@ -425,6 +425,7 @@ def test_prime_learns_process_rewards_and_resumes_exactly(tiny_task, tmp_path):
     assert full[1]["grad_norm"] != plain[1]["grad_norm"]  # ... and another update: the process advantages
     for step in range(1, 5):
         assert full[step]["prm_loss"] > 0 and 0 <= full[step]["prm_accuracy"] <= 1
+        assert full[step]["prm_skipped_steps"] == 0  # the PRM's own non-finite guard, read every step
     assert full[4]["prm_loss"] < full[1]["prm_loss"]  # it learns the outcomes
     killed = task_cfg(root, tmp_path / "killed", **prime, **{"train.fail_at_step": 3})
     with pytest.raises(RuntimeError, match="injected failure at step 3"):

@@ -94,4 +94,6 @@ class ImplicitPRM:
                 dense[-1][chunk["mask"]] = self.rewards(chunk).float()
         mask = torch.cat([c["mask"] for c in chunks])  # whole groups: a chunk may split one
         loss, right = (sums / rows).tolist()
-        return process_advantages(torch.cat(dense), mask, self.rl.group_size), {"prm_loss": loss, "prm_accuracy": right}
+        # RL reads the host every step anyway: a skipped PRM update warns, too many in a row raise
+        metrics = {"prm_loss": loss, "prm_accuracy": right, "prm_skipped_steps": self.guard.read()}
+        return process_advantages(torch.cat(dense), mask, self.rl.group_size), metrics
