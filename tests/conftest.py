@@ -145,6 +145,9 @@ def ray_cluster():
     here = str(Path(__file__).resolve().parent)
     ray.init(
         num_cpus=2,
+        # node-group resources as a KubeRay group would advertise them (ray.worker_resources,
+        # rl.rollout_resources: RL's learner and rollouts on nodes of their own)
+        resources={"learner": 2, "rollout": 2},
         include_dashboard=False,
         configure_logging=False,
         log_to_driver=False,

@@ -314,6 +314,25 @@ def test_a_mesh_that_cannot_be_laid_out_is_one_clear_line(parallel, world, messa
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_train_workers_per_node_count_custom_resources():
+    """ray.worker_resources: a node holds as many train workers as its scarcest resource allows; a
+    node without the custom resource (a rollout node) holds none."""
+    from generalmodel.train.ray_trainer import worker_slots
+
+    learner = {"ray.worker_resources": {"learner": 1}, "ray.cpus_per_worker": 2}
+    cfg = load_config(overrides=learner)
+    assert worker_slots({"CPU": 8, "learner": 2}, cfg) == 2  # the custom resource binds
+    assert worker_slots({"CPU": 3, "learner": 4}, cfg) == 1  # the CPUs bind
+    assert worker_slots({"CPU": 8, "rollout": 4}, cfg) == 0
+    gpu = load_config(overrides={**learner, "ray.use_gpu": True})
+    assert worker_slots({"CPU": 1, "GPU": 4, "learner": 8}, gpu) == 4  # by GPUs, as before
+    assert worker_slots({"CPU": 8}, load_config(overrides={"ray.cpus_per_worker": 2})) == 4
+    with pytest.raises(ConfigError, match=r"\['CPU'\] have options of their own"):
+        load_config(overrides={"ray.worker_resources": {"CPU": 1}})
+    with pytest.raises(ConfigError, match="resource amounts must be > 0"):
+        load_config(overrides={"rl.rollout_resources": {"rollout": 0}})
+
+
 def test_mesh_shapes_and_the_node_check():
     assert mesh_shape(ParallelConfig(), 4) == MeshShape(1, 4)
     assert mesh_shape(ParallelConfig(replicate=2), 8) == MeshShape(2, 4)

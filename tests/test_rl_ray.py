@@ -6,6 +6,9 @@ weights by a collective broadcast, the plain one through the object store: the s
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from test_rl import task_cfg, tiny_task  # noqa: F401 (a fixture)
@@ -45,8 +48,12 @@ def job_cfg(root, export, store, mlflow_uri, **overrides):
 
 
 @pytest.mark.e2e
-def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ray_cluster, mlflow_server, tmp_path):
+def test_rollout_actor_killed_and_learner_failure_change_nothing(
+    start_model, ray_cluster, mlflow_server, tmp_path, caplog
+):
     from mlflow.tracking import MlflowClient
+
+    caplog.set_level(logging.INFO, logger="generalmodel")
 
     root, export = start_model
     client = MlflowClient(mlflow_server.uri)
@@ -88,6 +95,9 @@ def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ra
             **{
                 "train.run_name": "rl-faulty",
                 "rl.weight_sync": "collective",
+                # placed apart by the resources of the nodes' groups (the session cluster has both)
+                "ray.worker_resources": {"learner": 1},
+                "rl.rollout_resources": {"rollout": 0.5},
                 "rl.kill_rollout_at_step": 1,
                 "train.fail_at_step": 3,
             },
@@ -101,6 +111,8 @@ def test_rollout_actor_killed_and_learner_failure_change_nothing(start_model, ra
     sampled, plain_sampled = per_step(faulty["run_id"], "heldout_pass2"), per_step(plain["run_id"], "heldout_pass2")
     assert sorted(plain_sampled) == [0, 4] and sorted(sampled) == [0, 2, 4]
     assert {s: sampled[s] for s in plain_sampled} == plain_sampled
+    assert re.search(r"train worker rank 0 on node \w+, holding \{[^}]*'learner': 1\.0", caplog.text)
+    assert re.search(r"2 rollout actors on node\(s\) \w+, each holding \{[^}]*'rollout': 0\.5", caplog.text)
     sizes = per_step(faulty["run_id"], "weight_sync_bytes")
     assert set(sizes.values()) == {max(per_step(plain["run_id"], "weight_sync_bytes").values())} != {0}
     assert all(s > 0 for s in per_step(faulty["run_id"], "weight_sync_s").values())

@@ -7,6 +7,7 @@ import os
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,6 +30,21 @@ class ConfigError(UserError):
 
 # A list option that also takes a single value: --prompt="text" means ["text"].
 Strings = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+
+
+def _custom_resources(v: dict[str, float]) -> dict[str, float]:
+    builtin = {"CPU", "GPU", "memory", "object_store_memory"} & set(v)
+    if builtin:
+        raise ValueError(f"{sorted(builtin)} have options of their own; name custom resources only")
+    bad = {k: n for k, n in v.items() if not n > 0}
+    if bad:
+        raise ValueError(f"resource amounts must be > 0, got {bad}")
+    return v
+
+
+# Custom Ray resources a process reserves ({name: amount}): only nodes started with them (`ray start
+# --resources='{"rollout": 8}'`, a KubeRay group's rayStartParams) can hold it.
+Resources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
 class Section(BaseModel):
@@ -254,6 +270,12 @@ class RayConfig(Section):
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each train worker reserves.")
     use_gpu: bool = Field(False, description="One GPU per train worker (NCCL); else CPU and gloo.")
+    worker_resources: Resources = Field(
+        {},
+        description="Custom Ray resources each train worker reserves besides its CPUs/GPU, e.g. {learner: 1}: only "
+        "nodes that advertise them hold the workers (with rl.rollout_resources, RL's learner and rollouts on nodes "
+        "of their own).",
+    )
     max_failures: int = Field(
         2, ge=-1, description="Restarts of the worker group from the last checkpoint after a failure (-1: no limit)."
     )
@@ -753,6 +775,11 @@ class RlConfig(Section):
     )
     rollout_cpus: float = Field(1.0, gt=0, description="CPUs each rollout actor reserves.")
     rollout_gpus: float = Field(0.0, ge=0, description="GPUs each rollout actor reserves (0: CPU rollouts).")
+    rollout_resources: Resources = Field(
+        {},
+        description="Custom Ray resources each rollout actor reserves, e.g. {rollout: 1}: only nodes that advertise "
+        "them hold the actors (a node group of their own; ray.worker_resources keeps the learner off it).",
+    )
     rollout_slots: int = Field(64, gt=0, description="Sequences a rollout actor decodes in one batch.")
     tools: Strings = Field(
         [],

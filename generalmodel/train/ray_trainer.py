@@ -46,7 +46,8 @@ def _worker(config: dict[str, Any]) -> None:
     root.setLevel(logging.INFO)  # the worker's default level is WARNING
     if config.get("progress") is not None:
         root.addHandler(ForwardToDriver(config["progress"], rank))
-    log.info("train worker rank %d on node %s", rank, ray.get_runtime_context().get_node_id())
+    here = ray.get_runtime_context()
+    log.info("train worker rank %d on node %s, holding %s", rank, here.get_node_id(), here.get_assigned_resources())
     cfg: Config = for_world(config["cfg"], world)  # an elastic group below ray.num_workers accumulates more
     if rank == 0 and elastic(cfg):
         log.info(
@@ -128,7 +129,14 @@ def fit(
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
 
     shape = check_world_sizes(cfg)
-    check_node_capacity(cfg.parallel, shape, workers_per_node(cfg))
+    capacity = workers_per_node(cfg)
+    if not capacity and cfg.ray.worker_resources:
+        log.warning(
+            "no live node has ray.worker_resources=%s yet: the train workers wait for one (an autoscaler may add "
+            "it; else start nodes with `ray start --resources=...`)",
+            cfg.ray.worker_resources,
+        )
+    check_node_capacity(cfg.parallel, shape, capacity)
     memory = ray.cluster_resources().get("memory")
     estimate = check_fits(cfg, seq_len, memory / cfg.ray.num_workers if memory else None)
     log.info("memory estimate: %s", estimate.describe())
@@ -161,19 +169,21 @@ def elastic(cfg: Config) -> bool:
 
 def workers_per_node(cfg: Config) -> list[int]:
     """How many train workers each live node of the cluster can hold (by its CPUs, or GPUs with
-    ray.use_gpu), for the nodes that hold at least one: an autoscaling cluster whose worker nodes
-    are not up yet gives [], and the workers check their groups once placed."""
+    ray.use_gpu, and ray.worker_resources), for the nodes that hold at least one: an autoscaling
+    cluster whose worker nodes are not up yet gives [], and the workers check their groups once
+    placed."""
     import ray
 
-    fits = []
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        have = node.get("Resources", {})
-        n = int(have.get("GPU", 0)) if cfg.ray.use_gpu else int(have.get("CPU", 0) // cfg.ray.cpus_per_worker)
-        if n > 0:
-            fits.append(n)
-    return fits
+    fits = [worker_slots(node.get("Resources", {}), cfg) for node in ray.nodes() if node.get("Alive")]
+    return [n for n in fits if n > 0]
+
+
+def worker_slots(have: dict[str, float], cfg: Config) -> int:
+    """How many train workers a node with resources `have` holds: by its CPUs (or GPUs with
+    ray.use_gpu) and each custom resource of ray.worker_resources (0 where it has none)."""
+    need = {"GPU": 1.0} if cfg.ray.use_gpu else {"CPU": cfg.ray.cpus_per_worker}
+    need.update(cfg.ray.worker_resources)
+    return min(int(have.get(name, 0) // amount) for name, amount in need.items())
 
 
 def _trainer(cfg: Config, layout: RunLayout, loop_config: dict[str, Any], callbacks: list | None):
@@ -192,7 +202,7 @@ def _trainer(cfg: Config, layout: RunLayout, loop_config: dict[str, Any], callba
             num_workers=(cfg.ray.min_workers, cfg.ray.num_workers) if elastic(cfg) else cfg.ray.num_workers,
             elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
             use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.worker_resources},
         ),
         run_config=RunConfig(
             name=cfg.train.run_name,

@@ -23,6 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -117,8 +118,13 @@ class RolloutWorker:
         self.group.broadcast(self.buffers)
         return self.load(version, self.layout.unflatten(self.buffers))
 
-    def ready(self) -> bool:
-        return True
+    def placement(self) -> dict[str, Any]:
+        """Where this actor runs: its node's id and the resources Ray gave it (CPU, GPU and any
+        rl.rollout_resources)."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node": context.get_node_id(), "resources": context.get_assigned_resources()}
 
     def rollouts(self, step: int, slots: list[tuple[int, int]], crash: bool = False) -> Batch:
         """Sample and score: `slots` are (position in the step, prompt index) pairs, each one
@@ -301,7 +307,9 @@ class RayRollouts:
 
         rl = cfg.rl
         self.cfg = cfg
-        self.cls = ray.remote(num_cpus=rl.rollout_cpus, num_gpus=rl.rollout_gpus, max_restarts=0)(RolloutWorker)
+        self.cls = ray.remote(
+            num_cpus=rl.rollout_cpus, num_gpus=rl.rollout_gpus, resources=rl.rollout_resources or None, max_restarts=0
+        )(RolloutWorker)
         device = "cuda" if rl.rollout_gpus > 0 else "cpu"
         self.args = (cfg, tokenizer_json, ray.put(prompts), device, max(1, int(rl.rollout_cpus)))
         self.actors = [self._spawn() for _ in range(rl.rollout_workers)]
@@ -312,14 +320,23 @@ class RayRollouts:
         self.generation = 0
         self.syncing: threading.Thread | None = None  # the collective's last broadcast
         self.last_sync: dict[str, float] = {}
-        ready, _ = ray.wait([a.ready.remote() for a in self.actors], num_returns=len(self.actors), timeout=READY_S)
+        placed = [a.placement.remote() for a in self.actors]
+        ready, _ = ray.wait(placed, num_returns=len(self.actors), timeout=READY_S)
         if len(ready) < len(self.actors):
             raise UserError(
                 f"{len(self.actors) - len(ready)} of rl.rollout_workers={rl.rollout_workers} rollout actors did not "
-                f"start within {READY_S:.0f} s: each reserves rl.rollout_cpus={rl.rollout_cpus} CPUs and "
-                f"rl.rollout_gpus={rl.rollout_gpus} GPUs beside the learner's ray.num_workers x "
-                f"ray.cpus_per_worker; the cluster has {ray.cluster_resources()}"
+                f"start within {READY_S:.0f} s: each reserves rl.rollout_cpus={rl.rollout_cpus} CPUs, "
+                f"rl.rollout_gpus={rl.rollout_gpus} GPUs and rl.rollout_resources={rl.rollout_resources} beside the "
+                f"learner's ray.num_workers x ray.cpus_per_worker; the cluster has {ray.cluster_resources()}"
             )
+        self.placements = ray.get(placed)
+        log.info(
+            "%d rollout actors on node(s) %s, each holding %s (the learner's rank 0: node %s)",
+            len(self.actors),
+            ", ".join(sorted({p["node"][:12] for p in self.placements})),
+            self.placements[0]["resources"],
+            ray.get_runtime_context().get_node_id()[:12],
+        )
 
     def _spawn(self):
         return self.cls.remote(*self.args)
