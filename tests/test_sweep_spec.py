@@ -54,6 +54,23 @@ scheduler: {grace_period: 10}
 """
 
 
+def test_a_trial_needing_custom_resources_the_cluster_lacks_is_refused(tmp_path, ray_cluster):
+    """The session cluster advertises learner: 2 (tests/conftest.py): two workers of {learner: 1}
+    fit, three do not, and a resource it has none of is named."""
+    from generalmodel.tune.runner import check_resources
+
+    path = write(tmp_path, BASE + "search:\n  optim.lr: {grid: [0.01]}\n")
+    fits = {"ray.worker_resources": {"learner": 1}, "resources.num_workers": 2, "resources.cpus_per_worker": 0.5}
+    check_resources(*load_sweep(path, fits))
+    with pytest.raises(
+        SweepError,
+        match=r"needs 3 of the Ray resource 'learner' \(ray.worker_resources: 3 workers x 1\) but the Ray cluster has",
+    ):
+        check_resources(*load_sweep(path, {**fits, "resources.num_workers": 3}))
+    with pytest.raises(SweepError, match="needs 1 of the Ray resource 'a100' .* has 0"):
+        check_resources(*load_sweep(path, {**fits, "ray.worker_resources": {"a100": 0.5}}))
+
+
 def test_overrides_split_between_sweep_and_base(tmp_path):
     path = write(tmp_path, BASE + "search:\n  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     sweep, base = load_sweep(

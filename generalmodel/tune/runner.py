@@ -77,12 +77,19 @@ def scheduler(sweep: Sweep, steps: int):
     )
 
 
-def check_resources(sweep: Sweep) -> None:
-    """A trial that can never be placed would wait forever: refuse it, naming both sides."""
+def check_resources(sweep: Sweep, base: Config) -> None:
+    """A trial that can never be placed would wait forever: refuse it, naming both sides (CPUs,
+    GPUs and the base config's ray.worker_resources)."""
     import ray
 
     total = ray.cluster_resources()
     r = sweep.resources
+    for name, amount in base.ray.worker_resources.items():
+        if r.num_workers * amount > total.get(name, 0) + 1e-9:
+            raise SweepError(
+                f"a trial needs {r.num_workers * amount:g} of the Ray resource {name!r} (ray.worker_resources: "
+                f"{r.num_workers} workers x {amount:g}) but the Ray cluster has {total.get(name, 0):g}"
+            )
     cpus = r.driver_cpus + r.num_workers * r.cpus_per_worker
     if cpus > total.get("CPU", 0) + 1e-9:
         raise SweepError(
@@ -168,7 +175,7 @@ def run_sweep(sweep: Sweep, base: Config, spec_yaml: str) -> SweepResult:
     sweeps_dir = resolve(layout.sweeps, layout.storage)
     experiment = sweeps_dir.join(sweep.name)
 
-    check_resources(sweep)
+    check_resources(sweep, base)
     prepare_store(base)
     base, init = load_init(base, uri)  # with train.init_from, the dataset gets the source's tokenizer
     _, ds = ensure_dataset(base, layout, init)  # once for all trials
