@@ -132,8 +132,8 @@ def fit(
     capacity = workers_per_node(cfg)
     if not capacity and cfg.ray.worker_resources:
         log.warning(
-            "no live node has ray.worker_resources=%s yet: the train workers wait for one (an autoscaler may add "
-            "it; else start nodes with `ray start --resources=...`)",
+            "no live node has room for a train worker with ray.worker_resources=%s yet: the workers wait for one "
+            "(an autoscaler may add it; else start nodes with `ray start --resources=...`)",
             cfg.ray.worker_resources,
         )
     check_node_capacity(cfg.parallel, shape, capacity)

@@ -329,12 +329,12 @@ class RayRollouts:
                 f"rl.rollout_gpus={rl.rollout_gpus} GPUs and rl.rollout_resources={rl.rollout_resources} beside the "
                 f"learner's ray.num_workers x ray.cpus_per_worker; the cluster has {ray.cluster_resources()}"
             )
-        self.placements = ray.get(placed)
+        placements = ray.get(placed)
         log.info(
             "%d rollout actors on node(s) %s, each holding %s (the learner's rank 0: node %s)",
             len(self.actors),
-            ", ".join(sorted({p["node"][:12] for p in self.placements})),
-            self.placements[0]["resources"],
+            ", ".join(sorted({p["node"][:12] for p in placements})),
+            placements[0]["resources"],
             ray.get_runtime_context().get_node_id()[:12],
         )
 
